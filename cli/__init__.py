@@ -1,0 +1,1 @@
+"""Command-line interface of redlockdlm (installed as ``redlockdlm_cli``, entry point ``dlm``)."""

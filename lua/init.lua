@@ -1,0 +1,45 @@
+-- init.lua: instance epoch administration (rule E1).
+--
+-- KEYS[1] epoch hash
+-- ARGV[1] 'status'  -> {epoch id or nil, now ms, recovering ms}
+--         'fresh'   -> create the epoch already safe, for an instance known to be new
+--                      (development clusters, tests). Never run it on an instance that may
+--                      have restarted empty while locks were held: that is what E1 guards.
+--         'clock' ARGV[2] ARGV[3] -> test clock: ARGV[2] frozen ms ('' to unfreeze),
+--                      ARGV[3] offset ms added to TIME. For tests only.
+-- Reply as for 'status'.
+
+local function status()
+  local e = redis.call('HMGET', KEYS[1], 'id', 'safe', 'tfix', 'toff')
+  local now
+  if e[3] then
+    now = tonumber(e[3])
+  else
+    local t = redis.call('TIME')
+    now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + (tonumber(e[4] or '0') or 0)
+  end
+  local rec = 0
+  if e[2] and tonumber(e[2]) > now then rec = tonumber(e[2]) - now end
+  return {e[1] or false, now, rec}
+end
+
+local cmd = ARGV[1]
+if cmd == 'status' then
+  return status()
+elseif cmd == 'fresh' then
+  if redis.call('HEXISTS', KEYS[1], 'id') == 0 then
+    local t = redis.call('TIME')
+    redis.call('HSET', KEYS[1], 'id', string.format('%x.%x', tonumber(t[1]), tonumber(t[2])),
+      'safe', '0')
+  end
+  return status()
+elseif cmd == 'clock' then
+  local fix, off = ARGV[2] or '', ARGV[3] or '0'
+  if (fix ~= '' and not string.match(fix, '^%d+$')) or not string.match(off, '^%-?%d+$') then
+    return redis.error_reply('DLM_BADARG clock needs digits')
+  end
+  if fix == '' then redis.call('HDEL', KEYS[1], 'tfix') else redis.call('HSET', KEYS[1], 'tfix', fix) end
+  redis.call('HSET', KEYS[1], 'toff', off)
+  return status()
+end
+return redis.error_reply('DLM_BADARG init needs status, fresh or clock')

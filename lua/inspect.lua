@@ -1,0 +1,44 @@
+-- inspect.lua: read-only view of resources, for the CLI, the detector and the tests.
+--
+-- KEYS[1] epoch hash, KEYS[2..] resource keys
+-- ARGV: none
+--
+-- Nothing is purged or written: expired locks show a negative lease.
+-- Reply: {epoch id or nil, now ms, recovering ms, then per key: nil if absent, else
+--   {name, seq, value or nil, version, invalid, {lock}, {lock}, ...}} where lock is
+--   {queue 'G'|'C'|'W', id, owner, gr, rq, flags, ticket, cticket, lease left ms, parent id,
+--    token, previous mode, kid key, kid id, kid key, kid id, ...}; modes are -1 when none.
+
+local e = redis.call('HMGET', KEYS[1], 'id', 'safe', 'tfix', 'toff')
+local now
+if e[3] then
+  now = tonumber(e[3])
+else
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + (tonumber(e[4] or '0') or 0)
+end
+local rec = 0
+if e[2] and tonumber(e[2]) > now then rec = tonumber(e[2]) - now end
+local out = {e[1] or false, now, rec}
+for i = 2, #KEYS do
+  local blob = redis.call('GET', KEYS[i])
+  if not blob then
+    out[#out + 1] = false
+  else
+    local r = cmsgpack.unpack(blob)
+    local res = {r.n or '', r.s or 0, r.v or false, r.vv or 0, r.vi or 0}
+    for _, qn in ipairs({'g', 'c', 'w'}) do
+      for _, lk in ipairs(r[qn] or {}) do
+        local l = {string.upper(qn), lk.id, lk.o, lk.gr, lk.rq, lk.f, lk.t, lk.ct, lk.e - now,
+                   lk.p, lk.tok, lk.pm}
+        for _, kd in ipairs(lk.k or {}) do
+          l[#l + 1] = kd[1]
+          l[#l + 1] = kd[2]
+        end
+        res[#res + 1] = l
+      end
+    end
+    out[#out + 1] = res
+  end
+end
+return out

@@ -1,0 +1,462 @@
+-- core.lua: shared pieces of every redlockdlm script (prepended at load time).
+--
+-- Layout every mutating script shares:
+--   KEYS[1]  epoch hash `dlm:epoch`      (id, safe, tfix, toff)
+--   KEYS[2]  waiter index zset           member "<lock id>|<resource key>", score = lease expiry ms
+--   KEYS[3]  the resource key            msgpack blob, see `load`
+--   ARGV[1]  rejoin_ms                   E1: how long a new epoch stays recovering
+--   ARGV[2]  channel prefix              events go to ARGV[2] .. owner
+--
+-- Nothing is written until `commit()`: every check that can fail runs first, so an error
+-- reply (bad input, wrong owner, ...) leaves the database exactly as it was.
+--
+-- Rule ids (G1, H1, V3, ...) refer to docs/rules.md.
+
+local NL, CR, CW, PR, PW, EX = 0, 1, 2, 3, 4, 5
+local NONE = -1
+
+-- M1. Rows: granted mode; columns: requested mode.
+--              NL     CR     CW     PR     PW     EX
+local COMPAT = {
+  [0] = {[0]=true, true,  true,  true,  true,  true },  -- NL
+  [1] = {[0]=true, true,  true,  true,  true,  false},  -- CR
+  [2] = {[0]=true, true,  true,  false, false, false},  -- CW
+  [3] = {[0]=true, true,  false, true,  false, false},  -- PR
+  [4] = {[0]=true, true,  false, false, false, false},  -- PW
+  [5] = {[0]=true, false, false, false, false, false},  -- EX
+}
+
+local F_NOQUEUE, F_EXPEDITE, F_QUECVT, F_CONVDEADLK, F_NODLCKWT, F_SUBTREE = 1, 2, 4, 8, 16, 32
+local REQUEST_FLAGS = F_NOQUEUE + F_EXPEDITE + F_NODLCKWT
+local CONVERT_FLAGS = F_NOQUEUE + F_QUECVT + F_CONVDEADLK + F_NODLCKWT
+local RELEASE_FLAGS = F_SUBTREE
+
+local S_GRANTED, S_QUEUED, S_NOTQUEUED, S_DEADLOCK, S_RECOVERING = 0, 1, 2, 3, 4
+local S_NOPARENT, S_NOTFOUND, S_RELEASED, S_CANCELLED, S_CANCELGRANT = 5, 6, 7, 8, 9
+
+local TOMBSTONE_MS = 60000
+local MAX_LEASE_MS = 86400000
+local MAX_INT = 9007199254740991
+local MAX_VBMAX = 65536
+local BLOCKERS_REPORTED = 8
+
+local function fail(code, msg)
+  error({err = code .. ' ' .. msg})
+end
+
+local function has(flags, bit)
+  return flags % (bit + bit) >= bit
+end
+
+-- ----------------------------------------------------------------- argument checks
+
+local function arg_int(s, what, lo, hi)
+  lo = lo or 0
+  hi = hi or MAX_INT
+  if type(s) ~= 'string' or #s == 0 or #s > 16 or not string.match(s, '^%d+$') then
+    fail('DLM_BADARG', what .. ' must be an integer in ' .. lo .. '..' .. string.format('%.0f', hi))
+  end
+  local n = tonumber(s)
+  if n < lo or n > hi then
+    fail('DLM_BADARG', what .. ' must be an integer in ' .. lo .. '..' .. string.format('%.0f', hi))
+  end
+  return n
+end
+
+local function arg_id(s, what)
+  if type(s) ~= 'string' or #s == 0 or #s > 64 or not string.match(s, '^[%w_%.:%-]+$') then
+    fail('DLM_BADARG', what .. ' must be 1..64 characters of [A-Za-z0-9_.:-]')
+  end
+  return s
+end
+
+local function arg_mode(s)
+  if type(s) ~= 'string' or not string.match(s, '^[0-5]$') then
+    fail('DLM_BADARG', 'mode must be an integer 0..5 (NL CR CW PR PW EX)')
+  end
+  return tonumber(s)
+end
+
+local function arg_flags(s, allowed)
+  local f = arg_int(s, 'flags', 0, 255)
+  for _, bit in ipairs({1, 2, 4, 8, 16, 32, 64, 128}) do
+    if has(f, bit) and not has(allowed, bit) then
+      fail('DLM_BADARG', 'flags ' .. f .. ' not allowed here (allowed mask ' .. allowed .. ')')
+    end
+  end
+  return f
+end
+
+-- ----------------------------------------------------------------- clock and epoch (E1)
+
+local REJOIN, CHANNEL, NOW, NOW_US, EPOCH, SAFE
+local epoch_dirty = false
+
+local function epoch_load()
+  local e = redis.call('HMGET', KEYS[1], 'id', 'safe', 'tfix', 'toff')
+  if e[3] then
+    -- test clock: frozen at tfix ms (set only by the `init clock` script)
+    NOW = tonumber(e[3])
+    NOW_US = NOW * 1000
+  else
+    local t = redis.call('TIME')
+    local off = tonumber(e[4] or '0') or 0
+    NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + off
+    NOW_US = tonumber(t[1]) * 1000000 + tonumber(t[2]) + off * 1000
+  end
+  if e[1] then
+    EPOCH, SAFE = e[1], tonumber(e[2])
+  else
+    local t = redis.call('TIME')
+    EPOCH = string.format('%x.%x', tonumber(t[1]), tonumber(t[2]))
+    SAFE = NOW + REJOIN
+    epoch_dirty = true
+  end
+end
+
+local function recovering_ms()
+  if SAFE > NOW then return SAFE - NOW end
+  return 0
+end
+
+-- ----------------------------------------------------------------- resources
+
+-- A resource blob: {n=name, s=fencing seq, v=value (absent if none), vv=version,
+-- vi=1 if invalid, g={granted...}, c={converting...}, w={waiting...}}.
+-- A lock: {id, o=owner, gr, rq (NONE if none), f=flags, t=ticket, ct=conversion ticket,
+-- e=expiry ms, p=parent id or '', pk=parent key or '', k={{key, id}...}, tok, pm}.
+
+local cache = {}       -- key -> resource (false if absent)
+local dirty = {}       -- key -> true
+local dirty_order = {}
+local windex_ops = {}  -- {'add', member, score} | {'rem', member}
+local events = {}      -- {owner, message}
+
+local function mark(key)
+  if not dirty[key] then
+    dirty[key] = true
+    dirty_order[#dirty_order + 1] = key
+  end
+end
+
+local function windex_add(key, lk)
+  windex_ops[#windex_ops + 1] = {'add', lk.id .. '|' .. key, lk.e}
+end
+
+local function windex_rem(key, lk)
+  windex_ops[#windex_ops + 1] = {'rem', lk.id .. '|' .. key}
+end
+
+local function emit(owner, msg)
+  events[#events + 1] = {owner, msg}
+end
+
+local function fmt(n)
+  return string.format('%.0f', n)
+end
+
+local function compatible_with_granted(r, lk, mode)
+  for _, o in ipairs(r.g) do
+    if o ~= lk and not COMPAT[o.gr][mode] then return false end
+  end
+  for _, o in ipairs(r.c) do
+    if o ~= lk and not COMPAT[o.gr][mode] then return false end
+  end
+  return true
+end
+
+local function bump(r)  -- F1: hybrid logical clock
+  local s = r.s + 1
+  if NOW_US > s then s = NOW_US end
+  r.s = s
+  return s
+end
+
+local function grant_event(r, lk)  -- N2
+  local hasv, v = 0, ''
+  if r.v then hasv, v = 1, r.v end
+  emit(lk.o, 'G|' .. lk.id .. '|' .. lk.gr .. '|' .. fmt(lk.tok) .. '|' .. fmt(r.vv) .. '|'
+    .. r.vi .. '|' .. hasv .. '|' .. v)
+end
+
+local function remove_from(q, lk)
+  for i, o in ipairs(q) do
+    if o == lk then
+      table.remove(q, i)
+      return i
+    end
+  end
+  return nil
+end
+
+local function index_of(q, lk)
+  for i, o in ipairs(q) do
+    if o == lk then return i end
+  end
+  return nil
+end
+
+-- G8: the conversion queue first, repeatedly; then waiters strictly in order while no
+-- conversion is queued, stopping at the first that cannot be granted.
+local function process(key, r)
+  local changed = true
+  while changed do
+    changed = false
+    local snapshot = {}
+    for i, lk in ipairs(r.c) do snapshot[i] = lk end
+    for _, lk in ipairs(snapshot) do
+      if index_of(r.c, lk) and not (has(lk.f, F_QUECVT) and r.c[1] ~= lk)
+          and compatible_with_granted(r, lk, lk.rq) then
+        remove_from(r.c, lk)
+        lk.pm, lk.gr, lk.rq = lk.gr, lk.rq, NONE
+        lk.tok = bump(r)
+        r.g[#r.g + 1] = lk
+        windex_rem(key, lk)
+        grant_event(r, lk)
+        changed = true
+      end
+    end
+  end
+  while #r.c == 0 and #r.w > 0 do
+    local lk = r.w[1]
+    if not compatible_with_granted(r, lk, lk.rq) then break end
+    table.remove(r.w, 1)
+    lk.gr, lk.rq = lk.rq, NONE
+    lk.tok = bump(r)
+    r.g[#r.g + 1] = lk
+    windex_rem(key, lk)
+    grant_event(r, lk)
+  end
+end
+
+-- G10, V4: drop expired locks, invalidate the value of an expired writer.
+local function purge(key, r)
+  local removed = false
+  for _, qn in ipairs({'g', 'c', 'w'}) do
+    local keep = {}
+    for _, lk in ipairs(r[qn]) do
+      if lk.e <= NOW then
+        removed = true
+        if lk.gr >= PW then r.vi = 1 end
+        if qn ~= 'g' then windex_rem(key, lk) end
+      else
+        keep[#keep + 1] = lk
+      end
+    end
+    r[qn] = keep
+  end
+  if removed then
+    mark(key)
+    process(key, r)
+  end
+end
+
+-- Load a resource (nil if absent), purging expired locks first (G10).
+local function load(key)
+  local r = cache[key]
+  if r == nil then
+    local blob = redis.call('GET', key)
+    if blob then
+      r = cmsgpack.unpack(blob)
+      r.g = r.g or {}
+      r.c = r.c or {}
+      r.w = r.w or {}
+      for _, qn in ipairs({'g', 'c', 'w'}) do
+        for _, lk in ipairs(r[qn]) do lk.k = lk.k or {} end
+      end
+      cache[key] = r
+      purge(key, r)
+    else
+      cache[key] = false
+      return nil
+    end
+  end
+  if r == false then return nil end
+  return r
+end
+
+local function create(key, name)
+  local r = {n = name, s = 0, vv = 0, vi = 0, g = {}, c = {}, w = {}}
+  cache[key] = r
+  mark(key)
+  return r
+end
+
+local function find(r, id)
+  for _, qn in ipairs({'g', 'c', 'w'}) do
+    for _, lk in ipairs(r[qn]) do
+      if lk.id == id then return qn, lk end
+    end
+  end
+  return nil, nil
+end
+
+local function ticket_less(a, b, conv)
+  local ta, tb
+  if conv then ta, tb = a.ct, b.ct else ta, tb = a.t, b.t end
+  if ta ~= tb then return ta < tb end
+  return a.id < b.id
+end
+
+-- G11: queues are kept in (ticket, id) order.
+local function insert(q, lk, conv)
+  local i = 1
+  while i <= #q and not ticket_less(lk, q[i], conv) do i = i + 1 end
+  table.insert(q, i, lk)
+end
+
+-- N1: tell the holders whose granted mode blocks a queued request.
+local function blocking(r, lk)
+  local ticket = lk.t
+  if lk.gr ~= NONE then ticket = lk.ct end
+  for _, qn in ipairs({'g', 'c'}) do
+    for _, o in ipairs(r[qn]) do
+      if o ~= lk and not COMPAT[o.gr][lk.rq] then
+        emit(o.o, 'B|' .. o.id .. '|' .. lk.rq .. '|' .. fmt(ticket) .. '|' .. lk.id)
+      end
+    end
+  end
+end
+
+-- The reply about one lock:
+-- {status, epoch, gr, token, pos, value, version, invalid, wait_ms, extra, nblockers,
+--  blocker owner, blocker id, blocker mode, ...}
+local function reply(status, gr, tok, pos, extra)
+  return {status, EPOCH, gr or NONE, tok or 0, pos or -1, false, 0, 0, -1, extra or 0, 0}
+end
+
+local function lock_state(r, lk)
+  local qn = nil
+  if index_of(r.g, lk) then qn = 'g' elseif index_of(r.c, lk) then qn = 'c' else qn = 'w' end
+  if qn == 'g' then
+    local out = reply(S_GRANTED, lk.gr, lk.tok, 0)
+    if lk.gr ~= NL then  -- V2
+      out[6] = r.v or false
+      out[7] = r.vv
+      out[8] = r.vi
+    end
+    return out
+  end
+  local q = r[qn]
+  local pos = index_of(q, lk) - 1
+  local out = reply(S_QUEUED, lk.gr, lk.tok, pos)
+  local wait = nil
+  local function consider(o)
+    if o ~= lk and (wait == nil or o.e < wait) then wait = o.e end
+  end
+  for _, o in ipairs(r.g) do consider(o) end
+  for _, o in ipairs(r.c) do consider(o) end
+  if qn == 'w' then
+    for i = 1, pos do consider(q[i]) end
+  end
+  if wait ~= nil then
+    if wait < NOW then wait = NOW end
+    out[9] = wait - NOW
+  end
+  local n = 0
+  for _, bqn in ipairs({'g', 'c'}) do
+    for _, o in ipairs(r[bqn]) do
+      if o ~= lk and not COMPAT[o.gr][lk.rq] then
+        n = n + 1
+        if n <= BLOCKERS_REPORTED then
+          out[#out + 1] = o.o
+          out[#out + 1] = o.id
+          out[#out + 1] = o.gr
+        end
+      end
+    end
+  end
+  out[11] = n
+  return out
+end
+
+local function declared(key)
+  for i = 3, #KEYS do
+    if KEYS[i] == key then return true end
+  end
+  return false
+end
+
+local function parent_unlink(key, lk)
+  if lk.p ~= '' and declared(lk.pk) then
+    local pr = load(lk.pk)
+    if pr then
+      local _, plk = find(pr, lk.p)
+      if plk then
+        for i, kd in ipairs(plk.k) do
+          if kd[1] == key and kd[2] == lk.id then
+            table.remove(plk.k, i)
+            mark(lk.pk)
+            break
+          end
+        end
+      end
+    end
+  end
+end
+
+-- Remove a lock from its queue and process the resource (G8).
+local function remove_lock(key, r, qn, lk, unlink)
+  remove_from(r[qn], lk)
+  if qn ~= 'g' then windex_rem(key, lk) end
+  if unlink then parent_unlink(key, lk) end
+  mark(key)
+  process(key, r)
+end
+
+-- ----------------------------------------------------------------- commit
+
+local function commit()
+  if epoch_dirty then
+    redis.call('HSET', KEYS[1], 'id', EPOCH, 'safe', fmt(SAFE))
+  end
+  for _, key in ipairs(dirty_order) do
+    local r = cache[key]
+    if r then
+      if #r.g == 0 and #r.c == 0 and #r.w == 0 then
+        -- G9: the resource is gone; its fencing sequence outlives it as a tombstone
+        redis.call('SET', key, cmsgpack.pack({n = r.n, s = r.s, vv = 0, vi = 0}),
+          'PX', TOMBSTONE_MS)
+      else
+        local maxe = NOW
+        for _, qn in ipairs({'g', 'c', 'w'}) do
+          for _, lk in ipairs(r[qn]) do
+            if lk.e > maxe then maxe = lk.e end
+          end
+        end
+        redis.call('SET', key, cmsgpack.pack(r), 'PX', maxe - NOW + TOMBSTONE_MS)
+      end
+    end
+  end
+  for _, op in ipairs(windex_ops) do
+    if op[1] == 'add' then
+      redis.call('ZADD', KEYS[2], op[3], op[2])
+    else
+      redis.call('ZREM', KEYS[2], op[2])
+    end
+  end
+  for _, ev in ipairs(events) do
+    redis.call('PUBLISH', CHANNEL .. ev[1], ev[2])
+  end
+end
+
+-- Run `main` with errors turned into typed error replies; commit only on success.
+local function run(main)
+  local ok, res = pcall(function()
+    REJOIN = arg_int(ARGV[1], 'rejoin_ms', 0, MAX_LEASE_MS)
+    CHANNEL = ARGV[2] or ''
+    epoch_load()
+    return main()
+  end)
+  if not ok then
+    if type(res) == 'table' and res.err then
+      return redis.error_reply(res.err)
+    end
+    if type(res) == 'string' and string.sub(res, 1, 4) == 'DLM_' then
+      return redis.error_reply(res)
+    end
+    return redis.error_reply('DLM_INTERNAL ' .. tostring(res))
+  end
+  commit()
+  return res
+end

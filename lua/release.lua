@@ -1,0 +1,73 @@
+-- release.lua: release a lock, granted or waiting (rules G8, G9, H3, V1, V3, F1).
+--
+-- KEYS[1] epoch hash, KEYS[2] waiter index, KEYS[3] resource,
+-- KEYS[4] parent's resource (pass KEYS[3] if the lock has no parent),
+-- KEYS[5..] the resource keys of every descendant (H3: all must be declared)
+-- ARGV[1] rejoin_ms        ARGV[2] channel prefix
+-- ARGV[3] owner            ARGV[4] lock id          ARGV[5] flags (SUBTREE=32)
+-- ARGV[6] 1 to write the value block (PW/EX holders only), else 0
+-- ARGV[7] value bytes      ARGV[8] value version    ARGV[9] value size limit (V1)
+-- ARGV[10] fencing floor: the holder's quorum token (F1), 0 if none; raised even where
+--          the lock is not found, so an instance where it expired still learns the token
+--
+-- Reply: lock reply; status RELEASED (extra = locks released, subtree included) or NOTFOUND.
+-- Errors: DLM_BADARG, DLM_NOTOWNER, DLM_HASCHILDREN, DLM_KEYS.
+-- Events: G to locks granted by queue processing.
+
+local function release_kids(lk, subtree)
+  local n = 0
+  for _, kd in ipairs(lk.k) do
+    local ckey, cid = kd[1], kd[2]
+    if not declared(ckey) then
+      fail('DLM_KEYS', 'child resource key not passed in KEYS (H3): ' .. ckey)
+    end
+    local cr = load(ckey)
+    local cqn, clk = nil, nil
+    if cr then cqn, clk = find(cr, cid) end
+    if clk then
+      if not subtree then
+        fail('DLM_HASCHILDREN', 'lock ' .. lk.id .. ' has children; release them or ask SUBTREE')
+      end
+      n = n + release_kids(clk, subtree) + 1
+      remove_lock(ckey, cr, cqn, clk, false)
+    end
+  end
+  lk.k = {}
+  return n
+end
+
+return run(function()
+  local owner = arg_id(ARGV[3], 'owner')
+  local id = arg_id(ARGV[4], 'lock id')
+  local flags = arg_flags(ARGV[5], RELEASE_FLAGS)
+  local write = ARGV[6] == '1'
+  local value = ARGV[7] or ''
+  local version = arg_int(ARGV[8], 'version')
+  local vbmax = arg_int(ARGV[9], 'vbmax', 0, MAX_VBMAX)
+  local floor = arg_int(ARGV[10], 'floor')
+  if write and #value > vbmax then
+    fail('DLM_BADARG', 'value block of ' .. #value .. ' bytes exceeds ' .. vbmax .. ' (V1)')
+  end
+  local key = KEYS[3]
+
+  local r = load(key)
+  local qn, lk = nil, nil
+  if r then qn, lk = find(r, id) end
+  if not lk then
+    if floor > 0 then
+      if not r then r = create(key, '') end
+      if floor > r.s then r.s = floor end
+      mark(key)
+    end
+    return reply(S_NOTFOUND)
+  end
+  if lk.o ~= owner then fail('DLM_NOTOWNER', 'lock ' .. id .. ' belongs to another owner') end
+  if write and not (lk.gr >= PW) then
+    fail('DLM_BADARG', 'the value block is written only releasing PW/EX (V3)')
+  end
+  local n = release_kids(lk, has(flags, F_SUBTREE))
+  if write then r.v, r.vv, r.vi = value, version, 0 end
+  if floor > r.s then r.s = floor end
+  remove_lock(key, r, qn, lk, true)
+  return reply(S_RELEASED, NONE, 0, -1, n + 1)
+end)

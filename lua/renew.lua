@@ -1,0 +1,54 @@
+-- renew.lua: extend the leases of many locks of one owner in one call (rules G10, F1).
+--
+-- KEYS[1] epoch hash, KEYS[2] waiter index, KEYS[3..] the resource of each lock
+-- ARGV[1] rejoin_ms        ARGV[2] channel prefix
+-- ARGV[3] owner            ARGV[4] lease ms
+-- ARGV[5..] pairs: lock id, fencing floor (the holder's quorum token, 0 if none) for
+--           KEYS[3], KEYS[4], ... in order
+--
+-- Also the waiter's re-check: purging and processing happen as in every script, so a lock
+-- whose blockers expired is granted by this call.
+-- Reply: {epoch, then per lock: status (GRANTED, QUEUED, NOTFOUND), granted mode, token,
+-- position, wait_ms}. Errors: DLM_BADARG, DLM_NOTOWNER (nothing renewed then).
+-- Events: G to locks granted by queue processing.
+
+return run(function()
+  local owner = arg_id(ARGV[3], 'owner')
+  local lease = arg_int(ARGV[4], 'lease_ms', 1, MAX_LEASE_MS)
+  local n = #KEYS - 2
+  if #ARGV ~= 4 + 2 * n then
+    fail('DLM_BADARG', 'renew needs one (lock id, floor) pair per resource key')
+  end
+  local items = {}
+  for i = 1, n do
+    items[i] = {arg_id(ARGV[3 + 2 * i], 'lock id'), arg_int(ARGV[4 + 2 * i], 'floor')}
+  end
+  local out = {EPOCH}
+  for i = 1, n do
+    local key = KEYS[2 + i]
+    local id, floor = items[i][1], items[i][2]
+    local r = load(key)
+    local qn, lk = nil, nil
+    if r then qn, lk = find(r, id) end
+    if not lk then
+      out[#out + 1] = S_NOTFOUND
+      out[#out + 1] = NONE
+      out[#out + 1] = 0
+      out[#out + 1] = -1
+      out[#out + 1] = -1
+    else
+      if lk.o ~= owner then fail('DLM_NOTOWNER', 'lock ' .. id .. ' belongs to another owner') end
+      lk.e = NOW + lease
+      if qn ~= 'g' then windex_add(key, lk) end
+      if floor > r.s then r.s = floor end
+      mark(key)
+      local st = lock_state(r, lk)
+      out[#out + 1] = st[1]
+      out[#out + 1] = st[3]
+      out[#out + 1] = st[4]
+      out[#out + 1] = st[5]
+      out[#out + 1] = st[9]
+    end
+  end
+  return out
+end)

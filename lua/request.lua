@@ -1,0 +1,81 @@
+-- request.lua: a new lock request (rules G1-G3, G10-G12, H1, N1, F1, E1).
+--
+-- KEYS[1] epoch hash, KEYS[2] waiter index, KEYS[3] resource,
+-- KEYS[4] parent's resource (only read when ARGV[9] names a parent; pass KEYS[3] otherwise)
+-- ARGV[1] rejoin_ms        ARGV[2] channel prefix
+-- ARGV[3] owner            ARGV[4] lock id (client-chosen, the same on every instance)
+-- ARGV[5] mode 0..5        ARGV[6] flags (NOQUEUE=1 EXPEDITE=2 NODLCKWT=16)
+-- ARGV[7] ticket (client µs clock; queue order on every instance)
+-- ARGV[8] lease ms         ARGV[9] parent lock id or ''   ARGV[10] display name
+--
+-- Reply: the lock reply of core.lua `reply`: status GRANTED, QUEUED, NOTQUEUED, RECOVERING
+-- (extra = ms to wait), NOPARENT. Errors: DLM_BADARG, DLM_NOTOWNER (id used by another owner).
+-- Events: G to locks granted by queue processing, B to holders blocking a queued request.
+
+return run(function()
+  local owner = arg_id(ARGV[3], 'owner')
+  local id = arg_id(ARGV[4], 'lock id')
+  local mode = arg_mode(ARGV[5])
+  local flags = arg_flags(ARGV[6], REQUEST_FLAGS)
+  local ticket = arg_int(ARGV[7], 'ticket')
+  local lease = arg_int(ARGV[8], 'lease_ms', 1, MAX_LEASE_MS)
+  local pid = ARGV[9] or ''
+  if pid ~= '' then arg_id(pid, 'parent id') end
+  local name = ARGV[10] or ''
+  if has(flags, F_EXPEDITE) and mode ~= NL then
+    fail('DLM_BADARG', 'EXPEDITE is only for NL requests (G3)')
+  end
+  local key = KEYS[3]
+
+  local wait = recovering_ms()
+  if wait > 0 then return reply(S_RECOVERING, NONE, 0, -1, wait) end
+
+  local pr = nil
+  if pid ~= '' then pr = load(KEYS[4]) end
+  local r = load(key)
+  if r then
+    local _, old = find(r, id)
+    if old then  -- G12: a retried request finds itself
+      if old.o ~= owner then fail('DLM_NOTOWNER', 'lock id ' .. id .. ' belongs to another owner') end
+      return lock_state(r, old)
+    end
+  end
+  local plk = nil
+  if pid ~= '' then  -- H1
+    if pr then
+      local _, p = find(pr, pid)
+      plk = p
+    end
+    if not plk or plk.o ~= owner or plk.gr == NONE then return reply(S_NOPARENT) end
+  end
+  if not r then
+    r = create(key, name)
+  elseif r.n ~= name then
+    r.n = name
+    mark(key)
+  end
+  local pk = ''
+  if pid ~= '' then pk = KEYS[4] end
+  local lk = {id = id, o = owner, gr = NONE, rq = mode, f = flags, t = ticket, ct = 0,
+              e = NOW + lease, p = pid, pk = pk, k = {}, tok = 0, pm = NONE}
+  if has(flags, F_EXPEDITE)  -- G3
+      or (#r.c == 0 and #r.w == 0 and compatible_with_granted(r, lk, mode)) then  -- G1
+    lk.gr, lk.rq = mode, NONE
+    lk.tok = bump(r)
+    r.g[#r.g + 1] = lk
+    mark(key)
+  elseif has(flags, F_NOQUEUE) then  -- G2
+    return reply(S_NOTQUEUED)
+  else
+    insert(r.w, lk, false)  -- G11
+    windex_add(key, lk)
+    mark(key)
+    process(key, r)
+    if lk.gr == NONE then blocking(r, lk) end
+  end
+  if plk then
+    plk.k[#plk.k + 1] = {key, id}
+    mark(KEYS[4])
+  end
+  return lock_state(r, lk)
+end)

@@ -1,0 +1,258 @@
+"""Arguments and replies of the scripts: pure functions, no I/O.
+
+Shared by the single-instance `Engine`, the quorum client and the CLI, so every caller
+builds the same ARGV and reads replies the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import InvalidArgument, InvalidType, ProtocolError
+from .modes import Mode, Status
+
+NONE = -1
+
+
+def _s(v: int) -> bytes:
+    return str(int(v)).encode()
+
+
+def as_mode(mode: object) -> Mode:
+    """Accept a Mode, an int 0..5 or a mode name ('EX'); raise a typed error otherwise."""
+    if isinstance(mode, Mode):
+        return mode
+    if isinstance(mode, bool):
+        raise InvalidType("mode must be a Mode, not a bool")
+    if isinstance(mode, int):
+        try:
+            return Mode(mode)
+        except ValueError:
+            raise InvalidArgument(f"mode {mode} is not 0..5 (NL CR CW PR PW EX)") from None
+    if isinstance(mode, str):
+        try:
+            return Mode[mode.upper()]
+        except KeyError:
+            raise InvalidArgument(f"unknown mode {mode!r}; use NL CR CW PR PW EX") from None
+    raise InvalidType(f"mode must be a Mode, int or str, not {type(mode).__name__}")
+
+
+def _mode_or_none(v: int) -> Mode | None:
+    return None if v == NONE else Mode(v)
+
+
+@dataclass(frozen=True, slots=True)
+class Blocker:
+    owner: str
+    lock_id: str
+    mode: Mode
+
+
+@dataclass(frozen=True, slots=True)
+class LockReply:
+    """One instance's answer about one lock."""
+
+    status: Status
+    epoch: str
+    mode: Mode | None  #: granted mode (None while waiting as a new request)
+    token: int  #: fencing token of the current grant on this instance
+    position: int  #: place in the wait or conversion queue (0 = first), -1 if none
+    value: bytes | None  #: value block (granted in CR or stronger)
+    version: int
+    valid: bool  #: False after a PW/EX holder expired or was broken (V4)
+    wait_ms: int  #: ms until the earliest lease of a lock ahead expires; -1 if none
+    extra: int  #: RECOVERING: ms to wait; RELEASED: locks released
+    blockers_count: int
+    blockers: tuple[Blocker, ...]
+
+
+def _str(v: object) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def parse_lock_reply(raw: list) -> LockReply:
+    try:
+        blockers = tuple(
+            Blocker(_str(raw[i]), _str(raw[i + 1]), Mode(int(raw[i + 2])))
+            for i in range(11, len(raw), 3)
+        )
+        return LockReply(
+            status=Status(int(raw[0])),
+            epoch=_str(raw[1]),
+            mode=_mode_or_none(int(raw[2])),
+            token=int(raw[3]),
+            position=int(raw[4]),
+            value=raw[5],
+            version=int(raw[6]),
+            valid=not int(raw[7]),
+            wait_ms=int(raw[8]),
+            extra=int(raw[9]),
+            blockers_count=int(raw[10]),
+            blockers=blockers,
+        )
+    except (IndexError, TypeError, ValueError) as exc:
+        raise ProtocolError(f"unexpected lock reply {raw!r}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class RenewEntry:
+    status: Status
+    mode: Mode | None
+    token: int
+    position: int
+    wait_ms: int
+
+
+def parse_renew_reply(raw: list) -> tuple[str, list[RenewEntry]]:
+    try:
+        epoch = _str(raw[0])
+        out = []
+        for i in range(1, len(raw), 5):
+            out.append(RenewEntry(Status(int(raw[i])), _mode_or_none(int(raw[i + 1])),
+                                  int(raw[i + 2]), int(raw[i + 3]), int(raw[i + 4])))
+        return epoch, out
+    except (IndexError, TypeError, ValueError) as exc:
+        raise ProtocolError(f"unexpected renew reply {raw!r}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class LockView:
+    queue: str  #: 'G' granted, 'C' converting, 'W' waiting
+    lock_id: str
+    owner: str
+    mode: Mode | None
+    requested: Mode | None
+    flags: int
+    ticket: int
+    cticket: int
+    lease_left_ms: int
+    parent: str
+    token: int
+    previous: Mode | None
+    kids: tuple[tuple[bytes, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ResourceView:
+    key: bytes
+    name: bytes
+    seq: int
+    value: bytes | None
+    version: int
+    valid: bool
+    locks: tuple[LockView, ...]
+
+    @property
+    def path(self) -> tuple[bytes, ...]:
+        return tuple(self.name.split(b"\x00")) if self.name else ()
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceStatus:
+    epoch: str | None
+    now_ms: int
+    recovering_ms: int
+
+
+def parse_status(raw: list) -> InstanceStatus:
+    return InstanceStatus(None if raw[0] is None else _str(raw[0]), int(raw[1]), int(raw[2]))
+
+
+def parse_inspect(keys: list[bytes], raw: list) -> tuple[InstanceStatus, list[ResourceView | None]]:
+    st = parse_status(raw[:3])
+    out: list[ResourceView | None] = []
+    for key, item in zip(keys, raw[3:]):
+        if item is None:
+            out.append(None)
+            continue
+        locks = []
+        for lk in item[5:]:
+            kids = tuple((lk[i], _str(lk[i + 1])) for i in range(12, len(lk), 2))
+            locks.append(LockView(_str(lk[0]), _str(lk[1]), _str(lk[2]),
+                                  _mode_or_none(int(lk[3])), _mode_or_none(int(lk[4])),
+                                  int(lk[5]), int(lk[6]), int(lk[7]), int(lk[8]), _str(lk[9]),
+                                  int(lk[10]), _mode_or_none(int(lk[11])), kids))
+        out.append(ResourceView(key, item[0] or b"", int(item[1]), item[2], int(item[3]),
+                                not int(item[4]), tuple(locks)))
+    return st, out
+
+
+# ----------------------------------------------------------------- ARGV builders
+
+def request_args(rejoin_ms: int, chan: bytes, owner: str, lock_id: str, mode: int, flags: int,
+                 ticket: int, lease_ms: int, parent_id: str, name: bytes) -> list[bytes]:
+    return [_s(rejoin_ms), chan, owner.encode(), lock_id.encode(), _s(mode), _s(flags),
+            _s(ticket), _s(lease_ms), parent_id.encode(), name]
+
+
+def convert_args(rejoin_ms: int, chan: bytes, owner: str, lock_id: str, mode: int, flags: int,
+                 cticket: int, lease_ms: int, value: bytes | None, version: int, vbmax: int,
+                 floor: int) -> list[bytes]:
+    return [_s(rejoin_ms), chan, owner.encode(), lock_id.encode(), _s(mode), _s(flags),
+            _s(cticket), _s(lease_ms), b"0" if value is None else b"1", value or b"",
+            _s(version), _s(vbmax), _s(floor)]
+
+
+def release_args(rejoin_ms: int, chan: bytes, owner: str, lock_id: str, flags: int,
+                 value: bytes | None, version: int, vbmax: int, floor: int) -> list[bytes]:
+    return [_s(rejoin_ms), chan, owner.encode(), lock_id.encode(), _s(flags),
+            b"0" if value is None else b"1", value or b"", _s(version), _s(vbmax), _s(floor)]
+
+
+def cancel_args(rejoin_ms: int, chan: bytes, owner: str, lock_id: str, reason: str,
+                notify: bool) -> list[bytes]:
+    return [_s(rejoin_ms), chan, owner.encode(), lock_id.encode(), reason.encode(),
+            b"1" if notify else b"0"]
+
+
+def yield_args(rejoin_ms: int, chan: bytes, owner: str, lock_id: str) -> list[bytes]:
+    return [_s(rejoin_ms), chan, owner.encode(), lock_id.encode()]
+
+
+def renew_args(rejoin_ms: int, chan: bytes, owner: str, lease_ms: int,
+               items: list[tuple[str, int]]) -> list[bytes]:
+    out = [_s(rejoin_ms), chan, owner.encode(), _s(lease_ms)]
+    for lock_id, floor in items:
+        out += [lock_id.encode(), _s(floor)]
+    return out
+
+
+def break_args(rejoin_ms: int, chan: bytes, lock_id: str, owner: str) -> list[bytes]:
+    return [_s(rejoin_ms), chan, lock_id.encode(), owner.encode()]
+
+
+# ----------------------------------------------------------------- events
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A message on an owner's channel (N1-N3)."""
+
+    kind: str  #: 'G' granted, 'B' blocking, 'C' cancelled/broken
+    lock_id: str
+    mode: Mode | None = None  #: G: granted mode; B: the blocked request's mode
+    token: int = 0
+    version: int = 0
+    valid: bool = True
+    value: bytes | None = None
+    ticket: int = 0  #: B: the blocked request's ticket
+    other: str = ""  #: B: the blocked lock's id
+    reason: str = ""  #: C: cancel, deadlock or broken
+
+
+def parse_event(data: bytes) -> Event:
+    kind = data[:1]
+    try:
+        if kind == b"G":
+            _, lid, gr, tok, vv, vi, hasv, value = data.split(b"|", 7)
+            return Event("G", lid.decode(), Mode(int(gr)), int(tok), int(vv), vi == b"0",
+                         value if hasv == b"1" else None)
+        if kind == b"B":
+            _, lid, rq, ticket, other = data.split(b"|", 4)
+            return Event("B", lid.decode(), Mode(int(rq)), ticket=int(ticket),
+                         other=other.decode())
+        if kind == b"C":
+            _, lid, reason = data.split(b"|", 2)
+            return Event("C", lid.decode(), reason=reason.decode())
+    except ValueError as exc:
+        raise ProtocolError(f"unexpected event {data!r}") from exc
+    raise ProtocolError(f"unexpected event {data!r}")

@@ -1,0 +1,146 @@
+"""`Engine`: the lock database of ONE Redis instance, called synchronously.
+
+A thin layer: it builds ARGV with `codec`, calls the Lua script by SHA (NOSCRIPT fallback)
+and parses the reply. The rules live in the scripts (`lua/`); the quorum client
+(`redlockdlm.client`) sends the same scripts to every instance. Useful on its own for tests,
+tools and single-instance development.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import redis
+from redis.exceptions import NoScriptError, ResponseError
+
+from ..errors import InvalidArgument, from_script_error
+from . import codec
+from .codec import InstanceStatus, LockReply, RenewEntry, ResourceView
+from .keys import (
+    EPOCH_KEY,
+    channel_prefix,
+    check_name,
+    check_namespace,
+    display_name,
+    resource_key,
+    waiters_key,
+)
+from .modes import Flag
+from .scripts import load
+
+
+def call_script(client: redis.Redis, name: str, keys: Sequence[bytes], args: Sequence[bytes]):
+    """EVALSHA `name`, sending the source if the instance forgot it; map DLM_ errors."""
+    script = load(name)
+    try:
+        try:
+            return client.evalsha(script.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            return client.eval(script.source, len(keys), *keys, *args)
+    except ResponseError as exc:
+        msg = str(exc)
+        if msg.startswith("DLM_"):
+            raise from_script_error(msg) from None
+        raise
+
+
+class Engine:
+    """One instance's lock database. Keys are built with `key()`; every call is one round
+    trip and atomic on the instance: it either applies whole or raises and changes nothing."""
+
+    def __init__(self, client: redis.Redis, namespace: str = "default", *,
+                 rejoin_ms: int = 30_000, vbmax: int = 64) -> None:
+        self.client = client
+        self.ns = check_namespace(namespace)
+        self.rejoin_ms = rejoin_ms
+        self.vbmax = vbmax
+        self.chan = channel_prefix(self.ns)
+        self.wkey = waiters_key(self.ns)
+
+    def key(self, *path: str | bytes) -> bytes:
+        """The key of resource `path` (root first)."""
+        return resource_key(self.ns, [check_name(p) for p in path])
+
+    @staticmethod
+    def name(*path: str | bytes) -> bytes:
+        return display_name([check_name(p) for p in path])
+
+    def _call(self, script: str, keys: Sequence[bytes], args: Sequence[bytes]):
+        return call_script(self.client, script, [EPOCH_KEY, self.wkey, *keys], args)
+
+    def request(self, key: bytes, owner: str, lock_id: str, mode: object, *, ticket: int,
+                lease_ms: int, flags: int = 0, name: bytes = b"", parent_key: bytes | None = None,
+                parent_id: str = "") -> LockReply:
+        m = codec.as_mode(mode)
+        raw = self._call("request", [key, parent_key or key], codec.request_args(
+            self.rejoin_ms, self.chan, owner, lock_id, m, int(flags), ticket, lease_ms,
+            parent_id, name))
+        return codec.parse_lock_reply(raw)
+
+    def convert(self, key: bytes, owner: str, lock_id: str, mode: object, *, ticket: int,
+                lease_ms: int, flags: int = 0, value: bytes | None = None, version: int = 0,
+                floor: int = 0) -> LockReply:
+        m = codec.as_mode(mode)
+        raw = self._call("convert", [key], codec.convert_args(
+            self.rejoin_ms, self.chan, owner, lock_id, m, int(flags), ticket, lease_ms, value,
+            version, self.vbmax, floor))
+        return codec.parse_lock_reply(raw)
+
+    def release(self, key: bytes, owner: str, lock_id: str, *, subtree: bool = False,
+                parent_key: bytes | None = None, child_keys: Sequence[bytes] = (),
+                value: bytes | None = None, version: int = 0, floor: int = 0) -> LockReply:
+        flags = Flag.SUBTREE if subtree else 0
+        raw = self._call("release", [key, parent_key or key, *child_keys], codec.release_args(
+            self.rejoin_ms, self.chan, owner, lock_id, int(flags), value, version, self.vbmax,
+            floor))
+        return codec.parse_lock_reply(raw)
+
+    def cancel(self, key: bytes, owner: str, lock_id: str, *, parent_key: bytes | None = None,
+               reason: str = "cancel", notify: bool = False) -> LockReply:
+        raw = self._call("cancel", [key, parent_key or key], codec.cancel_args(
+            self.rejoin_ms, self.chan, owner, lock_id, reason, notify))
+        return codec.parse_lock_reply(raw)
+
+    def yield_(self, key: bytes, owner: str, lock_id: str) -> LockReply:
+        raw = self._call("yield", [key], codec.yield_args(self.rejoin_ms, self.chan, owner,
+                                                          lock_id))
+        return codec.parse_lock_reply(raw)
+
+    def renew(self, owner: str, lease_ms: int,
+              items: Sequence[tuple[bytes, str, int]]) -> tuple[str, list[RenewEntry]]:
+        """Renew (key, lock id, fencing floor) items of one owner in one call."""
+        raw = self._call("renew", [k for k, _, _ in items], codec.renew_args(
+            self.rejoin_ms, self.chan, owner, lease_ms, [(i, f) for _, i, f in items]))
+        return codec.parse_renew_reply(raw)
+
+    def break_(self, key: bytes, *, lock_id: str = "", owner: str = "") -> LockReply:
+        if not lock_id and not owner:
+            raise InvalidArgument("break needs a lock id or an owner")
+        raw = self._call("break", [key], codec.break_args(self.rejoin_ms, self.chan, lock_id,
+                                                          owner))
+        return codec.parse_lock_reply(raw)
+
+    def inspect(self, keys: Sequence[bytes]) -> tuple[InstanceStatus, list[ResourceView | None]]:
+        raw = call_script(self.client, "inspect", [EPOCH_KEY, *keys], [])
+        return codec.parse_inspect(list(keys), raw)
+
+    def status(self) -> InstanceStatus:
+        return codec.parse_status(call_script(self.client, "init", [EPOCH_KEY], [b"status"]))
+
+    def init_fresh(self) -> InstanceStatus:
+        """Mark a brand-new instance safe at once (E1). Never on one that may have restarted."""
+        return codec.parse_status(call_script(self.client, "init", [EPOCH_KEY], [b"fresh"]))
+
+    def set_clock(self, frozen_ms: int | None = None, offset_ms: int = 0) -> InstanceStatus:
+        """Tests only: freeze the scripts' clock at `frozen_ms`, or shift it by `offset_ms`."""
+        fix = b"" if frozen_ms is None else str(int(frozen_ms)).encode()
+        return codec.parse_status(call_script(self.client, "init", [EPOCH_KEY],
+                                              [b"clock", fix, str(int(offset_ms)).encode()]))
+
+    def waiters(self) -> list[tuple[bytes, float]]:
+        """The waiter index: (member 'lock id|resource key', lease expiry ms)."""
+        return self.client.zrange(self.wkey, 0, -1, withscores=True)
+
+    def resource_keys(self, count: int = 1000) -> list[bytes]:
+        """Resource keys of this namespace by SCAN (for operators; never on a hot path)."""
+        return list(self.client.scan_iter(match=b"dlm:{" + self.ns + b":*", count=count))

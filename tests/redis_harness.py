@@ -1,0 +1,479 @@
+"""Real ``redis-server`` processes for tests, on free loopback ports.
+
+This is the project's shipped test harness (an importable module, not a conftest)::
+
+    from redis_harness import Instances, RedisServer
+
+    with RedisServer() as srv:               # one server, data dir in a temp folder
+        srv.client().set(b"k", b"v")
+        srv.pause(); srv.resume()            # SIGSTOP / SIGCONT
+        srv.restart(empty=True)              # SIGKILL, wipe data, start on the same port
+
+    with Instances(3) as inst:               # three independent servers
+        inst.urls                            # ["redis://127.0.0.1:P1", ...]
+
+Every server binds 127.0.0.1 only, is signalled by its own pid only, and is killed on
+interpreter exit if a test forgot to stop it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+__all__ = [
+    "HOST",
+    "Instances",
+    "RedisServer",
+    "RedisServerError",
+    "find_redis_server",
+    "free_port",
+    "no_retry",
+]
+
+HOST = "127.0.0.1"
+STARTUP_TIMEOUT = 10.0
+STOP_GRACE = 5.0
+_LOG_TAIL_LINES = 40
+
+
+class RedisServerError(RuntimeError):
+    """A redis-server could not be found, started or stopped."""
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def find_redis_server() -> str:
+    """Path of the ``redis-server`` binary, or raise :class:`RedisServerError`.
+
+    ``$REDIS_SERVER`` overrides the search; otherwise ``PATH`` and the usual install
+    locations are tried.
+    """
+    override = os.environ.get("REDIS_SERVER")
+    if override:
+        if os.path.isfile(override) and os.access(override, os.X_OK):
+            return override
+        raise RedisServerError(f"$REDIS_SERVER={override!r} is not an executable file")
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    for candidate in (
+        "/usr/bin/redis-server",
+        "/usr/local/bin/redis-server",
+        "/usr/sbin/redis-server",
+    ):
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    raise RedisServerError(
+        "redis-server not found on PATH: run `bash scripts/setup.sh` "
+        "(it installs redis-server with apt-get), or set $REDIS_SERVER"
+    )
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((HOST, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(attempts: int = 20) -> int:
+    """A TCP port on 127.0.0.1 that is free right now (bind port 0, close, re-check).
+
+    There is an unavoidable race between this call and the server's own bind;
+    :class:`RedisServer` retries with a new port when that race is lost.
+    """
+    for _ in range(attempts):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((HOST, 0))
+            port = s.getsockname()[1]
+        if _port_is_free(port):
+            return port
+    raise RedisServerError(f"no free port on {HOST} after {attempts} attempts")
+
+
+def no_retry() -> Retry:
+    """A redis-py retry policy that never retries (redis-py 6+ retries by default).
+
+    Harness clients fail at once so that a paused or killed server shows as an error
+    within the socket timeout instead of after seconds of backoff.
+    """
+    return Retry(NoBackoff(), 0)
+
+
+def _tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "<no log>"
+    return "\n".join(text.splitlines()[-lines:]) or "<empty log>"
+
+
+# --------------------------------------------------------------------------- registry
+
+_registry_lock = threading.Lock()
+_live: dict[int, RedisServer] = {}  # id(server) -> server, for servers not yet stopped
+
+
+def _register(server: RedisServer) -> None:
+    with _registry_lock:
+        _live[id(server)] = server
+
+
+def _unregister(server: RedisServer) -> None:
+    with _registry_lock:
+        _live.pop(id(server), None)
+
+
+@atexit.register
+def _kill_all_at_exit() -> None:
+    with _registry_lock:
+        servers = list(_live.values())
+        _live.clear()
+    for server in servers:
+        with contextlib.suppress(Exception):
+            server._kill_process()
+        with contextlib.suppress(Exception):
+            shutil.rmtree(server.base_dir, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- server
+
+
+class RedisServer:
+    """One ``redis-server`` subprocess on 127.0.0.1 with its own temporary data dir.
+
+    ``extra_args`` are appended to the command line, e.g.
+    ``["--appendonly", "yes", "--appendfsync", "always"]`` or ``["--requirepass", "pw"]``.
+    The server is started by the constructor unless ``start=False``.
+    """
+
+    def __init__(
+        self,
+        extra_args: Sequence[str] = (),
+        *,
+        port: int | None = None,
+        start: bool = True,
+        startup_timeout: float = STARTUP_TIMEOUT,
+        executable: str | None = None,
+    ) -> None:
+        self.extra_args = [str(a) for a in extra_args]
+        lowered = [a.lower() for a in self.extra_args]
+        if "--bind" in lowered:
+            raise ValueError("RedisServer always binds 127.0.0.1; do not pass --bind")
+        self.password: str | None = None
+        if "--requirepass" in lowered:
+            i = lowered.index("--requirepass")
+            if i + 1 < len(self.extra_args):
+                self.password = self.extra_args[i + 1]
+        self.executable = executable or find_redis_server()
+        self.startup_timeout = startup_timeout
+        self._fixed_port = port is not None
+        self.port: int = port if port is not None else free_port()
+        self.base_dir = Path(tempfile.mkdtemp(prefix="redlockdlm-redis-"))
+        self.data_dir = self.base_dir / "data"
+        self.data_dir.mkdir()
+        self.log_path = self.base_dir / "redis.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.paused = False
+        self._clients: list[redis.Redis] = []
+        if start:
+            self.start()
+
+    # ---------------------------------------------------------------- properties
+
+    @property
+    def host(self) -> str:
+        return HOST
+
+    @property
+    def url(self) -> str:
+        return f"redis://{HOST}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def __repr__(self) -> str:
+        state = "paused" if self.paused else ("running" if self.running else "stopped")
+        return f"<RedisServer {self.url} pid={self.pid} {state}>"
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def command_line(self) -> list[str]:
+        # fmt: off
+        return [
+            self.executable,
+            "--port", str(self.port),
+            "--bind", HOST,
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", str(self.data_dir),
+            "--daemonize", "no",
+            "--protected-mode", "no",
+            "--loglevel", "warning",
+            *self.extra_args,
+        ]
+        # fmt: on
+
+    def start(self) -> RedisServer:
+        """Start the server (no-op if running) and wait until it answers PING."""
+        if self.running:
+            return self
+        self.base_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        attempts = 1 if self._fixed_port else 3
+        for attempt in range(attempts):
+            try:
+                self._spawn_and_wait()
+                return self
+            except RedisServerError:
+                if attempt + 1 < attempts and "Address already in use" in _tail(self.log_path):
+                    self.port = free_port()  # lost the free_port() race: try another port
+                    continue
+                raise
+        raise AssertionError("unreachable")
+
+    def _spawn_and_wait(self) -> None:
+        with open(self.log_path, "ab") as log:
+            log.write(f"--- starting on port {self.port} at {time.time():.3f}\n".encode())
+            log.flush()
+            self.proc = subprocess.Popen(
+                self.command_line(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.data_dir,
+                close_fds=True,
+            )
+        self.paused = False
+        _register(self)
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                code = self.proc.returncode
+                self.proc = None
+                raise RedisServerError(
+                    f"redis-server on port {self.port} exited with {code} during startup;"
+                    f" log tail:\n{_tail(self.log_path)}"
+                )
+            if self._ping_once():
+                return
+            time.sleep(0.02)
+        self._kill_process()
+        raise RedisServerError(
+            f"redis-server on port {self.port} did not answer PING within "
+            f"{self.startup_timeout:.0f}s; log tail:\n{_tail(self.log_path)}"
+        )
+
+    def _ping_once(self) -> bool:
+        conn = redis.Redis(
+            host=HOST,
+            port=self.port,
+            password=self.password,
+            socket_connect_timeout=0.5,
+            socket_timeout=0.5,
+            retry=no_retry(),
+        )
+        try:
+            return bool(conn.ping())
+        except redis.exceptions.BusyLoadingError:
+            return False  # still loading its AOF/RDB: not ready yet
+        except (redis.exceptions.AuthenticationError, redis.exceptions.ResponseError):
+            return True  # it answered (e.g. NOAUTH): the server is up
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
+            return False
+        finally:
+            conn.close()
+
+    def _signal(self, sig: int) -> None:
+        # Popen.send_signal refuses to signal a process it has already reaped,
+        # so a recycled pid is never hit.
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def _kill_process(self) -> None:
+        """SIGKILL our own pid and reap it."""
+        if self.proc is None:
+            return
+        self._signal(signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=STOP_GRACE)
+        self.paused = False
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL after 5 s; wait; remove the temporary dir. Idempotent."""
+        for c in self._clients:
+            with contextlib.suppress(Exception):
+                c.close()
+        self._clients.clear()
+        if self.proc is not None and self.proc.poll() is None:
+            if self.paused:
+                self._signal(signal.SIGCONT)  # a stopped process cannot handle SIGTERM
+                self.paused = False
+            self._signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=STOP_GRACE)
+            except subprocess.TimeoutExpired:
+                self._kill_process()
+        _unregister(self)
+        shutil.rmtree(self.base_dir, ignore_errors=True)
+
+    def kill(self) -> None:
+        """SIGKILL the server (simulated crash). Its data dir is kept; ``start()`` revives it."""
+        self._kill_process()
+
+    def pause(self) -> None:
+        """SIGSTOP: the server keeps its sockets but answers nothing."""
+        if not self.running:
+            raise RedisServerError(f"{self!r} is not running")
+        self._signal(signal.SIGSTOP)
+        self.paused = True
+
+    def resume(self) -> None:
+        """SIGCONT after :meth:`pause`."""
+        self._signal(signal.SIGCONT)
+        self.paused = False
+
+    def restart(self, empty: bool = True) -> RedisServer:
+        """SIGKILL, then start again on the same port.
+
+        ``empty=True`` deletes the data dir's contents first (a restart that lost everything);
+        ``empty=False`` keeps them, so an AOF (``--appendonly yes``) is reloaded.
+        """
+        self._kill_process()
+        if empty:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._fixed_port = True
+        return self.start()
+
+    # ---------------------------------------------------------------- clients
+
+    def client(self, **kwargs: Any) -> redis.Redis:
+        """A ``redis.Redis`` on this server.
+
+        Defaults: bytes replies, connect timeout 2 s, socket timeout 10 s, no retries
+        (pass ``retry=`` to override); any keyword overrides these.
+        """
+        opts: dict[str, Any] = {
+            "host": HOST,
+            "port": self.port,
+            "decode_responses": False,
+            "socket_connect_timeout": 2.0,
+            "socket_timeout": 10.0,
+            "retry": no_retry(),
+        }
+        if self.password is not None:
+            opts["password"] = self.password
+        opts.update(kwargs)
+        c = redis.Redis(**opts)
+        self._clients.append(c)
+        return c
+
+    def flushall(self) -> None:
+        c = redis.Redis(
+            host=HOST,
+            port=self.port,
+            password=self.password,
+            socket_connect_timeout=2.0,
+            socket_timeout=10.0,
+            retry=no_retry(),
+        )
+        try:
+            c.flushall()
+        finally:
+            c.close()
+
+    def heal(self) -> None:
+        """Undo faults a test may have left: resume if paused, start if dead."""
+        if self.paused:
+            self.resume()
+        if not self.running:
+            self.start()
+
+    # ---------------------------------------------------------------- context manager
+
+    def __enter__(self) -> RedisServer:
+        if not self.running:
+            self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# --------------------------------------------------------------------------- instances
+
+
+class Instances:
+    """``n`` independent RedisServer processes (no replication between them)."""
+
+    def __init__(self, n: int, extra_args: Sequence[str] = (), **server_kwargs: Any) -> None:
+        if n < 1:
+            raise ValueError("need at least one instance")
+        self.servers: list[RedisServer] = []
+        try:
+            for _ in range(n):
+                self.servers.append(RedisServer(extra_args, **server_kwargs))
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def urls(self) -> list[str]:
+        return [s.url for s in self.servers]
+
+    def clients(self, **kwargs: Any) -> list[redis.Redis]:
+        return [s.client(**kwargs) for s in self.servers]
+
+    def __len__(self) -> int:
+        return len(self.servers)
+
+    def __getitem__(self, i: int) -> RedisServer:
+        return self.servers[i]
+
+    def __iter__(self) -> Iterator[RedisServer]:
+        return iter(self.servers)
+
+    def __repr__(self) -> str:
+        return f"<Instances {self.urls}>"
+
+    def reset(self) -> None:
+        """Heal every server (resume/start) and FLUSHALL it."""
+        for s in self.servers:
+            s.heal()
+            s.flushall()
+
+    def stop(self) -> None:
+        for s in self.servers:
+            with contextlib.suppress(Exception):
+                s.stop()
+
+    def __enter__(self) -> Instances:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
