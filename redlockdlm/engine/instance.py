@@ -26,17 +26,16 @@ from .keys import (
     waiters_key,
 )
 from .modes import Flag
-from .scripts import load
+from .scripts import command, fallback
 
 
 def call_script(client: redis.Redis, name: str, keys: Sequence[bytes], args: Sequence[bytes]):
     """EVALSHA `name`, sending the source if the instance forgot it; map DLM_ errors."""
-    script = load(name)
     try:
         try:
-            return client.evalsha(script.sha, len(keys), *keys, *args)
+            return client.execute_command(*command(name, list(keys), list(args)))
         except NoScriptError:
-            return client.eval(script.source, len(keys), *keys, *args)
+            return client.execute_command(*fallback(name, list(keys), list(args)))
     except ResponseError as exc:
         msg = str(exc)
         if msg.startswith("DLM_"):

@@ -47,3 +47,17 @@ def load(name: str) -> Script:
 
 def all_scripts() -> dict[str, Script]:
     return {n: load(n) for n in SCRIPT_NAMES}
+
+
+def command(name: str, keys: list[bytes], args: list[bytes]) -> tuple:
+    """The Redis command that runs script `name` (by SHA). Every caller that talks to an
+    instance, pipelined or not, builds its commands here, so how scripts are invoked is
+    decided in one place."""
+    s = load(name)
+    return ("EVALSHA", s.sha, len(keys), *keys, *args)
+
+
+def fallback(name: str, keys: list[bytes], args: list[bytes]) -> tuple:
+    """The command to send after the instance answered NOSCRIPT (it restarted or flushed)."""
+    s = load(name)
+    return ("EVAL", s.source, len(keys), *keys, *args)
