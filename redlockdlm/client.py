@@ -1,0 +1,711 @@
+"""The synchronous client: `DLM`, `Lock` and `Request`.
+
+All decisions are made by `redlockdlm.protocol.Session`; this module only moves bytes:
+it writes one command to every instance before reading any reply (one round trip for
+all), runs a background thread that reads the pub/sub events of every instance, renews
+leases and re-checks waiters, and a second thread that runs user callbacks, so a slow
+callback never delays a renewal.
+"""
+
+from __future__ import annotations
+
+import logging
+import selectors
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import redis
+from redis.exceptions import NoScriptError, ResponseError
+
+from .engine import codec
+from .engine.modes import Mode
+from .engine.scripts import command, fallback
+from .errors import (
+    DLMError,
+    InvalidArgument,
+    InvalidType,
+    LockLost,
+    ProtocolError,
+    QuorumUnavailable,
+    from_script_error,
+)
+from .protocol import Call, LockCore, Outcome, Phase, Session, check_timeout
+
+log = logging.getLogger("redlockdlm")
+
+_LOCK_REPLY_SCRIPTS = {"request", "convert", "release", "cancel", "yield", "break"}
+
+
+def parse(call: Call, raw: Any) -> Any:
+    """Parse the reply of `call` by its script name."""
+    if call.name in _LOCK_REPLY_SCRIPTS:
+        return codec.parse_lock_reply(raw)
+    if call.name == "renew":
+        return codec.parse_renew_reply(raw)
+    return raw
+
+
+def _mask(url: str) -> str:
+    if "@" in url:
+        scheme, _, rest = url.partition("://")
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+class Instance:
+    """One Redis instance: a pool for commands and a pub/sub connection for events."""
+
+    def __init__(self, url: str, *, socket_timeout: float, connect_timeout: float,
+                 **options: Any) -> None:
+        if not isinstance(url, str):
+            raise InvalidType(f"instance URL must be a str, not {type(url).__name__}")
+        if not url.startswith(("redis://", "rediss://", "unix://")):
+            raise InvalidArgument(f"not a redis URL: {url!r} (redis://, rediss:// or unix://)")
+        try:
+            self.pool = redis.ConnectionPool.from_url(
+                url, socket_timeout=socket_timeout, socket_connect_timeout=connect_timeout,
+                **options)
+        except ValueError as exc:
+            raise InvalidArgument(f"bad redis URL {_mask(url)}: {exc}") from exc
+        self.url = _mask(url)
+        self.client = redis.Redis(connection_pool=self.pool)
+        self.pubsub: redis.client.PubSub | None = None
+
+
+class DLM:
+    """A distributed lock manager client over N independent Redis instances.
+
+    Locks are held on a majority quorum with leases renewed in the background. One `DLM`
+    is one owner (session): its locks, blocking notifications and lease renewals. Close it
+    (or use it as a context manager) to release everything it holds.
+    """
+
+    def __init__(self, urls: Sequence[str] | str, namespace: str = "default", *,
+                 lease_ms: int = 10_000, socket_timeout: float = 1.0,
+                 connect_timeout: float = 1.0, rejoin_ms: int | None = None, vbmax: int = 64,
+                 owner: str | None = None, **redis_options: Any) -> None:
+        if isinstance(urls, str):
+            urls = [u for u in urls.split(",") if u]
+        urls = list(urls)
+        self._core = Session(len(urls), namespace, lease_ms=lease_ms, rejoin_ms=rejoin_ms,
+                             vbmax=vbmax, owner=owner)
+        self._instances = [Instance(u, socket_timeout=socket_timeout,
+                                    connect_timeout=connect_timeout, **redis_options)
+                           for u in urls]
+        self._mu = threading.RLock()
+        self._cond = threading.Condition(self._mu)
+        self._closed = False
+        self._callbacks: list[tuple[Callable[..., Any], tuple]] = []
+        self._cb_cond = threading.Condition()
+        self._next_renew = time.monotonic() + self._core.lease_ms / 3000.0
+        self._sel = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = _socketpair()
+        self._sel.register(self._wake_r, selectors.EVENT_READ, None)
+        for i, inst in enumerate(self._instances):
+            self._subscribe(i, inst)
+        self._thread = threading.Thread(target=self._loop, name="redlockdlm-events",
+                                        daemon=True)
+        self._cb_thread = threading.Thread(target=self._run_callbacks,
+                                           name="redlockdlm-callbacks", daemon=True)
+        self._thread.start()
+        self._cb_thread.start()
+
+    # ----------------------------------------------------------------- public API
+
+    @property
+    def owner(self) -> str:
+        return self._core.owner
+
+    @property
+    def quorum(self) -> int:
+        return self._core.quorum
+
+    def lock(self, resource: str | bytes, mode: object = Mode.EX, *,
+             timeout: float | None = None, noqueue: bool = False, expedite: bool = False,
+             no_deadlock_wait: bool = False, value_block: bool = True,
+             on_blocking: Callable[[Mode], Any] | None = None,
+             on_lost: Callable[[Lock], Any] | None = None,
+             lease_ms: int | None = None, parent: Lock | None = None) -> Lock:
+        """Block until `resource` is granted in `mode` on a quorum, and return the Lock.
+
+        Raises LockTimeout (nothing left behind), NotQueued (noqueue and not grantable at
+        once), Deadlock (chosen as a victim), ParentNotGranted, QuorumUnavailable."""
+        req = self.enqueue(resource, mode, timeout=timeout, noqueue=noqueue,
+                           expedite=expedite, no_deadlock_wait=no_deadlock_wait,
+                           value_block=value_block, on_blocking=on_blocking, on_lost=on_lost,
+                           lease_ms=lease_ms, parent=parent)
+        return req.wait()
+
+    def enqueue(self, resource: str | bytes, mode: object = Mode.EX, *,
+                timeout: float | None = None, noqueue: bool = False, expedite: bool = False,
+                no_deadlock_wait: bool = False, value_block: bool = True,
+                on_granted: Callable[[Lock], Any] | None = None,
+                on_blocking: Callable[[Mode], Any] | None = None,
+                on_lost: Callable[[Lock], Any] | None = None,
+                lease_ms: int | None = None, parent: Lock | None = None) -> Request:
+        """Send the request to every instance and return at once; the Request completes
+        (and `on_granted` runs on the callback thread) when the lock is granted."""
+        self._check_open()
+        t = check_timeout(timeout)
+        if parent is not None and not isinstance(parent, Lock):
+            raise InvalidType("parent must be a Lock")
+        with self._mu:
+            lk = self._core.new_lock(resource, mode, parent=parent._core if parent else None,
+                                     noqueue=noqueue, expedite=expedite,
+                                     no_deadlock_wait=no_deadlock_wait, lease_ms=lease_ms)
+            if t is not None:
+                lk.deadline = time.monotonic() + t
+            lock = Lock(self, lk, on_blocking, on_lost, value_block)
+            lk.user = lock  # type: ignore[attr-defined]
+            req = Request(self, lock, on_granted)
+            lk.request = req  # type: ignore[attr-defined]
+            cmds = [(i, self._core.request_cmd(lk)) for i in range(self._core.n)]
+            lk.pending = set(range(self._core.n))
+            sent = time.monotonic()
+            for v in lk.votes:
+                v.sent_at = sent
+        try:
+            results = self._broadcast(cmds)
+        except BaseException:
+            with self._mu:
+                self._core.forget(lk)
+            raise
+        with self._mu:
+            try:
+                for i, res in results.items():
+                    self._core.on_reply(lk, i, res, sent, time.monotonic())
+            except DLMError as exc:
+                self._core.forget(lk)
+                req._finish(exc)
+                raise
+            self._advance(lk)
+        self._poke()
+        return req
+
+    def close(self) -> None:
+        """Release every lock this client holds or waits for, then close connections."""
+        if self._closed:
+            return
+        with self._mu:
+            roots = [lk for lk in self._core.locks.values() if lk.parent is None]
+        for lk in roots:
+            try:
+                self._release(lk, subtree=True)
+            except DLMError as exc:
+                log.warning("close: release of %s failed: %s", lk.id, exc)
+        self._closed = True
+        self._poke()
+        self._thread.join(timeout=5)
+        with self._cb_cond:
+            self._cb_cond.notify_all()
+        self._cb_thread.join(timeout=5)
+        for inst in self._instances:
+            try:
+                if inst.pubsub is not None:
+                    inst.pubsub.close()
+            except Exception:  # noqa: BLE001 - closing anyway
+                pass
+            inst.pool.disconnect()
+        self._sel.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def __enter__(self) -> DLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ----------------------------------------------------------------- internals: I/O
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise DLMError("this DLM client is closed")
+
+    def _broadcast(self, cmds: Iterable[tuple[int, Call]]) -> dict[int, Any]:
+        """Write every command, then read every reply: one round trip for all instances.
+        Returns instance -> parsed reply or the exception it raised."""
+        conns: list[tuple[int, tuple, Any]] = []
+        results: dict[int, Any] = {}
+        for i, cmd in cmds:
+            inst = self._instances[i]
+            try:
+                conn = inst.pool.get_connection()
+            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+                results[i] = exc
+                continue
+            try:
+                conn.send_command(*command(*cmd))
+                conns.append((i, cmd, conn))
+            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+                conn.disconnect()
+                inst.pool.release(conn)
+                results[i] = exc
+        for i, cmd, conn in conns:
+            inst = self._instances[i]
+            try:
+                try:
+                    raw = conn.read_response()
+                except NoScriptError:
+                    conn.send_command(*fallback(*cmd))
+                    raw = conn.read_response()
+                results[i] = parse(cmd, raw)
+            except ResponseError as exc:
+                msg = str(exc)
+                results[i] = (from_script_error(msg, instance=inst.url)
+                              if msg.startswith("DLM_") else ProtocolError(msg, instance=inst.url))
+            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+                conn.disconnect()
+                results[i] = exc
+            except DLMError as exc:
+                results[i] = exc
+            finally:
+                inst.pool.release(conn)
+        return results
+
+    def _send_and_feed(self, lk: LockCore, cmds: list[tuple[int, tuple]]) -> None:
+        """Send commands about `lk` (outside the core lock) and record the replies."""
+        if not cmds:
+            return
+        sent = time.monotonic()
+        results = self._broadcast(cmds)
+        with self._mu:
+            for i, res in results.items():
+                try:
+                    self._core.on_reply(lk, i, res, sent, time.monotonic())
+                except DLMError as exc:
+                    log.warning("unexpected error from %s: %s", self._instances[i].url, exc)
+            self._cond.notify_all()
+
+    # ----------------------------------------------------------------- acquisition loop
+
+    def _advance(self, lk: LockCore) -> Outcome:
+        """Evaluate `lk` (core lock held) and act: complete, fail, or schedule."""
+        out = self._core.evaluate_acquire(lk, time.monotonic())
+        req: Request = lk.request  # type: ignore[attr-defined]
+        if out.done:
+            req._finish(None)
+        elif out.error is not None:
+            self._core.forget(lk)
+            req._finish(out.error)
+            self._spawn(self._broadcast, out.cleanup)
+        else:
+            if out.actions:
+                self._spawn(self._send_and_feed_advance, lk, out.actions)
+            lk.wake_at = out.wake_at  # type: ignore[attr-defined]
+            self._poke()
+        self._cond.notify_all()
+        return out
+
+    def _send_and_feed_advance(self, lk: LockCore, cmds: list[tuple[int, tuple]]) -> None:
+        self._send_and_feed(lk, cmds)
+        with self._mu:
+            if lk.phase is Phase.ACQUIRING:
+                self._advance(lk)
+
+    def _spawn(self, fn: Callable[..., Any], *args: Any) -> None:
+        threading.Thread(target=fn, args=args, daemon=True, name="redlockdlm-io").start()
+
+    # ----------------------------------------------------------------- background thread
+
+    def _subscribe(self, i: int, inst: Instance) -> None:
+        try:
+            ps = inst.client.pubsub(ignore_subscribe_messages=True)
+            ps.subscribe(self._core.channel)
+            inst.pubsub = ps
+            self._sel.register(ps.connection._sock, selectors.EVENT_READ, i)
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            log.info("instance %s: no event subscription yet (%s)", inst.url, exc)
+            inst.pubsub = None
+
+    def _poke(self) -> None:
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
+
+    def _loop(self) -> None:
+        next_resub = 0.0
+        while not self._closed:
+            now = time.monotonic()
+            with self._mu:
+                wakes = [getattr(lk, "wake_at", None) for lk in self._core.locks.values()
+                         if lk.phase is Phase.ACQUIRING]
+            deadline = min([self._next_renew, *[w for w in wakes if w is not None]])
+            timeout = max(0.0, min(deadline - now, 0.5))
+            for key, _ in self._sel.select(timeout):
+                if key.data is None:
+                    try:
+                        self._wake_r.recv(4096)
+                    except OSError:
+                        pass
+                    continue
+                self._drain(key.data)
+            if self._closed:
+                break
+            now = time.monotonic()
+            if now >= next_resub:
+                next_resub = now + 1.0
+                for i, inst in enumerate(self._instances):
+                    if inst.pubsub is None:
+                        self._subscribe(i, inst)
+            if now >= self._next_renew:
+                self._next_renew = now + self._core.lease_ms / 3000.0
+                self._renew()
+            self._recheck(time.monotonic())
+
+    def _drain(self, i: int) -> None:
+        inst = self._instances[i]
+        ps = inst.pubsub
+        if ps is None:
+            return
+        try:
+            while True:
+                msg = ps.get_message(timeout=0.0)
+                if msg is None:
+                    break
+                if msg.get("type") == "message":
+                    self._on_event(i, codec.parse_event(msg["data"]))
+        except (redis.ConnectionError, redis.TimeoutError, OSError, ValueError):
+            log.info("instance %s: event connection lost", inst.url)
+            try:
+                self._sel.unregister(ps.connection._sock)
+            except (KeyError, ValueError, AttributeError):
+                pass
+            try:
+                ps.close()
+            except Exception:  # noqa: BLE001
+                pass
+            inst.pubsub = None
+
+    def _on_event(self, i: int, ev: codec.Event) -> None:
+        with self._mu:
+            notes = self._core.on_event(i, ev, time.monotonic())
+            lk = self._core.locks.get(ev.lock_id)
+            yields = []
+            for kind, lock, arg in notes:
+                if kind == "blocking":
+                    user: Lock = lock.user  # type: ignore[attr-defined]
+                    if user._on_blocking is not None:
+                        self._callback(user._on_blocking, arg)
+                elif kind == "yield":
+                    yields.append((arg, self._core.yield_cmd_for(lock, arg)))
+            if lk is not None:
+                if lk.phase is Phase.ACQUIRING:
+                    self._advance(lk)
+                elif lk.phase is Phase.CONVERTING:
+                    self._cond.notify_all()
+                elif lk.phase is Phase.HELD and ev.kind == "C":
+                    self._check_lost()
+        if yields and lk is not None:
+            self._spawn(self._send_and_feed_advance, lk, yields)
+
+    def _renew(self) -> None:
+        with self._mu:
+            batches = self._core.renew_cmds(time.monotonic())
+        if not batches:
+            return
+        sent = time.monotonic()
+        results = self._broadcast([(i, cmd) for i, cmd, _ in batches])
+        with self._mu:
+            now = time.monotonic()
+            for i, _, lks in batches:
+                self._core.on_renew_reply(i, lks, results.get(i), sent, now)
+            for lk in list(self._core.locks.values()):
+                if lk.phase is Phase.ACQUIRING:
+                    self._advance(lk)
+            self._check_lost()
+            self._cond.notify_all()
+
+    def _check_lost(self) -> None:
+        for lk in self._core.check_held(time.monotonic()):
+            user: Lock = lk.user  # type: ignore[attr-defined]
+            log.warning("lock %s on %s lost", lk.id, user.resource)
+            if user._on_lost is not None:
+                self._callback(user._on_lost, user)
+
+    def _recheck(self, now: float) -> None:
+        todo = []
+        with self._mu:
+            for lk in list(self._core.locks.values()):
+                wake = getattr(lk, "wake_at", None)
+                if lk.phase is Phase.ACQUIRING and wake is not None and now >= wake:
+                    lk.wake_at = None  # type: ignore[attr-defined]
+                    if lk.deadline is not None and now >= lk.deadline:
+                        self._advance(lk)
+                        continue
+                    todo.append((lk, self._core.recheck_cmds(lk, now)))
+        for lk, cmds in todo:
+            if cmds:
+                self._spawn(self._send_and_feed_advance, lk, cmds)
+            else:
+                with self._mu:
+                    if lk.phase is Phase.ACQUIRING:
+                        self._advance(lk)
+
+    # ----------------------------------------------------------------- callbacks
+
+    def _callback(self, fn: Callable[..., Any], *args: Any) -> None:
+        with self._cb_cond:
+            self._callbacks.append((fn, args))
+            self._cb_cond.notify()
+
+    def _run_callbacks(self) -> None:
+        while True:
+            with self._cb_cond:
+                while not self._callbacks and not self._closed:
+                    self._cb_cond.wait(0.5)
+                if not self._callbacks and self._closed:
+                    return
+                fn, args = self._callbacks.pop(0)
+            try:
+                fn(*args)
+            except Exception:  # noqa: BLE001 - a user callback must not kill the client
+                log.exception("callback %r raised", fn)
+
+    # ----------------------------------------------------------------- release / convert
+
+    def _release(self, lk: LockCore, subtree: bool = False) -> None:
+        with self._mu:
+            if lk.phase is Phase.RELEASED:
+                return
+            if lk.children and not subtree:
+                live = [c for c in lk.children if c.phase is not Phase.RELEASED]
+                if live:
+                    from .errors import HasChildren
+                    raise HasChildren("release the child locks first, or ask subtree=True",
+                                      lock_id=lk.id)
+            cmds = [(i, self._core.release_cmd(lk, subtree=subtree))
+                    for i in range(self._core.n)]
+        results = self._broadcast(cmds)
+        with self._mu:
+            errors = [r for r in results.values() if isinstance(r, DLMError)
+                      and not isinstance(r, QuorumUnavailable)]
+            if errors:
+                raise errors[0]
+            for d in [lk, *_descendants(lk)]:
+                d.phase = Phase.RELEASED
+                self._core.forget(d)
+            failed = sum(1 for r in results.values() if isinstance(r, BaseException))
+            if failed:
+                log.info("release of %s reached %d of %d instances; the rest expire by lease",
+                         lk.id, self._core.n - failed, self._core.n)
+
+    def _convert(self, lk: LockCore, mode: object, timeout: float | None,
+                 **flags: bool) -> None:
+        t = check_timeout(timeout)
+        with self._mu:
+            old = lk.mode
+            m, fl, down = self._core.start_convert(lk, mode, **flags)
+            lk.deadline = None if t is None else time.monotonic() + t
+            value, version = self._core.convert_value(lk, down)
+            cmds = [(i, self._core.convert_cmd(lk, m, fl, value, version))
+                    for i in range(self._core.n)]
+            lk.pending = set(range(self._core.n))
+        self._send_and_feed(lk, cmds)
+        with self._mu:
+            while True:
+                now = time.monotonic()
+                out = self._core.evaluate_convert(lk, old, now)
+                if out.done:
+                    return
+                if out.error is not None:
+                    break
+                if out.actions:
+                    self._mu.release()
+                    try:
+                        self._send_and_feed(lk, out.actions)
+                    finally:
+                        self._mu.acquire()
+                    continue
+                wait = (out.wake_at or now + 0.5) - now
+                if lk.deadline is not None:
+                    wait = min(wait, lk.deadline - now)
+                if wait <= 0:
+                    out = self._core.evaluate_convert(lk, old, now, timed_out=(
+                        lk.deadline is not None and now >= lk.deadline))
+                    if out.error is not None:
+                        break
+                    recheck = self._core.recheck_cmds(lk, now)
+                    if recheck:
+                        self._mu.release()
+                        try:
+                            self._send_and_feed(lk, recheck)
+                        finally:
+                            self._mu.acquire()
+                    continue
+                self._cond.wait(wait)
+        results = self._broadcast(out.cleanup)
+        with self._mu:
+            self._core.rollback_convert(lk, old, results)
+        raise out.error
+
+
+class Request:
+    """An asynchronous lock request (`DLM.enqueue`)."""
+
+    def __init__(self, dlm: DLM, lock: Lock, on_granted: Callable[[Lock], Any] | None) -> None:
+        self._dlm = dlm
+        self.lock = lock
+        self._on_granted = on_granted
+        self._done = threading.Event()
+        self._error: DLMError | None = None
+
+    def _finish(self, error: DLMError | None) -> None:
+        if self._done.is_set():
+            return
+        self._error = error
+        self._done.set()
+        if error is None and self._on_granted is not None:
+            self._dlm._callback(self._on_granted, self.lock)
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> Lock:
+        """Block until granted (return the Lock) or failed (raise its error). A `timeout`
+        here only bounds this wait; the request itself keeps its own timeout."""
+        if not self._done.wait(timeout):
+            from .errors import LockTimeout
+            raise LockTimeout("still waiting", resource=self.lock.resource,
+                              lock_id=self.lock.id)
+        if self._error is not None:
+            raise self._error
+        return self.lock
+
+    def cancel(self) -> None:
+        """Withdraw the request on every instance (or release it if it was granted)."""
+        lk = self.lock._core
+        with self._dlm._mu:
+            if lk.phase is Phase.RELEASED or lk.phase is Phase.FAILED:
+                return
+            was_held = lk.phase is Phase.HELD
+            lk.phase = Phase.FAILED
+            from .errors import LockTimeout
+            self._finish(LockTimeout("cancelled", resource=self.lock.resource, lock_id=lk.id))
+        if was_held:
+            lk.phase = Phase.HELD
+        self._dlm._release(lk)
+
+
+class Lock:
+    """A lock held (or being acquired) on a quorum of instances."""
+
+    def __init__(self, dlm: DLM, core: LockCore, on_blocking: Callable[[Mode], Any] | None,
+                 on_lost: Callable[[Lock], Any] | None, value_block: bool) -> None:
+        self._dlm = dlm
+        self._core = core
+        self._on_blocking = on_blocking
+        self._on_lost = on_lost
+        self._value_block = value_block
+
+    @property
+    def id(self) -> str:
+        return self._core.id
+
+    @property
+    def resource(self) -> str:
+        return " / ".join(p.decode("utf-8", "replace") for p in self._core.path)
+
+    @property
+    def mode(self) -> Mode | None:
+        return self._core.mode
+
+    @property
+    def token(self) -> int:
+        """Fencing token: strictly greater than any earlier conflicting holder's."""
+        return self._core.token
+
+    @property
+    def value(self) -> bytes | None:
+        """The value block read at grant (or the one you set, once written)."""
+        if self._core.new_value is not None:
+            return self._core.new_value
+        return self._core.value
+
+    @value.setter
+    def value(self, data: bytes) -> None:
+        if not isinstance(data, (bytes, bytearray)):
+            raise InvalidType("a value block is bytes")
+        if len(data) > self._dlm._core.vbmax:
+            raise InvalidArgument(f"value block of {len(data)} bytes exceeds "
+                                  f"{self._dlm._core.vbmax} (V1)")
+        if self._core.mode is None or self._core.mode < Mode.PW:
+            raise InvalidArgument("the value block is written only by PW or EX holders (V3)")
+        self._core.new_value = bytes(data)
+
+    @property
+    def value_valid(self) -> bool:
+        """False when a PW/EX holder lost its lease or was broken since the last write."""
+        return self._core.value_valid
+
+    @property
+    def version(self) -> int:
+        return self._core.version
+
+    @property
+    def valid(self) -> bool:
+        """True while the lock is held on a quorum with positive validity."""
+        with self._dlm._mu:
+            return (self._core.phase in (Phase.HELD, Phase.CONVERTING)
+                    and self._dlm._core.holding(self._core, time.monotonic())
+                    >= self._dlm._core.quorum)
+
+    @property
+    def validity_ms(self) -> int:
+        with self._dlm._mu:
+            return int(self._core.validity(time.monotonic()) * 1000)
+
+    def lock(self, resource: str | bytes, mode: object = Mode.EX, **kw: Any) -> Lock:
+        """Lock a child resource of this one (names are scoped by this lock's resource)."""
+        return self._dlm.lock(resource, mode, parent=self, **kw)
+
+    def enqueue(self, resource: str | bytes, mode: object = Mode.EX, **kw: Any) -> Request:
+        return self._dlm.enqueue(resource, mode, parent=self, **kw)
+
+    def convert(self, mode: object, *, timeout: float | None = None, noqueue: bool = False,
+                quecvt: bool = False, convdeadlk: bool = False,
+                no_deadlock_wait: bool = False) -> None:
+        """Change the mode (up or down). A down-conversion from PW/EX writes a value you set.
+        On failure (NotQueued, Deadlock, LockTimeout) the lock keeps its old mode."""
+        self._dlm._convert(self._core, mode, timeout, noqueue=noqueue, quecvt=quecvt,
+                           convdeadlk=convdeadlk, no_deadlock_wait=no_deadlock_wait)
+
+    def release(self, *, subtree: bool = False) -> None:
+        """Release on every instance (writing the value block if set by a PW/EX holder)."""
+        self._dlm._release(self._core, subtree=subtree)
+
+    def __enter__(self) -> Lock:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        lost = self._core.phase is Phase.LOST or (
+            self._core.phase is Phase.HELD and not self.valid)
+        self.release(subtree=True)
+        if lost and exc_type is None:
+            raise LockLost("the lock was lost while held", resource=self.resource,
+                           lock_id=self.id)
+
+    def __repr__(self) -> str:
+        return (f"<Lock {self.resource!r} {self.mode.name if self.mode else '-'} "
+                f"id={self.id} token={self.token} {self._core.phase.value}>")
+
+
+def _descendants(lk: LockCore) -> list[LockCore]:
+    out = []
+    for c in lk.children:
+        out.append(c)
+        out.extend(_descendants(c))
+    return out
+
+
+def _socketpair():
+    import socket
+
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.setblocking(False)
+    return a, b

@@ -1,0 +1,622 @@
+"""The quorum protocol: every decision of the client, and no I/O (DESIGN section 5).
+
+The sync client (`redlockdlm.client`) and the asyncio client (`redlockdlm.aio`) only move
+bytes: they send the commands this module builds to all instances at once, feed the replies
+and pub/sub events back, and wait until the deadline this module names. So both clients
+decide alike, and the rules can be tested without Redis.
+
+Vocabulary: a *vote* is one instance's state for one lock (granted there, queued there,
+absent, unreachable...). A lock is *held* when at least Q = N // 2 + 1 votes are granted and
+their leases, measured from the moment the request or renewal that set them was *sent*, are
+still valid after subtracting the clock drift allowance (Redlock):
+``validity = lease - (now - sent_at) - drift``.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from .engine import codec
+from .engine.codec import Event, LockReply
+from .engine.keys import (
+    EPOCH_KEY,
+    channel_prefix,
+    check_id,
+    check_name,
+    check_namespace,
+    display_name,
+    resource_key,
+    waiters_key,
+)
+from .engine.modes import Flag, Mode, Status, is_down_conversion
+from .errors import (
+    Deadlock,
+    DLMError,
+    InvalidArgument,
+    InvalidType,
+    LockLost,
+    LockTimeout,
+    NotQueued,
+    ParentNotGranted,
+    QuorumUnavailable,
+)
+
+DRIFT_FACTOR = 0.01  #: Redlock: clock drift allowance per ms of lease
+DRIFT_MIN_MS = 2
+
+
+class Vote(enum.Enum):
+    UNKNOWN = "unknown"  #: no answer yet
+    GRANTED = "granted"
+    QUEUED = "queued"  #: waiting, or converting (still granted in the old mode)
+    ABSENT = "absent"  #: the instance does not have the lock (released, expired, broken)
+    RECOVERING = "recovering"  #: E1: the instance may not grant yet
+    ERROR = "error"  #: unreachable, timed out, or answered nonsense
+    NOPARENT = "noparent"  #: H1: the parent is not granted there
+    NOTQUEUED = "notqueued"
+    DEADLOCK = "deadlock"
+
+
+class Phase(enum.Enum):
+    ACQUIRING = "acquiring"
+    HELD = "held"
+    CONVERTING = "converting"
+    RELEASED = "released"
+    LOST = "lost"
+    FAILED = "failed"
+
+
+@dataclass
+class InstanceVote:
+    vote: Vote = Vote.UNKNOWN
+    mode: Mode | None = None  #: mode granted there
+    token: int = 0
+    sent_at: float = 0.0  #: monotonic time the request/renewal that set the lease was sent
+    value: bytes | None = None
+    version: int = 0
+    valid: bool = True
+    wait_ms: int = -1
+    retry_at: float = 0.0
+    epoch: str = ""
+    yielded_token: int = 0  #: the grant we gave back last (events up to it are stale)
+    by_event: bool = False  #: the current GRANTED came from a pub/sub event
+
+
+def new_id() -> str:
+    """A random lock or owner id (the same on every instance)."""
+    return os.urandom(8).hex()
+
+
+class Ticket:
+    """Client tickets: microseconds of this client's clock, strictly increasing. The same
+    ticket goes to every instance so queues agree on the order (G11)."""
+
+    def __init__(self) -> None:
+        self._last = 0
+
+    def next(self) -> int:
+        t = max(time.time_ns() // 1000, self._last + 1)
+        self._last = t
+        return t
+
+
+class Call(tuple):
+    """A script call: (script name, keys, args). The I/O layer turns it into a command with
+    `redlockdlm.engine.scripts.command` and parses the reply by `name`."""
+
+    __slots__ = ()
+
+    def __new__(cls, name: str, keys: list[bytes], args: list[bytes]) -> Call:
+        return tuple.__new__(cls, (name, keys, args))
+
+    @property
+    def name(self) -> str:
+        return self[0]
+
+
+def command(name: str, keys: list[bytes], args: list[bytes]) -> Call:
+    return Call(name, keys, args)
+
+
+@dataclass
+class Outcome:
+    """What the I/O layer must do next for one lock."""
+
+    done: bool = False  #: held (or converted): wake the caller
+    error: DLMError | None = None  #: failed: clean up with `cleanup`, then raise
+    cleanup: list[tuple[int, tuple]] = field(default_factory=list)  #: (instance, command)
+    actions: list[tuple[int, tuple]] = field(default_factory=list)  #: send now, no waiting
+    wake_at: float | None = None  #: monotonic time to re-evaluate (re-check, retry)
+
+
+class LockCore:
+    """One lock's protocol state. Mutated only through `Session` (one thread or task)."""
+
+    def __init__(self, session: Session, path: tuple[bytes, ...], mode: Mode, flags: int,
+                 lease_ms: int, parent: LockCore | None, lock_id: str) -> None:
+        self.session = session
+        self.id = lock_id
+        self.path = path
+        self.key = resource_key(session.ns, path)
+        self.name = display_name(path)
+        self.parent = parent
+        self.children: list[LockCore] = []
+        self.mode: Mode | None = None  #: held mode (None until granted)
+        self.rq: Mode = mode  #: requested mode (acquiring or converting)
+        self.flags = flags
+        self.lease_ms = lease_ms
+        self.ticket = session.tickets.next()
+        self.cticket = 0
+        self.phase = Phase.ACQUIRING
+        self.votes = [InstanceVote() for _ in range(session.n)]
+        self.token = 0
+        self.value: bytes | None = None
+        self.version = 0
+        self.value_valid = True
+        self.new_value: bytes | None = None  #: set by the holder, written on release/down
+        self.error: DLMError | None = None
+        self.deadline: float | None = None
+        self.seen_blocking: set[tuple[str, int]] = set()
+        self.yield_pending: set[int] = set()
+        self.round_done = False  #: the split-vote yield of this round was sent
+        self.pending: set[int] = set()  #: instances whose answer to this round is awaited
+
+    # ----------------------------------------------------------------- reading the votes
+
+    def drift_s(self) -> float:
+        return (self.lease_ms * DRIFT_FACTOR + DRIFT_MIN_MS) / 1000.0
+
+    def vote_validity(self, v: InstanceVote, now: float) -> float:
+        return v.sent_at + self.lease_ms / 1000.0 - self.drift_s() - now
+
+    def granted(self, now: float, mode: Mode | None = None) -> list[int]:
+        """Instances where the lock is granted (in `mode`, if given) with a valid lease."""
+        return [i for i, v in enumerate(self.votes)
+                if v.vote is Vote.GRANTED and (mode is None or v.mode == mode)
+                and self.vote_validity(v, now) > 0]
+
+    def validity(self, now: float) -> float:
+        """Seconds the lock stays held: the Q-th best validity among granted votes."""
+        vals = sorted((self.vote_validity(self.votes[i], now) for i in self.granted(now)),
+                      reverse=True)
+        q = self.session.quorum
+        return vals[q - 1] if len(vals) >= q else 0.0
+
+    def count(self, *kinds: Vote) -> int:
+        return sum(1 for v in self.votes if v.vote in kinds)
+
+    def adopt_grant(self, now: float, mode: Mode) -> None:
+        """Quorum reached: fix the token and value block from the granting votes."""
+        gi = self.granted(now, mode)
+        self.token = max(self.votes[i].token for i in gi)
+        self.mode = mode
+        if mode != Mode.NL:
+            top = max(self.votes[i].version for i in gi)
+            at_top = [self.votes[i] for i in gi if self.votes[i].version == top]
+            self.version = top
+            self.value = at_top[0].value
+            self.value_valid = all(v.valid for v in at_top)
+        self.new_value = None
+
+
+class Session:
+    """All the protocol state of one client: its owner id, instances and locks."""
+
+    def __init__(self, n: int, namespace: str = "default", *, lease_ms: int = 10_000,
+                 rejoin_ms: int | None = None, vbmax: int = 64, owner: str | None = None) -> None:
+        if not isinstance(n, int) or n < 1:
+            raise InvalidArgument("at least one instance is needed")
+        if n % 2 == 0:
+            raise InvalidArgument(f"use an odd number of instances (got {n}): an even one "
+                                  "tolerates no more failures than the odd number below it")
+        check_lease(lease_ms)
+        self.n = n
+        self.quorum = n // 2 + 1
+        self.ns = check_namespace(namespace)
+        self.lease_ms = lease_ms
+        self.rejoin_ms = lease_ms if rejoin_ms is None else rejoin_ms
+        self.vbmax = vbmax
+        self.owner = check_id("owner", owner) if owner else new_id()
+        self.chan_prefix = channel_prefix(self.ns)
+        self.channel = self.chan_prefix + self.owner.encode()
+        self.wkey = waiters_key(self.ns)
+        self.tickets = Ticket()
+        self.locks: dict[str, LockCore] = {}
+
+    # ----------------------------------------------------------------- building commands
+
+    def _keys(self, *keys: bytes) -> list[bytes]:
+        return [EPOCH_KEY, self.wkey, *keys]
+
+    def request_cmd(self, lk: LockCore) -> tuple:
+        pkey = lk.parent.key if lk.parent else lk.key
+        return command("request", self._keys(lk.key, pkey), codec.request_args(
+            self.rejoin_ms, self.chan_prefix, self.owner, lk.id, lk.rq, lk.flags, lk.ticket,
+            lk.lease_ms, lk.parent.id if lk.parent else "", lk.name))
+
+    def convert_cmd(self, lk: LockCore, mode: Mode, flags: int, value: bytes | None,
+                    version: int) -> tuple:
+        return command("convert", self._keys(lk.key), codec.convert_args(
+            self.rejoin_ms, self.chan_prefix, self.owner, lk.id, mode, flags, lk.cticket,
+            lk.lease_ms, value, version, self.vbmax, lk.token))
+
+    def release_cmd(self, lk: LockCore, subtree: bool = False) -> tuple:
+        write = lk.new_value is not None and lk.mode is not None and lk.mode >= Mode.PW
+        pkey = lk.parent.key if lk.parent else lk.key
+        kids = sorted({d.key for d in descendants(lk)})
+        return command("release", self._keys(lk.key, pkey, *kids), codec.release_args(
+            self.rejoin_ms, self.chan_prefix, self.owner, lk.id,
+            int(Flag.SUBTREE) if subtree else 0, lk.new_value if write else None,
+            lk.version + 1, self.vbmax, lk.token))
+
+    def cancel_cmd(self, lk: LockCore) -> tuple:
+        pkey = lk.parent.key if lk.parent else lk.key
+        return command("cancel", self._keys(lk.key, pkey), codec.cancel_args(
+            self.rejoin_ms, self.chan_prefix, self.owner, lk.id, "cancel", False))
+
+    def yield_cmd_for(self, lk: LockCore, i: int) -> tuple:
+        """Give back the grant on instance i (Y1); later events for it are stale."""
+        v = lk.votes[i]
+        v.yielded_token = max(v.yielded_token, v.token)
+        return self.yield_cmd(lk)
+
+    def yield_cmd(self, lk: LockCore) -> tuple:
+        return command("yield", self._keys(lk.key), codec.yield_args(
+            self.rejoin_ms, self.chan_prefix, self.owner, lk.id))
+
+    def renew_cmds(self, now: float) -> list[tuple[int, tuple, list[LockCore]]]:
+        """One renewal command per instance for every lock of this client that is live
+        there (batched: one call per instance per tick, whatever the number of locks)."""
+        out = []
+        for i in range(self.n):
+            lks = [lk for lk in self.locks.values()
+                   if lk.phase in (Phase.ACQUIRING, Phase.HELD, Phase.CONVERTING)
+                   and lk.votes[i].vote in (Vote.GRANTED, Vote.QUEUED, Vote.ERROR)]
+            if not lks:
+                continue
+            cmd = command("renew", self._keys(*[lk.key for lk in lks]), codec.renew_args(
+                self.rejoin_ms, self.chan_prefix, self.owner, self.lease_ms,
+                [(lk.id, lk.token) for lk in lks]))
+            out.append((i, cmd, lks))
+        return out
+
+    # ----------------------------------------------------------------- new locks
+
+    def new_lock(self, name: str | bytes, mode: object, *, parent: LockCore | None = None,
+                 noqueue: bool = False, expedite: bool = False, no_deadlock_wait: bool = False,
+                 lease_ms: int | None = None, lock_id: str | None = None) -> LockCore:
+        m = codec.as_mode(mode)
+        raw = check_name(name)
+        if parent is not None:
+            if parent.phase not in (Phase.HELD, Phase.CONVERTING):
+                raise ParentNotGranted("the parent lock is not held", lock_id=parent.id)
+            path = (*parent.path, raw)
+        else:
+            path = (raw,)
+        if expedite and m != Mode.NL:
+            raise InvalidArgument("expedite is only for NL requests (G3)")
+        flags = ((Flag.NOQUEUE if noqueue else 0) | (Flag.EXPEDITE if expedite else 0)
+                 | (Flag.NODLCKWT if no_deadlock_wait else 0))
+        lease = self.lease_ms if lease_ms is None else check_lease(lease_ms)
+        lk = LockCore(self, path, m, int(flags), lease, parent,
+                      check_id("lock id", lock_id) if lock_id else new_id())
+        self.locks[lk.id] = lk
+        if parent is not None:
+            parent.children.append(lk)
+        return lk
+
+    def forget(self, lk: LockCore) -> None:
+        self.locks.pop(lk.id, None)
+        if lk.parent is not None and lk in lk.parent.children:
+            lk.parent.children.remove(lk)
+
+    # ----------------------------------------------------------------- replies
+
+    def on_reply(self, lk: LockCore, i: int, reply: object, sent_at: float, now: float) -> None:
+        """Record instance i's answer to a request, convert or yield of `lk`."""
+        v = lk.votes[i]
+        if isinstance(reply, BaseException):
+            lk.pending.discard(i)
+            if isinstance(reply, DLMError) and not isinstance(reply, QuorumUnavailable):
+                raise reply  # bad input: every instance refuses alike; nothing was changed
+            v.vote = Vote.ERROR
+            v.retry_at = now + 0.2
+            return
+        lk.pending.discard(i)
+        rep: LockReply = reply  # type: ignore[assignment]
+        v.epoch = rep.epoch
+        v.wait_ms = rep.wait_ms
+        st = rep.status
+        if st == Status.GRANTED:
+            if not (v.vote is Vote.GRANTED and v.token > rep.token):
+                v.mode, v.token = rep.mode, rep.token
+                v.value, v.version, v.valid = rep.value, rep.version, rep.valid
+            v.vote, v.sent_at, v.by_event = Vote.GRANTED, sent_at, False
+        elif st == Status.QUEUED:
+            v.sent_at = sent_at
+            # The grant event may overtake the reply (two connections): a GRANTED learnt
+            # from an event newer than our last yield is a grant made after this reply.
+            if not (v.vote is Vote.GRANTED and v.by_event and v.token > v.yielded_token
+                    and v.mode == lk.rq):
+                v.vote, v.mode, v.by_event = Vote.QUEUED, rep.mode, False
+                if rep.mode is not None:
+                    v.token = rep.token
+        elif st == Status.NOTQUEUED:
+            v.vote = Vote.NOTQUEUED
+        elif st == Status.DEADLOCK:
+            v.vote = Vote.DEADLOCK
+        elif st == Status.RECOVERING:
+            v.vote = Vote.RECOVERING
+            v.retry_at = now + max(rep.extra, 10) / 1000.0
+        elif st == Status.NOPARENT:
+            v.vote = Vote.NOPARENT
+        elif st == Status.NOTFOUND:
+            v.vote, v.mode = Vote.ABSENT, None
+        elif st in (Status.CANCELLED, Status.CANCELGRANT):
+            pass
+        else:
+            v.vote = Vote.ERROR
+
+    def on_renew_reply(self, i: int, lks: Sequence[LockCore], reply: object,
+                       sent_at: float, now: float) -> None:
+        if isinstance(reply, BaseException):
+            for lk in lks:
+                if lk.votes[i].vote is Vote.QUEUED:
+                    lk.votes[i].vote = Vote.ERROR
+                # a granted vote keeps its old lease and simply runs out if this persists
+            return
+        epoch, entries = reply  # type: ignore[misc]
+        for lk, e in zip(lks, entries):
+            v = lk.votes[i]
+            if e.status == Status.GRANTED:
+                if v.vote is not Vote.GRANTED or v.mode != e.mode:
+                    v.token = e.token
+                v.vote, v.mode, v.sent_at = Vote.GRANTED, e.mode, sent_at
+            elif e.status == Status.QUEUED:
+                v.vote, v.mode, v.sent_at = Vote.QUEUED, e.mode, sent_at
+                v.wait_ms = e.wait_ms
+            else:
+                v.vote, v.mode = Vote.ABSENT, None
+            v.epoch = epoch
+
+    def on_event(self, i: int, ev: Event, now: float) -> list[tuple[str, LockCore, object]]:
+        """A pub/sub event from instance i. Returns notifications for the I/O layer:
+        ('blocking', lock, mode) to deliver once, ('yield', lock, i) to send."""
+        lk = self.locks.get(ev.lock_id)
+        if lk is None:
+            return []
+        v = lk.votes[i]
+        out: list[tuple[str, LockCore, object]] = []
+        if ev.kind == "G":
+            if ev.token > v.yielded_token and (v.vote is not Vote.GRANTED or ev.token > v.token):
+                v.vote, v.mode, v.token, v.by_event = Vote.GRANTED, ev.mode, ev.token, True
+                v.value, v.version, v.valid = ev.value, ev.version, ev.valid
+        elif ev.kind == "B":
+            if lk.phase in (Phase.HELD, Phase.CONVERTING):
+                key = (ev.other, int(ev.mode))
+                if key not in lk.seen_blocking:  # each blocking event once, however many
+                    lk.seen_blocking.add(key)    # instances report it
+                    out.append(("blocking", lk, ev.mode))
+            elif (lk.phase is Phase.ACQUIRING and v.vote is Vote.GRANTED
+                  and ev.ticket < lk.ticket):
+                out.append(("yield", lk, i))  # split vote: an older ticket waits behind us
+        elif ev.kind == "C":
+            if ev.reason == "deadlock" and lk.phase in (Phase.ACQUIRING, Phase.CONVERTING):
+                lk.error = Deadlock("chosen as a deadlock victim", resource=_show(lk.path),
+                                    lock_id=lk.id)
+            elif ev.reason == "broken":
+                v.vote, v.mode = Vote.ABSENT, None
+        return out
+
+    # ----------------------------------------------------------------- decisions
+
+    def evaluate_acquire(self, lk: LockCore, now: float) -> Outcome:
+        """After replies or events: is `lk` held, failed, or still waiting?"""
+        n, q = self.n, self.quorum
+        if lk.error is not None:
+            return self._fail(lk, lk.error)
+        granted = lk.granted(now, lk.rq)
+        if len(granted) >= q:
+            lk.adopt_grant(now, lk.rq)
+            lk.phase = Phase.HELD
+            return Outcome(done=True)
+        if lk.pending:
+            return Outcome()  # replies still on their way
+        res = _show(lk.path)
+        if lk.count(Vote.ERROR) > n - q:
+            return self._fail(lk, QuorumUnavailable(
+                f"only {n - lk.count(Vote.ERROR)} of {n} instances answered; {q} needed",
+                resource=res, lock_id=lk.id))
+        if lk.count(Vote.NOTQUEUED) > n - q or (
+                lk.flags & Flag.NOQUEUE and lk.count(Vote.NOTQUEUED, Vote.GRANTED) == n):
+            return self._fail(lk, NotQueued("not granted at once (noqueue)", resource=res,
+                                            lock_id=lk.id))
+        if lk.count(Vote.NOPARENT) > n - q:
+            return self._fail(lk, ParentNotGranted(
+                "the parent lock is not granted on a quorum", resource=res, lock_id=lk.id))
+        if lk.deadline is not None and now >= lk.deadline:
+            return self._fail(lk, LockTimeout("not granted within the timeout", resource=res,
+                                              lock_id=lk.id))
+        out = Outcome()
+        # Split vote: granted somewhere but short of a quorum while every instance has
+        # answered. Give those grants back to our place in the queue (Y1): where our ticket
+        # is the oldest we are granted again at once, elsewhere the older ticket wins.
+        if lk.flags & Flag.NOQUEUE:
+            return out
+        if not lk.round_done:
+            lk.round_done = True
+            for i in lk.granted(now):
+                out.actions.append((i, self.yield_cmd_for(lk, i)))
+        out.wake_at = self._recheck_at(lk, now)
+        return out
+
+    def _recheck_at(self, lk: LockCore, now: float) -> float:
+        """When to look again without an event: the earliest lease expiry of a lock ahead
+        (a dead holder never stalls the queue), a retry of an instance that failed or is
+        recovering, the timeout."""
+        cands = [now + self.lease_ms / 3000.0]
+        for v in lk.votes:
+            if v.vote is Vote.QUEUED and v.wait_ms >= 0:
+                cands.append(now + v.wait_ms / 1000.0 + 0.002)
+            if v.vote in (Vote.ERROR, Vote.RECOVERING, Vote.UNKNOWN):
+                cands.append(max(v.retry_at, now + 0.01))
+        if lk.deadline is not None:
+            cands.append(lk.deadline)
+        return min(cands)
+
+    def recheck_cmds(self, lk: LockCore, now: float) -> list[tuple[int, tuple]]:
+        """Commands to re-ask instances at a wake-up: the request is idempotent (G12), so
+        re-sending it returns the current state and lets the instance purge expired
+        blockers; instances that failed or were recovering get it again too."""
+        out = []
+        for i, v in enumerate(lk.votes):
+            if v.vote is Vote.QUEUED or (
+                    v.vote in (Vote.ERROR, Vote.RECOVERING) and now >= v.retry_at):
+                out.append((i, self.request_cmd(lk)))
+        lk.pending.update(i for i, _ in out)
+        return out
+
+    def _fail(self, lk: LockCore, err: DLMError) -> Outcome:
+        lk.phase = Phase.FAILED
+        lk.error = err
+        return Outcome(error=err, cleanup=[(i, self.release_cmd(lk)) for i in range(self.n)])
+
+    # conversions ------------------------------------------------------------
+
+    def start_convert(self, lk: LockCore, mode: object, *, noqueue: bool = False,
+                      quecvt: bool = False, convdeadlk: bool = False,
+                      no_deadlock_wait: bool = False) -> tuple[Mode, int, bool]:
+        m = codec.as_mode(mode)
+        if lk.phase is not Phase.HELD:
+            raise LockLost("the lock is not held", resource=_show(lk.path), lock_id=lk.id)
+        flags = ((Flag.NOQUEUE if noqueue else 0) | (Flag.QUECVT if quecvt else 0)
+                 | (Flag.CONVDEADLK if convdeadlk else 0)
+                 | (Flag.NODLCKWT if no_deadlock_wait else 0))
+        down = is_down_conversion(lk.mode, m)
+        lk.rq = m
+        lk.cticket = self.tickets.next()
+        lk.error = None
+        lk.round_done = False
+        lk.phase = Phase.CONVERTING
+        return m, int(flags), down
+
+    def convert_value(self, lk: LockCore, down: bool) -> tuple[bytes | None, int]:
+        if down and lk.new_value is not None and lk.mode is not None and lk.mode >= Mode.PW:
+            return lk.new_value, lk.version + 1
+        return None, 0
+
+    def evaluate_convert(self, lk: LockCore, old: Mode, now: float,
+                         timed_out: bool = False) -> Outcome:
+        n, q = self.n, self.quorum
+        res = _show(lk.path)
+        granted = lk.granted(now, lk.rq)
+        if lk.error is None and len(granted) >= q:
+            wrote = lk.new_value is not None
+            new_value, version = lk.new_value, lk.version + 1
+            lk.adopt_grant(now, lk.rq)
+            if wrote and lk.rq != Mode.NL:  # our own write is the newest value
+                lk.value, lk.version, lk.value_valid = new_value, version, True
+            lk.phase = Phase.HELD
+            return Outcome(done=True)
+        if lk.pending and lk.error is None and not timed_out:
+            return Outcome()
+        err: DLMError | None = lk.error
+        if err is None:
+            if lk.count(Vote.DEADLOCK):
+                err = Deadlock("conversion deadlock (G7)", resource=res, lock_id=lk.id)
+            elif lk.count(Vote.ERROR) > n - q:
+                err = QuorumUnavailable("fewer than a quorum answered", resource=res,
+                                        lock_id=lk.id)
+            elif lk.count(Vote.NOTQUEUED) and lk.flags & Flag.NOQUEUE:
+                err = NotQueued("conversion not granted at once (noqueue)", resource=res,
+                                lock_id=lk.id)
+            elif timed_out or (lk.deadline is not None and now >= lk.deadline):
+                err = LockTimeout("conversion not granted within the timeout", resource=res,
+                                  lock_id=lk.id)
+            elif lk.count(Vote.ABSENT) > n - q:
+                err = LockLost("the lock is gone from a quorum of instances", resource=res,
+                               lock_id=lk.id)
+        if err is not None:
+            # Put the lock back in its old mode everywhere: cancel queued conversions and
+            # convert granted ones back down (always granted at once, G4).
+            lk.phase = Phase.HELD
+            lk.rq = old
+            out = Outcome(error=err)
+            for i, v in enumerate(lk.votes):
+                if v.vote is Vote.QUEUED:
+                    out.cleanup.append((i, self.cancel_cmd(lk)))
+                elif v.vote is Vote.GRANTED and v.mode != old:
+                    out.cleanup.append((i, self.convert_cmd(lk, old, 0, None, 0)))
+            return out
+        out = Outcome()
+        if not lk.round_done:
+            lk.round_done = True
+            for i in granted:
+                out.actions.append((i, self.yield_cmd_for(lk, i)))
+        out.wake_at = self._recheck_at(lk, now)
+        return out
+
+    def rollback_convert(self, lk: LockCore, old: Mode, results: dict[int, object]) -> None:
+        """After the clean-up of a failed conversion: the lock holds `old` again wherever
+        the clean-up (or the failed conversion itself) left it granted."""
+        for i, v in enumerate(lk.votes):
+            if isinstance(results.get(i), BaseException):
+                v.vote = Vote.ERROR
+            elif v.vote in (Vote.GRANTED, Vote.QUEUED, Vote.NOTQUEUED, Vote.DEADLOCK):
+                v.vote, v.mode = Vote.GRANTED, old
+        lk.rq = old
+        lk.mode = old
+        lk.phase = Phase.HELD
+
+    # renewal ----------------------------------------------------------------
+
+    def holding(self, lk: LockCore, now: float) -> int:
+        """Instances where `lk` still holds its mode with a valid lease (a queued
+        conversion keeps the old mode granted, G6)."""
+        return sum(1 for v in lk.votes
+                   if (v.vote is Vote.GRANTED or (v.vote is Vote.QUEUED and v.mode is not None))
+                   and lk.vote_validity(v, now) > 0)
+
+    def check_held(self, now: float) -> list[LockCore]:
+        """Locks that were held and no longer are: reported lost."""
+        lost = []
+        for lk in list(self.locks.values()):
+            if lk.phase in (Phase.HELD, Phase.CONVERTING) and lk.mode is not None:
+                if self.holding(lk, now) < self.quorum:
+                    lk.phase = Phase.LOST
+                    lost.append(lk)
+        return lost
+
+
+def descendants(lk: LockCore) -> list[LockCore]:
+    out = []
+    for c in lk.children:
+        out.append(c)
+        out.extend(descendants(c))
+    return out
+
+
+def check_lease(lease_ms: object) -> int:
+    if isinstance(lease_ms, bool) or not isinstance(lease_ms, int):
+        raise InvalidType("lease_ms must be an int (milliseconds)")
+    if not 100 <= lease_ms <= 86_400_000:
+        raise InvalidArgument("lease_ms must be 100..86400000")
+    return lease_ms
+
+
+def check_timeout(timeout: object) -> float | None:
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise InvalidType("timeout must be a number of seconds or None")
+    if timeout < 0 or timeout != timeout:
+        raise InvalidArgument("timeout must be >= 0")
+    return float(timeout)
+
+
+def _show(path: tuple[bytes, ...]) -> str:
+    return " / ".join(p.decode("utf-8", "replace") for p in path)
