@@ -10,8 +10,9 @@
                 row.value = b"v7"
 """
 
+from .aio import AsyncDLM, AsyncLock, AsyncRequest
 from .client import DLM, Lock, Request
 from .engine.modes import Mode
 
-__all__ = ["DLM", "Lock", "Mode", "Request"]
+__all__ = ["AsyncDLM", "AsyncLock", "AsyncRequest", "DLM", "Lock", "Mode", "Request"]
 __version__ = "0.1.0"

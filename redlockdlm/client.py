@@ -21,7 +21,7 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from .engine import codec
 from .engine.modes import Mode
-from .engine.scripts import command, fallback
+from .engine.scripts import command, fallback, is_missing, load_command
 from .errors import (
     DLMError,
     InvalidArgument,
@@ -72,6 +72,21 @@ class Instance:
         self.url = _mask(url)
         self.client = redis.Redis(connection_pool=self.pool)
         self.pubsub: redis.client.PubSub | None = None
+        self._idle: list[redis.Connection] = []
+
+    def get(self) -> redis.Connection:
+        """A connection of our own (no pool bookkeeping on the hot path)."""
+        try:
+            return self._idle.pop()
+        except IndexError:
+            return self.pool.make_connection()
+
+    def put(self, conn: redis.Connection) -> None:
+        self._idle.append(conn)
+
+    def close(self) -> None:
+        while self._idle:
+            self._idle.pop().disconnect()
 
 
 class DLM:
@@ -181,7 +196,6 @@ class DLM:
                 req._finish(exc)
                 raise
             self._advance(lk)
-        self._poke()
         return req
 
     def close(self) -> None:
@@ -207,6 +221,7 @@ class DLM:
                     inst.pubsub.close()
             except Exception:  # noqa: BLE001 - closing anyway
                 pass
+            inst.close()
             inst.pool.disconnect()
         self._sel.close()
         self._wake_r.close()
@@ -231,17 +246,13 @@ class DLM:
         results: dict[int, Any] = {}
         for i, cmd in cmds:
             inst = self._instances[i]
-            try:
-                conn = inst.pool.get_connection()
-            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-                results[i] = exc
-                continue
+            conn = inst.get()
             try:
                 conn.send_command(*command(*cmd))
                 conns.append((i, cmd, conn))
             except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
                 conn.disconnect()
-                inst.pool.release(conn)
+                inst.put(conn)
                 results[i] = exc
         for i, cmd, conn in conns:
             inst = self._instances[i]
@@ -250,6 +261,14 @@ class DLM:
                     raw = conn.read_response()
                 except NoScriptError:
                     conn.send_command(*fallback(*cmd))
+                    raw = conn.read_response()
+                except ResponseError as exc:
+                    if not is_missing(exc):
+                        raise
+                    # the instance restarted empty or was flushed: load our library, retry
+                    conn.send_command(*load_command())
+                    conn.read_response()
+                    conn.send_command(*command(*cmd))
                     raw = conn.read_response()
                 results[i] = parse(cmd, raw)
             except ResponseError as exc:
@@ -262,7 +281,7 @@ class DLM:
             except DLMError as exc:
                 results[i] = exc
             finally:
-                inst.pool.release(conn)
+                inst.put(conn)
         return results
 
     def _send_and_feed(self, lk: LockCore, cmds: list[tuple[int, tuple]]) -> None:
@@ -295,7 +314,8 @@ class DLM:
             if out.actions:
                 self._spawn(self._send_and_feed_advance, lk, out.actions)
             lk.wake_at = out.wake_at  # type: ignore[attr-defined]
-            self._poke()
+            if out.wake_at is not None:
+                self._poke()
         self._cond.notify_all()
         return out
 

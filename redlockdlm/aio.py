@@ -1,0 +1,571 @@
+"""The asyncio client: `AsyncDLM`, `AsyncLock` and `AsyncRequest`.
+
+The same features as the sync client, with every decision taken by the same
+`redlockdlm.protocol.Session`; this module only moves bytes with `redis.asyncio`: one
+command written to every instance before any reply is read, a task per instance reading
+pub/sub events, a renewal task, and awaitables for completion.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any
+
+import redis.asyncio as aredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from .client import _LOCK_REPLY_SCRIPTS, _mask
+from .engine import codec
+from .engine.modes import Mode
+from .engine.scripts import command, fallback, is_missing, load_command
+from .errors import (
+    DLMError,
+    HasChildren,
+    InvalidArgument,
+    InvalidType,
+    LockLost,
+    LockTimeout,
+    ProtocolError,
+    QuorumUnavailable,
+    from_script_error,
+)
+from .protocol import Call, LockCore, Phase, Session, check_timeout, descendants
+
+log = logging.getLogger("redlockdlm")
+
+_NET_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError, asyncio.TimeoutError)
+
+
+def _parse(call: Call, raw: Any) -> Any:
+    if call.name in _LOCK_REPLY_SCRIPTS:
+        return codec.parse_lock_reply(raw)
+    if call.name == "renew":
+        return codec.parse_renew_reply(raw)
+    return raw
+
+
+class _Instance:
+    def __init__(self, url: str, *, socket_timeout: float, connect_timeout: float,
+                 **options: Any) -> None:
+        if not isinstance(url, str):
+            raise InvalidType(f"instance URL must be a str, not {type(url).__name__}")
+        if not url.startswith(("redis://", "rediss://", "unix://")):
+            raise InvalidArgument(f"not a redis URL: {url!r} (redis://, rediss:// or unix://)")
+        try:
+            self.pool = aredis.ConnectionPool.from_url(
+                url, socket_timeout=socket_timeout, socket_connect_timeout=connect_timeout,
+                **options)
+        except ValueError as exc:
+            raise InvalidArgument(f"bad redis URL {_mask(url)}: {exc}") from exc
+        self.url = _mask(url)
+        self.client = aredis.Redis(connection_pool=self.pool)
+        self.timeout = socket_timeout
+
+
+class AsyncDLM:
+    """The asyncio twin of `redlockdlm.DLM`. Create it inside a running loop, use it as
+    ``async with AsyncDLM(urls) as dlm:``; `close()` releases everything it holds."""
+
+    def __init__(self, urls: Sequence[str] | str, namespace: str = "default", *,
+                 lease_ms: int = 10_000, socket_timeout: float = 1.0,
+                 connect_timeout: float = 1.0, rejoin_ms: int | None = None, vbmax: int = 64,
+                 owner: str | None = None, **redis_options: Any) -> None:
+        if isinstance(urls, str):
+            urls = [u for u in urls.split(",") if u]
+        urls = list(urls)
+        self._core = Session(len(urls), namespace, lease_ms=lease_ms, rejoin_ms=rejoin_ms,
+                             vbmax=vbmax, owner=owner)
+        self._instances = [_Instance(u, socket_timeout=socket_timeout,
+                                     connect_timeout=connect_timeout, **redis_options)
+                           for u in urls]
+        self._closed = False
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._started = False
+        self._changed: dict[str, asyncio.Event] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def _start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        for i in range(len(self._instances)):
+            self._tasks.append(asyncio.create_task(self._events(i)))
+        self._tasks.append(asyncio.create_task(self._renewer()))
+
+    async def __aenter__(self) -> AsyncDLM:
+        self._start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Release every lock this client holds or waits for, then close connections."""
+        if self._closed:
+            return
+        roots = [lk for lk in self._core.locks.values() if lk.parent is None]
+        for lk in roots:
+            try:
+                await self._release(lk, subtree=True)
+            except DLMError as exc:
+                log.warning("close: release of %s failed: %s", lk.id, exc)
+        self._closed = True
+        for t in self._tasks + list(self._background):
+            t.cancel()
+        for t in self._tasks + list(self._background):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        for inst in self._instances:
+            with contextlib.suppress(Exception):
+                await inst.pool.disconnect()
+
+    @property
+    def owner(self) -> str:
+        return self._core.owner
+
+    @property
+    def quorum(self) -> int:
+        return self._core.quorum
+
+    # ----------------------------------------------------------------- public API
+
+    async def lock(self, resource: str | bytes, mode: object = Mode.EX, *,
+                   timeout: float | None = None, noqueue: bool = False,
+                   expedite: bool = False, no_deadlock_wait: bool = False,
+                   value_block: bool = True,
+                   on_blocking: Callable[[Mode], Any] | None = None,
+                   on_lost: Callable[[AsyncLock], Any] | None = None,
+                   lease_ms: int | None = None, parent: AsyncLock | None = None) -> AsyncLock:
+        """Wait until `resource` is granted in `mode` on a quorum; same errors as DLM.lock."""
+        req = await self.enqueue(resource, mode, timeout=timeout, noqueue=noqueue,
+                                 expedite=expedite, no_deadlock_wait=no_deadlock_wait,
+                                 value_block=value_block, on_blocking=on_blocking,
+                                 on_lost=on_lost, lease_ms=lease_ms, parent=parent)
+        return await req.wait()
+
+    async def enqueue(self, resource: str | bytes, mode: object = Mode.EX, *,
+                      timeout: float | None = None, noqueue: bool = False,
+                      expedite: bool = False, no_deadlock_wait: bool = False,
+                      value_block: bool = True,
+                      on_granted: Callable[[AsyncLock], Any] | None = None,
+                      on_blocking: Callable[[Mode], Any] | None = None,
+                      on_lost: Callable[[AsyncLock], Any] | None = None,
+                      lease_ms: int | None = None,
+                      parent: AsyncLock | None = None) -> AsyncRequest:
+        """Send the request to every instance; the returned AsyncRequest is awaitable."""
+        if self._closed:
+            raise DLMError("this AsyncDLM client is closed")
+        self._start()
+        t = check_timeout(timeout)
+        if parent is not None and not isinstance(parent, AsyncLock):
+            raise InvalidType("parent must be an AsyncLock")
+        lk = self._core.new_lock(resource, mode, parent=parent._core if parent else None,
+                                 noqueue=noqueue, expedite=expedite,
+                                 no_deadlock_wait=no_deadlock_wait, lease_ms=lease_ms)
+        if t is not None:
+            lk.deadline = time.monotonic() + t
+        lock = AsyncLock(self, lk, on_blocking, on_lost, value_block)
+        lk.user = lock  # type: ignore[attr-defined]
+        self._changed[lk.id] = asyncio.Event()
+        cmds = [(i, self._core.request_cmd(lk)) for i in range(self._core.n)]
+        lk.pending = set(range(self._core.n))
+        sent = time.monotonic()
+        for v in lk.votes:
+            v.sent_at = sent
+        try:
+            results = await self._broadcast(cmds)
+            for i, res in results.items():
+                self._core.on_reply(lk, i, res, sent, time.monotonic())
+        except BaseException:
+            self._forget(lk)
+            raise
+        fut: asyncio.Future[AsyncLock] = asyncio.get_running_loop().create_future()
+        req = AsyncRequest(self, lock, fut, on_granted)
+        lk.request = req  # type: ignore[attr-defined]
+        task = asyncio.create_task(self._acquire(lk, req))
+        req._task = task
+        return req
+
+    # ----------------------------------------------------------------- I/O
+
+    async def _broadcast(self, cmds: Iterable[tuple[int, Call]]) -> dict[int, Any]:
+        """Write every command, then read every reply (one round trip for all)."""
+        results: dict[int, Any] = {}
+        conns: list[tuple[int, Call, Any]] = []
+        for i, call in cmds:
+            inst = self._instances[i]
+            try:
+                conn = await inst.pool.get_connection()
+            except _NET_ERRORS as exc:
+                results[i] = exc
+                continue
+            try:
+                await conn.send_command(*command(*call))
+                conns.append((i, call, conn))
+            except _NET_ERRORS as exc:
+                await conn.disconnect()
+                await inst.pool.release(conn)
+                results[i] = exc
+
+        async def read(i: int, call: Call, conn: Any) -> None:
+            inst = self._instances[i]
+            try:
+                try:
+                    raw = await asyncio.wait_for(conn.read_response(), inst.timeout + 0.5)
+                except NoScriptError:
+                    await conn.send_command(*fallback(*call))
+                    raw = await conn.read_response()
+                except ResponseError as exc:
+                    if not is_missing(exc):
+                        raise
+                    # the instance restarted empty or was flushed: load our library, retry
+                    await conn.send_command(*load_command())
+                    await conn.read_response()
+                    await conn.send_command(*command(*call))
+                    raw = await conn.read_response()
+                results[i] = _parse(call, raw)
+            except ResponseError as exc:
+                msg = str(exc)
+                results[i] = (from_script_error(msg, instance=inst.url)
+                              if msg.startswith("DLM_") else ProtocolError(msg, instance=inst.url))
+            except _NET_ERRORS as exc:
+                await conn.disconnect()
+                results[i] = exc
+            except DLMError as exc:
+                results[i] = exc
+            finally:
+                await inst.pool.release(conn)
+
+        if conns:
+            await asyncio.gather(*(read(i, c, conn) for i, c, conn in conns))
+        return results
+
+    async def _send_and_feed(self, lk: LockCore, cmds: list[tuple[int, Call]]) -> None:
+        if not cmds:
+            return
+        sent = time.monotonic()
+        results = await self._broadcast(cmds)
+        for i, res in results.items():
+            try:
+                self._core.on_reply(lk, i, res, sent, time.monotonic())
+            except DLMError as exc:
+                log.warning("unexpected error from %s: %s", self._instances[i].url, exc)
+        self._notify(lk)
+
+    def _notify(self, lk: LockCore) -> None:
+        ev = self._changed.get(lk.id)
+        if ev is not None:
+            ev.set()
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _forget(self, lk: LockCore) -> None:
+        self._core.forget(lk)
+        self._changed.pop(lk.id, None)
+
+    async def _wait_change(self, lk: LockCore, until: float | None) -> bool:
+        ev = self._changed.get(lk.id)
+        if ev is None:
+            return False
+        timeout = None if until is None else max(0.0, until - time.monotonic())
+        try:
+            await asyncio.wait_for(ev.wait(), timeout)
+            ev.clear()
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    # ----------------------------------------------------------------- acquisition
+
+    async def _acquire(self, lk: LockCore, req: AsyncRequest) -> None:
+        try:
+            while True:
+                out = self._core.evaluate_acquire(lk, time.monotonic())
+                if out.done:
+                    req._finish(None)
+                    return
+                if out.error is not None:
+                    self._forget(lk)
+                    req._finish(out.error)
+                    await self._broadcast(out.cleanup)
+                    return
+                if out.actions:
+                    await self._send_and_feed(lk, out.actions)
+                    continue
+                if not await self._wait_change(lk, out.wake_at):
+                    now = time.monotonic()
+                    if lk.deadline is not None and now >= lk.deadline:
+                        continue
+                    await self._send_and_feed(lk, self._core.recheck_cmds(lk, now))
+        except asyncio.CancelledError:
+            if not req.done:
+                req._finish(LockTimeout("cancelled", resource=lock_name(lk), lock_id=lk.id))
+            raise
+
+    # ----------------------------------------------------------------- background
+
+    async def _events(self, i: int) -> None:
+        inst = self._instances[i]
+        while not self._closed:
+            ps = inst.client.pubsub(ignore_subscribe_messages=True)
+            try:
+                await ps.subscribe(self._core.channel)
+                while not self._closed:
+                    msg = await ps.get_message(timeout=1.0)
+                    if msg is None or msg.get("type") != "message":
+                        continue
+                    self._on_event(i, codec.parse_event(msg["data"]))
+            except asyncio.CancelledError:
+                with contextlib.suppress(Exception):
+                    await ps.aclose()
+                raise
+            except (*_NET_ERRORS, ValueError, DLMError) as exc:
+                log.info("instance %s: event connection lost (%s)", inst.url, exc)
+                with contextlib.suppress(Exception):
+                    await ps.aclose()
+                await asyncio.sleep(0.5)
+
+    def _on_event(self, i: int, ev: codec.Event) -> None:
+        notes = self._core.on_event(i, ev, time.monotonic())
+        lk = self._core.locks.get(ev.lock_id)
+        for kind, lock, arg in notes:
+            if kind == "blocking":
+                user: AsyncLock = lock.user  # type: ignore[attr-defined]
+                if user._on_blocking is not None:
+                    self._run_callback(user._on_blocking, arg)
+            elif kind == "yield":
+                self._spawn(self._send_and_feed(lock, [(arg, self._core.yield_cmd_for(lock,
+                                                                                       arg))]))
+        if lk is not None:
+            self._notify(lk)
+            if lk.phase is Phase.HELD and ev.kind == "C":
+                self._check_lost()
+
+    def _run_callback(self, fn: Callable[..., Any], *args: Any) -> None:
+        try:
+            res = fn(*args)
+            if asyncio.iscoroutine(res):
+                self._spawn(res)
+        except Exception:  # noqa: BLE001 - a user callback must not kill the client
+            log.exception("callback %r raised", fn)
+
+    async def _renewer(self) -> None:
+        while not self._closed:
+            await asyncio.sleep(self._core.lease_ms / 3000.0)
+            batches = self._core.renew_cmds(time.monotonic())
+            if not batches:
+                continue
+            sent = time.monotonic()
+            results = await self._broadcast([(i, cmd) for i, cmd, _ in batches])
+            now = time.monotonic()
+            for i, _, lks in batches:
+                self._core.on_renew_reply(i, lks, results.get(i), sent, now)
+            for lk in list(self._core.locks.values()):
+                self._notify(lk)
+            self._check_lost()
+
+    def _check_lost(self) -> None:
+        for lk in self._core.check_held(time.monotonic()):
+            user: AsyncLock = lk.user  # type: ignore[attr-defined]
+            log.warning("lock %s on %s lost", lk.id, user.resource)
+            if user._on_lost is not None:
+                self._run_callback(user._on_lost, user)
+
+    # ----------------------------------------------------------------- release / convert
+
+    async def _release(self, lk: LockCore, subtree: bool = False) -> None:
+        if lk.phase is Phase.RELEASED:
+            return
+        if not subtree and any(c.phase is not Phase.RELEASED for c in lk.children):
+            raise HasChildren("release the child locks first, or ask subtree=True",
+                              lock_id=lk.id)
+        cmds = [(i, self._core.release_cmd(lk, subtree=subtree)) for i in range(self._core.n)]
+        results = await self._broadcast(cmds)
+        errors = [r for r in results.values()
+                  if isinstance(r, DLMError) and not isinstance(r, QuorumUnavailable)]
+        if errors:
+            raise errors[0]
+        for d in [lk, *descendants(lk)]:
+            d.phase = Phase.RELEASED
+            self._forget(d)
+
+    async def _convert(self, lk: LockCore, mode: object, timeout: float | None,
+                       **flags: bool) -> None:
+        t = check_timeout(timeout)
+        old = lk.mode
+        m, fl, down = self._core.start_convert(lk, mode, **flags)
+        lk.deadline = None if t is None else time.monotonic() + t
+        value, version = self._core.convert_value(lk, down)
+        cmds = [(i, self._core.convert_cmd(lk, m, fl, value, version))
+                for i in range(self._core.n)]
+        lk.pending = set(range(self._core.n))
+        await self._send_and_feed(lk, cmds)
+        while True:
+            now = time.monotonic()
+            out = self._core.evaluate_convert(lk, old, now)
+            if out.done:
+                return
+            if out.error is not None:
+                break
+            if out.actions:
+                await self._send_and_feed(lk, out.actions)
+                continue
+            until = out.wake_at
+            if lk.deadline is not None:
+                until = lk.deadline if until is None else min(until, lk.deadline)
+            if not await self._wait_change(lk, until):
+                now = time.monotonic()
+                out = self._core.evaluate_convert(
+                    lk, old, now, timed_out=lk.deadline is not None and now >= lk.deadline)
+                if out.error is not None:
+                    break
+                await self._send_and_feed(lk, self._core.recheck_cmds(lk, now))
+        results = await self._broadcast(out.cleanup)
+        self._core.rollback_convert(lk, old, results)
+        raise out.error
+
+
+def lock_name(lk: LockCore) -> str:
+    return " / ".join(p.decode("utf-8", "replace") for p in lk.path)
+
+
+class AsyncRequest:
+    """An asynchronous lock request: `await req` or `await req.wait(timeout)`."""
+
+    def __init__(self, dlm: AsyncDLM, lock: AsyncLock, fut: asyncio.Future[AsyncLock],
+                 on_granted: Callable[[AsyncLock], Any] | None) -> None:
+        self._dlm = dlm
+        self.lock = lock
+        self._fut = fut
+        self._on_granted = on_granted
+        self._task: asyncio.Task[Any] | None = None
+
+    def _finish(self, error: DLMError | None) -> None:
+        if self._fut.done():
+            return
+        if error is None:
+            self._fut.set_result(self.lock)
+            if self._on_granted is not None:
+                self._dlm._run_callback(self._on_granted, self.lock)
+        else:
+            self._fut.set_exception(error)
+
+    @property
+    def done(self) -> bool:
+        return self._fut.done()
+
+    async def wait(self, timeout: float | None = None) -> AsyncLock:
+        """Wait until granted (the lock) or failed (its error). `timeout` bounds only this
+        wait; the request keeps its own timeout."""
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._fut), timeout)
+        except asyncio.TimeoutError:
+            raise LockTimeout("still waiting", resource=self.lock.resource,
+                              lock_id=self.lock.id) from None
+
+    def __await__(self):  # type: ignore[no-untyped-def]
+        return self.wait().__await__()
+
+    async def cancel(self) -> None:
+        """Withdraw the request everywhere (or release the lock if it was granted)."""
+        lk = self.lock._core
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        self._finish(LockTimeout("cancelled", resource=self.lock.resource, lock_id=lk.id))
+        if lk.phase is not Phase.RELEASED:
+            await self._dlm._release(lk)
+
+
+class AsyncLock:
+    """A lock held on a quorum of instances (asyncio)."""
+
+    def __init__(self, dlm: AsyncDLM, core: LockCore,
+                 on_blocking: Callable[[Mode], Any] | None,
+                 on_lost: Callable[[AsyncLock], Any] | None, value_block: bool) -> None:
+        self._dlm = dlm
+        self._core = core
+        self._on_blocking = on_blocking
+        self._on_lost = on_lost
+        self._value_block = value_block
+
+    id = property(lambda self: self._core.id)
+    mode = property(lambda self: self._core.mode)
+    token = property(lambda self: self._core.token,
+                     doc="Fencing token: strictly greater than any earlier conflicting holder's.")
+    value_valid = property(lambda self: self._core.value_valid)
+    version = property(lambda self: self._core.version)
+
+    @property
+    def resource(self) -> str:
+        return lock_name(self._core)
+
+    @property
+    def value(self) -> bytes | None:
+        if self._core.new_value is not None:
+            return self._core.new_value
+        return self._core.value
+
+    @value.setter
+    def value(self, data: bytes) -> None:
+        if not isinstance(data, (bytes, bytearray)):
+            raise InvalidType("a value block is bytes")
+        if len(data) > self._dlm._core.vbmax:
+            raise InvalidArgument(f"value block of {len(data)} bytes exceeds "
+                                  f"{self._dlm._core.vbmax} (V1)")
+        if self._core.mode is None or self._core.mode < Mode.PW:
+            raise InvalidArgument("the value block is written only by PW or EX holders (V3)")
+        self._core.new_value = bytes(data)
+
+    @property
+    def valid(self) -> bool:
+        return (self._core.phase in (Phase.HELD, Phase.CONVERTING)
+                and self._dlm._core.holding(self._core, time.monotonic())
+                >= self._dlm._core.quorum)
+
+    @property
+    def validity_ms(self) -> int:
+        return int(self._core.validity(time.monotonic()) * 1000)
+
+    async def lock(self, resource: str | bytes, mode: object = Mode.EX, **kw: Any) -> AsyncLock:
+        return await self._dlm.lock(resource, mode, parent=self, **kw)
+
+    async def enqueue(self, resource: str | bytes, mode: object = Mode.EX,
+                      **kw: Any) -> AsyncRequest:
+        return await self._dlm.enqueue(resource, mode, parent=self, **kw)
+
+    async def convert(self, mode: object, *, timeout: float | None = None,
+                      noqueue: bool = False, quecvt: bool = False, convdeadlk: bool = False,
+                      no_deadlock_wait: bool = False) -> None:
+        await self._dlm._convert(self._core, mode, timeout, noqueue=noqueue, quecvt=quecvt,
+                                 convdeadlk=convdeadlk, no_deadlock_wait=no_deadlock_wait)
+
+    async def release(self, *, subtree: bool = False) -> None:
+        await self._dlm._release(self._core, subtree=subtree)
+
+    async def __aenter__(self) -> AsyncLock:
+        return self
+
+    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
+        lost = self._core.phase is Phase.LOST or (
+            self._core.phase is Phase.HELD and not self.valid)
+        await self.release(subtree=True)
+        if lost and exc_type is None:
+            raise LockLost("the lock was lost while held", resource=self.resource,
+                           lock_id=self.id)
+
+    def __repr__(self) -> str:
+        return (f"<AsyncLock {self.resource!r} {self.mode.name if self.mode else '-'} "
+                f"id={self.id} token={self.token} {self._core.phase.value}>")
