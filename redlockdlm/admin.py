@@ -1,0 +1,402 @@
+"""Operator-side reads and writes over every instance: what `dlm` and the detector share.
+
+No printing here (the CLI's `output` module does that): each function returns plain
+dataclasses. Every instance is asked in parallel, and an instance that does not answer is
+reported as such (`Outcome.error`) instead of failing the whole call, so an operator still
+sees the instances that do answer.
+
+    targets = connect(["redis://127.0.0.1:7001", ...], "shop", timeout_s=2.0)
+    health(targets)                    # per instance: reachable, latency, epoch, counts
+    resources(targets, prefix)         # every resource (SCAN + inspect), merged by key
+    resource(targets, path)            # one resource, merged, with its divergences
+    break_locks(targets, path, lock_id=..., owner=...)
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from .client import Instance
+from .engine.codec import InstanceStatus, LockView, ResourceView
+from .engine.instance import Engine
+from .engine.keys import check_id, check_name
+from .engine.modes import Mode
+from .errors import DLMError, InvalidArgument
+
+T = TypeVar("T")
+
+#: Keys per inspect call when listing every resource (one script call per batch).
+INSPECT_BATCH = 500
+
+
+# ----------------------------------------------------------------- instances
+
+
+@dataclass(frozen=True)
+class Target:
+    """One instance as operators see it: a display label (password masked) and its Engine."""
+
+    label: str
+    engine: Engine
+
+
+def connect(urls: Sequence[str], namespace: str = "default", *,
+            timeout_s: float = 2.0) -> list[Target]:
+    """An Engine per URL. Nothing is sent yet; a malformed URL or namespace raises
+    InvalidArgument. Connections fail fast: `timeout_s` to connect and per reply, and no
+    retries, so an unreachable instance costs one timeout, not a backoff schedule."""
+    if not urls:
+        raise InvalidArgument("no instances: give at least one redis:// URL")
+    out = []
+    for url in urls:
+        inst = Instance(url, socket_timeout=timeout_s, connect_timeout=timeout_s,
+                        retry=Retry(NoBackoff(), 0))
+        out.append(Target(inst.url, Engine(inst.client, namespace)))
+    return out
+
+
+def label_of(engine: Engine) -> str:
+    """A display label for an Engine built elsewhere (tests, embedding programs)."""
+    kw = engine.client.connection_pool.connection_kwargs
+    if "path" in kw:
+        return f"unix://{kw['path']}"
+    return f"redis://{kw.get('host', '?')}:{kw.get('port', '?')}"
+
+
+def quorum(n: int) -> int:
+    return n // 2 + 1
+
+
+@dataclass(frozen=True)
+class Outcome(Generic[T]):
+    """What one instance answered: `value`, or `error` (one line) if it failed."""
+
+    label: str
+    value: T | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line naming what went wrong with an instance."""
+    if isinstance(exc, redis.TimeoutError):
+        return f"timed out ({exc})" if str(exc) else "timed out"
+    if isinstance(exc, redis.ConnectionError):
+        return f"unreachable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def fan_out(targets: Sequence[Target], fn: Callable[[Engine], T], *,
+            executor: Executor | None = None) -> list[Outcome[T]]:
+    """Run `fn(engine)` on every instance in parallel; errors of redis, the OS or the
+    scripts become `Outcome.error`, anything else (a bug) propagates."""
+    def one(t: Target) -> Outcome[T]:
+        try:
+            return Outcome(t.label, fn(t.engine))
+        except (redis.RedisError, OSError, DLMError) as exc:
+            return Outcome(t.label, None, describe_error(exc))
+
+    if len(targets) == 1:
+        return [one(targets[0])]
+    if executor is not None:
+        return list(executor.map(one, targets))
+    with ThreadPoolExecutor(max_workers=len(targets), thread_name_prefix="dlm-fan") as pool:
+        return list(pool.map(one, targets))
+
+
+# ----------------------------------------------------------------- names and keys
+
+
+def parent_key(key: bytes) -> bytes | None:
+    """The resource key of a child's parent (H2: a child's key extends its parent's with
+    ``/<escaped name>``; ``/`` inside the hash tag is escaped), or None for a root."""
+    slash = key.rfind(b"/")
+    return key[:slash] if slash > key.find(b"}") else None
+
+
+def show_name(path: Sequence[bytes]) -> str:
+    """A resource path for people: components joined by ' / ' (bytes that are not UTF-8
+    shown as backslash escapes)."""
+    return " / ".join(p.decode("utf-8", "backslashreplace") for p in path)
+
+
+def path_list(path: Sequence[bytes]) -> list[str]:
+    return [p.decode("utf-8", "backslashreplace") for p in path]
+
+
+# ----------------------------------------------------------------- health
+
+
+@dataclass(frozen=True)
+class Health:
+    """One instance's health (`dlm status`)."""
+
+    latency_ms: float
+    redis_version: str
+    epoch: str | None
+    now_ms: int
+    recovering_ms: int
+    resources: int  #: resources with at least one live lock
+    locks: int  #: live locks (lease not run out), every queue
+    waiters: int  #: entries of the waiter index (ZCARD)
+
+
+def _scan_resources(engine: Engine) -> tuple[InstanceStatus, list[ResourceView]]:
+    keys = engine.resource_keys()
+    views: list[ResourceView] = []
+    st = None
+    for i in range(0, len(keys), INSPECT_BATCH):
+        st, batch = engine.inspect(keys[i:i + INSPECT_BATCH])
+        views.extend(v for v in batch if v is not None)
+    if st is None:
+        st = engine.status()
+    return st, views
+
+
+def _live(view: ResourceView) -> list[LockView]:
+    return [lk for lk in view.locks if lk.lease_left_ms > 0]
+
+
+def _health(engine: Engine) -> Health:
+    t0 = time.perf_counter()
+    engine.client.ping()
+    latency = (time.perf_counter() - t0) * 1000
+    version = str(engine.client.info("server").get("redis_version", "?"))
+    st, views = _scan_resources(engine)
+    live = [_live(v) for v in views]
+    return Health(latency, version, st.epoch, st.now_ms, st.recovering_ms,
+                  sum(1 for lks in live if lks), sum(len(lks) for lks in live),
+                  int(engine.client.zcard(engine.wkey)))
+
+
+def health(targets: Sequence[Target]) -> list[Outcome[Health]]:
+    return fan_out(targets, _health)
+
+
+# ----------------------------------------------------------------- merged resource views
+
+
+@dataclass(frozen=True)
+class MergedLock:
+    """One lock id as every instance sees it (instances where it is absent are left out)."""
+
+    lock_id: str
+    owner: str
+    queue: str  #: the queue it is in on most instances ('G', 'C', 'W'); G > C > W on a tie
+    views: dict[str, LockView]  #: instance label -> that instance's view
+
+    @property
+    def first(self) -> LockView:
+        return next(iter(self.views.values()))
+
+    @property
+    def granted(self) -> Mode | None:
+        return _most_common([v.mode for v in self.views.values()])
+
+    @property
+    def requested(self) -> Mode | None:
+        return _most_common([v.requested for v in self.views.values()])
+
+    @property
+    def ticket(self) -> int:
+        v = self.first
+        return v.cticket if self.queue == "C" else v.ticket
+
+    @property
+    def lease_left_ms(self) -> int:
+        """The smallest lease left over the instances (the first to run out)."""
+        return min(v.lease_left_ms for v in self.views.values())
+
+    @property
+    def token(self) -> int:
+        """The largest fencing token of its current grant (0 while only waiting)."""
+        return max(v.token for v in self.views.values())
+
+
+def _most_common(values: list) -> object:
+    counts: dict[object, int] = {}
+    for v in values:
+        counts[v] = counts.get(v, 0) + 1
+    return max(counts, key=lambda v: counts[v]) if counts else None
+
+
+_QUEUE_RANK = {"G": 2, "C": 1, "W": 0}
+
+
+@dataclass(frozen=True)
+class MergedResource:
+    """A resource merged over the instances that answered."""
+
+    key: bytes
+    path: tuple[bytes, ...]
+    views: dict[str, ResourceView | None]  #: label -> view (None: absent there)
+    locks: tuple[MergedLock, ...]  #: live locks, each queue in ticket order
+    divergences: tuple[str, ...]  #: where the instances disagree, one line each
+
+    def queue(self, q: str) -> list[MergedLock]:
+        return [lk for lk in self.locks if lk.queue == q]
+
+    @property
+    def present_on(self) -> int:
+        return sum(1 for v in self.views.values() if v is not None)
+
+
+def merge(key: bytes, views: dict[str, ResourceView | None]) -> MergedResource:
+    """Merge one resource's views (label -> view or None) and list the divergences."""
+    present = {lab: v for lab, v in views.items() if v is not None}
+    path = next((v.path for v in present.values() if v.path), ())
+    by_id: dict[str, dict[str, LockView]] = {}
+    for lab, v in present.items():
+        for lk in _live(v):
+            by_id.setdefault(lk.lock_id, {})[lab] = lk
+    locks = []
+    for lock_id, lviews in by_id.items():
+        counts: dict[str, int] = {}
+        for lk in lviews.values():
+            counts[lk.queue] = counts.get(lk.queue, 0) + 1
+        q = max(counts, key=lambda x: (counts[x], _QUEUE_RANK[x]))
+        locks.append(MergedLock(lock_id, next(iter(lviews.values())).owner, q, lviews))
+    locks.sort(key=lambda m: (-_QUEUE_RANK[m.queue], m.ticket, m.lock_id))
+    return MergedResource(key, path, dict(views), tuple(locks),
+                          tuple(_divergences(views, locks)))
+
+
+def _divergences(views: dict[str, ResourceView | None], locks: list[MergedLock]) -> list[str]:
+    out = []
+    labels = list(views)
+    present = [lab for lab in labels if views[lab] is not None]
+    if present and len(present) < len(labels):
+        missing = [lab for lab in labels if views[lab] is None]
+        out.append(f"resource absent on {', '.join(missing)}")
+    for m in locks:
+        if len(m.views) < len(present):
+            where = [lab for lab in present if lab not in m.views]
+            out.append(f"lock {m.lock_id} ({m.owner}) absent on {', '.join(where)}")
+        states = {lab: _state(lk) for lab, lk in m.views.items()}
+        if len(set(states.values())) > 1:
+            out.append(f"lock {m.lock_id} ({m.owner}): "
+                       + "; ".join(f"{s} on {lab}" for lab, s in states.items()))
+    for what, get in (("value version", lambda v: v.version),
+                      ("value", lambda v: v.value),
+                      ("value validity", lambda v: v.valid)):
+        seen = {lab: get(views[lab]) for lab in present}
+        if len(set(seen.values())) > 1:
+            out.append(f"{what} differs: " + "; ".join(
+                f"{_short(val)} on {lab}" for lab, val in seen.items()))
+    return out
+
+
+def _state(lk: LockView) -> str:
+    gr = lk.mode.name if lk.mode is not None else "--"
+    if lk.queue == "G":
+        return f"granted {gr}"
+    rq = lk.requested.name if lk.requested is not None else "--"
+    return f"{'converting' if lk.queue == 'C' else 'waiting'} {gr} ({rq})"
+
+
+def _short(val: object) -> str:
+    if isinstance(val, bytes):
+        return val.hex() if len(val) <= 16 else val[:16].hex() + "..."
+    if val is None:
+        return "none"
+    return str(val)
+
+
+def resources(targets: Sequence[Target], prefix: Sequence[bytes] = ()
+              ) -> tuple[list[MergedResource], list[Outcome]]:
+    """Every resource with a live lock on some instance (SCAN + inspect: for operators,
+    never on a hot path), merged by key, sorted by path. `prefix` selects by path: every
+    component but the last must match exactly, the last is a prefix of that component.
+    Returns the resources and the per-instance outcomes (for unreachable instances)."""
+    outcomes = fan_out(targets, _scan_resources)
+    labels = [t.label for t in targets]
+    views: dict[bytes, dict[str, ResourceView | None]] = {}
+    for o in outcomes:
+        if not o.ok:
+            continue
+        for v in o.value[1]:
+            if _live(v) and _matches(v.path, prefix):
+                views.setdefault(v.key, {})[o.label] = v
+    answered = [lab for lab, o in zip(labels, outcomes) if o.ok]
+    merged = [merge(k, {lab: per.get(lab) for lab in answered}) for k, per in views.items()]
+    merged.sort(key=lambda m: m.path)
+    return merged, outcomes
+
+
+def _matches(path: tuple[bytes, ...], prefix: Sequence[bytes]) -> bool:
+    if not prefix:
+        return True
+    if len(path) < len(prefix):
+        return False
+    *exact, last = prefix
+    return list(path[:len(exact)]) == list(exact) and path[len(exact)].startswith(last)
+
+
+def check_path(parts: Sequence[str | bytes]) -> list[bytes]:
+    """Resource path components (root first), each checked like a library resource name."""
+    if not parts:
+        raise InvalidArgument("a resource needs at least one name")
+    return [check_name(p) for p in parts]
+
+
+def resource(targets: Sequence[Target], path: Sequence[str | bytes]
+             ) -> tuple[MergedResource, list[Outcome]]:
+    """One resource merged over the instances that answered (inspect reads, purges nothing:
+    locks whose lease ran out are left out of `locks`)."""
+    key = targets[0].engine.key(*check_path(path))
+    outcomes = fan_out(targets, lambda e: e.inspect([key])[1][0])
+    views = {o.label: o.value for o in outcomes if o.ok}
+    merged = merge(key, views)
+    if not merged.path:
+        merged = MergedResource(key, tuple(check_path(path)), merged.views, merged.locks,
+                                merged.divergences)
+    return merged, outcomes
+
+
+# ----------------------------------------------------------------- break
+
+
+@dataclass(frozen=True)
+class BreakResult:
+    key: bytes
+    path: tuple[bytes, ...]
+    outcomes: list[Outcome[int]] = field(default_factory=list)  #: locks broken per instance
+
+    @property
+    def broken(self) -> int:
+        """Distinct locks broken, counted on the instance that broke the most."""
+        return max((o.value or 0 for o in self.outcomes if o.ok), default=0)
+
+    @property
+    def failed(self) -> list[Outcome[int]]:
+        return [o for o in self.outcomes if not o.ok]
+
+
+def break_locks(targets: Sequence[Target], path: Sequence[str | bytes], *, lock_id: str = "",
+                owner: str = "") -> BreakResult:
+    """Break one lock, or every lock of an owner, on one resource on EVERY instance (the
+    `break` script: the value block of a broken PW/EX holder becomes invalid, each owner
+    gets ``C|id|broken``)."""
+    if bool(lock_id) == bool(owner):
+        raise InvalidArgument("break needs exactly one of a lock id or an owner")
+    if lock_id:
+        check_id("lock id", lock_id)
+    if owner:
+        check_id("owner", owner)
+    parts = check_path(path)
+    key = targets[0].engine.key(*parts)
+    outcomes = fan_out(targets,
+                       lambda e: e.break_(key, lock_id=lock_id, owner=owner).extra)
+    return BreakResult(key, tuple(parts), outcomes)
