@@ -390,12 +390,18 @@ class AsyncDLM:
         if not subtree and any(c.phase is not Phase.RELEASED for c in lk.children):
             raise HasChildren("release the child locks first, or ask subtree=True",
                               lock_id=lk.id)
-        cmds = [(i, self._core.release_cmd(lk, subtree=subtree)) for i in range(self._core.n)]
+        cmds = [(i, self._core.release_cmd(lk, subtree=subtree, i=i))
+                    for i in range(self._core.n)]
+        before = lk.phase
+        lk.phase = Phase.RELEASED  # renewals in flight must not report it lost
         results = await self._broadcast(cmds)
         errors = [r for r in results.values()
                   if isinstance(r, DLMError) and not isinstance(r, QuorumUnavailable)]
-        if errors:
-            raise errors[0]
+        if errors and len(errors) == len(results):
+            lk.phase = before
+            raise errors[0]  # refused everywhere (e.g. HasChildren): nothing changed
+        for r in errors:
+            log.warning("release of %s: %s", lk.id, r)
         for d in [lk, *descendants(lk)]:
             d.phase = Phase.RELEASED
             self._forget(d)
@@ -407,7 +413,7 @@ class AsyncDLM:
         m, fl, down = self._core.start_convert(lk, mode, **flags)
         lk.deadline = None if t is None else time.monotonic() + t
         value, version = self._core.convert_value(lk, down)
-        cmds = [(i, self._core.convert_cmd(lk, m, fl, value, version))
+        cmds = [(i, self._core.convert_cmd(lk, m, fl, value, version, i))
                 for i in range(self._core.n)]
         lk.pending = set(range(self._core.n))
         await self._send_and_feed(lk, cmds)

@@ -497,14 +497,19 @@ class DLM:
                     from .errors import HasChildren
                     raise HasChildren("release the child locks first, or ask subtree=True",
                                       lock_id=lk.id)
-            cmds = [(i, self._core.release_cmd(lk, subtree=subtree))
+            cmds = [(i, self._core.release_cmd(lk, subtree=subtree, i=i))
                     for i in range(self._core.n)]
+            before = lk.phase
+            lk.phase = Phase.RELEASED  # renewals in flight must not report it lost
         results = self._broadcast(cmds)
         with self._mu:
             errors = [r for r in results.values() if isinstance(r, DLMError)
                       and not isinstance(r, QuorumUnavailable)]
-            if errors:
-                raise errors[0]
+            if errors and len(errors) == len(results):
+                lk.phase = before
+                raise errors[0]  # refused everywhere (e.g. HasChildren): nothing changed
+            for r in errors:
+                log.warning("release of %s: %s", lk.id, r)
             for d in [lk, *_descendants(lk)]:
                 d.phase = Phase.RELEASED
                 self._core.forget(d)
@@ -521,7 +526,7 @@ class DLM:
             m, fl, down = self._core.start_convert(lk, mode, **flags)
             lk.deadline = None if t is None else time.monotonic() + t
             value, version = self._core.convert_value(lk, down)
-            cmds = [(i, self._core.convert_cmd(lk, m, fl, value, version))
+            cmds = [(i, self._core.convert_cmd(lk, m, fl, value, version, i))
                     for i in range(self._core.n)]
             lk.pending = set(range(self._core.n))
         self._send_and_feed(lk, cmds)

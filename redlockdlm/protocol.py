@@ -40,6 +40,7 @@ from .errors import (
     InvalidType,
     LockLost,
     LockTimeout,
+    NotOwner,
     NotQueued,
     ParentNotGranted,
     QuorumUnavailable,
@@ -239,13 +240,23 @@ class Session:
             lk.lease_ms, lk.parent.id if lk.parent else "", lk.name))
 
     def convert_cmd(self, lk: LockCore, mode: Mode, flags: int, value: bytes | None,
-                    version: int) -> tuple:
+                    version: int, i: int | None = None) -> tuple:
+        if i is not None and value is not None:
+            v = lk.votes[i]
+            if not (v.vote is Vote.GRANTED and v.mode is not None and v.mode >= Mode.PW):
+                value = None  # V3: only where we hold PW/EX (see release_cmd)
         return command("convert", self._keys(lk.key), codec.convert_args(
             self.rejoin_ms, self.chan_prefix, self.owner, lk.id, mode, flags, lk.cticket,
             lk.lease_ms, value, version, self.vbmax, lk.token))
 
-    def release_cmd(self, lk: LockCore, subtree: bool = False) -> tuple:
-        write = lk.new_value is not None and lk.mode is not None and lk.mode >= Mode.PW
+    def release_cmd(self, lk: LockCore, subtree: bool = False, i: int | None = None) -> tuple:
+        """The release for instance i. The value block goes only where our vote is granted
+        in PW/EX: elsewhere the lock may still wait (V3 would refuse the write), and a
+        quorum of granted instances is where readers look."""
+        v = lk.votes[i] if i is not None else None
+        write = (lk.new_value is not None and lk.mode is not None and lk.mode >= Mode.PW
+                 and (v is None or (v.vote is Vote.GRANTED and v.mode is not None
+                                    and v.mode >= Mode.PW)))
         pkey = lk.parent.key if lk.parent else lk.key
         kids = sorted({d.key for d in descendants(lk)})
         return command("release", self._keys(lk.key, pkey, *kids), codec.release_args(
@@ -321,10 +332,10 @@ class Session:
         v = lk.votes[i]
         if isinstance(reply, BaseException):
             lk.pending.discard(i)
-            if isinstance(reply, DLMError) and not isinstance(reply, QuorumUnavailable):
+            if isinstance(reply, (InvalidArgument, InvalidType, NotOwner)):
                 raise reply  # bad input: every instance refuses alike; nothing was changed
-            v.vote = Vote.ERROR
-            v.retry_at = now + 0.2
+            v.vote = Vote.ERROR  # unreachable, or a state this instance alone is in
+            v.retry_at = now + 0.5
             return
         lk.pending.discard(i)
         rep: LockReply = reply  # type: ignore[assignment]
@@ -462,7 +473,8 @@ class Session:
         for v in lk.votes:
             if v.vote is Vote.QUEUED and v.wait_ms >= 0:
                 cands.append(now + v.wait_ms / 1000.0 + 0.002)
-            if v.vote in (Vote.ERROR, Vote.RECOVERING, Vote.UNKNOWN):
+            if v.vote in (Vote.ERROR, Vote.RECOVERING, Vote.UNKNOWN) or (
+                    v.vote is Vote.ABSENT and lk.phase is Phase.ACQUIRING):
                 cands.append(max(v.retry_at, now + 0.01))
         if lk.deadline is not None:
             cands.append(lk.deadline)
@@ -473,9 +485,11 @@ class Session:
         re-sending it returns the current state and lets the instance purge expired
         blockers; instances that failed or were recovering get it again too."""
         out = []
+        retry = (Vote.ERROR, Vote.RECOVERING)
+        if lk.phase is Phase.ACQUIRING:
+            retry += (Vote.ABSENT,)  # the instance lost our request (restart, expiry)
         for i, v in enumerate(lk.votes):
-            if v.vote is Vote.QUEUED or (
-                    v.vote in (Vote.ERROR, Vote.RECOVERING) and now >= v.retry_at):
+            if v.vote is Vote.QUEUED or (v.vote in retry and now >= v.retry_at):
                 out.append((i, self.request_cmd(lk)))
         lk.pending.update(i for i, _ in out)
         return out
@@ -483,7 +497,7 @@ class Session:
     def _fail(self, lk: LockCore, err: DLMError) -> Outcome:
         lk.phase = Phase.FAILED
         lk.error = err
-        return Outcome(error=err, cleanup=[(i, self.release_cmd(lk)) for i in range(self.n)])
+        return Outcome(error=err, cleanup=[(i, self.release_cmd(lk, i=i)) for i in range(self.n)])
 
     # conversions ------------------------------------------------------------
 
@@ -531,7 +545,7 @@ class Session:
             elif lk.count(Vote.ERROR) > n - q:
                 err = QuorumUnavailable("fewer than a quorum answered", resource=res,
                                         lock_id=lk.id)
-            elif lk.count(Vote.NOTQUEUED) and lk.flags & Flag.NOQUEUE:
+            elif lk.count(Vote.NOTQUEUED):  # only a NOQUEUE conversion is answered so
                 err = NotQueued("conversion not granted at once (noqueue)", resource=res,
                                 lock_id=lk.id)
             elif timed_out or (lk.deadline is not None and now >= lk.deadline):
@@ -550,7 +564,7 @@ class Session:
                 if v.vote is Vote.QUEUED:
                     out.cleanup.append((i, self.cancel_cmd(lk)))
                 elif v.vote is Vote.GRANTED and v.mode != old:
-                    out.cleanup.append((i, self.convert_cmd(lk, old, 0, None, 0)))
+                    out.cleanup.append((i, self.convert_cmd(lk, old, 0, None, 0, i)))
             return out
         out = Outcome()
         if not lk.round_done:
