@@ -1,11 +1,32 @@
-"""Entry point of the ``dlm`` command."""
+"""Entry point of the ``dlm`` command (docs/cli.md).
+
+Each command: parse arguments, call the library (`redlockdlm.admin`, `.detector`,
+`.devcluster`), hand the result to `output`, and raise `Failed` when the operation did not
+succeed. `DlmGroup.main` turns every exception into one stderr line and an `ExitCode`
+through `common.exit_for`.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _dist_version
+from typing import Any
 
 import click
+
+from redlockdlm import admin
+from redlockdlm.detector import Detector, choose_victim, find_cycles, scan, wait_for_graph
+from redlockdlm.devcluster import DevCluster
+from redlockdlm.engine.keys import check_id, check_name
+
+from . import output
+from .common import ExitCode, Failed, Settings, connection_options, exit_for
 
 
 def _version() -> str:
@@ -15,11 +36,225 @@ def _version() -> str:
         return "0+unknown"
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class DlmGroup(click.Group):
+    """A click group whose every failure ends as one stderr line and an ExitCode."""
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True,
+             **extra: Any) -> Any:
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            code = ExitCode(rv) if isinstance(rv, int) and rv in ExitCode._value2member_map_ \
+                else ExitCode.OK
+        except SystemExit:
+            raise
+        except click.exceptions.NoArgsIsHelpError as exc:  # bare `dlm`: the help, exit 2
+            output.help_text(exc.ctx.get_help() if exc.ctx else str(exc))
+            code = ExitCode.USAGE
+        except BaseException as exc:
+            code, message = exit_for(exc)
+            output.error(message)
+        if not standalone_mode:
+            return int(code)
+        sys.exit(int(code))
+
+
+@click.group(cls=DlmGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(_version(), "--version", prog_name="dlm")
 def cli() -> None:
-    """Inspect and operate a redlockdlm lock manager."""
+    """Inspect and operate a redlockdlm lock manager.
+
+    Instances come from --redis URL (repeatable) or $DLM_REDIS (comma-separated); the
+    namespace from --namespace or $DLM_NAMESPACE. Exit status: 0 OK, 1 the operation
+    failed (e.g. fewer than a quorum of instances answered), 2 bad usage.
+    """
+
+
+# ----------------------------------------------------------------- helpers
+
+
+def _report(outcomes: Sequence[admin.Outcome], show: Callable[[], None]) -> None:
+    """Print the result unless no instance answered; then warn about each instance that
+    did not answer, and fail (exit 1) if fewer than a quorum did."""
+    failed = [o for o in outcomes if not o.ok]
+    n, q = len(outcomes), admin.quorum(len(outcomes))
+    ok = n - len(failed)
+    detail = "; ".join(f"{o.label} {o.error}" for o in failed)
+    if ok == 0:
+        raise Failed(f"no instance answered: {detail}")
+    show()
+    if ok < q:
+        raise Failed(f"only {ok} of {n} instances answered (quorum {q}): {detail}")
+    for o in failed:
+        output.warn(f"{o.label} {o.error}")
+
+
+@contextlib.contextmanager
+def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
+    """SIGTERM and SIGINT set `stop` instead of killing the process (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, lambda *_: stop.set())
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+# ----------------------------------------------------------------- commands
+
+
+@cli.command()
+@connection_options
+def status(s: Settings) -> None:
+    """Health of every instance: reachability, latency, Redis version, epoch, recovery
+    time left, live locks and waiter-index entries. Exit 1 without a quorum."""
+    outcomes = admin.health(s.targets())
+    output.status(outcomes, s.namespace, s.as_json)
+    n, q = len(outcomes), admin.quorum(len(outcomes))
+    ok = sum(1 for o in outcomes if o.ok)
+    if ok < q:
+        raise Failed(f"only {ok} of {n} instances reachable (quorum {q}): "
+                     + "; ".join(f"{o.label} {o.error}" for o in outcomes if not o.ok))
+
+
+@cli.command("ls")
+@click.argument("prefix", nargs=-1)
+@connection_options
+def ls(s: Settings, prefix: tuple[str, ...]) -> None:
+    """List resources with live locks (union over instances): granted, converting and
+    waiting locks with their modes.
+
+    PREFIX selects by path, root first: every name but the last must match exactly, the
+    last is a prefix (`dlm ls db/` = roots starting with db/; `dlm ls db/orders row:` =
+    children of db/orders starting with row:).
+    """
+    parts = [check_name(p) for p in prefix]
+    targets = s.targets()
+    found, outcomes = admin.resources(targets, parts)
+    _report(outcomes, lambda: output.resources(found, s.namespace, len(targets), s.as_json))
+
+
+@cli.command()
+@click.argument("resource", nargs=-1, required=True)
+@connection_options
+def show(s: Settings, resource: tuple[str, ...]) -> None:
+    """One resource: its Granted, Conversion and Waiting queues (one lock a line,
+    `grmode (rqmode)`), value block, fencing sequence per instance, and every divergence
+    between instances.
+
+    RESOURCE is the resource's path, root first, one argument per name:
+    `dlm show db/orders row:42` is the child row:42 of the root db/orders.
+    """
+    merged, outcomes = admin.resource(s.targets(), resource)
+    if any(o.ok for o in outcomes) and merged.present_on == 0:
+        raise Failed(f"no resource {admin.show_name(merged.path)} on any instance that "
+                     "answered")
+    _report(outcomes, lambda: output.resource(merged, outcomes, s.as_json))
+
+
+@cli.command("break")
+@click.argument("resource", nargs=-1, required=True)
+@click.option("--lock", "lock_id", metavar="ID", help="Break this lock.")
+@click.option("--owner", metavar="ID", help="Break every lock of this owner on RESOURCE.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@connection_options
+def break_(s: Settings, resource: tuple[str, ...], lock_id: str | None, owner: str | None,
+           yes: bool) -> None:
+    """Break a lock, or an owner's locks, on RESOURCE on every instance. The owner is
+    notified (its client sees the lock broken); a broken PW/EX holder's value block
+    becomes invalid. Asks for confirmation unless --yes.
+
+    RESOURCE is the resource's path, root first, one argument per name.
+    """
+    if bool(lock_id) == bool(owner):
+        raise click.UsageError("give exactly one of --lock ID or --owner ID",
+                               ctx=click.get_current_context())
+    if lock_id:
+        check_id("lock id", lock_id)
+    if owner:
+        check_id("owner", owner)
+    targets = s.targets()
+    merged, outcomes = admin.resource(targets, resource)
+    if not any(o.ok for o in outcomes):
+        _report(outcomes, lambda: None)
+    matches = [m for m in merged.locks
+               if (lock_id and m.lock_id == lock_id) or (owner and m.owner == owner)]
+    if not matches:
+        what = f"lock {lock_id}" if lock_id else f"lock of owner {owner}"
+        raise Failed(f"no live {what} on {admin.show_name(merged.path)}")
+    if not yes and not output.confirm(output.break_plan(merged, matches)):
+        raise Failed("not confirmed: nothing broken")
+    result = admin.break_locks(targets, resource, lock_id=lock_id or "", owner=owner or "")
+    output.broken(result, s.as_json)
+    if result.failed:
+        raise Failed("not broken on " + "; ".join(f"{o.label} {o.error}"
+                                                 for o in result.failed))
+
+
+@cli.command()
+@connection_options
+def graph(s: Settings) -> None:
+    """The wait-for graph between owners (from the waiter index of every instance) and
+    its cycles, each with the victim the detector would cancel if it persists."""
+    snap = scan(s.targets())
+    g = wait_for_graph(snap)
+    cycles = [(c, choose_victim(c, snap)) for c in find_cycles(g)]
+    outcomes = [admin.Outcome(i.label, None, i.error) for i in snap.instances]
+    _report(outcomes, lambda: output.graph(snap, g, cycles, s.as_json))
+
+
+@cli.command("detector")
+@click.option("--interval", "interval_s", type=click.FloatRange(min=0.01), default=1.0,
+              show_default=True, metavar="SECONDS", help="Time between scans.")
+@click.option("--rounds", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Stop after this many rounds (0: run until SIGTERM/SIGINT).")
+@click.option("--reap-every", type=click.IntRange(min=0), default=20, show_default=True,
+              help="Reap stale waiter-index entries every N rounds (0: never).")
+@click.option("--verbose", "-v", is_flag=True, help="Log every round, not only events.")
+@connection_options
+def detector_cmd(s: Settings, interval_s: float, rounds: int, reap_every: int,
+                 verbose: bool) -> None:
+    """Run the deadlock detector: scan every --interval, confirm each cycle on a second
+    scan, cancel one victim per cycle (its client raises Deadlock). Logs one key=value line
+    per event to stderr (--json: JSON lines). SIGTERM or SIGINT stop it after the current
+    round (exit 0).
+
+    Run one detector per namespace: leader election among several is not wired yet.
+    """
+    output.setup_logging(s.as_json, verbose)
+    stop = threading.Event()
+    with _stop_on_signals(stop), Detector(s.targets(), s.namespace, interval_s,
+                                          timeout_s=s.timeout_s,
+                                          reap_every=reap_every) as det:
+        det.run_forever(stop, max_rounds=rounds or None)
+
+
+@cli.command()
+@click.option("-n", "--instances", "n", type=click.IntRange(1, 99), default=3,
+              show_default=True, help="How many redis-server processes.")
+@click.option("--port-base", type=click.IntRange(1, 65535), metavar="PORT",
+              help="Use ports PORT, PORT+1, ... (default: free ports).")
+@click.option("--duration", "duration_s", type=click.FloatRange(min=0, min_open=True),
+              metavar="SECONDS", help="Stop after this long (default: at Ctrl-C/SIGTERM).")
+@click.option("--json", "as_json", is_flag=True, help="Print {urls, pids, env} as JSON.")
+def dev(n: int, port_base: int | None, duration_s: float | None, as_json: bool) -> None:
+    """Start a local development cluster: N redis-server processes on 127.0.0.1, marked
+    safe at once. Prints DLM_REDIS=... for your shell; stops them at Ctrl-C or SIGTERM."""
+    stop = threading.Event()
+    deadline = None if duration_s is None else time.monotonic() + duration_s
+    with _stop_on_signals(stop), DevCluster(n, port_base=port_base) as cluster:
+        output.dev_started(cluster, as_json, duration_s)
+        while not stop.is_set():
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                break
+            stop.wait(0.5 if left is None else min(0.5, left))
+    output.dev_stopped()
 
 
 if __name__ == "__main__":  # pragma: no cover
-    cli()
+    cli(prog_name="dlm")

@@ -635,7 +635,7 @@ class Detector:
         for o in outcomes:
             if o.ok and o.value.stale:
                 r = o.value
-                self.log.info(_kv("reap", instance=o.label, stale=r.stale, purged=r.purged,
+                self.log.info(_kv("reaped", instance=o.label, stale=r.stale, purged=r.purged,
                                   removed=r.removed, live=r.live))
             elif not o.ok:
                 self.log.warning(_kv("reap-failed", instance=o.label, error=o.error))

@@ -1,0 +1,349 @@
+"""The only module of `dlm` that writes to the terminal: tables for people, JSON for scripts.
+
+Each command hands its result (library dataclasses) to one function here, with `as_json`.
+JSON goes to stdout as one document (the detector: one object per log line); warnings and
+the final error line go to stderr, prefixed ``dlm:``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import click
+
+from redlockdlm import admin
+from redlockdlm.admin import Health, MergedLock, MergedResource, Outcome
+from redlockdlm.detector import Cycle, Request, Snapshot, WaitForGraph
+from redlockdlm.devcluster import DevCluster
+from redlockdlm.engine.modes import Flag, Mode
+
+# ----------------------------------------------------------------- primitives
+
+
+def _emit_json(doc: Any) -> None:
+    click.echo(json.dumps(doc, indent=2))
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], indent: str = "") -> str:
+    cells = [[str(c) for c in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    return "\n".join(indent + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
+                     for r in cells)
+
+
+def error(message: str) -> None:
+    click.echo(f"dlm: error: {message}", err=True)
+
+
+def help_text(text: str) -> None:
+    click.echo(text)
+
+
+def warn(message: str) -> None:
+    click.echo(f"dlm: warning: {message}", err=True)
+
+
+def confirm(question: str) -> bool:
+    """Ask on the terminal (stderr, so stdout stays clean); EOF or no answer means no."""
+    try:
+        return click.confirm(question, default=False, err=True)
+    except click.Abort:  # end of input: nobody said yes
+        click.echo("", err=True)
+        return False
+
+
+def _mode(m: Mode | None) -> str:
+    return m.name if m is not None else "--"
+
+
+def _lease(ms: int) -> str:
+    if ms <= 0:
+        return "expired"
+    return f"{ms}ms" if ms < 10_000 else f"{ms / 1000:.1f}s"
+
+
+def _text(value: bytes) -> str:
+    return "".join(chr(b) if 32 <= b < 127 else "." for b in value)
+
+
+def _hex(value: bytes, limit: int = 64) -> str:
+    return value[:limit].hex() + (f"... ({len(value)} bytes)" if len(value) > limit else "")
+
+
+def _key(key: bytes) -> str:
+    return key.decode("utf-8", "backslashreplace")
+
+
+def _flags(flags: int) -> list[str]:
+    return [f.name for f in Flag if f and flags & f]
+
+
+# ----------------------------------------------------------------- dlm status
+
+
+def status(outcomes: Sequence[Outcome[Health]], namespace: str, as_json: bool) -> None:
+    q = admin.quorum(len(outcomes))
+    ok = sum(1 for o in outcomes if o.ok)
+    if as_json:
+        _emit_json({
+            "namespace": namespace, "quorum": q, "reachable": ok, "total": len(outcomes),
+            "instances": [{
+                "url": o.label, "reachable": o.ok, "error": o.error,
+                **({"latency_ms": round(o.value.latency_ms, 3),
+                    "redis_version": o.value.redis_version, "epoch": o.value.epoch,
+                    "recovering_ms": o.value.recovering_ms, "resources": o.value.resources,
+                    "locks": o.value.locks, "waiters": o.value.waiters} if o.ok else {}),
+            } for o in outcomes]})
+        return
+    rows = []
+    for o in outcomes:
+        h = o.value
+        if h is None:
+            rows.append([o.label, "no", "-", "-", "-", "-", "-", "-"])
+        else:
+            rows.append([o.label, "yes", f"{h.latency_ms:.2f}", h.redis_version,
+                         h.epoch or "(none)", h.recovering_ms, h.locks, h.waiters])
+    click.echo(_table(["INSTANCE", "REACHABLE", "LATENCY_MS", "REDIS", "EPOCH",
+                       "RECOVERING_MS", "LOCKS", "WAITERS"], rows))
+    for o in outcomes:
+        if not o.ok:
+            click.echo(f"  {o.label}: {o.error}")
+    click.echo(f"namespace {namespace}: {ok} of {len(outcomes)} instances reachable, "
+               f"quorum {q}: {'OK' if ok >= q else 'NO QUORUM'}")
+
+
+# ----------------------------------------------------------------- dlm ls
+
+
+def _lock_json(m: MergedLock) -> dict[str, Any]:
+    v = m.first
+    return {
+        "lock_id": m.lock_id, "owner": m.owner, "queue": m.queue,
+        "granted": m.granted.name if m.granted is not None else None,
+        "requested": m.requested.name if m.requested is not None else None,
+        "ticket": m.ticket, "lease_left_ms": m.lease_left_ms, "token": m.token,
+        "flags": _flags(v.flags), "parent": v.parent or None, "on": len(m.views),
+        "instances": {lab: {"queue": lk.queue, "granted": _mode(lk.mode),
+                            "requested": _mode(lk.requested), "lease_left_ms": lk.lease_left_ms,
+                            "token": lk.token}
+                      for lab, lk in m.views.items()},
+    }
+
+
+def _queue_cell(locks: list[MergedLock], conv: bool = False) -> str:
+    if not locks:
+        return "-"
+    if conv:
+        modes = [f"{_mode(m.granted)}>{_mode(m.requested)}" for m in locks]
+    else:
+        modes = [_mode(m.requested if m.queue == "W" else m.granted) for m in locks]
+    shown = " ".join(modes[:6]) + (" ..." if len(modes) > 6 else "")
+    return f"{len(locks)} {shown}"
+
+
+def resources(found: Sequence[MergedResource], namespace: str, total: int,
+              as_json: bool) -> None:
+    if as_json:
+        _emit_json({"namespace": namespace, "resources": [{
+            "name": admin.show_name(r.path), "path": admin.path_list(r.path),
+            "key": _key(r.key), "on": r.present_on, "divergent": bool(r.divergences),
+            "granted": [_lock_json(m) for m in r.queue("G")],
+            "converting": [_lock_json(m) for m in r.queue("C")],
+            "waiting": [_lock_json(m) for m in r.queue("W")],
+        } for r in found]})
+        return
+    if not found:
+        click.echo(f"no resources with live locks in namespace {namespace}")
+        return
+    rows = [[admin.show_name(r.path), _queue_cell(r.queue("G")),
+             _queue_cell(r.queue("C"), conv=True), _queue_cell(r.queue("W")),
+             f"{r.present_on}/{total}", "divergent" if r.divergences else ""]
+            for r in found]
+    click.echo(_table(["RESOURCE", "GRANTED", "CONVERTING", "WAITING", "ON", "NOTE"], rows))
+
+
+# ----------------------------------------------------------------- dlm show
+
+
+def resource(r: MergedResource, outcomes: Sequence[Outcome], as_json: bool) -> None:
+    if as_json:
+        _emit_json({
+            "name": admin.show_name(r.path), "path": admin.path_list(r.path),
+            "key": _key(r.key),
+            "instances": [_instance_json(o.label, r.views.get(o.label), o.error)
+                          for o in outcomes],
+            "granted": [_lock_json(m) for m in r.queue("G")],
+            "converting": [_lock_json(m) for m in r.queue("C")],
+            "waiting": [_lock_json(m) for m in r.queue("W")],
+            "divergence": list(r.divergences),
+        })
+        return
+    click.echo(f"Resource  {admin.show_name(r.path)}")
+    click.echo(f"Key       {_key(r.key)}")
+    click.echo("")
+    rows = []
+    for o in outcomes:
+        v = r.views.get(o.label)
+        if not o.ok:
+            rows.append([o.label, "-", "-", "-", o.error])
+        elif v is None:
+            rows.append([o.label, "-", "-", "-", "(absent)"])
+        else:
+            value = "(none)" if v.value is None else f"{_hex(v.value)}  \"{_text(v.value)}\""
+            rows.append([o.label, v.seq, v.version, "yes" if v.valid else "NO", value])
+    click.echo(_table(["INSTANCE", "FENCING_SEQ", "VERSION", "VALID", "VALUE (hex, text)"],
+                      rows))
+    locks = []
+    for title, q in (("Granted", "G"), ("Conversion", "C"), ("Waiting", "W")):
+        locks.append((title, [[f"{_mode(m.granted)}" + (f" ({_mode(m.requested)})"
+                                                        if m.queue != "G" else ""),
+                               m.lock_id, m.owner, m.ticket, _lease(m.lease_left_ms),
+                               m.token or "-", f"{len(m.views)}/{len(outcomes)}",
+                               " ".join(_flags(m.first.flags))]
+                              for m in r.queue(q)]))
+    all_rows = [row for _, rs in locks for row in rs]
+    header = ["MODE", "LOCK", "OWNER", "TICKET", "LEASE", "TOKEN", "ON", "FLAGS"]
+    widths = [max([len(header[i])] + [len(str(row[i])) for row in all_rows])
+              for i in range(len(header))]
+
+    def line(cells: Sequence[Any]) -> str:
+        return "    " + "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
+
+    click.echo("")
+    click.echo(line(header))
+    for title, rs in locks:
+        click.echo(f"{title}")
+        for row in rs:
+            click.echo(line(row))
+    if r.divergences:
+        click.echo("")
+        click.echo("Divergence")
+        for d in r.divergences:
+            click.echo(f"    {d}")
+
+
+def _instance_json(label: str, v: Any, err: str | None) -> dict[str, Any]:
+    out: dict[str, Any] = {"url": label, "reachable": err is None, "error": err,
+                           "present": v is not None}
+    if v is not None:
+        out.update({"fencing_seq": v.seq, "version": v.version, "valid": v.valid,
+                    "value_hex": None if v.value is None else v.value.hex(),
+                    "value_text": None if v.value is None else _text(v.value)})
+    return out
+
+
+# ----------------------------------------------------------------- dlm break
+
+
+def break_plan(r: MergedResource, matches: Sequence[MergedLock]) -> str:
+    """The question asked before breaking."""
+    what = ", ".join(f"{m.lock_id} of {m.owner} ({_mode(m.granted)}"
+                     + (f">{_mode(m.requested)}" if m.queue != "G" else "") + ")"
+                     for m in matches[:5])
+    more = f" and {len(matches) - 5} more" if len(matches) > 5 else ""
+    return (f"Break {len(matches)} lock(s) on {admin.show_name(r.path)}: {what}{more}, "
+            "on every instance?")
+
+
+def broken(result: admin.BreakResult, as_json: bool) -> None:
+    if as_json:
+        _emit_json({"name": admin.show_name(result.path), "path": admin.path_list(result.path),
+                    "broken": result.broken,
+                    "instances": [{"url": o.label, "broken": o.value, "error": o.error}
+                                  for o in result.outcomes]})
+        return
+    for o in result.outcomes:
+        click.echo(f"{o.label}: " + (f"{o.value} broken" if o.ok else f"FAILED: {o.error}"))
+    click.echo(f"broke {result.broken} lock(s) on {admin.show_name(result.path)}")
+
+
+# ----------------------------------------------------------------- dlm graph
+
+
+def _req_json(req: Request | None) -> dict[str, Any] | None:
+    if req is None:
+        return None
+    return {"owner": req.owner, "lock_id": req.lock_id, "name": admin.show_name(req.path),
+            "path": admin.path_list(req.path), "ticket": req.ticket,
+            "queue": req.queue, "requested": req.requested.name,
+            "no_deadlock_wait": req.no_deadlock_wait}
+
+
+def graph(snap: Snapshot, g: WaitForGraph, cycles: Sequence[tuple[Cycle, Request | None]],
+          as_json: bool) -> None:
+    labels = [i.label for i in snap.instances]
+    if as_json:
+        _emit_json({
+            "instances": [{"url": i.label, "reachable": i.ok, "error": i.error,
+                           "waiters": len(i.waiters)} for i in snap.instances],
+            "owners": g.owners,
+            "edges": [{"waiter": e.waiter, "holder": e.holder,
+                       "name": admin.show_name(g.requests[(e.key, e.lock_id)].path),
+                       "path": admin.path_list(g.requests[(e.key, e.lock_id)].path),
+                       "lock_id": e.lock_id, "blocker_id": e.blocker_id,
+                       "instances": [labels[i] for i in e.instances]} for e in g.edges],
+            "cycles": [{"owners": list(c.owners), "path": list(c.path),
+                        "victim": _req_json(v)} for c, v in cycles],
+        })
+        return
+    n = len(snap.instances)
+    click.echo(f"{snap.waiter_count} waiting request(s) in the index of {snap.reachable}/{n} "
+               f"instance(s); {len(g.owners)} owner(s), {len(g.edges)} edge(s)")
+    if g.edges:
+        rows = [[e.waiter, "->", e.holder,
+                 admin.show_name(g.requests[(e.key, e.lock_id)].path),
+                 f"{e.lock_id} waits for {e.blocker_id}", f"{len(e.instances)}/{n}"]
+                for e in g.edges]
+        click.echo(_table(["WAITER", "", "HOLDER", "RESOURCE", "LOCKS", "ON"], rows, "  "))
+    if not cycles:
+        click.echo("no cycles")
+        return
+    click.echo(f"{len(cycles)} cycle(s):")
+    for c, v in cycles:
+        who = ("no victim: every request is NODLCKWT" if v is None else
+               f"victim if it persists: {v.owner} (lock {v.lock_id} on "
+               f"{admin.show_name(v.path)}, ticket {v.ticket})")
+        click.echo(f"  {' -> '.join(c.path + c.path[:1])}   [{', '.join(c.owners)}]   {who}")
+
+
+# ----------------------------------------------------------------- dlm detector, dlm dev
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps({"ts": round(record.created, 3), "level": record.levelname,
+                           "logger": record.name, "message": record.getMessage()})
+
+
+def setup_logging(as_json: bool, verbose: bool) -> None:
+    """Log lines of the detector to stderr: text `time level message` or JSON objects."""
+    handler = logging.StreamHandler(sys.stderr)
+    if as_json:
+        handler.setFormatter(_JsonFormatter())
+    else:
+        fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S")
+        fmt.converter = time.gmtime
+        handler.setFormatter(fmt)
+    root = logging.getLogger("redlockdlm")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    root.propagate = False
+
+
+def dev_started(dev: DevCluster, as_json: bool, duration_s: float | None) -> None:
+    if as_json:
+        _emit_json({"urls": dev.urls, "pids": dev.pids, "env": dev.env})
+    else:
+        click.echo(dev.env)
+    until = f"for {duration_s:g} s" if duration_s else "until Ctrl-C or SIGTERM"
+    click.echo(f"dlm dev: {len(dev.urls)} redis-server(s) running (pids "
+               f"{', '.join(map(str, dev.pids))}) {until}; export the line above", err=True)
+
+
+def dev_stopped() -> None:
+    click.echo("dlm dev: stopped", err=True)

@@ -1,0 +1,358 @@
+"""Every `dlm` command through click's CliRunner, against three real redis-servers.
+
+Checks the result (JSON parsed back, text for people), the exit code (0 OK, 1 failed,
+2 usage) and that every error is one line on stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import click
+import pytest
+import redis
+from click.testing import CliRunner, Result
+from deadlocks import Cluster
+from redis_harness import free_port
+from redlockdlm_cli.common import ExitCode, Failed, exit_for
+from redlockdlm_cli.main import cli
+
+from redlockdlm.devcluster import DevClusterError
+from redlockdlm.engine.modes import Flag
+from redlockdlm.errors import BadArgument, Deadlock, InvalidArgument, QuorumUnavailable
+
+pytestmark = pytest.mark.timeout(30)
+
+
+@pytest.fixture
+def c(cluster3) -> Cluster:
+    return Cluster(cluster3)
+
+
+def dlm(c: Cluster | None, *args: str, input: str | None = None, env: dict | None = None
+        ) -> Result:
+    e = {"DLM_NAMESPACE": "t", "DLM_REDIS": ",".join(c.urls) if c else None}
+    e.update(env or {})
+    return CliRunner().invoke(cli, list(args), input=input, env=e, catch_exceptions=False)
+
+
+def one_line_error(r: Result) -> str:
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dlm: error: "), r.stderr
+    return lines[0]
+
+
+def closed_port_url() -> str:
+    return f"redis://127.0.0.1:{free_port()}"
+
+
+def deadlock(c: Cluster) -> None:
+    c.request("a", "a1", ["R1"], "EX", ticket=1)
+    c.request("b", "b1", ["R2"], "EX", ticket=2)
+    c.request("a", "a2", ["R2"], "EX", ticket=3)
+    c.request("b", "b2", ["R1"], "EX", ticket=4)
+
+
+# ----------------------------------------------------------------- status
+
+
+def test_status_text_and_json(c):
+    c.request("a", "a1", ["R"], "EX", ticket=1)
+    c.request("b", "b1", ["R"], "EX", ticket=2)
+    r = dlm(c, "status")
+    assert r.exit_code == ExitCode.OK, r.output
+    assert "3 of 3 instances reachable, quorum 2: OK" in r.stdout
+    r = dlm(c, "status", "--json")
+    doc = json.loads(r.stdout)
+    assert (doc["quorum"], doc["reachable"], doc["namespace"]) == (2, 3, "t")
+    for inst, url in zip(doc["instances"], c.urls):
+        assert inst["url"] == url and inst["reachable"]
+        assert (inst["locks"], inst["waiters"], inst["recovering_ms"]) == (2, 1, 0)
+        assert inst["redis_version"] and inst["epoch"] and inst["latency_ms"] >= 0
+
+
+def test_status_is_ok_with_a_quorum_and_fails_without(c):
+    url = closed_port_url()
+    r = dlm(None, "status", "--redis", url, "--redis", c.urls[0], "--redis", c.urls[1])
+    assert r.exit_code == ExitCode.OK
+    r = dlm(None, "status", "--json", "--redis", url, "--redis", c.urls[0], "--redis",
+            closed_port_url())
+    assert r.exit_code == ExitCode.FAILED
+    doc = json.loads(r.stdout)
+    assert [i["reachable"] for i in doc["instances"]] == [False, True, False]
+    assert "only 1 of 3 instances reachable (quorum 2)" in one_line_error(r)
+
+
+def test_status_masks_passwords():
+    r = dlm(None, "status", "--redis", closed_port_url().replace("//", "//:hunter2@"))
+    assert r.exit_code == ExitCode.FAILED
+    assert "hunter2" not in r.output and "***" in r.stdout
+
+
+# ----------------------------------------------------------------- ls
+
+
+def test_ls_lists_the_union_of_instances(c):
+    c.request("a", "a1", ["R1"], "PR", ticket=1)
+    c.request("b", "b1", ["R1"], "PR", ticket=2)
+    c.request("c", "c1", ["R1"], "EX", ticket=3)
+    c.request("a", "a2", ["db/orders"], "CR", ticket=4)
+    c.request("a", "a3", ["db/orders", "row:42"], "EX", ticket=5, parent=(["db/orders"], "a2"))
+    c.request("z", "z1", ["only-on-0"], "EX", ticket=6, on=[0])
+    r = dlm(c, "ls", "--json")
+    assert r.exit_code == ExitCode.OK, r.output
+    doc = {res["name"]: res for res in json.loads(r.stdout)["resources"]}
+    assert list(doc) == ["R1", "db/orders", "db/orders / row:42", "only-on-0"]
+    assert [lk["owner"] for lk in doc["R1"]["granted"]] == ["a", "b"]
+    assert [(lk["owner"], lk["requested"]) for lk in doc["R1"]["waiting"]] == [("c", "EX")]
+    assert doc["db/orders / row:42"]["path"] == ["db/orders", "row:42"]
+    assert doc["only-on-0"]["on"] == 1 and doc["only-on-0"]["divergent"]
+    assert not doc["R1"]["divergent"]
+    text = dlm(c, "ls").stdout
+    assert "2 PR PR" in text and "1 EX" in text and "divergent" in text
+
+
+def test_ls_prefix_selects_by_path(c):
+    c.request("a", "a1", ["db/orders"], "CR", ticket=1)
+    c.request("a", "a2", ["db/orders", "row:42"], "EX", ticket=2, parent=(["db/orders"], "a1"))
+    c.request("a", "a3", ["db/orders", "col:1"], "EX", ticket=3, parent=(["db/orders"], "a1"))
+    c.request("a", "a4", ["dbx"], "EX", ticket=4)
+    c.request("a", "a5", ["other"], "EX", ticket=5)
+
+    def names(*prefix: str) -> list[str]:
+        r = dlm(c, "ls", "--json", *prefix)
+        assert r.exit_code == ExitCode.OK
+        return [res["name"] for res in json.loads(r.stdout)["resources"]]
+
+    assert names("db/") == ["db/orders", "db/orders / col:1", "db/orders / row:42"]
+    assert names("db/orders", "row:") == ["db/orders / row:42"]
+    assert names("db") == ["db/orders", "db/orders / col:1", "db/orders / row:42", "dbx"]
+    assert names("nothing") == []
+    assert "no resources" in dlm(c, "ls", "nothing").stdout
+
+
+# ----------------------------------------------------------------- show
+
+
+def test_show_queues_value_block_and_fencing(c):
+    c.request("w", "w1", ["R"], "PW", ticket=1)
+    for e in c.engines:
+        e.convert(c.key(["R"]), "w", "w1", "NL", ticket=2, lease_ms=30_000, value=b"hi\x00!",
+                  version=7)
+    c.request("a", "a1", ["R"], "PR", ticket=3)
+    c.request("b", "b1", ["R"], "NL", ticket=4)
+    c.convert("b", "b1", ["R"], "EX", ticket=5)
+    c.request("c", "c1", ["R"], "CR", ticket=6, flags=Flag.NODLCKWT)
+    r = dlm(c, "show", "R")
+    assert r.exit_code == ExitCode.OK, r.output
+    out = r.stdout
+    for heading in ("Granted", "Conversion", "Waiting"):
+        assert f"\n{heading}\n" in out
+    assert out.index("Granted") < out.index(" a1 ") < out.index("Conversion")
+    assert out.index("Conversion") < out.index("NL (EX)") < out.index("Waiting")
+    assert out.index("Waiting") < out.index("-- (CR)") and "NODLCKWT" in out
+    assert "68690021" in out and '"hi.!"' in out
+    doc = json.loads(dlm(c, "show", "R", "--json").stdout)
+    assert [lk["lock_id"] for lk in doc["granted"]] == ["w1", "a1"]
+    assert [(lk["lock_id"], lk["granted"], lk["requested"]) for lk in doc["converting"]] == [
+        ("b1", "NL", "EX")]
+    assert [lk["lock_id"] for lk in doc["waiting"]] == ["c1"]
+    for inst in doc["instances"]:
+        assert (inst["value_hex"], inst["version"], inst["valid"]) == ("68690021", 7, True)
+        assert inst["fencing_seq"] > 0
+    assert doc["divergence"] == []
+    assert doc["granted"][1]["lease_left_ms"] > 0 and doc["granted"][1]["token"] > 0
+
+
+def test_show_reports_divergence(c):
+    c.request("a", "a1", ["R"], "EX", ticket=1, on=[0, 1])
+    c.request("b", "b1", ["R"], "EX", ticket=2, on=[2])
+    c.request("a", "a1", ["R"], "EX", ticket=1, on=[2])
+    doc = json.loads(dlm(c, "show", "R", "--json").stdout)
+    text = " | ".join(doc["divergence"])
+    assert "lock a1 (a): granted EX on" in text and "waiting -- (EX) on" in text
+    assert "lock b1 (b) absent on" in text
+    assert "Divergence" in dlm(c, "show", "R").stdout
+
+
+def test_show_child_by_path_and_missing_resource(c):
+    c.request("a", "a1", ["db/orders"], "CR", ticket=1)
+    c.request("a", "a2", ["db/orders", "row:42"], "EX", ticket=2, parent=(["db/orders"], "a1"))
+    doc = json.loads(dlm(c, "show", "db/orders", "row:42", "--json").stdout)
+    assert doc["path"] == ["db/orders", "row:42"] and doc["granted"][0]["parent"] == "a1"
+    r = dlm(c, "show", "row:42")
+    assert r.exit_code == ExitCode.FAILED
+    assert "no resource row:42" in one_line_error(r)
+
+
+# ----------------------------------------------------------------- break
+
+
+def test_break_asks_then_breaks_everywhere_and_tells_the_owner(c):
+    c.request("a", "a1", ["R"], "EX", ticket=1)
+    c.request("b", "b1", ["R"], "EX", ticket=2)
+    r = dlm(c, "break", "R", "--lock", "a1", input="n\n")
+    assert r.exit_code == ExitCode.FAILED
+    assert "Break 1 lock(s) on R: a1 of a (EX)" in r.stderr
+    assert "nothing broken" in r.stderr.splitlines()[-1]
+    assert c.queues(["R"], "a1") == ["G"] * 3
+    with c.listen("a") as ev:
+        r = dlm(c, "break", "R", "--lock", "a1", input="y\n")
+        assert r.exit_code == ExitCode.OK, r.output
+        ev.wait_for(b"C|a1|broken", count=3)
+    assert c.queues(["R"], "a1") == [None] * 3
+    assert c.queues(["R"], "b1") == ["G"] * 3  # the queue moved on
+    assert c.engines[0].inspect([c.key(["R"])])[1][0].valid is False  # V4: EX holder broken
+
+
+def test_break_by_owner_with_yes_and_json(c):
+    c.request("a", "a1", ["R"], "PR", ticket=1)
+    c.request("a", "a2", ["R"], "PR", ticket=2)
+    c.request("b", "b1", ["R"], "PR", ticket=3)
+    r = dlm(c, "break", "R", "--owner", "a", "--yes", "--json")
+    assert r.exit_code == ExitCode.OK
+    doc = json.loads(r.stdout)
+    assert doc["broken"] == 2 and [i["broken"] for i in doc["instances"]] == [2, 2, 2]
+    assert c.queues(["R"], "b1") == ["G"] * 3
+
+
+def test_break_of_nothing_fails(c):
+    c.request("a", "a1", ["R"], "EX", ticket=1)
+    r = dlm(c, "break", "R", "--lock", "nope", "--yes")
+    assert r.exit_code == ExitCode.FAILED
+    assert "no live lock nope on R" in one_line_error(r)
+
+
+@pytest.mark.parametrize("args", [
+    ["break", "R"], ["break", "R", "--lock", "x", "--owner", "y"], ["break", "--lock", "x"],
+    ["break", "R", "--lock", "bad id!", "--yes"],
+])
+def test_break_usage_errors(c, args):
+    r = dlm(c, *args)
+    assert r.exit_code == ExitCode.USAGE
+    one_line_error(r)
+
+
+# ----------------------------------------------------------------- graph, detector
+
+
+def test_graph_shows_edges_cycles_and_the_victim(c):
+    deadlock(c)
+    c.request("d", "d1", ["R1"], "EX", ticket=9)
+    r = dlm(c, "graph", "--json")
+    assert r.exit_code == ExitCode.OK
+    doc = json.loads(r.stdout)
+    assert doc["owners"] == ["a", "b", "d"]
+    assert {(e["waiter"], e["holder"]) for e in doc["edges"]} == {
+        ("a", "b"), ("b", "a"), ("d", "a"), ("d", "b")}
+    (cycle,) = doc["cycles"]
+    assert cycle["owners"] == ["a", "b"] and cycle["victim"]["lock_id"] == "b2"
+    assert all(len(e["instances"]) == 3 for e in doc["edges"])
+    text = dlm(c, "graph").stdout
+    assert "a -> b -> a" in text and "victim if it persists: b (lock b2 on R1" in text
+
+
+def test_graph_without_cycles(c):
+    c.request("a", "a1", ["R"], "EX", ticket=1)
+    c.request("b", "b1", ["R"], "EX", ticket=2)
+    r = dlm(c, "graph")
+    assert r.exit_code == ExitCode.OK and "no cycles" in r.stdout
+
+
+def test_detector_resolves_a_deadlock_in_bounded_rounds(c):
+    deadlock(c)
+    with c.listen("b") as ev:
+        r = dlm(c, "detector", "--interval", "0.05", "--rounds", "3")
+        assert r.exit_code == ExitCode.OK, r.output
+        ev.wait_for(b"C|b2|deadlock", count=3)
+    assert "event=victim" in r.stderr and "owner=b lock=b2" in r.stderr
+    assert "event=stop rounds=3" in r.stderr
+    assert c.queues(["R1"], "b2") == [None] * 3
+
+
+def test_detector_json_log_lines(c):
+    deadlock(c)
+    r = dlm(c, "detector", "--interval", "0.05", "--rounds", "2", "--json")
+    lines = [json.loads(line) for line in r.stderr.splitlines()]
+    assert any("event=victim" in ln["message"] for ln in lines)
+    assert all({"ts", "level", "message"} <= set(ln) for ln in lines)
+
+
+# ----------------------------------------------------------------- dev
+
+
+def test_dev_starts_initialises_and_stops_its_servers():
+    r = dlm(None, "dev", "-n", "1", "--duration", "0.3", "--json")
+    assert r.exit_code == ExitCode.OK, r.output
+    doc = json.loads(r.stdout)
+    (url,) = doc["urls"]
+    assert doc["env"] == f"DLM_REDIS={url}"
+    port = int(url.rsplit(":", 1)[1])
+    with socket.socket() as s:  # stopped: nothing listens any more
+        assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_dev_on_busy_ports_and_without_redis_server():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        busy = s.getsockname()[1]
+        r = dlm(None, "dev", "-n", "1", "--port-base", str(busy), "--duration", "0.1")
+    assert r.exit_code == ExitCode.FAILED and "in use" in one_line_error(r)
+    r = dlm(None, "dev", "--duration", "0.1", env={"REDIS_SERVER": "/nonexistent/redis"})
+    assert r.exit_code == ExitCode.FAILED
+    assert "scripts/setup.sh" in one_line_error(r)
+
+
+# ----------------------------------------------------------------- usage and failures
+
+
+@pytest.mark.parametrize("args", [
+    ["nosuchcommand"], ["show"], ["status", "--redis", "http://127.0.0.1:1"],
+    ["status", "--redis", "redis://127.0.0.1:notaport"], ["status", "--namespace", "bad ns"],
+    ["status", "--timeout", "0"], ["ls", ""], ["show", "a\x00b"], ["dev", "-n", "0"],
+    ["detector", "--interval", "0"], ["status", "--bogus"],
+])
+def test_bad_arguments_exit_2_with_one_line(c, args):
+    r = dlm(c, *args)
+    assert r.exit_code == ExitCode.USAGE, r.output
+    one_line_error(r)
+
+
+def test_no_instances_is_a_usage_error():
+    r = dlm(None, "ls")
+    assert r.exit_code == ExitCode.USAGE
+    assert "DLM_REDIS" in one_line_error(r)
+
+
+@pytest.mark.parametrize("cmd", [["status"], ["ls"], ["show", "R"], ["graph"],
+                                 ["break", "R", "--lock", "x", "--yes"]])
+def test_an_unreachable_instance_exits_1_with_one_line(cmd):
+    r = dlm(None, *cmd, "--redis", closed_port_url(), "--timeout", "0.5")
+    assert r.exit_code == ExitCode.FAILED
+    assert "unreachable" in one_line_error(r)
+
+
+def test_a_minority_unreachable_is_a_warning(c):
+    c.request("a", "a1", ["R"], "EX", ticket=1)
+    r = dlm(None, "ls", "--json", "--redis", ",".join(c.urls[:2] + [closed_port_url()]))
+    assert r.exit_code == ExitCode.OK
+    assert [res["name"] for res in json.loads(r.stdout)["resources"]] == ["R"]
+    (warning,) = r.stderr.splitlines()
+    assert warning.startswith("dlm: warning: ") and "unreachable" in warning
+
+
+def test_exit_for_maps_every_kind_of_error():
+    assert exit_for(click.UsageError("x"))[0] == ExitCode.USAGE
+    assert exit_for(InvalidArgument("x")) == (ExitCode.USAGE, "x")
+    assert exit_for(BadArgument("bad\nthing")) == (ExitCode.USAGE, "bad thing")
+    assert exit_for(Failed("nope")) == (ExitCode.FAILED, "nope")
+    assert exit_for(DevClusterError("no redis")) == (ExitCode.FAILED, "no redis")
+    assert exit_for(QuorumUnavailable("q"))[0] == ExitCode.FAILED
+    assert exit_for(Deadlock("d"))[0] == ExitCode.FAILED
+    assert exit_for(click.Abort()) == (ExitCode.FAILED, "aborted")
+    code, msg = exit_for(redis.ConnectionError("Error 111 connecting"))
+    assert code == ExitCode.FAILED and msg.startswith("unreachable")
+    code, msg = exit_for(RuntimeError("boom"))
+    assert code == ExitCode.FAILED and msg == "internal error: RuntimeError: boom"
