@@ -12,7 +12,7 @@ connection (redis.Redis; the hiredis parser when installed), one call after anot
 
 For each it prints ops/s, µs/op, the ratio to the floor (pair / 2 floor round trips,
 conversion round / 4 floor round trips) and what the scripts cost inside the server
-(INFO commandstats deltas of evalsha: µs per call and per op). The target is
+(INFO commandstats deltas of evalsha + eval + fcall: µs per call and per op). The target is
 pair <= 1.5 x two trivial round trips; it is printed with PASS/MISS beside it. This script
 prints; it does not assert.
 """
@@ -41,10 +41,18 @@ LEASE_MS = 30_000
 NAMESPACE = f"bench-{os.getpid()}"
 
 
-def evalsha_stats(client: redis.Redis) -> tuple[int, int]:
-    """(calls, usec) of EVALSHA so far on the server."""
-    st = client.info("commandstats").get("cmdstat_evalsha", {})
-    return int(st.get("calls", 0)), int(st.get("usec", 0))
+SCRIPT_COMMANDS = ("evalsha", "eval", "fcall")  # however the engine invokes its scripts
+
+
+def script_stats(client: redis.Redis) -> tuple[int, int]:
+    """(calls, usec) of script commands (EVALSHA, EVAL, FCALL) so far on the server."""
+    info = client.info("commandstats")
+    calls = usec = 0
+    for c in SCRIPT_COMMANDS:
+        st = info.get(f"cmdstat_{c}", {})
+        calls += int(st.get("calls", 0))
+        usec += int(st.get("usec", 0))
+    return calls, usec
 
 
 class Result:
@@ -54,7 +62,7 @@ class Result:
         self.unit = unit
         self.ops = ops
         self.seconds = seconds
-        self.calls = calls  # EVALSHA calls seen by the server during the measurement
+        self.calls = calls  # script calls seen by the server during the measurement
         self.server_usec = server_usec
 
     @property
@@ -82,7 +90,7 @@ def measure(client: redis.Redis, name: str, unit: str, step: Callable[[int], Non
     while time.perf_counter() < end:
         step(i)
         i += 1
-    calls0, usec0 = evalsha_stats(client)
+    calls0, usec0 = script_stats(client)
     n = 0
     start = time.perf_counter()
     end = start + seconds
@@ -93,7 +101,7 @@ def measure(client: redis.Redis, name: str, unit: str, step: Callable[[int], Non
         n += 1
         now = time.perf_counter()
     elapsed = now - start
-    calls1, usec1 = evalsha_stats(client)
+    calls1, usec1 = script_stats(client)
     return Result(name, unit, n, elapsed, calls1 - calls0, usec1 - usec0)
 
 
@@ -185,7 +193,8 @@ def run(url: str, seconds: float, own_server: bool) -> None:
           f"({TARGET_PAIR_RATIO * 2 * floor.us:.1f} µs): {pair.us:.1f} µs = "
           f"{pair_ratio:.2f} x  -> {verdict}")
     print()
-    print("server side (INFO commandstats, evalsha deltas during each measurement):")
+    print("server side (INFO commandstats, evalsha + eval + fcall deltas during each "
+          "measurement):")
     print(f"  trivial script        {floor.server_us_per_call:6.1f} µs per call")
     print(f"  request/release       {pair.server_us_per_call:6.1f} µs per call on average, "
           f"{pair.server_us_per_op:6.1f} µs per pair "

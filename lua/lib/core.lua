@@ -1,4 +1,5 @@
--- core.lua: shared pieces of every redlockdlm script (prepended at load time).
+-- core.lua: shared pieces of every redlockdlm script (redlockdlm/engine/scripts.py
+-- assembles it and every lua/<name>.lua into one Functions library, or one EVAL script).
 --
 -- Layout every mutating script shares:
 --   KEYS[1]  epoch hash `dlm:epoch`      (id, safe, tfix, toff)
@@ -126,11 +127,12 @@ end
 -- A lock: {id, o=owner, gr, rq (NONE if none), f=flags, t=ticket, ct=conversion ticket,
 -- e=expiry ms, p=parent id or '', pk=parent key or '', k={{key, id}...}, tok, pm}.
 
-local cache = {}       -- key -> resource (false if absent)
-local dirty = {}       -- key -> true
-local dirty_order = {}
-local windex_ops = {}  -- {'add', member, score} | {'rem', member}
-local events = {}      -- {owner, message}
+-- Per-call state, reset by `call` (in a Functions library these outlive a call).
+local cache        -- key -> resource (false if absent)
+local dirty        -- key -> true
+local dirty_order
+local windex_ops   -- {'add', member, score} | {'rem', member}
+local events       -- {owner, message}
 
 local function mark(key)
   if not dirty[key] then
@@ -459,4 +461,15 @@ local function run(main)
   end
   commit()
   return res
+end
+
+-- The entry of every script: `script` is the body of lua/<name>.lua. KEYS and ARGV are
+-- locals of the library (or of the EVAL chunk) set here, and every per-call variable is
+-- reset, because a Functions library keeps its upvalues from one call to the next.
+local function call(script, keys, args)
+  KEYS, ARGV = keys, args
+  REJOIN, CHANNEL, NOW, NOW_US, EPOCH, SAFE = nil, nil, nil, nil, nil, nil
+  epoch_dirty = false
+  cache, dirty, dirty_order, windex_ops, events = {}, {}, {}, {}, {}
+  return script()
 end

@@ -1,9 +1,9 @@
 """`Engine`: the lock database of ONE Redis instance, called synchronously.
 
-A thin layer: it builds ARGV with `codec`, calls the Lua script by SHA (NOSCRIPT fallback)
-and parses the reply. The rules live in the scripts (`lua/`); the quorum client
-(`redlockdlm.client`) sends the same scripts to every instance. Useful on its own for tests,
-tools and single-instance development.
+A thin layer: it builds ARGV with `codec`, calls the Lua script (FCALL, loading the library
+when the instance lacks it) and parses the reply. The rules live in the scripts (`lua/`); the
+quorum client (`redlockdlm.client`) sends the same scripts to every instance. Useful on its
+own for tests, tools and single-instance development.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import redis
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import ResponseError
 
 from ..errors import InvalidArgument, from_script_error
 from . import codec
@@ -26,16 +26,25 @@ from .keys import (
     waiters_key,
 )
 from .modes import Flag
-from .scripts import command, fallback
+from .scripts import command, ensure_loaded, fallback, is_missing
 
 
 def call_script(client: redis.Redis, name: str, keys: Sequence[bytes], args: Sequence[bytes]):
-    """EVALSHA `name`, sending the source if the instance forgot it; map DLM_ errors."""
+    """Run script `name` (FCALL); if the instance lacks the library (it restarted empty),
+    load it and call again, or, if it may not be loaded, EVAL the source. Map DLM_ errors.
+    (The contract every caller follows: `redlockdlm.engine.scripts`.)"""
+    keys, args = list(keys), list(args)
     try:
         try:
-            return client.execute_command(*command(name, list(keys), list(args)))
-        except NoScriptError:
-            return client.execute_command(*fallback(name, list(keys), list(args)))
+            return client.execute_command(*command(name, keys, args))
+        except ResponseError as exc:
+            if not is_missing(exc):
+                raise
+        try:
+            ensure_loaded(client)
+        except ResponseError:  # FUNCTION refused (ACL): the self-contained EVAL form
+            return client.execute_command(*fallback(name, keys, args))
+        return client.execute_command(*command(name, keys, args))
     except ResponseError as exc:
         msg = str(exc)
         if msg.startswith("DLM_"):

@@ -1,8 +1,35 @@
-"""The server-side Lua scripts: loading, SHA1 and calling with a NOSCRIPT fallback.
+"""The server-side Lua code: assembling, loading and invoking it (one place decides how).
 
-Each script is `lua/lib/core.lua` followed by the script's own file. With N independent
-instances each may have restarted and forgotten a script, so every call goes by SHA and falls
-back to sending the source on NOSCRIPT, per instance (redis-py `Script` does the same).
+Every script is one file `lua/<name>.lua`; `lua/lib/core.lua` holds the code they share.
+They reach an instance as ONE Redis Functions library (Redis >= 7.0), assembled here:
+
+    #!lua name=redlockdlm_<hash>
+    local KEYS, ARGV                      -- set by every call (core.lua `call`)
+    <lua/lib/core.lua>
+    local function script_<name>() <lua/<name>.lua> end      -- for each script
+    redis.register_function('dlm_<hash>_<name>', function(keys, args)
+      return call(script_<name>, keys, args) end)              -- for each script
+
+so the ~50 functions of core.lua are defined once, at FUNCTION LOAD, instead of on every
+call as with EVAL (where the whole chunk runs each time). `<hash>` is derived from the
+library's source: an instance that holds another version of redlockdlm (a rolling upgrade)
+never runs this version's calls with that code, and versions can coexist on one instance.
+
+The contract every caller follows (the Engine here, the quorum client, pipelined or not):
+
+- send `command(name, keys, args)` (FCALL);
+- on an error reply for which `is_missing(error)` is true (the instance restarted empty or
+  was flushed with FUNCTION FLUSH: "ERR Function not found"), send `load_command()`
+  (FUNCTION LOAD REPLACE <library>; `ensure_loaded(client)` does it) and then the same
+  `command(...)` again; both may go in one pipeline, load first. Loading is idempotent and
+  safe to race with other clients;
+- or, instead (e.g. FUNCTION is refused by an ACL), send `fallback(name, keys, args)`: an
+  EVAL of the same script, needing nothing loaded, with the same reply and effects, only
+  slower.
+
+Any other error reply is the script's own (`DLM_*`, see `redlockdlm.errors`) or a real
+failure; no call is ever applied partially, so a retried call is never applied twice by
+these rules except as its script says (G12 makes request retries idempotent).
 """
 
 from __future__ import annotations
@@ -14,7 +41,7 @@ from pathlib import Path
 
 SCRIPT_NAMES = ("request", "convert", "release", "cancel", "yield", "renew", "break",
                 "inspect", "init")
-_STANDALONE = ("inspect", "init")  # read-only or epoch-only: no core needed
+_MISSING = "Function not found"
 
 
 def _lua_dir() -> Path:
@@ -28,20 +55,58 @@ def _lua_dir() -> Path:
 
 @dataclass(frozen=True)
 class Script:
+    """The EVAL form of one script (the fallback): self-contained source and its SHA1."""
+
     name: str
     source: bytes
     sha: str
 
 
+@dataclass(frozen=True)
+class Library:
+    """The Functions library: its name, source and each script's function name."""
+
+    name: str
+    source: bytes
+    functions: dict[str, bytes]
+
+
+def _wrapped(name: str, body: bytes) -> bytes:
+    return (b"local function script_" + name.encode() + b"()\n" + body.rstrip(b"\n")
+            + b"\nend\n")
+
+
 @cache
-def load(name: str) -> Script:
-    """The script `name` with core.lua prepended, and its SHA1."""
+def _core() -> bytes:
+    return (_lua_dir() / "lib" / "core.lua").read_bytes()
+
+
+@cache
+def _body(name: str) -> bytes:
     if name not in SCRIPT_NAMES:
         raise KeyError(name)
-    d = _lua_dir()
-    body = (d / f"{name}.lua").read_bytes()
-    if name not in _STANDALONE:
-        body = (d / "lib" / "core.lua").read_bytes() + b"\n" + body
+    return (_lua_dir() / f"{name}.lua").read_bytes()
+
+
+@cache
+def library() -> Library:
+    """The library holding every script, named after a hash of its source."""
+    parts = [_core()] + [_wrapped(n, _body(n)) for n in SCRIPT_NAMES]
+    digest = hashlib.sha1(b"\n".join(parts)).hexdigest()[:16]
+    lib = f"redlockdlm_{digest}"
+    functions = {n: f"dlm_{digest}_{n}".encode() for n in SCRIPT_NAMES}
+    reg = [b"redis.register_function('" + functions[n] + b"', function(keys, args) "
+           b"return call(script_" + n.encode() + b", keys, args) end)\n" for n in SCRIPT_NAMES]
+    source = (f"#!lua name={lib}\n".encode() + b"local KEYS, ARGV\n" + b"\n".join(parts)
+              + b"".join(reg))
+    return Library(lib, source, functions)
+
+
+@cache
+def load(name: str) -> Script:
+    """The EVAL form of script `name` (core.lua, the script, a call of it), and its SHA1."""
+    body = (b"local KEYS, ARGV = KEYS, ARGV\n" + _core() + b"\n" + _wrapped(name, _body(name))
+            + b"return call(script_" + name.encode() + b", KEYS, ARGV)\n")
     return Script(name, body, hashlib.sha1(body).hexdigest())
 
 
@@ -50,14 +115,37 @@ def all_scripts() -> dict[str, Script]:
 
 
 def command(name: str, keys: list[bytes], args: list[bytes]) -> tuple:
-    """The Redis command that runs script `name` (by SHA). Every caller that talks to an
-    instance, pipelined or not, builds its commands here, so how scripts are invoked is
-    decided in one place."""
-    s = load(name)
-    return ("EVALSHA", s.sha, len(keys), *keys, *args)
+    """The Redis command that runs script `name` (FCALL of the library's function). Every
+    caller that talks to an instance, pipelined or not, builds its commands here, so how
+    scripts are invoked is decided in one place."""
+    return ("FCALL", library().functions[name], len(keys), *keys, *args)
 
 
 def fallback(name: str, keys: list[bytes], args: list[bytes]) -> tuple:
-    """The command to send after the instance answered NOSCRIPT (it restarted or flushed)."""
+    """A command with the same effect and reply as `command(...)` that needs nothing loaded
+    on the instance (EVAL of the script's source): for an instance that answered
+    `is_missing` and where the library cannot be loaded."""
     s = load(name)
     return ("EVAL", s.source, len(keys), *keys, *args)
+
+
+def load_command() -> tuple:
+    """The command that loads the library (idempotent: REPLACE of the same code)."""
+    return ("FUNCTION", "LOAD", "REPLACE", library().source)
+
+
+def ensure_loaded(client) -> None:
+    """Load the library on `client`'s instance (a redis.Redis or anything with a
+    compatible `execute_command`). Cheap to repeat; call it after `is_missing`."""
+    client.execute_command(*load_command())
+
+
+def is_missing(error: object) -> bool:
+    """True if an error reply (exception, str or bytes) means the instance does not have
+    the library: load it (`load_command`) and send the command again."""
+    if isinstance(error, (bytes, bytearray)):
+        error = bytes(error).decode("utf-8", "replace")
+    msg = str(error)
+    if msg.startswith("ERR "):
+        msg = msg[4:]
+    return msg.startswith(_MISSING)

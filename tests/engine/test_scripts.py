@@ -1,0 +1,134 @@
+"""How scripts reach an instance (redlockdlm/engine/scripts.py): the Functions library, the
+"Function not found" contract every caller follows, and the self-contained EVAL fallback."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+from redis.exceptions import ResponseError
+
+from redlockdlm.engine import codec, scripts
+from redlockdlm.engine.instance import Engine, call_script
+from redlockdlm.engine.keys import EPOCH_KEY
+from redlockdlm.engine.modes import Mode, Status
+from redlockdlm.errors import BadArgument, NotOwner
+
+NS = "sc"
+LEASE = 30_000
+
+
+def _libraries(c: redis.Redis) -> list[bytes]:
+    return [lib[b"library_name"] for lib in c.execute_command("FUNCTION", "LIST")]
+
+
+def _request_cmd(e: Engine, fn, lid: str, mode: Mode = Mode.EX) -> tuple:
+    k = e.key("res")
+    return fn("request", [EPOCH_KEY, e.wkey, k, k], codec.request_args(
+        30_000, e.chan, "o1", lid, mode, 0, 1, LEASE, "", b"res"))
+
+
+def test_library_is_one_per_version_and_names_its_functions() -> None:
+    lib = scripts.library()
+    assert lib.source.startswith(f"#!lua name={lib.name}\n".encode())
+    assert set(lib.functions) == set(scripts.SCRIPT_NAMES)
+    digest = lib.name.removeprefix("redlockdlm_")
+    for name, fn in lib.functions.items():
+        assert fn == f"dlm_{digest}_{name}".encode()
+    assert scripts.command("yield", [b"k"], [b"a"]) == ("FCALL", lib.functions["yield"], 1,
+                                                      b"k", b"a")
+    assert scripts.load_command() == ("FUNCTION", "LOAD", "REPLACE", lib.source)
+
+
+def test_empty_instance_gets_the_library_on_first_call(redis_server) -> None:
+    c = redis_server.client()
+    assert _libraries(c) == []
+    e = Engine(c, NS)
+    e.init_fresh()
+    assert _libraries(c) == [scripts.library().name.encode()]
+    assert e.request(e.key("res"), "o1", "a", Mode.EX, ticket=1,
+                     lease_ms=LEASE).status == Status.GRANTED
+    c.execute_command("FUNCTION", "FLUSH")  # as after a restart with an empty data set
+    assert e.release(e.key("res"), "o1", "a").status == Status.RELEASED
+    assert _libraries(c) == [scripts.library().name.encode()]
+
+
+def test_is_missing(redis_server) -> None:
+    c = redis_server.client()
+    e = Engine(c, NS)
+    with pytest.raises(ResponseError) as info:
+        c.execute_command(*_request_cmd(e, scripts.command, "a"))
+    assert scripts.is_missing(info.value)
+    assert scripts.is_missing("ERR Function not found")
+    assert scripts.is_missing(b"ERR Function not found")
+    assert scripts.is_missing("Function not found")
+    assert not scripts.is_missing("DLM_BADARG mode must be an integer 0..5")
+    assert not scripts.is_missing(ResponseError("NOSCRIPT No matching script"))
+    # a pipelined caller: load, then the same command, in one round trip
+    p = c.pipeline(transaction=False)
+    p.execute_command(*scripts.load_command())
+    p.execute_command(*_request_cmd(e, scripts.command, "a"))
+    loaded, raw = p.execute()
+    assert loaded == scripts.library().name.encode()
+    assert codec.parse_lock_reply(raw).status == Status.RECOVERING  # new epoch (E1)
+
+
+def test_fallback_needs_nothing_loaded_and_answers_alike(redis_server) -> None:
+    c = redis_server.client()
+    e = Engine(c, NS, rejoin_ms=0)
+    c.execute_command(*scripts.fallback("init", [EPOCH_KEY], [b"fresh"]))
+    c.execute_command(*scripts.fallback("init", [EPOCH_KEY], [b"clock", b"1000000", b"0"]))
+    a = codec.parse_lock_reply(c.execute_command(*_request_cmd(e, scripts.fallback, "a")))
+    assert _libraries(c) == []
+    assert (a.status, a.mode) == (Status.GRANTED, Mode.EX)
+    b = codec.parse_lock_reply(c.execute_command(*_request_cmd(e, scripts.fallback, "b")))
+    assert (b.status, b.position, b.blockers) == (Status.QUEUED, 0,
+                                                  (codec.Blocker("o1", "a", Mode.EX),))
+    # the library sees the same state, and answers a repeated request alike (G12)
+    b2 = codec.parse_lock_reply(call_script(c, "request", *_request_cmd(e, _split, "b")))
+    assert b2 == b
+    with pytest.raises(ResponseError, match="^DLM_BADARG"):
+        c.execute_command(*scripts.fallback("init", [EPOCH_KEY], [b"nonsense"]))
+
+
+def _split(name: str, keys: list[bytes], args: list[bytes]) -> tuple:
+    return keys, args
+
+
+def test_call_script_uses_the_fallback_where_functions_are_refused(redis_server) -> None:
+    admin = redis_server.client()
+    admin.execute_command("ACL", "SETUSER", "nofn", "on", ">pw", "~*", "&*", "+@all",
+                          "-function")
+    c = redis.Redis(host=admin.connection_pool.connection_kwargs["host"],
+                    port=admin.connection_pool.connection_kwargs["port"],
+                    username="nofn", password="pw")
+    e = Engine(c, NS)
+    assert e.init_fresh().recovering_ms == 0
+    assert e.request(e.key("res"), "o1", "a", Mode.PR, ticket=1,
+                     lease_ms=LEASE).status == Status.GRANTED
+    assert _libraries(admin) == []
+    with pytest.raises(BadArgument):
+        e.request(e.key("res"), "o1", "b", Mode.PR, ticket=1, lease_ms=0)
+    c.close()
+
+
+def test_state_does_not_leak_between_calls(w_engine) -> None:
+    """A Functions library keeps its upvalues between calls: a call that fails half way
+    (after loading resources) must not leave anything for the next one."""
+    c, e = w_engine
+    k = e.key("res")
+    assert e.request(k, "o1", "a", Mode.EX, ticket=1, lease_ms=LEASE).status == Status.GRANTED
+    with pytest.raises(NotOwner):  # fails after loading the resource
+        e.release(k, "o2", "a")
+    before = e.inspect([k])
+    rep = e.request(e.key("other"), "o2", "b", Mode.EX, ticket=2, lease_ms=LEASE)
+    assert rep.status == Status.GRANTED
+    assert e.inspect([k])[1] == before[1]
+    assert e.release(k, "o1", "a").status == Status.RELEASED
+
+
+@pytest.fixture
+def w_engine(r: redis.Redis):
+    e = Engine(r, NS)
+    e.init_fresh()
+    e.set_clock(frozen_ms=1_000_000)
+    return r, e
