@@ -27,6 +27,7 @@ from redlockdlm.engine.keys import check_id, check_name
 
 from . import output
 from .common import ExitCode, Failed, Settings, connection_options, exit_for
+from .lockcmds import demo, run
 
 
 def _version() -> str:
@@ -254,6 +255,10 @@ def dev(n: int, port_base: int | None, duration_s: float | None, as_json: bool) 
                 break
             stop.wait(0.5 if left is None else min(0.5, left))
     output.dev_stopped()
+
+
+cli.add_command(run)
+cli.add_command(demo)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -52,8 +52,7 @@ class DemoResult:
 
 def _update_row(table_lock, row: str, timeout: float) -> None:
     with table_lock.lock(row, Mode.EX, timeout=timeout) as r:
-        version = int(r.value or b"0") if r.value_valid else int(r.value or b"0")
-        r.value = str(version + 1).encode()
+        r.value = str(int(r.value or b"0") + 1).encode()
 
 
 def _deadlock(idx: int, dlm: DLM, barrier, ops: Counter, committed: Counter) -> int:
@@ -132,9 +131,11 @@ def _worker(idx: int, urls: Sequence[str], seconds: float, out: mp.Queue,
 
 
 def run_demo(urls: Sequence[str], *, workers: int = 4, seconds: float = 6.0,
-             detector_interval: float = 0.3,
-             report: Callable[[str], None] = print) -> DemoResult:
-    """Run the demo workload against `urls` (instances already marked fresh or in use)."""
+             detector: bool = True, detector_interval: float = 0.3,
+             report: Callable[[float, int, int, int], None] | None = None) -> DemoResult:
+    """Run the demo workload against `urls` and check its result. With `detector`, a
+    deadlock detector runs in a thread of this process meanwhile. `report(elapsed_s,
+    operations, workers_done, workers)` is called about twice a second."""
     from .detector import Detector
 
     ctx = mp.get_context("spawn")
@@ -142,9 +143,11 @@ def run_demo(urls: Sequence[str], *, workers: int = 4, seconds: float = 6.0,
     progress = ctx.Value("l", 0)
     barrier = ctx.Barrier(2)
     stop = threading.Event()
-    detector = Detector(list(urls), namespace=NAMESPACE, interval_s=detector_interval)
-    det_thread = threading.Thread(target=detector.run_forever, args=(stop,), daemon=True)
-    det_thread.start()
+    det_thread = None
+    if detector:
+        det = Detector(list(urls), namespace=NAMESPACE, interval_s=detector_interval)
+        det_thread = threading.Thread(target=det.run_forever, args=(stop,), daemon=True)
+        det_thread.start()
     keeper = DLM(list(urls), namespace=NAMESPACE, lease_ms=5_000)
     try:
         # NL locks keep every table's and row's value block alive between updates
@@ -167,8 +170,8 @@ def run_demo(urls: Sequence[str], *, workers: int = 4, seconds: float = 6.0,
             elapsed = time.monotonic() - t0
             if elapsed > seconds + 60:
                 raise DLMError("demo workers did not finish")
-            report(f"  {elapsed:5.1f}s  operations: {progress.value:6d}  "
-                   f"workers done: {len(results)}/{workers}")
+            if report is not None:
+                report(elapsed, progress.value, len(results), workers)
         for p in procs:
             p.join(timeout=10)
         elapsed = time.monotonic() - t0
@@ -191,4 +194,5 @@ def run_demo(urls: Sequence[str], *, workers: int = 4, seconds: float = 6.0,
     finally:
         stop.set()
         keeper.close()
-        det_thread.join(timeout=5)
+        if det_thread is not None:
+            det_thread.join(timeout=5)
