@@ -39,7 +39,7 @@ fi
 STAMP=.venv/.redlockdlm-install-stamp
 WANT="$(cat pyproject.toml setup.py | sha256sum | cut -d' ' -f1)"
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] \
-        && .venv/bin/python -c 'import redlockdlm_cli' 2>/dev/null; then
+        && .venv/bin/python -c 'import redlockdlm_cli, redlockdlm; redlockdlm.DLM' 2>/dev/null; then
     echo "setup: .venv already has redlockdlm installed (editable, with [test] extras)"
 else
     echo "setup: pip install -e '.[test]' into .venv"
