@@ -1,10 +1,12 @@
 """Single-instance engine benchmark: what one lock operation costs against a trivial script.
 
-    python benchmarks/engine.py [--seconds S] [--url redis://host:port]
+    python benchmarks/engine.py [--seconds S] [--rounds R] [--url redis://host:port]
 
 Without --url it starts its own redis-server on a free loopback port (the test harness,
 tests/redis_harness.py) and stops it, by its pid, at the end. Everything runs on ONE
-connection (redis.Redis; the hiredis parser when installed), one call after another:
+connection (redis.Redis; the hiredis parser when installed), one call after another. The
+three figures are measured in R interleaved slices (floor, pair, conversion, floor, ...), so
+a change of machine load between them does not skew their ratios:
 
   (a) floor       EVALSHA of `return 1`: the cheapest possible script round trip
   (b) pair        Engine.request(EX) + Engine.release, a new lock id each time, uncontended
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -56,14 +59,18 @@ def script_stats(client: redis.Redis) -> tuple[int, int]:
 
 
 class Result:
-    def __init__(self, name: str, unit: str, ops: int, seconds: float, calls: int,
-                 server_usec: int) -> None:
+    """One figure, accumulated over the interleaved slices it was measured in."""
+
+    def __init__(self, name: str, unit: str, step: Callable[[int], None]) -> None:
         self.name = name
         self.unit = unit
-        self.ops = ops
-        self.seconds = seconds
-        self.calls = calls  # script calls seen by the server during the measurement
-        self.server_usec = server_usec
+        self.step = step
+        self.i = 0  # the step counter runs on across slices (fresh lock ids)
+        self.ops = 0
+        self.seconds = 0.0
+        self.calls = 0  # script calls seen by the server during the measurement
+        self.server_usec = 0
+        self.slice_us: list[float] = []  # µs/op of each slice
 
     @property
     def rate(self) -> float:
@@ -81,28 +88,37 @@ class Result:
     def server_us_per_op(self) -> float:
         return self.server_usec / self.ops
 
+    def run_slice(self, client: redis.Redis, seconds: float, record: bool = True) -> None:
+        """Run step(i) for `seconds`, timed; add it to the figure unless `record` is False."""
+        calls0, usec0 = script_stats(client)
+        n = 0
+        start = time.perf_counter()
+        end = start + seconds
+        now = start
+        while now < end:
+            self.step(self.i)
+            self.i += 1
+            n += 1
+            now = time.perf_counter()
+        elapsed = now - start
+        calls1, usec1 = script_stats(client)
+        if record:
+            self.ops += n
+            self.seconds += elapsed
+            self.calls += calls1 - calls0
+            self.server_usec += usec1 - usec0
+            self.slice_us.append(elapsed / n * 1e6)
 
-def measure(client: redis.Redis, name: str, unit: str, step: Callable[[int], None],
-            seconds: float, warmup: float) -> Result:
-    """Run step(i) for `warmup` seconds, then for `seconds` seconds, timed."""
-    i = 0
-    end = time.perf_counter() + warmup
-    while time.perf_counter() < end:
-        step(i)
-        i += 1
-    calls0, usec0 = script_stats(client)
-    n = 0
-    start = time.perf_counter()
-    end = start + seconds
-    now = start
-    while now < end:
-        step(i)
-        i += 1
-        n += 1
-        now = time.perf_counter()
-    elapsed = now - start
-    calls1, usec1 = script_stats(client)
-    return Result(name, unit, n, elapsed, calls1 - calls0, usec1 - usec0)
+
+def measure(client: redis.Redis, figures: list[Result], seconds: float, warmup: float,
+            rounds: int) -> None:
+    """Warm each figure up, then measure them in `rounds` interleaved slices of
+    seconds / rounds each, so a change of machine load hits every figure alike."""
+    for f in figures:
+        f.run_slice(client, warmup, record=False)
+    for _ in range(rounds):
+        for f in figures:
+            f.run_slice(client, seconds / rounds)
 
 
 def check(rep, want: Status, what: str) -> None:
@@ -111,7 +127,7 @@ def check(rep, want: Status, what: str) -> None:
                          f"expected {want.name}: {rep}")
 
 
-def run(url: str, seconds: float, own_server: bool) -> None:
+def run(url: str, seconds: float, own_server: bool, rounds: int) -> None:
     client = redis.Redis.from_url(url)
     info = client.info("server")
     e = Engine(client, NAMESPACE, rejoin_ms=LEASE_MS)
@@ -129,7 +145,7 @@ def run(url: str, seconds: float, own_server: bool) -> None:
     print(f"python {platform.python_version()}, redis-py {redis.__version__}, "
           f"hiredis parser: {'yes' if redis.utils.HIREDIS_AVAILABLE else 'NO'}; "
           f"one connection, sequential calls; {seconds:g} s per figure after "
-          f"{warmup:g} s warm-up")
+          f"{warmup:g} s warm-up, in {rounds} interleaved slices")
     print()
 
     # (a) floor: a trivial script round trip
@@ -170,9 +186,10 @@ def run(url: str, seconds: float, own_server: bool) -> None:
         e.convert(ckey, owner, lid, Mode.NL, ticket=t + 2, lease_ms=LEASE_MS)
         e.release(ckey, owner, lid)
 
-    floor = measure(client, "floor: EVALSHA `return 1`", "calls", floor_step, seconds, warmup)
-    pair = measure(client, "request + release (EX)", "pairs", pair_step, seconds, warmup)
-    conv = measure(client, "conversion round (4 calls)", "rounds", conv_step, seconds, warmup)
+    floor = Result("floor: EVALSHA `return 1`", "calls", floor_step)
+    pair = Result("request + release (EX)", "pairs", pair_step)
+    conv = Result("conversion round (4 calls)", "rounds", conv_step)
+    measure(client, [floor, pair, conv], seconds, warmup, rounds)
 
     rows = [
         (floor, floor.us / floor.us, "1 round trip"),
@@ -192,6 +209,10 @@ def run(url: str, seconds: float, own_server: bool) -> None:
     print(f"target: pair <= {TARGET_PAIR_RATIO} x two trivial round trips "
           f"({TARGET_PAIR_RATIO * 2 * floor.us:.1f} µs): {pair.us:.1f} µs = "
           f"{pair_ratio:.2f} x  -> {verdict}")
+    per_round = sorted(p / (2 * f) for p, f in zip(pair.slice_us, floor.slice_us))
+    print(f"  pair ratio of each slice with the floor measured just before it: median "
+          f"{statistics.median(per_round):.2f}, min {per_round[0]:.2f}, "
+          f"max {per_round[-1]:.2f} ({len(per_round)} slices)")
     print()
     print("server side (INFO commandstats, evalsha + eval + fcall deltas during each "
           "measurement):")
@@ -209,19 +230,23 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=3.0,
                     help="measured seconds per figure (default 3)")
+    ap.add_argument("--rounds", type=int, default=10,
+                    help="interleaved slices each figure is measured in (default 10)")
     ap.add_argument("--url", help="redis://host:port of a running, safe instance "
                     "(default: start a private redis-server)")
     args = ap.parse_args(argv)
     if args.seconds <= 0:
         ap.error("--seconds must be positive")
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
     if args.url:
-        run(args.url, args.seconds, own_server=False)
+        run(args.url, args.seconds, own_server=False, rounds=args.rounds)
         return 0
     from redis_harness import RedisServer  # tests/redis_harness.py
 
     server = RedisServer()
     try:
-        run(server.url, args.seconds, own_server=True)
+        run(server.url, args.seconds, own_server=True, rounds=args.rounds)
     finally:
         server.stop()  # SIGTERM to its own pid, then cleanup
     return 0

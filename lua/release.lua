@@ -16,8 +16,9 @@
 
 local function release_kids(lk, subtree)
   local n = 0
-  for _, kd in ipairs(lk.k) do
-    local ckey, cid = kd[1], kd[2]
+  local kids = lk.k
+  for i = 1, #kids do
+    local ckey, cid = kids[i][1], kids[i][2]
     if not declared(ckey) then
       fail('DLM_KEYS', 'child resource key not passed in KEYS (H3): ' .. ckey)
     end

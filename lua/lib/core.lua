@@ -13,6 +13,14 @@
 --
 -- Rule ids (G1, H1, V3, ...) refer to docs/rules.md.
 
+-- The globals the scripts use, as locals. In a Functions library every global read goes
+-- through the protected globals table (~1 µs each), and the library cannot read them while it
+-- loads, so `call` binds these once, on its first call. (In EVAL form: on every call.)
+local function the_globals()  -- defined before the locals below, so these are the globals
+  return redis, cmsgpack, string, table, math, type, tonumber, tostring, pcall, error, ipairs
+end
+local redis, cmsgpack, string, table, math, type, tonumber, tostring, pcall, error, ipairs
+
 local NL, CR, CW, PR, PW, EX = 0, 1, 2, 3, 4, 5
 local NONE = -1
 
@@ -51,10 +59,12 @@ end
 
 -- ----------------------------------------------------------------- argument checks
 
+-- The values checked come from ARGV: strings, or nil when missing. (string.find of the one
+-- character that is NOT allowed, so no match string is created.)
 local function arg_int(s, what, lo, hi)
   lo = lo or 0
   hi = hi or MAX_INT
-  if type(s) ~= 'string' or #s == 0 or #s > 16 or not string.match(s, '^%d+$') then
+  if not s or #s == 0 or #s > 16 or string.find(s, '%D') then
     fail('DLM_BADARG', what .. ' must be an integer in ' .. lo .. '..' .. string.format('%.0f', hi))
   end
   local n = tonumber(s)
@@ -65,25 +75,28 @@ local function arg_int(s, what, lo, hi)
 end
 
 local function arg_id(s, what)
-  if type(s) ~= 'string' or #s == 0 or #s > 64 or not string.match(s, '^[%w_%.:%-]+$') then
+  if not s or #s == 0 or #s > 64 or string.find(s, '[^%w_%.:%-]') then
     fail('DLM_BADARG', what .. ' must be 1..64 characters of [A-Za-z0-9_.:-]')
   end
   return s
 end
 
 local function arg_mode(s)
-  if type(s) ~= 'string' or not string.match(s, '^[0-5]$') then
+  local b = s and #s == 1 and string.byte(s)
+  if not b or b < 48 or b > 53 then  -- '0'..'5'
     fail('DLM_BADARG', 'mode must be an integer 0..5 (NL CR CW PR PW EX)')
   end
-  return tonumber(s)
+  return b - 48
 end
 
 local function arg_flags(s, allowed)
   local f = arg_int(s, 'flags', 0, 255)
-  for _, bit in ipairs({1, 2, 4, 8, 16, 32, 64, 128}) do
+  local bit = 1
+  while bit <= f do
     if has(f, bit) and not has(allowed, bit) then
       fail('DLM_BADARG', 'flags ' .. f .. ' not allowed here (allowed mask ' .. allowed .. ')')
     end
+    bit = bit + bit
   end
   return f
 end
@@ -95,21 +108,27 @@ local epoch_dirty = false
 
 local function epoch_load()
   local e = redis.call('HMGET', KEYS[1], 'id', 'safe', 'tfix', 'toff')
+  local sec, usec
   if e[3] then
     -- test clock: frozen at tfix ms (set only by the `init clock` script)
     NOW = tonumber(e[3])
     NOW_US = NOW * 1000
   else
     local t = redis.call('TIME')
-    local off = tonumber(e[4] or '0') or 0
-    NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + off
-    NOW_US = tonumber(t[1]) * 1000000 + tonumber(t[2]) + off * 1000
+    sec, usec = tonumber(t[1]), tonumber(t[2])
+    local off = 0
+    if e[4] then off = tonumber(e[4]) or 0 end
+    NOW = sec * 1000 + (usec - usec % 1000) / 1000 + off  -- usec: 0..999999
+    NOW_US = sec * 1000000 + usec + off * 1000
   end
   if e[1] then
     EPOCH, SAFE = e[1], tonumber(e[2])
   else
-    local t = redis.call('TIME')
-    EPOCH = string.format('%x.%x', tonumber(t[1]), tonumber(t[2]))
+    if not sec then
+      local t = redis.call('TIME')
+      sec, usec = tonumber(t[1]), tonumber(t[2])
+    end
+    EPOCH = string.format('%x.%x', sec, usec)
     SAFE = NOW + REJOIN
     epoch_dirty = true
   end
@@ -157,11 +176,16 @@ local function fmt(n)
   return string.format('%.0f', n)
 end
 
+-- (Numeric loops, not ipairs: each ipairs step is a C function call.)
 local function compatible_with_granted(r, lk, mode)
-  for _, o in ipairs(r.g) do
+  local q = r.g
+  for i = 1, #q do
+    local o = q[i]
     if o ~= lk and not COMPAT[o.gr][mode] then return false end
   end
-  for _, o in ipairs(r.c) do
+  q = r.c
+  for i = 1, #q do
+    local o = q[i]
     if o ~= lk and not COMPAT[o.gr][mode] then return false end
   end
   return true
@@ -182,8 +206,8 @@ local function grant_event(r, lk)  -- N2
 end
 
 local function remove_from(q, lk)
-  for i, o in ipairs(q) do
-    if o == lk then
+  for i = 1, #q do
+    if q[i] == lk then
       table.remove(q, i)
       return i
     end
@@ -192,8 +216,8 @@ local function remove_from(q, lk)
 end
 
 local function index_of(q, lk)
-  for i, o in ipairs(q) do
-    if o == lk then return i end
+  for i = 1, #q do
+    if q[i] == lk then return i end
   end
   return nil
 end
@@ -201,12 +225,13 @@ end
 -- G8: the conversion queue first, repeatedly; then waiters strictly in order while no
 -- conversion is queued, stopping at the first that cannot be granted.
 local function process(key, r)
-  local changed = true
+  local changed = #r.c > 0
   while changed do
     changed = false
     local snapshot = {}
-    for i, lk in ipairs(r.c) do snapshot[i] = lk end
-    for _, lk in ipairs(snapshot) do
+    for i = 1, #r.c do snapshot[i] = r.c[i] end
+    for i = 1, #snapshot do
+      local lk = snapshot[i]
       if index_of(r.c, lk) and not (has(lk.f, F_QUECVT) and r.c[1] ~= lk)
           and compatible_with_granted(r, lk, lk.rq) then
         remove_from(r.c, lk)
@@ -232,20 +257,31 @@ local function process(key, r)
 end
 
 -- G10, V4: drop expired locks, invalidate the value of an expired writer.
+local QUEUES = {'g', 'c', 'w'}  -- read only
+
 local function purge(key, r)
   local removed = false
-  for _, qn in ipairs({'g', 'c', 'w'}) do
-    local keep = {}
-    for _, lk in ipairs(r[qn]) do
-      if lk.e <= NOW then
-        removed = true
-        if lk.gr >= PW then r.vi = 1 end
-        if qn ~= 'g' then windex_rem(key, lk) end
-      else
-        keep[#keep + 1] = lk
+  for qi = 1, 3 do
+    local qn = QUEUES[qi]
+    local q = r[qn]
+    local n = #q
+    local first = 1  -- the first expired lock; the queue is rebuilt only if there is one
+    while first <= n and q[first].e > NOW do first = first + 1 end
+    if first <= n then
+      local keep = {}
+      for i = 1, first - 1 do keep[i] = q[i] end
+      for i = first, n do
+        local lk = q[i]
+        if lk.e <= NOW then
+          removed = true
+          if lk.gr >= PW then r.vi = 1 end
+          if qn ~= 'g' then windex_rem(key, lk) end
+        else
+          keep[#keep + 1] = lk
+        end
       end
+      r[qn] = keep
     end
-    r[qn] = keep
   end
   if removed then
     mark(key)
@@ -263,8 +299,12 @@ local function load(key)
       r.g = r.g or {}
       r.c = r.c or {}
       r.w = r.w or {}
-      for _, qn in ipairs({'g', 'c', 'w'}) do
-        for _, lk in ipairs(r[qn]) do lk.k = lk.k or {} end
+      for qi = 1, 3 do
+        local q = r[QUEUES[qi]]
+        for i = 1, #q do
+          local lk = q[i]
+          if not lk.k then lk.k = {} end
+        end
       end
       cache[key] = r
       purge(key, r)
@@ -285,8 +325,11 @@ local function create(key, name)
 end
 
 local function find(r, id)
-  for _, qn in ipairs({'g', 'c', 'w'}) do
-    for _, lk in ipairs(r[qn]) do
+  for qi = 1, 3 do
+    local qn = QUEUES[qi]
+    local q = r[qn]
+    for i = 1, #q do
+      local lk = q[i]
       if lk.id == id then return qn, lk end
     end
   end
@@ -311,8 +354,10 @@ end
 local function blocking(r, lk)
   local ticket = lk.t
   if lk.gr ~= NONE then ticket = lk.ct end
-  for _, qn in ipairs({'g', 'c'}) do
-    for _, o in ipairs(r[qn]) do
+  for qi = 1, 2 do
+    local q = r[QUEUES[qi]]
+    for i = 1, #q do
+      local o = q[i]
       if o ~= lk and not COMPAT[o.gr][lk.rq] then
         emit(o.o, 'B|' .. o.id .. '|' .. lk.rq .. '|' .. fmt(ticket) .. '|' .. lk.id)
       end
@@ -342,22 +387,24 @@ local function lock_state(r, lk)
   local q = r[qn]
   local pos = index_of(q, lk) - 1
   local out = reply(S_QUEUED, lk.gr, lk.tok, pos)
-  local wait = nil
-  local function consider(o)
-    if o ~= lk and (wait == nil or o.e < wait) then wait = o.e end
-  end
-  for _, o in ipairs(r.g) do consider(o) end
-  for _, o in ipairs(r.c) do consider(o) end
-  if qn == 'w' then
-    for i = 1, pos do consider(q[i]) end
+  local wait = nil  -- the earliest lease of a lock ahead
+  for qi = 1, 3 do
+    local bq, last = r[QUEUES[qi]], nil
+    if qi < 3 then last = #bq elseif qn == 'w' then last = pos else last = 0 end
+    for i = 1, last do
+      local o = bq[i]
+      if o ~= lk and (wait == nil or o.e < wait) then wait = o.e end
+    end
   end
   if wait ~= nil then
     if wait < NOW then wait = NOW end
     out[9] = wait - NOW
   end
   local n = 0
-  for _, bqn in ipairs({'g', 'c'}) do
-    for _, o in ipairs(r[bqn]) do
+  for qi = 1, 2 do
+    local bq = r[QUEUES[qi]]
+    for i = 1, #bq do
+      local o = bq[i]
       if o ~= lk and not COMPAT[o.gr][lk.rq] then
         n = n + 1
         if n <= BLOCKERS_REPORTED then
@@ -412,7 +459,8 @@ local function commit()
   if epoch_dirty then
     redis.call('HSET', KEYS[1], 'id', EPOCH, 'safe', fmt(SAFE))
   end
-  for _, key in ipairs(dirty_order) do
+  for di = 1, #dirty_order do
+    local key = dirty_order[di]
     local r = cache[key]
     if r then
       if #r.g == 0 and #r.c == 0 and #r.w == 0 then
@@ -421,35 +469,41 @@ local function commit()
           'PX', TOMBSTONE_MS)
       else
         local maxe = NOW
-        for _, qn in ipairs({'g', 'c', 'w'}) do
-          for _, lk in ipairs(r[qn]) do
-            if lk.e > maxe then maxe = lk.e end
+        for qi = 1, 3 do
+          local q = r[QUEUES[qi]]
+          for i = 1, #q do
+            local e = q[i].e
+            if e > maxe then maxe = e end
           end
         end
         redis.call('SET', key, cmsgpack.pack(r), 'PX', maxe - NOW + TOMBSTONE_MS)
       end
     end
   end
-  for _, op in ipairs(windex_ops) do
+  for i = 1, #windex_ops do
+    local op = windex_ops[i]
     if op[1] == 'add' then
       redis.call('ZADD', KEYS[2], op[3], op[2])
     else
       redis.call('ZREM', KEYS[2], op[2])
     end
   end
-  for _, ev in ipairs(events) do
+  for i = 1, #events do
+    local ev = events[i]
     redis.call('PUBLISH', CHANNEL .. ev[1], ev[2])
   end
 end
 
 -- Run `main` with errors turned into typed error replies; commit only on success.
+local function prologue_and(main)
+  REJOIN = arg_int(ARGV[1], 'rejoin_ms', 0, MAX_LEASE_MS)
+  CHANNEL = ARGV[2] or ''
+  epoch_load()
+  return main()
+end
+
 local function run(main)
-  local ok, res = pcall(function()
-    REJOIN = arg_int(ARGV[1], 'rejoin_ms', 0, MAX_LEASE_MS)
-    CHANNEL = ARGV[2] or ''
-    epoch_load()
-    return main()
-  end)
+  local ok, res = pcall(prologue_and, main)
   if not ok then
     if type(res) == 'table' and res.err then
       return redis.error_reply(res.err)
@@ -467,6 +521,10 @@ end
 -- locals of the library (or of the EVAL chunk) set here, and every per-call variable is
 -- reset, because a Functions library keeps its upvalues from one call to the next.
 local function call(script, keys, args)
+  if not pcall then
+    redis, cmsgpack, string, table, math, type, tonumber, tostring, pcall, error, ipairs =
+      the_globals()
+  end
   KEYS, ARGV = keys, args
   REJOIN, CHANNEL, NOW, NOW_US, EPOCH, SAFE = nil, nil, nil, nil, nil, nil
   epoch_dirty = false

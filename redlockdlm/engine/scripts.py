@@ -4,10 +4,11 @@ Every script is one file `lua/<name>.lua`; `lua/lib/core.lua` holds the code the
 They reach an instance as ONE Redis Functions library (Redis >= 7.0), assembled here:
 
     #!lua name=redlockdlm_<hash>
+    local register = redis.register_function
     local KEYS, ARGV                      -- set by every call (core.lua `call`)
     <lua/lib/core.lua>
     local function script_<name>() <lua/<name>.lua> end      -- for each script
-    redis.register_function('dlm_<hash>_<name>', function(keys, args)
+    register('dlm_<hash>_<name>', function(keys, args)
       return call(script_<name>, keys, args) end)              -- for each script
 
 so the ~50 functions of core.lua are defined once, at FUNCTION LOAD, instead of on every
@@ -95,10 +96,11 @@ def library() -> Library:
     digest = hashlib.sha1(b"\n".join(parts)).hexdigest()[:16]
     lib = f"redlockdlm_{digest}"
     functions = {n: f"dlm_{digest}_{n}".encode() for n in SCRIPT_NAMES}
-    reg = [b"redis.register_function('" + functions[n] + b"', function(keys, args) "
+    reg = [b"register('" + functions[n] + b"', function(keys, args) "
            b"return call(script_" + n.encode() + b", keys, args) end)\n" for n in SCRIPT_NAMES]
-    source = (f"#!lua name={lib}\n".encode() + b"local KEYS, ARGV\n" + b"\n".join(parts)
-              + b"".join(reg))
+    source = (f"#!lua name={lib}\n".encode()
+              + b"local register = redis.register_function\nlocal KEYS, ARGV\n"
+              + b"\n".join(parts) + b"".join(reg))
     return Library(lib, source, functions)
 
 
