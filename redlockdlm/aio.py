@@ -112,6 +112,15 @@ class AsyncDLM:
         if self._closed:
             return
         roots = [lk for lk in self._core.locks.values() if lk.parent is None]
+        pending = [lk.request for lk in self._core.locks.values()  # type: ignore[attr-defined]
+                   if getattr(lk, "request", None) is not None and not lk.request.done]
+        for req in pending:  # a request still waiting must not wait forever
+            req._finish(DLMError("this AsyncDLM client was closed",
+                                 resource=req.lock.resource, lock_id=req.lock.id))
+            if req._task is not None:
+                req._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await req._task
         for lk in roots:
             try:
                 await self._release(lk, subtree=True)

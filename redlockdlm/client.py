@@ -204,11 +204,16 @@ class DLM:
             return
         with self._mu:
             roots = [lk for lk in self._core.locks.values() if lk.parent is None]
+            pending = [lk.request for lk in self._core.locks.values()  # type: ignore[attr-defined]
+                       if getattr(lk, "request", None) is not None]
         for lk in roots:
             try:
                 self._release(lk, subtree=True)
             except DLMError as exc:
                 log.warning("close: release of %s failed: %s", lk.id, exc)
+        for req in pending:  # a request still waiting must not wait forever (no-op if done)
+            req._finish(DLMError("this DLM client was closed", resource=req.lock.resource,
+                                 lock_id=req.lock.id))
         self._closed = True
         self._poke()
         self._thread.join(timeout=5)
