@@ -25,7 +25,7 @@ return run(function()
   local value = ARGV[10] or ''
   local version = arg_int(ARGV[11], 'version')
   local vbmax = arg_int(ARGV[12], 'vbmax', 0, MAX_VBMAX)
-  local floor = arg_int(ARGV[13], 'floor')
+  local floor = arg_int(ARGV[13], 'floor', 0, MAX_TOKEN)
   if write and #value > vbmax then
     fail('DLM_BADARG', 'value block of ' .. #value .. ' bytes exceeds ' .. vbmax .. ' (V1)')
   end

@@ -23,6 +23,9 @@ local function status()
   return {e[1] or false, now, rec}
 end
 
+if KEYS[1] ~= 'dlm:epoch' or #KEYS ~= 1 then  -- K1: our epoch hash only
+  return redis.error_reply('DLM_KEYS init takes one key, dlm:epoch')
+end
 local cmd = ARGV[1]
 if cmd == 'status' then
   return status()
@@ -35,8 +38,9 @@ elseif cmd == 'fresh' then
   return status()
 elseif cmd == 'clock' then
   local fix, off = ARGV[2] or '', ARGV[3] or '0'
-  if (fix ~= '' and not string.match(fix, '^%d+$')) or not string.match(off, '^%-?%d+$') then
-    return redis.error_reply('DLM_BADARG clock needs digits')
+  if (fix ~= '' and not string.match(fix, '^%d+$')) or not string.match(off, '^%-?%d+$')
+      or #fix > 16 or #off > 16 then  -- (more digits lose precision as Lua numbers)
+    return redis.error_reply('DLM_BADARG clock needs up to 16 digits')
   end
   if fix == '' then redis.call('HDEL', KEYS[1], 'tfix') else redis.call('HSET', KEYS[1], 'tfix', fix) end
   redis.call('HSET', KEYS[1], 'toff', off)

@@ -9,6 +9,14 @@
 --   {queue 'G'|'C'|'W', id, owner, gr, rq, flags, ticket, cticket, lease left ms, parent id,
 --    token, previous mode, kid key, kid id, kid key, kid id, ...}; modes are -1 when none.
 
+if KEYS[1] ~= 'dlm:epoch' then  -- K1: read our keys only
+  return redis.error_reply('DLM_KEYS KEYS[1] must be dlm:epoch')
+end
+for i = 2, #KEYS do
+  if string.sub(KEYS[i], 1, 5) ~= 'dlm:{' then
+    return redis.error_reply('DLM_KEYS KEYS[' .. i .. '] is not a resource key')
+  end
+end
 local e = redis.call('HMGET', KEYS[1], 'id', 'safe', 'tfix', 'toff')
 local now
 if e[3] then

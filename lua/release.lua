@@ -45,7 +45,7 @@ return run(function()
   local value = ARGV[7] or ''
   local version = arg_int(ARGV[8], 'version')
   local vbmax = arg_int(ARGV[9], 'vbmax', 0, MAX_VBMAX)
-  local floor = arg_int(ARGV[10], 'floor')
+  local floor = arg_int(ARGV[10], 'floor', 0, MAX_TOKEN)
   if write and #value > vbmax then
     fail('DLM_BADARG', 'value block of ' .. #value .. ' bytes exceeds ' .. vbmax .. ' (V1)')
   end

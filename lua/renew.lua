@@ -21,7 +21,8 @@ return run(function()
   end
   local items = {}
   for i = 1, n do
-    items[i] = {arg_id(ARGV[3 + 2 * i], 'lock id'), arg_int(ARGV[4 + 2 * i], 'floor')}
+    items[i] = {arg_id(ARGV[3 + 2 * i], 'lock id'),
+                arg_int(ARGV[4 + 2 * i], 'floor', 0, MAX_TOKEN)}
   end
   local out = {EPOCH}
   for i = 1, n do

@@ -22,6 +22,9 @@ return run(function()
   local pid = ARGV[9] or ''
   if pid ~= '' then arg_id(pid, 'parent id') end
   local name = ARGV[10] or ''
+  if #name > 16399 then  -- K1: 16 names of 1024 bytes joined by NUL (keys.py)
+    fail('DLM_BADARG', 'resource name of ' .. #name .. ' bytes exceeds 16399')
+  end
   if has(flags, F_EXPEDITE) and mode ~= NL then
     fail('DLM_BADARG', 'EXPEDITE is only for NL requests (G3)')
   end
@@ -48,12 +51,7 @@ return run(function()
     end
     if not plk or plk.o ~= owner or plk.gr == NONE then return reply(S_NOPARENT) end
   end
-  if not r then
-    r = create(key, name)
-  elseif r.n ~= name then
-    r.n = name
-    mark(key)
-  end
+  if not r then r = create(key, name) end
   local pk = ''
   if pid ~= '' then pk = KEYS[4] end
   local lk = {id = id, o = owner, gr = NONE, rq = mode, f = flags, t = ticket, ct = 0,
@@ -73,6 +71,10 @@ return run(function()
     process(key, r)
     if lk.gr == NONE then blocking(r, lk) end
   end
+  -- K2: only a resource without a name (a tombstone left by a release floor, F1) takes the
+  -- request's: another owner's request never renames a resource, and a request refused
+  -- with NOTQUEUED (returned above) leaves nothing behind (G2).
+  if r.n == '' and name ~= '' then r.n = name end
   if plk then
     plk.k[#plk.k + 1] = {key, id}
     mark(KEYS[4])

@@ -44,8 +44,14 @@ local S_GRANTED, S_QUEUED, S_NOTQUEUED, S_DEADLOCK, S_RECOVERING = 0, 1, 2, 3, 4
 local S_NOPARENT, S_NOTFOUND, S_RELEASED, S_CANCELLED, S_CANCELGRANT = 5, 6, 7, 8, 9
 
 local TOMBSTONE_MS = 60000
+local TOMBSTONE_PX = '60000'  -- a string: redis.call converts numbers at some cost
 local MAX_LEASE_MS = 86400000
 local MAX_INT = 9007199254740991
+-- F1: the largest fencing floor accepted. Sequences are Lua doubles: above 2^53 `seq + 1`
+-- rounds back to `seq`, so a floor near MAX_INT would freeze the tokens of the resource.
+-- From 2^52 there are still 2^52 strictly increasing grants (and now_us reaches 2^52 in 2112).
+local MAX_TOKEN = 4503599627370496
+local MAX_KEY = 65536    -- bytes of a resource key (our own keys are < 50000)
 local MAX_VBMAX = 65536
 local BLOCKERS_REPORTED = 8
 
@@ -67,7 +73,7 @@ local function arg_int(s, what, lo, hi)
   if not s or #s == 0 or #s > 16 or string.find(s, '%D') then
     fail('DLM_BADARG', what .. ' must be an integer in ' .. lo .. '..' .. string.format('%.0f', hi))
   end
-  local n = tonumber(s)
+  local n = s + 0  -- digits only: the same number as tonumber(s), without a C call
   if n < lo or n > hi then
     fail('DLM_BADARG', what .. ' must be an integer in ' .. lo .. '..' .. string.format('%.0f', hi))
   end
@@ -115,7 +121,7 @@ local function epoch_load()
     NOW_US = NOW * 1000
   else
     local t = redis.call('TIME')
-    sec, usec = tonumber(t[1]), tonumber(t[2])
+    sec, usec = t[1] + 0, t[2] + 0  -- TIME: two strings of digits
     local off = 0
     if e[4] then off = tonumber(e[4]) or 0 end
     NOW = sec * 1000 + (usec - usec % 1000) / 1000 + off  -- usec: 0..999999
@@ -126,7 +132,7 @@ local function epoch_load()
   else
     if not sec then
       local t = redis.call('TIME')
-      sec, usec = tonumber(t[1]), tonumber(t[2])
+      sec, usec = t[1] + 0, t[2] + 0  -- TIME: two strings of digits
     end
     EPOCH = string.format('%x.%x', sec, usec)
     SAFE = NOW + REJOIN
@@ -291,6 +297,7 @@ end
 
 -- Load a resource (nil if absent), purging expired locks first (G10).
 local function load(key)
+  if key == nil then fail('DLM_KEYS', 'a resource key is missing from KEYS') end
   local r = cache[key]
   if r == nil then
     local blob = redis.call('GET', key)
@@ -466,7 +473,7 @@ local function commit()
       if #r.g == 0 and #r.c == 0 and #r.w == 0 then
         -- G9: the resource is gone; its fencing sequence outlives it as a tombstone
         redis.call('SET', key, cmsgpack.pack({n = r.n, s = r.s, vv = 0, vi = 0}),
-          'PX', TOMBSTONE_MS)
+          'PX', TOMBSTONE_PX)
       else
         local maxe = NOW
         for qi = 1, 3 do
@@ -495,9 +502,34 @@ local function commit()
 end
 
 -- Run `main` with errors turned into typed error replies; commit only on success.
+-- K1, hostile input: every key must be ours and of ONE namespace (KEYS[2] names it), and the
+-- channel prefix that namespace's, so no call touches another namespace, publishes outside
+-- it, or uses the epoch hash or the waiter index as a resource (a WRONGTYPE error in the
+-- middle of `commit` would leave a partial write).
+local function check_keys()
+  if KEYS[1] ~= 'dlm:epoch' then fail('DLM_KEYS', 'KEYS[1] must be dlm:epoch') end
+  local w = KEYS[2]
+  local ns = w and #w <= 76 and string.match(w, '^dlm:([%w_%.%-]+):waiters$')
+  if not ns then
+    fail('DLM_KEYS', 'KEYS[2] must be the waiter index dlm:<namespace>:waiters')
+  end
+  local prefix = 'dlm:{' .. ns .. ':'
+  local n = #prefix
+  for i = 3, #KEYS do
+    local k = KEYS[i]
+    if #k <= n or #k > MAX_KEY or string.sub(k, 1, n) ~= prefix then
+      fail('DLM_KEYS', 'KEYS[' .. i .. '] is not a resource key of namespace ' .. ns)
+    end
+  end
+  if ARGV[2] ~= 'dlm:' .. ns .. ':ch:' then
+    fail('DLM_BADARG', 'the channel prefix must be dlm:' .. ns .. ':ch:')
+  end
+end
+
 local function prologue_and(main)
   REJOIN = arg_int(ARGV[1], 'rejoin_ms', 0, MAX_LEASE_MS)
-  CHANNEL = ARGV[2] or ''
+  check_keys()
+  CHANNEL = ARGV[2]
   epoch_load()
   return main()
 end

@@ -36,6 +36,8 @@ from .modes import (
 TOMBSTONE_MS = 60_000  #: G9: how long a fencing sequence outlives its resource
 MAX_LEASE_MS = 86_400_000
 MAX_INT = 2**53 - 1
+MAX_TOKEN = 2**52  #: F1: the largest fencing floor (above 2**53 a Lua `seq + 1` == seq)
+MAX_NAME = 16 * 1024 + 15  #: a display name: 16 names of 1024 bytes joined by NUL
 MAX_VBMAX = 65_536
 MAX_ID_LEN = 64
 BLOCKERS_REPORTED = 8  #: how many blockers a reply lists (their count is always given)
@@ -289,6 +291,8 @@ class Model:
         check_int("rejoin_ms", rejoin_ms, 0, MAX_LEASE_MS)
         if parent_id:
             check_id("parent id", parent_id)
+        if len(name) > MAX_NAME:
+            raise BadArgument(f"resource name of {len(name)} bytes exceeds {MAX_NAME}")
         if flags & Flag.EXPEDITE and mode != Mode.NL:
             raise BadArgument("EXPEDITE is only for NL requests (G3)")
         return self._run(self._request, key, name, owner, lock_id, mode, flags, ticket,
@@ -314,7 +318,6 @@ class Model:
                 return Reply(Status.NOPARENT)
         if r is None:
             r = self.res[key] = Resource(name=name)
-        r.name = name
         lk = Lock(lock_id, owner, None, mode, flags, ticket, 0, now + lease_ms,
                   parent_id, parent_key if parent_id else b"")
         if (flags & Flag.EXPEDITE) or (  # G3
@@ -331,6 +334,8 @@ class Model:
             self._process(key, r, now, ev)
             if lk.gr is None:
                 self._blocking(r, lk, ev)
+        if not r.name:  # K2: only a tombstone of a release floor takes a name
+            r.name = name
         if plk is not None:
             plk.kids.append((key, lock_id))
         return self._state(r, lk, now)
@@ -348,7 +353,7 @@ class Model:
         check_int("rejoin_ms", rejoin_ms, 0, MAX_LEASE_MS)
         check_int("vbmax", vbmax, 0, MAX_VBMAX)
         check_int("version", version)
-        check_int("floor", floor)
+        check_int("floor", floor, 0, MAX_TOKEN)
         if value is not None and len(value) > vbmax:
             raise BadArgument(f"value block of {len(value)} bytes exceeds {vbmax} (V1)")
         return self._run(self._convert, key, owner, lock_id, mode, flags, cticket, lease_ms,
@@ -438,7 +443,7 @@ class Model:
         check_int("rejoin_ms", rejoin_ms, 0, MAX_LEASE_MS)
         check_int("vbmax", vbmax, 0, MAX_VBMAX)
         check_int("version", version)
-        check_int("floor", floor)
+        check_int("floor", floor, 0, MAX_TOKEN)
         if value is not None and len(value) > vbmax:
             raise BadArgument(f"value block of {len(value)} bytes exceeds {vbmax} (V1)")
         return self._run(self._release, key, owner, lock_id, flags, now, rejoin_ms,
@@ -562,7 +567,7 @@ class Model:
             raise BadArgument("renew needs one (lock id, floor) per key")
         for lock_id, floor in items:
             check_id("lock id", lock_id)
-            check_int("floor", floor)
+            check_int("floor", floor, 0, MAX_TOKEN)
         return self._run(self._renew, keys, owner, lease_ms, items, now, rejoin_ms)
 
     def _renew(self, ev, keys, owner, lease_ms, items, now, rejoin_ms) -> list[Reply]:
