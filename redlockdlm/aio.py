@@ -17,7 +17,7 @@ from typing import Any
 
 import redis.asyncio as aredis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import InvalidResponse, NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .client import _LOCK_REPLY_SCRIPTS, _mask
@@ -39,7 +39,9 @@ from .protocol import Call, LockCore, Phase, Session, check_timeout, descendants
 
 log = logging.getLogger("redlockdlm")
 
-_NET_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError, asyncio.TimeoutError)
+#: An instance that fails these ways counts as unreachable (InvalidResponse: it is not Redis)
+_NET_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError, asyncio.TimeoutError,
+               InvalidResponse)
 
 
 def _parse(call: Call, raw: Any) -> Any:

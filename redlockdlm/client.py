@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import redis
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import InvalidResponse, NoScriptError, ResponseError
 
 from .engine import codec
 from .engine.modes import Mode
@@ -36,6 +36,8 @@ from .protocol import Call, LockCore, Outcome, Phase, Session, check_timeout
 log = logging.getLogger("redlockdlm")
 
 _LOCK_REPLY_SCRIPTS = {"request", "convert", "release", "cancel", "yield", "break"}
+#: An instance that fails these ways counts as unreachable (InvalidResponse: it is not Redis)
+_NET_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError, InvalidResponse)
 
 
 def parse(call: Call, raw: Any) -> Any:
@@ -255,7 +257,7 @@ class DLM:
             try:
                 conn.send_command(*command(*cmd))
                 conns.append((i, cmd, conn))
-            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            except _NET_ERRORS as exc:
                 conn.disconnect()
                 inst.put(conn)
                 results[i] = exc
@@ -280,7 +282,7 @@ class DLM:
                 msg = str(exc)
                 results[i] = (from_script_error(msg, instance=inst.url)
                               if msg.startswith("DLM_") else ProtocolError(msg, instance=inst.url))
-            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            except _NET_ERRORS as exc:
                 conn.disconnect()
                 results[i] = exc
             except DLMError as exc:
@@ -341,7 +343,7 @@ class DLM:
             ps.subscribe(self._core.channel)
             inst.pubsub = ps
             self._sel.register(ps.connection._sock, selectors.EVENT_READ, i)
-        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+        except _NET_ERRORS as exc:
             log.info("instance %s: no event subscription yet (%s)", inst.url, exc)
             inst.pubsub = None
 
@@ -393,7 +395,7 @@ class DLM:
                     break
                 if msg.get("type") == "message":
                     self._on_event(i, codec.parse_event(msg["data"]))
-        except (redis.ConnectionError, redis.TimeoutError, OSError, ValueError):
+        except (*_NET_ERRORS, ValueError):
             log.info("instance %s: event connection lost", inst.url)
             try:
                 self._sel.unregister(ps.connection._sock)
