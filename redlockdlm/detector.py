@@ -28,6 +28,8 @@ import time
 from collections.abc import Callable, Container, Mapping, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import cached_property
+from typing import NamedTuple
 
 import redis
 
@@ -43,8 +45,11 @@ from .admin import (
 )
 from .admin import quorum as quorum_of
 from .engine.codec import LockView, ResourceView
-from .engine.instance import Engine
-from .engine.modes import Flag, Mode, Status, compatible
+from .engine.instance import Engine, call_script
+from .engine.keys import EPOCH_KEY
+from .engine.modes import COMPAT, Flag, Mode, Status
+from .engine.scripts import command
+from .errors import ProtocolError
 
 log = logging.getLogger("redlockdlm.detector")
 
@@ -70,14 +75,42 @@ __all__ = [
 # ----------------------------------------------------------------- D1: the scan
 
 
+class Lock(NamedTuple):
+    """One lock as the detector reads it: the fields of `codec.LockView` the graph needs
+    (a LockView may stand in for it). A plain tuple: a scan builds tens of thousands."""
+
+    queue: str  #: 'G' granted, 'C' converting, 'W' waiting
+    lock_id: str
+    owner: str
+    mode: Mode | None  #: granted mode
+    requested: Mode | None
+    flags: int
+    ticket: int
+    cticket: int
+    lease_left_ms: int  #: on the instance's clock; <= 0: expired, not yet purged
+    parent: str
+
+
+class Resource(NamedTuple):
+    """One resource as the detector reads it (a `codec.ResourceView` may stand in)."""
+
+    key: bytes
+    name: bytes
+    locks: tuple[Lock, ...]
+
+    @property
+    def path(self) -> tuple[bytes, ...]:
+        return tuple(self.name.split(b"\x00")) if self.name else ()
+
+
 @dataclass(frozen=True)
 class InstanceScan:
     """What one instance showed: its live waiter-index entries and their resources."""
 
     label: str
     now_ms: int = 0  #: the instance's clock (ms) when its index was read
-    waiters: tuple[tuple[str, bytes, int], ...] = ()  #: (lock id, resource key, lease expiry)
-    resources: Mapping[bytes, ResourceView] = field(default_factory=dict)
+    waiters: tuple[tuple[str, bytes], ...] = ()  #: (lock id, resource key)
+    resources: Mapping[bytes, Resource | ResourceView] = field(default_factory=dict)
     error: str | None = None  #: set if the instance did not answer
 
     @property
@@ -103,7 +136,7 @@ class Snapshot:
     def waiter_count(self) -> int:
         return sum(len(i.waiters) for i in self.instances)
 
-    def views_of(self, key: bytes, lock_id: str) -> list[tuple[int, LockView]]:
+    def views_of(self, key: bytes, lock_id: str) -> list[tuple[int, Lock | LockView]]:
         """Every instance's view of one lock: (instance index, view)."""
         out = []
         for i, inst in enumerate(self.instances):
@@ -113,34 +146,70 @@ class Snapshot:
         return out
 
 
+#: Resource keys per inspect call. A scan sends all its calls in one pipeline (one round
+#: trip), but each call runs alone on the instance: ~10 ms each for 500 keys, so clients'
+#: lock calls are served between them instead of waiting for one long script.
+INSPECT_CHUNK = 500
+
+_QUEUE = {b"G": "G", b"C": "C", b"W": "W"}
+_MODE: tuple[Mode | None, ...] = (None, *Mode)  # index: mode number + 1 (-1 = none)
+
+
 def _split_member(member: bytes) -> tuple[str, bytes]:
     lock_id, _, key = member.partition(b"|")  # ids never contain '|'; names may
     return lock_id.decode(), key
 
 
+def _parse_inspect(keys: Sequence[bytes], raw: list) -> dict[bytes, Resource]:
+    """The resources of an inspect reply (layout: lua/inspect.lua) as lean records.
+
+    `codec.parse_inspect` reads the same reply into dataclasses, every field of every lock;
+    at 10,000 resources that alone takes longer than the whole scan may (docs/detector.md,
+    Limits). tests/detector checks that both agree."""
+    out: dict[bytes, Resource] = {}
+    q, m = _QUEUE, _MODE
+    try:
+        for key, item in zip(keys, raw[3:]):
+            if item:
+                out[key] = Resource(key, item[0] or b"", tuple([
+                    Lock(q[lk[0]], lk[1].decode(), lk[2].decode(), m[lk[3] + 1],
+                         m[lk[4] + 1], lk[5], lk[6], lk[7], lk[8], lk[9].decode())
+                    for lk in item[5:]]))
+    except (IndexError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"unexpected inspect reply: {exc}") from exc
+    return out
+
+
+def _inspect_chunks(engine: Engine, keys: list[bytes]) -> dict[bytes, Resource]:
+    chunks = [keys[i:i + INSPECT_CHUNK] for i in range(0, len(keys), INSPECT_CHUNK)]
+    pipe = engine.client.pipeline(transaction=False)
+    for chunk in chunks:
+        pipe.execute_command(*command("inspect", [EPOCH_KEY, *chunk], []))
+    replies = pipe.execute(raise_on_error=False)
+    out: dict[bytes, Resource] = {}
+    for chunk, raw in zip(chunks, replies):
+        if isinstance(raw, Exception):  # e.g. the library is missing: the careful path
+            raw = call_script(engine.client, "inspect", [EPOCH_KEY, *chunk], [])
+        out.update(_parse_inspect(chunk, raw))
+    return out
+
+
 def _scan_one(engine: Engine) -> tuple[int, tuple, dict]:
     # The index is scored by lease expiry on the instance's own clock (test clocks
-    # included), so "still alive" is asked of that clock, not ours.
+    # included), so "still alive" is asked of that clock, not ours. (Members only: scores
+    # would cost more to convert than the whole read.)
     now = engine.status().now_ms
-    raw = engine.client.zrangebyscore(engine.wkey, f"({now}", "+inf", withscores=True)
-    waiters = []
-    keys: dict[bytes, None] = {}
-    for member, score in raw:
-        lock_id, key = _split_member(member)
-        waiters.append((lock_id, key, int(score)))
-        keys[key] = None
-    resources: dict[bytes, ResourceView] = {}
-    if keys:
-        _, views = engine.inspect(list(keys))  # one call for every resource of the index
-        resources = {v.key: v for v in views if v is not None}
-    return now, tuple(waiters), resources
+    members = engine.client.zrangebyscore(engine.wkey, f"({now}", "+inf")
+    waiters = tuple(_split_member(m) for m in members)
+    keys = list(dict.fromkeys(key for _, key in waiters))
+    return now, waiters, _inspect_chunks(engine, keys) if keys else {}
 
 
 def scan(engines: Sequence[Engine | Target], *, executor: Executor | None = None) -> Snapshot:
     """D1: read every instance's waiter index (entries whose lease has not run out on that
-    instance's clock), then inspect the distinct resources it names in ONE call per
-    instance. Never KEYS or SCAN. Instances are read in parallel; one that fails shows as
-    an `InstanceScan` with `error`."""
+    instance's clock), then inspect the distinct resources it names, in chunks sent in one
+    pipeline per instance. Never KEYS or SCAN. Instances are read in parallel; one that
+    fails shows as an `InstanceScan` with `error`."""
     targets = [t if isinstance(t, Target) else Target(label_of(t), t) for t in engines]
     outcomes = fan_out(targets, _scan_one, executor=executor)
     return Snapshot(tuple(
@@ -151,8 +220,7 @@ def scan(engines: Sequence[Engine | Target], *, executor: Executor | None = None
 # ----------------------------------------------------------------- D2-D5: the graph
 
 
-@dataclass(frozen=True)
-class Request:
+class Request(NamedTuple):
     """A waiting request or a queued conversion: what a victim is made of."""
 
     key: bytes
@@ -175,14 +243,13 @@ class Request:
         return parent_key(self.key) if self.parent else None
 
     @classmethod
-    def of(cls, view: ResourceView, lk: LockView) -> Request:
-        return cls(view.key, lk.lock_id, lk.owner, lk.queue, lk.mode, lk.requested,
-                   lk.cticket if lk.queue == "C" else lk.ticket, lk.flags, lk.parent,
-                   view.path)
+    def of(cls, view: Resource | ResourceView, lk: Lock | LockView) -> Request:
+        return cls._make((view.key, lk.lock_id, lk.owner, lk.queue, lk.mode, lk.requested,
+                          lk.cticket if lk.queue == "C" else lk.ticket, lk.flags, lk.parent,
+                          view.path))
 
 
-@dataclass(frozen=True)
-class Edge:
+class Edge(NamedTuple):
     """Owner `waiter` waits for owner `holder`: its lock `lock_id` on `key` cannot be granted
     before `blocker_id` (of `holder`) is released or granted (D2-D4)."""
 
@@ -203,12 +270,18 @@ class WaitForGraph:
     edges: tuple[Edge, ...]
     requests: Mapping[tuple[bytes, str], Request]  #: (key, lock id) -> the waiting request
 
-    @property
+    @cached_property
     def adjacency(self) -> dict[str, set[str]]:
         adj: dict[str, set[str]] = {}
         for e in self.edges:
-            adj.setdefault(e.waiter, set()).add(e.holder)
-            adj.setdefault(e.holder, set())
+            succ = adj.get(e[0])
+            if succ is None:
+                adj[e[0]] = {e[1]}
+            else:
+                succ.add(e[1])
+        for e in self.edges:
+            if e[1] not in adj:
+                adj[e[1]] = set()
         return adj
 
     @property
@@ -216,37 +289,72 @@ class WaitForGraph:
         return sorted(self.adjacency)
 
 
-def _blockers(locks: Sequence[LockView]) -> dict[str, set[str]]:
-    """D2-D4 on one resource of one instance: lock id -> ids of the locks it waits for.
+_COMPAT = COMPAT
+
+
+def _blockers(locks: Sequence[Lock | LockView]) -> list[tuple[Lock | LockView, set[str]]]:
+    """D2-D4 on one resource of one instance: each waiting or converting lock, with the ids
+    of the locks it waits for.
 
     `locks` are the live locks in inspect order (granted, then each queue in ticket order).
     Incompatible locks are waited for directly. A compatible lock ahead in a queue (every
     queued conversion for a new request, G8; an earlier waiter, G8 no barging; an earlier
     conversion for a QUECVT one, G5) is waited for only until it is granted: what it waits
     for is inherited instead, so its owner is not accused."""
-    holding = [lk for lk in locks if lk.queue in "GC"]
-    conv = [lk for lk in locks if lk.queue == "C"]
-    wait = [lk for lk in locks if lk.queue == "W"]
-    out: dict[str, set[str]] = {}
+    holding, conv, wait = [], [], []
+    for lk in locks:
+        if lk.queue == "W":
+            wait.append(lk)
+        else:
+            holding.append(lk)
+            if lk.queue == "C":
+                conv.append(lk)
+    out: list[tuple[Lock | LockView, set[str]]] = []
+    by_id: dict[str, set[str]] = {}
 
-    def behind(lk: LockView, ahead: Sequence[LockView], b: set[str]) -> None:
+    def behind(lk: Lock | LockView, ahead: Sequence[Lock | LockView], b: set[str]) -> None:
+        row = lk.requested
         for a in ahead:
-            if not compatible(a.requested, lk.requested):
+            if not _COMPAT[a.requested][row]:
                 b.add(a.lock_id)
             else:
-                b |= out[a.lock_id]
+                b |= by_id[a.lock_id]
 
     for i, c in enumerate(conv):  # D2: held modes block an up-conversion (G5)
-        b = {h.lock_id for h in holding if h is not c and not compatible(h.mode, c.requested)}
+        rq = c.requested
+        b = {h.lock_id for h in holding if h is not c and not _COMPAT[h.mode][rq]}
         if c.flags & Flag.QUECVT:  # D4: a QUECVT conversion waits to be first (G5)
             behind(c, conv[:i], b)
-        out[c.lock_id] = b
+        by_id[c.lock_id] = b
+        out.append((c, b))
     for i, w in enumerate(wait):
-        b = {h.lock_id for h in holding if not compatible(h.mode, w.requested)}  # D2
-        behind(w, conv, b)  # D3: no new request while a conversion is queued (G8)
-        behind(w, wait[:i], b)  # D3: no barging past an earlier waiter (G8)
-        out[w.lock_id] = b
+        rq = w.requested
+        b = {h.lock_id for h in holding if not _COMPAT[h.mode][rq]}  # D2
+        if conv:
+            behind(w, conv, b)  # D3: no new request while a conversion is queued (G8)
+        if i:
+            behind(w, wait[:i], b)  # D3: no barging past an earlier waiter (G8)
+        by_id[w.lock_id] = b
+        out.append((w, b))
     return out
+
+
+def _layouts(per: list[tuple[int, Resource | ResourceView]]
+             ) -> list[tuple[int, tuple, Resource | ResourceView]]:
+    """One resource's live locks, grouped by instances that agree on its layout (queue,
+    lock, modes, flags in order; leases differ by clock): (instance bitmask, live locks,
+    a view). Instances of a quorum usually agree, so D2-D4 run once, not once per
+    instance."""
+    groups: dict[tuple, list] = {}
+    for i, view in per:
+        live = tuple(lk for lk in view.locks if lk.lease_left_ms > 0)
+        sig = tuple([(lk.queue, lk.lock_id, lk.mode, lk.requested, lk.flags) for lk in live])
+        g = groups.get(sig)
+        if g is None:
+            groups[sig] = [1 << i, live, view]
+        else:
+            g[0] |= 1 << i
+    return [(m, live, view) for m, live, view in groups.values()]
 
 
 def wait_for_graph(snapshot: Snapshot) -> WaitForGraph:
@@ -259,34 +367,55 @@ def wait_for_graph(snapshot: Snapshot) -> WaitForGraph:
     waited for. An owner never waits for itself. Merging instances is what makes a split
     vote that survives show up as a cycle."""
     q = snapshot.quorum
-    granted_on: dict[tuple[bytes, str, Mode | None], int] = {}
-    for inst in snapshot.instances:
-        for view in inst.resources.values():
-            for lk in view.locks:
-                if lk.queue == "G" and lk.lease_left_ms > 0:
-                    k = (view.key, lk.lock_id, lk.mode)
-                    granted_on[k] = granted_on.get(k, 0) + 1
-    merged: dict[tuple[bytes, str, str], tuple[str, str, set[int]]] = {}
-    requests: dict[tuple[bytes, str], Request] = {}
+    by_key: dict[bytes, list[tuple[int, Resource | ResourceView]]] = {}
     for i, inst in enumerate(snapshot.instances):
-        for view in inst.resources.values():
-            live = [lk for lk in view.locks if lk.lease_left_ms > 0]
-            by_id = {lk.lock_id: lk for lk in live}
-            for lock_id, blockers in _blockers(live).items():
-                lk = by_id[lock_id]
-                if granted_on.get((view.key, lock_id, lk.requested), 0) >= q:
+        for key, view in inst.resources.items():
+            per = by_key.get(key)
+            if per is None:
+                by_key[key] = [(i, view)]
+            else:
+                per.append((i, view))
+    merged: dict[tuple[bytes, str, str], list] = {}  # ident -> [waiter, holder, mask]
+    requests: dict[tuple[bytes, str], Request] = {}
+    for key, per in by_key.items():
+        layouts = _layouts(per)
+        granted: dict[tuple[str, Mode | None], int] | None = None
+        if len(layouts) > 1:  # D5 can only apply where the instances disagree
+            granted = {}
+            for mask, live, _ in layouts:
+                on = bin(mask).count("1")
+                for lk in live:
+                    if lk.queue == "G":
+                        k = (lk.lock_id, lk.mode)
+                        granted[k] = granted.get(k, 0) + on
+        for mask, live, view in layouts:
+            if len(live) < 2:
+                continue
+            owner_of = {lk.lock_id: lk.owner for lk in live}
+            for lk, blockers in _blockers(live):
+                if not blockers:
+                    continue
+                if granted is not None and granted.get((lk.lock_id, lk.requested), 0) >= q:
                     continue  # D5
+                owner, lid = lk.owner, lk.lock_id
                 for bid in blockers:
-                    holder = by_id[bid].owner
-                    if holder == lk.owner:
+                    holder = owner_of[bid]
+                    if holder == owner:
                         continue
-                    ident = (view.key, lock_id, bid)
-                    if ident not in merged:
-                        merged[ident] = (lk.owner, holder, set())
-                    merged[ident][2].add(i)
-                    requests.setdefault((view.key, lock_id), Request.of(view, lk))
-    edges = tuple(Edge(w, h, k, lid, bid, tuple(sorted(inst)))
-                  for (k, lid, bid), (w, h, inst) in sorted(merged.items()))
+                    ident = (key, lid, bid)
+                    entry = merged.get(ident)
+                    if entry is None:
+                        merged[ident] = [owner, holder, mask]
+                        if (key, lid) not in requests:
+                            requests[(key, lid)] = Request.of(view, lk)
+                    else:
+                        entry[2] |= mask
+    n = len(snapshot.instances)
+    where = {m: tuple(i for i in range(n) if m >> i & 1)
+             for m in {e[2] for e in merged.values()}}
+    make = Edge._make
+    edges = tuple(make((w, h, k, lid, bid, where[m]))
+                  for (k, lid, bid), (w, h, m) in merged.items())
     return WaitForGraph(edges, requests)
 
 
@@ -381,19 +510,57 @@ def _shortest_cycle(start: str, adj: Mapping[str, set[str]], members: set[str]) 
     return [start]
 
 
+def _cyclic_core(adj: Mapping[str, set[str]]) -> dict[str, set[str]]:
+    """The graph without every owner that cannot be on a cycle: peel, repeatedly, owners
+    nobody waits for and owners who wait for nobody (most of a busy graph: holders that
+    wait for nothing and waiters nobody waits for), so Tarjan only walks what is left."""
+    sub = {v: {w for w in ws if adj[w]} for v, ws in adj.items() if ws}  # no sinks
+    preds: dict[str, set[str]] = {v: set() for v in sub}
+    for v, ws in sub.items():
+        for w in ws:
+            preds[w].add(v)
+    out_deg = {v: len(ws) for v, ws in sub.items()}
+    in_deg = {v: len(p) for v, p in preds.items()}
+    alive = set(sub)
+    stack = [v for v in sub if not out_deg[v] or not in_deg[v]]
+    while stack:
+        v = stack.pop()
+        if v not in alive:
+            continue
+        alive.discard(v)
+        for w in sub[v]:
+            if w in alive:
+                in_deg[w] -= 1
+                if not in_deg[w]:
+                    stack.append(w)
+        for u in preds[v]:
+            if u in alive:
+                out_deg[u] -= 1
+                if not out_deg[u]:
+                    stack.append(u)
+    return {v: sub[v] & alive for v in alive}
+
+
 def find_cycles(graph: WaitForGraph) -> list[Cycle]:
     """D6: every group of two or more owners that wait for each other (Tarjan's SCC), with
     the edges and waiting requests inside the group. Sorted by owners."""
-    adj = graph.adjacency
+    core = _cyclic_core(graph.adjacency)
+    if not core:
+        return []
+    by_waiter: dict[str, list[Edge]] = {}
+    for e in graph.edges:
+        if e.waiter in core:
+            by_waiter.setdefault(e.waiter, []).append(e)
     out = []
-    for comp in _tarjan(adj):
+    for comp in _tarjan(core):
         if len(comp) < 2:
             continue
         members = set(comp)
-        edges = tuple(e for e in graph.edges if e.waiter in members and e.holder in members)
+        edges = tuple(e for w in sorted(comp) for e in by_waiter.get(w, ())
+                      if e.holder in members)
         reqs = {(e.key, e.lock_id): graph.requests[(e.key, e.lock_id)] for e in edges}
         owners = tuple(sorted(comp))
-        out.append(Cycle(owners, tuple(_shortest_cycle(owners[0], adj, members)), edges,
+        out.append(Cycle(owners, tuple(_shortest_cycle(owners[0], core, members)), edges,
                          tuple(sorted(reqs.values(), key=lambda r: (r.ticket, r.lock_id)))))
     out.sort(key=lambda c: c.owners)
     return out
@@ -508,6 +675,7 @@ class Round:
     confirmed: tuple[Cycle, ...] = ()  #: seen on the previous scan as well (D7)
     victims: tuple[Victim, ...] = ()
     unresolved: tuple[Cycle, ...] = ()  #: confirmed, but every request is NODLCKWT
+    pending: tuple[Cycle, ...] = ()  #: seen for the first time: to confirm next round
     reaped: tuple[Outcome, ...] = ()  #: per instance ReapResult, on reaping rounds
     elapsed_ms: float = 0.0
 
@@ -531,11 +699,15 @@ class Detector:
     `leader`: called before every round; when it returns False this process stands by
     (nothing is scanned or cancelled, and cycles seen so far are forgotten, so a new
     leader confirms them itself). None: always lead.
+    After a round that saw a new cycle, the next one starts `confirm_after_s` later
+    (default: half the interval) instead of `interval_s`, so a deadlock is resolved within
+    about one and a half intervals, and a transient state still has that long to clear.
     Every `reap_every` rounds (0: never) stale index entries are reaped (D9)."""
 
     def __init__(self, targets: Sequence[str | Engine | Target], namespace: str = "default",
                  interval_s: float = 1.0, *, leader: Callable[[], bool] | None = None,
-                 timeout_s: float = 2.0, reap_every: int = 20, reap_grace_ms: int = 5_000,
+                 confirm_after_s: float | None = None, timeout_s: float = 2.0,
+                 reap_every: int = 20, reap_grace_ms: int = 5_000,
                  logger: logging.Logger | None = None) -> None:
         if interval_s <= 0:
             raise ValueError("interval_s must be positive")
@@ -550,6 +722,8 @@ class Detector:
         if not self.targets:
             raise ValueError("a detector needs at least one instance")
         self.interval_s = interval_s
+        #: D7: the pause before the confirming scan, after a round that saw a new cycle.
+        self.confirm_after_s = interval_s / 2 if confirm_after_s is None else confirm_after_s
         self.leader = leader
         self.reap_every = reap_every
         self.reap_grace_ms = reap_grace_ms
@@ -578,11 +752,12 @@ class Detector:
                 self.log.warning(_kv("unreachable", round=n, instance=inst.label,
                                      error=inst.error))
         cycles = find_cycles(wait_for_graph(snap))
-        confirmed, victims, unresolved, pending = [], [], [], []
+        confirmed, victims, unresolved, first_seen, remember = [], [], [], [], []
         for cyc in cycles:
             earlier = next((p for p in self._previous if p.signature <= cyc.signature), None)
             if earlier is None:
-                pending.append(cyc)  # D7: seen once; punish nothing yet
+                first_seen.append(cyc)  # D7: seen once; punish nothing yet
+                remember.append(cyc)
                 self.log.info(_kv("cycle-seen", round=n, owners=",".join(cyc.owners)))
                 continue
             confirmed.append(cyc)
@@ -590,20 +765,21 @@ class Detector:
             victim = choose_victim(cyc, snap, eligible=seen_twice)
             if victim is None:
                 unresolved.append(cyc)
-                pending.append(cyc)  # stays confirmed: if it grows, a victim may appear
+                remember.append(cyc)  # stays confirmed: if it grows, a victim may appear
                 if cyc.signature not in self._reported:
                     self._reported.add(cyc.signature)
                     self.log.warning(_kv("no-victim", round=n, owners=",".join(cyc.owners),
                                          reason="every request is NODLCKWT"))
                 continue
             victims.append(self._cancel(n, victim, cyc))
-        self._previous = pending
+        self._previous = remember
         reaped: tuple[Outcome, ...] = ()
         if self.reap_every and n % self.reap_every == 0:
             reaped = tuple(self.reap())
         elapsed = (time.perf_counter() - t0) * 1000
-        rnd = Round(n, True, snap, tuple(cycles), tuple(confirmed), tuple(victims),
-                    tuple(unresolved), reaped, elapsed)
+        rnd = Round(n, True, snap, cycles=tuple(cycles), confirmed=tuple(confirmed),
+                    victims=tuple(victims), unresolved=tuple(unresolved),
+                    pending=tuple(first_seen), reaped=reaped, elapsed_ms=elapsed)
         level = logging.INFO if (cycles or reaped) else logging.DEBUG
         self.log.log(level, _kv("round", round=n, reachable=f"{snap.reachable}/"
                                 f"{len(snap.instances)}", waiters=snap.waiter_count,
@@ -653,15 +829,17 @@ class Detector:
         done = 0
         while not stop.is_set() and (max_rounds is None or done < max_rounds):
             t0 = time.monotonic()
+            pause = self.interval_s
             try:
-                self.run_once()
+                if self.run_once().pending:
+                    pause = self.confirm_after_s  # D7: look again sooner, not at once
             except Exception as exc:  # keep the job alive; the next round starts afresh
                 self.log.error(_kv("round-failed", round=self.rounds,
                                    error=describe_error(exc)))
             done += 1
             if max_rounds is not None and done >= max_rounds:
                 break
-            stop.wait(max(0.0, self.interval_s - (time.monotonic() - t0)))
+            stop.wait(max(0.0, pause - (time.monotonic() - t0)))
         self.log.info(_kv("stop", rounds=done))
         return done
 

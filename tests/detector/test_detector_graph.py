@@ -10,6 +10,7 @@ from redlockdlm.detector import (
     InstanceScan,
     Snapshot,
     WaitForGraph,
+    _cyclic_core,
     _tarjan,
     choose_victim,
     find_cycles,
@@ -137,6 +138,13 @@ def test_D6_tarjan_finds_each_component():
            "g": set()}
     comps = sorted(sorted(c) for c in _tarjan(adj))
     assert comps == [["a", "b", "c"], ["d", "e"], ["f"], ["g"]]
+
+
+def test_D6_owners_that_cannot_be_on_a_cycle_are_peeled_first():
+    adj = {"in1": {"in2"}, "in2": {"a"}, "a": {"b"}, "b": {"a", "out1"}, "out1": {"out2"},
+           "out2": set(), "x": {"y"}, "y": {"x"}}
+    assert _cyclic_core(adj) == {"a": {"b"}, "b": {"a"}, "x": {"y"}, "y": {"x"}}
+    assert _cyclic_core({"h": set(), "w": {"h"}}) == {}
 
 
 def test_D6_tarjan_has_no_recursion_limit():

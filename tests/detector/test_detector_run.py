@@ -16,7 +16,7 @@ import redis
 from deadlocks import Cluster
 
 from redlockdlm.admin import Target
-from redlockdlm.detector import Detector, reap, scan
+from redlockdlm.detector import Detector, Lock, _inspect_chunks, reap, scan
 from redlockdlm.engine.modes import Flag, Status
 
 pytestmark = pytest.mark.timeout(30)
@@ -262,6 +262,24 @@ def test_run_forever_resolves_and_stops_when_asked(c):
         assert ev.received.count(b"C|b2|deadlock") == 3
 
 
+def test_D7_the_confirming_scan_comes_sooner_than_the_interval(c):
+    c.request("a", "a1", ["R1"], "EX", ticket=1)
+    c.request("b", "b1", ["R2"], "EX", ticket=2)
+    c.request("a", "a2", ["R2"], "EX", ticket=3)
+    c.request("b", "b2", ["R1"], "EX", ticket=4)
+    stop = threading.Event()
+    with Detector(c.engines, c.namespace, 30.0, confirm_after_s=0.05, reap_every=0) as det, \
+            c.listen("b") as ev:
+        t = threading.Thread(target=det.run_forever, args=(stop,))
+        t.start()
+        try:
+            ev.wait_for(b"C|b2|deadlock", count=3)  # long before the 30 s interval
+        finally:
+            stop.set()
+            t.join(timeout=5)
+        assert ev.received.count(b"C|b2|deadlock") == 3 and det.rounds == 2
+
+
 def test_D1_the_scan_reads_only_the_index_and_its_resources(c):
     c.request("a", "a1", ["R1"], "EX", ticket=1)
     c.request("b", "b2", ["R1"], "EX", ticket=2)
@@ -269,8 +287,32 @@ def test_D1_the_scan_reads_only_the_index_and_its_resources(c):
     snap = scan(c.engines)
     assert snap.reachable == 3 and snap.waiter_count == 3
     for inst in snap.instances:
-        assert [(lid, key) for lid, key, _ in inst.waiters] == [("b2", c.key(["R1"]))]
+        assert inst.waiters == (("b2", c.key(["R1"])),)
         assert list(inst.resources) == [c.key(["R1"])]
+
+
+def test_D1_the_lean_parse_agrees_with_the_codec(c):
+    """The scan reads inspect replies itself (for speed); it must read what codec reads."""
+    c.request("a", "a1", ["R"], "PR", ticket=1)
+    c.request("a", "a0", ["R", "kid"], "EX", ticket=2, parent=(["R"], "a1"))
+    c.request("b", "b1", ["R"], "NL", ticket=3)
+    c.convert("b", "b1", ["R"], "EX", ticket=9, flags=Flag.QUECVT)
+    c.request("c", "c1", ["R"], "CW", ticket=4, flags=Flag.NODLCKWT)
+    c.request("d", "d1", ["other"], "EX", ticket=5, lease_ms=1)
+    keys = [c.key(["R"]), c.key(["R", "kid"]), c.key(["other"]), c.key(["absent"])]
+    e = c.engines[0]
+    e.set_clock(frozen_ms=e.status().now_ms + 5)  # the same lease left in both reads
+    _, views = e.inspect(keys)
+    lean = _inspect_chunks(e, keys)
+    e.set_clock()
+    assert list(lean) == [v.key for v in views if v is not None]
+    for v in views:
+        if v is None:
+            continue
+        r = lean[v.key]
+        assert (r.key, r.name, r.path) == (v.key, v.name, v.path)
+        assert r.locks == tuple(Lock(*(getattr(lk, f) for f in Lock._fields))
+                                for lk in v.locks)
 
 
 # ----------------------------------------------------------------- D9: reaping
