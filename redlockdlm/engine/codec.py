@@ -14,8 +14,33 @@ from .modes import Mode, Status
 NONE = -1
 
 
-def _s(v: int) -> bytes:
-    return str(int(v)).encode()
+def _s(v: int, what: str = "an integer argument") -> bytes:
+    """An int argument as ARGV bytes. Strict: a bool, float or numeric string is a caller's
+    mistake (InvalidType), never silently truncated; the range is the script's to check."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        return str(int(v)).encode()
+    raise InvalidType(f"{what} must be an int, not {type(v).__name__}")
+
+
+def _t(v: str, what: str) -> bytes:
+    """A str argument (owner, lock id, reason) as UTF-8; its syntax is the script's to check."""
+    if not isinstance(v, str):
+        raise InvalidType(f"{what} must be a str, not {type(v).__name__}")
+    try:
+        return v.encode()
+    except UnicodeEncodeError:
+        raise InvalidArgument(f"{what} {v!r} is not encodable as UTF-8") from None
+
+
+def _b(v: bytes, what: str) -> bytes:
+    if isinstance(v, (bytes, bytearray, memoryview)):
+        return bytes(v)
+    raise InvalidType(f"{what} must be bytes, not {type(v).__name__}")
+
+
+def _value(v: bytes | None) -> tuple[bytes, bytes]:
+    """(write flag, value) of an optional value block."""
+    return (b"0", b"") if v is None else (b"1", _b(v, "a value block"))
 
 
 def as_mode(mode: object) -> Mode:
@@ -178,47 +203,55 @@ def parse_inspect(keys: list[bytes], raw: list) -> tuple[InstanceStatus, list[Re
 
 
 # ----------------------------------------------------------------- ARGV builders
+# Every argument is type-checked here (InvalidType / InvalidArgument, nothing sent): the
+# Engine and the quorum client both build their ARGV with these.
 
 def request_args(rejoin_ms: int, chan: bytes, owner: str, lock_id: str, mode: int, flags: int,
                  ticket: int, lease_ms: int, parent_id: str, name: bytes) -> list[bytes]:
-    return [_s(rejoin_ms), chan, owner.encode(), lock_id.encode(), _s(mode), _s(flags),
-            _s(ticket), _s(lease_ms), parent_id.encode(), name]
+    return [_s(rejoin_ms, "rejoin_ms"), _b(chan, "channel prefix"), _t(owner, "owner"),
+            _t(lock_id, "lock id"), _s(mode, "mode"), _s(flags, "flags"), _s(ticket, "ticket"),
+            _s(lease_ms, "lease_ms"), _t(parent_id, "parent id"), _b(name, "resource name")]
 
 
 def convert_args(rejoin_ms: int, chan: bytes, owner: str, lock_id: str, mode: int, flags: int,
                  cticket: int, lease_ms: int, value: bytes | None, version: int, vbmax: int,
                  floor: int) -> list[bytes]:
-    return [_s(rejoin_ms), chan, owner.encode(), lock_id.encode(), _s(mode), _s(flags),
-            _s(cticket), _s(lease_ms), b"0" if value is None else b"1", value or b"",
-            _s(version), _s(vbmax), _s(floor)]
+    return [_s(rejoin_ms, "rejoin_ms"), _b(chan, "channel prefix"), _t(owner, "owner"),
+            _t(lock_id, "lock id"), _s(mode, "mode"), _s(flags, "flags"),
+            _s(cticket, "ticket"), _s(lease_ms, "lease_ms"), *_value(value),
+            _s(version, "version"), _s(vbmax, "vbmax"), _s(floor, "floor")]
 
 
 def release_args(rejoin_ms: int, chan: bytes, owner: str, lock_id: str, flags: int,
                  value: bytes | None, version: int, vbmax: int, floor: int) -> list[bytes]:
-    return [_s(rejoin_ms), chan, owner.encode(), lock_id.encode(), _s(flags),
-            b"0" if value is None else b"1", value or b"", _s(version), _s(vbmax), _s(floor)]
+    return [_s(rejoin_ms, "rejoin_ms"), _b(chan, "channel prefix"), _t(owner, "owner"),
+            _t(lock_id, "lock id"), _s(flags, "flags"), *_value(value),
+            _s(version, "version"), _s(vbmax, "vbmax"), _s(floor, "floor")]
 
 
 def cancel_args(rejoin_ms: int, chan: bytes, owner: str, lock_id: str, reason: str,
                 notify: bool) -> list[bytes]:
-    return [_s(rejoin_ms), chan, owner.encode(), lock_id.encode(), reason.encode(),
-            b"1" if notify else b"0"]
+    return [_s(rejoin_ms, "rejoin_ms"), _b(chan, "channel prefix"), _t(owner, "owner"),
+            _t(lock_id, "lock id"), _t(reason, "reason"), b"1" if notify else b"0"]
 
 
 def yield_args(rejoin_ms: int, chan: bytes, owner: str, lock_id: str) -> list[bytes]:
-    return [_s(rejoin_ms), chan, owner.encode(), lock_id.encode()]
+    return [_s(rejoin_ms, "rejoin_ms"), _b(chan, "channel prefix"), _t(owner, "owner"),
+            _t(lock_id, "lock id")]
 
 
 def renew_args(rejoin_ms: int, chan: bytes, owner: str, lease_ms: int,
                items: list[tuple[str, int]]) -> list[bytes]:
-    out = [_s(rejoin_ms), chan, owner.encode(), _s(lease_ms)]
+    out = [_s(rejoin_ms, "rejoin_ms"), _b(chan, "channel prefix"), _t(owner, "owner"),
+           _s(lease_ms, "lease_ms")]
     for lock_id, floor in items:
-        out += [lock_id.encode(), _s(floor)]
+        out += [_t(lock_id, "lock id"), _s(floor, "floor")]
     return out
 
 
 def break_args(rejoin_ms: int, chan: bytes, lock_id: str, owner: str) -> list[bytes]:
-    return [_s(rejoin_ms), chan, lock_id.encode(), owner.encode()]
+    return [_s(rejoin_ms, "rejoin_ms"), _b(chan, "channel prefix"), _t(lock_id, "lock id"),
+            _t(owner, "owner")]
 
 
 # ----------------------------------------------------------------- events

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import redis
 from redis.exceptions import ResponseError
 
-from ..errors import InvalidArgument, from_script_error
+from ..errors import InvalidArgument, InvalidType, from_script_error
 from . import codec
 from .codec import InstanceStatus, LockReply, RenewEntry, ResourceView
 from .keys import (
@@ -52,6 +52,17 @@ def call_script(client: redis.Redis, name: str, keys: Sequence[bytes], args: Seq
         raise
 
 
+def _keys(keys: object) -> list[bytes]:
+    """Resource keys as given (bytes, from `Engine.key`); anything else is InvalidType."""
+    if isinstance(keys, (bytes, str)) or not hasattr(keys, "__iter__"):
+        raise InvalidType(f"keys must be a sequence of bytes, not {type(keys).__name__}")
+    keys = list(keys)
+    for k in keys:
+        if not isinstance(k, bytes):
+            raise InvalidType(f"a resource key must be bytes (Engine.key), not {type(k).__name__}")
+    return list(keys)
+
+
 class Engine:
     """One instance's lock database. Keys are built with `key()`; every call is one round
     trip and atomic on the instance: it either applies whole or raises and changes nothing."""
@@ -74,14 +85,14 @@ class Engine:
         return display_name([check_name(p) for p in path])
 
     def _call(self, script: str, keys: Sequence[bytes], args: Sequence[bytes]):
-        return call_script(self.client, script, [EPOCH_KEY, self.wkey, *keys], args)
+        return call_script(self.client, script, [EPOCH_KEY, self.wkey, *_keys(keys)], args)
 
     def request(self, key: bytes, owner: str, lock_id: str, mode: object, *, ticket: int,
                 lease_ms: int, flags: int = 0, name: bytes = b"", parent_key: bytes | None = None,
                 parent_id: str = "") -> LockReply:
         m = codec.as_mode(mode)
         raw = self._call("request", [key, parent_key or key], codec.request_args(
-            self.rejoin_ms, self.chan, owner, lock_id, m, int(flags), ticket, lease_ms,
+            self.rejoin_ms, self.chan, owner, lock_id, m, flags, ticket, lease_ms,
             parent_id, name))
         return codec.parse_lock_reply(raw)
 
@@ -90,7 +101,7 @@ class Engine:
                 floor: int = 0) -> LockReply:
         m = codec.as_mode(mode)
         raw = self._call("convert", [key], codec.convert_args(
-            self.rejoin_ms, self.chan, owner, lock_id, m, int(flags), ticket, lease_ms, value,
+            self.rejoin_ms, self.chan, owner, lock_id, m, flags, ticket, lease_ms, value,
             version, self.vbmax, floor))
         return codec.parse_lock_reply(raw)
 
@@ -98,7 +109,8 @@ class Engine:
                 parent_key: bytes | None = None, child_keys: Sequence[bytes] = (),
                 value: bytes | None = None, version: int = 0, floor: int = 0) -> LockReply:
         flags = Flag.SUBTREE if subtree else 0
-        raw = self._call("release", [key, parent_key or key, *child_keys], codec.release_args(
+        kids = _keys(child_keys)
+        raw = self._call("release", [key, parent_key or key, *kids], codec.release_args(
             self.rejoin_ms, self.chan, owner, lock_id, int(flags), value, version, self.vbmax,
             floor))
         return codec.parse_lock_reply(raw)
@@ -117,6 +129,9 @@ class Engine:
     def renew(self, owner: str, lease_ms: int,
               items: Sequence[tuple[bytes, str, int]]) -> tuple[str, list[RenewEntry]]:
         """Renew (key, lock id, fencing floor) items of one owner in one call."""
+        if not isinstance(items, (list, tuple)) or not all(
+                isinstance(i, (tuple, list)) and len(i) == 3 for i in items):
+            raise InvalidType("renew items must be (key, lock id, floor) tuples")
         raw = self._call("renew", [k for k, _, _ in items], codec.renew_args(
             self.rejoin_ms, self.chan, owner, lease_ms, [(i, f) for _, i, f in items]))
         return codec.parse_renew_reply(raw)
@@ -129,8 +144,9 @@ class Engine:
         return codec.parse_lock_reply(raw)
 
     def inspect(self, keys: Sequence[bytes]) -> tuple[InstanceStatus, list[ResourceView | None]]:
+        keys = _keys(keys)
         raw = call_script(self.client, "inspect", [EPOCH_KEY, *keys], [])
-        return codec.parse_inspect(list(keys), raw)
+        return codec.parse_inspect(keys, raw)
 
     def status(self) -> InstanceStatus:
         return codec.parse_status(call_script(self.client, "init", [EPOCH_KEY], [b"status"]))
