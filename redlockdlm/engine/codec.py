@@ -17,6 +17,8 @@ NONE = -1
 def _s(v: int, what: str = "an integer argument") -> bytes:
     """An int argument as ARGV bytes. Strict: a bool, float or numeric string is a caller's
     mistake (InvalidType), never silently truncated; the range is the script's to check."""
+    if type(v) is int:  # the common case, first: b"%d" is the same digits as str(), faster
+        return b"%d" % v
     if isinstance(v, int) and not isinstance(v, bool):
         return str(int(v)).encode()
     raise InvalidType(f"{what} must be an int, not {type(v).__name__}")
@@ -66,6 +68,13 @@ def _mode_or_none(v: int) -> Mode | None:
     return None if v == NONE else Mode(v)
 
 
+# Replies are parsed by dict lookups (an Enum call costs ~10x more); an unknown code is a
+# KeyError, reported as a ProtocolError like the ValueError of Mode(9).
+_STATUS = {int(s): s for s in Status}
+_MODE = {int(m): m for m in Mode}
+_MODE_OR_NONE = {NONE: None, **_MODE}
+
+
 @dataclass(frozen=True, slots=True)
 class Blocker:
     owner: str
@@ -97,25 +106,28 @@ def _str(v: object) -> str:
 
 def parse_lock_reply(raw: list) -> LockReply:
     try:
-        blockers = tuple(
-            Blocker(_str(raw[i]), _str(raw[i + 1]), Mode(int(raw[i + 2])))
-            for i in range(11, len(raw), 3)
+        (status, epoch, mode, token, position, value, version, invalid, wait_ms, extra,
+         nblockers) = raw[:11]
+        n = len(raw)
+        blockers = () if n == 11 else tuple(
+            Blocker(_str(raw[i]), _str(raw[i + 1]), _MODE[int(raw[i + 2])])
+            for i in range(11, n, 3)
         )
         return LockReply(
-            status=Status(int(raw[0])),
-            epoch=_str(raw[1]),
-            mode=_mode_or_none(int(raw[2])),
-            token=int(raw[3]),
-            position=int(raw[4]),
-            value=raw[5],
-            version=int(raw[6]),
-            valid=not int(raw[7]),
-            wait_ms=int(raw[8]),
-            extra=int(raw[9]),
-            blockers_count=int(raw[10]),
+            status=_STATUS[int(status)],
+            epoch=epoch.decode() if isinstance(epoch, bytes) else str(epoch),
+            mode=_MODE_OR_NONE[int(mode)],
+            token=int(token),
+            position=int(position),
+            value=value,
+            version=int(version),
+            valid=not int(invalid),
+            wait_ms=int(wait_ms),
+            extra=int(extra),
+            blockers_count=int(nblockers),
             blockers=blockers,
         )
-    except (IndexError, TypeError, ValueError) as exc:
+    except (IndexError, TypeError, ValueError, KeyError) as exc:
         raise ProtocolError(f"unexpected lock reply {raw!r}") from exc
 
 
@@ -133,10 +145,10 @@ def parse_renew_reply(raw: list) -> tuple[str, list[RenewEntry]]:
         epoch = _str(raw[0])
         out = []
         for i in range(1, len(raw), 5):
-            out.append(RenewEntry(Status(int(raw[i])), _mode_or_none(int(raw[i + 1])),
+            out.append(RenewEntry(_STATUS[int(raw[i])], _MODE_OR_NONE[int(raw[i + 1])],
                                   int(raw[i + 2]), int(raw[i + 3]), int(raw[i + 4])))
         return epoch, out
-    except (IndexError, TypeError, ValueError) as exc:
+    except (IndexError, TypeError, ValueError, KeyError) as exc:
         raise ProtocolError(f"unexpected renew reply {raw!r}") from exc
 
 

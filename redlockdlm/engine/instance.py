@@ -33,7 +33,10 @@ def call_script(client: redis.Redis, name: str, keys: Sequence[bytes], args: Seq
     """Run script `name` (FCALL); if the instance lacks the library (it restarted empty),
     load it and call again, or, if it may not be loaded, EVAL the source. Map DLM_ errors.
     (The contract every caller follows: `redlockdlm.engine.scripts`.)"""
-    keys, args = list(keys), list(args)
+    if type(keys) is not list:
+        keys = list(keys)
+    if type(args) is not list:
+        args = list(args)
     try:
         try:
             return client.execute_command(*command(name, keys, args))
@@ -60,7 +63,7 @@ def _keys(keys: object) -> list[bytes]:
     for k in keys:
         if not isinstance(k, bytes):
             raise InvalidType(f"a resource key must be bytes (Engine.key), not {type(k).__name__}")
-    return list(keys)
+    return keys
 
 
 class Engine:
