@@ -295,6 +295,13 @@ local function purge(key, r)
   end
 end
 
+-- What the last committing call wrote: key -> {blob, the table packed into it}. Kept
+-- between calls (the one cache that is): a GET returning exactly those bytes decodes to
+-- exactly that table, so the unpack is skipped. An entry is handed over when used (the call
+-- may change the table, or fail), and the whole map is replaced by every commit. Bytes that
+-- differ in any way (another writer, expiry, a flush) simply miss.
+local written = {}
+
 -- Load a resource (nil if absent), purging expired locks first (G10).
 local function load(key)
   if key == nil then fail('DLM_KEYS', 'a resource key is missing from KEYS') end
@@ -302,7 +309,13 @@ local function load(key)
   if r == nil then
     local blob = redis.call('GET', key)
     if blob then
-      r = cmsgpack.unpack(blob)
+      local w = written[key]
+      if w and w[1] == blob then
+        r = w[2]
+        written[key] = nil
+      else
+        r = cmsgpack.unpack(blob)
+      end
       r.g = r.g or {}
       r.c = r.c or {}
       r.w = r.w or {}
@@ -466,14 +479,17 @@ local function commit()
   if epoch_dirty then
     redis.call('HSET', KEYS[1], 'id', EPOCH, 'safe', fmt(SAFE))
   end
+  local now_written = {}
   for di = 1, #dirty_order do
     local key = dirty_order[di]
     local r = cache[key]
     if r then
       if #r.g == 0 and #r.c == 0 and #r.w == 0 then
         -- G9: the resource is gone; its fencing sequence outlives it as a tombstone
-        redis.call('SET', key, cmsgpack.pack({n = r.n, s = r.s, vv = 0, vi = 0}),
-          'PX', TOMBSTONE_PX)
+        local t = {n = r.n, s = r.s, vv = 0, vi = 0}
+        local blob = cmsgpack.pack(t)
+        redis.call('SET', key, blob, 'PX', TOMBSTONE_PX)
+        now_written[key] = {blob, t}
       else
         local maxe = NOW
         for qi = 1, 3 do
@@ -483,10 +499,13 @@ local function commit()
             if e > maxe then maxe = e end
           end
         end
-        redis.call('SET', key, cmsgpack.pack(r), 'PX', maxe - NOW + TOMBSTONE_MS)
+        local blob = cmsgpack.pack(r)
+        redis.call('SET', key, blob, 'PX', maxe - NOW + TOMBSTONE_MS)
+        now_written[key] = {blob, r}
       end
     end
   end
+  written = now_written
   for i = 1, #windex_ops do
     local op = windex_ops[i]
     if op[1] == 'add' then
@@ -501,6 +520,10 @@ local function commit()
   end
 end
 
+-- The last waiter index found valid, with what derives from it (a pure function of that
+-- string, kept between calls so a namespace is parsed once): namespace, key prefix, channel.
+local valid_w, valid_ns, valid_prefix, valid_ch
+
 -- Run `main` with errors turned into typed error replies; commit only on success.
 -- K1, hostile input: every key must be ours and of ONE namespace (KEYS[2] names it), and the
 -- channel prefix that namespace's, so no call touches another namespace, publishes outside
@@ -509,20 +532,24 @@ end
 local function check_keys()
   if KEYS[1] ~= 'dlm:epoch' then fail('DLM_KEYS', 'KEYS[1] must be dlm:epoch') end
   local w = KEYS[2]
-  local ns = w and #w <= 76 and string.match(w, '^dlm:([%w_%.%-]+):waiters$')
-  if not ns then
-    fail('DLM_KEYS', 'KEYS[2] must be the waiter index dlm:<namespace>:waiters')
+  if w ~= valid_w then
+    local ns = w and #w <= 76 and string.match(w, '^dlm:([%w_%.%-]+):waiters$')
+    if not ns then
+      fail('DLM_KEYS', 'KEYS[2] must be the waiter index dlm:<namespace>:waiters')
+    end
+    valid_w, valid_ns, valid_prefix, valid_ch = w, ns, 'dlm:{' .. ns .. ':', 'dlm:' .. ns .. ':ch:'
   end
-  local prefix = 'dlm:{' .. ns .. ':'
+  local prefix = valid_prefix
   local n = #prefix
   for i = 3, #KEYS do
     local k = KEYS[i]
-    if #k <= n or #k > MAX_KEY or string.sub(k, 1, n) ~= prefix then
-      fail('DLM_KEYS', 'KEYS[' .. i .. '] is not a resource key of namespace ' .. ns)
+    -- (a plain find at 1 rather than string.sub: no substring is created)
+    if #k <= n or #k > MAX_KEY or string.find(k, prefix, 1, true) ~= 1 then
+      fail('DLM_KEYS', 'KEYS[' .. i .. '] is not a resource key of namespace ' .. valid_ns)
     end
   end
-  if ARGV[2] ~= 'dlm:' .. ns .. ':ch:' then
-    fail('DLM_BADARG', 'the channel prefix must be dlm:' .. ns .. ':ch:')
+  if ARGV[2] ~= valid_ch then
+    fail('DLM_BADARG', 'the channel prefix must be ' .. valid_ch)
   end
 end
 
@@ -560,6 +587,8 @@ local function call(script, keys, args)
   KEYS, ARGV = keys, args
   REJOIN, CHANNEL, NOW, NOW_US, EPOCH, SAFE = nil, nil, nil, nil, nil, nil
   epoch_dirty = false
-  cache, dirty, dirty_order, windex_ops, events = {}, {}, {}, {}, {}
+  cache, dirty, dirty_order = {}, {}, {}
+  if not events or #events > 0 then events = {} end  -- (an empty one is reused)
+  if not windex_ops or #windex_ops > 0 then windex_ops = {} end
   return script()
 end

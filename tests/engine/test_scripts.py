@@ -132,3 +132,20 @@ def w_engine(r: redis.Redis):
     e.init_fresh()
     e.set_clock(frozen_ms=1_000_000)
     return r, e
+
+
+def test_a_resource_changed_behind_the_library_is_read_anew(w_engine) -> None:
+    """core.lua keeps the tables it last wrote, to skip decoding the same bytes again: a
+    value written by anyone else, or a key deleted, must be read as it is."""
+    c, e = w_engine
+    k, other = e.key("res"), e.key("other")
+    assert e.request(k, "o1", "a", Mode.EX, ticket=1, lease_ms=LEASE).status == Status.GRANTED
+    assert e.request(other, "o2", "b", Mode.PR, ticket=2, lease_ms=LEASE).status == Status.GRANTED
+    assert e.request(k, "o3", "x", Mode.NL, ticket=3, lease_ms=LEASE).status == Status.GRANTED
+    c.set(k, c.get(other))  # `res` now holds what `other` holds: b, no a, no x
+    assert e.release(k, "o1", "a").status == Status.NOTFOUND
+    assert [lk.lock_id for lk in e.inspect([k])[1][0].locks] == ["b"]
+    assert e.request(k, "o3", "y", Mode.CR, ticket=4, lease_ms=LEASE).status == Status.GRANTED
+    c.delete(k)
+    assert e.release(k, "o3", "y").status == Status.NOTFOUND
+    assert e.inspect([k])[1] == [None]
