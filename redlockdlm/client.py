@@ -74,6 +74,7 @@ class Instance:
         self.url = _mask(url)
         self.client = redis.Redis(connection_pool=self.pool)
         self.pubsub: redis.client.PubSub | None = None
+        self.sock: Any = None  #: the pub/sub socket registered in the selector
         self._idle: list[redis.Connection] = []
 
     def get(self) -> redis.Connection:
@@ -342,10 +343,30 @@ class DLM:
             ps = inst.client.pubsub(ignore_subscribe_messages=True)
             ps.subscribe(self._core.channel)
             inst.pubsub = ps
-            self._sel.register(ps.connection._sock, selectors.EVENT_READ, i)
+            self._watch(i, inst)
         except _NET_ERRORS as exc:
             log.info("instance %s: no event subscription yet (%s)", inst.url, exc)
             inst.pubsub = None
+
+    def _watch(self, i: int, inst: Instance) -> None:
+        """Keep the selector on the socket the pub/sub connection uses now. redis-py
+        replaces that socket when it reconnects inside `get_message`, and closes the old one
+        (whose fd number the next socket may reuse): registering by fd alone would leave us
+        watching a dead socket, or make `register` fail on the reused fd."""
+        ps = inst.pubsub
+        conn = ps.connection if ps is not None else None
+        sock = conn._sock if conn is not None else None
+        if sock is inst.sock:
+            return
+        if inst.sock is not None:
+            try:
+                self._sel.unregister(inst.sock)  # by the object: works once it is closed
+            except (KeyError, ValueError):
+                pass
+            inst.sock = None
+        if sock is not None:
+            self._sel.register(sock, selectors.EVENT_READ, i)
+            inst.sock = sock
 
     def _poke(self) -> None:
         try:
@@ -395,17 +416,15 @@ class DLM:
                     break
                 if msg.get("type") == "message":
                     self._on_event(i, codec.parse_event(msg["data"]))
+            self._watch(i, inst)  # a reconnect inside get_message changed the socket
         except (*_NET_ERRORS, ValueError):
             log.info("instance %s: event connection lost", inst.url)
-            try:
-                self._sel.unregister(ps.connection._sock)
-            except (KeyError, ValueError, AttributeError):
-                pass
             try:
                 ps.close()
             except Exception:  # noqa: BLE001
                 pass
             inst.pubsub = None
+            self._watch(i, inst)
 
     def _on_event(self, i: int, ev: codec.Event) -> None:
         with self._mu:
