@@ -213,7 +213,10 @@ def scan(engines: Sequence[Engine | Target], *, executor: Executor | None = None
     pipeline per instance. Never KEYS or SCAN. Instances are read in parallel; one that
     fails shows as an `InstanceScan` with `error`."""
     targets = [t if isinstance(t, Target) else Target(label_of(t), t) for t in engines]
-    outcomes = fan_out(targets, _scan_one, executor=executor)
+    return _snapshot(fan_out(targets, _scan_one, executor=executor))
+
+
+def _snapshot(outcomes: Sequence[Outcome]) -> Snapshot:
     return Snapshot(tuple(
         InstanceScan(o.label, *o.value) if o.ok else InstanceScan(o.label, error=o.error)
         for o in outcomes))
@@ -701,9 +704,10 @@ class Detector:
     `leader`: called before every round; when it returns False this process stands by
     (nothing is scanned or cancelled, and cycles seen so far are forgotten, so a new
     leader confirms them itself). None: always lead.
-    After a round that saw a new cycle, the next one starts `confirm_after_s` later
-    (default: half the interval) instead of `interval_s`, so a deadlock is resolved within
-    about one and a half intervals, and a transient state still has that long to clear.
+    After a round that saw a new cycle, `confirm_after_s` later (default: half the
+    interval) a confirming round re-reads only that cycle's resources (D7), so a deadlock
+    is resolved about one and a half intervals after it forms whatever the number of
+    waiters, and a transient state still has half an interval to clear.
     Every `reap_every` rounds (0: never) stale index entries are reaped (D9)."""
 
     def __init__(self, targets: Sequence[str | Engine | Target], namespace: str = "default",
@@ -739,7 +743,18 @@ class Detector:
     # ------------------------------------------------------------- one round
 
     def run_once(self) -> Round:
-        """Scan, confirm, cancel one victim per confirmed cycle; reap when it is time."""
+        """A full round: scan everything, confirm (D7), cancel one victim per confirmed
+        cycle (D8); reap when it is time (D9)."""
+        return self._round(full=True)
+
+    def confirm_pending(self) -> Round:
+        """A confirming round (D7): re-read only the resources of the cycles the previous
+        round saw, on every instance. A cycle's edges come from its own resources only
+        (D2-D4), so this checks the same lock pairs as a full scan would, at a cost that
+        does not grow with the number of waiters. Nothing pending: an empty round."""
+        return self._round(full=False)
+
+    def _round(self, *, full: bool) -> Round:
         t0 = time.perf_counter()
         self.rounds += 1
         n = self.rounds
@@ -748,7 +763,11 @@ class Detector:
                 self.log.info(_kv("standby", round=n, forgotten=len(self._previous)))
             self._previous = []
             return Round(n, False, elapsed_ms=(time.perf_counter() - t0) * 1000)
-        snap = scan(self.targets, executor=self._pool)
+        if full:
+            snap = scan(self.targets, executor=self._pool)
+        else:
+            keys = list(dict.fromkeys(e.key for c in self._previous for e in c.edges))
+            snap = self._read(keys)
         for inst in snap.instances:
             if not inst.ok:
                 self.log.warning(_kv("unreachable", round=n, instance=inst.label,
@@ -776,18 +795,25 @@ class Detector:
             victims.append(self._cancel(n, victim, cyc))
         self._previous = remember
         reaped: tuple[Outcome, ...] = ()
-        if self.reap_every and n % self.reap_every == 0:
+        if full and self.reap_every and n % self.reap_every == 0:
             reaped = tuple(self.reap())
         elapsed = (time.perf_counter() - t0) * 1000
         rnd = Round(n, True, snap, cycles=tuple(cycles), confirmed=tuple(confirmed),
                     victims=tuple(victims), unresolved=tuple(unresolved),
                     pending=tuple(first_seen), reaped=reaped, elapsed_ms=elapsed)
-        level = logging.INFO if (cycles or reaped) else logging.DEBUG
-        self.log.log(level, _kv("round", round=n, reachable=f"{snap.reachable}/"
-                                f"{len(snap.instances)}", waiters=snap.waiter_count,
-                                cycles=len(cycles), confirmed=len(confirmed),
-                                victims=len(victims), ms=f"{elapsed:.1f}"))
+        level = logging.INFO if (cycles or reaped or not full) else logging.DEBUG
+        self.log.log(level, _kv("round" if full else "confirm", round=n,
+                                reachable=f"{snap.reachable}/{len(snap.instances)}",
+                                waiters=snap.waiter_count, cycles=len(cycles),
+                                confirmed=len(confirmed), victims=len(victims),
+                                ms=f"{elapsed:.1f}"))
         return rnd
+
+    def _read(self, keys: list[bytes]) -> Snapshot:
+        """Only `keys`, on every instance (no index read: the waiters are in the views)."""
+        def one(e: Engine) -> tuple[int, tuple, dict]:
+            return 0, (), _inspect_chunks(e, keys) if keys else {}
+        return _snapshot(fan_out(self.targets, one, executor=self._pool))
 
     def _cancel(self, n: int, req: Request, cyc: Cycle) -> Victim:
         """D8: cancel the victim's request on EVERY instance (where it is granted the script
@@ -822,26 +848,26 @@ class Detector:
     # ------------------------------------------------------------- the loop
 
     def run_forever(self, stop: threading.Event, *, max_rounds: int | None = None) -> int:
-        """Run a round every `interval_s` until `stop` is set (or `max_rounds` ran).
-        A round that fails unexpectedly is logged and the loop goes on. Returns the number
-        of rounds run."""
+        """Run a full round every `interval_s` (and a confirming round `confirm_after_s`
+        after one that saw a new cycle) until `stop` is set or `max_rounds` full rounds
+        ran. A round that fails unexpectedly is logged and the loop goes on. Returns the
+        number of full rounds run."""
         self.log.info(_kv("start", instances=",".join(t.label for t in self.targets),
                           interval_s=self.interval_s,
                           leader="hook" if self.leader else "always"))
         done = 0
         while not stop.is_set() and (max_rounds is None or done < max_rounds):
             t0 = time.monotonic()
-            pause = self.interval_s
             try:
-                if self.run_once().pending:
-                    pause = self.confirm_after_s  # D7: look again sooner, not at once
+                if self.run_once().pending and not stop.wait(self.confirm_after_s):
+                    self.confirm_pending()  # D7: look again sooner, at those locks only
             except Exception as exc:  # keep the job alive; the next round starts afresh
                 self.log.error(_kv("round-failed", round=self.rounds,
                                    error=describe_error(exc)))
             done += 1
             if max_rounds is not None and done >= max_rounds:
                 break
-            stop.wait(max(0.0, pause - (time.monotonic() - t0)))
+            stop.wait(max(0.0, self.interval_s - (time.monotonic() - t0)))
         self.log.info(_kv("stop", rounds=done))
         return done
 

@@ -280,6 +280,38 @@ def test_D7_the_confirming_scan_comes_sooner_than_the_interval(c):
         assert ev.received.count(b"C|b2|deadlock") == 3 and det.rounds == 2
 
 
+def test_D7_a_confirming_round_reads_only_the_cycle(c):
+    c.request("a", "a1", ["R1"], "EX", ticket=1)
+    c.request("b", "b1", ["R2"], "EX", ticket=2)
+    c.request("a", "a2", ["R2"], "EX", ticket=3)
+    c.request("x", "x1", ["busy"], "EX", ticket=4)
+    c.request("y", "y1", ["busy"], "EX", ticket=5)  # an unrelated waiter
+    with detector(c) as det:
+        assert det.confirm_pending().cycles == ()  # nothing pending: nothing read
+        c.request("b", "b2", ["R1"], "EX", ticket=6)
+        assert len(det.run_once().pending) == 1
+        rnd = det.confirm_pending()
+        assert {k for i in rnd.snapshot.instances for k in i.resources} == {
+            c.key(["R1"]), c.key(["R2"])}
+        (victim,) = rnd.victims
+        assert victim.request.lock_id == "b2" and victim.cancelled_on == 3
+        assert det.confirm_pending().victims == ()
+
+
+def test_D7_a_confirming_round_spares_a_cycle_that_cleared(c):
+    c.request("a", "a1", ["R1"], "EX", ticket=1)
+    c.request("b", "b1", ["R2"], "EX", ticket=2)
+    c.request("a", "a2", ["R2"], "EX", ticket=3)
+    c.request("b", "b2", ["R1"], "EX", ticket=4)
+    with detector(c) as det:
+        assert len(det.run_once().pending) == 1
+        for e in c.engines:
+            e.release(c.key(["R2"]), "b", "b1")  # b gives up R2: a2 is granted
+        rnd = det.confirm_pending()
+        assert rnd.cycles == () and rnd.victims == ()
+    assert c.queues(["R1"], "b2") == ["W"] * 3
+
+
 def test_D1_the_scan_reads_only_the_index_and_its_resources(c):
     c.request("a", "a1", ["R1"], "EX", ticket=1)
     c.request("b", "b2", ["R1"], "EX", ticket=2)
