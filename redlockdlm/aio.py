@@ -20,7 +20,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import InvalidResponse, NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .client import _LOCK_REPLY_SCRIPTS, _mask
+from .client import _LOCK_REPLY_SCRIPTS, _mask, check_timeouts, pool_from_url, url_list
 from .engine import codec
 from .engine.modes import Mode
 from .engine.scripts import command, fallback, is_missing, load_command
@@ -35,7 +35,16 @@ from .errors import (
     QuorumUnavailable,
     from_script_error,
 )
-from .protocol import Call, LockCore, Phase, Session, check_timeout, descendants
+from .protocol import (
+    Call,
+    LockCore,
+    Phase,
+    Session,
+    check_callback,
+    check_timeout,
+    descendants,
+    describe,
+)
 
 log = logging.getLogger("redlockdlm")
 
@@ -55,16 +64,9 @@ def _parse(call: Call, raw: Any) -> Any:
 class _Instance:
     def __init__(self, url: str, *, socket_timeout: float, connect_timeout: float,
                  **options: Any) -> None:
-        if not isinstance(url, str):
-            raise InvalidType(f"instance URL must be a str, not {type(url).__name__}")
-        if not url.startswith(("redis://", "rediss://", "unix://")):
-            raise InvalidArgument(f"not a redis URL: {url!r} (redis://, rediss:// or unix://)")
-        try:
-            self.pool = aredis.ConnectionPool.from_url(
-                url, socket_timeout=socket_timeout, socket_connect_timeout=connect_timeout,
-                **options)
-        except ValueError as exc:
-            raise InvalidArgument(f"bad redis URL {_mask(url)}: {exc}") from exc
+        check_timeouts(socket_timeout=socket_timeout, connect_timeout=connect_timeout)
+        self.pool = pool_from_url(aredis.ConnectionPool, url, socket_timeout=socket_timeout,
+                                  socket_connect_timeout=connect_timeout, **options)
         self.url = _mask(url)
         self.client = aredis.Redis(connection_pool=self.pool)
         self.timeout = socket_timeout
@@ -78,14 +80,13 @@ class AsyncDLM:
                  lease_ms: int = 10_000, socket_timeout: float = 1.0,
                  connect_timeout: float = 1.0, rejoin_ms: int | None = None, vbmax: int = 64,
                  owner: str | None = None, **redis_options: Any) -> None:
-        if isinstance(urls, str):
-            urls = [u for u in urls.split(",") if u]
-        urls = list(urls)
+        urls = url_list(urls)
         self._core = Session(len(urls), namespace, lease_ms=lease_ms, rejoin_ms=rejoin_ms,
                              vbmax=vbmax, owner=owner)
         self._instances = [_Instance(u, socket_timeout=socket_timeout,
                                      connect_timeout=connect_timeout, **redis_options)
                            for u in urls]
+        self._core.labels = [inst.url for inst in self._instances]
         self._closed = False
         self._tasks: list[asyncio.Task[Any]] = []
         self._started = False
@@ -176,6 +177,9 @@ class AsyncDLM:
             raise DLMError("this AsyncDLM client is closed")
         self._start()
         t = check_timeout(timeout)
+        for what, fn in (("on_granted", on_granted), ("on_blocking", on_blocking),
+                         ("on_lost", on_lost)):
+            check_callback(what, fn)
         if parent is not None and not isinstance(parent, AsyncLock):
             raise InvalidType("parent must be an AsyncLock")
         lk = self._core.new_lock(resource, mode, parent=parent._core if parent else None,
@@ -215,13 +219,13 @@ class AsyncDLM:
             inst = self._instances[i]
             try:
                 conn = await inst.pool.get_connection()
-            except _NET_ERRORS as exc:
+            except Exception as exc:  # noqa: BLE001 - unreachable, refused, not Redis...
                 results[i] = exc
                 continue
             try:
                 await conn.send_command(*command(*call))
                 conns.append((i, call, conn))
-            except _NET_ERRORS as exc:
+            except Exception as exc:  # noqa: BLE001
                 await conn.disconnect()
                 await inst.pool.release(conn)
                 results[i] = exc
@@ -239,18 +243,21 @@ class AsyncDLM:
                         raise
                     # the instance restarted empty or was flushed: load our library, retry
                     await conn.send_command(*load_command())
-                    await conn.read_response()
-                    await conn.send_command(*command(*call))
+                    try:
+                        await conn.read_response()
+                        await conn.send_command(*command(*call))
+                    except ResponseError:  # FUNCTION LOAD refused (ACL): the EVAL form
+                        await conn.send_command(*fallback(*call))
                     raw = await conn.read_response()
                 results[i] = _parse(call, raw)
             except ResponseError as exc:
                 msg = str(exc)
                 results[i] = (from_script_error(msg, instance=inst.url)
                               if msg.startswith("DLM_") else ProtocolError(msg, instance=inst.url))
-            except _NET_ERRORS as exc:
-                await conn.disconnect()
-                results[i] = exc
             except DLMError as exc:
+                results[i] = exc
+            except Exception as exc:  # noqa: BLE001 - unreachable, timed out, not Redis...
+                await conn.disconnect()
                 results[i] = exc
             finally:
                 await inst.pool.release(conn)
@@ -341,8 +348,10 @@ class AsyncDLM:
                 with contextlib.suppress(Exception):
                     await ps.aclose()
                 raise
-            except (*_NET_ERRORS, ValueError, DLMError) as exc:
-                log.info("instance %s: event connection lost (%s)", inst.url, exc)
+            except Exception as exc:  # noqa: BLE001 - not Redis, refused by the ACL...
+                log.log(logging.INFO if isinstance(exc, (*_NET_ERRORS, ValueError, DLMError))
+                        else logging.WARNING, "instance %s: no event subscription: %s",
+                        inst.url, describe(exc))
                 with contextlib.suppress(Exception):
                     await ps.aclose()
                 await asyncio.sleep(0.5)

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 import redis
 from redis.exceptions import InvalidResponse, NoScriptError, ResponseError
@@ -31,7 +32,15 @@ from .errors import (
     QuorumUnavailable,
     from_script_error,
 )
-from .protocol import Call, LockCore, Outcome, Phase, Session, check_timeout
+from .protocol import (
+    Call,
+    LockCore,
+    Outcome,
+    Phase,
+    Session,
+    check_callback,
+    check_timeout,
+)
 
 log = logging.getLogger("redlockdlm")
 
@@ -56,21 +65,74 @@ def _mask(url: str) -> str:
     return url
 
 
+def url_list(urls: object) -> list[str]:
+    """The instance URLs: a list (or tuple) of str, or one comma-separated str."""
+    if isinstance(urls, str):
+        return [u.strip() for u in urls.split(",") if u.strip()]
+    if not isinstance(urls, (list, tuple)):
+        raise InvalidType(f"urls must be a list of redis:// URLs or a comma-separated str, "
+                          f"not {type(urls).__name__}")
+    return list(urls)
+
+
+def check_url(url: object) -> str:
+    """A redis://, rediss:// or unix:// URL with what it needs (a host; a numeric port and
+    database; a socket path). InvalidType / InvalidArgument otherwise, nothing connected."""
+    if not isinstance(url, str):
+        raise InvalidType(f"instance URL must be a str, not {type(url).__name__}")
+    bad = f"bad redis URL {_mask(url)!r}"
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise InvalidArgument(f"{bad}: {exc}") from None
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise InvalidArgument(f"not a redis URL: {_mask(url)!r} (redis://, rediss:// or "
+                              "unix://)")
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise InvalidArgument(f"{bad}: a unix:// URL needs a socket path")
+        return url
+    if not parts.hostname:
+        raise InvalidArgument(f"{bad}: no host (redis://[user:password@]host:port[/db])")
+    if port == 0:
+        raise InvalidArgument(f"{bad}: port 0")
+    if parts.path not in ("", "/") and not parts.path[1:].isdigit():
+        raise InvalidArgument(f"{bad}: the database must be a number, not {parts.path[1:]!r}")
+    return url
+
+
+def check_timeouts(**timeouts: object) -> None:
+    for what, t in timeouts.items():
+        if isinstance(t, bool) or not isinstance(t, (int, float)):
+            raise InvalidType(f"{what} must be a number of seconds, not {type(t).__name__}")
+        if not 0 < t < float("inf"):
+            raise InvalidArgument(f"{what} must be > 0 seconds, got {t}")
+
+
+def pool_from_url(pool_class: Any, url: object, **options: Any) -> Any:
+    """`pool_class.from_url(url, **options)` with every mistake typed: a malformed URL or
+    option value is InvalidArgument, an unknown option InvalidType (checked by building
+    one connection object, which does not connect)."""
+    url = check_url(url)
+    try:
+        pool = pool_class.from_url(url, **options)
+        pool.connection_class(**pool.connection_kwargs)
+    except TypeError as exc:
+        raise InvalidType(f"bad connection option for {_mask(url)}: {exc}") from None
+    except (ValueError, redis.RedisError) as exc:
+        raise InvalidArgument(f"bad redis URL or option {_mask(url)}: {exc}") from None
+    return pool
+
+
 class Instance:
     """One Redis instance: a pool for commands and a pub/sub connection for events."""
 
     def __init__(self, url: str, *, socket_timeout: float, connect_timeout: float,
                  **options: Any) -> None:
-        if not isinstance(url, str):
-            raise InvalidType(f"instance URL must be a str, not {type(url).__name__}")
-        if not url.startswith(("redis://", "rediss://", "unix://")):
-            raise InvalidArgument(f"not a redis URL: {url!r} (redis://, rediss:// or unix://)")
-        try:
-            self.pool = redis.ConnectionPool.from_url(
-                url, socket_timeout=socket_timeout, socket_connect_timeout=connect_timeout,
-                **options)
-        except ValueError as exc:
-            raise InvalidArgument(f"bad redis URL {_mask(url)}: {exc}") from exc
+        check_timeouts(socket_timeout=socket_timeout, connect_timeout=connect_timeout)
+        self.pool = pool_from_url(redis.ConnectionPool, url, socket_timeout=socket_timeout,
+                                  socket_connect_timeout=connect_timeout, **options)
         self.url = _mask(url)
         self.client = redis.Redis(connection_pool=self.pool)
         self.pubsub: redis.client.PubSub | None = None
@@ -104,14 +166,13 @@ class DLM:
                  lease_ms: int = 10_000, socket_timeout: float = 1.0,
                  connect_timeout: float = 1.0, rejoin_ms: int | None = None, vbmax: int = 64,
                  owner: str | None = None, **redis_options: Any) -> None:
-        if isinstance(urls, str):
-            urls = [u for u in urls.split(",") if u]
-        urls = list(urls)
+        urls = url_list(urls)
         self._core = Session(len(urls), namespace, lease_ms=lease_ms, rejoin_ms=rejoin_ms,
                              vbmax=vbmax, owner=owner)
         self._instances = [Instance(u, socket_timeout=socket_timeout,
                                     connect_timeout=connect_timeout, **redis_options)
                            for u in urls]
+        self._core.labels = [inst.url for inst in self._instances]
         self._mu = threading.RLock()
         self._cond = threading.Condition(self._mu)
         self._closed = False
@@ -167,6 +228,9 @@ class DLM:
         (and `on_granted` runs on the callback thread) when the lock is granted."""
         self._check_open()
         t = check_timeout(timeout)
+        for what, fn in (("on_granted", on_granted), ("on_blocking", on_blocking),
+                         ("on_lost", on_lost)):
+            check_callback(what, fn)
         if parent is not None and not isinstance(parent, Lock):
             raise InvalidType("parent must be a Lock")
         with self._mu:
@@ -258,7 +322,7 @@ class DLM:
             try:
                 conn.send_command(*command(*cmd))
                 conns.append((i, cmd, conn))
-            except _NET_ERRORS as exc:
+            except Exception as exc:  # noqa: BLE001 - unreachable, refused, not Redis...
                 conn.disconnect()
                 inst.put(conn)
                 results[i] = exc
@@ -275,18 +339,21 @@ class DLM:
                         raise
                     # the instance restarted empty or was flushed: load our library, retry
                     conn.send_command(*load_command())
-                    conn.read_response()
-                    conn.send_command(*command(*cmd))
+                    try:
+                        conn.read_response()
+                        conn.send_command(*command(*cmd))
+                    except ResponseError:  # FUNCTION LOAD refused (ACL): the EVAL form
+                        conn.send_command(*fallback(*cmd))
                     raw = conn.read_response()
                 results[i] = parse(cmd, raw)
             except ResponseError as exc:
                 msg = str(exc)
                 results[i] = (from_script_error(msg, instance=inst.url)
                               if msg.startswith("DLM_") else ProtocolError(msg, instance=inst.url))
-            except _NET_ERRORS as exc:
-                conn.disconnect()
-                results[i] = exc
             except DLMError as exc:
+                results[i] = exc
+            except Exception as exc:  # noqa: BLE001 - unreachable, timed out, not Redis...
+                conn.disconnect()
                 results[i] = exc
             finally:
                 inst.put(conn)

@@ -84,6 +84,7 @@ class InstanceVote:
     retry_at: float = 0.0
     epoch: str = ""
     yielded_token: int = 0  #: the grant we gave back last (events up to it are stale)
+    error: str = ""  #: why the last call to this instance failed (one line), for messages
     by_event: bool = False  #: the current GRANTED came from a pub/sub event
 
 
@@ -215,6 +216,9 @@ class Session:
             raise InvalidArgument(f"use an odd number of instances (got {n}): an even one "
                                   "tolerates no more failures than the odd number below it")
         check_lease(lease_ms)
+        if rejoin_ms is not None:
+            check_int("rejoin_ms", rejoin_ms, 0, 86_400_000)
+        check_int("vbmax", vbmax, 0, 65_536)
         self.n = n
         self.quorum = n // 2 + 1
         self.ns = check_namespace(namespace)
@@ -227,6 +231,8 @@ class Session:
         self.wkey = waiters_key(self.ns)
         self.tickets = Ticket()
         self.locks: dict[str, LockCore] = {}
+        #: instance labels (URLs, password masked) for error messages; set by the I/O layer
+        self.labels: list[str] = [f"instance {i}" for i in range(n)]
 
     # ----------------------------------------------------------------- building commands
 
@@ -335,6 +341,7 @@ class Session:
             if isinstance(reply, (InvalidArgument, InvalidType, NotOwner)):
                 raise reply  # bad input: every instance refuses alike; nothing was changed
             v.vote = Vote.ERROR  # unreachable, or a state this instance alone is in
+            v.error = describe(reply)
             v.retry_at = now + 0.5
             return
         lk.pending.discard(i)
@@ -376,6 +383,7 @@ class Session:
                        sent_at: float, now: float) -> None:
         if isinstance(reply, BaseException):
             for lk in lks:
+                lk.votes[i].error = describe(reply)
                 if lk.votes[i].vote is Vote.QUEUED:
                     lk.votes[i].vote = Vote.ERROR
                 # a granted vote keeps its old lease and simply runs out if this persists
@@ -440,8 +448,8 @@ class Session:
         res = _show(lk.path)
         if lk.count(Vote.ERROR) > n - q:
             return self._fail(lk, QuorumUnavailable(
-                f"only {n - lk.count(Vote.ERROR)} of {n} instances answered; {q} needed",
-                resource=res, lock_id=lk.id))
+                f"only {n - lk.count(Vote.ERROR)} of {n} instances answered; {q} needed"
+                + self._causes(lk), resource=res, lock_id=lk.id))
         if lk.count(Vote.NOTQUEUED) > n - q or (
                 lk.flags & Flag.NOQUEUE and lk.count(Vote.NOTQUEUED, Vote.GRANTED) == n):
             return self._fail(lk, NotQueued("not granted at once (noqueue)", resource=res,
@@ -494,6 +502,12 @@ class Session:
         lk.pending.update(i for i, _ in out)
         return out
 
+    def _causes(self, lk: LockCore) -> str:
+        """': <label>: <why>; ...' for the instances that failed (one line)."""
+        why = [f"{self.labels[i]}: {v.error or 'no answer'}"
+               for i, v in enumerate(lk.votes) if v.vote is Vote.ERROR]
+        return ": " + "; ".join(why) if why else ""
+
     def _fail(self, lk: LockCore, err: DLMError) -> Outcome:
         lk.phase = Phase.FAILED
         lk.error = err
@@ -543,8 +557,8 @@ class Session:
             if lk.count(Vote.DEADLOCK):
                 err = Deadlock("conversion deadlock (G7)", resource=res, lock_id=lk.id)
             elif lk.count(Vote.ERROR) > n - q:
-                err = QuorumUnavailable("fewer than a quorum answered", resource=res,
-                                        lock_id=lk.id)
+                err = QuorumUnavailable("fewer than a quorum answered" + self._causes(lk),
+                                        resource=res, lock_id=lk.id)
             elif lk.count(Vote.NOTQUEUED):  # only a NOQUEUE conversion is answered so
                 err = NotQueued("conversion not granted at once (noqueue)", resource=res,
                                 lock_id=lk.id)
@@ -612,6 +626,39 @@ def descendants(lk: LockCore) -> list[LockCore]:
         out.append(c)
         out.extend(descendants(c))
     return out
+
+
+def check_int(what: str, value: object, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidType(f"{what} must be an int, not {type(value).__name__}")
+    if not lo <= value <= hi:
+        raise InvalidArgument(f"{what} must be {lo}..{hi}, got {value}")
+    return value
+
+
+def check_callback(what: str, fn: object) -> None:
+    """A notification callback: None or callable (a wrong one fails here, not later on the
+    callback thread)."""
+    if fn is not None and not callable(fn):
+        raise InvalidType(f"{what} must be callable or None, not {type(fn).__name__}")
+
+
+def describe(exc: BaseException) -> str:
+    """One line saying why an instance failed, naming the usual causes: authentication,
+    the ACL, an instance that is not Redis, a timeout, a refused connection."""
+    name = type(exc).__name__
+    text = " ".join(str(exc).split())[:200] or name
+    if "Authentication" in name or text.startswith(("WRONGPASS", "NOAUTH", "invalid username")):
+        return f"authentication failed (wrong user name or password?): {text}"
+    if "NoPermission" in name or text.startswith("NOPERM") or "NOPERM" in text[:40]:
+        return f"refused by the instance's ACL: {text}"
+    if name in ("InvalidResponse", "AttributeError") or "Protocol" in text:
+        return f"not a Redis server? ({name}: {text})"
+    if "Timeout" in name:
+        return f"timed out ({text})"
+    if "Connection" in name or isinstance(exc, OSError):
+        return f"unreachable ({text})"
+    return f"{name}: {text}"
 
 
 def check_lease(lease_ms: object) -> int:
