@@ -335,6 +335,7 @@ class AsyncDLM:
 
     async def _events(self, i: int) -> None:
         inst = self._instances[i]
+        warned = False
         while not self._closed:
             ps = inst.client.pubsub(ignore_subscribe_messages=True)
             try:
@@ -349,9 +350,10 @@ class AsyncDLM:
                     await ps.aclose()
                 raise
             except Exception as exc:  # noqa: BLE001 - not Redis, refused by the ACL...
-                log.log(logging.INFO if isinstance(exc, (*_NET_ERRORS, ValueError, DLMError))
-                        else logging.WARNING, "instance %s: no event subscription: %s",
-                        inst.url, describe(exc))
+                loud = not isinstance(exc, (*_NET_ERRORS, ValueError, DLMError)) and not warned
+                warned = warned or loud  # once: retried every half second
+                log.log(logging.WARNING if loud else logging.INFO,
+                        "instance %s: no event subscription: %s", inst.url, describe(exc))
                 with contextlib.suppress(Exception):
                     await ps.aclose()
                 await asyncio.sleep(0.5)

@@ -9,6 +9,7 @@ callback never delays a renewal.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import selectors
 import threading
@@ -40,6 +41,7 @@ from .protocol import (
     Session,
     check_callback,
     check_timeout,
+    describe,
 )
 
 log = logging.getLogger("redlockdlm")
@@ -136,6 +138,7 @@ class Instance:
         self.url = _mask(url)
         self.client = redis.Redis(connection_pool=self.pool)
         self.pubsub: redis.client.PubSub | None = None
+        self.warned = False  #: a failed subscription was logged as a warning already
         self.sock: Any = None  #: the pub/sub socket registered in the selector
         self._idle: list[redis.Connection] = []
 
@@ -406,13 +409,20 @@ class DLM:
     # ----------------------------------------------------------------- background thread
 
     def _subscribe(self, i: int, inst: Instance) -> None:
+        ps = None
         try:
             ps = inst.client.pubsub(ignore_subscribe_messages=True)
             ps.subscribe(self._core.channel)
             inst.pubsub = ps
             self._watch(i, inst)
-        except _NET_ERRORS as exc:
-            log.info("instance %s: no event subscription yet (%s)", inst.url, exc)
+        except Exception as exc:  # noqa: BLE001 - not Redis, refused by the ACL...: retried
+            loud = not isinstance(exc, _NET_ERRORS) and not inst.warned
+            inst.warned = inst.warned or loud  # once: it is retried every second
+            log.log(logging.WARNING if loud else logging.INFO,
+                    "instance %s: no event subscription yet: %s", inst.url, describe(exc))
+            if ps is not None:
+                with contextlib.suppress(Exception):
+                    ps.close()
             inst.pubsub = None
 
     def _watch(self, i: int, inst: Instance) -> None:
@@ -484,8 +494,8 @@ class DLM:
                 if msg.get("type") == "message":
                     self._on_event(i, codec.parse_event(msg["data"]))
             self._watch(i, inst)  # a reconnect inside get_message changed the socket
-        except (*_NET_ERRORS, ValueError):
-            log.info("instance %s: event connection lost", inst.url)
+        except Exception as exc:  # noqa: BLE001 - lost, not Redis, a garbled event...
+            log.info("instance %s: event connection lost: %s", inst.url, describe(exc))
             try:
                 ps.close()
             except Exception:  # noqa: BLE001
