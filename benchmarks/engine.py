@@ -15,8 +15,10 @@ a change of machine load between them does not skew their ratios:
 For each it prints ops/s, µs/op, the ratio to the floor (pair / 2 floor round trips,
 conversion round / 4 floor round trips) and what the scripts cost inside the server
 (INFO commandstats deltas of evalsha + eval + fcall: µs per call and per op). The target is
-pair <= 1.5 x two trivial round trips; it is printed with PASS/MISS beside it. This script
-prints; it does not assert.
+pair <= 1.5 x two trivial round trips; it is printed with PASS/MISS beside it. Last, the
+CPU time the client and server processes used per op (a loaded machine stretches wall time
+but not CPU time; kernel work on the other's behalf is partly missed). This script prints;
+it does not assert.
 """
 
 from __future__ import annotations
@@ -58,6 +60,12 @@ def script_stats(client: redis.Redis) -> tuple[int, int]:
     return calls, usec
 
 
+def server_cpu(client: redis.Redis) -> float:
+    """CPU seconds the server process has used (user + system)."""
+    st = client.info("cpu")
+    return float(st["used_cpu_user"]) + float(st["used_cpu_sys"])
+
+
 class Result:
     """One figure, accumulated over the interleaved slices it was measured in."""
 
@@ -71,6 +79,8 @@ class Result:
         self.calls = 0  # script calls seen by the server during the measurement
         self.server_usec = 0
         self.slice_us: list[float] = []  # µs/op of each slice
+        self.client_cpu = 0.0  # CPU seconds of this process (time.process_time)
+        self.server_cpu = 0.0  # CPU seconds of the server (INFO cpu)
 
     @property
     def rate(self) -> float:
@@ -88,9 +98,16 @@ class Result:
     def server_us_per_op(self) -> float:
         return self.server_usec / self.ops
 
+    @property
+    def cpu_us(self) -> float:
+        """Client + server CPU µs per op: what the op costs, whoever else uses the CPUs."""
+        return (self.client_cpu + self.server_cpu) / self.ops * 1e6
+
     def run_slice(self, client: redis.Redis, seconds: float, record: bool = True) -> None:
         """Run step(i) for `seconds`, timed; add it to the figure unless `record` is False."""
         calls0, usec0 = script_stats(client)
+        srv0 = server_cpu(client)
+        cpu0 = time.process_time()
         n = 0
         start = time.perf_counter()
         end = start + seconds
@@ -101,8 +118,12 @@ class Result:
             n += 1
             now = time.perf_counter()
         elapsed = now - start
+        cpu1 = time.process_time()
+        srv1 = server_cpu(client)
         calls1, usec1 = script_stats(client)
         if record:
+            self.client_cpu += cpu1 - cpu0
+            self.server_cpu += srv1 - srv0
             self.ops += n
             self.seconds += elapsed
             self.calls += calls1 - calls0
@@ -223,6 +244,14 @@ def run(url: str, seconds: float, own_server: bool, rounds: int) -> None:
     print(f"  conversion round      {conv.server_us_per_call:6.1f} µs per call on average, "
           f"{conv.server_us_per_op:6.1f} µs per round "
           f"(client + network: {conv.us - conv.server_us_per_op:6.1f} µs per round)")
+    print()
+    print("CPU time (this process + the server process, getrusage), which other load on the "
+          "machine does not lengthen:")
+    print(f"  floor                 {floor.cpu_us:6.1f} µs per call")
+    print(f"  request/release       {pair.cpu_us:6.1f} µs per pair "
+          f"= {pair.cpu_us / (2 * floor.cpu_us):.2f} x two floor calls")
+    print(f"  conversion round      {conv.cpu_us:6.1f} µs per round "
+          f"= {conv.cpu_us / (4 * floor.cpu_us):.2f} x four floor calls")
     client.close()
 
 
