@@ -1,0 +1,407 @@
+"""Quorum client benchmark: what the DLM client costs beside the transport floor.
+
+    python benchmarks/quorum.py [--seconds S] [--workers W] [--locks L]
+
+It starts its own redis-servers on free loopback ports (tests/redis_harness.py), marks them
+fresh (E1) and stops them, by their pids, at the end. Every figure is printed beside the
+FLOOR measured in the same run: the trivial script (`return 1` by EVALSHA) sent to all N
+instances on raw connections, every request written before any reply is read; one floor
+round trip = one such round.
+
+  (1) uncontended EX acquire + release on 3 instances, one client (sync DLM, then AsyncDLM):
+      pairs/s and p50/p99 latency. Target: pair rate >= 0.6 x floor rate / 2 (an acquire
+      and a release are one round trip each).
+  (2) W worker PROCESSES contending for one resource in EX: acquisitions/s, handoff time
+      (from the holder starting its release to the next grant seen by the next holder,
+      time.monotonic_ns of one machine) p50/p99, fairness = fewest / most acquisitions of a
+      worker. Targets: handoff p50 <= 3 floor round trips, fairness >= 0.9.
+  (3) renewal with L locks held by one client: round trips per renewal tick per instance
+      (counted by wrapping DLM._broadcast, and on the servers by INFO commandstats) and the
+      time one tick takes. Target: one round trip per instance per tick.
+
+It prints PASS/MISS per target; it does not assert.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from redis_harness import Instances  # noqa: E402
+
+from redlockdlm import DLM, Mode  # noqa: E402
+from redlockdlm.engine.instance import Engine  # noqa: E402
+
+NAMESPACE = f"qbench-{os.getpid()}"
+LEASE_MS = 30_000
+
+
+def pct(xs: list[float], p: float) -> float:
+    if not xs:
+        return float("nan")
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+# --------------------------------------------------------------------------- floor
+
+
+class Floor:
+    """EVALSHA `return 1` to all instances on raw connections: write all, then read all."""
+
+    def __init__(self, urls: list[str]) -> None:
+        self.conns = []
+        for u in urls:
+            pool = redis.ConnectionPool.from_url(u)
+            c = pool.make_connection()
+            c.connect()
+            self.conns.append(c)
+        c0 = redis.Redis.from_url(urls[0])
+        self.sha = c0.script_load("return 1")
+        c0.close()
+        for u in urls[1:]:
+            c = redis.Redis.from_url(u)
+            c.script_load("return 1")
+            c.close()
+
+    def round(self) -> None:
+        for c in self.conns:
+            c.send_command("EVALSHA", self.sha, 0)
+        for c in self.conns:
+            c.read_response()
+
+    def close(self) -> None:
+        for c in self.conns:
+            c.disconnect()
+
+
+def timed_loop(step, seconds: float) -> list[float]:
+    """Run step() for `seconds`; return each call's latency in seconds."""
+    lat = []
+    end = time.perf_counter() + seconds
+    while True:
+        t0 = time.perf_counter()
+        if t0 >= end:
+            break
+        step()
+        lat.append(time.perf_counter() - t0)
+    return lat
+
+
+def interleaved(steps: dict[str, Any], seconds: float, slices: int = 6,
+                warmup: float = 0.3) -> dict[str, list[float]]:
+    """Measure every step in `slices` interleaved slices (machine load hits all alike)."""
+    for step in steps.values():
+        timed_loop(step, warmup)
+    out: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(slices):
+        for k, step in steps.items():
+            out[k] += timed_loop(step, seconds / slices)
+    return out
+
+
+# --------------------------------------------------------------------------- (1)
+
+
+class AioRunner:
+    """An event loop in a thread of its own, for AsyncDLM."""
+
+    def __init__(self) -> None:
+        import asyncio
+        import threading
+
+        self._asyncio = asyncio
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Any) -> Any:
+        return self._asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+def figure_uncontended(urls: list[str], seconds: float) -> tuple[float, list[tuple]]:
+    floor = Floor(urls)
+    d = DLM(urls, NAMESPACE, lease_ms=LEASE_MS)
+
+    def pair() -> None:
+        d.lock("uncontended", Mode.EX).release()
+
+    from redlockdlm.aio import AsyncDLM
+
+    runner = AioRunner()
+    ad = runner.run(_make_async(AsyncDLM, urls))
+
+    async def apair() -> None:
+        lk = await ad.lock("uncontended-aio", Mode.EX)
+        await lk.release()
+
+    async def apairs(seconds: float) -> list[float]:
+        lat = []
+        end = time.perf_counter() + seconds
+        while True:
+            t0 = time.perf_counter()
+            if t0 >= end:
+                break
+            await apair()
+            lat.append(time.perf_counter() - t0)
+        return lat
+
+    # The same two scripts on the floor's raw connections, one thread, no client logic:
+    # what the scripts cost, so that (sync - raw) is what the client adds.
+    from redlockdlm.engine.scripts import command
+
+    core = d._core
+
+    def raw_pair() -> None:
+        lk = core.new_lock("uncontended-raw", Mode.EX)
+        for c in floor.conns:
+            c.send_command(*command(*core.request_cmd(lk)))
+        for c in floor.conns:
+            c.read_response()
+        lk.mode = Mode.EX
+        for c in floor.conns:
+            c.send_command(*command(*core.release_cmd(lk)))
+        for c in floor.conns:
+            c.read_response()
+        core.forget(lk)
+
+    before = script_usec(urls)
+    res = interleaved({"floor": floor.round, "raw": raw_pair, "sync": pair}, seconds)
+    after = script_usec(urls)
+    # AsyncDLM: its own loop, in slices between floor slices
+    alat: list[float] = []
+    afloor: list[float] = []
+    runner.run(apairs(0.3))
+    for _ in range(6):
+        afloor += timed_loop(floor.round, seconds / 12)
+        alat += runner.run(apairs(seconds / 6))
+    runner.run(ad.close())
+    runner.stop()
+    d.close()
+    floor.close()
+    floor_rt = statistics.median(res["floor"] + afloor)
+    rows = [("floor round (all instances)", res["floor"] + afloor, 1.0),
+            ("raw scripts req+rel, no client", res["raw"], 2.0),
+            ("sync DLM acquire+release", res["sync"], 2.0),
+            ("AsyncDLM acquire+release", alat, 2.0)]
+    calls = [a[0] - b[0] for a, b in zip(after, before)]
+    usec = [a[1] - b[1] for a, b in zip(after, before)]
+    per_call = sum(usec) / max(1, sum(calls))
+    return floor_rt, rows, per_call
+
+
+async def _make_async(cls, urls: list[str]):
+    d = cls(urls, NAMESPACE, lease_ms=LEASE_MS)
+    await d.__aenter__()
+    return d
+
+
+# --------------------------------------------------------------------------- (2)
+
+
+def contender(urls: list[str], seconds: float, start_at: float, k: int, q) -> None:
+    """Worker process: lock/release one resource in a loop; report (grant_ns, release_ns)
+    of every acquisition."""
+    out = []
+    with DLM(urls, NAMESPACE, lease_ms=LEASE_MS) as d:
+        d.lock(f"warm-{k}", Mode.EX).release()  # connections and scripts warm
+        while time.time() < start_at:
+            time.sleep(0.0005)
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            lk = d.lock("contended", Mode.EX, timeout=30)
+            g = time.monotonic_ns()
+            r = time.monotonic_ns()
+            lk.release()
+            out.append((g, r))
+    q.put((k, out))
+
+
+def figure_contended(urls: list[str], workers: int, seconds: float) -> dict[str, Any]:
+    ctx = multiprocessing.get_context("spawn")
+    q = ctx.Queue()
+    start_at = time.time() + 2.0 + 0.3 * workers
+    procs = [ctx.Process(target=contender, args=(urls, seconds, start_at, k, q), daemon=True)
+             for k in range(workers)]
+    for p in procs:
+        p.start()
+    results = {}
+    for _ in procs:
+        k, out = q.get(timeout=seconds + 60)
+        results[k] = out
+    for p in procs:
+        p.join(10)
+    sections = sorted((g, r, k) for k, out in results.items() for g, r in out)
+    handoffs = [(b[0] - a[1]) / 1e9 for a, b in zip(sections, sections[1:]) if b[2] != a[2]]
+    counts = [len(results[k]) for k in range(workers)]
+    span = (sections[-1][1] - sections[0][0]) / 1e9 if sections else float("nan")
+    return {"acq": len(sections), "rate": len(sections) / span, "handoffs": handoffs,
+            "counts": counts, "same_worker_again": sum(
+                1 for a, b in zip(sections, sections[1:]) if b[2] == a[2])}
+
+
+# --------------------------------------------------------------------------- (3)
+
+
+def script_usec(urls: list[str]) -> list[tuple[int, int]]:
+    """(calls, usec) of FCALL (the DLM's scripts) on each server so far."""
+    out = []
+    for u in urls:
+        c = redis.Redis.from_url(u)
+        st = c.info("commandstats").get("cmdstat_fcall", {})
+        out.append((int(st.get("calls", 0)), int(st.get("usec", 0))))
+        c.close()
+    return out
+
+
+def figure_renewal(urls: list[str], locks: int) -> dict[str, Any]:
+    lease = 6000  # a tick every 2 s
+    d = DLM(urls, NAMESPACE, lease_ms=lease)
+    t0 = time.perf_counter()
+    reqs = [d.enqueue(f"held:{i}", Mode.PR) for i in range(locks)]
+    held = [r.wait(30) for r in reqs]
+    acquire_s = time.perf_counter() - t0
+    ticks: list[dict[str, Any]] = []
+    orig = d._broadcast
+
+    def counting(cmds):
+        cmds = list(cmds)
+        if not (cmds and all(c[1].name == "renew" for c in cmds)):
+            return orig(cmds)
+        calls0 = script_usec(urls)  # INFO only: FCALLs seen by the servers during the tick
+        t = time.perf_counter()
+        res = orig(cmds)
+        took = time.perf_counter() - t
+        calls1 = script_usec(urls)
+        per: dict[int, int] = {}
+        for i, _ in cmds:
+            per[i] = per.get(i, 0) + 1
+        ticks.append({"per_instance": per, "seconds": took,
+                      "keys": sum(len(c[1][1]) - 2 for c in cmds),
+                      "server_calls": [b[0] - a[0] for a, b in zip(calls0, calls1)],
+                      "server_ms": [(b[1] - a[1]) / 1000 for a, b in zip(calls0, calls1)]})
+        return res
+
+    d._broadcast = counting  # type: ignore[method-assign]
+    t_watch = time.perf_counter()
+    deadline = time.monotonic() + 2 * lease / 3000 + 0.5  # two or three ticks
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+    watch_s = time.perf_counter() - t_watch
+    from collections import Counter
+
+    votes = Counter(v.vote.value for lk in held for v in lk._core.votes)
+    still_valid = sum(1 for lk in held if lk.valid)
+    d._broadcast = orig  # type: ignore[method-assign]
+    t1 = time.perf_counter()
+    d.close()
+    close_s = time.perf_counter() - t1
+    return {"ticks": ticks, "votes": dict(votes),
+            "watch_s": watch_s, "acquire_s": acquire_s, "valid": still_valid,
+            "close_s": close_s}
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seconds", type=float, default=3.0, help="seconds per figure")
+    ap.add_argument("--workers", type=int, default=8, help="contending processes (2)")
+    ap.add_argument("--locks", type=int, default=10_000, help="locks held in (3)")
+    ap.add_argument("--instances", type=int, default=3, help="N (odd)")
+    args = ap.parse_args(argv)
+
+    with Instances(args.instances) as inst:
+        for s in inst:
+            Engine(s.client(), NAMESPACE).init_fresh()  # our own brand-new servers (E1)
+        urls = inst.urls
+        info = inst[0].client().info("server")
+        print(f"{args.instances} x redis-server {info['redis_version']} on loopback "
+              f"(started by this script); python {platform.python_version()}, redis-py "
+              f"{redis.__version__}, hiredis: "
+              f"{'yes' if redis.utils.HIREDIS_AVAILABLE else 'NO'}; {os.cpu_count()} CPUs, "
+              f"load average {os.getloadavg()[0]:.2f}")
+        print()
+
+        # (1)
+        floor_rt, rows, per_call = figure_uncontended(urls, args.seconds)
+        floor_rate = 1 / floor_rt
+        print("(1) uncontended EX acquire + release, one client")
+        head = f"    {'figure':<28} {'ops/s':>9} {'p50 µs':>9} {'p99 µs':>9} {'floor RTs':>9}"
+        print(head)
+        for name, lat, _ in rows:
+            p50 = statistics.median(lat)
+            print(f"    {name:<28} {1 / statistics.mean(lat):>9,.0f} {p50 * 1e6:>9.1f} "
+                  f"{pct(lat, 99) * 1e6:>9.1f} {p50 / floor_rt:>9.2f}")
+        print(f"    server time per DLM script call (INFO commandstats fcall): "
+              f"{per_call:.1f} µs; a floor round is {floor_rt * 1e6:.1f} µs")
+        for name, lat, _ in rows[2:]:
+            rate = 1 / statistics.mean(lat)
+            want = 0.6 * floor_rate / 2
+            print(f"    target {name}: pair rate >= 0.6 x floor rate / 2 = {want:,.0f}/s: "
+                  f"{rate:,.0f}/s ({rate / (floor_rate / 2):.2f} x) -> {verdict(rate >= want)}")
+        print()
+
+        # (2)
+        c = figure_contended(urls, args.workers, args.seconds)
+        h = c["handoffs"]
+        fair = min(c["counts"]) / max(c["counts"]) if max(c["counts"]) else 0.0
+        print(f"(2) {args.workers} worker processes contending for one EX lock "
+              f"({args.seconds:g} s)")
+        print(f"    acquisitions: {c['acq']} ({c['rate']:,.0f}/s); per worker {c['counts']}")
+        print(f"    handoff (release start -> next grant, {len(h)} handoffs): "
+              f"p50 {statistics.median(h) * 1e6:,.0f} µs = "
+              f"{statistics.median(h) / floor_rt:.2f} floor RTs, p99 "
+              f"{pct(h, 99) * 1e6:,.0f} µs = {pct(h, 99) / floor_rt:.2f} floor RTs")
+        print(f"    same worker twice in a row: {c['same_worker_again']}")
+        print(f"    target handoff p50 <= 3 floor RTs ({3 * floor_rt * 1e6:.0f} µs): "
+              f"{verdict(statistics.median(h) <= 3 * floor_rt)}")
+        print(f"    target fairness (fewest/most) >= 0.9: {fair:.2f} -> {verdict(fair >= 0.9)}")
+        print()
+
+        # (3)
+        r = figure_renewal(urls, args.locks)
+        ticks = r["ticks"]
+        print(f"(3) renewal with {args.locks:,} locks held by one client "
+              f"(acquired in {r['acquire_s']:.1f} s)")
+        rts = [max(t["per_instance"].values()) for t in ticks]
+        for k, t in enumerate(ticks):
+            print(f"    tick {k + 1}: round trips per instance {t['per_instance']} (servers saw "
+                  f"{t['server_calls']} script calls), {t['keys']:,} (lock, instance) "
+                  f"entries, {t['seconds'] * 1e3:,.1f} ms = "
+                  f"{t['seconds'] / floor_rt:,.0f} floor RTs (server time "
+                  f"{[round(m) for m in t['server_ms']]} ms)")
+        print(f"    watched {r['watch_s']:.1f} s; acquisition rate "
+              f"{args.locks / r['acquire_s']:,.0f} locks/s; votes after: {r['votes']}")
+        print(f"    locks still valid after the ticks: {r['valid']:,} of {args.locks:,}; "
+              f"close() released them in {r['close_s']:.1f} s")
+        ok = bool(ticks) and all(x == 1 for x in rts) and all(
+            sc == 1 for t in ticks for sc in t["server_calls"])
+        print(f"    target one round trip per instance per tick: {verdict(ok)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
