@@ -10,7 +10,8 @@ A pipeline of pure steps, then one job that runs them on a schedule::
     Detector(urls, "shop", interval_s=0.5).run_forever(stop_event)
 
 `Detector.run_once` confirms a cycle only when the same locks deadlock on two consecutive
-scans (D7), so a state that only looks like a cycle for a moment (a split vote being
+scans (D7; `run_forever` makes the second one a `confirm_pending` round that re-reads only
+the cycle's resources), so a state that only looks like a cycle for a moment (a split vote being
 yielded, a grant in flight) is never punished; it then cancels the victim's waiting request
 on every instance with reason ``deadlock``, which publishes ``C|<id>|deadlock`` to the
 victim's owner; its client raises `Deadlock`. `reap` clears waiter-index entries whose
