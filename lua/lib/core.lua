@@ -475,7 +475,35 @@ end
 
 -- ----------------------------------------------------------------- commit
 
+-- K3: a command of the script refused by the caller's ACL is reported as DLM_NOPERM, and
+-- never after a write (the script would stop there with its earlier writes kept): each write
+-- that follows another is checked first (redis.acl_check_cmd, ~1 us; a call that writes one
+-- key and publishes nothing, the common case, checks nothing).
+local function allowed(cmd, ...)
+  if not redis.acl_check_cmd(cmd, ...) then
+    local key = ...
+    fail('DLM_NOPERM', "this user's ACL refuses " .. cmd .. ' ' .. key .. ' (see `dlm acl`)')
+  end
+end
+
 local function commit()
+  local before = epoch_dirty
+  for di = 1, #dirty_order do
+    local key = dirty_order[di]
+    if cache[key] then
+      if before then allowed('SET', key, 'x') end
+      before = true
+    end
+  end
+  if before then
+    local za, zr = false, false
+    for i = 1, #windex_ops do
+      if windex_ops[i][1] == 'add' then za = true else zr = true end
+    end
+    if za then allowed('ZADD', KEYS[2], '0', 'x') end
+    if zr then allowed('ZREM', KEYS[2], 'x') end
+    for i = 1, #events do allowed('PUBLISH', CHANNEL .. events[i][1], 'x') end
+  end
   if epoch_dirty then
     redis.call('HSET', KEYS[1], 'id', EPOCH, 'safe', fmt(SAFE))
   end
@@ -561,19 +589,27 @@ local function prologue_and(main)
   return main()
 end
 
+-- The error reply of a failed call: our own DLM_ code, else DLM_NOPERM for an ACL refusal
+-- of one of the script's commands (K3), else DLM_INTERNAL.
+local function failure(res)
+  if type(res) == 'table' and res.err then res = res.err end
+  res = tostring(res)
+  if string.sub(res, 1, 4) == 'DLM_' then return res end
+  if string.find(res, "can't run this command", 1, true) or string.find(res, 'NOPERM', 1, true)
+      or string.find(res, 'no permissions', 1, true) then
+    return "DLM_NOPERM this user's ACL refuses a command of the scripts (see `dlm acl`): " .. res
+  end
+  return 'DLM_INTERNAL ' .. res
+end
+
 local function run(main)
   local ok, res = pcall(prologue_and, main)
-  if not ok then
-    if type(res) == 'table' and res.err then
-      return redis.error_reply(res.err)
-    end
-    if type(res) == 'string' and string.sub(res, 1, 4) == 'DLM_' then
-      return redis.error_reply(res)
-    end
-    return redis.error_reply('DLM_INTERNAL ' .. tostring(res))
+  if ok then
+    local cok, err = pcall(commit)  -- only its first write can fail (K3): nothing written
+    if cok then return res end
+    res = err
   end
-  commit()
-  return res
+  return redis.error_reply(failure(res))
 end
 
 -- The entry of every script: `script` is the body of lua/<name>.lua. KEYS and ARGV are
