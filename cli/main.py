@@ -20,12 +20,14 @@ from typing import Any
 
 import click
 
-from redlockdlm import admin
+from redlockdlm import DLM, admin
 from redlockdlm.detector import Detector, choose_victim, find_cycles, scan, wait_for_graph
 from redlockdlm.devcluster import DevCluster
 from redlockdlm.engine.keys import check_id, check_name
+from redlockdlm.leader import Leadership
 
 from . import output
+from .aclcmd import acl
 from .common import ExitCode, Failed, Settings, connection_options, exit_for
 from .lockcmds import demo, run
 
@@ -216,22 +218,57 @@ def graph(s: Settings) -> None:
 @click.option("--reap-every", type=click.IntRange(min=0), default=20, show_default=True,
               help="Reap stale waiter-index entries every N rounds (0: never).")
 @click.option("--verbose", "-v", is_flag=True, help="Log every round, not only events.")
+@click.option("--lead/--always", "lead", default=True, show_default=True,
+              help="Take part in leader election (several detectors may run; the one "
+                   "holding __leader__/detector acts) or act unconditionally.")
+@click.option("--lease", "lease_ms", type=click.IntRange(100, 86_400_000), default=5_000,
+              show_default=True, metavar="MS",
+              help="Lease of the leadership lock: a dead leader is replaced within it.")
 @connection_options
 def detector_cmd(s: Settings, interval_s: float, rounds: int, reap_every: int,
-                 verbose: bool) -> None:
+                 verbose: bool, lead: bool, lease_ms: int) -> None:
     """Run the deadlock detector: scan every --interval, confirm each cycle on a second
     scan, cancel one victim per cycle (its client raises Deadlock). Logs one key=value line
     per event to stderr (--json: JSON lines). SIGTERM or SIGINT stop it after the current
     round (exit 0).
 
-    Run one detector per namespace: leader election among several is not wired yet.
+    Several detectors may run for one namespace: one leads at a time by holding the lock
+    __leader__/detector of this DLM; when it dies another takes over within --lease.
     """
     output.setup_logging(s.as_json, verbose)
     stop = threading.Event()
-    with _stop_on_signals(stop), Detector(s.targets(), s.namespace, interval_s,
-                                          timeout_s=s.timeout_s,
-                                          reap_every=reap_every) as det:
+    with contextlib.ExitStack() as stack:
+        leader = None
+        if lead:
+            dlm = stack.enter_context(DLM(list(s.urls), s.namespace, lease_ms=lease_ms,
+                                          socket_timeout=s.timeout_s,
+                                          connect_timeout=s.timeout_s))
+            leader = Leadership(dlm)
+        stack.enter_context(_stop_on_signals(stop))
+        det = stack.enter_context(Detector(s.targets(), s.namespace, interval_s,
+                                           timeout_s=s.timeout_s, reap_every=reap_every,
+                                           leader=leader))
         det.run_forever(stop, max_rounds=rounds or None)
+
+
+@cli.command("init")
+@click.option("--fresh", is_flag=True, required=True,
+              help="Mark brand-new instances safe at once (skip the rejoin delay, E1).")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@connection_options
+def init_cmd(s: Settings, fresh: bool, yes: bool) -> None:
+    """Mark brand-new instances safe to grant at once (rule E1).
+
+    A fresh instance cannot tell "new" from "restarted after losing its locks", so it
+    grants nothing for the rejoin delay after its first use. Run this once on instances
+    you know are new; NEVER on one that may have held locks before a restart."""
+    if not yes and not output.confirm(
+            f"mark {len(s.urls)} instance(s) as brand-new (never used for locks)?"):
+        raise Failed("not confirmed")
+    outcomes = admin.fan_out(s.targets(), lambda e: e.init_fresh())
+    output.initialized(outcomes, s.as_json)
+    if any(not o.ok for o in outcomes):
+        raise Failed("some instances could not be initialised")
 
 
 @cli.command()
@@ -259,6 +296,7 @@ def dev(n: int, port_base: int | None, duration_s: float | None, as_json: bool) 
 
 cli.add_command(run)
 cli.add_command(demo)
+cli.add_command(acl)
 
 
 if __name__ == "__main__":  # pragma: no cover

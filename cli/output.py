@@ -409,3 +409,32 @@ def demo_result(res: Any, elapsed: float, as_json: bool) -> None:
     verdict = "yes: no update lost" if res.consistent else "NO"
     click.echo(f"\nDeadlocks resolved by the detector: {res.deadlock_victims}. "
                f"Consistent: {verdict}. ({elapsed:.1f} s)")
+
+
+# ----------------------------------------------------------------- dlm acl
+
+
+def acl_rule(line: str, args: Sequence[str], *, user: str, password: str | None,
+             namespace: str | None, as_json: bool) -> None:
+    """The ACL SETUSER line on stdout; with a generated `password`, how clients connect on
+    stderr (so `dlm acl | redis-cli` gets the rule alone)."""
+    if as_json:
+        _emit_json({"user": user, "namespace": namespace, "rule": line,
+                    "acl_setuser_args": list(args),
+                    "url": f"redis://{user}:{password}@HOST:PORT" if password else None})
+        return
+    click.echo(line)
+    if password:
+        click.echo(f"dlm acl: generated password; clients use redis://{user}:{password}"
+                   "@HOST:PORT", err=True)
+
+
+def initialized(outcomes: Sequence[Outcome], as_json: bool) -> None:
+    doc = [{"instance": o.label, "ok": o.ok, "error": o.error,
+            "epoch": o.value.epoch if o.ok and o.value else None} for o in outcomes]
+    if as_json:
+        _emit_json(doc)
+        return
+    rows = [[d["instance"], "ok" if d["ok"] else f"FAILED: {d['error']}", d["epoch"] or "-"]
+            for d in doc]
+    click.echo(_table(["instance", "init", "epoch"], rows))

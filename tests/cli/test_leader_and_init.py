@@ -1,0 +1,66 @@
+"""`dlm init --fresh`, and leader election among several `dlm detector` processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from redlockdlm import DLM, Mode
+from redlockdlm.engine.instance import Engine
+from redlockdlm_cli.main import cli
+
+pytestmark = pytest.mark.timeout(90)
+PY_M = [sys.executable, "-m", "redlockdlm_cli"]
+
+
+def test_init_fresh_marks_new_instances_safe(make_instances):
+    inst = make_instances(3)
+    urls = ",".join(inst.urls)
+    r = CliRunner().invoke(cli, ["init", "--fresh", "--redis", urls], input="n\n")
+    assert r.exit_code == 1
+    r = CliRunner().invoke(cli, ["init", "--fresh", "--yes", "--json", "--redis", urls])
+    assert r.exit_code == 0, r.output
+    assert all(d["ok"] and d["epoch"] for d in json.loads(r.output))
+    for s in inst.servers:
+        assert Engine(s.client(), "t").status().recovering_ms == 0
+    with DLM(inst.urls, "t", lease_ms=30_000) as d:  # no rejoin wait
+        d.lock("x", Mode.EX, timeout=2).release()
+    assert CliRunner().invoke(cli, ["init", "--redis", urls]).exit_code == 2
+
+
+def _env(urls: list[str]) -> dict[str, str]:
+    e = {k: v for k, v in os.environ.items() if not k.startswith("DLM_")}
+    e.update(DLM_REDIS=",".join(urls), DLM_NAMESPACE="t")
+    return e
+
+
+def test_one_detector_leads_and_a_dead_leader_is_replaced(cluster3):
+    for s in cluster3.servers:
+        Engine(s.client(), "t").init_fresh()
+    args = [*PY_M, "detector", "--interval", "0.2", "--lease", "1000", "-v"]
+    a = subprocess.Popen(args, env=_env(cluster3.urls), stderr=subprocess.PIPE, text=True)
+    time.sleep(2.0)
+    b = subprocess.Popen(args, env=_env(cluster3.urls), stderr=subprocess.PIPE, text=True)
+    time.sleep(1.5)
+    with DLM(cluster3.urls, "t") as probe:  # a leads: the leadership lock is taken
+        with pytest.raises(Exception):
+            probe.lock("__leader__/detector", Mode.EX, noqueue=True)
+    a.send_signal(signal.SIGKILL)  # the leader dies without releasing
+    a.wait(timeout=10)
+    killed_at = time.monotonic()
+    time.sleep(3.0)  # the leadership lease (1 s) runs out; b asks every round (0.2 s)
+    with DLM(cluster3.urls, "t") as probe:  # held again: by b
+        with pytest.raises(Exception):
+            probe.lock("__leader__/detector", Mode.EX, noqueue=True)
+    b.send_signal(signal.SIGTERM)
+    _, err = b.communicate(timeout=20)
+    assert b.returncode == 0, err
+    assert "leading detector" in err, err[-2000:]
+    assert time.monotonic() - killed_at < 15
