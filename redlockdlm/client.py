@@ -651,20 +651,23 @@ class DLM:
                 wait = (out.wake_at or now + 0.5) - now
                 if lk.deadline is not None:
                     wait = min(wait, lk.deadline - now)
-                if wait <= 0:
-                    out = self._core.evaluate_convert(lk, old, now, timed_out=(
-                        lk.deadline is not None and now >= lk.deadline))
-                    if out.error is not None:
-                        break
-                    recheck = self._core.recheck_cmds(lk, now)
-                    if recheck:
-                        self._mu.release()
-                        try:
-                            self._send_and_feed(lk, recheck)
-                        finally:
-                            self._mu.acquire()
-                    continue
-                self._cond.wait(wait)
+                if wait > 0 and self._cond.wait(wait):
+                    continue  # a reply, event or renewal changed something: evaluate
+                # The re-check time (wake_at is relative to `now`, so it never comes by
+                # re-evaluating) or the deadline: re-ask the instances, as `_recheck` does
+                # for new requests.
+                now = time.monotonic()
+                out = self._core.evaluate_convert(lk, old, now, timed_out=(
+                    lk.deadline is not None and now >= lk.deadline))
+                if out.error is not None:
+                    break
+                recheck = self._core.recheck_cmds(lk, now)
+                if recheck:
+                    self._mu.release()
+                    try:
+                        self._send_and_feed(lk, recheck)
+                    finally:
+                        self._mu.acquire()
         results = self._broadcast(out.cleanup)
         with self._mu:
             self._core.rollback_convert(lk, old, results)

@@ -392,7 +392,21 @@ class Session:
         for lk, e in zip(lks, entries):
             v = lk.votes[i]
             if e.status == Status.GRANTED:
-                if v.vote is not Vote.GRANTED or v.mode != e.mode:
+                news = v.vote is not Vote.GRANTED or v.mode != e.mode
+                if news and e.mode != Mode.NL and (
+                        lk.phase is Phase.ACQUIRING
+                        or (lk.phase is Phase.CONVERTING and e.mode == lk.rq)):
+                    # A grant learnt from a renewal, before its reply or event: a renewal
+                    # carries no value block, and the vote still has the one of an older
+                    # state (none, or the previous mode's). Counted now, it could complete
+                    # the lock with a stale value said valid. Keep it waiting: the grant
+                    # event, or the re-check it triggers at once (the request is
+                    # idempotent, G12, and returns the value), completes it.
+                    v.vote, v.sent_at, v.wait_ms = Vote.QUEUED, sent_at, 0
+                    v.mode = lk.mode if lk.phase is Phase.CONVERTING else None
+                    v.epoch = epoch
+                    continue
+                if news:
                     v.token = e.token
                 v.vote, v.mode, v.sent_at = Vote.GRANTED, e.mode, sent_at
             elif e.status == Status.QUEUED:
