@@ -86,3 +86,15 @@ def test_stale_value_read(obs: Observer) -> None:
     begin(obs, "d", "L4", PR, 31, 26, 30, read=(b"1:a", False, 1))  # said so: fine
     v = obs.check()["violations"]
     assert len(v) == 1 and v[0].startswith("value"), v
+
+
+def test_empty_value_block_only_if_the_resource_may_have_vanished(obs: Observer) -> None:
+    begin(obs, "a", "L1", EX, 10, 0, 10)
+    obs.handle(("lvb", "a", b"1:a", 10 * MS))
+    obs.handle(("lvb_done", "a", 11 * MS, True))
+    begin(obs, "b", "L2", PR, 20, 30, 40, read=(None, True, 0))
+    assert obs.check()["violations"] == []  # no NL keeper held it meanwhile: G9 may apply
+    obs.handle(("keeper", "r", "K1", 5 * MS))
+    obs.handle(("keeper", "r", "K1", 50 * MS))
+    v = obs.check()["violations"]
+    assert len(v) == 1 and v[0].startswith("value"), v

@@ -118,6 +118,8 @@ class Observer:
         self.top: dict[str, list[list[tuple[int, str]]]] = defaultdict(
             lambda: [[] for _ in range(6)])
         self.lvb: dict[str, list[LvbWrite]] = defaultdict(list)
+        #: res -> keeper lock id -> [first, last] confirmation of lock.valid (NL keepers)
+        self.keepers: dict[str, dict[str, list[int]]] = defaultdict(dict)
         self.workers: dict[str, dict[str, Any]] = {}
         self.begins: Counter[str] = Counter()
         self.stats: Counter[str] = Counter()
@@ -259,6 +261,11 @@ class Observer:
                 s = self.sections[sid]
                 s.ended, s.valid_at_end = True, valid_at_end
                 return True
+            if kind == "keeper":  # an NL keeper lock confirmed valid at t
+                _, res, lock_id, t = msg
+                span = self.keepers[res].setdefault(lock_id, [t, t])
+                span[1] = max(span[1], t)
+                return True
             if kind == "paused":
                 _, worker, sid = msg
                 self.paused.append((worker, sid))
@@ -371,6 +378,19 @@ class Observer:
                         f"{(s.t_start - self._held_end(e)) / 1e6:.3f} ms before)")
         return out
 
+    def _kept(self, res: str, a: int, b: int) -> bool:
+        """Was some NL keeper of `res` confirmed held at every instant of [a, b]? Then the
+        resource, and its value block, existed all along (G9: they disappear only with
+        their last lock)."""
+        t = a
+        for first, last in sorted(self.keepers[res].values()):
+            if first > t:
+                break
+            t = max(t, last)
+            if t >= b:
+                return True
+        return t >= b
+
     def _check_values(self) -> tuple[int, int, list[str]]:
         out: list[str] = []
         checked = invalid = 0
@@ -389,8 +409,11 @@ class Observer:
                     if w.ok and w.t_done is not None and w.t_done < s.t_req:
                         base_i = i
                 allowed = [] if base_i < 0 else [writes[base_i].value]
-                if base_i < 0:
+                if base_i < 0 or not self._kept(res, writes[base_i].t_intent, s.t_req):
+                    # no write yet, or the resource may have vanished since (every lock
+                    # gone, G9): an empty value block is legitimate
                     allowed.append(None)
+                    self.stats["value reads after a possible resource gap"] += base_i >= 0
                 allowed += [w.value for w in writes[base_i + 1:] if w.t_intent < s.t_ret]
                 if value not in allowed:
                     base = writes[base_i].value if base_i >= 0 else None
@@ -600,7 +623,14 @@ class _Worker:
         finally:
             self.set_phase(IDLE)
         self.keepers[res] = lk
+        self.confirm_keepers()
         return lk
+
+    def confirm_keepers(self) -> None:
+        for res, lk in self.keepers.items():
+            t = now_ns()
+            if lk.valid:
+                self.call("keeper", res, lk.id, t)
 
     def use_keeper(self, res: str) -> None:
         """Convert the NL keeper up; section; convert back to NL (writing the value)."""
@@ -633,6 +663,7 @@ class _Worker:
         self.call("stat", "workers ready", 1)
         while not self.stop.is_set():
             res = self.rng.choice(self.cfg["resources"])
+            self.confirm_keepers()
             try:
                 if self.rng.random() < self.cfg["p_keeper"]:
                     self.use_keeper(res)
