@@ -495,7 +495,10 @@ class DLM:
                     self._on_event(i, codec.parse_event(msg["data"]))
             self._watch(i, inst)  # a reconnect inside get_message changed the socket
         except Exception as exc:  # noqa: BLE001 - lost, not Redis, a garbled event...
-            log.info("instance %s: event connection lost: %s", inst.url, describe(exc))
+            loud = not isinstance(exc, (*_NET_ERRORS, ValueError, DLMError)) and not inst.warned
+            inst.warned = inst.warned or loud  # e.g. SUBSCRIBE refused by the ACL: say so once
+            log.log(logging.WARNING if loud else logging.INFO,
+                    "instance %s: event connection lost: %s", inst.url, describe(exc))
             try:
                 ps.close()
             except Exception:  # noqa: BLE001
