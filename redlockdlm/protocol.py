@@ -201,7 +201,12 @@ class LockCore:
             at_top = [self.votes[i] for i in gi if self.votes[i].version == top]
             self.version = top
             self.value = at_top[0].value
-            self.value_valid = all(v.valid for v in at_top)
+            # One version, two values: a holder cut off from the majority wrote version
+            # v+1 where it still held (a minority of instances) while the next holder,
+            # granted by the majority, wrote its own v+1 there. Which one is the latest
+            # cannot be told, so the value is not valid (V4) until the next write (top+1).
+            self.value_valid = (all(v.valid for v in at_top)
+                                and all(v.value == self.value for v in at_top))
         self.new_value = None
 
 

@@ -449,6 +449,7 @@ class _Worker:
         self.phase = phase
         self.rng = random.Random(cfg.get("seed"))
         self.conn = Client(tuple(cfg["observer"]), authkey=cfg["authkey"])
+        self.conn_mu = threading.Lock()
         self.dlm = DLM(cfg["urls"], cfg["namespace"], lease_ms=cfg["lease_ms"],
                        socket_timeout=cfg["socket_timeout"],
                        connect_timeout=cfg["connect_timeout"])
@@ -459,8 +460,9 @@ class _Worker:
         self.call("hello", self.wid, self.dlm.owner, os.getpid())
 
     def call(self, *msg: Any) -> Any:
-        self.conn.send(msg)
-        return self.conn.recv()
+        with self.conn_mu:
+            self.conn.send(msg)
+            return self.conn.recv()
 
     def stat(self, name: str) -> None:
         self.call("stat", name, 1)
@@ -627,10 +629,20 @@ class _Worker:
         return lk
 
     def confirm_keepers(self) -> None:
-        for res, lk in self.keepers.items():
+        for res, lk in list(self.keepers.items()):
             t = now_ns()
             if lk.valid:
                 self.call("keeper", res, lk.id, t)
+
+    def _confirm_keepers_loop(self) -> None:
+        """Keepers are confirmed every 50 ms, also while the main thread waits for a lock:
+        the value-block check needs to know when a resource surely existed."""
+        while not self.stop.is_set():
+            time.sleep(0.05)
+            try:
+                self.confirm_keepers()
+            except Exception:  # noqa: BLE001 - e.g. the client closed at the end
+                return
 
     def use_keeper(self, res: str) -> None:
         """Convert the NL keeper up; section; convert back to NL (writing the value)."""
@@ -661,6 +673,7 @@ class _Worker:
             if self.cfg["p_keeper"] > 0:
                 self.keeper(res)
         self.call("stat", "workers ready", 1)
+        threading.Thread(target=self._confirm_keepers_loop, daemon=True).start()
         while not self.stop.is_set():
             res = self.rng.choice(self.cfg["resources"])
             self.confirm_keepers()
