@@ -41,7 +41,7 @@ from functools import cache
 from pathlib import Path
 
 SCRIPT_NAMES = ("request", "convert", "release", "cancel", "yield", "renew", "break",
-                "inspect", "init")
+                "inspect", "scan", "init")
 _MISSING = "Function not found"
 
 
