@@ -315,8 +315,10 @@ class AsyncDLM:
                     return
                 if out.error is not None:
                     self._forget(lk)
-                    req._finish(out.error)
-                    await self._broadcast(out.cleanup)
+                    try:  # nothing left behind once the caller sees the error
+                        await self._broadcast(out.cleanup)
+                    finally:
+                        req._finish(out.error)
                     return
                 if out.actions:
                     await self._send_and_feed(lk, out.actions)

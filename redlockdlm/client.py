@@ -386,8 +386,9 @@ class DLM:
             req._finish(None)
         elif out.error is not None:
             self._core.forget(lk)
-            req._finish(out.error)
-            self._spawn(self._broadcast, out.cleanup)
+            # The caller learns of the failure only once the clean-up has reached every
+            # instance: a LockTimeout or NotQueued leaves nothing behind (not "soon").
+            self._spawn(self._cleanup_then_finish, req, out.error, out.cleanup)
         else:
             if out.actions:
                 self._spawn(self._send_and_feed_advance, lk, out.actions)
@@ -396,6 +397,13 @@ class DLM:
                 self._poke()
         self._cond.notify_all()
         return out
+
+    def _cleanup_then_finish(self, req: Request, error: DLMError,
+                             cleanup: list[tuple[int, tuple]]) -> None:
+        try:
+            self._broadcast(cleanup)
+        finally:
+            req._finish(error)
 
     def _send_and_feed_advance(self, lk: LockCore, cmds: list[tuple[int, tuple]]) -> None:
         self._send_and_feed(lk, cmds)
