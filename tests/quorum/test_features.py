@@ -496,6 +496,19 @@ def test_blocking_notification_to_every_holder(q: Quorum) -> None:
     req.wait(5)
 
 
+def test_blocking_notification_for_a_queued_conversion(q: Quorum) -> None:
+    calls: list = []
+    la = q.dlm().lock("res", PR, on_blocking=calls.append)
+    lb = q.dlm().lock("res", PR)
+    t, box = in_thread(lb.convert, EX, timeout=10)
+    wait_until(lambda: calls, 5)
+    time.sleep(0.2)
+    assert calls == [EX]
+    la.release()
+    joined(t, box)
+    assert lb.mode == EX
+
+
 # --------------------------------------------------------------------------- leases
 
 
