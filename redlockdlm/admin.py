@@ -90,6 +90,11 @@ class Outcome(Generic[T]):
 
 def describe_error(exc: BaseException) -> str:
     """One line naming what went wrong with an instance."""
+    if isinstance(exc, redis.AuthenticationError):
+        return f"authentication failed ({str(exc).splitlines()[0] if str(exc) else 'denied'})"
+    if isinstance(exc, redis.exceptions.InvalidResponse) or (
+            not isinstance(exc, (redis.RedisError, OSError)) and _from_redis_py(exc)):
+        return f"not a Redis server? ({type(exc).__name__}: {str(exc).splitlines()[0]})"
     if isinstance(exc, redis.TimeoutError):
         return f"timed out ({exc})" if str(exc) else "timed out"
     if isinstance(exc, redis.ConnectionError):
@@ -98,15 +103,29 @@ def describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def _from_redis_py(exc: BaseException) -> bool:
+    """True if `exc` was raised inside redis-py: talking to something that is not Redis,
+    redis-py may fail with any exception (an AttributeError on a '+OK' to HELLO, say)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and str(tb.tb_frame.f_globals.get("__name__", "")).startswith("redis.")
+
+
 def fan_out(targets: Sequence[Target], fn: Callable[[Engine], T], *,
             executor: Executor | None = None) -> list[Outcome[T]]:
-    """Run `fn(engine)` on every instance in parallel; errors of redis, the OS or the
-    scripts become `Outcome.error`, anything else (a bug) propagates."""
+    """Run `fn(engine)` on every instance in parallel; errors of redis (redis-py's own
+    failures included), the OS or the scripts become `Outcome.error`, anything else (a
+    bug) propagates."""
     def one(t: Target) -> Outcome[T]:
         try:
             return Outcome(t.label, fn(t.engine))
         except (redis.RedisError, OSError, DLMError) as exc:
             return Outcome(t.label, None, describe_error(exc))
+        except Exception as exc:
+            if _from_redis_py(exc):
+                return Outcome(t.label, None, describe_error(exc))
+            raise
 
     if len(targets) == 1:
         return [one(targets[0])]

@@ -671,7 +671,8 @@ def describe(exc: BaseException) -> str:
         return f"authentication failed (wrong user name or password?): {text}"
     if "NoPermission" in name or "NOPERM" in text[:40] or "no permissions" in text:
         return f"refused by the instance's ACL: {text}"
-    if name in ("InvalidResponse", "AttributeError") or "Protocol" in text:
+    if name in ("InvalidResponse", "AttributeError") or "Protocol" in text or (
+            name == "ProtocolError" and text.startswith("unexpected")):
         return f"not a Redis server? ({name}: {text})"
     if "Timeout" in name:
         return f"timed out ({text})"

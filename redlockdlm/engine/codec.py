@@ -192,10 +192,22 @@ class InstanceStatus:
 
 
 def parse_status(raw: list) -> InstanceStatus:
-    return InstanceStatus(None if raw[0] is None else _str(raw[0]), int(raw[1]), int(raw[2]))
+    try:
+        return InstanceStatus(None if raw[0] is None else _str(raw[0]), int(raw[1]),
+                              int(raw[2]))
+    except (IndexError, TypeError, ValueError, KeyError) as exc:
+        raise ProtocolError(f"unexpected status reply {raw!r:.200}") from exc
 
 
 def parse_inspect(keys: list[bytes], raw: list) -> tuple[InstanceStatus, list[ResourceView | None]]:
+    try:
+        return _parse_inspect(keys, raw)
+    except (IndexError, TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise ProtocolError(f"unexpected inspect reply {raw!r:.200}") from exc
+
+
+def _parse_inspect(keys: list[bytes], raw: list
+                   ) -> tuple[InstanceStatus, list[ResourceView | None]]:
     st = parse_status(raw[:3])
     out: list[ResourceView | None] = []
     for key, item in zip(keys, raw[3:]):

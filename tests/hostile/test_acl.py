@@ -363,3 +363,16 @@ def test_the_rule_through_redis_cli(acl3: Instances) -> None:
     with DLM(user_urls(acl3, password), NS) as d:
         d.lock("orders", Mode.EX, timeout=5).release()
     assert acl_log(acl3) == []
+
+
+def test_docs_show_the_rule_dlm_acl_prints() -> None:
+    """docs/operations.md quotes `dlm acl --password-placeholder` (wrapped): keep it true."""
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text()
+    for extra in ([], ["--namespace", "shop", "--user", "shop"]):
+        line = dlm_cli("acl", "--password-placeholder", *extra).stdout.strip()
+        user = line.split()[2]
+        start = doc.index(f"    ACL SETUSER {user} reset")
+        block = doc[start:doc.index("\n\n", start)]
+        assert " ".join(block.replace("\\\n", " ").split()) == line

@@ -253,17 +253,20 @@ def call_of(draw: st.DrawFn, name: str) -> tuple[list[bytes], list[bytes]]:
     or all are well-formed but one, or all are well-formed: so calls get past their first
     checks and the later ones are reached too. Sometimes too few or too many of either."""
     style = draw(st.sampled_from(["one hostile", "one hostile", "well-formed", "any"]))
-    n = draw(st.integers(1, 3)) if name in ("release", "renew", "inspect") else 0
-    if name == "inspect":
+    n = draw(st.integers(1, 3)) if name in ("release", "renew", "inspect", "scan") else 0
+    if name in ("inspect", "scan"):  # read-only views: KEYS[1] the epoch, then resources
         key_slots, arg_slots = [EPOCH] + [RESOURCE] * n, []
     elif name == "init":
         key_slots, arg_slots = [EPOCH], [INIT_CMD, CLOCK, CLOCK]
     elif name == "renew":
         key_slots = [EPOCH, WAITERS] + [RESOURCE] * n
         arg_slots = [REJOIN, CHANNEL, ID, LEASE_MS] + [ID, NUMBER] * n
-    else:
+    elif name in ARGS:
         key_slots = [EPOCH, WAITERS] + [RESOURCE] * (NKEYS[name] + max(0, n - 1))
         arg_slots = [REJOIN, CHANNEL] + ARGS[name]
+    else:  # a script this file does not know yet: the common layout, any arguments
+        key_slots = [EPOCH, WAITERS, RESOURCE, RESOURCE]
+        arg_slots = [REJOIN, CHANNEL, ID, ID, NUMBER, NUMBER, MODE, FLAGS]
     slots = key_slots + arg_slots
     bad = draw(st.integers(0, len(slots) - 1)) if style == "one hostile" else -1
     values = []
