@@ -27,6 +27,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis_harness import RedisServer
 
+from redlockdlm import DLM
+from redlockdlm.engine.codec import as_mode
 from redlockdlm.engine.instance import Engine, call_script
 from redlockdlm.engine.keys import EPOCH_KEY
 from redlockdlm.engine.modes import Mode, Status
@@ -62,6 +64,7 @@ class World:
     fz: Engine
     keys: list[bytes]
     locks: list[BgLock]
+    url: str = ""
 
     def bg_snapshot(self) -> tuple:
         """The background as inspect shows it, its raw blobs, index and epoch hash."""
@@ -142,7 +145,7 @@ def world() -> Iterator[World]:
         bg.set_clock(T0, 0)
         locks = _build_background(bg)
         keys = sorted({lk.key for lk in locks})
-        w = World(c, bg, Engine(c, FZ, rejoin_ms=0), keys, locks)
+        w = World(c, bg, Engine(c, FZ, rejoin_ms=0), keys, locks, srv.url)
         # the background is what we think it is
         _, views = bg.inspect(keys)
         queues = {lk.lock_id: lk.queue for v in views for lk in v.locks}
@@ -546,3 +549,66 @@ def test_engine_constructor_and_keys_with_wrong_types(world: World) -> None:
     e = Engine(world.c, FZ, rejoin_ms="1")  # type: ignore[arg-type]
     with pytest.raises(InvalidType):
         e.request(e.key("r"), "o1", "i1", Mode.EX, ticket=1, lease_ms=10)
+
+
+LOCK_KW = {"resource": "api", "mode": Mode.EX, "timeout": 5, "noqueue": False,
+           "expedite": False, "no_deadlock_wait": False, "on_blocking": None,
+           "on_lost": None, "lease_ms": 10_000, "parent": None}
+
+
+def _no_lock_left(w: World, d: DLM) -> bool:
+    view = w.fz.inspect([w.fz.key("api")])[1][0]
+    return not d._core.locks and (view is None or not view.locks)
+
+
+def test_dlm_lock_with_wrong_types_raises_typed_errors(world: World) -> None:
+    """DLM.lock (and Lock.convert) with a wrong value in one argument: InvalidArgument or
+    InvalidType (also ValueError / TypeError), or it works; never another exception, and
+    nothing left behind in the client or on the instance."""
+    before = world.bg_snapshot()
+    with DLM([world.url], FZ) as d:
+
+        @settings(FAST, max_examples=120)
+        @given(bad=st.sampled_from(list(LOCK_KW)), value=st.sampled_from(WRONG),
+               convert_to=st.sampled_from(WRONG + ["PR", Mode.NL]))
+        def prop(bad: str, value: object, convert_to: object) -> None:
+            kw = dict(LOCK_KW, **{bad: value})
+            try:
+                lk = d.lock(**kw)
+            except (InvalidArgument, InvalidType) as exc:
+                assert isinstance(exc, (ValueError, TypeError))
+                assert _no_lock_left(world, d)
+                return
+            try:
+                lk.convert(convert_to, timeout=1)
+            except (InvalidArgument, InvalidType):
+                assert lk.valid and lk.mode == as_mode(kw["mode"])  # kept its mode
+            lk.release()
+            assert _no_lock_left(world, d)
+
+        prop()
+    assert world.bg_snapshot() == before
+
+
+DLM_KW = {"namespace": FZ, "lease_ms": 10_000, "socket_timeout": 1.0, "connect_timeout": 1.0,
+          "rejoin_ms": None, "vbmax": 64, "owner": None}
+
+
+def test_dlm_constructor_with_wrong_types_raises_typed_errors(world: World) -> None:
+    @settings(FAST, max_examples=80)
+    @given(bad=st.sampled_from(["urls", *DLM_KW]), value=st.sampled_from(WRONG + [0, 0.0]))
+    def prop(bad: str, value: object) -> None:
+        kw = dict(DLM_KW)
+        urls: object = [world.url]
+        if bad == "urls":
+            urls = value
+        else:
+            kw[bad] = value
+        try:
+            d = DLM(urls, **kw)  # type: ignore[arg-type]
+        except (InvalidArgument, InvalidType) as exc:
+            assert isinstance(exc, (ValueError, TypeError))
+            return
+        d.close()
+
+    prop()
