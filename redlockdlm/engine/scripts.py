@@ -18,19 +18,21 @@ never runs this version's calls with that code, and versions can coexist on one 
 
 The contract every caller follows (the Engine here, the quorum client, pipelined or not):
 
-- send `command(name, keys, args)` (FCALL);
-- on an error reply for which `is_missing(error)` is true (the instance restarted empty or
-  was flushed with FUNCTION FLUSH: "ERR Function not found"), send `load_command()`
-  (FUNCTION LOAD REPLACE <library>; `ensure_loaded(client)` does it) and then the same
-  `command(...)` again; both may go in one pipeline, load first. Loading is idempotent and
-  safe to race with other clients;
-- or, instead (e.g. FUNCTION is refused by an ACL), send `fallback(name, keys, args)`: an
-  EVAL of the same script, needing nothing loaded, with the same reply and effects, only
-  slower.
+- send `command(name, keys, args)` (FCALL of the library's function);
+- an error reply for which `is_missing(error)` is true ("ERR Function not found": the
+  instance restarted with an empty data set, or FUNCTION FLUSH) means that call did nothing
+  at all. Send `load_command()` (FUNCTION LOAD REPLACE of the library; `ensure_loaded(client)`
+  does it), then the same `command(...)` again - both may go in one pipeline, the load
+  first. In a pipeline every FCALL that met the missing library got this error and did
+  nothing, so resend exactly those (the other replies stand). Loading is idempotent and safe
+  to race with other clients; do not send it before every call (it carries the whole
+  library), and give up after a retry or two (an instance restarting in a loop);
+- where FUNCTION LOAD is refused (an ACL without +function), send `fallback(name, keys,
+  args)` instead: an EVAL of the same code, needing nothing loaded, with the same reply and
+  effects, only slower.
 
 Any other error reply is the script's own (`DLM_*`, see `redlockdlm.errors`) or a real
-failure; no call is ever applied partially, so a retried call is never applied twice by
-these rules except as its script says (G12 makes request retries idempotent).
+failure; a script either applies whole or not at all.
 """
 
 from __future__ import annotations
