@@ -86,6 +86,7 @@ class InstanceVote:
     yielded_token: int = 0  #: the grant we gave back last (events up to it are stale)
     error: str = ""  #: why the last call to this instance failed (one line), for messages
     by_event: bool = False  #: the current GRANTED came from a pub/sub event
+    granted_at: float = 0.0  #: monotonic time we learnt of the current grant
 
 
 def new_id() -> str:
@@ -281,9 +282,16 @@ class Session:
             self.rejoin_ms, self.chan_prefix, self.owner, lk.id, "cancel", False))
 
     def yield_cmd_for(self, lk: LockCore, i: int) -> tuple:
-        """Give back the grant on instance i (Y1); later events for it are stale."""
+        """Give back the grant on instance i (Y1); later events for it are stale. From now
+        on that grant does not count towards a quorum: once the yield lands it is gone (an
+        older waiter may already hold the instance), so counting it until the yield's reply
+        comes back would let two clients each believe they hold a quorum."""
         v = lk.votes[i]
         v.yielded_token = max(v.yielded_token, v.token)
+        if v.vote is Vote.GRANTED:
+            # a yielded up-conversion keeps its previous mode (Y1), a new request waits
+            v.vote, v.by_event = Vote.QUEUED, False
+            v.mode = lk.mode if lk.phase is Phase.CONVERTING else None
         return self.yield_cmd(lk)
 
     def yield_cmd(self, lk: LockCore) -> tuple:
@@ -355,6 +363,8 @@ class Session:
         v.wait_ms = rep.wait_ms
         st = rep.status
         if st == Status.GRANTED:
+            if v.vote is not Vote.GRANTED or v.mode != rep.mode:
+                v.granted_at = now
             if not (v.vote is Vote.GRANTED and v.token > rep.token):
                 v.mode, v.token = rep.mode, rep.token
                 v.value, v.version, v.valid = rep.value, rep.version, rep.valid
@@ -396,6 +406,12 @@ class Session:
         epoch, entries = reply  # type: ignore[misc]
         for lk, e in zip(lks, entries):
             v = lk.votes[i]
+            if (v.vote is Vote.GRANTED and v.granted_at > sent_at
+                    and (e.status != Status.GRANTED or e.mode != v.mode)):
+                # The renewal ran before a grant we learnt of since it was sent (its event
+                # or reply overtook this reply): "queued", "absent" or the previous mode is
+                # stale, not a loss.
+                continue
             if e.status == Status.GRANTED:
                 news = v.vote is not Vote.GRANTED or v.mode != e.mode
                 if news and e.mode != Mode.NL and (
@@ -413,6 +429,7 @@ class Session:
                     continue
                 if news:
                     v.token = e.token
+                    v.granted_at = now
                 v.vote, v.mode, v.sent_at = Vote.GRANTED, e.mode, sent_at
             elif e.status == Status.QUEUED:
                 v.vote, v.mode, v.sent_at = Vote.QUEUED, e.mode, sent_at
@@ -433,6 +450,7 @@ class Session:
             if ev.token > v.yielded_token and (v.vote is not Vote.GRANTED or ev.token > v.token):
                 v.vote, v.mode, v.token, v.by_event = Vote.GRANTED, ev.mode, ev.token, True
                 v.value, v.version, v.valid = ev.value, ev.version, ev.valid
+                v.granted_at = now
         elif ev.kind == "B":
             if lk.phase in (Phase.HELD, Phase.CONVERTING):
                 key = (ev.other, int(ev.mode))

@@ -1,0 +1,91 @@
+"""Races between replies, events and renewals, replayed on the protocol core (no I/O).
+
+Both were found by tests/quorum/test_faults.py::test_split_votes_resolve_without_detector
+(a lock reported lost, or invalid, while held, under split votes); here each interleaving
+is written out so it is checked deterministically.
+"""
+
+from __future__ import annotations
+
+from redlockdlm.engine.codec import Event, LockReply, RenewEntry
+from redlockdlm.engine.modes import Mode, Status
+from redlockdlm.protocol import Phase, Session, Vote
+
+EX = Mode.EX
+
+
+def reply(status: Status, mode: Mode | None = None, token: int = 0) -> LockReply:
+    return LockReply(status=status, epoch="e", mode=mode, token=token, position=0,
+                     value=None, version=0, valid=True, wait_ms=-1, extra=0,
+                     blockers_count=0, blockers=())
+
+
+def acquiring(s: Session, now: float):
+    lk = s.new_lock("hot", EX)
+    lk.pending = set(range(s.n))
+    for v in lk.votes:
+        v.sent_at = now
+    return lk
+
+
+def test_stale_renewal_reply_does_not_lose_a_fresh_grant() -> None:
+    """A renewal sent while the lock waited everywhere comes back after the grant events:
+    its 'queued' answers describe the past, the lock is held, nothing is lost."""
+    s = Session(3, "t", lease_ms=2000)
+    t = 100.0
+    lk = acquiring(s, t)
+    for i in range(3):
+        s.on_reply(lk, i, reply(Status.QUEUED), t, t + 0.001)
+    assert not s.evaluate_acquire(lk, t + 0.002).done
+    batches = s.renew_cmds(t + 0.010)  # the renewal tick: sent while queued everywhere
+    renew_sent = t + 0.010
+    for i in range(3):  # the grant events overtake the renewal's replies
+        s.on_event(i, Event("G", lk.id, EX, token=10 + i), t + 0.011)
+    assert s.evaluate_acquire(lk, t + 0.012).done and lk.phase is Phase.HELD
+    for i, _, lks in batches:
+        s.on_renew_reply(i, lks, ("e", [RenewEntry(Status.QUEUED, None, 0, 0, 5)]),
+                         renew_sent, t + 0.013)
+    assert s.check_held(t + 0.014) == []
+    assert lk.phase is Phase.HELD
+    assert s.holding(lk, t + 0.014) == 3
+
+
+def test_a_renewal_sent_after_the_grant_still_counts() -> None:
+    """The staleness rule only skips replies older than the grant: a renewal sent after it
+    that finds the lock gone (broken, expired) is believed."""
+    s = Session(3, "t", lease_ms=2000)
+    t = 100.0
+    lk = acquiring(s, t)
+    for i in range(3):
+        s.on_reply(lk, i, reply(Status.GRANTED, EX, 10 + i), t, t + 0.001)
+    assert s.evaluate_acquire(lk, t + 0.002).done
+    batches = s.renew_cmds(t + 1.0)
+    for i, _, lks in batches[:2]:
+        s.on_renew_reply(i, lks, ("e", [RenewEntry(Status.NOTFOUND, None, 0, -1, -1)]),
+                         t + 1.0, t + 1.001)
+    assert s.check_held(t + 1.002) == [lk]
+
+
+def test_a_yield_in_flight_does_not_count_towards_a_quorum() -> None:
+    """Granted on instance 0 only; an older ticket queues behind us there, so we give
+    instance 0 back (yield). Until that yield's reply, instance 0 must not count: a grant
+    event from instance 1 alone is not a quorum (the older waiter may be getting instance 0
+    and instance 2 meanwhile)."""
+    s = Session(3, "t", lease_ms=2000)
+    t = 100.0
+    lk = acquiring(s, t)
+    s.on_reply(lk, 0, reply(Status.GRANTED, EX, 10), t, t + 0.001)
+    s.on_reply(lk, 1, reply(Status.QUEUED), t, t + 0.001)
+    s.on_reply(lk, 2, reply(Status.QUEUED), t, t + 0.001)
+    lk.round_done = True  # the split-vote yield of this round is not what we look at here
+    notes = s.on_event(0, Event("B", lk.id, EX, ticket=lk.ticket - 1, other="older"),
+                       t + 0.002)
+    assert [(k, a) for k, _, a in notes] == [("yield", 0)]
+    s.yield_cmd_for(lk, 0)  # what both clients do with the note, at once
+    s.on_event(1, Event("G", lk.id, EX, token=11), t + 0.003)
+    out = s.evaluate_acquire(lk, t + 0.004)
+    assert not out.done and lk.phase is Phase.ACQUIRING
+    assert lk.votes[0].vote is not Vote.GRANTED
+    # ...and once instance 0 grants us again (the yield's reply or a newer event), we hold.
+    s.on_event(0, Event("G", lk.id, EX, token=12), t + 0.005)
+    assert s.evaluate_acquire(lk, t + 0.006).done
