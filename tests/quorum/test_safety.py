@@ -32,18 +32,23 @@ RESOURCES = ["r0", "r1", "r2"]
 def run_workers(q: Quorum, tmp_path: Path, *, workers: int, seconds: float,
                 lease_ms: int, socket_timeout: float, during=None) -> tuple[list, dict]:
     ctx = multiprocessing.get_context("spawn")
-    start_at = time.time() + 1.5  # spawn + import time, then all start together
+    go = ctx.Event()
     procs = []
     for k in range(workers):
         out = tmp_path / f"w{k}.json"
         p = ctx.Process(target=critical_sections, args=(
             q.urls, q.ns, RESOURCES, seconds, str(out), 1000 + k, lease_ms, socket_timeout,
-            start_at), daemon=True)
+            go), daemon=True)
         p.start()
         procs.append((p, out))
     try:
+        deadline = time.monotonic() + 60  # spawned, imported, connected: all ready
+        while not all(out.exists() for _, out in procs):
+            assert time.monotonic() < deadline, "workers did not start"
+            assert all(p.is_alive() for p, _ in procs), "a worker died at start"
+            time.sleep(0.02)
+        go.set()
         if during is not None:
-            time.sleep(max(0.0, start_at - time.time()))
             during([p for p, _ in procs])
         for p, _ in procs:
             p.join(seconds + 30)

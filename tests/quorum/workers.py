@@ -42,20 +42,22 @@ def holder(kind: str, urls: list[str], namespace: str, resource: str, lease_ms: 
 
 def critical_sections(urls: list[str], namespace: str, resources: list[str], seconds: float,
                       out_path: str, seed: int, lease_ms: int, socket_timeout: float,
-                      start_at: float) -> None:
+                      go) -> None:
     """Loop until `seconds` have passed: lock a random resource in a random mode, hold it a
     moment, release. Each critical section is appended to `out_path` at once (so a worker
     killed later still has its sections observed) as a JSON line
     [resource, mode, start_ns, end_ns, token, pid, still_valid]; errors go in a last line
-    {"errors": {...}}."""
+    {"errors": {...}}. The file exists once the worker is connected; it starts when the
+    event `go` is set."""
     rng = random.Random(seed)
     pid = os.getpid()
     errors: dict[str, int] = {}
-    with open(out_path, "w", buffering=1) as out, DLM(
+    with open(out_path + ".tmp", "w", buffering=1) as out, DLM(
             urls, namespace, lease_ms=lease_ms, socket_timeout=socket_timeout,
             connect_timeout=socket_timeout) as d:
-        while time.time() < start_at:  # every worker starts together
-            time.sleep(0.001)
+        out.flush()
+        os.replace(out_path + ".tmp", out_path)  # "ready": the observer waits for all
+        go.wait(60)  # every worker starts together
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             res = rng.choice(resources)
