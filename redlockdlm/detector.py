@@ -2,7 +2,7 @@
 
 A pipeline of pure steps, then one job that runs them on a schedule::
 
-    snap = scan(engines)               # read-only: waiter index + inspect, instances in parallel
+    snap = scan(engines)               # read-only: waiter index + scan.lua, instances in parallel
     graph = wait_for_graph(snap)       # owners, and who waits for whom (D2-D5)
     cycles = find_cycles(graph)        # Tarjan's strongly connected components (D6)
     victim = choose_victim(cycle, snap)  # youngest ticket, NODLCKWT never (D8)
@@ -29,7 +29,9 @@ import time
 from collections.abc import Callable, Container, Mapping, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, partial
+from itertools import groupby, islice, repeat
+from operator import itemgetter
 from typing import NamedTuple
 
 import redis
@@ -149,13 +151,19 @@ class Snapshot:
         return out
 
 
-#: Resource keys per inspect call. A scan sends all its calls in one pipeline (one round
-#: trip), but each call runs alone on the instance: ~10 ms each for 500 keys, so clients'
-#: lock calls are served between them instead of waiting for one long script.
-INSPECT_CHUNK = 500
+#: Resource keys per `scan` call. A scan sends all its calls in one pipeline (one round
+#: trip), but each call runs alone on the instance (~4 ms per 500 one-waiter resources), so
+#: clients' lock calls are served between them instead of waiting for one long script.
+#: The size barely matters to the scan's own cost from ~100 keys up (benchmarks/detector.py
+#: --chunks; below that the per-call overhead shows), so it is chosen for those clients.
+SCAN_CHUNK = 500
 
 _QUEUE = {b"G": "G", b"C": "C", b"W": "W"}
-_MODE: tuple[Mode | None, ...] = (None, *Mode)  # index: mode number + 1 (-1 = none)
+_MODE: dict[int, Mode | None] = {-1: None, **{int(m): m for m in Mode}}  # -1: none
+_FIELDS = len(Lock._fields)  # values per lock in a scan reply, in Lock's order
+_new_lock = partial(tuple.__new__, Lock)  # (a NamedTuple without its Python-level __new__)
+_new_resource = partial(tuple.__new__, Resource)
+_ITEM0, _ITEM2 = itemgetter(0), itemgetter(2)
 
 
 def _split_member(member: bytes) -> tuple[str, bytes]:
@@ -163,37 +171,68 @@ def _split_member(member: bytes) -> tuple[str, bytes]:
     return lock_id.decode(), key
 
 
-def _parse_inspect(keys: Sequence[bytes], raw: list) -> dict[bytes, Resource]:
-    """The resources of an inspect reply (layout: lua/inspect.lua) as lean records.
+def _split_members(members: list[bytes]) -> tuple[tuple[str, bytes], ...]:
+    """`_split_member` of every index member, column by column (C loops, no Python call per
+    member)."""
+    parts = [m.partition(b"|") for m in members]
+    return tuple(zip(map(bytes.decode, map(_ITEM0, parts)), map(_ITEM2, parts)))
 
-    `codec.parse_inspect` reads the same reply into dataclasses, every field of every lock;
-    at 10,000 resources that alone takes longer than the whole scan may (docs/detector.md,
-    Limits). tests/detector checks that both agree."""
-    out: dict[bytes, Resource] = {}
-    q, m = _QUEUE, _MODE
+
+def _parse_scan(keys: Sequence[bytes], raw: list) -> tuple[int, dict[bytes, Resource]]:
+    """The instance clock and the resources of a `scan` reply (layout: lua/scan.lua):
+    absent resources left out, live locks only.
+
+    The locks come as one flat run of `_FIELDS` values each, in `Lock`'s field order, so
+    they are read column by column (strided slices, `map` of C functions), and grouped into
+    resources by runs of equal lock counts (`zip` of one iterator), not with a Python call
+    per lock or per resource: at 10,000 resources per instance this is what keeps the
+    client's share of a scan small. tests/detector checks that it reads what
+    `codec.parse_inspect` reads."""
+    n = len(keys)
+    head = 1 + 2 * n
     try:
-        for key, item in zip(keys, raw[3:]):
-            if item:
-                out[key] = Resource(key, item[0] or b"", tuple([
-                    Lock(q[lk[0]], lk[1].decode(), lk[2].decode(), m[lk[3] + 1],
-                         m[lk[4] + 1], lk[5], lk[6], lk[7], lk[8], lk[9].decode())
-                    for lk in item[5:]]))
-    except (IndexError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as exc:
-        raise ProtocolError(f"unexpected inspect reply: {exc}") from exc
-    return out
+        now = raw[0]
+        counts, names, body = raw[1:head:2], raw[2:head:2], raw[head:]
+        if len(counts) != n or len(body) != _FIELDS * (sum(counts) + counts.count(-1)):
+            raise ValueError(f"{len(raw)} values for {n} keys")
+        d, f = bytes.decode, _FIELDS
+        locks = map(_new_lock, zip(
+            map(_QUEUE.__getitem__, body[0::f]), map(d, body[1::f]), map(d, body[2::f]),
+            map(_MODE.__getitem__, body[3::f]), map(_MODE.__getitem__, body[4::f]),
+            body[5::f], body[6::f], body[7::f], body[8::f], map(d, body[9::f])))
+        out: dict[bytes, Resource] = {}
+        at = 0
+        for count, run in groupby(counts):  # resources with `count` locks each
+            m = len(list(run))
+            ks = keys[at:at + m]
+            at += m
+            if count > 0:
+                groups = islice(zip(*[locks] * count), m)
+            elif count == 0:
+                groups = repeat((), m)
+            elif count == -1:  # no such resource
+                continue
+            else:
+                raise ValueError(f"lock count {count}")
+            out.update(zip(ks, map(_new_resource, zip(ks, names[at - m:at], groups))))
+    except (IndexError, KeyError, TypeError, ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"unexpected scan reply: {exc}") from exc
+    return now, out
 
 
-def _inspect_chunks(engine: Engine, keys: list[bytes]) -> dict[bytes, Resource]:
-    chunks = [keys[i:i + INSPECT_CHUNK] for i in range(0, len(keys), INSPECT_CHUNK)]
+def _read_resources(engine: Engine, keys: list[bytes]) -> dict[bytes, Resource]:
+    """`keys`' resources on one instance, live locks only: `scan` calls of SCAN_CHUNK keys,
+    all sent in one pipeline."""
+    chunks = [keys[i:i + SCAN_CHUNK] for i in range(0, len(keys), SCAN_CHUNK)]
     pipe = engine.client.pipeline(transaction=False)
     for chunk in chunks:
-        pipe.execute_command(*command("inspect", [EPOCH_KEY, *chunk], []))
+        pipe.execute_command(*command("scan", [EPOCH_KEY, *chunk], []))
     replies = pipe.execute(raise_on_error=False)
     out: dict[bytes, Resource] = {}
     for chunk, raw in zip(chunks, replies):
         if isinstance(raw, Exception):  # e.g. the library is missing: the careful path
-            raw = call_script(engine.client, "inspect", [EPOCH_KEY, *chunk], [])
-        out.update(_parse_inspect(chunk, raw))
+            raw = call_script(engine.client, "scan", [EPOCH_KEY, *chunk], [])
+        out.update(_parse_scan(chunk, raw)[1])
     return out
 
 
@@ -203,16 +242,16 @@ def _scan_one(engine: Engine) -> tuple[int, tuple, dict]:
     # would cost more to convert than the whole read.)
     now = engine.status().now_ms
     members = engine.client.zrangebyscore(engine.wkey, f"({now}", "+inf")
-    waiters = tuple(_split_member(m) for m in members)
-    keys = list(dict.fromkeys(key for _, key in waiters))
-    return now, waiters, _inspect_chunks(engine, keys) if keys else {}
+    waiters = _split_members(members)
+    keys = list(dict.fromkeys(key for _, key in waiters))  # a resource is read once
+    return now, waiters, _read_resources(engine, keys) if keys else {}
 
 
 def scan(engines: Sequence[Engine | Target], *, executor: Executor | None = None) -> Snapshot:
     """D1: read every instance's waiter index (entries whose lease has not run out on that
-    instance's clock), then inspect the distinct resources it names, in chunks sent in one
-    pipeline per instance. Never KEYS or SCAN. Instances are read in parallel; one that
-    fails shows as an `InstanceScan` with `error`."""
+    instance's clock), then read the distinct resources it names (lua/scan.lua: live locks
+    only), in chunks sent in one pipeline per instance. Never KEYS or SCAN. Instances are
+    read in parallel; one that fails shows as an `InstanceScan` with `error`."""
     targets = [t if isinstance(t, Target) else Target(label_of(t), t) for t in engines]
     return _snapshot(fan_out(targets, _scan_one, executor=executor))
 
@@ -302,8 +341,8 @@ def _blockers(locks: Sequence[Lock | LockView]) -> list[tuple[Lock | LockView, s
     """D2-D4 on one resource of one instance: each waiting or converting lock, with the ids
     of the locks it waits for.
 
-    `locks` are the live locks in inspect order (granted, then each queue in ticket order).
-    Incompatible locks are waited for directly. A compatible lock ahead in a queue (every
+    `locks` are the live locks in inspect/scan order (granted, then each queue in ticket
+    order). Incompatible locks are waited for directly. A compatible lock ahead in a queue (every
     queued conversion for a new request, G8; an earlier waiter, G8 no barging; an earlier
     conversion for a QUECVT one, G5) is waited for only until it is granted: what it waits
     for is inherited instead, so its owner is not accused."""
@@ -813,7 +852,7 @@ class Detector:
     def _read(self, keys: list[bytes]) -> Snapshot:
         """Only `keys`, on every instance (no index read: the waiters are in the views)."""
         def one(e: Engine) -> tuple[int, tuple, dict]:
-            return 0, (), _inspect_chunks(e, keys) if keys else {}
+            return 0, (), _read_resources(e, keys) if keys else {}
         return _snapshot(fan_out(self.targets, one, executor=self._pool))
 
     def _cancel(self, n: int, req: Request, cyc: Cycle) -> Victim:

@@ -16,7 +16,7 @@ import redis
 from deadlocks import Cluster
 
 from redlockdlm.admin import Target
-from redlockdlm.detector import Detector, Lock, _inspect_chunks, reap, scan
+from redlockdlm.detector import Detector, Lock, _read_resources, reap, scan
 from redlockdlm.engine.modes import Flag, Status
 
 pytestmark = pytest.mark.timeout(30)
@@ -323,8 +323,9 @@ def test_D1_the_scan_reads_only_the_index_and_its_resources(c):
         assert list(inst.resources) == [c.key(["R1"])]
 
 
-def test_D1_the_lean_parse_agrees_with_the_codec(c):
-    """The scan reads inspect replies itself (for speed); it must read what codec reads."""
+def test_D1_the_lean_read_agrees_with_the_codec(c):
+    """The scan reads resources with lua/scan.lua and parses the reply itself (for speed);
+    it must read what inspect and codec read, less the locks whose lease ran out."""
     c.request("a", "a1", ["R"], "PR", ticket=1)
     c.request("a", "a0", ["R", "kid"], "EX", ticket=2, parent=(["R"], "a1"))
     c.request("b", "b1", ["R"], "NL", ticket=3)
@@ -335,7 +336,7 @@ def test_D1_the_lean_parse_agrees_with_the_codec(c):
     e = c.engines[0]
     e.set_clock(frozen_ms=e.status().now_ms + 5)  # the same lease left in both reads
     _, views = e.inspect(keys)
-    lean = _inspect_chunks(e, keys)
+    lean = _read_resources(e, keys)
     e.set_clock()
     assert list(lean) == [v.key for v in views if v is not None]
     for v in views:
@@ -344,7 +345,8 @@ def test_D1_the_lean_parse_agrees_with_the_codec(c):
         r = lean[v.key]
         assert (r.key, r.name, r.path) == (v.key, v.name, v.path)
         assert r.locks == tuple(Lock(*(getattr(lk, f) for f in Lock._fields))
-                                for lk in v.locks)
+                                for lk in v.locks if lk.lease_left_ms > 0)
+    assert lean[c.key(["other"])].locks == ()  # d1's lease ran out
 
 
 # ----------------------------------------------------------------- D9: reaping

@@ -1,0 +1,175 @@
+"""lua/scan.lua, the detector's lean read (docs/detector.md D1), against lua/inspect.lua.
+
+scan.lua returns only what the wait-for graph needs, as one flat array, and leaves out locks
+whose lease ran out; on any population it must show exactly inspect's live locks, field for
+field, and refuse the keys inspect refuses (K1)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from redlockdlm.detector import _FIELDS, Lock, _parse_scan, _read_resources
+from redlockdlm.engine.instance import Engine, call_script
+from redlockdlm.engine.keys import EPOCH_KEY
+from redlockdlm.engine.modes import Flag, Mode, Status
+from redlockdlm.errors import DLMError, InvalidArgument, ProtocolError
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def populate(e: Engine, rng: random.Random, steps: int = 300) -> list[bytes]:
+    """A random lock population: roots and children, every mode, conversions (some
+    QUECVT), NODLCKWT, releases and cancels, short leases that run out. Returns the keys."""
+    roots = [(f"R{i}",) for i in range(8)]
+    paths = roots + [(r[0], f"k{j}") for r in roots[:4] for j in range(2)]
+    held: dict[tuple, list[tuple[str, str]]] = {p: [] for p in paths}  # (owner, lock id)
+    granted: list[tuple[tuple, str, str]] = []  # (path, owner, lock id), granted once
+    ticket = 0
+    for step in range(steps):
+        ticket += 1
+        path = rng.choice(paths)
+        key = e.key(*path)
+        owner = f"o{rng.randrange(6)}"
+        op = rng.random()
+        try:
+            if op < 0.55 or not held[path]:
+                lid = f"l{step}"
+                kw = {}
+                if len(path) == 2:
+                    parents = held[(path[0],)]
+                    if not parents:
+                        continue
+                    _, pid = rng.choice(parents)
+                    kw = {"parent_key": e.key(path[0]), "parent_id": pid}
+                lease = rng.choice([30_000, 30_000, 60_000, rng.randrange(1, 3_000)])
+                flags = rng.choice([0, 0, 0, Flag.NODLCKWT])
+                reply = e.request(key, owner, lid, rng.choice(list(Mode)), ticket=ticket,
+                                  lease_ms=lease, flags=flags, name=e.name(*path), **kw)
+                held[path].append((owner, lid))
+                if reply.status is Status.GRANTED:
+                    granted.append((path, owner, lid))
+            elif op < 0.8 and granted:  # up-conversions of granted locks: some must queue
+                path, o, lid = rng.choice(granted)
+                flags = rng.choice([0, Flag.QUECVT, Flag.NODLCKWT | Flag.QUECVT])
+                e.convert(e.key(*path), o, lid, rng.choice([Mode.PR, Mode.PW, Mode.EX]),
+                          ticket=ticket, flags=flags,
+                          lease_ms=rng.choice([30_000, 30_000, rng.randrange(1, 3_000)]))
+            elif op < 0.9:
+                o, lid = held[path].pop(rng.randrange(len(held[path])))
+                e.cancel(key, o, lid, parent_key=e.key(path[0]) if len(path) == 2 else None)
+            else:
+                o, lid = held[path].pop(rng.randrange(len(held[path])))
+                e.release(key, o, lid, parent_key=e.key(path[0]) if len(path) == 2 else None)
+        except DLMError:
+            pass  # refused (e.g. a conversion while queued): the population is what it is
+    return [e.key(*p) for p in paths] + [e.key("absent"), e.key("R0", "absent")]
+
+
+def _scan_raw(e: Engine, keys: list[bytes]) -> list:
+    return call_script(e.client, "scan", [EPOCH_KEY, *keys], [])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_scan_shows_exactly_the_live_locks_of_inspect(r, seed):
+    e = Engine(r, "sc")
+    e.init_fresh()
+    rng = random.Random(seed)
+    keys = populate(e, rng)
+    rng.shuffle(keys)
+    keys.append(keys[0])  # a key named twice is read twice, the same way
+    e.set_clock(frozen_ms=e.status().now_ms + 1_500)  # some short leases run out, unpurged
+    st, views = e.inspect(keys)
+    raw = _scan_raw(e, keys)
+    now, parsed = _parse_scan(keys, raw)
+    assert now == st.now_ms
+    expired = live = 0
+    at = 1 + 2 * len(keys)
+    for i, (key, view) in enumerate(zip(keys, views)):
+        count, name = raw[1 + 2 * i], raw[2 + 2 * i]
+        if view is None:
+            assert (count, name) == (-1, None) and key not in parsed
+            continue
+        want = [lk for lk in view.locks if lk.lease_left_ms > 0]
+        expired += len(view.locks) - len(want)
+        live += len(want)
+        assert (count, name) == (len(want), view.name)
+        got = raw[at:at + _FIELDS * count]
+        at += _FIELDS * count
+        assert got == [v for lk in want for v in (
+            lk.queue.encode(), lk.lock_id.encode(), lk.owner.encode(),
+            -1 if lk.mode is None else int(lk.mode),
+            -1 if lk.requested is None else int(lk.requested),
+            lk.flags, lk.ticket, lk.cticket, lk.lease_left_ms, lk.parent.encode())]
+        res = parsed[key]
+        assert (res.key, res.name, res.path) == (view.key, view.name, view.path)
+        assert res.locks == tuple(Lock(*(getattr(lk, f) for f in Lock._fields))
+                                  for lk in want)
+    assert at == len(raw)
+    # the population has what the comparison is about
+    assert expired and live
+    locks = [lk for v in views if v for lk in v.locks]
+    assert {lk.queue for lk in locks} == {"G", "C", "W"}
+    assert any(lk.parent for lk in locks)
+    assert any(lk.queue == "C" and lk.flags & Flag.QUECVT for lk in locks)
+    # the detector's reader, in chunks of any size, reads the same
+    keys.pop()
+    assert _read_resources(e, keys) == {k: parsed[k] for k in keys if k in parsed}
+    e.set_clock()
+
+
+def test_scan_reads_nothing_and_writes_nothing(r):
+    e = Engine(r, "sc")
+    e.init_fresh()
+    key = e.key("R")
+    now = e.set_clock(frozen_ms=e.status().now_ms).now_ms
+    e.request(key, "a", "a1", Mode.EX, ticket=1, lease_ms=5, name=e.name("R"))
+    e.request(key, "b", "b1", Mode.EX, ticket=2, lease_ms=30_000, name=e.name("R"))
+    e.set_clock(frozen_ms=now + 10)
+    before = r.get(key), r.zrange(e.wkey, 0, -1, withscores=True)
+    raw = _scan_raw(e, [key, e.key("absent")])
+    assert raw[1:5] == [1, e.name("R"), -1, None]  # a1's lease ran out: left out
+    assert raw[5:7] == [b"W", b"b1"]  # b1 is still waiting: nothing was purged
+    assert (r.get(key), r.zrange(e.wkey, 0, -1, withscores=True)) == before
+    assert _scan_raw(e, []) == [e.status().now_ms]
+    e.set_clock()
+
+
+FOREIGN = [
+    ([b"dlm:epochs", b"dlm:{sc:R}"], "KEYS[1]"),
+    ([b"dlm:{sc:R}"], "KEYS[1]"),
+    ([EPOCH_KEY, b"dlm:sc:waiters"], "KEYS[2]"),  # the waiter index is not a resource
+    ([EPOCH_KEY, b"dlm:{sc:R}", EPOCH_KEY], "KEYS[3]"),
+    ([EPOCH_KEY, b"dlm:{sc:R}", b"user:1"], "KEYS[3]"),
+    ([EPOCH_KEY, b""], "KEYS[2]"),
+]
+
+
+@pytest.mark.parametrize(("keys", "names"), FOREIGN)
+def test_scan_refuses_foreign_keys_like_inspect(r, keys, names):
+    r.zadd(b"dlm:sc:waiters", {b"x|dlm:{sc:R}": 1})
+    r.set(b"user:1", b"not ours")
+    errors = []
+    for script in ("inspect", "scan"):
+        with pytest.raises(InvalidArgument) as info:
+            call_script(r, script, keys, [])
+        errors.append(str(info.value))
+    assert errors[0] == errors[1] and names in errors[0]
+    assert r.get(b"user:1") == b"not ours" and r.zcard(b"dlm:sc:waiters") == 1
+
+
+def test_a_malformed_scan_reply_is_a_protocol_error():
+    keys = [b"dlm:{sc:A}", b"dlm:{sc:B}", b"dlm:{sc:C}"]
+    lock = [b"W", b"l1", b"o1", -1, 5, 0, 7, 0, 900, b""]
+    good = [5, 1, b"A", -1, None, 0, b"C", *lock]
+    now, res = _parse_scan(keys, good)
+    assert now == 5 and list(res) == [keys[0], keys[2]] and res[keys[2]].locks == ()
+    assert res[keys[0]].locks == (Lock("W", "l1", "o1", None, Mode.EX, 0, 7, 0, 900, ""),)
+    for bad in (good[:-1], [*good, b"x"], good[:4], [5, 2, b"A", -1, None, 0, b"C", *lock],
+                [5, -2, b"A", -1, None, 2, b"C", *lock, *lock],
+                [5, 1, b"A", -1, None, 0, b"C", b"X", *lock[1:]],
+                [5, 1, b"A", -1, None, 0, b"C", *lock[:3], 9, *lock[4:]],
+                [5, 1, b"A", -1, None, 0, b"C", lock[0], None, *lock[2:]]):
+        with pytest.raises(ProtocolError):
+            _parse_scan(keys, bad)
