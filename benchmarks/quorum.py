@@ -389,9 +389,9 @@ def main(argv: list[str] | None = None) -> int:
               f"(acquired in {r['acquire_s']:.1f} s)")
         rts = [max(t["per_instance"].values()) for t in ticks]
         for k, t in enumerate(ticks):
-            print(f"    tick {k + 1}: round trips per instance {t['per_instance']} (servers saw "
-                  f"{t['server_calls']} script calls), {t['keys']:,} (lock, instance) "
-                  f"entries, {t['seconds'] * 1e3:,.1f} ms = "
+            print(f"    tick {k + 1}: round trips per instance {t['per_instance']} "
+                  f"(FCALLs the servers ran meanwhile: {t['server_calls']}), "
+                  f"{t['keys']:,} (lock, instance) entries, {t['seconds'] * 1e3:,.1f} ms = "
                   f"{t['seconds'] / floor_rt:,.0f} floor RTs (server time "
                   f"{[round(m) for m in t['server_ms']]} ms)")
         print(f"    watched {r['watch_s']:.1f} s; acquisition rate "
@@ -403,8 +403,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"    longest tick {longest * 1e3:,.0f} ms; a renewal read slower than the "
               f"client's socket_timeout (1000 ms by default) fails on the client side: "
               f"{'RISK' if longest >= 1.0 else 'ok'}")
-        ok = bool(ticks) and all(x == 1 for x in rts) and all(
-            sc == 1 for t in ticks for sc in t["server_calls"])
+        # The criterion is what the client sent per tick (the wrapper's count); the servers'
+        # FCALL counts also include any other call that ran during the tick.
+        ok = bool(ticks) and all(x == 1 for x in rts)
         print(f"    target one round trip per instance per tick: {verdict(ok)}")
     return 0
 
