@@ -20,21 +20,20 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import InvalidResponse, NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .client import _LOCK_REPLY_SCRIPTS, _mask, check_timeouts, pool_from_url, url_list
+from .client import _mask, check_timeouts, parse, pool_from_url, url_list
 from .engine import codec
 from .engine.modes import Mode
 from .engine.scripts import command, fallback, is_missing, load_command
 from .errors import (
     DLMError,
     HasChildren,
-    InvalidArgument,
     InvalidType,
-    LockLost,
     LockTimeout,
     ProtocolError,
     QuorumUnavailable,
     from_script_error,
 )
+from .handle import LockBase, lock_name
 from .protocol import (
     Call,
     LockCore,
@@ -51,14 +50,6 @@ log = logging.getLogger("redlockdlm")
 #: An instance that fails these ways counts as unreachable (InvalidResponse: it is not Redis)
 _NET_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError, asyncio.TimeoutError,
                InvalidResponse)
-
-
-def _parse(call: Call, raw: Any) -> Any:
-    if call.name in _LOCK_REPLY_SCRIPTS:
-        return codec.parse_lock_reply(raw)
-    if call.name == "renew":
-        return codec.parse_renew_reply(raw)
-    return raw
 
 
 class _Instance:
@@ -249,7 +240,7 @@ class AsyncDLM:
                     except ResponseError:  # FUNCTION LOAD refused (ACL): the EVAL form
                         await conn.send_command(*fallback(*call))
                     raw = await conn.read_response()
-                results[i] = _parse(call, raw)
+                results[i] = parse(call, raw)
             except ResponseError as exc:
                 msg = str(exc)
                 results[i] = (from_script_error(msg, instance=inst.url)
@@ -466,10 +457,6 @@ class AsyncDLM:
         raise out.error
 
 
-def lock_name(lk: LockCore) -> str:
-    return " / ".join(p.decode("utf-8", "replace") for p in lk.path)
-
-
 class AsyncRequest:
     """An asynchronous lock request: `await req` or `await req.wait(timeout)`."""
 
@@ -519,57 +506,11 @@ class AsyncRequest:
             await self._dlm._release(lk)
 
 
-class AsyncLock:
-    """A lock held on a quorum of instances (asyncio)."""
-
-    def __init__(self, dlm: AsyncDLM, core: LockCore,
-                 on_blocking: Callable[[Mode], Any] | None,
-                 on_lost: Callable[[AsyncLock], Any] | None, value_block: bool) -> None:
-        self._dlm = dlm
-        self._core = core
-        self._on_blocking = on_blocking
-        self._on_lost = on_lost
-        self._value_block = value_block
-
-    id = property(lambda self: self._core.id)
-    mode = property(lambda self: self._core.mode)
-    token = property(lambda self: self._core.token,
-                     doc="Fencing token: strictly greater than any earlier conflicting holder's.")
-    value_valid = property(lambda self: self._core.value_valid)
-    version = property(lambda self: self._core.version)
-
-    @property
-    def resource(self) -> str:
-        return lock_name(self._core)
-
-    @property
-    def value(self) -> bytes | None:
-        if self._core.new_value is not None:
-            return self._core.new_value
-        return self._core.value
-
-    @value.setter
-    def value(self, data: bytes) -> None:
-        if not isinstance(data, (bytes, bytearray)):
-            raise InvalidType("a value block is bytes")
-        if len(data) > self._dlm._core.vbmax:
-            raise InvalidArgument(f"value block of {len(data)} bytes exceeds "
-                                  f"{self._dlm._core.vbmax} (V1)")
-        if self._core.mode is None or self._core.mode < Mode.PW:
-            raise InvalidArgument("the value block is written only by PW or EX holders (V3)")
-        self._core.new_value = bytes(data)
-
-    @property
-    def valid(self) -> bool:
-        return (self._core.phase in (Phase.HELD, Phase.CONVERTING)
-                and self._dlm._core.holding(self._core, time.monotonic())
-                >= self._dlm._core.quorum)
-
-    @property
-    def validity_ms(self) -> int:
-        return int(self._core.validity(time.monotonic()) * 1000)
+class AsyncLock(LockBase):
+    """A lock held on a quorum of instances, asyncio flavour (see `LockBase`)."""
 
     async def lock(self, resource: str | bytes, mode: object = Mode.EX, **kw: Any) -> AsyncLock:
+        """Lock a child resource of this one (names are scoped by this lock's resource)."""
         return await self._dlm.lock(resource, mode, parent=self, **kw)
 
     async def enqueue(self, resource: str | bytes, mode: object = Mode.EX,
@@ -579,23 +520,18 @@ class AsyncLock:
     async def convert(self, mode: object, *, timeout: float | None = None,
                       noqueue: bool = False, quecvt: bool = False, convdeadlk: bool = False,
                       no_deadlock_wait: bool = False) -> None:
+        """Change the mode; on failure the lock keeps its old mode (as `Lock.convert`)."""
         await self._dlm._convert(self._core, mode, timeout, noqueue=noqueue, quecvt=quecvt,
                                  convdeadlk=convdeadlk, no_deadlock_wait=no_deadlock_wait)
 
     async def release(self, *, subtree: bool = False) -> None:
+        """Release on every instance (writing the value block if set by a PW/EX holder)."""
         await self._dlm._release(self._core, subtree=subtree)
 
     async def __aenter__(self) -> AsyncLock:
         return self
 
     async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
-        lost = self._core.phase is Phase.LOST or (
-            self._core.phase is Phase.HELD and not self.valid)
+        lost = self._lost_before_exit()
         await self.release(subtree=True)
-        if lost and exc_type is None:
-            raise LockLost("the lock was lost while held", resource=self.resource,
-                           lock_id=self.id)
-
-    def __repr__(self) -> str:
-        return (f"<AsyncLock {self.resource!r} {self.mode.name if self.mode else '-'} "
-                f"id={self.id} token={self.token} {self._core.phase.value}>")
+        self._raise_lost(lost, exc_type)

@@ -28,11 +28,11 @@ from .errors import (
     DLMError,
     InvalidArgument,
     InvalidType,
-    LockLost,
     ProtocolError,
     QuorumUnavailable,
     from_script_error,
 )
+from .handle import LockBase
 from .protocol import (
     Call,
     LockCore,
@@ -41,6 +41,7 @@ from .protocol import (
     Session,
     check_callback,
     check_timeout,
+    descendants,
     describe,
 )
 
@@ -624,7 +625,7 @@ class DLM:
                 raise errors[0]  # refused everywhere (e.g. HasChildren): nothing changed
             for r in errors:
                 log.warning("release of %s: %s", lk.id, r)
-            for d in [lk, *_descendants(lk)]:
+            for d in [lk, *descendants(lk)]:
                 d.phase = Phase.RELEASED
                 self._core.forget(d)
             failed = sum(1 for r in results.values() if isinstance(r, BaseException))
@@ -733,73 +734,12 @@ class Request:
         self._dlm._release(lk)
 
 
-class Lock:
-    """A lock held (or being acquired) on a quorum of instances."""
+class Lock(LockBase):
+    """A lock held (or being acquired) on a quorum of instances (see `LockBase` for what
+    it shows)."""
 
-    def __init__(self, dlm: DLM, core: LockCore, on_blocking: Callable[[Mode], Any] | None,
-                 on_lost: Callable[[Lock], Any] | None, value_block: bool) -> None:
-        self._dlm = dlm
-        self._core = core
-        self._on_blocking = on_blocking
-        self._on_lost = on_lost
-        self._value_block = value_block
-
-    @property
-    def id(self) -> str:
-        return self._core.id
-
-    @property
-    def resource(self) -> str:
-        return " / ".join(p.decode("utf-8", "replace") for p in self._core.path)
-
-    @property
-    def mode(self) -> Mode | None:
-        return self._core.mode
-
-    @property
-    def token(self) -> int:
-        """Fencing token: strictly greater than any earlier conflicting holder's."""
-        return self._core.token
-
-    @property
-    def value(self) -> bytes | None:
-        """The value block read at grant (or the one you set, once written)."""
-        if self._core.new_value is not None:
-            return self._core.new_value
-        return self._core.value
-
-    @value.setter
-    def value(self, data: bytes) -> None:
-        if not isinstance(data, (bytes, bytearray)):
-            raise InvalidType("a value block is bytes")
-        if len(data) > self._dlm._core.vbmax:
-            raise InvalidArgument(f"value block of {len(data)} bytes exceeds "
-                                  f"{self._dlm._core.vbmax} (V1)")
-        if self._core.mode is None or self._core.mode < Mode.PW:
-            raise InvalidArgument("the value block is written only by PW or EX holders (V3)")
-        self._core.new_value = bytes(data)
-
-    @property
-    def value_valid(self) -> bool:
-        """False when a PW/EX holder lost its lease or was broken since the last write."""
-        return self._core.value_valid
-
-    @property
-    def version(self) -> int:
-        return self._core.version
-
-    @property
-    def valid(self) -> bool:
-        """True while the lock is held on a quorum with positive validity."""
-        with self._dlm._mu:
-            return (self._core.phase in (Phase.HELD, Phase.CONVERTING)
-                    and self._dlm._core.holding(self._core, time.monotonic())
-                    >= self._dlm._core.quorum)
-
-    @property
-    def validity_ms(self) -> int:
-        with self._dlm._mu:
-            return int(self._core.validity(time.monotonic()) * 1000)
+    def _guard(self) -> threading.RLock:
+        return self._dlm._mu
 
     def lock(self, resource: str | bytes, mode: object = Mode.EX, **kw: Any) -> Lock:
         """Lock a child resource of this one (names are scoped by this lock's resource)."""
@@ -824,24 +764,9 @@ class Lock:
         return self
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        lost = self._core.phase is Phase.LOST or (
-            self._core.phase is Phase.HELD and not self.valid)
+        lost = self._lost_before_exit()
         self.release(subtree=True)
-        if lost and exc_type is None:
-            raise LockLost("the lock was lost while held", resource=self.resource,
-                           lock_id=self.id)
-
-    def __repr__(self) -> str:
-        return (f"<Lock {self.resource!r} {self.mode.name if self.mode else '-'} "
-                f"id={self.id} token={self.token} {self._core.phase.value}>")
-
-
-def _descendants(lk: LockCore) -> list[LockCore]:
-    out = []
-    for c in lk.children:
-        out.append(c)
-        out.extend(_descendants(c))
-    return out
+        self._raise_lost(lost, exc_type)
 
 
 def _socketpair():

@@ -1,0 +1,113 @@
+"""What a lock handle shows, shared by the sync `Lock` and the asyncio `AsyncLock`.
+
+Both wrap one `protocol.LockCore`; only acquiring, converting and releasing differ (they do
+I/O), so everything a handle reads lives here once and the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .engine.modes import Mode
+from .errors import InvalidArgument, InvalidType, LockLost
+from .protocol import LockCore, Phase
+
+
+def lock_name(lk: LockCore) -> str:
+    """The resource path for people: names joined by ' / ', root first."""
+    return " / ".join(p.decode("utf-8", "replace") for p in lk.path)
+
+
+class LockBase:
+    """The read side of a lock held (or being acquired) on a quorum of instances."""
+
+    def __init__(self, dlm: Any, core: LockCore, on_blocking: Callable[[Mode], Any] | None,
+                 on_lost: Callable[[Any], Any] | None, value_block: bool) -> None:
+        self._dlm = dlm
+        self._core = core
+        self._on_blocking = on_blocking
+        self._on_lost = on_lost
+        self._value_block = value_block
+
+    def _guard(self) -> contextlib.AbstractContextManager[Any]:
+        """Held while reading state other threads change (the sync client's lock)."""
+        return contextlib.nullcontext()
+
+    @property
+    def id(self) -> str:
+        """The lock id: random, the same on every instance."""
+        return self._core.id
+
+    @property
+    def resource(self) -> str:
+        return lock_name(self._core)
+
+    @property
+    def mode(self) -> Mode | None:
+        """The mode held on a quorum (None until granted)."""
+        return self._core.mode
+
+    @property
+    def token(self) -> int:
+        """Fencing token: strictly greater than any earlier conflicting holder's."""
+        return self._core.token
+
+    @property
+    def value(self) -> bytes | None:
+        """The value block read at grant (or the one you set, written on release or
+        down-conversion)."""
+        if self._core.new_value is not None:
+            return self._core.new_value
+        return self._core.value
+
+    @value.setter
+    def value(self, data: bytes) -> None:
+        if not isinstance(data, (bytes, bytearray)):
+            raise InvalidType("a value block is bytes")
+        vbmax = self._dlm._core.vbmax
+        if len(data) > vbmax:
+            raise InvalidArgument(f"value block of {len(data)} bytes exceeds {vbmax} (V1)")
+        if self._core.mode is None or self._core.mode < Mode.PW:
+            raise InvalidArgument("the value block is written only by PW or EX holders (V3)")
+        self._core.new_value = bytes(data)
+
+    @property
+    def value_valid(self) -> bool:
+        """False when a PW/EX holder lost its lease or was broken since the last write."""
+        return self._core.value_valid
+
+    @property
+    def version(self) -> int:
+        """The value block's version (the highest a quorum reported)."""
+        return self._core.version
+
+    @property
+    def valid(self) -> bool:
+        """True while the lock is held on a quorum with positive validity."""
+        with self._guard():
+            return (self._core.phase in (Phase.HELD, Phase.CONVERTING)
+                    and self._dlm._core.holding(self._core, time.monotonic())
+                    >= self._dlm._core.quorum)
+
+    @property
+    def validity_ms(self) -> int:
+        """Milliseconds the lock stays valid without another renewal."""
+        with self._guard():
+            return int(self._core.validity(time.monotonic()) * 1000)
+
+    def _lost_before_exit(self) -> bool:
+        return self._core.phase is Phase.LOST or (
+            self._core.phase is Phase.HELD and not self.valid)
+
+    def _raise_lost(self, lost: bool, exc_type: object) -> None:
+        if lost and exc_type is None:
+            raise LockLost("the lock was lost while held", resource=self.resource,
+                           lock_id=self.id)
+
+    def __repr__(self) -> str:
+        return (f"<{type(self).__name__} {self.resource!r} "
+                f"{self.mode.name if self.mode else '-'} id={self.id} token={self.token} "
+                f"{self._core.phase.value}>")
