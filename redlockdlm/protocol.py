@@ -87,6 +87,10 @@ class InstanceVote:
     error: str = ""  #: why the last call to this instance failed (one line), for messages
     by_event: bool = False  #: the current GRANTED came from a pub/sub event
     granted_at: float = 0.0  #: monotonic time we learnt of the current grant
+    #: our lease there ran out before we heard from it again (we were paused or cut off):
+    #: the instance may have expired our lock and a re-sent request re-created it, so a
+    #: grant event may be about the old one; only a reply counts until one says GRANTED
+    lapsed: bool = False
 
 
 def new_id() -> str:
@@ -362,15 +366,21 @@ class Session:
         v.epoch = rep.epoch
         v.wait_ms = rep.wait_ms
         st = rep.status
+        # Where our lock may already have been (queued, granted, or a call that failed
+        # after it arrived), this call did not necessarily set its lease: a repeated
+        # request (G12) and a yield leave it as it was. The lease then still dates from
+        # the request or renewal that set it; counting it from this call could make us
+        # believe in a lock the instance has expired. (Renewals move it forward.)
+        if v.vote not in (Vote.GRANTED, Vote.QUEUED, Vote.ERROR):
+            v.sent_at = sent_at
         if st == Status.GRANTED:
             if v.vote is not Vote.GRANTED or v.mode != rep.mode:
                 v.granted_at = now
             if not (v.vote is Vote.GRANTED and v.token > rep.token):
                 v.mode, v.token = rep.mode, rep.token
                 v.value, v.version, v.valid = rep.value, rep.version, rep.valid
-            v.vote, v.sent_at, v.by_event = Vote.GRANTED, sent_at, False
+            v.vote, v.by_event, v.lapsed = Vote.GRANTED, False, False
         elif st == Status.QUEUED:
-            v.sent_at = sent_at
             # The grant event may overtake the reply (two connections): a GRANTED learnt
             # from an event newer than our last yield is a grant made after this reply.
             if not (v.vote is Vote.GRANTED and v.by_event and v.token > v.yielded_token
@@ -413,7 +423,9 @@ class Session:
                 # stale, not a loss.
                 continue
             if e.status == Status.GRANTED:
-                news = v.vote is not Vote.GRANTED or v.mode != e.mode
+                # (another token than ours: a grant of the lock re-created after ours
+                # expired there, not the one we know)
+                news = v.vote is not Vote.GRANTED or v.mode != e.mode or v.token != e.token
                 if news and e.mode != Mode.NL and (
                         lk.phase is Phase.ACQUIRING
                         or (lk.phase is Phase.CONVERTING and e.mode == lk.rq)):
@@ -447,7 +459,12 @@ class Session:
         v = lk.votes[i]
         out: list[tuple[str, LockCore, object]] = []
         if ev.kind == "G":
-            if ev.token > v.yielded_token and (v.vote is not Vote.GRANTED or ev.token > v.token):
+            if v.vote is not Vote.GRANTED and (v.lapsed or lk.vote_validity(v, now) <= 0):
+                # Our lease there has run out: this may be the grant of a lock the instance
+                # has expired since (we were paused, or cut off). Ask it at once instead.
+                v.lapsed, v.wait_ms = True, 0
+            elif ev.token > v.yielded_token and (v.vote is not Vote.GRANTED
+                                                 or ev.token > v.token):
                 v.vote, v.mode, v.token, v.by_event = Vote.GRANTED, ev.mode, ev.token, True
                 v.value, v.version, v.valid = ev.value, ev.version, ev.valid
                 v.granted_at = now
@@ -536,6 +553,8 @@ class Session:
         for i, v in enumerate(lk.votes):
             if v.vote is Vote.QUEUED or (v.vote in retry and now >= v.retry_at):
                 out.append((i, self.request_cmd(lk)))
+                if lk.vote_validity(v, now) <= 0:
+                    v.lapsed = True  # the request may re-create our lock there (see lapsed)
         lk.pending.update(i for i, _ in out)
         return out
 
