@@ -165,7 +165,8 @@ class Scenario:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with contextlib.suppress(Exception):
-                qs = {lv.queue for v in self.views(i) for lv in v.locks}
+                qs = {lv.queue for v in self.views(i) for lv in v.locks
+                      if lv.lease_left_ms > 0}
                 if {"G", "C", "W"} <= qs:
                     self.faults["busy at fault (granted+converting+waiting)"] += 1
                     return True
@@ -178,7 +179,8 @@ class Scenario:
         for i, s in enumerate(self.inst):
             if not s.running or s.paused:
                 continue
-            n += sum(1 for v in self.views(i) for lv in v.locks if lv.owner == owner)
+            n += sum(1 for v in self.views(i) for lv in v.locks
+                     if lv.owner == owner and lv.lease_left_ms > 0)
         return n
 
     def wait_owner_gone(self, owner: str, bound: float) -> float | None:

@@ -67,7 +67,7 @@ def test_partitioned_holder_learns_loss_before_another_is_granted() -> None:
                              connect_timeout=0.3)
                 lost = threading.Event()
                 t_lost: list[int] = []
-                hl = holder.lock("part", "EX", on_lost=lambda lk: (
+                hl = holder.lock("part", "EX", on_lost=lambda lk, t_lost=t_lost, lost=lost: (
                     t_lost.append(time.monotonic_ns()), lost.set()))
                 hl.value = f"holder-{it}".encode()  # written when it releases
                 watch = ValidityWatch(hl)

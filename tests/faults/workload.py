@@ -93,6 +93,7 @@ class Section:
     ended: bool = False
     valid_at_end: bool | None = None
     refused_then_valid: bool = False
+    confirms: list = field(default_factory=list)  #: every confirmation of lock.valid
 
 
 @dataclass
@@ -125,6 +126,7 @@ class Observer:
         self.stats: Counter[str] = Counter()
         self.paused: list[tuple[str, str]] = []  #: (worker, sid) that stopped themselves
         self.errors: list[str] = []
+        self.debug: dict[str, str] = {}
         self.tokens_checked = 0
         self.refused = 0
         self.authkey = secrets.token_bytes(16)
@@ -215,6 +217,8 @@ class Observer:
                  read) = msg
                 s = Section(sid, worker, lock_id, res, mode, token, origin, t_req, t_ret,
                             t_start, t_start, read=read)
+                if t_start is not None:
+                    s.confirms.append(t_start)
                 s.accepted = not self._refuses(res, mode, token, lock_id)
                 s.t_present = now_ns()
                 if s.accepted:
@@ -228,6 +232,7 @@ class Observer:
             if kind == "valid":  # the holder confirmed lock.valid at t
                 _, sid, t = msg
                 s = self.sections[sid]
+                s.confirms.append(t)
                 s.t_valid = t if s.t_valid is None else max(s.t_valid, t)
                 if s.t_start is None:
                     s.t_start = t
@@ -265,6 +270,9 @@ class Observer:
                 _, res, lock_id, t = msg
                 span = self.keepers[res].setdefault(lock_id, [t, t])
                 span[1] = max(span[1], t)
+                return True
+            if kind == "debug":
+                self.debug[msg[1]] = msg[2]
                 return True
             if kind == "paused":
                 _, worker, sid = msg
@@ -372,6 +380,8 @@ class Observer:
                 j += 1
             for m, e in best.items():
                 if conflict(m, s.mode) and e.lock_id != s.lock_id and e.token >= s.token:
+                    if s.sid in self.debug:
+                        out.append(f"debug {s.sid}: {self.debug[s.sid]}")
                     out.append(
                         f"token: {res}: {s.worker} {NAMES[s.mode]} got token {s.token} after "
                         f"{e.worker} {NAMES[e.mode]} held token {e.token} (ended "
@@ -501,6 +511,15 @@ class _Worker:
         sid = f"{self.wid}.{self.seq}"
         accepted = self.call("begin", sid, self.wid, lk.id, lk.resource, mode, lk.token,
                              origin, t_req, t_ret, t if ok else None, read)
+        if self.cfg.get("debug_votes"):
+            self.call("debug", sid, f"{origin} t_req={t_req} t_ret={t_ret} " + str([
+                (v.vote.value, v.mode, v.token, round(time.monotonic() - v.sent_at, 3),
+                 v.by_event) for v in lk._core.votes]))
+        if ok and not accepted:  # debugging aid: how did we get a lock the storage refuses?
+            core = lk._core
+            self.call("error", self.wid, f"refused while valid: {lk!r} {origin} votes " + str([
+                (v.vote.value, v.mode, v.token, round(time.monotonic() - v.sent_at, 3),
+                 v.by_event) for v in core.votes]))
         self.set_phase(HOLD)
         end = time.monotonic() + self.rng.uniform(*self.cfg["hold_ms"]) / 1000.0
         while accepted:
@@ -520,7 +539,8 @@ class _Worker:
         if mode >= PW and accepted and ok:
             self.pw_sections += 1
             pause = self.cfg.get("pause_every")
-            if pause and self.pw_sections % pause == 0:
+            if (pause and self.pw_sections % pause == 0
+                    and self.pw_sections // pause <= self.cfg.get("pause_max", 1 << 30)):
                 # the Kleppmann hazard: checked valid, then the process stops (GC, SIGSTOP)
                 # for longer than the lease, and writes when it wakes up
                 self.call("paused", self.wid, sid)
@@ -528,6 +548,7 @@ class _Worker:
                 ok_now = lk.valid
             else:
                 ok_now = True
+            ok = ok and ok_now
             self.seq += 1
             new = f"{_value_counter(read[0]) + 1}:{self.wid}:{self.seq}".encode()
             if not self.call("write", sid, new, ok_now):
