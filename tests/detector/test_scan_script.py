@@ -6,11 +6,12 @@ field, and refuse the keys inspect refuses (K1)."""
 
 from __future__ import annotations
 
+import gc
 import random
 
 import pytest
 
-from redlockdlm.detector import _FIELDS, Lock, _parse_scan, _read_resources
+from redlockdlm.detector import _FIELDS, Lock, _gc_paused, _parse_scan, _read_resources
 from redlockdlm.engine.instance import Engine, call_script
 from redlockdlm.engine.keys import EPOCH_KEY
 from redlockdlm.engine.modes import Flag, Mode, Status
@@ -173,3 +174,18 @@ def test_a_malformed_scan_reply_is_a_protocol_error():
                 [5, 1, b"A", -1, None, 0, b"C", lock[0], None, *lock[2:]]):
         with pytest.raises(ProtocolError):
             _parse_scan(keys, bad)
+
+
+def test_the_gc_pause_of_a_scan_leaves_the_collector_as_it_found_it():
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError), _gc_paused():
+        assert not gc.isenabled()
+        raise RuntimeError
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with _gc_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # the application's choice stands
+    finally:
+        gc.enable()
