@@ -8,6 +8,7 @@ token is refused by the protected resource.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
 
@@ -93,10 +94,24 @@ def test_paused_client_writes_with_stale_token() -> None:
     stale value block."""
     with Scenario("client SIGSTOP, stale write", 3) as sc:
         normal = [sc.spawn() for _ in range(3)]
-        sc.spawn(pause_every=2, pause_max=3 * ITERATIONS, mode_weights=(0, 1, 0, 1, 3, 3))
+        sc.spawn(pause_every=2, pause_max=4 * ITERATIONS, mode_weights=(0, 1, 0, 1, 3, 3))
         sc.wait_started()
+        stop = threading.Event()
+
+        def pauser() -> None:
+            """Meanwhile, stop the other workers at random moments, longer than a lease."""
+            while not stop.is_set():
+                victim = sc.rng.choice(normal)
+                victim.pause()
+                sc.fault("client SIGSTOP at a random moment", victim.wid)
+                stop.wait(sc.rng.uniform(sc.lease_s + 0.1, sc.lease_s + 0.7))
+                victim.resume()
+                stop.wait(sc.rng.uniform(0.0, 0.4))
+
+        th = threading.Thread(target=pauser, daemon=True)
+        th.start()
         seen = refused = 0
-        for _ in range(3 * ITERATIONS):
+        for _ in range(4 * ITERATIONS):
             deadline = time.monotonic() + 30
             while len(sc.obs.paused) <= seen and time.monotonic() < deadline:
                 time.sleep(0.01)
@@ -130,12 +145,8 @@ def test_paused_client_writes_with_stale_token() -> None:
             else:
                 sc.log(f"nobody took {sc.obs.sections[sid].res} while {wid} slept: its late "
                        f"write was {'accepted' if accepted else 'refused'} (nothing to fence)")
-            # a random pause of another worker, at whatever point it is
-            victim = sc.rng.choice(normal)
-            victim.pause()
-            sc.fault("client SIGSTOP at a random moment", victim.wid)
-            time.sleep(sc.lease_s + 0.5)
-            victim.resume()
+        stop.set()
+        th.join(5)
         took = sc.wait_progress(3)
         sc.log(f"every worker made progress {took:.1f} s after the last pause")
         rep = sc.finish()

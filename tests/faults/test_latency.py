@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.faults, pytest.mark.slow]
 @pytest.mark.timeout(120 * ITERATIONS + 60)
 def test_latency_spikes() -> None:
     """Two slow clients (socket timeout long enough to wait for late replies) get spikes
-    of one-way latency on all their connections: round trips of 0.7x, 1.2x and 1.7x the
+    of one-way latency on all their connections: round trips of 0.4x, 1.2x and 1.7x the
     validity margin `lease - drift`. Beyond the margin every grant or renewal arrives too
     late to be counted: the client must never consider a lock held from `lease - drift`
     after the spike started until it ends. Below it, locks are granted with little
@@ -32,7 +32,7 @@ def test_latency_spikes() -> None:
         margin_ms = lease_ms - (lease_ms * DRIFT_FACTOR + DRIFT_MIN_MS)
         windows = []
         for k in range(3 * ITERATIONS):
-            rtt = (0.7, 1.2, 1.7)[k % 3] * margin_ms
+            rtt = (0.4, 1.2, 1.7)[k % 3] * margin_ms
             before = {h.wid: sc.obs.begins_of(h.wid) for h in slow}
             on = time.monotonic_ns()
             for h in slow:
