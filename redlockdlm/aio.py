@@ -83,6 +83,8 @@ class AsyncDLM:
         self._started = False
         self._changed: dict[str, asyncio.Event] = {}
         self._background: set[asyncio.Task[Any]] = set()
+        self._renewing: set[int] = set()  # instances whose renewal is in flight
+        self._renew_soon = asyncio.Event()  # a lock with a shorter lease appeared
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -178,6 +180,8 @@ class AsyncDLM:
                                  no_deadlock_wait=no_deadlock_wait, lease_ms=lease_ms)
         if t is not None:
             lk.deadline = time.monotonic() + t
+        if lk.lease_ms < self._core.lease_ms:
+            self._renew_soon.set()  # the renewer shortens its tick
         lock = AsyncLock(self, lk, on_blocking, on_lost, value_block)
         lk.user = lock  # type: ignore[attr-defined]
         self._changed[lk.id] = asyncio.Event()
@@ -376,19 +380,39 @@ class AsyncDLM:
             log.exception("callback %r raised", fn)
 
     async def _renewer(self) -> None:
+        """Every renewal interval (a third of the shortest lease in use), renew each
+        instance in its own task, so one stalled instance delays nobody else's leases;
+        ticks are counted from their start, not from the end of the previous one."""
+        next_tick = time.monotonic()
         while not self._closed:
-            await asyncio.sleep(self._core.lease_ms / 3000.0)
-            batches = self._core.renew_cmds(time.monotonic())
-            if not batches:
-                continue
-            sent = time.monotonic()
-            results = await self._broadcast([(i, cmd) for i, cmd, _ in batches])
-            now = time.monotonic()
-            for i, _, lks in batches:
-                self._core.on_renew_reply(i, lks, results.get(i), sent, now)
+            next_tick += self._core.renew_interval()
+            while True:
+                left = next_tick - time.monotonic()
+                if left <= 0:
+                    break
+                self._renew_soon.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._renew_soon.wait(), left)
+                next_tick = min(next_tick, time.monotonic() + self._core.renew_interval())
+            idle = [i for i in range(self._core.n) if i not in self._renewing]
+            batches = self._core.renew_cmds(time.monotonic(), idle)
+            for i in sorted({b[0] for b in batches}):
+                self._renewing.add(i)
+                self._spawn(self._renew_instance(i, [b for b in batches if b[0] == i]))
+            self._check_lost()  # also when every instance stalls and no reply comes
+
+    async def _renew_instance(self, i: int,
+                              batches: list[tuple[int, Call, list[LockCore]]]) -> None:
+        try:
+            for _, cmd, lks in batches:
+                sent = time.monotonic()
+                results = await self._broadcast([(i, cmd)])
+                self._core.on_renew_reply(i, lks, results.get(i), sent, time.monotonic())
             for lk in list(self._core.locks.values()):
                 self._notify(lk)
             self._check_lost()
+        finally:
+            self._renewing.discard(i)
 
     def _check_lost(self) -> None:
         for lk in self._core.check_held(time.monotonic()):

@@ -183,6 +183,7 @@ class DLM:
         self._callbacks: list[tuple[Callable[..., Any], tuple]] = []
         self._cb_cond = threading.Condition()
         self._next_renew = time.monotonic() + self._core.lease_ms / 3000.0
+        self._renewing: set[int] = set()  # instances whose renewal is in flight
         self._sel = selectors.DefaultSelector()
         self._wake_r, self._wake_w = _socketpair()
         self._sel.register(self._wake_r, selectors.EVENT_READ, None)
@@ -243,6 +244,10 @@ class DLM:
                                      no_deadlock_wait=no_deadlock_wait, lease_ms=lease_ms)
             if t is not None:
                 lk.deadline = time.monotonic() + t
+            if lk.lease_ms < self._core.lease_ms:  # a shorter lease needs earlier ticks
+                self._next_renew = min(self._next_renew,
+                                       time.monotonic() + lk.lease_ms / 3000.0)
+                self._poke()
             lock = Lock(self, lk, on_blocking, on_lost, value_block)
             lk.user = lock  # type: ignore[attr-defined]
             req = Request(self, lock, on_granted)
@@ -486,8 +491,11 @@ class DLM:
                     if inst.pubsub is None:
                         self._subscribe(i, inst)
             if now >= self._next_renew:
-                self._next_renew = now + self._core.lease_ms / 3000.0
+                with self._mu:
+                    self._next_renew = now + self._core.renew_interval()
                 self._renew()
+            with self._mu:
+                self._check_lost()  # also when every instance stalls and no reply comes
             self._recheck(time.monotonic())
 
     def _drain(self, i: int) -> None:
@@ -538,21 +546,32 @@ class DLM:
             self._spawn(self._send_and_feed_advance, lk, yields)
 
     def _renew(self) -> None:
+        """Start this tick's renewal of every instance whose previous renewal is done; each
+        instance on its own thread, so one stalled instance delays nobody else's leases."""
         with self._mu:
-            batches = self._core.renew_cmds(time.monotonic())
-        if not batches:
-            return
-        sent = time.monotonic()
-        results = self._broadcast([(i, cmd) for i, cmd, _ in batches])
-        with self._mu:
-            now = time.monotonic()
-            for i, _, lks in batches:
-                self._core.on_renew_reply(i, lks, results.get(i), sent, now)
-            for lk in list(self._core.locks.values()):
-                if lk.phase is Phase.ACQUIRING:
-                    self._advance(lk)
-            self._check_lost()
-            self._cond.notify_all()
+            idle = [i for i in range(self._core.n) if i not in self._renewing]
+            batches = self._core.renew_cmds(time.monotonic(), idle)
+            busy = sorted({i for i, _, _ in batches})
+            self._renewing.update(busy)
+        for i in busy:
+            self._spawn(self._renew_instance, i, [b for b in batches if b[0] == i])
+
+    def _renew_instance(self, i: int, batches: list[tuple[int, Call, list[LockCore]]]) -> None:
+        try:
+            for _, cmd, lks in batches:
+                sent = time.monotonic()
+                results = self._broadcast([(i, cmd)])
+                with self._mu:
+                    self._core.on_renew_reply(i, lks, results.get(i), sent, time.monotonic())
+            with self._mu:
+                for lk in list(self._core.locks.values()):
+                    if lk.phase is Phase.ACQUIRING:
+                        self._advance(lk)
+                self._check_lost()
+                self._cond.notify_all()
+        finally:
+            with self._mu:
+                self._renewing.discard(i)
 
     def _check_lost(self) -> None:
         for lk in self._core.check_held(time.monotonic()):

@@ -234,6 +234,9 @@ class Session:
         self.ns = check_namespace(namespace)
         self.lease_ms = lease_ms
         self.rejoin_ms = lease_ms if rejoin_ms is None else rejoin_ms
+        if self.rejoin_ms < lease_ms:
+            raise InvalidArgument(f"rejoin_ms ({self.rejoin_ms}) must cover the lease "
+                                  f"({lease_ms} ms): rule E1")
         self.vbmax = vbmax
         self.owner = check_id("owner", owner) if owner else new_id()
         self.chan_prefix = channel_prefix(self.ns)
@@ -302,21 +305,31 @@ class Session:
         return command("yield", self._keys(lk.key), codec.yield_args(
             self.rejoin_ms, self.chan_prefix, self.owner, lk.id))
 
-    def renew_cmds(self, now: float) -> list[tuple[int, tuple, list[LockCore]]]:
-        """One renewal command per instance for every lock of this client that is live
-        there (batched: one call per instance per tick, whatever the number of locks)."""
+    def renew_cmds(self, now: float, instances: Sequence[int] | None = None
+                   ) -> list[tuple[int, tuple, list[LockCore]]]:
+        """Renewal commands for every lock of this client that is live on an instance:
+        one call per instance per tick for all locks of the same lease (a lock's own
+        `lease_ms` is what the instances keep, so locks of another lease go in another
+        call)."""
         out = []
-        for i in range(self.n):
-            lks = [lk for lk in self.locks.values()
-                   if lk.phase in (Phase.ACQUIRING, Phase.HELD, Phase.CONVERTING)
-                   and lk.votes[i].vote in (Vote.GRANTED, Vote.QUEUED, Vote.ERROR)]
-            if not lks:
-                continue
-            cmd = command("renew", self._keys(*[lk.key for lk in lks]), codec.renew_args(
-                self.rejoin_ms, self.chan_prefix, self.owner, self.lease_ms,
-                [(lk.id, lk.token) for lk in lks]))
-            out.append((i, cmd, lks))
+        for i in range(self.n) if instances is None else instances:
+            groups: dict[int, list[LockCore]] = {}
+            for lk in self.locks.values():
+                if (lk.phase in (Phase.ACQUIRING, Phase.HELD, Phase.CONVERTING)
+                        and lk.votes[i].vote in (Vote.GRANTED, Vote.QUEUED, Vote.ERROR)):
+                    groups.setdefault(lk.lease_ms, []).append(lk)
+            for lease, lks in sorted(groups.items()):
+                cmd = command("renew", self._keys(*[lk.key for lk in lks]), codec.renew_args(
+                    self.rejoin_ms, self.chan_prefix, self.owner, lease,
+                    [(lk.id, lk.token) for lk in lks]))
+                out.append((i, cmd, lks))
         return out
+
+    def renew_interval(self) -> float:
+        """Seconds between renewal ticks: a third of the shortest lease in use."""
+        leases = [lk.lease_ms for lk in self.locks.values()
+                  if lk.phase in (Phase.ACQUIRING, Phase.HELD, Phase.CONVERTING)]
+        return min([self.lease_ms, *leases]) / 3000.0
 
     # ----------------------------------------------------------------- new locks
 
@@ -336,6 +349,11 @@ class Session:
         flags = ((Flag.NOQUEUE if noqueue else 0) | (Flag.EXPEDITE if expedite else 0)
                  | (Flag.NODLCKWT if no_deadlock_wait else 0))
         lease = self.lease_ms if lease_ms is None else check_lease(lease_ms)
+        if lease > self.rejoin_ms:
+            # E1: a restarted instance waits rejoin_ms before granting; a longer lease
+            # could still be counted by its holder after that
+            raise InvalidArgument(f"a lock's lease ({lease} ms) may not exceed the client's "
+                                  f"rejoin_ms ({self.rejoin_ms} ms); raise rejoin_ms")
         lk = LockCore(self, path, m, int(flags), lease, parent,
                       check_id("lock id", lock_id) if lock_id else new_id())
         self.locks[lk.id] = lk

@@ -206,15 +206,8 @@ def test_restart_empty_while_held_does_not_grant_twice(ready) -> None:
 # --------------------------------------------------------------------------- SIGSTOP
 
 
-ASYNC_RENEW_XFAIL = pytest.mark.xfail(strict=True, reason=(
-    "BUG (aio): AsyncDLM._renewer sleeps lease/3 AFTER each renewal broadcast, and the "
-    "broadcast waits for the slowest instance (socket_timeout + 0.5 s) before feeding any "
-    "reply; with one instance paused the renewal period exceeds the lease, so the lock flaps "
-    "invalid (and expires on the live instances) although a quorum is healthy."))
-
-
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize("kind", ["sync", pytest.param("async", marks=ASYNC_RENEW_XFAIL)])
+@pytest.mark.parametrize("kind", ["sync", "async"])
 def test_minority_paused_lock_stays_valid(ready, kind: str) -> None:
     """One instance of three paused for longer than the lease: a held lock stays valid all
     along (renewal goes on with the two others)."""

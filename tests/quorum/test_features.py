@@ -17,6 +17,7 @@ from redlockdlm.errors import (
     Deadlock,
     DLMError,
     HasChildren,
+    InvalidArgument,
     LockLost,
     LockTimeout,
     NotQueued,
@@ -534,17 +535,12 @@ def test_renewal_keeps_a_waiter_in_the_queue(q: Quorum) -> None:
     assert req.wait(5).valid
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: renewal ignores a lock's own lease_ms: renew_cmds sends the client's lease_ms for "
-    "every lock and the tick is client lease/3, while vote_validity uses the lock's lease. "
-    "Shorter: the lock is lost before the first tick. Longer: the instances keep it for the "
-    "client's lease but the client believes the lock's (longer) lease - unsafe."))
-@pytest.mark.parametrize("lease_ms", [300, 3000])
+@pytest.mark.parametrize("lease_ms", [600, 3000])
 def test_per_lock_lease_renewed(q: Quorum, lease_ms: int) -> None:
     """A lock's own lease_ms (shorter or longer than the client's) is what the instances
     keep and what the client believes: renewal keeps it, and the client never thinks a
     lock valid for longer than the instances will keep it."""
-    d = q.dlm(lease_ms=1000)
+    d = q.dlm(lease_ms=1000, rejoin_ms=3000)
     lk = d.lock("res", EX, lease_ms=lease_ms)
     end = time.monotonic() + 1.2
     invalid = 0
@@ -555,6 +551,13 @@ def test_per_lock_lease_renewed(q: Quorum, lease_ms: int) -> None:
     left = min(lv.lease_left_ms for ls in q.locks("res") for lv in ls)
     assert lk.validity_ms <= left + 5, (lk.validity_ms, left)
     lk.release()
+
+
+def test_lock_lease_longer_than_rejoin_is_refused(q: Quorum) -> None:
+    """E1: a restarted instance waits rejoin_ms; a lock may not outlive that wait."""
+    d = q.dlm(lease_ms=1000)
+    with pytest.raises(InvalidArgument):
+        d.lock("res", EX, lease_ms=3000)
 
 
 def test_lost_when_majority_paused(q: Quorum) -> None:
