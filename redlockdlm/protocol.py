@@ -196,6 +196,15 @@ class LockCore:
     def count(self, *kinds: Vote) -> int:
         return sum(1 for v in self.votes if v.vote in kinds)
 
+    def next_version(self) -> int:
+        """The version a write of this grant stores: derived from the fencing token, so
+        versions grow across conflicting writers even where an instance lost the resource
+        (G9, a restart) and counted again from 0 while another kept an older, higher one;
+        plain `version + 1` would let that stale value win the highest-version read. The
+        token of a later conflicting holder is larger, so token * 4 orders writers; + 1
+        for a second write by the same grant (EX -> PW -> lower)."""
+        return max(self.token * 4, self.version + 1)
+
     def adopt_grant(self, now: float, mode: Mode) -> None:
         """Quorum reached: fix the token and value block from the granting votes."""
         gi = self.granted(now, mode)
@@ -281,7 +290,7 @@ class Session:
         return command("release", self._keys(lk.key, pkey, *kids), codec.release_args(
             self.rejoin_ms, self.chan_prefix, self.owner, lk.id,
             int(Flag.SUBTREE) if subtree else 0, lk.new_value if write else None,
-            lk.version + 1, self.vbmax, lk.token))
+            lk.next_version(), self.vbmax, lk.token))
 
     def cancel_cmd(self, lk: LockCore) -> tuple:
         pkey = lk.parent.key if lk.parent else lk.key
@@ -608,7 +617,7 @@ class Session:
 
     def convert_value(self, lk: LockCore, down: bool) -> tuple[bytes | None, int]:
         if down and lk.new_value is not None and lk.mode is not None and lk.mode >= Mode.PW:
-            return lk.new_value, lk.version + 1
+            return lk.new_value, lk.next_version()
         return None, 0
 
     def evaluate_convert(self, lk: LockCore, old: Mode, now: float,
@@ -618,7 +627,7 @@ class Session:
         granted = lk.granted(now, lk.rq)
         if lk.error is None and len(granted) >= q:
             wrote = lk.new_value is not None
-            new_value, version = lk.new_value, lk.version + 1
+            new_value, version = lk.new_value, lk.next_version()
             lk.adopt_grant(now, lk.rq)
             if wrote and lk.rq != Mode.NL:  # our own write is the newest value
                 lk.value, lk.version, lk.value_valid = new_value, version, True

@@ -284,14 +284,15 @@ def test_value_block_written_on_release(q: Quorum) -> None:
     with d.lock("res", EX) as w:
         assert w.value is None and w.version == 0 and w.value_valid
         w.value = b"v1"
+        v1 = w.token * 4  # protocol.next_version: versions follow fencing tokens
     r = d.lock("res", PR)
-    assert (r.value, r.version, r.value_valid) == (b"v1", 1, True)
-    assert all(v is not None and (v.value, v.version) == (b"v1", 1) for v in q.views("res"))
+    assert (r.value, r.version, r.value_valid) == (b"v1", v1, True)
+    assert all(v is not None and (v.value, v.version) == (b"v1", v1) for v in q.views("res"))
     r.release()
     with d.lock("res", PW) as w:
         w.value = b"v2"
     r = q.dlm().lock("res", CR)
-    assert (r.value, r.version) == (b"v2", 2)
+    assert r.value == b"v2" and r.version > v1
     r.release()
     keeper.release()
     assert q.gone("res")
@@ -305,7 +306,7 @@ def test_value_block_written_on_down_conversion(q: Quorum) -> None:
     lk.value = b"down"
     lk.convert(NL)
     r = q.dlm().lock("res", PR, noqueue=True)
-    assert (r.value, r.version, r.value_valid) == (b"down", 1, True)
+    assert (r.value, r.version, r.value_valid) == (b"down", lk.token * 4, True)
     # A reader cannot write (V3).
     with pytest.raises(ValueError):
         r.value = b"nope"
@@ -316,9 +317,10 @@ def test_value_block_not_written_by_reader_release(q: Quorum) -> None:
     keeper = q.dlm().lock("res", NL)
     with q.dlm().lock("res", EX) as w:
         w.value = b"keep"
+        written = w.token * 4  # protocol.next_version: versions follow fencing tokens
     r = q.dlm().lock("res", PR)
     r.release()
-    assert q.dlm().lock("res", PR).version == 1
+    assert q.dlm().lock("res", PR).version == written
     keeper.release()
 
 
@@ -326,17 +328,18 @@ def test_value_block_invalid_after_holder_expired(q: Quorum) -> None:
     keeper = q.dlm().lock("res", NL)
     with q.dlm().lock("res", EX) as w:
         w.value = b"good"
+        written = w.token * 4
     dead = q.dlm(lease_ms=300)
     stop_renewal(dead)  # the holder stops renewing (a hung process)
     dl = dead.lock("res", PW)
     assert dl.value == b"good"
     r = q.dlm().lock("res", EX, timeout=5)  # granted once the PW lease ran out
     assert not dl.valid
-    assert r.value == b"good" and r.version == 1 and r.value_valid is False
+    assert r.value == b"good" and r.version == written and r.value_valid is False
     r.value = b"fixed"
     r.release()
-    r = q.dlm().lock("res", PR)
-    assert (r.value, r.version, r.value_valid) == (b"fixed", 2, True)
+    r2 = q.dlm().lock("res", PR)
+    assert (r2.value, r2.version, r2.value_valid) == (b"fixed", r.token * 4, True)
     keeper.release()
 
 
