@@ -11,10 +11,10 @@ import time
 
 import pytest
 from click.testing import CliRunner
+from redlockdlm_cli.main import cli
 
 from redlockdlm import DLM, Mode
 from redlockdlm.engine.instance import Engine
-from redlockdlm_cli.main import cli
 
 pytestmark = pytest.mark.timeout(90)
 PY_M = [sys.executable, "-m", "redlockdlm_cli"]
