@@ -15,6 +15,7 @@ from redlockdlm_cli.main import cli
 
 from redlockdlm import DLM, Mode
 from redlockdlm.engine.instance import Engine
+from redlockdlm.errors import NotQueued
 
 pytestmark = pytest.mark.timeout(90)
 PY_M = [sys.executable, "-m", "redlockdlm_cli"]
@@ -50,14 +51,14 @@ def test_one_detector_leads_and_a_dead_leader_is_replaced(cluster3):
     b = subprocess.Popen(args, env=_env(cluster3.urls), stderr=subprocess.PIPE, text=True)
     time.sleep(1.5)
     with DLM(cluster3.urls, "t") as probe:  # a leads: the leadership lock is taken
-        with pytest.raises(Exception):
+        with pytest.raises(NotQueued):
             probe.lock("__leader__/detector", Mode.EX, noqueue=True)
     a.send_signal(signal.SIGKILL)  # the leader dies without releasing
     a.wait(timeout=10)
     killed_at = time.monotonic()
     time.sleep(3.0)  # the leadership lease (1 s) runs out; b asks every round (0.2 s)
     with DLM(cluster3.urls, "t") as probe:  # held again: by b
-        with pytest.raises(Exception):
+        with pytest.raises(NotQueued):
             probe.lock("__leader__/detector", Mode.EX, noqueue=True)
     b.send_signal(signal.SIGTERM)
     _, err = b.communicate(timeout=20)
