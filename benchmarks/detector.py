@@ -1,6 +1,7 @@
 """Deadlock-detector benchmark: scan cost with many waiters, and time to resolve a deadlock.
 
     python benchmarks/detector.py [--waiters 10000] [--repeat 15] [--trials 8]
+                                  [--chunks 250,500,1000] [--no-resolution]
 
 Starts three redis-servers on free loopback ports (tests/redis_harness.py) and stops them,
 by pid, at the end. The lock state is written with the same scripts a client uses, sent in
@@ -15,14 +16,21 @@ Figures, each the median (and min..max) of --repeat runs, all three instances in
   floor, round trip   PING on every instance (threads), nothing else
   floor, raw data     ZRANGEBYSCORE of the index + MGET of every resource it names: the
                       same bytes the scan moves, without scripts or parsing
-  scan                detector.scan(): instance clock, index, ONE inspect call per instance,
-                      replies parsed into ResourceViews
+  floor, decode       the same index read, then a script that only GETs and
+                      cmsgpack.unpacks each resource (500 keys per call, pipelined): what
+                      any script reading the stored resources pays, whatever it returns
+  scan                detector.scan(): instance clock, index, then lua/scan.lua on the
+                      resources it names (SCAN_CHUNK keys per call, all calls of an
+                      instance in one pipeline), replies parsed into detector.Lock tuples
+  scan, chunk N       the same with N keys per scan call (--chunks: to choose SCAN_CHUNK)
   graph + cycles      wait_for_graph + find_cycles on that snapshot (pure Python)
   detector round      Detector.run_once() (scan + graph + cycles + bookkeeping)
 
-Beside the scan's wall time it prints where its CPU went: script time on the busiest
-instance (INFO commandstats) and this process's CPU (reply parsing), because on a shared
-machine wall times swing with the load of other processes.
+Beside the scan's wall time it prints where its CPU went: the CPU time of the busiest
+redis-server (INFO cpu), also per resource, and this process's CPU (reply parsing), because
+on a shared machine wall times swing with the load of other processes; and the script time
+INFO commandstats counts (elapsed, so it swells with that load too). The load average is
+printed after each layout.
 
 Target: a scan of 10,000 waiters under 200 ms. Then the time from the moment a two-owner
 cycle is formed (the last request's reply) to the cancel event reaching the victim's
@@ -54,6 +62,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from redis_harness import Instances  # noqa: E402
 
+from redlockdlm import detector  # noqa: E402
 from redlockdlm.detector import Detector, find_cycles, scan, wait_for_graph  # noqa: E402
 from redlockdlm.engine import codec  # noqa: E402
 from redlockdlm.engine.instance import Engine  # noqa: E402
@@ -67,6 +76,14 @@ TARGET_SCAN_MS = 200.0
 TARGET_WAITERS = 10_000
 INTERVAL_S = 0.5
 BATCH = 2_000
+DECODE_ONLY = """
+local unpack = cmsgpack.unpack
+for i = 1, #KEYS do
+  local blob = redis.call('GET', KEYS[i])
+  if blob then unpack(blob) end
+end
+return #KEYS
+"""
 
 
 def fill(engines: list[Engine], resources: int, waiters_each: int, tag: str) -> int:
@@ -122,14 +139,27 @@ def server_script_ms(engines: list[Engine]) -> list[float]:
     return out
 
 
+def server_cpu_ms(engines: list[Engine]) -> list[float]:
+    """CPU time so far of each redis-server process (INFO cpu: user + sys). Unlike the
+    script time of commandstats (elapsed time), it does not grow while the server waits for
+    a CPU that other processes hold."""
+    out = []
+    for e in engines:
+        st = e.client.info("cpu")
+        out.append((st["used_cpu_user"] + st["used_cpu_sys"]) * 1000)
+    return out
+
+
 def cpu_split(engines: list[Engine], fn: Callable[[], object], repeat: int
-              ) -> tuple[float, float]:
-    """Per call of fn: (script ms on the busiest instance, this process's CPU ms)."""
-    s0, c0 = server_script_ms(engines), time.process_time()
+              ) -> tuple[float, float, float]:
+    """Per call of fn: (script ms on the busiest instance, CPU ms of the busiest server,
+    this process's CPU ms)."""
+    s0, u0, c0 = server_script_ms(engines), server_cpu_ms(engines), time.process_time()
     for _ in range(repeat):
         fn()
-    s1, c1 = server_script_ms(engines), time.process_time()
-    return (max(b - a for a, b in zip(s0, s1)) / repeat, (c1 - c0) * 1000 / repeat)
+    s1, u1, c1 = server_script_ms(engines), server_cpu_ms(engines), time.process_time()
+    return (max(b - a for a, b in zip(s0, s1)) / repeat,
+            max(b - a for a, b in zip(u0, u1)) / repeat, (c1 - c0) * 1000 / repeat)
 
 
 def fmt(ms: list[float]) -> str:
@@ -137,7 +167,7 @@ def fmt(ms: list[float]) -> str:
 
 
 def measure(engines: list[Engine], pool: ThreadPoolExecutor, repeat: int, label: str,
-            waiters: int) -> None:
+            waiters: int, chunks: list[int]) -> None:
     def ping() -> None:
         list(pool.map(lambda e: e.client.ping(), engines))
 
@@ -152,27 +182,62 @@ def measure(engines: list[Engine], pool: ThreadPoolExecutor, repeat: int, label:
     assert snap.waiter_count == waiters * len(engines), snap.waiter_count
     det = Detector(engines, NAMESPACE, INTERVAL_S, reap_every=0)
     floor_rt = timed(ping, repeat)
+    def decode() -> None:
+        def one(e: Engine) -> None:
+            members = e.client.zrangebyscore(e.wkey, "-inf", "+inf")
+            keys = list(dict.fromkeys(m.split(b"|", 1)[1] for m in members))
+            p = e.client.pipeline(transaction=False)
+            for i in range(0, len(keys), 500):
+                chunk = keys[i:i + 500]
+                p.evalsha(sha, len(chunk), *chunk)
+            p.execute()
+        list(pool.map(one, engines))
+
+    sha = ""
+    for e in engines:
+        sha = e.client.script_load(DECODE_ONLY)
     floor_raw = timed(raw, repeat)
+    floor_decode = timed(decode, repeat)
     scans = timed(lambda: scan(engines, executor=pool), repeat)
     graphs = timed(lambda: find_cycles(wait_for_graph(snap)), repeat)
     rounds = timed(det.run_once, repeat)
-    srv_ms, cli_ms = cpu_split(engines, lambda: scan(engines, executor=pool), repeat)
+    srv_ms, cpu_ms, cli_ms = cpu_split(engines, lambda: scan(engines, executor=pool), repeat)
     det.close()
+    by_chunk = {}
+    default_chunk = detector.SCAN_CHUNK
+    try:
+        for n in chunks:
+            detector.SCAN_CHUNK = n
+            by_chunk[n] = timed(lambda: scan(engines, executor=pool), repeat)
+    finally:
+        detector.SCAN_CHUNK = default_chunk
     g = wait_for_graph(snap)
     med = statistics.median(scans)
+    per_instance = max(len(i.resources) for i in snap.instances)
     print(f"layout {label}: {waiters:,} waiters per instance x {len(engines)} instances "
           f"({snap.waiter_count:,} index entries, {sum(len(i.resources) for i in snap.instances):,}"
-          f" resources inspected); graph: {len(g.edges):,} edges, {len(g.owners):,} owners")
+          f" resources read); graph: {len(g.edges):,} edges, {len(g.owners):,} owners")
     print(f"  floor, round trip   {fmt(floor_rt)}")
     print(f"  floor, raw data     {fmt(floor_raw)}")
+    print(f"  floor, decode       {fmt(floor_decode)}")
     verdict = ("PASS" if med < TARGET_SCAN_MS else "MISS") if waiters >= TARGET_WAITERS \
         else f"n/a below {TARGET_WAITERS:,} waiters"
-    print(f"  scan                {fmt(scans)}   = {med / statistics.median(floor_raw):.1f} x raw"
-          f" data; target < {TARGET_SCAN_MS:.0f} ms: {verdict}")
-    print(f"    of which CPU      {srv_ms:8.1f} ms in the inspect scripts per instance (INFO "
-          f"commandstats, busiest), {cli_ms:.1f} ms in this process (all 3 replies)")
+    print(f"  scan (chunk {default_chunk:<5})  {fmt(scans)}   = "
+          f"{med / statistics.median(floor_raw):.1f} x raw data, "
+          f"{med / statistics.median(floor_decode):.1f} x decode; target < "
+          f"{TARGET_SCAN_MS:.0f} ms: {verdict}")
+    print(f"    of which CPU      {cpu_ms:8.1f} ms per server (busiest, INFO cpu: "
+          f"{cpu_ms * 1000 / per_instance:.1f} µs per resource), {cli_ms:.1f} ms in this "
+          f"process (all {len(engines)} instances)")
+    print(f"    script time       {srv_ms:8.1f} ms per server (busiest, INFO commandstats: "
+          f"{srv_ms * 1000 / per_instance:.1f} µs per resource; elapsed time, it grows "
+          f"when the CPUs are shared)")
+    for n, ms in by_chunk.items():
+        print(f"  scan, chunk {n:<7,} {fmt(ms)}")
     print(f"  graph + cycles      {fmt(graphs)}")
     print(f"  detector round      {fmt(rounds)}")
+    print(f"  load average now    {' '.join(f'{x:.2f}' for x in os.getloadavg())} "
+          f"(other processes share these {os.cpu_count()} CPUs)")
     print()
 
 
@@ -244,7 +309,12 @@ def main() -> None:
     ap.add_argument("--waiters", type=int, default=10_000)
     ap.add_argument("--repeat", type=int, default=15)
     ap.add_argument("--trials", type=int, default=8)
+    ap.add_argument("--chunks", default="",
+                    help="comma-separated keys per scan call to compare (default: none)")
+    ap.add_argument("--no-resolution", action="store_true",
+                    help="skip the cycle-resolution trials")
     args = ap.parse_args()
+    chunks = [int(x) for x in args.chunks.split(",") if x]
     with Instances(3) as inst:
         engines = [Engine(redis.Redis.from_url(u), NAMESPACE, rejoin_ms=LEASE_MS)
                    for u in inst.urls]
@@ -259,7 +329,10 @@ def main() -> None:
                 t0 = time.perf_counter()
                 n = fill(engines, args.waiters // per, per, "r")
                 print(f"(layout {label} written in {time.perf_counter() - t0:.1f} s)")
-                measure(engines, pool, args.repeat, label, n)
+                measure(engines, pool, args.repeat, label, n, chunks)
+        if args.no_resolution:
+            clear(engines)
+            return
         clear(engines)
         resolution(engines, args.trials, "no other waiters")
         print()
