@@ -9,7 +9,8 @@
 -- Reply, for n = #KEYS - 1 resource keys:
 --   [1]                 now ms (the instance clock, as `init status` reads it)
 --   [2i], [2i + 1]      for the i-th resource key: the number of its live locks (-1: no
---                       such resource), then its name ('' for none; nil if absent)
+--                       such resource), then its name ('' for none; nil if absent; the
+--                       detector names the victim's resource with it)
 --   [2n + 2 ...]        the live locks of every resource, in key order, then granted,
 --                       converting, waiting queue order, FIELDS values each:
 --                       queue 'G'|'C'|'W', id, owner, granted mode, requested mode, flags,
