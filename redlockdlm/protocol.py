@@ -633,11 +633,17 @@ class Session:
                 lk.value, lk.version, lk.value_valid = new_value, version, True
             lk.phase = Phase.HELD
             return Outcome(done=True)
-        if lk.pending and lk.error is None and not timed_out:
+        # Reported lost meanwhile (too few instances kept it): nothing renews it any more, so
+        # waiting could only end at the timeout, or never without one.
+        lost = lk.phase is Phase.LOST
+        if lk.pending and lk.error is None and not timed_out and not lost:
             return Outcome()
         err: DLMError | None = lk.error
         if err is None:
-            if lk.count(Vote.DEADLOCK):
+            if lost:
+                err = LockLost("the lock was lost during the conversion", resource=res,
+                               lock_id=lk.id)
+            elif lk.count(Vote.DEADLOCK):
                 err = Deadlock("conversion deadlock (G7)", resource=res, lock_id=lk.id)
             elif lk.count(Vote.ERROR) > n - q:
                 err = QuorumUnavailable("fewer than a quorum answered" + self._causes(lk),
@@ -654,7 +660,7 @@ class Session:
         if err is not None:
             # Put the lock back in its old mode everywhere: cancel queued conversions and
             # convert granted ones back down (always granted at once, G4).
-            lk.phase = Phase.HELD
+            lk.phase = Phase.LOST if lost else Phase.HELD
             lk.rq = old
             out = Outcome(error=err)
             for i, v in enumerate(lk.votes):
@@ -681,7 +687,8 @@ class Session:
                 v.vote, v.mode = Vote.GRANTED, old
         lk.rq = old
         lk.mode = old
-        lk.phase = Phase.HELD
+        if lk.phase is not Phase.LOST:
+            lk.phase = Phase.HELD
 
     # renewal ----------------------------------------------------------------
 

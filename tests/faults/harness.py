@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import signal
 import time
 from collections import Counter
 from typing import Any
@@ -134,12 +135,24 @@ class Scenario:
         base = {h.wid: self.obs.begins_of(h.wid) for h in hs}
         t = time.monotonic()
         deadline = t + bound
+        dumped = False
         while True:
             behind = [h.wid for h in hs
                       if h.alive and self.obs.begins_of(h.wid) < base[h.wid] + sections]
             if not behind:
                 return time.monotonic() - t
+            if not dumped and time.monotonic() - t > 5.0:
+                dumped = True  # slow: let them print their protocol state (workload._dump)
+                for h in hs:
+                    if h.wid in behind and h.alive:
+                        with contextlib.suppress(Exception):
+                            os.kill(h.pid, signal.SIGUSR1)
             if time.monotonic() > deadline:
+                for h in hs:  # let them print their protocol state (workload._dump)
+                    if h.wid in behind and h.alive:
+                        with contextlib.suppress(Exception):
+                            os.kill(h.pid, signal.SIGUSR1)
+                time.sleep(0.5)
                 self.violation(f"stuck: workers {behind} did not complete {sections} sections "
                                f"within {bound:.0f} s after the faults healed")
                 return bound

@@ -712,9 +712,27 @@ class _Worker:
             self.dlm.close()
 
 
+def _dump(w: _Worker) -> None:
+    """SIGUSR1: print this worker's protocol state (a test found it stuck)."""
+    import sys
+
+    now = time.monotonic()
+    lines = [f"--- worker {w.wid} phase {PHASES[w.phase.value]}"]
+    for lk in list(w.dlm._core.locks.values()):
+        lines.append(
+            f"  {lk.name!r} {lk.phase.value} mode={lk.mode} rq={lk.rq} token={lk.token} "
+            f"wake_at={getattr(lk, 'wake_at', None) and round(lk.wake_at - now, 3)} "
+            f"deadline={lk.deadline and round(lk.deadline - now, 3)} votes=" + str([
+                (v.vote.value, v.mode, v.token, round(now - v.sent_at, 3), v.wait_ms,
+                 v.lapsed, v.by_event) for v in lk.votes]))
+    lines.append(f"  event thread alive: {w.dlm._thread.is_alive()}")
+    print("\n".join(lines), file=sys.stderr, flush=True)
+
+
 def worker_main(cfg: dict[str, Any], stop: Any, phase: Any) -> None:
     """Entry point of a worker process."""
     w = _Worker(cfg, stop, phase)
+    signal.signal(signal.SIGUSR1, lambda *_: _dump(w))
     w.run()
 
 
