@@ -81,8 +81,8 @@ class _Pipe:
                 queue.put_nowait((time.monotonic() + delay, data))
         finally:
             queue.put_nowait((0.0, None))  # deliver what is in flight, then close
-            with contextlib.suppress(Exception):
-                await sender
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await sender  # (not GeneratorExit: a coroutine closed unfinished must stop)
             self.close()
 
     async def _send(self, queue: asyncio.Queue, direction: str) -> None:
@@ -277,5 +277,18 @@ class ProxyHub:
     def close(self) -> None:
         for p in self.proxies:
             p.close()
+
+        async def drain() -> None:  # let every pipe task finish before the loop stops
+            me = asyncio.current_task()
+            tasks = [t for t in asyncio.all_tasks() if t is not me]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        for _ in range(2):  # (a connection accepted during the first round)
+            with contextlib.suppress(Exception):
+                self.call(drain)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(5)
+        if not self.loop.is_running():
+            self.loop.close()

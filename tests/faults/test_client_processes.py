@@ -37,8 +37,8 @@ def test_client_killed_mid_protocol() -> None:
     the other workers go on, and the observer finds no overlap, no token going back, no
     stale value block."""
     with Scenario("client SIGKILL mid-protocol", 3) as sc:
-        for _ in range(3):
-            sc.spawn()
+        for k in range(3):
+            sc.spawn(client="async" if k == 2 else "sync")
         sc.wait_started()
         plans = [ACQUIRE, CONVERT, RELEASE, None] * (2 * ITERATIONS)
         died_in: Counter[str] = Counter()

@@ -1,10 +1,11 @@
 """Instance faults: a minority of instances (one of three, two of five) killed, paused,
 restarted empty or restarted from their AOF, while locks are held, converting and queued.
 
-Four worker processes keep taking locks in every mode on three resources (new locks,
-conversions both ways, NL keepers converted up, value-block counters). Each round picks the
-victims at random, waits until one of them holds granted, converting and waiting locks at
-once, injects the fault, heals it, and demands that every worker completes sections again.
+Four worker processes (one on the asyncio client) keep taking locks in every mode on three
+resources (new locks, conversions both ways, NL keepers converted up, value-block
+counters). Each round picks the victims (at random, or the same ones for faults that lose
+data), waits until one of them holds granted, converting and waiting locks at once,
+injects the fault, heals it, and demands that every worker completes sections again.
 The observer then checks: no incompatible overlap, tokens never backwards at the resource,
 no value block lost or read stale without `value_valid` saying so, no worker stuck.
 """
@@ -46,8 +47,8 @@ def _rounds(sc: Scenario, inject, heal=None, *, down_s: float = 0.0,  # noqa: AN
 
 
 def _workload(sc: Scenario) -> None:
-    for _ in range(4):
-        sc.spawn()
+    for k in range(4):  # one of them on the asyncio client
+        sc.spawn(client="async" if k == 3 else "sync")
     sc.wait_started()
     sc.run_for(1.0 * ITERATIONS)
 

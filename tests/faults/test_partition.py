@@ -121,7 +121,7 @@ def test_partitions_under_load() -> None:
     sees no incompatible overlap, no token going back, no stale value block, and every
     worker completes sections again after each heal."""
     with Scenario("partitions under load", 3) as sc:
-        hs = [sc.spawn(proxied=True) for _ in range(4)]
+        hs = [sc.spawn(proxied=True, client="async" if k == 3 else "sync") for k in range(4)]
         sc.wait_started()
         for _ in range(3 * ITERATIONS):
             h = sc.rng.choice(hs)

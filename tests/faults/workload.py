@@ -460,9 +460,14 @@ class _Worker:
         self.rng = random.Random(cfg.get("seed"))
         self.conn = Client(tuple(cfg["observer"]), authkey=cfg["authkey"])
         self.conn_mu = threading.Lock()
-        self.dlm = DLM(cfg["urls"], cfg["namespace"], lease_ms=cfg["lease_ms"],
-                       socket_timeout=cfg["socket_timeout"],
-                       connect_timeout=cfg["connect_timeout"])
+        opts = dict(lease_ms=cfg["lease_ms"], socket_timeout=cfg["socket_timeout"],
+                    connect_timeout=cfg["connect_timeout"])
+        if cfg.get("client", "sync") == "async":  # AsyncDLM behind a blocking facade
+            from quorum.clients import make_client
+
+            self.dlm = make_client("async", cfg["urls"], cfg["namespace"], **opts)
+        else:
+            self.dlm = DLM(cfg["urls"], cfg["namespace"], **opts)
         self.keepers: dict[str, Any] = {}
         self.seq = 0
         self.pw_sections = 0
@@ -709,7 +714,7 @@ class _Worker:
             time.sleep(self.rng.uniform(*self.cfg["idle_ms"]) / 1000.0)
         self.set_phase(IDLE)
         with contextlib.suppress(Exception):
-            self.dlm.close()
+            getattr(self.dlm, "shutdown", self.dlm.close)()
 
 
 def _dump(w: _Worker) -> None:
@@ -718,6 +723,7 @@ def _dump(w: _Worker) -> None:
 
     now = time.monotonic()
     lines = [f"--- worker {w.wid} phase {PHASES[w.phase.value]}"]
+    lines[0] += f" ({w.cfg.get('client', 'sync')} client)"
     for lk in list(w.dlm._core.locks.values()):
         lines.append(
             f"  {lk.name!r} {lk.phase.value} mode={lk.mode} rq={lk.rq} token={lk.token} "
@@ -725,7 +731,9 @@ def _dump(w: _Worker) -> None:
             f"deadline={lk.deadline and round(lk.deadline - now, 3)} votes=" + str([
                 (v.vote.value, v.mode, v.token, round(now - v.sent_at, 3), v.wait_ms,
                  v.lapsed, v.by_event) for v in lk.votes]))
-    lines.append(f"  event thread alive: {w.dlm._thread.is_alive()}")
+    thread = getattr(w.dlm, "_thread", None)
+    if thread is not None:
+        lines.append(f"  event thread alive: {thread.is_alive()}")
     print("\n".join(lines), file=sys.stderr, flush=True)
 
 
@@ -750,6 +758,7 @@ DEFAULTS: dict[str, Any] = {
     "p_convert": 0.5,
     "p_keeper": 0.4,
     "p_write_lvb": 0.85,
+    "client": "sync",  #: or "async": AsyncDLM (through tests/quorum/clients.py's facade)
 }
 
 
