@@ -63,8 +63,15 @@ def floor_rtt(servers, n: int = 2000) -> float:
     return dt
 
 
-def used_memory(servers, field: str = "used_memory") -> list[int]:
-    return [s.client().info("memory")[field] for s in servers]
+def used_memory(servers, field: str = "used_memory") -> list[int | None]:
+    """Per instance; None for one that does not answer (paused by the soak's faults)."""
+    out: list[int | None] = []
+    for s in servers:
+        try:
+            out.append(s.client(socket_timeout=2.0).info("memory")[field])
+        except redis.RedisError:
+            out.append(None)
+    return out
 
 
 async def memory_per_lock(urls, servers, resources: int, sessions: int) -> None:
@@ -171,7 +178,9 @@ async def soak(urls, servers, seconds: float, sessions: int = 20) -> None:
     async def sampler() -> None:
         t0 = time.monotonic()
         while time.monotonic() < end:
-            samples.append((time.monotonic() - t0, used_memory(servers)))
+            mem = await asyncio.to_thread(used_memory, servers)
+            if None not in mem:  # skip a sample taken while an instance is paused
+                samples.append((time.monotonic() - t0, mem))
             await asyncio.sleep(10)
 
     await asyncio.gather(*(session(c, i) for i, c in enumerate(clients)), faults(), sampler())
