@@ -258,7 +258,8 @@ def test_paused_instance_while_held_and_requested(ready, kind: str) -> None:
     # Heal: nothing stale on the resumed instance (A's lock is gone there; B's lock is there
     # or not: a held lock does not re-acquire a vote it lost); it grants the next holder.
     assert q.lock_ids("res", only=[0, 1]) == [{lb.id}] * 2
-    wait_until(lambda: q.lock_ids("res", only=[2])[0] <= {lb.id}, 10)  # A's lease there (3 s) runs out
+    # A's lease there (3 s) must run out first
+    wait_until(lambda: q.lock_ids("res", only=[2])[0] <= {lb.id}, 10)
     lb.release()
     wait_until(lambda: q.gone("res"), 3)
     lc = c.lock("res", EX, timeout=5)
