@@ -496,7 +496,13 @@ class Session:
                 v.value, v.version, v.valid = ev.value, ev.version, ev.valid
                 v.granted_at = now
         elif ev.kind == "B":
-            if lk.phase in (Phase.HELD, Phase.CONVERTING):
+            if (lk.phase is Phase.CONVERTING and v.vote is Vote.GRANTED and v.mode == lk.rq
+                    and ev.ticket < lk.cticket):
+                # split vote between conversions (each granted on a minority, waiting for
+                # the other's grant elsewhere): an older one waits behind ours here, so give
+                # this grant back, as a new request does (Y1 keeps our previous mode)
+                out.append(("yield", lk, i))
+            elif lk.phase in (Phase.HELD, Phase.CONVERTING):
                 key = (ev.other, int(ev.mode))
                 if key not in lk.seen_blocking:  # each blocking event once, however many
                     lk.seen_blocking.add(key)    # instances report it
