@@ -91,10 +91,8 @@ def test_event_connection_dropped(inst: Instances) -> None:
         while not _watching_live_sockets(d) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert d._thread.is_alive() and _watching_live_sockets(d)
-        done = threading.Event()
-        ok = []
-        t = threading.Thread(target=lambda: (ok.append(_granted_by_event(holder, d, 3.0)),
-                                             done.set()))
+        ok: list[bool] = []
+        t = threading.Thread(target=lambda: ok.append(_granted_by_event(holder, d, 3.0)))
         t.start()
         t.join(10)
         assert ok == [True]
