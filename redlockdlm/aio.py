@@ -501,6 +501,7 @@ class AsyncRequest:
                 self._dlm._run_callback(self._on_granted, self.lock)
         else:
             self._fut.set_exception(error)
+            self._fut.exception()  # retrieved here: nobody may await a closed client's request
 
     @property
     def done(self) -> bool:
