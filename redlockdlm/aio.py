@@ -20,7 +20,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import InvalidResponse, NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .client import _mask, check_timeouts, parse, pool_from_url, url_list
+from .client import _mask, check_timeouts, open_session, parse, pool_from_url
 from .engine import codec
 from .engine.modes import Mode
 from .engine.scripts import command, fallback, is_missing, load_command
@@ -38,7 +38,6 @@ from .protocol import (
     Call,
     LockCore,
     Phase,
-    Session,
     check_callback,
     check_timeout,
     descendants,
@@ -71,13 +70,10 @@ class AsyncDLM:
                  lease_ms: int = 10_000, socket_timeout: float = 1.0,
                  connect_timeout: float = 1.0, rejoin_ms: int | None = None, vbmax: int = 64,
                  owner: str | None = None, **redis_options: Any) -> None:
-        urls = url_list(urls)
-        self._core = Session(len(urls), namespace, lease_ms=lease_ms, rejoin_ms=rejoin_ms,
-                             vbmax=vbmax, owner=owner)
-        self._instances = [_Instance(u, socket_timeout=socket_timeout,
-                                     connect_timeout=connect_timeout, **redis_options)
-                           for u in urls]
-        self._core.labels = [inst.url for inst in self._instances]
+        self._core, self._instances = open_session(
+            _Instance, urls, namespace, lease_ms=lease_ms, socket_timeout=socket_timeout,
+            connect_timeout=connect_timeout, rejoin_ms=rejoin_ms, vbmax=vbmax, owner=owner,
+            redis_options=redis_options)
         self._closed = False
         self._tasks: list[asyncio.Task[Any]] = []
         self._started = False

@@ -158,6 +158,21 @@ class Instance:
             self._idle.pop().disconnect()
 
 
+def open_session(instance_cls: Any, urls: Sequence[str] | str, namespace: str, *,
+                 lease_ms: int, socket_timeout: float, connect_timeout: float,
+                 rejoin_ms: int | None, vbmax: int, owner: str | None,
+                 redis_options: dict[str, Any]) -> tuple[Session, list[Any]]:
+    """The protocol session and one `instance_cls` per URL: what DLM and AsyncDLM share
+    before they differ in how they move bytes."""
+    urls = url_list(urls)
+    core = Session(len(urls), namespace, lease_ms=lease_ms, rejoin_ms=rejoin_ms, vbmax=vbmax,
+                   owner=owner)
+    instances = [instance_cls(u, socket_timeout=socket_timeout,
+                              connect_timeout=connect_timeout, **redis_options) for u in urls]
+    core.labels = [inst.url for inst in instances]
+    return core, instances
+
+
 class DLM:
     """A distributed lock manager client over N independent Redis instances.
 
@@ -170,13 +185,10 @@ class DLM:
                  lease_ms: int = 10_000, socket_timeout: float = 1.0,
                  connect_timeout: float = 1.0, rejoin_ms: int | None = None, vbmax: int = 64,
                  owner: str | None = None, **redis_options: Any) -> None:
-        urls = url_list(urls)
-        self._core = Session(len(urls), namespace, lease_ms=lease_ms, rejoin_ms=rejoin_ms,
-                             vbmax=vbmax, owner=owner)
-        self._instances = [Instance(u, socket_timeout=socket_timeout,
-                                    connect_timeout=connect_timeout, **redis_options)
-                           for u in urls]
-        self._core.labels = [inst.url for inst in self._instances]
+        self._core, self._instances = open_session(
+            Instance, urls, namespace, lease_ms=lease_ms, socket_timeout=socket_timeout,
+            connect_timeout=connect_timeout, rejoin_ms=rejoin_ms, vbmax=vbmax, owner=owner,
+            redis_options=redis_options)
         self._mu = threading.RLock()
         self._cond = threading.Condition(self._mu)
         self._closed = False
