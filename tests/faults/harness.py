@@ -56,6 +56,8 @@ class Scenario:
         self.cfg = dict(DEFAULTS, namespace=NS,
                         resources=[f"res{i}" for i in range(resources)],
                         observer=list(self.obs.address), authkey=self.obs.authkey)
+        if os.environ.get("DLM_FAULT_DEBUG"):  # workers report their votes per section
+            self.cfg["debug_votes"] = True
         self.cfg.update(worker_cfg)
         self.log(f"seed {self.seed}, {n} instances, lease {self.cfg['lease_ms']} ms")
 

@@ -426,6 +426,8 @@ class Observer:
                     self.stats["value reads after a possible resource gap"] += base_i >= 0
                 allowed += [w.value for w in writes[base_i + 1:] if w.t_intent < s.t_ret]
                 if value not in allowed:
+                    if s.sid in self.debug:
+                        out.append(f"debug {s.sid}: {self.debug[s.sid]}")
                     base = writes[base_i].value if base_i >= 0 else None
                     out.append(
                         f"value: {res}: {s.worker} {NAMES[s.mode]} (token {s.token}) read "
@@ -519,7 +521,7 @@ class _Worker:
         if self.cfg.get("debug_votes"):
             self.call("debug", sid, f"{origin} t_req={t_req} t_ret={t_ret} " + str([
                 (v.vote.value, v.mode, v.token, round(time.monotonic() - v.sent_at, 3),
-                 v.by_event) for v in lk._core.votes]))
+                 v.by_event, v.version, v.value, v.valid) for v in lk._core.votes]))
         if ok and not accepted:
             # legitimate when the process stopped between its check and the presentation
             # (a newer holder came meanwhile); a violation if it still holds afterwards,
