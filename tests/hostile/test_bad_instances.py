@@ -175,10 +175,10 @@ CAUSE = {"http": "not a Redis server", "garbage": "not a Redis server",
 def test_a_majority_not_redis_is_quorum_unavailable_naming_the_cause(fresh3, fake) -> None:
     urls = fresh3.urls[:1] + [fake.url, fake.url]
     t0 = time.monotonic()
-    with DLM(urls, NS, socket_timeout=0.5, connect_timeout=0.5) as d:
+    with DLM(urls, NS, socket_timeout=2.0, connect_timeout=2.0) as d:
         with pytest.raises(QuorumUnavailable) as ei:
             d.lock("res", Mode.EX, timeout=10)
-        assert time.monotonic() - t0 < 5
+        assert time.monotonic() - t0 < 10
         msg = str(ei.value)
         assert msg.count(CAUSE[fake.kind]) == 2 and "\n" not in msg, msg
         assert not d._core.locks  # nothing left behind in the client ...
@@ -187,13 +187,13 @@ def test_a_majority_not_redis_is_quorum_unavailable_naming_the_cause(fresh3, fak
             lk for lk in e.inspect([e.key("res")])[1][0].locks if lk.lease_left_ms > 0]
 
     async def attempt() -> None:
-        async with AsyncDLM(urls, NS, socket_timeout=0.5, connect_timeout=0.5) as a:
+        async with AsyncDLM(urls, NS, socket_timeout=2.0, connect_timeout=2.0) as a:
             await a.lock("res", Mode.EX, timeout=10)
 
     t0 = time.monotonic()
     with pytest.raises(QuorumUnavailable) as ei:
         asyncio.run(attempt())
-    assert time.monotonic() - t0 < 5
+    assert time.monotonic() - t0 < 10
     assert CAUSE[fake.kind] in str(ei.value), str(ei.value)
 
 
