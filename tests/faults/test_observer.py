@@ -94,7 +94,20 @@ def test_empty_value_block_only_if_the_resource_may_have_vanished(obs: Observer)
     obs.handle(("lvb_done", "a", 11 * MS, True))
     begin(obs, "b", "L2", PR, 20, 30, 40, read=(None, True, 0))
     assert obs.check()["violations"] == []  # no NL keeper held it meanwhile: G9 may apply
-    obs.handle(("keeper", "r", "K1", 5 * MS))
-    obs.handle(("keeper", "r", "K1", 50 * MS))
+    obs.handle(("keeper", "r", "K1", 5 * MS, "wk"))
+    obs.handle(("keeper", "r", "K1", 50 * MS, "wk"))
     v = obs.check()["violations"]
     assert len(v) == 1 and v[0].startswith("value"), v
+
+
+def test_keeper_must_cover_until_the_read_itself(obs: Observer) -> None:
+    """The reader asked while a keeper held the resource, then waited; the keeper went
+    (its process stopped) before the grant: the resource may have vanished meanwhile."""
+    begin(obs, "a", "L1", EX, 10, 0, 10)
+    obs.handle(("lvb", "a", b"1:a", 10 * MS))
+    obs.handle(("lvb_done", "a", 11 * MS, True))
+    obs.handle(("keeper", "r", "K1", 5 * MS, "wk"))
+    obs.handle(("keeper", "r", "K1", 31 * MS, "wk"))
+    ok = obs.handle(("begin", "b", "w-L2", "L2", "r", PR, 20, "new", 30 * MS, 40 * MS,
+                     40 * MS, (None, True, 0)))
+    assert ok and obs.check()["violations"] == []

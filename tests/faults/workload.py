@@ -121,6 +121,7 @@ class Observer:
         self.lvb: dict[str, list[LvbWrite]] = defaultdict(list)
         #: res -> keeper lock id -> [first, last] confirmation of lock.valid (NL keepers)
         self.keepers: dict[str, dict[str, list[int]]] = defaultdict(dict)
+        self.keeper_owner: dict[str, str] = {}
         self.workers: dict[str, dict[str, Any]] = {}
         self.begins: Counter[str] = Counter()
         self.stats: Counter[str] = Counter()
@@ -267,9 +268,10 @@ class Observer:
                 s.ended, s.valid_at_end = True, valid_at_end
                 return True
             if kind == "keeper":  # an NL keeper lock confirmed valid at t
-                _, res, lock_id, t = msg
+                _, res, lock_id, t, worker = msg
                 span = self.keepers[res].setdefault(lock_id, [t, t])
                 span[1] = max(span[1], t)
+                self.keeper_owner[lock_id] = worker
                 return True
             if kind == "debug":
                 self.debug[msg[1]] = msg[2]
@@ -419,15 +421,20 @@ class Observer:
                     if w.ok and w.t_done is not None and w.t_done < s.t_req:
                         base_i = i
                 allowed = [] if base_i < 0 else [writes[base_i].value]
-                if base_i < 0 or not self._kept(res, writes[base_i].t_intent, s.t_req):
-                    # no write yet, or the resource may have vanished since (every lock
-                    # gone, G9): an empty value block is legitimate
+                if base_i < 0 or not self._kept(res, writes[base_i].t_intent, s.t_ret):
+                    # no write yet, or the resource may have vanished since, up to the grant
+                    # that read it (every lock gone, G9): an empty value block is legitimate
                     allowed.append(None)
                     self.stats["value reads after a possible resource gap"] += base_i >= 0
                 allowed += [w.value for w in writes[base_i + 1:] if w.t_intent < s.t_ret]
                 if value not in allowed:
                     if s.sid in self.debug:
-                        out.append(f"debug {s.sid}: {self.debug[s.sid]}")
+                        a = writes[base_i].t_intent if base_i >= 0 else 0
+                        spans = sorted((f, lst, self.keeper_owner.get(lid), lid)
+                                       for lid, (f, lst) in self.keepers[res].items()
+                                       if lst >= a and f <= s.t_ret)
+                        out.append(f"debug {s.sid}: {self.debug[s.sid]}; keepers over "
+                                   f"[{a}, {s.t_ret}]: {spans}")
                     base = writes[base_i].value if base_i >= 0 else None
                     out.append(
                         f"value: {res}: {s.worker} {NAMES[s.mode]} (token {s.token}) read "
@@ -660,7 +667,7 @@ class _Worker:
         for res, lk in list(self.keepers.items()):
             t = now_ns()
             if lk.valid:
-                self.call("keeper", res, lk.id, t)
+                self.call("keeper", res, lk.id, t, self.wid)
 
     def _confirm_keepers_loop(self) -> None:
         """Keepers are confirmed every 50 ms, also while the main thread waits for a lock:
