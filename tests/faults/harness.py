@@ -58,6 +58,7 @@ class Scenario:
                         observer=list(self.obs.address), authkey=self.obs.authkey)
         if os.environ.get("DLM_FAULT_DEBUG"):  # workers report their votes per section
             self.cfg["debug_votes"] = True
+            self.cfg["direct_urls"] = self.inst.urls
         self.cfg.update(worker_cfg)
         self.log(f"seed {self.seed}, {n} instances, lease {self.cfg['lease_ms']} ms")
 

@@ -483,6 +483,26 @@ class _Worker:
         self.phase_counts: Counter[int] = Counter()
         self.call("hello", self.wid, self.dlm.owner, os.getpid())
 
+    def _instances_view(self, lk: Any) -> str:
+        """Debugging: the resource as each instance holds it right now."""
+        import redis
+
+        from redlockdlm.engine.instance import Engine
+
+        out = []
+        for url in self.cfg["direct_urls"]:
+            c = redis.Redis.from_url(url, socket_timeout=1.0)
+            try:
+                eng = Engine(c, self.cfg["namespace"])
+                _, (v,) = eng.inspect([eng.key(lk.resource)])
+                out.append(None if v is None else (v.value, v.version, v.valid, [
+                    (x.queue, x.owner[:4], x.mode, x.lease_left_ms) for x in v.locks]))
+            except Exception as exc:  # noqa: BLE001
+                out.append(repr(exc))
+            finally:
+                c.close()
+        return str(out)
+
     def call(self, *msg: Any) -> Any:
         with self.conn_mu:
             self.conn.send(msg)
@@ -526,9 +546,12 @@ class _Worker:
         accepted = self.call("begin", sid, self.wid, lk.id, lk.resource, mode, lk.token,
                              origin, t_req, t_ret, t if ok else None, read)
         if self.cfg.get("debug_votes"):
+            extra = ""
+            if read is not None and read[0] is None and self.cfg.get("direct_urls"):
+                extra = " instances now: " + self._instances_view(lk)
             self.call("debug", sid, f"{origin} t_req={t_req} t_ret={t_ret} " + str([
                 (v.vote.value, v.mode, v.token, round(time.monotonic() - v.sent_at, 3),
-                 v.by_event, v.version, v.value, v.valid) for v in lk._core.votes]))
+                 v.by_event, v.version, v.value, v.valid) for v in lk._core.votes]) + extra)
         if ok and not accepted:
             # legitimate when the process stopped between its check and the presentation
             # (a newer holder came meanwhile); a violation if it still holds afterwards,
