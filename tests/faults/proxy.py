@@ -79,10 +79,12 @@ class _Pipe:
                     continue
                 delay = (p.up_ms if direction == "up" else p.down_ms) / 1000.0
                 queue.put_nowait((time.monotonic() + delay, data))
-        finally:
-            queue.put_nowait((0.0, None))  # deliver what is in flight, then close
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                await sender  # (not GeneratorExit: a coroutine closed unfinished must stop)
+            queue.put_nowait((0.0, None))  # EOF: deliver what is in flight, then close
+            with contextlib.suppress(Exception):
+                await sender
+        finally:  # (no await here: a cancelled or closed coroutine must just stop)
+            if not sender.done():
+                sender.cancel()
             self.close()
 
     async def _send(self, queue: asyncio.Queue, direction: str) -> None:
