@@ -30,6 +30,7 @@ import os
 import platform
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -284,27 +285,52 @@ def figure_renewal(urls: list[str], locks: int) -> dict[str, Any]:
     held = [r.wait(30) for r in reqs]
     acquire_s = time.perf_counter() - t0
     ticks: list[dict[str, Any]] = []
-    orig = d._broadcast
+    orig = d._pipeline
+    reads: list[float] = []  # every reply read during the watch: how long it was waited for
 
-    def counting(cmds):
-        cmds = list(cmds)
-        if not (cmds and all(c[1].name == "renew" for c in cmds)):
-            return orig(cmds)
+    def counting(i, calls):
+        calls = list(calls)
+        if not (calls and all(c.name == "renew" for c in calls)):
+            return orig(i, calls)
         calls0 = script_usec(urls)  # INFO only: FCALLs seen by the servers during the tick
+        writes.n = 0
         t = time.perf_counter()
-        res = orig(cmds)
+        res = orig(i, calls)  # one write of all the calls, then their replies
         took = time.perf_counter() - t
         calls1 = script_usec(urls)
-        per: dict[int, int] = {}
-        for i, _ in cmds:
-            per[i] = per.get(i, 0) + 1
-        ticks.append({"per_instance": per, "seconds": took,
-                      "keys": sum(len(c[1][1]) - 2 for c in cmds),
+        ticks.append({"per_instance": {i: writes.n}, "calls": len(calls), "seconds": took,
+                      "keys": sum(len(c[1]) - 2 for c in calls),
                       "server_calls": [b[0] - a[0] for a, b in zip(calls0, calls1)],
                       "server_ms": [(b[1] - a[1]) / 1000 for a, b in zip(calls0, calls1)]})
         return res
 
-    d._broadcast = counting  # type: ignore[method-assign]
+    writes = threading.local()  # round trips (pipelined writes) of this thread's tick
+    write_read = d._write_read
+
+    def counting_writes(conn, cmds):
+        writes.n = getattr(writes, "n", 0) + 1
+        return write_read(conn, cmds)
+
+    def timed(conn):
+        if getattr(conn, "_bench_timed", False):
+            return conn
+        read = conn.read_response
+
+        def read_response(*a, **k):
+            t = time.perf_counter()
+            try:
+                return read(*a, **k)
+            finally:
+                reads.append(time.perf_counter() - t)
+
+        conn.read_response = read_response
+        conn._bench_timed = True
+        return conn
+
+    for inst in d._instances:
+        inst.get = (lambda g: lambda: timed(g()))(inst.get)
+    d._pipeline = counting  # type: ignore[method-assign]
+    d._write_read = counting_writes  # type: ignore[method-assign]
     t_watch = time.perf_counter()
     deadline = time.monotonic() + 2 * lease / 3000 + 0.5  # two or three ticks
     while time.monotonic() < deadline:
@@ -314,13 +340,14 @@ def figure_renewal(urls: list[str], locks: int) -> dict[str, Any]:
 
     votes = Counter(v.vote.value for lk in held for v in lk._core.votes)
     still_valid = sum(1 for lk in held if lk.valid)
-    d._broadcast = orig  # type: ignore[method-assign]
+    d._pipeline = orig  # type: ignore[method-assign]
+    longest_read = max(reads, default=0.0)
     t1 = time.perf_counter()
     d.close()
     close_s = time.perf_counter() - t1
     return {"ticks": ticks, "votes": dict(votes), "lost": len(lost),
             "watch_s": watch_s, "acquire_s": acquire_s, "valid": still_valid,
-            "close_s": close_s}
+            "close_s": close_s, "longest_read": longest_read}
 
 
 # --------------------------------------------------------------------------- main
@@ -389,7 +416,8 @@ def main(argv: list[str] | None = None) -> int:
               f"(acquired in {r['acquire_s']:.1f} s)")
         rts = [max(t["per_instance"].values()) for t in ticks]
         for k, t in enumerate(ticks):
-            print(f"    tick {k + 1}: round trips per instance {t['per_instance']} "
+            print(f"    tick {k + 1}: round trips per instance {t['per_instance']}, "
+                  f"{t['calls']} renew calls in it "
                   f"(FCALLs the servers ran meanwhile: {t['server_calls']}), "
                   f"{t['keys']:,} (lock, instance) entries, {t['seconds'] * 1e3:,.1f} ms = "
                   f"{t['seconds'] / floor_rt:,.0f} floor RTs (server time "
@@ -400,9 +428,10 @@ def main(argv: list[str] | None = None) -> int:
               f"({r['lost']} reported lost, no fault injected); close() released them in "
               f"{r['close_s']:.1f} s")
         longest = max((t["seconds"] for t in ticks), default=0.0)
-        print(f"    longest tick {longest * 1e3:,.0f} ms; a renewal read slower than the "
-              f"client's socket_timeout (1000 ms by default) fails on the client side: "
-              f"{'RISK' if longest >= 1.0 else 'ok'}")
+        print(f"    longest tick {longest * 1e3:,.0f} ms; longest wait for one reply "
+              f"{r['longest_read'] * 1e3:,.0f} ms: a read slower than the client's "
+              f"socket_timeout (1000 ms by default) fails on the client side: "
+              f"{'RISK' if r['longest_read'] >= 1.0 else 'ok'}")
         # The criterion is what the client sent per tick (the wrapper's count); the servers'
         # FCALL counts also include any other call that ran during the tick.
         ok = bool(ticks) and all(x == 1 for x in rts)

@@ -20,7 +20,15 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import InvalidResponse, NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .client import _mask, check_timeouts, open_session, parse, pool_from_url
+from .client import (
+    RESEND,
+    _mask,
+    check_timeouts,
+    open_session,
+    parse,
+    pool_from_url,
+    settle,
+)
 from .engine import codec
 from .engine.modes import Mode
 from .engine.scripts import command, fallback, is_missing, load_command
@@ -313,6 +321,50 @@ class AsyncDLM:
         finally:
             inst.put(conn)
 
+    async def _pipeline(self, i: int, calls: Sequence[Call]) -> list[Any]:
+        """Send every call to instance `i` in one write and read their replies: one round
+        trip however many calls (`DLM._pipeline`, with the same results)."""
+        inst = self._instances[i]
+        conn = inst.get()
+        try:
+            raws = await self._write_read(conn, [command(*c) for c in calls])
+            out = [settle(c, r, inst.url) for c, r in zip(calls, raws)]
+            again = [k for k, r in enumerate(out) if r is RESEND]
+            if again:
+                try:
+                    await conn.send_command(*load_command())
+                    await conn.read_response()
+                    cmds = [command(*calls[k]) for k in again]
+                except ResponseError:  # FUNCTION LOAD refused (ACL): the EVAL form
+                    cmds = [fallback(*calls[k]) for k in again]
+                for k, raw in zip(again, await self._write_read(conn, cmds)):
+                    res = settle(calls[k], raw, inst.url)
+                    out[k] = ProtocolError("script missing after a load",
+                                           instance=inst.url) if res is RESEND else res
+            return out
+        except Exception as exc:  # noqa: BLE001 - unreachable, timed out, not Redis...
+            await conn.disconnect()
+            return [exc] * len(calls)
+        except BaseException:  # cancelled: replies nobody will read
+            with contextlib.suppress(Exception):
+                await conn.disconnect(nowait=True)
+            raise
+        finally:
+            inst.put(conn)
+
+    @staticmethod
+    async def _write_read(conn: Any, cmds: list[tuple]) -> list[Any]:
+        """Pipelined: all commands in one write, then one reply (or ResponseError) each;
+        a network error or timeout propagates (the connection is then unusable)."""
+        await conn.send_packed_command(conn.pack_commands(cmds), check_health=False)
+        raws: list[Any] = []
+        for _ in cmds:
+            try:
+                raws.append(await conn.read_response())
+            except ResponseError as exc:
+                raws.append(exc)
+        return raws
+
     async def _send_and_feed(self, lk: LockCore, cmds: list[tuple[int, Call]]) -> None:
         if not cmds:
             return
@@ -460,10 +512,11 @@ class AsyncDLM:
     async def _renew_instance(self, i: int,
                               batches: list[tuple[int, Call, list[LockCore]]]) -> None:
         try:
-            for _, cmd, lks in batches:
-                sent = time.monotonic()
-                results = await self._broadcast([(i, cmd)])
-                self._core.on_renew_reply(i, lks, results.get(i), sent, time.monotonic())
+            sent = time.monotonic()
+            results = await self._pipeline(i, [cmd for _, cmd, _ in batches])
+            now = time.monotonic()
+            for (_, _, lks), res in zip(batches, results):
+                self._core.on_renew_reply(i, lks, res, sent, now)
             for lk in list(self._core.locks.values()):
                 self._notify(lk)
             self._check_lost()

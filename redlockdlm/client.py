@@ -62,6 +62,29 @@ def parse(call: Call, raw: Any) -> Any:
     return raw
 
 
+#: `settle`'s answer for a call that did nothing because the instance lacks our library
+#: (restarted empty, flushed) or the script (EVALSHA fallback): resend after loading it
+RESEND = object()
+
+
+def settle(call: Call, raw: Any, url: str) -> Any:
+    """What one reply of a pipeline means: the parsed reply; `RESEND`; or the exception
+    to record for that instance (a `DLM_*` script error typed, anything else from Redis a
+    `ProtocolError`, a network error or unparsable reply as it is)."""
+    if isinstance(raw, NoScriptError) or (isinstance(raw, ResponseError) and is_missing(raw)):
+        return RESEND
+    if isinstance(raw, ResponseError):
+        msg = str(raw)
+        return (from_script_error(msg, instance=url) if msg.startswith("DLM_")
+                else ProtocolError(msg, instance=url))
+    if isinstance(raw, BaseException):
+        return raw
+    try:
+        return parse(call, raw)
+    except DLMError as exc:
+        return exc
+
+
 def _mask(url: str) -> str:
     if "@" in url:
         scheme, _, rest = url.partition("://")
@@ -400,6 +423,48 @@ class DLM:
                 inst.put(conn)
         return results
 
+    def _pipeline(self, i: int, calls: Sequence[Call]) -> list[Any]:
+        """Send every call to instance `i` in one write and read their replies: one round
+        trip however many calls. One result per call, as `settle` gives it. Calls that
+        met a missing library are sent again after loading it (the `EVAL` form if the
+        load is refused)."""
+        inst = self._instances[i]
+        conn = inst.get()
+        try:
+            raws = self._write_read(conn, [command(*c) for c in calls])
+            out = [settle(c, r, inst.url) for c, r in zip(calls, raws)]
+            again = [k for k, r in enumerate(out) if r is RESEND]
+            if again:
+                try:
+                    conn.send_command(*load_command())
+                    conn.read_response()
+                    cmds = [command(*calls[k]) for k in again]
+                except ResponseError:  # FUNCTION LOAD refused (ACL): the EVAL form
+                    cmds = [fallback(*calls[k]) for k in again]
+                for k, raw in zip(again, self._write_read(conn, cmds)):
+                    res = settle(calls[k], raw, inst.url)
+                    out[k] = ProtocolError("script missing after a load",
+                                           instance=inst.url) if res is RESEND else res
+            return out
+        except Exception as exc:  # noqa: BLE001 - unreachable, timed out, not Redis...
+            conn.disconnect()
+            return [exc] * len(calls)
+        finally:
+            inst.put(conn)
+
+    @staticmethod
+    def _write_read(conn: Any, cmds: list[tuple]) -> list[Any]:
+        """Pipelined: all commands in one write, then one reply (or ResponseError) each;
+        a network error propagates (the connection is then unusable)."""
+        conn.send_packed_command(conn.pack_commands(cmds))
+        raws: list[Any] = []
+        for _ in cmds:
+            try:
+                raws.append(conn.read_response())
+            except ResponseError as exc:
+                raws.append(exc)
+        return raws
+
     def _send_and_feed(self, lk: LockCore, cmds: list[tuple[int, tuple]]) -> None:
         """Send commands about `lk` (outside the core lock) and record the replies."""
         if not cmds:
@@ -590,11 +655,12 @@ class DLM:
 
     def _renew_instance(self, i: int, batches: list[tuple[int, Call, list[LockCore]]]) -> None:
         try:
-            for _, cmd, lks in batches:
-                sent = time.monotonic()
-                results = self._broadcast([(i, cmd)])
-                with self._mu:
-                    self._core.on_renew_reply(i, lks, results.get(i), sent, time.monotonic())
+            sent = time.monotonic()
+            results = self._pipeline(i, [cmd for _, cmd, _ in batches])
+            with self._mu:
+                now = time.monotonic()
+                for (_, _, lks), res in zip(batches, results):
+                    self._core.on_renew_reply(i, lks, res, sent, now)
             with self._mu:
                 for lk in list(self._core.locks.values()):
                     if lk.phase is Phase.ACQUIRING:

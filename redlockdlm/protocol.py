@@ -48,6 +48,8 @@ from .errors import (
 
 DRIFT_FACTOR = 0.01  #: Redlock: clock drift allowance per ms of lease
 DRIFT_MIN_MS = 2
+#: Locks per renew call: ~10 ms of script time each, so no instance is held for long
+RENEW_CHUNK = 256
 
 
 class Vote(enum.Enum):
@@ -316,10 +318,13 @@ class Session:
 
     def renew_cmds(self, now: float, instances: Sequence[int] | None = None
                    ) -> list[tuple[int, tuple, list[LockCore]]]:
-        """Renewal commands for every lock of this client that is live on an instance:
-        one call per instance per tick for all locks of the same lease (a lock's own
+        """Renewal calls for every lock of this client that is live on an instance: per
+        instance, one call per `RENEW_CHUNK` locks of the same lease (a lock's own
         `lease_ms` is what the instances keep, so locks of another lease go in another
-        call)."""
+        call). The clients send all of an instance's calls in one write: one round trip
+        per instance per tick, and the instance serves other clients between the calls
+        instead of running one long script (10,000 locks in one call held an instance
+        for ~0.5 s)."""
         out = []
         for i in range(self.n) if instances is None else instances:
             groups: dict[int, list[LockCore]] = {}
@@ -327,11 +332,14 @@ class Session:
                 if (lk.phase in (Phase.ACQUIRING, Phase.HELD, Phase.CONVERTING)
                         and lk.votes[i].vote in (Vote.GRANTED, Vote.QUEUED, Vote.ERROR)):
                     groups.setdefault(lk.lease_ms, []).append(lk)
-            for lease, lks in sorted(groups.items()):
-                cmd = command("renew", self._keys(*[lk.key for lk in lks]), codec.renew_args(
-                    self.rejoin_ms, self.chan_prefix, self.owner, lease,
-                    [(lk.id, lk.token) for lk in lks]))
-                out.append((i, cmd, lks))
+            for lease, group in sorted(groups.items()):
+                for at in range(0, len(group), RENEW_CHUNK):
+                    lks = group[at:at + RENEW_CHUNK]
+                    cmd = command("renew", self._keys(*[lk.key for lk in lks]),
+                                  codec.renew_args(self.rejoin_ms, self.chan_prefix,
+                                                   self.owner, lease,
+                                                   [(lk.id, lk.token) for lk in lks]))
+                    out.append((i, cmd, lks))
         return out
 
     def renew_interval(self) -> float:

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Any
 
 import pytest
 
-from redlockdlm import Mode
+from redlockdlm import Mode, protocol
 from redlockdlm.errors import (
     Deadlock,
     DLMError,
@@ -536,6 +537,65 @@ def test_renewal_keeps_a_waiter_in_the_queue(q: Quorum) -> None:
     assert waiting_on_all(q, req.lock.id, "res")
     la.release()
     assert req.wait(5).valid
+
+
+def _count_writes(d: Any) -> list[int]:
+    """Count the pipelined writes (round trips) of client `d`'s renewal pipelines."""
+    real = d.adlm if hasattr(d, "adlm") else d
+    writes = [0]
+    write_read = real._write_read
+    if hasattr(d, "adlm"):
+        async def counting(conn: Any, cmds: list) -> list:
+            writes[0] += 1
+            return await write_read(conn, cmds)
+    else:
+        def counting(conn: Any, cmds: list) -> list:  # type: ignore[misc]
+            writes[0] += 1
+            return write_read(conn, cmds)
+    real._write_read = counting
+    return writes
+
+
+def test_renewal_of_many_locks_is_chunked_and_one_round_trip(
+        q3: Quorum, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Renewal sends RENEW_CHUNK locks per call (no instance runs one long script), all of
+    an instance's calls in one write: one round trip per instance per tick."""
+    monkeypatch.setattr(protocol, "RENEW_CHUNK", 3)
+    d = q3.dlm(lease_ms=400)
+    locks = [d.lock(f"many:{k}", EX) for k in range(10)]  # 4 calls per instance per tick
+    before = [s.client().info("commandstats").get("cmdstat_fcall", {}).get("calls", 0)
+              for s in q3.servers]
+    writes = _count_writes(d)
+    time.sleep(1.4)  # ~10 ticks of 133 ms
+    after = [s.client().info("commandstats").get("cmdstat_fcall", {}).get("calls", 0)
+             for s in q3.servers]
+    assert all(lk.valid for lk in locks)
+    assert all(lv.lease_left_ms > 0 for k in range(10) for ls in q3.locks(f"many:{k}")
+               for lv in ls)
+    ticks = writes[0] / 3  # per instance
+    assert ticks >= 4, writes
+    calls = [a - b for a, b in zip(after, before)]
+    assert all(c >= 4 * (ticks - 1) for c in calls), (calls, writes)  # 4 calls per write
+    for lk in locks:
+        lk.release()
+
+
+def test_renewal_reloads_a_flushed_library_and_resends(
+        q3: Quorum, monkeypatch: pytest.MonkeyPatch) -> None:
+    """FUNCTION FLUSH on an instance while locks are held: every pipelined renew call
+    answers "Function not found"; the client loads the library and sends them again, and
+    the locks stay held there."""
+    monkeypatch.setattr(protocol, "RENEW_CHUNK", 2)
+    d = q3.dlm(lease_ms=400)
+    locks = [d.lock(f"flush:{k}", EX) for k in range(5)]
+    q3.servers[0].client().function_flush()
+    time.sleep(1.2)  # three leases: without renewal there the locks would be gone
+    assert all(lk.valid for lk in locks)
+    assert q3.servers[0].client().function_list()  # loaded again (before inspect loads it)
+    for k in range(5):
+        assert q3.granted_on(locks[k].id, f"flush:{k}") == 3
+    for lk in locks:
+        lk.release()
 
 
 @pytest.mark.parametrize("lease_ms", [600, 3000])
