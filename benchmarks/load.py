@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import os
 import random
+import resource
 import statistics
 import sys
 import time
@@ -149,9 +150,11 @@ async def throughput(urls, sessions: int, resources: int, seconds: float,
             except DLMError as exc:
                 errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
 
+    cpu0, srv0 = process_cpu(), server_cpu(urls)
     t0 = time.perf_counter()
     await asyncio.gather(*(session(c, i) for i, c in enumerate(clients)))
     took = time.perf_counter() - t0
+    cpu, srv = process_cpu() - cpu0, [b - a for a, b in zip(srv0, server_cpu(urls))]
     await asyncio.gather(*(c.close() for c in clients))
     lat.sort()
     if not lat:
@@ -164,7 +167,26 @@ async def throughput(urls, sessions: int, resources: int, seconds: float,
           f"p50 {q[49] * 1e3:.2f} ms  p99 {q[98] * 1e3:.2f} ms  max {lat[-1] * 1e3:.1f} ms")
     print(f"  floor (trivial script to all 3 instances, one client): {floor * 1e6:.0f} µs "
           f"-> p50 pair = {q[49] / floor:.1f} floor round trips")
+    print(f"  CPU: this process (every session, one event loop) {cpu / took:.0%} of a core, "
+          f"{cpu / max(1, len(lat)) * 1e6:,.0f} µs per pair; Redis instances "
+          + ", ".join(f"{c / took:.0%}" for c in srv)
+          + f" ({sum(srv) / max(1, len(lat)) * 1e6:,.0f} µs per pair in all)")
     print(f"  errors: {errors or 'none'}")
+
+
+def process_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def server_cpu(urls: list[str]) -> list[float]:
+    out = []
+    for u in urls:
+        c = redis.Redis.from_url(u)
+        info = c.info("cpu")
+        c.close()
+        out.append(info["used_cpu_user"] + info["used_cpu_sys"])
+    return out
 
 
 async def soak(urls, servers, seconds: float, sessions: int = 20) -> None:
