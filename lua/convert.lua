@@ -8,6 +8,7 @@
 -- ARGV[9] 1 to write the value block (down from PW/EX only), else 0
 -- ARGV[10] value bytes     ARGV[11] value version   ARGV[12] value size limit (V1)
 -- ARGV[13] fencing floor: the holder's quorum token (F1), 0 if none
+-- ARGV[14] priority (P1: a signed 32-bit int; absent: 0), stored where the flags are
 --
 -- Reply: lock reply; status GRANTED, QUEUED (converting), NOTQUEUED, DEADLOCK (G7; the lock
 -- keeps its mode), RECOVERING (E1, up-conversions only), NOTFOUND. Errors: DLM_BADARG, DLM_NOTOWNER, DLM_STATE (the lock is
@@ -26,6 +27,9 @@ return run(function()
   local version = arg_int(ARGV[11], 'version')
   local vbmax = arg_int(ARGV[12], 'vbmax', 0, MAX_VBMAX)
   local floor = arg_int(ARGV[13], 'floor', 0, MAX_TOKEN)
+  local priority = arg_priority(ARGV[14])
+  local pr = nil  -- P1: stored only when not 0
+  if priority ~= 0 then pr = priority end
   if write and #value > vbmax then
     fail('DLM_BADARG', 'value block of ' .. #value .. ' bytes exceeds ' .. vbmax .. ' (V1)')
   end
@@ -65,11 +69,12 @@ return run(function()
     lk.tok = bump(r)
     lk.e = NOW + lease
     lk.f, lk.ct = flags, cticket  -- Y1 puts a yielded conversion back at this ticket
+    lk.pr = pr  -- P1
     return lock_state(r, lk)
   end
   if has(flags, F_NOQUEUE) then return reply(S_NOTQUEUED) end  -- G2
-  local old_rq, old_ct, old_f = lk.rq, lk.ct, lk.f
-  lk.rq, lk.ct, lk.f = mode, cticket, flags
+  local old_rq, old_ct, old_f, old_pr = lk.rq, lk.ct, lk.f, lk.pr
+  lk.rq, lk.ct, lk.f, lk.pr = mode, cticket, flags, pr  -- (P1)
   local trial = {}
   for i, o in ipairs(r.c) do trial[i] = o end
   insert(trial, lk, true)
@@ -86,7 +91,7 @@ return run(function()
   end
   if deadlock then
     if not has(flags, F_CONVDEADLK) then
-      lk.rq, lk.ct, lk.f = old_rq, old_ct, old_f
+      lk.rq, lk.ct, lk.f, lk.pr = old_rq, old_ct, old_f, old_pr
       return reply(S_DEADLOCK, lk.gr, lk.tok)
     end
     lk.gr = NL

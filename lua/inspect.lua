@@ -7,7 +7,8 @@
 -- Reply: {epoch id or nil, now ms, recovering ms, then per key: nil if absent, else
 --   {name, seq, value or nil, version, invalid, {lock}, {lock}, ...}} where lock is
 --   {queue 'G'|'C'|'W', id, owner, gr, rq, flags, ticket, cticket, lease left ms, parent id,
---    token, previous mode, kid key, kid id, kid key, kid id, ...}; modes are -1 when none.
+--    token, previous mode, priority, kid key, kid id, kid key, kid id, ...}; modes are -1
+--    when none.
 
 if KEYS[1] ~= 'dlm:epoch' then  -- K1: read our keys only
   return redis.error_reply('DLM_KEYS KEYS[1] must be dlm:epoch')
@@ -38,7 +39,7 @@ for i = 2, #KEYS do
     for _, qn in ipairs({'g', 'c', 'w'}) do
       for _, lk in ipairs(r[qn] or {}) do
         local l = {string.upper(qn), lk.id, lk.o, lk.gr, lk.rq, lk.f, lk.t, lk.ct, lk.e - now,
-                   lk.p, lk.tok, lk.pm}
+                   lk.p, lk.tok, lk.pm, lk.pr or 0}
         for _, kd in ipairs(lk.k or {}) do
           l[#l + 1] = kd[1]
           l[#l + 1] = kd[2]

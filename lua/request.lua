@@ -7,6 +7,7 @@
 -- ARGV[5] mode 0..5        ARGV[6] flags (NOQUEUE=1 EXPEDITE=2 NODLCKWT=16)
 -- ARGV[7] ticket (client µs clock; queue order on every instance)
 -- ARGV[8] lease ms         ARGV[9] parent lock id or ''   ARGV[10] display name
+-- ARGV[11] priority (P1: a signed 32-bit int; absent: 0)
 --
 -- Reply: the lock reply of core.lua `reply`: status GRANTED, QUEUED, NOTQUEUED, RECOVERING
 -- (extra = ms to wait), NOPARENT. Errors: DLM_BADARG, DLM_NOTOWNER (id used by another owner).
@@ -19,6 +20,7 @@ return run(function()
   local flags = arg_flags(ARGV[6], REQUEST_FLAGS)
   local ticket = arg_int(ARGV[7], 'ticket')
   local lease = arg_int(ARGV[8], 'lease_ms', 1, MAX_LEASE_MS)
+  local priority = arg_priority(ARGV[11])
   local pid = ARGV[9] or ''
   if pid ~= '' then arg_id(pid, 'parent id') end
   local name = ARGV[10] or ''
@@ -56,6 +58,7 @@ return run(function()
   if pid ~= '' then pk = KEYS[4] end
   local lk = {id = id, o = owner, gr = NONE, rq = mode, f = flags, t = ticket, ct = 0,
               e = NOW + lease, p = pid, pk = pk, k = {}, tok = 0, pm = NONE}
+  if priority ~= 0 then lk.pr = priority end  -- P1
   if has(flags, F_EXPEDITE)  -- G3
       or (#r.c == 0 and #r.w == 0 and compatible_with_granted(r, lk, mode)) then  -- G1
     lk.gr, lk.rq = mode, NONE

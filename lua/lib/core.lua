@@ -95,6 +95,21 @@ local function arg_mode(s)
   return b - 48
 end
 
+-- P1: a signed int in the range of a C int; absent (an older caller): 0.
+local MIN_PRIORITY, MAX_PRIORITY = -2147483648, 2147483647
+local function arg_priority(s)
+  if s == nil then return 0 end
+  if #s == 0 or #s > 11 or not string.find(s, '^%-?%d+$') then
+    fail('DLM_BADARG', 'priority must be an integer in ' .. MIN_PRIORITY .. '..' .. MAX_PRIORITY)
+  end
+  local n = tonumber(s)
+  if n < MIN_PRIORITY or n > MAX_PRIORITY then
+    fail('DLM_BADARG', 'priority must be an integer in ' .. MIN_PRIORITY .. '..' .. MAX_PRIORITY)
+  end
+  if n == 0 then return 0 end  -- (-0 too)
+  return n
+end
+
 local function arg_flags(s, allowed)
   local f = arg_int(s, 'flags', 0, 255)
   local bit = 1
@@ -150,7 +165,8 @@ end
 -- A resource blob: {n=name, s=fencing seq, v=value (absent if none), vv=version,
 -- vi=1 if invalid, g={granted...}, c={converting...}, w={waiting...}}.
 -- A lock: {id, o=owner, gr, rq (NONE if none), f=flags, t=ticket, ct=conversion ticket,
--- e=expiry ms, p=parent id or '', pk=parent key or '', k={{key, id}...}, tok, pm}.
+-- e=expiry ms, p=parent id or '', pk=parent key or '', k={{key, id}...}, tok, pm,
+-- pr=priority (P1; absent when 0, so a lock without one is stored as before)}.
 
 -- Per-call state, reset by `call` (in a Functions library these outlive a call).
 local cache        -- key -> resource (false if absent)

@@ -167,6 +167,7 @@ class LockView:
     token: int
     previous: Mode | None
     kids: tuple[tuple[bytes, str], ...]
+    priority: int = 0  #: of the lock's latest request or conversion (P1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,11 +217,12 @@ def _parse_inspect(keys: list[bytes], raw: list
             continue
         locks = []
         for lk in item[5:]:
-            kids = tuple((lk[i], _str(lk[i + 1])) for i in range(12, len(lk), 2))
+            kids = tuple((lk[i], _str(lk[i + 1])) for i in range(13, len(lk), 2))
             locks.append(LockView(_str(lk[0]), _str(lk[1]), _str(lk[2]),
                                   _mode_or_none(int(lk[3])), _mode_or_none(int(lk[4])),
                                   int(lk[5]), int(lk[6]), int(lk[7]), int(lk[8]), _str(lk[9]),
-                                  int(lk[10]), _mode_or_none(int(lk[11])), kids))
+                                  int(lk[10]), _mode_or_none(int(lk[11])), kids,
+                                  int(lk[12])))
         out.append(ResourceView(key, item[0] or b"", int(item[1]), item[2], int(item[3]),
                                 not int(item[4]), tuple(locks)))
     return st, out
@@ -231,19 +233,22 @@ def _parse_inspect(keys: list[bytes], raw: list
 # Engine and the quorum client both build their ARGV with these.
 
 def request_args(rejoin_ms: int, chan: bytes, owner: str, lock_id: str, mode: int, flags: int,
-                 ticket: int, lease_ms: int, parent_id: str, name: bytes) -> list[bytes]:
+                 ticket: int, lease_ms: int, parent_id: str, name: bytes,
+                 priority: int = 0) -> list[bytes]:
     return [_s(rejoin_ms, "rejoin_ms"), _b(chan, "channel prefix"), _t(owner, "owner"),
             _t(lock_id, "lock id"), _s(mode, "mode"), _s(flags, "flags"), _s(ticket, "ticket"),
-            _s(lease_ms, "lease_ms"), _t(parent_id, "parent id"), _b(name, "resource name")]
+            _s(lease_ms, "lease_ms"), _t(parent_id, "parent id"), _b(name, "resource name"),
+            _s(priority, "priority")]
 
 
 def convert_args(rejoin_ms: int, chan: bytes, owner: str, lock_id: str, mode: int, flags: int,
                  cticket: int, lease_ms: int, value: bytes | None, version: int, vbmax: int,
-                 floor: int) -> list[bytes]:
+                 floor: int, priority: int = 0) -> list[bytes]:
     return [_s(rejoin_ms, "rejoin_ms"), _b(chan, "channel prefix"), _t(owner, "owner"),
             _t(lock_id, "lock id"), _s(mode, "mode"), _s(flags, "flags"),
             _s(cticket, "ticket"), _s(lease_ms, "lease_ms"), *_value(value),
-            _s(version, "version"), _s(vbmax, "vbmax"), _s(floor, "floor")]
+            _s(version, "version"), _s(vbmax, "vbmax"), _s(floor, "floor"),
+            _s(priority, "priority")]
 
 
 def release_args(rejoin_ms: int, chan: bytes, owner: str, lock_id: str, flags: int,

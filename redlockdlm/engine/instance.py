@@ -92,20 +92,20 @@ class Engine:
 
     def request(self, key: bytes, owner: str, lock_id: str, mode: object, *, ticket: int,
                 lease_ms: int, flags: int = 0, name: bytes = b"", parent_key: bytes | None = None,
-                parent_id: str = "") -> LockReply:
+                parent_id: str = "", priority: int = 0) -> LockReply:
         m = codec.as_mode(mode)
         raw = self._call("request", [key, parent_key or key], codec.request_args(
             self.rejoin_ms, self.chan, owner, lock_id, m, flags, ticket, lease_ms,
-            parent_id, name))
+            parent_id, name, priority))
         return codec.parse_lock_reply(raw)
 
     def convert(self, key: bytes, owner: str, lock_id: str, mode: object, *, ticket: int,
                 lease_ms: int, flags: int = 0, value: bytes | None = None, version: int = 0,
-                floor: int = 0) -> LockReply:
+                floor: int = 0, priority: int = 0) -> LockReply:
         m = codec.as_mode(mode)
         raw = self._call("convert", [key], codec.convert_args(
             self.rejoin_ms, self.chan, owner, lock_id, m, flags, ticket, lease_ms, value,
-            version, self.vbmax, floor))
+            version, self.vbmax, floor, priority))
         return codec.parse_lock_reply(raw)
 
     def release(self, key: bytes, owner: str, lock_id: str, *, subtree: bool = False,

@@ -25,6 +25,8 @@ from ..errors import DLMError as EngineError
 from .modes import (
     COMPAT,
     CONVERT_FLAGS,
+    MAX_PRIORITY,
+    MIN_PRIORITY,
     RELEASE_FLAGS,
     REQUEST_FLAGS,
     Flag,
@@ -60,6 +62,7 @@ class Lock:
     kids: list[tuple[bytes, str]] = field(default_factory=list)
     token: int = 0
     pm: int | None = None  #: mode before a granted up-conversion (for yield, Y1)
+    priority: int = 0  #: of the latest request or queued/granted up-conversion (P1)
 
 
 @dataclass
@@ -118,6 +121,10 @@ def check_int(what: str, value: int, lo: int = 0, hi: int = MAX_INT) -> None:
 def check_mode(value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 5:
         raise BadArgument("mode must be an integer 0..5 (NL CR CW PR PW EX)")
+
+
+def check_priority(value: int) -> None:
+    check_int("priority", value, MIN_PRIORITY, MAX_PRIORITY)
 
 
 def check_flags(value: int, allowed: int) -> None:
@@ -281,7 +288,7 @@ class Model:
 
     def request(self, key: bytes, name: bytes, owner: str, lock_id: str, mode: int,
                 flags: int, ticket: int, lease_ms: int, now: int, rejoin_ms: int,
-                parent_key: bytes = b"", parent_id: str = "") -> Reply:
+                parent_key: bytes = b"", parent_id: str = "", priority: int = 0) -> Reply:
         check_id("owner", owner)
         check_id("lock id", lock_id)
         check_mode(mode)
@@ -289,6 +296,7 @@ class Model:
         check_int("ticket", ticket)
         check_int("lease_ms", lease_ms, 1, MAX_LEASE_MS)
         check_int("rejoin_ms", rejoin_ms, 0, MAX_LEASE_MS)
+        check_priority(priority)
         if parent_id:
             check_id("parent id", parent_id)
         if len(name) > MAX_NAME:
@@ -296,10 +304,10 @@ class Model:
         if flags & Flag.EXPEDITE and mode != Mode.NL:
             raise BadArgument("EXPEDITE is only for NL requests (G3)")
         return self._run(self._request, key, name, owner, lock_id, mode, flags, ticket,
-                         lease_ms, now, rejoin_ms, parent_key, parent_id)
+                         lease_ms, now, rejoin_ms, parent_key, parent_id, priority)
 
     def _request(self, ev, key, name, owner, lock_id, mode, flags, ticket, lease_ms, now,
-                 rejoin_ms, parent_key, parent_id) -> Reply:
+                 rejoin_ms, parent_key, parent_id, priority) -> Reply:
         wait = self._epoch(now, rejoin_ms)
         if wait:
             return Reply(Status.RECOVERING, extra=wait)
@@ -319,7 +327,7 @@ class Model:
         if r is None:
             r = self.res[key] = Resource(name=name)
         lk = Lock(lock_id, owner, None, mode, flags, ticket, 0, now + lease_ms,
-                  parent_id, parent_key if parent_id else b"")
+                  parent_id, parent_key if parent_id else b"", priority=priority)
         if (flags & Flag.EXPEDITE) or (  # G3
             not r.c and not r.w and self._compatible_with_granted(r, lk, mode)  # G1
         ):
@@ -343,11 +351,12 @@ class Model:
     def convert(self, key: bytes, owner: str, lock_id: str, mode: int, flags: int,
                 cticket: int, lease_ms: int, now: int, rejoin_ms: int,
                 value: bytes | None = None, version: int = 0, vbmax: int = 64,
-                floor: int = 0) -> Reply:
+                floor: int = 0, priority: int = 0) -> Reply:
         check_id("owner", owner)
         check_id("lock id", lock_id)
         check_mode(mode)
         check_flags(flags, CONVERT_FLAGS)
+        check_priority(priority)
         check_int("ticket", cticket)
         check_int("lease_ms", lease_ms, 1, MAX_LEASE_MS)
         check_int("rejoin_ms", rejoin_ms, 0, MAX_LEASE_MS)
@@ -357,10 +366,10 @@ class Model:
         if value is not None and len(value) > vbmax:
             raise BadArgument(f"value block of {len(value)} bytes exceeds {vbmax} (V1)")
         return self._run(self._convert, key, owner, lock_id, mode, flags, cticket, lease_ms,
-                         now, rejoin_ms, value, version, floor)
+                         now, rejoin_ms, value, version, floor, priority)
 
     def _convert(self, ev, key, owner, lock_id, mode, flags, cticket, lease_ms, now,
-                 rejoin_ms, value, version, floor) -> Reply:
+                 rejoin_ms, value, version, floor, priority) -> Reply:
         self._epoch(now, rejoin_ms)
         r = self._load(key, now, ev)
         q, lk = r.find(lock_id) if r is not None else (None, None)
@@ -396,16 +405,17 @@ class Model:
             lk.token = self._bump(r, now)
             lk.exp = now + lease_ms
             lk.flags, lk.cticket = flags, cticket  # Y1 returns it to this ticket
+            lk.priority = priority  # P1
             return self._state(r, lk, now)
         if flags & Flag.NOQUEUE:  # G2
             return Reply(Status.NOTQUEUED)
-        old = (lk.rq, lk.cticket, lk.flags)
-        lk.rq, lk.cticket, lk.flags = mode, cticket, flags
+        old = (lk.rq, lk.cticket, lk.flags, lk.priority)
+        lk.rq, lk.cticket, lk.flags, lk.priority = mode, cticket, flags, priority  # P1
         trial = list(r.c)
         self._insert(trial, lk, conv=True)
         if self._conversion_deadlock(trial, lk):  # G7
             if not flags & Flag.CONVDEADLK:
-                lk.rq, lk.cticket, lk.flags = old
+                lk.rq, lk.cticket, lk.flags, lk.priority = old
                 return Reply(Status.DEADLOCK, gr=lk.gr, token=lk.token)
             lk.gr = Mode.NL
         lk.pm = None
@@ -629,7 +639,7 @@ class Model:
                 for lk in q:
                     locks.append((qname, lk.id, lk.owner, lk.gr, lk.rq, lk.flags, lk.ticket,
                                   lk.cticket, lk.exp - now, lk.parent, lk.token, lk.pm,
-                                  tuple(sorted(lk.kids))))
+                                  tuple(sorted(lk.kids)), lk.priority))
             out[key] = (r.name, r.seq, r.vb, r.vv, r.vi, tuple(locks))
         return out
 

@@ -60,6 +60,10 @@ REQUEST_FLAGS = Flag.NOQUEUE | Flag.EXPEDITE | Flag.NODLCKWT
 CONVERT_FLAGS = Flag.NOQUEUE | Flag.QUECVT | Flag.CONVDEADLK | Flag.NODLCKWT
 RELEASE_FLAGS = Flag.SUBTREE
 
+#: P1: a request's priority for the detector's choice of a deadlock victim (D8: the lowest
+#: goes first); 0 by default. A C int's range, as the scripts check it.
+MIN_PRIORITY, MAX_PRIORITY = -(2**31), 2**31 - 1
+
 
 class Status(enum.IntEnum):
     """Outcome codes in the first field of a script reply (not errors)."""

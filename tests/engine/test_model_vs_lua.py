@@ -40,6 +40,9 @@ rare = st.integers(0, 9).map(lambda i: i == 0)
 tickets = st.integers(0, 40)
 values = st.one_of(st.none(), st.none(), st.binary(max_size=66))  # > 64 is refused (V1)
 floors = st.one_of(st.just(0), st.integers(0, T0 * 1000 + 10**9))
+# P1: mostly the default; the edges of the range, and just past them (bad input)
+priorities = st.one_of(st.just(0), st.just(0), st.integers(-3, 3),
+                       st.sampled_from([-(2**31), 2**31 - 1, -(2**31) - 1, 2**31]))
 
 
 def lua_dump(engine: Engine, keys: list[bytes]) -> dict:
@@ -51,7 +54,7 @@ def lua_dump(engine: Engine, keys: list[bytes]) -> dict:
         locks = tuple(
             (lk.queue, lk.lock_id, lk.owner, lk.mode, lk.requested, lk.flags, lk.ticket,
              lk.cticket, lk.lease_left_ms, lk.parent, lk.token, lk.previous,
-             tuple(sorted(lk.kids)))
+             tuple(sorted(lk.kids)), lk.priority)
             for lk in v.locks
         )
         out[key] = (v.name, v.seq, v.value, v.version, not v.valid, locks)
@@ -132,8 +135,9 @@ class EngineVsModel(RuleBasedStateMachine):
 
     @rule(res=st.sampled_from([0, 0, 0, 1, 1, 2, 3, 4, 5]), owner=st.sampled_from(OWNERS),
           mode=modes, noqueue=rare, expedite=rare, ticket=tickets, lease=leases,
-          parent_pick=st.integers(0, 50), retry=st.integers(0, 6))
-    def request(self, res, owner, mode, noqueue, expedite, ticket, lease, parent_pick, retry):
+          parent_pick=st.integers(0, 50), retry=st.integers(0, 6), priority=priorities)
+    def request(self, res, owner, mode, noqueue, expedite, ticket, lease, parent_pick, retry,
+                priority):
         path, ppath = RESOURCES[res]
         flags = (1 if noqueue else 0) | (2 if expedite else 0)
         if retry == 0 and self.locks:  # G12: a retried id, maybe from another owner
@@ -157,9 +161,9 @@ class EngineVsModel(RuleBasedStateMachine):
         rep = self.both(
             lambda: self.e.request(key, owner, lid, mode, ticket=ticket, lease_ms=lease,
                                    flags=flags, name=name, parent_key=pkey or None,
-                                   parent_id=pid),
+                                   parent_id=pid, priority=priority),
             lambda: self.m.request(key, name, owner, lid, mode, flags, ticket, lease, self.now,
-                                   REJOIN, pkey, pid),
+                                   REJOIN, pkey, pid, priority),
         )
         if rep is not None and rep.status in (0, 1) and lid not in self.locks:
             self.locks[lid] = (path, owner, pid)
@@ -167,8 +171,9 @@ class EngineVsModel(RuleBasedStateMachine):
     @rule(pick=st.integers(0, 100), other_owner=st.integers(0, 9), mode=up_modes,
           flags=st.sampled_from([0, 0, 4, 4, 8, 12, 1, 16]), ticket=tickets, lease=leases,
           value=st.one_of(st.none(), st.none(), st.none(), values), version=st.integers(0, 9),
-          floor=floors)
-    def convert(self, pick, other_owner, mode, flags, ticket, lease, value, version, floor):
+          floor=floors, priority=priorities)
+    def convert(self, pick, other_owner, mode, flags, ticket, lease, value, version, floor,
+                priority):
         got = self.pick(pick)
         if got is None:
             return
@@ -178,14 +183,15 @@ class EngineVsModel(RuleBasedStateMachine):
         key = self.keys[path]
         self.both(
             lambda: self.e.convert(key, owner, lid, mode, ticket=ticket, lease_ms=lease,
-                                   flags=flags, value=value, version=version, floor=floor),
+                                   flags=flags, value=value, version=version, floor=floor,
+                                   priority=priority),
             lambda: self.m.convert(key, owner, lid, mode, flags, ticket, lease, self.now, REJOIN,
-                                   value, version, 64, floor),
+                                   value, version, 64, floor, priority),
         )
 
     @rule(pick=st.integers(0, 100), mode=up_modes, flags=st.sampled_from([0, 4, 8, 12]),
-          ticket=tickets)
-    def convert_a_granted_lock(self, pick, mode, flags, ticket):
+          ticket=tickets, priority=priorities)
+    def convert_a_granted_lock(self, pick, mode, flags, ticket, priority):
         """Conversions of granted locks by their owner, often upwards: fills the
         conversion queue so G5-G8 (QUECVT, conversion deadlock) are exercised."""
         granted = sorted(
@@ -196,9 +202,9 @@ class EngineVsModel(RuleBasedStateMachine):
         lid, key, owner = granted[pick % len(granted)]
         self.both(
             lambda: self.e.convert(key, owner, lid, mode, ticket=ticket, lease_ms=20_000,
-                                   flags=flags),
+                                   flags=flags, priority=priority),
             lambda: self.m.convert(key, owner, lid, mode, flags, ticket, 20_000, self.now,
-                                   REJOIN),
+                                   REJOIN, priority=priority),
         )
 
     @rule(pick=st.integers(0, 100), other_owner=st.integers(0, 9),

@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from itertools import product
 from typing import Any
 
@@ -30,6 +31,7 @@ from redlockdlm.errors import (
     BadArgument,
     HasChildren,
     InvalidArgument,
+    InvalidType,
     LockStateError,
     MissingKeys,
     NotOwner,
@@ -181,7 +183,7 @@ def _op(fn: Op, lid: str | None, text: str) -> Op:
 
 def R(lid: str, mode: Mode, ticket: int, *, owner: str | None = None, flags: int = 0,
       lease: int = LEASE, res: tuple[str, ...] = RES, parent: str | None = None,
-      parent_res: tuple[str, ...] | None = None) -> Op:
+      parent_res: tuple[str, ...] | None = None, priority: Any = 0) -> Op:
     """Request lock `lid` (owner: given, else its parent's, else 'o<lid>')."""
 
     def op(w: World) -> LockReply:
@@ -194,20 +196,22 @@ def R(lid: str, mode: Mode, ticket: int, *, owner: str | None = None, flags: int
             w.parent_res.setdefault(lid, pres)
             pk = w.key(pres)
         return w.e.request(w.key(res), o, lid, mode, ticket=ticket, lease_ms=lease, flags=flags,
-                           name=w.e.name(*res), parent_key=pk, parent_id=parent or "")
+                           name=w.e.name(*res), parent_key=pk, parent_id=parent or "",
+                           priority=priority)
 
     return _op(op, lid, f"R {lid} {mode.name} t{ticket}")
 
 
 def C(lid: str, mode: Mode, ticket: int, *, owner: str | None = None, flags: int = 0,
-      lease: int = LEASE, value: bytes | None = None, version: int = 0, floor: int = 0) -> Op:
+      lease: int = LEASE, value: bytes | None = None, version: int = 0, floor: int = 0,
+      priority: Any = 0) -> Op:
     """Convert lock `lid` to `mode` with conversion ticket `ticket`."""
 
     def op(w: World) -> LockReply:
         o = owner or w.owner.get(lid) or "o" + lid
         return w.e.convert(w.key(w.res.get(lid, RES)), o, lid, mode, ticket=ticket,
                            lease_ms=lease, flags=flags, value=value, version=version,
-                           floor=floor)
+                           floor=floor, priority=priority)
 
     return _op(op, lid, f"C {lid} {mode.name} t{ticket}")
 
@@ -618,6 +622,16 @@ UNCHANGED = [
     unchanged("request-bad-parent-id",
               R("n", EX, 9, res=CHILD, parent="a b", parent_res=ROOT), BadArgument),
     unchanged("request-bad-rejoin-ms", lambda w: _raw_request(w, 0, b"x"), BadArgument),
+    unchanged("P1-request-bad-priority-2**31", R("n", EX, 9, priority=2**31), BadArgument),
+    unchanged("P1-request-bad-priority-below-min", R("n", EX, 9, priority=-(2**31) - 1),
+              BadArgument),
+    unchanged("P1-request-bad-priority-str-python-side", R("n", EX, 9, priority="1"),
+              InvalidType),
+    unchanged("P1-request-bad-priority-bool-python-side", R("n", EX, 9, priority=True),
+              InvalidType),
+    *[unchanged(f"P1-request-bad-priority-raw-{v.decode() or 'empty'}",
+                partial(_raw_request, i=10, v=v), BadArgument)
+      for v in (b"", b"1.5", b"--1", b"+1", b"1e3", b"-", b"12345678901", b" 1")],
     unchanged("G12-request-id-of-other-owner-NotOwner", R("g1", PR, 1, owner="intruder"),
               NotOwner),
     unchanged("G12-request-retry-changes-nothing", R("wt", PW, 5), QUEUED),
@@ -645,6 +659,15 @@ UNCHANGED = [
     unchanged("convert-bad-version", lambda w: _raw_convert(w, 10, b"-1"), BadArgument),
     unchanged("convert-bad-vbmax", lambda w: _raw_convert(w, 11, b"65537"), BadArgument),
     unchanged("convert-bad-floor", lambda w: _raw_convert(w, 12, b"1e9"), BadArgument),
+    unchanged("P1-convert-bad-priority-2**31", C("g1", EX, 9, priority=2**31), BadArgument),
+    unchanged("P1-convert-bad-priority-below-min", C("g1", EX, 9, priority=-(2**31) - 1),
+              BadArgument),
+    unchanged("P1-convert-bad-priority-float-python-side", C("g1", EX, 9, priority=1.0),
+              InvalidType),
+    unchanged("P1-convert-bad-priority-raw-x", lambda w: _raw_convert(w, 13, b"x"),
+              BadArgument),
+    unchanged("P1-convert-bad-priority-raw-minus-zero-point",
+              lambda w: _raw_convert(w, 13, b"-0.0"), BadArgument),
     unchanged("convert-wrong-owner-NotOwner", C("g1", NL, 9, owner="intruder"), NotOwner),
     unchanged("convert-waiting-lock-LockStateError", C("wt", NL, 9), LockStateError),
     unchanged("convert-converting-lock-LockStateError", C("cv", NL, 9), LockStateError),
@@ -757,6 +780,52 @@ def test_refused_conversion_keeps_previous_mode(w: World, act: Op, expect: Statu
     before = w.snapshot()
     assert act(w).status == expect
     assert w.snapshot() == before
+
+
+# ----------------------------------------------------------------------------- P1
+
+
+@pytest.mark.parametrize("ops,lid,priority", [
+    pytest.param([R("a", EX, 1)], "a", 0, id="P1-default-priority-is-0"),
+    pytest.param([R("a", EX, 1, priority=5)], "a", 5, id="P1-granted-request-keeps-its-priority"),
+    pytest.param([R("h", EX, 1), R("a", EX, 2, priority=-(2**31))], "a", -(2**31),
+                 id="P1-waiting-request-stores-its-priority-lowest"),
+    pytest.param([R("h", EX, 1), R("a", EX, 2, priority=2**31 - 1)], "a", 2**31 - 1,
+                 id="P1-waiting-request-stores-its-priority-highest"),
+    pytest.param([R("a", PR, 1, priority=1), R("b", PR, 2), C("a", EX, 3, priority=7)], "a", 7,
+                 id="P1-queued-conversion-takes-its-priority"),
+    pytest.param([R("a", CR, 1, priority=1), C("a", PR, 2, priority=-4)], "a", -4,
+                 id="P1-up-conversion-granted-at-once-takes-its-priority"),
+    pytest.param([R("a", PR, 1, priority=1), R("b", PR, 2), C("b", EX, 3),
+                  C("a", EX, 4, priority=9)], "a", 1,
+                 id="P1-G7-conversion-refused-with-DEADLOCK-keeps-the-priority"),
+    pytest.param([R("a", PR, 1, priority=1), R("b", PR, 2),
+                  C("a", EX, 3, flags=NOQUEUE, priority=9)], "a", 1,
+                 id="P1-G2-conversion-refused-NOTQUEUED-keeps-the-priority"),
+    pytest.param([R("a", EX, 1, priority=3), C("a", NL, 2, priority=9)], "a", 3,
+                 id="P1-down-conversion-keeps-the-priority"),
+    pytest.param([R("a", EX, 1, priority=3), C("a", EX, 2, priority=9)], "a", 3,
+                 id="P1-same-mode-conversion-keeps-the-priority"),
+    pytest.param([R("a", PR, 1, priority=2), R("b", PR, 2), C("a", EX, 3, priority=8), X("b")],
+                 "a", 8, id="P1-conversion-granted-by-queue-processing-keeps-its-priority"),
+    pytest.param([R("a", CR, 1, priority=2), C("a", PR, 2, priority=6), Y("a")], "a", 6,
+                 id="P1-Y1-yielded-conversion-keeps-its-priority"),
+])
+def test_p1_priority_is_stored_with_the_lock(w: World, ops: list[Op], lid: str,
+                                            priority: int) -> None:
+    """P1: a request's priority is stored with its lock (inspect and the detector's scan
+    read it); a conversion that is queued or granted at once stores its own, one that is
+    refused, down or to the same mode leaves the lock's as it was."""
+    run(w, ops)
+    assert w.lock(lid).priority == priority
+
+
+def test_p1_default_priority_stores_nothing_new(w: World) -> None:
+    """P1: a lock of priority 0 is stored as before priorities existed (no field), so
+    callers that never use them pay nothing."""
+    run(w, [R("a", EX, 1), R("b", EX, 2, priority=3)])
+    blob = w.r.get(w.key())
+    assert blob.count(b"\xa2pr") == 1  # msgpack's "pr": b's lock only
 
 
 # ----------------------------------------------------------------------------- G9
