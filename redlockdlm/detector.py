@@ -32,8 +32,8 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property, partial
-from itertools import groupby, islice, repeat
-from operator import itemgetter
+from itertools import compress, groupby, islice, repeat
+from operator import itemgetter, sub
 from typing import NamedTuple
 
 import redis
@@ -68,6 +68,7 @@ __all__ = [
     "Request",
     "Resource",
     "Round",
+    "ScanMemo",
     "Snapshot",
     "Victim",
     "WaitForGraph",
@@ -94,8 +95,12 @@ class Lock(NamedTuple):
     flags: int
     ticket: int
     cticket: int
-    lease_left_ms: int  #: on the instance's clock; <= 0: expired, not yet purged
+    #: on the instance's clock, when the scan script last decoded the resource (a later
+    #: scan may hand back the same tuple, D1); a scan returns live locks only (> 0).
+    #: (`inspect`: <= 0 for a lock expired, not yet purged)
+    lease_left_ms: int
     parent: str
+    priority: int = 0  #: of the lock's latest request or conversion (D8)
 
 
 class Resource(NamedTuple):
@@ -165,7 +170,8 @@ _MODE: dict[int, Mode | None] = {-1: None, **{int(m): m for m in Mode}}  # -1: n
 _FIELDS = len(Lock._fields)  # values per lock in a scan reply, in Lock's order
 _new_lock = partial(tuple.__new__, Lock)  # (a NamedTuple without its Python-level __new__)
 _new_resource = partial(tuple.__new__, Resource)
-_ITEM0, _ITEM2 = itemgetter(0), itemgetter(2)
+_ITEM0, _ITEM1, _ITEM2 = itemgetter(0), itemgetter(1), itemgetter(2)
+_RESOURCE_OF = _ITEM1  # of a memo entry (stamp, Resource)
 
 
 def _split_member(member: bytes) -> tuple[str, bytes]:
@@ -180,9 +186,44 @@ def _split_members(members: list[bytes]) -> tuple[tuple[str, bytes], ...]:
     return tuple(zip(map(bytes.decode, map(_ITEM0, parts)), map(_ITEM2, parts)))
 
 
-def _parse_scan(keys: Sequence[bytes], raw: list) -> tuple[int, dict[bytes, Resource]]:
-    """The instance clock and the resources of a `scan` reply (layout: lua/scan.lua):
-    absent resources left out, live locks only.
+#: What a scan of one instance decoded: resource key -> (stamp, Resource) (D1, scan.lua).
+Held = dict[bytes, tuple[bytes, Resource]]
+_PLUS, _SAME, _GONE = 43, 61, 45  # b"+", b"=", b"-": a resource's status in a scan reply
+
+
+class ScanMemo:
+    """What earlier scans decoded, per instance, so that `scan` asks `lua/scan.lua` only for
+    the resources that changed since (D1): for the others the script answers "unchanged"
+    after a GET, and the `Resource` tuples of the earlier scan are handed back as they are
+    (their `lease_left_ms` is then that of the earlier read). The script says "unchanged"
+    only for the very bytes it decoded then and while every lock it returned is still
+    live, so a memo never changes what a scan shows, only what it costs.
+
+    One per detector (the `Detector` keeps one); a full scan keeps only the resources it
+    read, a partial read (`Detector.confirm_pending`) adds to it. Not for two scans at once."""
+
+    def __init__(self) -> None:
+        self._held: dict[Engine, Held] = {}
+
+    def held(self, engine: Engine) -> Held:
+        """The memo of one instance (an Engine is one instance; keyed by the object)."""
+        h = self._held.get(engine)
+        if h is None:
+            h = self._held[engine] = {}
+        return h
+
+    def replace(self, engine: Engine, held: Held) -> None:
+        self._held[engine] = held
+
+    def __len__(self) -> int:
+        return sum(len(h) for h in self._held.values())
+
+
+def _parse_scan(keys: Sequence[bytes], raw: list, held: Mapping[bytes, tuple[bytes, Resource]]
+                | None = None) -> tuple[int, dict[bytes, Resource], Held]:
+    """The instance clock, the resources of a `scan` reply (layout: lua/scan.lua; absent
+    resources left out, live locks only), and (stamp, Resource) of those decoded anew.
+    `held` is what the caller sent stamps from: resources reported unchanged come from it.
 
     The locks come as one flat run of `_FIELDS` values each, in `Lock`'s field order, so
     they are read column by column (strided slices, `map` of C functions), and grouped into
@@ -191,54 +232,78 @@ def _parse_scan(keys: Sequence[bytes], raw: list) -> tuple[int, dict[bytes, Reso
     client's share of a scan small. tests/detector checks that it reads what
     `codec.parse_inspect` reads."""
     n = len(keys)
-    head = 1 + 2 * n
     try:
-        now = raw[0]
-        counts, names, body = raw[1:head:2], raw[2:head:2], raw[head:]
-        if len(counts) != n or len(body) != _FIELDS * (sum(counts) + counts.count(-1)):
-            raise ValueError(f"{len(raw)} values for {n} keys")
-        d, f = bytes.decode, _FIELDS
+        now, status = raw[0], raw[1]
+        if not isinstance(status, bytes) or len(status) != n:
+            raise ValueError(f"a status of {len(status)} bytes for {n} keys")
+        plus = status.count(_PLUS)
+        if plus + status.count(_SAME) + status.count(_GONE) != n:
+            raise ValueError(f"unknown status in {status[:40]!r}")
+        head = 2 + 3 * plus
+        stamps, counts, names, body = raw[2:head:3], raw[3:head:3], raw[4:head:3], raw[head:]
+        if len(names) != plus or len(body) != _FIELDS * sum(counts) or (
+                counts and min(counts) < 0):
+            raise ValueError(f"{len(raw)} values for {n} keys, {plus} of them read")
+        d, f, mode = bytes.decode, _FIELDS, _MODE.__getitem__
         locks = map(_new_lock, zip(
             map(_QUEUE.__getitem__, body[0::f]), map(d, body[1::f]), map(d, body[2::f]),
-            map(_MODE.__getitem__, body[3::f]), map(_MODE.__getitem__, body[4::f]),
-            body[5::f], body[6::f], body[7::f], body[8::f], map(d, body[9::f])))
-        out: dict[bytes, Resource] = {}
+            map(mode, body[3::f]), map(mode, body[4::f]), body[5::f], body[6::f],
+            body[7::f], map(sub, body[8::f], repeat(now)), map(d, body[9::f]),
+            body[10::f]))
+        pkeys = list(compress(keys, map(_PLUS.__eq__, status)))
+        fresh: list[Resource] = []
         at = 0
         for count, run in groupby(counts):  # resources with `count` locks each
             m = len(list(run))
-            ks = keys[at:at + m]
+            ks = pkeys[at:at + m]
+            groups = islice(zip(*[locks] * count), m) if count else repeat((), m)
+            fresh.extend(map(_new_resource, zip(ks, names[at:at + m], groups)))
             at += m
-            if count > 0:
-                groups = islice(zip(*[locks] * count), m)
-            elif count == 0:
-                groups = repeat((), m)
-            elif count == -1:  # no such resource
-                continue
-            else:
-                raise ValueError(f"lock count {count}")
-            out.update(zip(ks, map(_new_resource, zip(ks, names[at - m:at], groups))))
-    except (IndexError, KeyError, TypeError, ValueError, UnicodeDecodeError) as exc:
-        raise ProtocolError(f"unexpected scan reply: {exc}") from exc
-    return now, out
+        if plus + status.count(_GONE) == n:
+            out = dict(zip(pkeys, fresh))
+        else:  # some are unchanged: the caller's copy stands (all in key order)
+            if held is None:
+                raise ValueError("'unchanged' for a resource the caller did not send")
+            out = dict.fromkeys(compress(keys, map(_GONE.__ne__, status)))
+            out.update(zip(pkeys, fresh))
+            same = list(compress(keys, map(_SAME.__eq__, status)))
+            out.update(zip(same, map(_RESOURCE_OF, map(held.__getitem__, same))))
+        new: Held = dict(zip(pkeys, zip(stamps, fresh)))
+    except (IndexError, KeyError, TypeError, ValueError, UnicodeDecodeError,
+            AttributeError) as exc:
+        raise ProtocolError(f"unexpected scan reply: {exc!r}") from exc
+    return now, out, new
 
 
-def _read_resources(engine: Engine, keys: list[bytes]) -> dict[bytes, Resource]:
+def _read_resources(engine: Engine, keys: list[bytes], held: Held | None = None,
+                    keep: Held | None = None) -> dict[bytes, Resource]:
     """`keys`' resources on one instance, live locks only: `scan` calls of SCAN_CHUNK keys,
-    all sent in one pipeline."""
+    all sent in one pipeline. With `held` (what earlier scans of this instance decoded),
+    the script is sent its stamps and decodes only what changed (D1); what it read is
+    recorded in `keep` (stamps and resources of every key read, unchanged ones included)."""
     chunks = [keys[i:i + SCAN_CHUNK] for i in range(0, len(keys), SCAN_CHUNK)]
+    none = (b"",)
     pipe = engine.client.pipeline(transaction=False)
+    calls = []
     for chunk in chunks:
-        pipe.execute_command(*command("scan", [EPOCH_KEY, *chunk], []))
+        args = [] if not held else [held.get(k, none)[0] for k in chunk]
+        calls.append(args)
+        pipe.execute_command(*command("scan", [EPOCH_KEY, *chunk], args))
     replies = pipe.execute(raise_on_error=False)
     out: dict[bytes, Resource] = {}
-    for chunk, raw in zip(chunks, replies):
+    for chunk, args, raw in zip(chunks, calls, replies):
         if isinstance(raw, Exception):  # e.g. the library is missing: the careful path
-            raw = call_script(engine.client, "scan", [EPOCH_KEY, *chunk], [])
-        out.update(_parse_scan(chunk, raw)[1])
+            raw = call_script(engine.client, "scan", [EPOCH_KEY, *chunk], args)
+        _, got, new = _parse_scan(chunk, raw, held)
+        out.update(got)
+        if keep is not None:
+            if held:
+                keep.update((k, held[k]) for k in got if k not in new)
+            keep.update(new)
     return out
 
 
-def _scan_one(engine: Engine) -> tuple[int, tuple, dict]:
+def _scan_one(engine: Engine, memo: ScanMemo | None = None) -> tuple[int, tuple, dict]:
     # The index is scored by lease expiry on the instance's own clock (test clocks
     # included), so "still alive" is asked of that clock, not ours. (Members only: scores
     # would cost more to convert than the whole read.)
@@ -246,17 +311,25 @@ def _scan_one(engine: Engine) -> tuple[int, tuple, dict]:
     members = engine.client.zrangebyscore(engine.wkey, f"({now}", "+inf")
     waiters = _split_members(members)
     keys = list(dict.fromkeys(key for _, key in waiters))  # a resource is read once
-    return now, waiters, _read_resources(engine, keys) if keys else {}
+    if memo is None:
+        return now, waiters, _read_resources(engine, keys) if keys else {}
+    keep: Held = {}
+    got = _read_resources(engine, keys, memo.held(engine), keep) if keys else {}
+    memo.replace(engine, keep)  # a full scan: only what it read is worth keeping
+    return now, waiters, got
 
 
-def scan(engines: Sequence[Engine | Target], *, executor: Executor | None = None) -> Snapshot:
+def scan(engines: Sequence[Engine | Target], *, executor: Executor | None = None,
+         memo: ScanMemo | None = None) -> Snapshot:
     """D1: read every instance's waiter index (entries whose lease has not run out on that
     instance's clock), then read the distinct resources it names (lua/scan.lua: live locks
     only), in chunks sent in one pipeline per instance. Never KEYS or SCAN. Instances are
-    read in parallel; one that fails shows as an `InstanceScan` with `error`."""
+    read in parallel; one that fails shows as an `InstanceScan` with `error`. With `memo`
+    (kept from scan to scan), only the resources that changed since are decoded and sent:
+    the snapshot is the same, cheaper."""
     targets = [t if isinstance(t, Target) else Target(label_of(t), t) for t in engines]
     with _gc_paused():
-        return _snapshot(fan_out(targets, _scan_one, executor=executor))
+        return _snapshot(fan_out(targets, partial(_scan_one, memo=memo), executor=executor))
 
 
 @contextmanager
@@ -799,6 +872,7 @@ class Detector:
         self.rounds = 0
         self._previous: list[Cycle] = []  # cycles of the previous scan not acted upon
         self._reported: set[frozenset] = set()  # victimless cycles already logged
+        self._memo = ScanMemo()  # D1: what the last scans decoded, per instance
         self._pool = ThreadPoolExecutor(max_workers=len(self.targets),
                                         thread_name_prefix="dlm-detector")
 
@@ -826,7 +900,7 @@ class Detector:
             self._previous = []
             return Round(n, False, elapsed_ms=(time.perf_counter() - t0) * 1000)
         if full:
-            snap = scan(self.targets, executor=self._pool)
+            snap = scan(self.targets, executor=self._pool, memo=self._memo)
         else:
             keys = list(dict.fromkeys(e.key for c in self._previous for e in c.edges))
             snap = self._read(keys)
@@ -874,7 +948,8 @@ class Detector:
     def _read(self, keys: list[bytes]) -> Snapshot:
         """Only `keys`, on every instance (no index read: the waiters are in the views)."""
         def one(e: Engine) -> tuple[int, tuple, dict]:
-            return 0, (), _read_resources(e, keys) if keys else {}
+            held = self._memo.held(e)
+            return 0, (), _read_resources(e, keys, held, held) if keys else {}
         return _snapshot(fan_out(self.targets, one, executor=self._pool))
 
     def _cancel(self, n: int, req: Request, cyc: Cycle) -> Victim:

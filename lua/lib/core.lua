@@ -564,6 +564,11 @@ local function commit()
   end
 end
 
+-- lua/scan.lua's memo of the resources it decoded, kept between calls (see scan.lua; in
+-- EVAL form it starts empty on every call): {cur = {}, old = {}, n = entries in cur,
+-- seq = stamps issued, base = the library's load time on this instance}.
+local scan_memo = {cur = {}, old = {}, n = 0, seq = 0, base = false}
+
 -- The last waiter index found valid, with what derives from it (a pure function of that
 -- string, kept between calls so a namespace is parsed once): namespace, key prefix, channel.
 local valid_w, valid_ns, valid_prefix, valid_ch
