@@ -31,7 +31,7 @@ from collections.abc import Callable, Container, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import cached_property, partial
+from functools import cache, cached_property, partial
 from itertools import compress, groupby, islice, repeat
 from operator import itemgetter, sub
 from typing import NamedTuple
@@ -497,7 +497,60 @@ def _layouts(per: list[tuple[int, Resource | ResourceView]]
     return [(m, live, view) for m, live, view in groups.values()]
 
 
-def wait_for_graph(snapshot: Snapshot) -> WaitForGraph:
+#: Per resource key: (quorum, the instances' views it was computed from, its edges, its
+#: waiting requests). See `wait_for_graph`.
+GraphMemo = dict
+
+
+def _resource_edges(key: bytes, per: list[tuple[int, Resource | ResourceView]], q: int
+                    ) -> tuple[tuple[Edge, ...], dict[tuple[bytes, str], Request]]:
+    """D2-D5 on one resource, merged over the instances that show it (`per`)."""
+    layouts = _layouts(per)
+    granted: dict[tuple[str, Mode | None], int] | None = None
+    if len(layouts) > 1:  # D5 can only apply where the instances disagree
+        granted = {}
+        for mask, live, _ in layouts:
+            on = bin(mask).count("1")
+            for lk in live:
+                if lk.queue == "G":
+                    k = (lk.lock_id, lk.mode)
+                    granted[k] = granted.get(k, 0) + on
+    merged: dict[tuple[str, str], list] = {}  # (lock id, blocker id) -> [waiter, holder, mask]
+    requests: dict[tuple[bytes, str], Request] = {}
+    for mask, live, view in layouts:
+        if len(live) < 2:
+            continue
+        owner_of = {lk.lock_id: lk.owner for lk in live}
+        for lk, blockers in _blockers(live):
+            if not blockers:
+                continue
+            if granted is not None and granted.get((lk.lock_id, lk.requested), 0) >= q:
+                continue  # D5
+            owner, lid = lk.owner, lk.lock_id
+            for bid in blockers:
+                holder = owner_of[bid]
+                if holder == owner:
+                    continue
+                entry = merged.get((lid, bid))
+                if entry is None:
+                    merged[(lid, bid)] = [owner, holder, mask]
+                    if (key, lid) not in requests:
+                        requests[(key, lid)] = Request.of(view, lk)
+                else:
+                    entry[2] |= mask
+    if not merged:
+        return (), requests
+    make = Edge._make
+    return tuple(make((w, h, key, lid, bid, _instances(m)))
+                 for (lid, bid), (w, h, m) in merged.items()), requests
+
+
+@cache
+def _instances(mask: int) -> tuple[int, ...]:
+    return tuple(i for i in range(mask.bit_length()) if mask >> i & 1)
+
+
+def wait_for_graph(snapshot: Snapshot, *, memo: GraphMemo | None = None) -> WaitForGraph:
     """D2-D5: the wait-for graph between owners, merged over every instance.
 
     An edge W -> H exists when some waiting or converting lock of W, on some instance,
@@ -505,7 +558,13 @@ def wait_for_graph(snapshot: Snapshot) -> WaitForGraph:
     them before any decision, G10). A request already granted on a quorum of instances is
     held, so where it still queues (a minority) it waits for nobody (D5); it may still be
     waited for. An owner never waits for itself. Merging instances is what makes a split
-    vote that survives show up as a cycle."""
+    vote that survives show up as a cycle.
+
+    A resource's edges depend on that resource's views only. With `memo` (a dict the
+    caller keeps from round to round; the `Detector` does), a resource whose views are the
+    very objects of the previous call (a `scan` with a `ScanMemo` hands back unchanged
+    resources as they were) keeps the edges computed then; the memo is then replaced by
+    this call's resources."""
     q = snapshot.quorum
     by_key: dict[bytes, list[tuple[int, Resource | ResourceView]]] = {}
     for i, inst in enumerate(snapshot.instances):
@@ -515,48 +574,26 @@ def wait_for_graph(snapshot: Snapshot) -> WaitForGraph:
                 by_key[key] = [(i, view)]
             else:
                 per.append((i, view))
-    merged: dict[tuple[bytes, str, str], list] = {}  # ident -> [waiter, holder, mask]
+    edges: list[Edge] = []
     requests: dict[tuple[bytes, str], Request] = {}
+    old = memo if memo is not None else {}
+    new: GraphMemo = {}
     for key, per in by_key.items():
-        layouts = _layouts(per)
-        granted: dict[tuple[str, Mode | None], int] | None = None
-        if len(layouts) > 1:  # D5 can only apply where the instances disagree
-            granted = {}
-            for mask, live, _ in layouts:
-                on = bin(mask).count("1")
-                for lk in live:
-                    if lk.queue == "G":
-                        k = (lk.lock_id, lk.mode)
-                        granted[k] = granted.get(k, 0) + on
-        for mask, live, view in layouts:
-            if len(live) < 2:
-                continue
-            owner_of = {lk.lock_id: lk.owner for lk in live}
-            for lk, blockers in _blockers(live):
-                if not blockers:
-                    continue
-                if granted is not None and granted.get((lk.lock_id, lk.requested), 0) >= q:
-                    continue  # D5
-                owner, lid = lk.owner, lk.lock_id
-                for bid in blockers:
-                    holder = owner_of[bid]
-                    if holder == owner:
-                        continue
-                    ident = (key, lid, bid)
-                    entry = merged.get(ident)
-                    if entry is None:
-                        merged[ident] = [owner, holder, mask]
-                        if (key, lid) not in requests:
-                            requests[(key, lid)] = Request.of(view, lk)
-                    else:
-                        entry[2] |= mask
-    n = len(snapshot.instances)
-    where = {m: tuple(i for i in range(n) if m >> i & 1)
-             for m in {e[2] for e in merged.values()}}
-    make = Edge._make
-    edges = tuple(make((w, h, k, lid, bid, where[m]))
-                  for (k, lid, bid), (w, h, m) in merged.items())
-    return WaitForGraph(edges, requests)
+        hit = old.get(key)
+        if (hit is not None and hit[0] == q and len(hit[1]) == len(per)
+                and all(a[0] == b[0] and a[1] is b[1] for a, b in zip(hit[1], per))):
+            ek, rk = hit[2], hit[3]
+        else:
+            ek, rk = _resource_edges(key, per, q)
+        if memo is not None:
+            new[key] = (q, per, ek, rk)
+        if ek:
+            edges.extend(ek)
+            requests.update(rk)
+    if memo is not None:
+        memo.clear()
+        memo.update(new)
+    return WaitForGraph(tuple(edges), requests)
 
 
 # ----------------------------------------------------------------- D6: cycles
@@ -681,10 +718,35 @@ def _cyclic_core(adj: Mapping[str, set[str]]) -> dict[str, set[str]]:
     return {v: sub[v] & alive for v in alive}
 
 
+def _may_cycle(edges: Sequence[Edge]) -> dict[str, set[str]]:
+    """The adjacency of the owners that may be on a cycle: an owner on a cycle both waits
+    and is waited for, so a few rounds of set intersections (loops in C) drop, at once,
+    the many owners of a busy graph that only hold or only wait (the whole graph of
+    10,000 one-holder one-waiter resources); `_cyclic_core` peels what is left."""
+    pairs = set(zip(map(_ITEM0, edges), map(_ITEM1, edges)))
+    for _ in range(4):
+        both = set(map(_ITEM0, pairs)) & set(map(_ITEM1, pairs))
+        kept = {p for p in pairs if p[0] in both and p[1] in both}
+        if len(kept) == len(pairs):
+            break
+        pairs = kept
+    adj: dict[str, set[str]] = {}
+    for w, h in pairs:
+        succ = adj.get(w)
+        if succ is None:
+            adj[w] = {h}
+        else:
+            succ.add(h)
+    for _, h in pairs:
+        if h not in adj:
+            adj[h] = set()
+    return adj
+
+
 def find_cycles(graph: WaitForGraph) -> list[Cycle]:
     """D6: every group of two or more owners that wait for each other (Tarjan's SCC), with
     the edges and waiting requests inside the group. Sorted by owners."""
-    core = _cyclic_core(graph.adjacency)
+    core = _cyclic_core(_may_cycle(graph.edges))
     if not core:
         return []
     by_waiter: dict[str, list[Edge]] = {}
@@ -818,6 +880,7 @@ class Round:
     pending: tuple[Cycle, ...] = ()  #: seen for the first time: to confirm next round
     reaped: tuple[Outcome, ...] = ()  #: per instance ReapResult, on reaping rounds
     elapsed_ms: float = 0.0
+    read_at: float = 0.0  #: time.monotonic() when its reads were done (0: nothing read)
 
 
 def _kv(event: str, **fields: object) -> str:
@@ -873,6 +936,7 @@ class Detector:
         self._previous: list[Cycle] = []  # cycles of the previous scan not acted upon
         self._reported: set[frozenset] = set()  # victimless cycles already logged
         self._memo = ScanMemo()  # D1: what the last scans decoded, per instance
+        self._graph: GraphMemo = {}  # the edges of the last full round, per resource
         self._pool = ThreadPoolExecutor(max_workers=len(self.targets),
                                         thread_name_prefix="dlm-detector")
 
@@ -899,16 +963,19 @@ class Detector:
                 self.log.info(_kv("standby", round=n, forgotten=len(self._previous)))
             self._previous = []
             return Round(n, False, elapsed_ms=(time.perf_counter() - t0) * 1000)
-        if full:
-            snap = scan(self.targets, executor=self._pool, memo=self._memo)
-        else:
-            keys = list(dict.fromkeys(e.key for c in self._previous for e in c.edges))
-            snap = self._read(keys)
+        with _gc_paused():  # (the scan's tuples, then the graph's: see _gc_paused)
+            if full:
+                snap = scan(self.targets, executor=self._pool, memo=self._memo)
+            else:
+                keys = list(dict.fromkeys(e.key for c in self._previous for e in c.edges))
+                snap = self._read(keys)
+            read_at = time.monotonic()
+            # (a partial read would shrink the memo to its few resources: not given it)
+            cycles = find_cycles(wait_for_graph(snap, memo=self._graph if full else None))
         for inst in snap.instances:
             if not inst.ok:
                 self.log.warning(_kv("unreachable", round=n, instance=inst.label,
                                      error=inst.error))
-        cycles = find_cycles(wait_for_graph(snap))
         confirmed, victims, unresolved, first_seen, remember = [], [], [], [], []
         for cyc in cycles:
             earlier = next((p for p in self._previous if p.signature <= cyc.signature), None)
@@ -936,7 +1003,8 @@ class Detector:
         elapsed = (time.perf_counter() - t0) * 1000
         rnd = Round(n, True, snap, cycles=tuple(cycles), confirmed=tuple(confirmed),
                     victims=tuple(victims), unresolved=tuple(unresolved),
-                    pending=tuple(first_seen), reaped=reaped, elapsed_ms=elapsed)
+                    pending=tuple(first_seen), reaped=reaped, elapsed_ms=elapsed,
+                    read_at=read_at)
         level = logging.INFO if (cycles or reaped or not full) else logging.DEBUG
         self.log.log(level, _kv("round" if full else "confirm", round=n,
                                 reachable=f"{snap.reachable}/{len(snap.instances)}",
@@ -996,8 +1064,12 @@ class Detector:
         while not stop.is_set() and (max_rounds is None or done < max_rounds):
             t0 = time.monotonic()
             try:
-                if self.run_once().pending and not stop.wait(self.confirm_after_s):
-                    self.confirm_pending()  # D7: look again sooner, at those locks only
+                rnd = self.run_once()
+                # D7: look again sooner, at those locks only, confirm_after_s after the
+                # scan read them (every resource is then read again at least that late)
+                if rnd.pending and not stop.wait(
+                        max(0.0, rnd.read_at + self.confirm_after_s - time.monotonic())):
+                    self.confirm_pending()
             except Exception as exc:  # keep the job alive; the next round starts afresh
                 self.log.error(_kv("round-failed", round=self.rounds,
                                    error=describe_error(exc)))

@@ -20,6 +20,7 @@ from redlockdlm.detector import (
     _parse_scan,
     _read_resources,
     scan,
+    wait_for_graph,
 )
 from redlockdlm.engine.instance import Engine, call_script
 from redlockdlm.engine.keys import EPOCH_KEY
@@ -288,7 +289,7 @@ def shown(snap) -> list:
 
 @pytest.mark.parametrize("seed", range(3))
 def test_memos_change_nothing_a_scan_or_graph_shows(cluster3, seed):
-    """D1: scans with a ScanMemo kept over rounds in which the
+    """D1: scans with a ScanMemo, and graphs with a memo, kept over rounds in which the
     instances change (the same operations everywhere, some on one instance only; leases
     running out; the clock going back) show exactly what fresh ones show."""
     engines = [Engine(redis.Redis.from_url(u), "mm") for u in cluster3.urls]
@@ -296,7 +297,7 @@ def test_memos_change_nothing_a_scan_or_graph_shows(cluster3, seed):
         e.init_fresh()
     rng = random.Random(seed)
     t = engines[0].status().now_ms
-    memo = ScanMemo()
+    memo, graph_memo = ScanMemo(), {}
     owners = [f"o{i}" for i in range(5)]
     live: list[tuple[str, str, str]] = []  # (resource, owner, lock id)
     for step in range(40):
@@ -320,6 +321,7 @@ def test_memos_change_nothing_a_scan_or_graph_shows(cluster3, seed):
         got = scan(engines, memo=memo)
         want = scan(engines)
         assert shown(got) == shown(want)
-    assert len(memo)
+        assert wait_for_graph(got, memo=graph_memo) == wait_for_graph(want)
+    assert len(memo) and len(graph_memo)
     for e in engines:
         e.set_clock()
