@@ -270,7 +270,7 @@ def _req_json(req: Request | None) -> dict[str, Any] | None:
         return None
     return {"owner": req.owner, "lock_id": req.lock_id, "name": admin.show_name(req.path),
             "path": admin.path_list(req.path), "ticket": req.ticket,
-            "queue": req.queue, "requested": req.requested.name,
+            "priority": req.priority, "queue": req.queue, "requested": req.requested.name,
             "no_deadlock_wait": req.no_deadlock_wait}
 
 
@@ -307,7 +307,8 @@ def graph(snap: Snapshot, g: WaitForGraph, cycles: Sequence[tuple[Cycle, Request
     for c, v in cycles:
         who = ("no victim: every request is NODLCKWT" if v is None else
                f"victim if it persists: {v.owner} (lock {v.lock_id} on "
-               f"{admin.show_name(v.path)}, ticket {v.ticket})")
+               f"{admin.show_name(v.path)}, ticket {v.ticket}"
+               + (f", priority {v.priority})" if v.priority else ")"))
         click.echo(f"  {' -> '.join(c.path + c.path[:1])}   [{', '.join(c.owners)}]   {who}")
 
 

@@ -193,12 +193,15 @@ class AsyncDLM:
                    value_block: bool = True,
                    on_blocking: Callable[[Mode], Any] | None = None,
                    on_lost: Callable[[AsyncLock], Any] | None = None,
-                   lease_ms: int | None = None, parent: AsyncLock | None = None) -> AsyncLock:
-        """Wait until `resource` is granted in `mode` on a quorum; same errors as DLM.lock."""
+                   lease_ms: int | None = None, parent: AsyncLock | None = None,
+                   priority: int = 0) -> AsyncLock:
+        """Wait until `resource` is granted in `mode` on a quorum; same errors and
+        `priority` (the deadlock detector's choice of a victim) as DLM.lock."""
         req = await self.enqueue(resource, mode, timeout=timeout, noqueue=noqueue,
                                  expedite=expedite, no_deadlock_wait=no_deadlock_wait,
                                  value_block=value_block, on_blocking=on_blocking,
-                                 on_lost=on_lost, lease_ms=lease_ms, parent=parent)
+                                 on_lost=on_lost, lease_ms=lease_ms, parent=parent,
+                                 priority=priority)
         return await req.wait()
 
     async def enqueue(self, resource: str | bytes, mode: object = Mode.EX, *,
@@ -209,8 +212,9 @@ class AsyncDLM:
                       on_blocking: Callable[[Mode], Any] | None = None,
                       on_lost: Callable[[AsyncLock], Any] | None = None,
                       lease_ms: int | None = None,
-                      parent: AsyncLock | None = None) -> AsyncRequest:
-        """Send the request to every instance; the returned AsyncRequest is awaitable."""
+                      parent: AsyncLock | None = None, priority: int = 0) -> AsyncRequest:
+        """Send the request to every instance; the returned AsyncRequest is awaitable.
+        `priority`: as for DLM.lock."""
         if self._closed:
             raise DLMError("this AsyncDLM client is closed")
         self._start()
@@ -222,7 +226,8 @@ class AsyncDLM:
             raise InvalidType("parent must be an AsyncLock")
         lk = self._core.new_lock(resource, mode, parent=parent._core if parent else None,
                                  noqueue=noqueue, expedite=expedite,
-                                 no_deadlock_wait=no_deadlock_wait, lease_ms=lease_ms)
+                                 no_deadlock_wait=no_deadlock_wait, lease_ms=lease_ms,
+                                 priority=priority)
         if t is not None:
             lk.deadline = time.monotonic() + t
         if lk.lease_ms < self._core.lease_ms:
@@ -555,7 +560,7 @@ class AsyncDLM:
             self._forget(d)
 
     async def _convert(self, lk: LockCore, mode: object, timeout: float | None,
-                       **flags: bool) -> None:
+                       **flags: Any) -> None:
         t = check_timeout(timeout)
         old = lk.mode
         m, fl, down = self._core.start_convert(lk, mode, **flags)
@@ -653,10 +658,12 @@ class AsyncLock(LockBase):
 
     async def convert(self, mode: object, *, timeout: float | None = None,
                       noqueue: bool = False, quecvt: bool = False, convdeadlk: bool = False,
-                      no_deadlock_wait: bool = False) -> None:
-        """Change the mode; on failure the lock keeps its old mode (as `Lock.convert`)."""
+                      no_deadlock_wait: bool = False, priority: int = 0) -> None:
+        """Change the mode; on failure the lock keeps its old mode (as `Lock.convert`,
+        `priority` included)."""
         await self._dlm._convert(self._core, mode, timeout, noqueue=noqueue, quecvt=quecvt,
-                                 convdeadlk=convdeadlk, no_deadlock_wait=no_deadlock_wait)
+                                 convdeadlk=convdeadlk, no_deadlock_wait=no_deadlock_wait,
+                                 priority=priority)
 
     async def release(self, *, subtree: bool = False) -> None:
         """Release on every instance (writing the value block if set by a PW/EX holder)."""

@@ -266,15 +266,20 @@ class DLM:
              no_deadlock_wait: bool = False, value_block: bool = True,
              on_blocking: Callable[[Mode], Any] | None = None,
              on_lost: Callable[[Lock], Any] | None = None,
-             lease_ms: int | None = None, parent: Lock | None = None) -> Lock:
+             lease_ms: int | None = None, parent: Lock | None = None,
+             priority: int = 0) -> Lock:
         """Block until `resource` is granted in `mode` on a quorum, and return the Lock.
 
         Raises LockTimeout (nothing left behind), NotQueued (noqueue and not grantable at
-        once), Deadlock (chosen as a victim), ParentNotGranted, QuorumUnavailable."""
+        once), Deadlock (chosen as a victim), ParentNotGranted, QuorumUnavailable.
+        `priority` (docs/rules.md P1; an int in -2**31..2**31-1, default 0) matters only if
+        the request is caught in a deadlock: the detector cancels the cycle's request of
+        lowest priority, and among those the youngest (docs/detector.md D8). It changes no
+        grant: queues stay in ticket order."""
         req = self.enqueue(resource, mode, timeout=timeout, noqueue=noqueue,
                            expedite=expedite, no_deadlock_wait=no_deadlock_wait,
                            value_block=value_block, on_blocking=on_blocking, on_lost=on_lost,
-                           lease_ms=lease_ms, parent=parent)
+                           lease_ms=lease_ms, parent=parent, priority=priority)
         return req.wait()
 
     def enqueue(self, resource: str | bytes, mode: object = Mode.EX, *,
@@ -283,9 +288,11 @@ class DLM:
                 on_granted: Callable[[Lock], Any] | None = None,
                 on_blocking: Callable[[Mode], Any] | None = None,
                 on_lost: Callable[[Lock], Any] | None = None,
-                lease_ms: int | None = None, parent: Lock | None = None) -> Request:
+                lease_ms: int | None = None, parent: Lock | None = None,
+                priority: int = 0) -> Request:
         """Send the request to every instance and return at once; the Request completes
-        (and `on_granted` runs on the callback thread) when the lock is granted."""
+        (and `on_granted` runs on the callback thread) when the lock is granted.
+        `priority`: as for `lock`."""
         self._check_open()
         t = check_timeout(timeout)
         for what, fn in (("on_granted", on_granted), ("on_blocking", on_blocking),
@@ -296,7 +303,8 @@ class DLM:
         with self._mu:
             lk = self._core.new_lock(resource, mode, parent=parent._core if parent else None,
                                      noqueue=noqueue, expedite=expedite,
-                                     no_deadlock_wait=no_deadlock_wait, lease_ms=lease_ms)
+                                     no_deadlock_wait=no_deadlock_wait, lease_ms=lease_ms,
+                                     priority=priority)
             if t is not None:
                 lk.deadline = time.monotonic() + t
             if lk.lease_ms < self._core.lease_ms:  # a shorter lease needs earlier ticks
@@ -751,7 +759,7 @@ class DLM:
                          lk.id, self._core.n - failed, self._core.n)
 
     def _convert(self, lk: LockCore, mode: object, timeout: float | None,
-                 **flags: bool) -> None:
+                 **flags: Any) -> None:
         t = check_timeout(timeout)
         with self._mu:
             old = lk.mode
@@ -867,11 +875,13 @@ class Lock(LockBase):
 
     def convert(self, mode: object, *, timeout: float | None = None, noqueue: bool = False,
                 quecvt: bool = False, convdeadlk: bool = False,
-                no_deadlock_wait: bool = False) -> None:
+                no_deadlock_wait: bool = False, priority: int = 0) -> None:
         """Change the mode (up or down). A down-conversion from PW/EX writes a value you set.
-        On failure (NotQueued, Deadlock, LockTimeout) the lock keeps its old mode."""
+        On failure (NotQueued, Deadlock, LockTimeout) the lock keeps its old mode.
+        `priority` (as for `DLM.lock`) is this conversion's, should it wait on a deadlock."""
         self._dlm._convert(self._core, mode, timeout, noqueue=noqueue, quecvt=quecvt,
-                           convdeadlk=convdeadlk, no_deadlock_wait=no_deadlock_wait)
+                           convdeadlk=convdeadlk, no_deadlock_wait=no_deadlock_wait,
+                           priority=priority)
 
     def release(self, *, subtree: bool = False) -> None:
         """Release on every instance (writing the value block if set by a PW/EX holder)."""

@@ -5,7 +5,7 @@ A pipeline of pure steps, then one job that runs them on a schedule::
     snap = scan(engines)               # read-only: waiter index + scan.lua, instances in parallel
     graph = wait_for_graph(snap)       # owners, and who waits for whom (D2-D5)
     cycles = find_cycles(graph)        # Tarjan's strongly connected components (D6)
-    victim = choose_victim(cycle, snap)  # youngest ticket, NODLCKWT never (D8)
+    victim = choose_victim(cycle, snap)  # lowest priority, youngest ticket; not NODLCKWT (D8)
 
     Detector(urls, "shop", interval_s=0.5).run_forever(stop_event)
 
@@ -373,6 +373,7 @@ class Request(NamedTuple):
     flags: int
     parent: str  #: parent lock id, '' for a root lock
     path: tuple[bytes, ...]
+    priority: int = 0  #: P1: the lowest is the first victim (D8)
 
     @property
     def no_deadlock_wait(self) -> bool:
@@ -386,7 +387,7 @@ class Request(NamedTuple):
     def of(cls, view: Resource | ResourceView, lk: Lock | LockView) -> Request:
         return cls._make((view.key, lk.lock_id, lk.owner, lk.queue, lk.mode, lk.requested,
                           lk.cticket if lk.queue == "C" else lk.ticket, lk.flags, lk.parent,
-                          view.path))
+                          view.path, lk.priority))
 
 
 class Edge(NamedTuple):
@@ -773,10 +774,11 @@ def find_cycles(graph: WaitForGraph) -> list[Cycle]:
 
 def choose_victim(cycle: Cycle, snapshot: Snapshot, *,
                   eligible: Container[tuple[bytes, str]] | None = None) -> Request | None:
-    """D8: the youngest request (highest ticket; ties by lock id) among the cycle's waiting
-    requests, never one that asked not to be chosen (NODLCKWT, on any instance's view).
-    `eligible` narrows the choice to (key, lock id) pairs (the detector passes those seen on
-    both scans). None when no request may be chosen."""
+    """D8: among the cycle's waiting requests, the one of lowest priority (P1); among
+    equals, the youngest (highest ticket; ties by lock id). Never one that asked not to be
+    chosen (NODLCKWT, on any instance's view). `eligible` narrows the choice to (key, lock
+    id) pairs (the detector passes those seen on both scans). None when no request may be
+    chosen."""
     best = None
     for req in cycle.requests:
         if eligible is not None and (req.key, req.lock_id) not in eligible:
@@ -784,7 +786,8 @@ def choose_victim(cycle: Cycle, snapshot: Snapshot, *,
         views = snapshot.views_of(req.key, req.lock_id)
         if req.no_deadlock_wait or any(lk.flags & Flag.NODLCKWT for _, lk in views):
             continue
-        if best is None or (req.ticket, req.lock_id) > (best.ticket, best.lock_id):
+        if best is None or ((-req.priority, req.ticket, req.lock_id)
+                            > (-best.priority, best.ticket, best.lock_id)):
             best = req
     return best
 
@@ -1029,6 +1032,7 @@ class Detector:
         v = Victim(req, cyc, outcomes)
         self.log.warning(_kv("victim", round=n, owner=req.owner, lock=req.lock_id,
                              resource=show_name(req.path), ticket=req.ticket,
+                             priority=req.priority,
                              mode=req.requested.name, cycle="->".join(cyc.path + cyc.path[:1]),
                              cancelled=f"{v.cancelled_on}/{len(outcomes)}"))
         for o in outcomes:

@@ -32,7 +32,7 @@ from .engine.keys import (
     resource_key,
     waiters_key,
 )
-from .engine.modes import Flag, Mode, Status, is_down_conversion
+from .engine.modes import MAX_PRIORITY, MIN_PRIORITY, Flag, Mode, Status, is_down_conversion
 from .errors import (
     Deadlock,
     DLMError,
@@ -146,7 +146,8 @@ class LockCore:
     """One lock's protocol state. Mutated only through `Session` (one thread or task)."""
 
     def __init__(self, session: Session, path: tuple[bytes, ...], mode: Mode, flags: int,
-                 lease_ms: int, parent: LockCore | None, lock_id: str) -> None:
+                 lease_ms: int, parent: LockCore | None, lock_id: str,
+                 priority: int = 0) -> None:
         self.session = session
         self.id = lock_id
         self.path = path
@@ -157,6 +158,8 @@ class LockCore:
         self.mode: Mode | None = None  #: held mode (None until granted)
         self.rq: Mode = mode  #: requested mode (acquiring or converting)
         self.flags = flags
+        #: P1: of the request, then of the latest conversion (the detector's victim, D8)
+        self.priority = priority
         self.lease_ms = lease_ms
         self.ticket = session.tickets.next()
         self.cticket = 0
@@ -267,7 +270,7 @@ class Session:
         pkey = lk.parent.key if lk.parent else lk.key
         return command("request", self._keys(lk.key, pkey), codec.request_args(
             self.rejoin_ms, self.chan_prefix, self.owner, lk.id, lk.rq, lk.flags, lk.ticket,
-            lk.lease_ms, lk.parent.id if lk.parent else "", lk.name))
+            lk.lease_ms, lk.parent.id if lk.parent else "", lk.name, lk.priority))
 
     def convert_cmd(self, lk: LockCore, mode: Mode, flags: int, value: bytes | None,
                     version: int, i: int | None = None) -> tuple:
@@ -277,7 +280,7 @@ class Session:
                 value = None  # V3: only where we hold PW/EX (see release_cmd)
         return command("convert", self._keys(lk.key), codec.convert_args(
             self.rejoin_ms, self.chan_prefix, self.owner, lk.id, mode, flags, lk.cticket,
-            lk.lease_ms, value, version, self.vbmax, lk.token))
+            lk.lease_ms, value, version, self.vbmax, lk.token, lk.priority))
 
     def release_cmd(self, lk: LockCore, subtree: bool = False, i: int | None = None) -> tuple:
         """The release for instance i. The value block goes only where our vote is granted
@@ -352,8 +355,10 @@ class Session:
 
     def new_lock(self, name: str | bytes, mode: object, *, parent: LockCore | None = None,
                  noqueue: bool = False, expedite: bool = False, no_deadlock_wait: bool = False,
-                 lease_ms: int | None = None, lock_id: str | None = None) -> LockCore:
+                 lease_ms: int | None = None, lock_id: str | None = None,
+                 priority: int = 0) -> LockCore:
         m = codec.as_mode(mode)
+        prio = check_priority(priority)
         raw = check_name(name)
         if parent is not None:
             if parent.phase not in (Phase.HELD, Phase.CONVERTING):
@@ -372,7 +377,7 @@ class Session:
             raise InvalidArgument(f"a lock's lease ({lease} ms) may not exceed the client's "
                                   f"rejoin_ms ({self.rejoin_ms} ms); raise rejoin_ms")
         lk = LockCore(self, path, m, int(flags), lease, parent,
-                      check_id("lock id", lock_id) if lock_id else new_id())
+                      check_id("lock id", lock_id) if lock_id else new_id(), prio)
         self.locks[lk.id] = lk
         if parent is not None:
             parent.children.append(lk)
@@ -614,14 +619,17 @@ class Session:
 
     def start_convert(self, lk: LockCore, mode: object, *, noqueue: bool = False,
                       quecvt: bool = False, convdeadlk: bool = False,
-                      no_deadlock_wait: bool = False) -> tuple[Mode, int, bool]:
+                      no_deadlock_wait: bool = False,
+                      priority: int = 0) -> tuple[Mode, int, bool]:
         m = codec.as_mode(mode)
+        prio = check_priority(priority)
         if lk.phase is not Phase.HELD:
             raise LockLost("the lock is not held", resource=_show(lk.path), lock_id=lk.id)
         flags = ((Flag.NOQUEUE if noqueue else 0) | (Flag.QUECVT if quecvt else 0)
                  | (Flag.CONVDEADLK if convdeadlk else 0)
                  | (Flag.NODLCKWT if no_deadlock_wait else 0))
         down = is_down_conversion(lk.mode, m)
+        lk.priority = prio  # (kept by the instances only if the conversion queues or is granted)
         lk.rq = m
         lk.cticket = self.tickets.next()
         lk.error = None
@@ -772,6 +780,15 @@ def check_lease(lease_ms: object) -> int:
     if not 100 <= lease_ms <= 86_400_000:
         raise InvalidArgument("lease_ms must be 100..86400000")
     return lease_ms
+
+
+def check_priority(priority: object) -> int:
+    """P1: an int in MIN_PRIORITY..MAX_PRIORITY (a C int), checked before anything is sent."""
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise InvalidType(f"priority must be an int, not {type(priority).__name__}")
+    if not MIN_PRIORITY <= priority <= MAX_PRIORITY:
+        raise InvalidArgument(f"priority must be {MIN_PRIORITY}..{MAX_PRIORITY}, got {priority}")
+    return int(priority)
 
 
 def check_timeout(timeout: object) -> float | None:

@@ -45,7 +45,8 @@ class Cluster:
 
     def request(self, owner: str, lock_id: str, path: Sequence[str], mode: str, *, ticket: int,
                 on: Iterable[int] | None = None, flags: int = 0, lease_ms: int = LEASE_MS,
-                parent: tuple[Sequence[str], str] | None = None) -> list[Status]:
+                parent: tuple[Sequence[str], str] | None = None,
+                priority: int = 0) -> list[Status]:
         out = []
         for i in self._on(on):
             e = self.engines[i]
@@ -54,7 +55,7 @@ class Cluster:
                 kw = {"parent_key": e.key(*parent[0]), "parent_id": parent[1]}
             out.append(e.request(e.key(*path), owner, lock_id, mode, ticket=ticket,
                                  lease_ms=lease_ms, flags=flags, name=e.name(*path),
-                                 **kw).status)
+                                 priority=priority, **kw).status)
         return out
 
     def convert(self, owner: str, lock_id: str, path: Sequence[str], mode: str, *,

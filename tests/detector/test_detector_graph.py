@@ -224,3 +224,38 @@ def test_D8_a_conversion_is_aged_by_its_conversion_ticket():
     (cyc,) = find_cycles(wait_for_graph(s))
     victim = choose_victim(cyc, s)
     assert (victim.lock_id, victim.queue, victim.ticket) == ("a2", "C", 99)
+
+
+def test_D8_the_lowest_priority_is_the_victim_before_the_youngest():
+    s = snap([res("R1", lk("G", "a1", "a", "EX", None, 1),
+                  lk("W", "b2", "b", None, "EX", 4)),
+              res("R2", lk("G", "b1", "b", "EX", None, 2),
+                  LockView("W", "a2", "a", None, Mode.EX, 0, 3, 0, 10_000, "", 0, None, (),
+                           -1))])
+    (cyc,) = find_cycles(wait_for_graph(s))
+    victim = choose_victim(cyc, s)
+    assert (victim.lock_id, victim.priority) == ("a2", -1)  # older, but of lower priority
+
+
+@pytest.mark.parametrize("a_prio, b_prio, victim", [
+    (5, 5, "b2"),  # equal: the youngest
+    (0, 1, "a2"),
+    (2**31 - 1, -(2**31), "b2"),
+])
+def test_D8_priorities_then_tickets(a_prio, b_prio, victim):
+    def w(lid, owner, ticket, prio):
+        return LockView("W", lid, owner, None, Mode.EX, 0, ticket, 0, 10_000, "", 0, None, (),
+                        prio)
+    s = snap([res("R1", lk("G", "a1", "a", "EX", None, 1), w("b2", "b", 4, b_prio)),
+              res("R2", lk("G", "b1", "b", "EX", None, 2), w("a2", "a", 3, a_prio))])
+    (cyc,) = find_cycles(wait_for_graph(s))
+    assert choose_victim(cyc, s).lock_id == victim
+
+
+def test_D8_nodlckwt_is_never_the_victim_whatever_its_priority():
+    s = snap([res("R1", lk("G", "a1", "a", "EX", None, 1),
+                  LockView("W", "b2", "b", None, Mode.EX, Flag.NODLCKWT, 4, 0, 10_000, "", 0,
+                           None, (), -100)),
+              res("R2", lk("G", "b1", "b", "EX", None, 2), lk("W", "a2", "a", None, "EX", 3))])
+    (cyc,) = find_cycles(wait_for_graph(s))
+    assert choose_victim(cyc, s).lock_id == "a2"

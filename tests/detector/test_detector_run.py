@@ -397,3 +397,12 @@ def test_D9_the_detector_reaps_every_n_rounds(c):
         reaped = det.run_once().reaped
     assert [o.value.removed for o in reaped] == [0, 1, 0]
     assert e.client.zcard(e.wkey) == 0
+
+
+def test_D8_a_lower_priority_is_cancelled_before_a_younger_request(c):
+    c.request("a", "a1", ["R1"], "EX", ticket=1)
+    c.request("b", "b1", ["R2"], "EX", ticket=2)
+    c.request("a", "a2", ["R2"], "EX", ticket=3, priority=-2)
+    c.request("b", "b2", ["R1"], "EX", ticket=4, priority=-1)
+    with detector(c) as det:
+        assert_one_victim(c, det, "a", "a2", ("R2",), [(("R1",), "b2")])
