@@ -32,8 +32,10 @@ Figures, each the median (and min..max) of --repeat runs, all three instances in
                       renewed (a same-mode conversion, untimed) before every scan: the
                       renewals of a real workload (a lease renewed every third of it)
   scan, chunk N       the same with N keys per scan call (--chunks: to choose SCAN_CHUNK)
-  graph + cycles      wait_for_graph + find_cycles on that snapshot (pure Python)
-  detector round      Detector.run_once() (scan + graph + cycles + bookkeeping)
+  graph + cycles      wait_for_graph + find_cycles on that snapshot (pure Python), from
+                      scratch, then with the memo a Detector keeps (edges of resources whose
+                      views are the same objects are kept: the steady state)
+  detector round      Detector.run_once() (memo scan + memo graph + cycles + bookkeeping)
 
 Beside the scan's wall time it prints where its CPU went: the CPU time of the busiest
 redis-server (INFO cpu), also per resource, and this process's CPU (reply parsing), because
@@ -253,6 +255,8 @@ def measure(engines: list[Engine], pool: ThreadPoolExecutor, repeat: int, label:
             out.append((time.perf_counter() - t0) * 1000)
         churn[share] = out[1:]
     graphs = timed(lambda: find_cycles(wait_for_graph(snap)), repeat)
+    graph_memo: dict = {}
+    graphs_memo = timed(lambda: find_cycles(wait_for_graph(snap, memo=graph_memo)), repeat)
     rounds = timed(det.run_once, repeat)
     det.close()
     by_chunk = {}
@@ -293,6 +297,7 @@ def measure(engines: list[Engine], pool: ThreadPoolExecutor, repeat: int, label:
     for n, ms in by_chunk.items():
         print(f"  scan, chunk {n:<7,} {fmt(ms)}")
     print(f"  graph + cycles      {fmt(graphs)}")
+    print(f"  graph + cycles, memo{fmt(graphs_memo)}")
     print(f"  detector round      {fmt(rounds)}")
     print(f"  load average now    {' '.join(f'{x:.2f}' for x in os.getloadavg())} "
           f"(other processes share these {os.cpu_count()} CPUs)")
