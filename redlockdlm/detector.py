@@ -11,10 +11,12 @@ A pipeline of pure steps, then one job that runs them on a schedule::
 
 `Detector.run_once` confirms a cycle only when the same locks deadlock on two consecutive
 scans (D7; `run_forever` makes the second one a `confirm_pending` round that re-reads only
-the cycle's resources), so a state that only looks like a cycle for a moment (a split vote being
-yielded, a grant in flight) is never punished; it then cancels the victim's waiting request
-on every instance with reason ``deadlock``, which publishes ``C|<id>|deadlock`` to the
-victim's owner; its client raises `Deadlock`. `reap` clears waiter-index entries whose
+the cycle's resources; between full rounds, `watch` rounds read only the waiter indexes and
+the resources of new entries, so a new cycle is seen without waiting for a full scan), so a
+state that only looks like a cycle for a moment (a split vote being yielded, a grant in
+flight) is never punished; it then cancels the victim's waiting request on every instance
+with reason ``deadlock``, which publishes ``C|<id>|deadlock`` to the victim's owner; its
+client raises `Deadlock`. `reap` clears waiter-index entries whose
 lease ran out (D9).
 
 Only one detector should act at a time: pass `leader`, a callable that says whether this
@@ -204,6 +206,8 @@ class ScanMemo:
 
     def __init__(self) -> None:
         self._held: dict[Engine, Held] = {}
+        #: per instance, the waiter-index members of its last read (`Detector.watch`)
+        self.members: dict[Engine, set[bytes]] = {}
 
     def held(self, engine: Engine) -> Held:
         """The memo of one instance (an Engine is one instance; keyed by the object)."""
@@ -316,6 +320,7 @@ def _scan_one(engine: Engine, memo: ScanMemo | None = None) -> tuple[int, tuple,
     keep: Held = {}
     got = _read_resources(engine, keys, memo.held(engine), keep) if keys else {}
     memo.replace(engine, keep)  # a full scan: only what it read is worth keeping
+    memo.members[engine] = set(members)
     return now, waiters, got
 
 
@@ -915,9 +920,12 @@ class Detector:
                  interval_s: float = 1.0, *, leader: Callable[[], bool] | None = None,
                  confirm_after_s: float | None = None, timeout_s: float = 2.0,
                  reap_every: int = 20, reap_grace_ms: int = 5_000,
+                 watch_every_s: float | None = None,
                  logger: logging.Logger | None = None) -> None:
         if interval_s <= 0:
             raise ValueError("interval_s must be positive")
+        if watch_every_s is not None and watch_every_s < 0:
+            raise ValueError("watch_every_s must be >= 0 (0: no watch rounds)")
         urls = [t for t in targets if isinstance(t, str)]
         if urls and len(urls) != len(targets):
             raise ValueError("give either URLs or Engines, not both")
@@ -931,6 +939,8 @@ class Detector:
         self.interval_s = interval_s
         #: D7: the pause before the confirming scan, after a round that saw a new cycle.
         self.confirm_after_s = interval_s / 2 if confirm_after_s is None else confirm_after_s
+        #: D7: between full rounds, how often `run_forever` watches the waiter indexes.
+        self.watch_every_s = interval_s / 4 if watch_every_s is None else watch_every_s
         self.leader = leader
         self.reap_every = reap_every
         self.reap_grace_ms = reap_grace_ms
@@ -940,6 +950,7 @@ class Detector:
         self._reported: set[frozenset] = set()  # victimless cycles already logged
         self._memo = ScanMemo()  # D1: what the last scans decoded, per instance
         self._graph: GraphMemo = {}  # the edges of the last full round, per resource
+        self._base: Snapshot | None = None  # the last full snapshot, with what watches read
         self._pool = ThreadPoolExecutor(max_workers=len(self.targets),
                                         thread_name_prefix="dlm-detector")
 
@@ -957,6 +968,62 @@ class Detector:
         does not grow with the number of waiters. Nothing pending: an empty round."""
         return self._round(full=False)
 
+    def watch(self) -> Round:
+        """A watch round (D7), between full rounds: read only the waiter index of every
+        instance; if it names waiting requests (or conversions) that the last read did not,
+        read their resources, on every instance, and look for cycles in the last full
+        snapshot updated with them. A new wait edge nearly always comes with a new index
+        entry (a request or conversion queued, a yield), so a cycle that formed since the
+        last scan is usually seen now, at the cost of the indexes and a few resources, not
+        of a full scan (one closed by an up-conversion granted at once, which blocks a
+        waiter without a new entry, waits for the next full round). Cycles found are only
+        *pending*: the rest of the snapshot may be stale, so nothing is confirmed or
+        cancelled here; a confirming round (fresh reads of the cycle's resources) decides
+        (D7). Without a full round as leader before it: an empty round."""
+        t0 = time.perf_counter()
+        base = self._base
+        if base is None:
+            return Round(self.rounds, False)
+        memo = self._memo
+
+        def fresh(e: Engine) -> list[bytes]:
+            now = e.status().now_ms
+            members = set(e.client.zrangebyscore(e.wkey, f"({now}", "+inf"))
+            new = members - memo.members.get(e, set())
+            memo.members[e] = members
+            return [m.partition(b"|")[2] for m in new]
+
+        with _gc_paused():
+            found = fan_out(self.targets, fresh, executor=self._pool)
+            keys = list(dict.fromkeys(k for o in found if o.ok for k in o.value))
+            if not keys:
+                return Round(self.rounds, True, elapsed_ms=(time.perf_counter() - t0) * 1000)
+            got = self._read(keys)
+            read_at = time.monotonic()
+            insts = []
+            for old, new in zip(base.instances, got.instances):
+                if not new.ok:
+                    insts.append(old)
+                elif not old.ok:
+                    insts.append(new)
+                else:
+                    insts.append(InstanceScan(old.label, old.now_ms, old.waiters,
+                                              {**old.resources, **new.resources}))
+            snap = self._base = Snapshot(tuple(insts))
+            cycles = find_cycles(wait_for_graph(snap, memo=self._graph))
+        pending = [c for c in cycles
+                   if not any(p.signature <= c.signature for p in self._previous)]
+        for cyc in pending:
+            self.log.info(_kv("cycle-seen", round=self.rounds, owners=",".join(cyc.owners),
+                              by="watch"))
+        self._previous.extend(pending)
+        elapsed = (time.perf_counter() - t0) * 1000
+        self.log.log(logging.INFO if pending else logging.DEBUG,
+                     _kv("watch", round=self.rounds, resources=len(keys),
+                         cycles=len(cycles), pending=len(pending), ms=f"{elapsed:.1f}"))
+        return Round(self.rounds, True, snap, cycles=tuple(cycles), pending=tuple(pending),
+                     elapsed_ms=elapsed, read_at=read_at)
+
     def _round(self, *, full: bool) -> Round:
         t0 = time.perf_counter()
         self.rounds += 1
@@ -965,10 +1032,11 @@ class Detector:
             if self._previous:
                 self.log.info(_kv("standby", round=n, forgotten=len(self._previous)))
             self._previous = []
+            self._base = None
             return Round(n, False, elapsed_ms=(time.perf_counter() - t0) * 1000)
         with _gc_paused():  # (the scan's tuples, then the graph's: see _gc_paused)
             if full:
-                snap = scan(self.targets, executor=self._pool, memo=self._memo)
+                snap = self._base = scan(self.targets, executor=self._pool, memo=self._memo)
             else:
                 keys = list(dict.fromkeys(e.key for c in self._previous for e in c.edges))
                 snap = self._read(keys)
@@ -1057,32 +1125,46 @@ class Detector:
     # ------------------------------------------------------------- the loop
 
     def run_forever(self, stop: threading.Event, *, max_rounds: int | None = None) -> int:
-        """Run a full round every `interval_s` (and a confirming round `confirm_after_s`
-        after one that saw a new cycle) until `stop` is set or `max_rounds` full rounds
-        ran. A round that fails unexpectedly is logged and the loop goes on. Returns the
-        number of full rounds run."""
+        """Run a full round every `interval_s` until `stop` is set or `max_rounds` full
+        rounds ran; in between, a watch round (`watch`) every `watch_every_s`; and a
+        confirming round `confirm_after_s` after the reads of any round that saw a new
+        cycle (D7). A round that fails unexpectedly is logged and the loop goes on. Returns
+        the number of full rounds run."""
         self.log.info(_kv("start", instances=",".join(t.label for t in self.targets),
-                          interval_s=self.interval_s,
+                          interval_s=self.interval_s, watch_every_s=self.watch_every_s,
                           leader="hook" if self.leader else "always"))
         done = 0
         while not stop.is_set() and (max_rounds is None or done < max_rounds):
             t0 = time.monotonic()
             try:
-                rnd = self.run_once()
-                # D7: look again sooner, at those locks only, confirm_after_s after the
-                # scan read them (every resource is then read again at least that late)
-                if rnd.pending and not stop.wait(
-                        max(0.0, rnd.read_at + self.confirm_after_s - time.monotonic())):
-                    self.confirm_pending()
+                self._confirm_later(stop, self.run_once())
             except Exception as exc:  # keep the job alive; the next round starts afresh
                 self.log.error(_kv("round-failed", round=self.rounds,
                                    error=describe_error(exc)))
             done += 1
             if max_rounds is not None and done >= max_rounds:
                 break
+            while self.watch_every_s and not stop.is_set():
+                if time.monotonic() + self.watch_every_s >= t0 + self.interval_s:
+                    break
+                if stop.wait(self.watch_every_s):
+                    break
+                try:
+                    self._confirm_later(stop, self.watch())
+                except Exception as exc:
+                    self.log.error(_kv("round-failed", round=self.rounds, watch=1,
+                                       error=describe_error(exc)))
             stop.wait(max(0.0, self.interval_s - (time.monotonic() - t0)))
         self.log.info(_kv("stop", rounds=done))
         return done
+
+    def _confirm_later(self, stop: threading.Event, rnd: Round) -> None:
+        """D7: after a round that saw a new cycle, look again at those locks only,
+        confirm_after_s after it read them (every resource is then read again at least
+        that late)."""
+        if rnd.pending and not stop.wait(
+                max(0.0, rnd.read_at + self.confirm_after_s - time.monotonic())):
+            self.confirm_pending()
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

@@ -406,3 +406,64 @@ def test_D8_a_lower_priority_is_cancelled_before_a_younger_request(c):
     c.request("b", "b2", ["R1"], "EX", ticket=4, priority=-1)
     with detector(c) as det:
         assert_one_victim(c, det, "a", "a2", ("R2",), [(("R1",), "b2")])
+
+
+def test_D7_a_watch_round_sees_a_cycle_that_formed_after_the_scan_and_only_pends_it(c):
+    c.request("a", "a1", ["R1"], "EX", ticket=1)
+    c.request("b", "b1", ["R2"], "EX", ticket=2)
+    c.request("a", "a2", ["R2"], "EX", ticket=3)
+    c.request("x", "x1", ["busy"], "EX", ticket=4)
+    c.request("y", "y1", ["busy"], "EX", ticket=5)  # an unrelated waiter
+    with detector(c) as det:
+        assert det.watch().snapshot is None  # no full round yet: nothing to build on
+        assert det.run_once().cycles == ()
+        idle = det.watch()
+        assert idle.snapshot is None and idle.pending == ()  # nothing new: indexes only
+        c.request("b", "b2", ["R1"], "EX", ticket=6)
+        rnd = det.watch()
+        (cyc,) = rnd.pending
+        assert cyc.owners == ("a", "b") and rnd.victims == () and rnd.confirmed == ()
+        assert c.queues(["R1"], "b2") == ["W"] * 3  # a watch never cancels
+        assert det.watch().pending == ()  # already pending; nothing new read
+        (victim,) = det.confirm_pending().victims  # D7: fresh reads confirm it
+        assert victim.request.lock_id == "b2" and victim.cancelled_on == 3
+
+
+def test_D7_a_cycle_pended_by_a_watch_that_cleared_is_spared(c):
+    c.request("a", "a1", ["R1"], "EX", ticket=1)
+    c.request("b", "b1", ["R2"], "EX", ticket=2)
+    c.request("a", "a2", ["R2"], "EX", ticket=3)
+    with detector(c) as det:
+        det.run_once()
+        c.request("b", "b2", ["R1"], "EX", ticket=4)
+        assert len(det.watch().pending) == 1
+        for e in c.engines:
+            e.release(c.key(["R2"]), "b", "b1")
+        rnd = det.confirm_pending()
+        assert rnd.cycles == () and rnd.victims == ()
+    assert c.queues(["R1"], "b2") == ["W"] * 3
+
+
+def test_D7_watch_rounds_find_a_cycle_long_before_the_next_full_round(c):
+    c.request("a", "a1", ["R1"], "EX", ticket=1)
+    c.request("b", "b1", ["R2"], "EX", ticket=2)
+    c.request("a", "a2", ["R2"], "EX", ticket=3)
+    stop = threading.Event()
+    with Detector(c.engines, c.namespace, 30.0, confirm_after_s=0.05, watch_every_s=0.05,
+                  reap_every=0) as det, c.listen("b") as ev:
+        t = threading.Thread(target=det.run_forever, args=(stop,))
+        t.start()
+        try:
+            while det._base is None:  # the first full scan is done: the cycle forms after
+                threading.Event().wait(0.01)
+            c.request("b", "b2", ["R1"], "EX", ticket=4)
+            ev.wait_for(b"C|b2|deadlock", count=3)  # long before the 30 s interval
+        finally:
+            stop.set()
+            t.join(timeout=5)
+        assert ev.received.count(b"C|b2|deadlock") == 3 and det.rounds == 2
+
+
+def test_detector_refuses_a_negative_watch_period(c):
+    with pytest.raises(ValueError):
+        Detector(c.engines, c.namespace, 1.0, watch_every_s=-1)
