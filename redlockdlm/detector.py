@@ -240,6 +240,9 @@ def _parse_scan(keys: Sequence[bytes], raw: list, held: Mapping[bytes, tuple[byt
         now, status = raw[0], raw[1]
         if not isinstance(status, bytes) or len(status) != n:
             raise ValueError(f"a status of {len(status)} bytes for {n} keys")
+        if len(raw) == 2 and held is not None and status.count(_SAME) == n:
+            # nothing changed (a detector's usual chunk): the caller's copies, in C loops
+            return now, dict(zip(keys, map(_RESOURCE_OF, map(held.__getitem__, keys)))), {}
         plus = status.count(_PLUS)
         if plus + status.count(_SAME) + status.count(_GONE) != n:
             raise ValueError(f"unknown status in {status[:40]!r}")
@@ -301,8 +304,9 @@ def _read_resources(engine: Engine, keys: list[bytes], held: Held | None = None,
         _, got, new = _parse_scan(chunk, raw, held)
         out.update(got)
         if keep is not None:
-            if held:
-                keep.update((k, held[k]) for k in got if k not in new)
+            if held:  # the unchanged ones: the entries they were answered from
+                same = list(compress(chunk, map(_SAME.__eq__, raw[1])))
+                keep.update(zip(same, map(held.__getitem__, same)))
             keep.update(new)
     return out
 
