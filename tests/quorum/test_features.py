@@ -561,19 +561,19 @@ def test_renewal_of_many_locks_is_chunked_and_one_round_trip(
     """Renewal sends RENEW_CHUNK locks per call (no instance runs one long script), all of
     an instance's calls in one write: one round trip per instance per tick."""
     monkeypatch.setattr(protocol, "RENEW_CHUNK", 3)
-    d = q3.dlm(lease_ms=400)
+    d = q3.dlm(lease_ms=1500, socket_timeout=1.0)  # a loaded machine delays ticks: margin
     locks = [d.lock(f"many:{k}", EX) for k in range(10)]  # 4 calls per instance per tick
     before = [s.client().info("commandstats").get("cmdstat_fcall", {}).get("calls", 0)
               for s in q3.servers]
     writes = _count_writes(d)
-    time.sleep(1.4)  # ~10 ticks of 133 ms
+    time.sleep(2.2)  # ~4 ticks of 500 ms
     after = [s.client().info("commandstats").get("cmdstat_fcall", {}).get("calls", 0)
              for s in q3.servers]
     assert all(lk.valid for lk in locks)
     assert all(lv.lease_left_ms > 0 for k in range(10) for ls in q3.locks(f"many:{k}")
                for lv in ls)
     ticks = writes[0] / 3  # per instance
-    assert ticks >= 4, writes
+    assert ticks >= 2, writes
     calls = [a - b for a, b in zip(after, before)]
     assert all(c >= 4 * (ticks - 1) for c in calls), (calls, writes)  # 4 calls per write
     for lk in locks:
@@ -586,10 +586,10 @@ def test_renewal_reloads_a_flushed_library_and_resends(
     answers "Function not found"; the client loads the library and sends them again, and
     the locks stay held there."""
     monkeypatch.setattr(protocol, "RENEW_CHUNK", 2)
-    d = q3.dlm(lease_ms=400)
+    d = q3.dlm(lease_ms=800, socket_timeout=1.0)
     locks = [d.lock(f"flush:{k}", EX) for k in range(5)]
     q3.servers[0].client().function_flush()
-    time.sleep(1.2)  # three leases: without renewal there the locks would be gone
+    time.sleep(2.0)  # 2.5 leases: without renewal there the locks would be gone
     assert all(lk.valid for lk in locks)
     assert q3.servers[0].client().function_list()  # loaded again (before inspect loads it)
     for k in range(5):
