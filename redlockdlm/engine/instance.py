@@ -8,10 +8,14 @@ own for tests, tools and single-instance development.
 
 from __future__ import annotations
 
+import os
+import weakref
 from collections.abc import Sequence
 
 import redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..errors import InvalidArgument, InvalidType, from_script_error
 from . import codec
@@ -26,19 +30,23 @@ from .keys import (
     waiters_key,
 )
 from .modes import Flag
-from .scripts import command, ensure_loaded, fallback, is_missing
+from .scripts import command, ensure_loaded, fallback, is_missing, packed_command
 
 
-def call_script(client: redis.Redis, name: str, keys: Sequence[bytes], args: Sequence[bytes]):
+def call_script(client: redis.Redis, name: str, keys: Sequence[bytes], args: Sequence[bytes],
+                link: _Link | None = None):
     """Run script `name` (FCALL); if the instance lacks the library (it restarted empty),
     load it and call again, or, if it may not be loaded, EVAL the source. Map DLM_ errors.
-    (The contract every caller follows: `redlockdlm.engine.scripts`.)"""
+    (The contract every caller follows: `redlockdlm.engine.scripts`.) `link`: the Engine's
+    lean path to `client`'s pool for the first attempt (`_Link`)."""
     if type(keys) is not list:
         keys = list(keys)
     if type(args) is not list:
         args = list(args)
     try:
         try:
+            if link is not None:
+                return link.execute(packed_command(name, keys, args))
             return client.execute_command(*command(name, keys, args))
         except ResponseError as exc:
             if not is_missing(exc):
@@ -53,6 +61,95 @@ def call_script(client: redis.Redis, name: str, keys: Sequence[bytes], args: Seq
         if msg.startswith("DLM_"):
             raise from_script_error(msg) from None
         raise
+
+
+def _attempt(conn, packed: bytes):
+    conn.send_packed_command((packed,))  # (connects; the health check if configured)
+    return conn.read_response()  # an error reply is raised, the reply read whole
+
+
+class _Link:
+    """The Engine's way to its client's connection pool, without `execute_command`.
+
+    redis-py spends ~100 k instructions per command around the round trip itself (the pool's
+    check-out and release, metrics hooks, the retry wrapper's closures, packing through a
+    generic serializer): as much again as a trivial call costs in all. A `_Link` keeps ONE
+    connection of the client's pool checked out between calls (`spare`: a list, whose pop
+    and append are atomic, so threads sharing an Engine never share a connection; a second
+    thread simply checks out another one from the pool, as `execute_command` would) and
+    sends pre-packed commands (`scripts.packed_command`) on it. What the pool and
+    `execute_command` guarantee is kept: before each use the connection is checked as the
+    pool checks a connection it hands out (`can_read`: no stale data, not closed by the
+    server; else it reconnects), the connection's `retry` policy runs the attempt (a network
+    error disconnects and retries as configured), an error reply leaves the connection in
+    use, any other failure returns it to the pool (which drops what should reconnect), and a
+    forked child never uses its parent's spare. The spare goes back to the pool when the
+    Engine is garbage-collected or `Engine.close()` is called. Only for a plain pooled
+    RESP2 `redis.Redis` without client-side caching (`usable`); anything else goes through
+    `execute_command`."""
+
+    __slots__ = ("pool", "spare", "__weakref__")
+
+    def __init__(self, pool) -> None:
+        self.pool = pool
+        self.spare: list = []
+        _LINKS.add(self)
+
+    @staticmethod
+    def usable(client: object) -> bool:
+        if type(client) is not redis.Redis or client.connection is not None:
+            return False
+        pool = client.connection_pool
+        if type(pool) is not redis.ConnectionPool or pool.cache is not None:
+            return False
+        return pool.connection_kwargs.get("protocol") in (None, 2, "2")
+
+    def execute(self, packed: bytes):
+        spare = self.spare
+        try:
+            conn = spare.pop()
+        except IndexError:
+            conn = self.pool.get_connection()  # checked by the pool itself
+        else:
+            try:
+                if conn.can_read():  # as ConnectionPool.get_connection: stale data
+                    conn.disconnect()  # (send_packed_command connects again)
+            except (RedisConnectionError, RedisTimeoutError, OSError):  # closed by the server
+                conn.disconnect()
+        keep = False
+        try:
+            reply = conn.retry.call_with_retry(
+                lambda: _attempt(conn, packed),
+                lambda error, failures: conn.disconnect(), with_failure_count=True)
+            keep = True
+            return reply
+        except ResponseError:
+            keep = True
+            raise
+        finally:
+            if keep and not spare and not conn.should_reconnect():
+                spare.append(conn)
+            else:
+                self.pool.release(conn)
+
+    def close(self) -> None:
+        while self.spare:
+            try:
+                self.pool.release(self.spare.pop())
+            except IndexError:  # another thread took it
+                break
+
+
+_LINKS: weakref.WeakSet[_Link] = weakref.WeakSet()
+
+
+def _forget_spares() -> None:  # in a forked child: the parent's sockets are not ours
+    for link in list(_LINKS):
+        link.spare = []
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_spares)
 
 
 def _keys(keys: object) -> list[bytes]:
@@ -78,6 +175,15 @@ class Engine:
         self.vbmax = vbmax
         self.chan = channel_prefix(self.ns)
         self.wkey = waiters_key(self.ns)
+        self._link = _Link(client.connection_pool) if _Link.usable(client) else None
+        if self._link is not None:
+            weakref.finalize(self, _Link.close, self._link)
+
+    def close(self) -> None:
+        """Give the connection this Engine keeps between calls back to the client's pool
+        (also done when the Engine is garbage-collected). The Engine stays usable."""
+        if self._link is not None:
+            self._link.close()
 
     def key(self, *path: str | bytes) -> bytes:
         """The key of resource `path` (root first)."""
@@ -88,7 +194,8 @@ class Engine:
         return display_name([check_name(p) for p in path])
 
     def _call(self, script: str, keys: Sequence[bytes], args: Sequence[bytes]):
-        return call_script(self.client, script, [EPOCH_KEY, self.wkey, *_keys(keys)], args)
+        return call_script(self.client, script, [EPOCH_KEY, self.wkey, *_keys(keys)], args,
+                           self._link)
 
     def request(self, key: bytes, owner: str, lock_id: str, mode: object, *, ticket: int,
                 lease_ms: int, flags: int = 0, name: bytes = b"", parent_key: bytes | None = None,

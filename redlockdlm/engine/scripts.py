@@ -125,6 +125,40 @@ def command(name: str, keys: list[bytes], args: list[bytes]) -> tuple:
     return ("FCALL", library().functions[name], len(keys), *keys, *args)
 
 
+class _BulkHeads(dict):
+    """len -> b"$<len>" (the RESP bulk string header), filled on first use."""
+
+    def __missing__(self, n: int) -> bytes:
+        head = self[n] = b"$%d" % n
+        return head
+
+
+_HEADS = _BulkHeads()
+_head = _HEADS.__getitem__
+_PREFIX: dict[tuple[str, int, int], bytes] = {}
+
+
+def packed_command(name: str, keys: list[bytes], args: list[bytes]) -> bytes:
+    """`command(name, keys, args)` as the bytes redis-py would send (RESP2 array of bulk
+    strings), for `send_packed_command`. Keys and args must be bytes. The constant part
+    (FCALL, function name, key count) is packed once per (script, number of keys, number of
+    args); the rest by C-level joins, about a third of redis-py's generic packer's cost."""
+    nk = len(keys)
+    na = len(args)
+    prefix = _PREFIX.get((name, nk, na))
+    if prefix is None:
+        fname = library().functions[name]
+        count = b"%d" % nk
+        prefix = _PREFIX[(name, nk, na)] = b"*%d\r\n$5\r\nFCALL\r\n$%d\r\n%b\r\n$%d\r\n%b" % (
+            3 + nk + na, len(fname), fname, len(count), count)
+    items = [*keys, *args]
+    out = [prefix] * (2 * (nk + na) + 2)
+    out[1:-1:2] = map(_head, map(len, items))
+    out[2:-1:2] = items
+    out[-1] = b""
+    return b"\r\n".join(out)
+
+
 def fallback(name: str, keys: list[bytes], args: list[bytes]) -> tuple:
     """A command with the same effect and reply as `command(...)` that needs nothing loaded
     on the instance (EVAL of the script's source): for an instance that answered

@@ -3,8 +3,12 @@
 
 from __future__ import annotations
 
+import gc
+import threading
+
 import pytest
 import redis
+from redis.connection import PythonRespSerializer
 from redis.exceptions import ResponseError
 
 from redlockdlm.engine import codec, scripts
@@ -149,3 +153,71 @@ def test_a_resource_changed_behind_the_library_is_read_anew(w_engine) -> None:
     c.delete(k)
     assert e.release(k, "o3", "y").status == Status.NOTFOUND
     assert e.inspect([k])[1] == [None]
+
+
+def test_packed_command_is_what_redis_py_would_send() -> None:
+    ser = PythonRespSerializer(6000, lambda v: v if isinstance(v, bytes) else str(v).encode())
+    cases = [([EPOCH_KEY], []), ([b"k", b""], [b"v" * 70_000, b"", b"1\r\n"]), ([], [b"a"] * 40)]
+    for keys, args in cases:
+        for name in ("request", "init"):
+            want = b"".join(ser.pack(*scripts.command(name, keys, args)))
+            assert scripts.packed_command(name, keys, args) == want
+
+
+def test_engine_keeps_one_pooled_connection_and_gives_it_back(r: redis.Redis) -> None:
+    e = Engine(r, NS)
+    e.init_fresh()
+    pool = r.connection_pool
+    k = e.key("res")
+    assert e.request(k, "o1", "a", Mode.EX, ticket=1, lease_ms=LEASE).status == Status.GRANTED
+    assert len(pool._in_use_connections) == 1  # the Engine's, between calls
+    assert e.release(k, "o1", "a").status == Status.RELEASED
+    assert len(pool._in_use_connections) == 1
+    with pytest.raises(NotOwner):  # an error reply keeps the connection usable
+        e.request(k, "o1", "b", Mode.EX, ticket=2, lease_ms=LEASE) and e.release(k, "o2", "b")
+    assert len(pool._in_use_connections) == 1
+    e.close()
+    assert len(pool._in_use_connections) == 0
+    assert e.release(k, "o1", "b").status == Status.RELEASED  # usable after close()
+    del e
+    gc.collect()
+    assert len(pool._in_use_connections) == 0  # given back when collected
+
+
+def test_engine_reconnects_when_the_server_closed_its_idle_connection(redis_server) -> None:
+    """As the pool checks a connection it hands out: one closed by the server meanwhile is
+    replaced before the command is sent, even without retries."""
+    c = redis_server.client()  # (the harness: no retries)
+    e = Engine(c, NS)
+    e.init_fresh()
+    k = e.key("res")
+    assert e.request(k, "o1", "a", Mode.EX, ticket=1, lease_ms=LEASE).status == Status.GRANTED
+    admin = redis_server.client()
+    assert admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes") >= 1
+    assert e.release(k, "o1", "a").status == Status.RELEASED
+    c.close()
+    admin.close()
+
+
+def test_engine_threads_never_share_a_connection(r: redis.Redis) -> None:
+    e = Engine(r, NS)
+    e.init_fresh()
+    errors: list[BaseException] = []
+
+    def work(t: int) -> None:
+        try:
+            k = e.key(f"res{t}")
+            for i in range(200):
+                lid = f"t{t}-{i}"
+                rep = e.request(k, "o1", lid, Mode.EX, ticket=i, lease_ms=LEASE)
+                assert rep.status == Status.GRANTED, rep
+                assert e.release(k, "o1", lid).status == Status.RELEASED
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
