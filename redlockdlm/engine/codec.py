@@ -7,6 +7,7 @@ builds the same ARGV and reads replies the same way.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..errors import InvalidArgument, InvalidType, ProtocolError
 from .modes import Mode, Status
@@ -82,9 +83,10 @@ class Blocker:
     mode: Mode
 
 
-@dataclass(frozen=True, slots=True)
-class LockReply:
-    """One instance's answer about one lock."""
+class LockReply(NamedTuple):
+    """One instance's answer about one lock. Immutable. A named tuple rather than a frozen
+    dataclass: built by one C call (`parse_lock_reply`), where the dataclass's `__init__`
+    cost ~21 k instructions, as much as the rest of the parse (docs/performance.md)."""
 
     status: Status
     epoch: str
@@ -104,29 +106,27 @@ def _str(v: object) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
+_new = tuple.__new__
+
+
 def parse_lock_reply(raw: list) -> LockReply:
     try:
-        (status, epoch, mode, token, position, value, version, invalid, wait_ms, extra,
-         nblockers) = raw[:11]
-        n = len(raw)
-        blockers = () if n == 11 else tuple(
-            Blocker(_str(raw[i]), _str(raw[i + 1]), _MODE[int(raw[i + 2])])
-            for i in range(11, n, 3)
-        )
-        return LockReply(
-            status=_STATUS[int(status)],
-            epoch=epoch.decode() if isinstance(epoch, bytes) else str(epoch),
-            mode=_MODE_OR_NONE[int(mode)],
-            token=int(token),
-            position=int(position),
-            value=value,
-            version=int(version),
-            valid=not int(invalid),
-            wait_ms=int(wait_ms),
-            extra=int(extra),
-            blockers_count=int(nblockers),
-            blockers=blockers,
-        )
+        if len(raw) == 11:  # the common case: no blockers
+            (status, epoch, mode, token, position, value, version, invalid, wait_ms, extra,
+             nblockers) = raw
+            blockers: tuple[Blocker, ...] = ()
+        else:
+            (status, epoch, mode, token, position, value, version, invalid, wait_ms, extra,
+             nblockers) = raw[:11]
+            blockers = tuple(
+                Blocker(_str(raw[i]), _str(raw[i + 1]), _MODE[int(raw[i + 2])])
+                for i in range(11, len(raw), 3)
+            )
+        return _new(LockReply, (
+            _STATUS[int(status)],
+            epoch.decode() if type(epoch) is bytes else str(epoch),
+            _MODE_OR_NONE[int(mode)], int(token), int(position), value, int(version),
+            not int(invalid), int(wait_ms), int(extra), int(nblockers), blockers))
     except (IndexError, TypeError, ValueError, KeyError) as exc:
         raise ProtocolError(f"unexpected lock reply {raw!r}") from exc
 
