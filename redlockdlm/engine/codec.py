@@ -232,9 +232,26 @@ def _parse_inspect(keys: list[bytes], raw: list
 # Every argument is type-checked here (InvalidType / InvalidArgument, nothing sent): the
 # Engine and the quorum client both build their ARGV with these.
 
+# The hot builders first try a fast path: when every argument has its usual exact type,
+# one chained type test and direct encoding (~4 k instructions instead of ~19 k for ten
+# checking calls); anything else, or a str that is not UTF-8, takes the checked path, which
+# raises the typed error naming the argument.
+_INTS = frozenset((int, Mode))  # exact types: a bool is never an int argument
+
+
 def request_args(rejoin_ms: int, chan: bytes, owner: str, lock_id: str, mode: int, flags: int,
                  ticket: int, lease_ms: int, parent_id: str, name: bytes,
                  priority: int = 0) -> list[bytes]:
+    if (type(owner) is str and type(lock_id) is str and type(parent_id) is str
+            and type(chan) is bytes and type(name) is bytes and type(rejoin_ms) is int
+            and type(ticket) is int and type(lease_ms) is int and type(flags) is int
+            and type(priority) is int and type(mode) in _INTS):
+        try:
+            return [b"%d" % rejoin_ms, chan, owner.encode(), lock_id.encode(), b"%d" % mode,
+                    b"%d" % flags, b"%d" % ticket, b"%d" % lease_ms, parent_id.encode(), name,
+                    b"%d" % priority]
+        except UnicodeEncodeError:
+            pass
     return [_s(rejoin_ms, "rejoin_ms"), _b(chan, "channel prefix"), _t(owner, "owner"),
             _t(lock_id, "lock id"), _s(mode, "mode"), _s(flags, "flags"), _s(ticket, "ticket"),
             _s(lease_ms, "lease_ms"), _t(parent_id, "parent id"), _b(name, "resource name"),
@@ -253,6 +270,14 @@ def convert_args(rejoin_ms: int, chan: bytes, owner: str, lock_id: str, mode: in
 
 def release_args(rejoin_ms: int, chan: bytes, owner: str, lock_id: str, flags: int,
                  value: bytes | None, version: int, vbmax: int, floor: int) -> list[bytes]:
+    if (value is None and type(owner) is str and type(lock_id) is str and type(chan) is bytes
+            and type(rejoin_ms) is int and type(flags) is int and type(version) is int
+            and type(vbmax) is int and type(floor) is int):
+        try:
+            return [b"%d" % rejoin_ms, chan, owner.encode(), lock_id.encode(), b"%d" % flags,
+                    b"0", b"", b"%d" % version, b"%d" % vbmax, b"%d" % floor]
+        except UnicodeEncodeError:
+            pass
     return [_s(rejoin_ms, "rejoin_ms"), _b(chan, "channel prefix"), _t(owner, "owner"),
             _t(lock_id, "lock id"), _s(flags, "flags"), *_value(value),
             _s(version, "version"), _s(vbmax, "vbmax"), _s(floor, "floor")]

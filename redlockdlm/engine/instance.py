@@ -154,6 +154,12 @@ if hasattr(os, "register_at_fork"):
 
 def _keys(keys: object) -> list[bytes]:
     """Resource keys as given (bytes, from `Engine.key`); anything else is InvalidType."""
+    if type(keys) is list:  # the common case, checked without a copy
+        for k in keys:
+            if type(k) is not bytes:
+                break
+        else:
+            return keys
     if isinstance(keys, (bytes, str)) or not hasattr(keys, "__iter__"):
         raise InvalidType(f"keys must be a sequence of bytes, not {type(keys).__name__}")
     keys = list(keys)

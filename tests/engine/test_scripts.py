@@ -15,7 +15,7 @@ from redlockdlm.engine import codec, scripts
 from redlockdlm.engine.instance import Engine, call_script
 from redlockdlm.engine.keys import EPOCH_KEY
 from redlockdlm.engine.modes import Mode, Status
-from redlockdlm.errors import BadArgument, NotOwner
+from redlockdlm.errors import BadArgument, InvalidArgument, InvalidType, NotOwner
 
 NS = "sc"
 LEASE = 30_000
@@ -221,3 +221,37 @@ def test_engine_threads_never_share_a_connection(r: redis.Redis) -> None:
     for t in threads:
         t.join()
     assert errors == []
+
+
+class _Str(str):
+    pass
+
+
+class _Int(int):
+    pass
+
+
+class _Bytes(bytes):
+    pass
+
+
+def test_argument_builders_fast_and_checked_paths_agree() -> None:
+    """request_args/release_args take a fast path when every argument has its exact usual
+    type; subclasses take the checked path. Both must build the same ARGV."""
+    for owner, lid, pid, ticket in (("o1", "a", "", 0), ("o-2", "x.y:z", "p", 2**53 - 1)):
+        fast = codec.request_args(30_000, b"ch", owner, lid, Mode.PW, 16, ticket, LEASE, pid,
+                                  b"n\x00m")
+        assert fast == codec.request_args(_Int(30_000), _Bytes(b"ch"), _Str(owner), _Str(lid),
+                                          _Int(4), _Int(16), _Int(ticket), _Int(LEASE),
+                                          _Str(pid), _Bytes(b"n\x00m"))
+        assert fast[4] == b"4"
+        fast = codec.release_args(30_000, b"ch", owner, lid, 32, None, 7, 64, ticket)
+        assert fast == codec.release_args(_Int(30_000), b"ch", _Str(owner), _Str(lid), _Int(32),
+                                          None, _Int(7), _Int(64), _Int(ticket))
+    for bad in (True, 1.0, "1"):
+        with pytest.raises(InvalidType):
+            codec.request_args(30_000, b"ch", "o", "a", Mode.EX, 0, bad, LEASE, "", b"")
+        with pytest.raises(InvalidType):
+            codec.release_args(30_000, b"ch", "o", "a", 0, None, 0, 64, bad)
+    with pytest.raises(InvalidArgument):
+        codec.request_args(30_000, b"ch", "\udc80", "a", Mode.EX, 0, 1, LEASE, "", b"")
