@@ -24,7 +24,7 @@ from redis.exceptions import InvalidResponse, NoScriptError, ResponseError
 
 from .engine import codec
 from .engine.modes import Mode
-from .engine.scripts import command, fallback, is_missing, load_command
+from .engine.scripts import command, fallback, is_missing, load_command, packed_command
 from .errors import (
     DLMError,
     InvalidArgument,
@@ -392,7 +392,7 @@ class DLM:
             inst = self._instances[i]
             conn = inst.get()
             try:
-                conn.send_command(*command(*cmd))
+                conn.send_packed_command((packed_command(*cmd),))
                 conns.append((i, cmd, conn))
             except Exception as exc:  # noqa: BLE001 - unreachable, refused, not Redis...
                 conn.disconnect()

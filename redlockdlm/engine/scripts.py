@@ -153,10 +153,24 @@ def packed_command(name: str, keys: list[bytes], args: list[bytes]) -> bytes:
             3 + nk + na, len(fname), fname, len(count), count)
     items = [*keys, *args]
     out = [prefix] * (2 * (nk + na) + 2)
-    out[1:-1:2] = map(_head, map(len, items))
-    out[2:-1:2] = items
-    out[-1] = b""
-    return b"\r\n".join(out)
+    try:
+        out[1:-1:2] = map(_head, map(len, items))
+        out[2:-1:2] = items
+        out[-1] = b""
+        return b"\r\n".join(out)
+    except TypeError:  # not all bytes: encode as redis-py would (str as UTF-8, int as digits)
+        return packed_command(name, [_encode(k) for k in keys], [_encode(a) for a in args])
+
+
+def _encode(v: object) -> bytes:
+    if isinstance(v, (bytes, bytearray, memoryview)):
+        return bytes(v)
+    if isinstance(v, str):
+        return v.encode()
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return repr(v).encode()
+    raise TypeError(f"a script argument must be bytes, str, int or float, not "
+                    f"{type(v).__name__}")
 
 
 def fallback(name: str, keys: list[bytes], args: list[bytes]) -> tuple:

@@ -8,6 +8,7 @@ import threading
 
 import pytest
 import redis
+from redis._parsers import Encoder
 from redis.connection import PythonRespSerializer
 from redis.exceptions import ResponseError
 
@@ -156,8 +157,9 @@ def test_a_resource_changed_behind_the_library_is_read_anew(w_engine) -> None:
 
 
 def test_packed_command_is_what_redis_py_would_send() -> None:
-    ser = PythonRespSerializer(6000, lambda v: v if isinstance(v, bytes) else str(v).encode())
-    cases = [([EPOCH_KEY], []), ([b"k", b""], [b"v" * 70_000, b"", b"1\r\n"]), ([], [b"a"] * 40)]
+    ser = PythonRespSerializer(6000, Encoder("utf-8", "strict", False).encode)
+    cases = [([EPOCH_KEY], []), ([b"k", b""], [b"v" * 70_000, b"", b"1\r\n"]), ([], [b"a"] * 40),
+             ([b"k"], ["s\u00e9", 12, bytearray(b"x"), 1.5])]
     for keys, args in cases:
         for name in ("request", "init"):
             want = b"".join(ser.pack(*scripts.command(name, keys, args)))
