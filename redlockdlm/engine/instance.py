@@ -225,7 +225,7 @@ class Engine:
                 parent_key: bytes | None = None, child_keys: Sequence[bytes] = (),
                 value: bytes | None = None, version: int = 0, floor: int = 0) -> LockReply:
         flags = Flag.SUBTREE if subtree else 0
-        kids = _keys(child_keys)
+        kids = [] if type(child_keys) is tuple and not child_keys else _keys(child_keys)
         raw = self._call("release", [key, parent_key or key, *kids], codec.release_args(
             self.rejoin_ms, self.chan, owner, lock_id, int(flags), value, version, self.vbmax,
             floor))
