@@ -16,7 +16,7 @@ from redlockdlm.engine import codec, scripts
 from redlockdlm.engine.instance import Engine, call_script
 from redlockdlm.engine.keys import EPOCH_KEY
 from redlockdlm.engine.modes import Mode, Status
-from redlockdlm.errors import BadArgument, InvalidArgument, InvalidType, NotOwner
+from redlockdlm.errors import BadArgument, InvalidArgument, InvalidType, MissingKeys, NotOwner
 
 NS = "sc"
 LEASE = 30_000
@@ -257,3 +257,22 @@ def test_argument_builders_fast_and_checked_paths_agree() -> None:
             codec.release_args(30_000, b"ch", "o", "a", 0, None, 0, 64, bad)
     with pytest.raises(InvalidArgument):
         codec.request_args(30_000, b"ch", "\udc80", "a", Mode.EX, 0, 1, LEASE, "", b"")
+
+
+def test_remembered_valid_arguments_never_let_an_invalid_one_through(w_engine) -> None:
+    """core.lua remembers the last string found valid for each argument between calls;
+    ranges are still checked on every call, and a different string is checked anew."""
+    c, e = w_engine
+    k = e.key("res")
+    args = codec.request_args(30_000, e.chan, "o1", "a", Mode.EX, 0, 1, LEASE, "", b"res")
+    keys = [EPOCH_KEY, e.wkey, k, k]
+    assert codec.parse_lock_reply(call_script(c, "request", keys, args)).status == Status.GRANTED
+    for i, bad in ((7, b"1x"), (7, b""), (2, b"o 1"), (3, b"a" * 65), (0, b"-1")):
+        with pytest.raises(BadArgument):
+            call_script(c, "request", keys, args[:i] + [bad] + args[i + 1:])
+    for _ in range(2):  # '0' is digits (remembered) but out of range for lease_ms, each time
+        with pytest.raises(BadArgument):
+            call_script(c, "request", keys, args[:7] + [b"0"] + args[8:])
+    with pytest.raises(MissingKeys):  # KEYS[4] differs from KEYS[3]: checked on its own
+        call_script(c, "request", keys[:3] + [b"dlm:{other:x"], args)
+    assert codec.parse_lock_reply(call_script(c, "request", keys, args)).status == Status.GRANTED
