@@ -18,7 +18,8 @@ never runs this version's calls with that code, and versions can coexist on one 
 
 The contract every caller follows (the Engine here, the quorum client, pipelined or not):
 
-- send `command(name, keys, args)` (FCALL of the library's function);
+- send `command(name, keys, args)` (FCALL of the library's function), or the same packed
+  as RESP by `packed_command(name, keys, args)` for a connection's `send_packed_command`;
 - an error reply for which `is_missing(error)` is true ("ERR Function not found": the
   instance restarted with an empty data set, or FUNCTION FLUSH) means that call did nothing
   at all. Send `load_command()` (FUNCTION LOAD REPLACE of the library; `ensure_loaded(client)`
