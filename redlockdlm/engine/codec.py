@@ -261,6 +261,16 @@ def request_args(rejoin_ms: int, chan: bytes, owner: str, lock_id: str, mode: in
 def convert_args(rejoin_ms: int, chan: bytes, owner: str, lock_id: str, mode: int, flags: int,
                  cticket: int, lease_ms: int, value: bytes | None, version: int, vbmax: int,
                  floor: int, priority: int = 0) -> list[bytes]:
+    if (value is None and type(owner) is str and type(lock_id) is str and type(chan) is bytes
+            and type(rejoin_ms) is int and type(flags) is int and type(cticket) is int
+            and type(lease_ms) is int and type(version) is int and type(vbmax) is int
+            and type(floor) is int and type(priority) is int and type(mode) in _INTS):
+        try:
+            return [b"%d" % rejoin_ms, chan, owner.encode(), lock_id.encode(), b"%d" % mode,
+                    b"%d" % flags, b"%d" % cticket, b"%d" % lease_ms, b"0", b"",
+                    b"%d" % version, b"%d" % vbmax, b"%d" % floor, b"%d" % priority]
+        except UnicodeEncodeError:
+            pass
     return [_s(rejoin_ms, "rejoin_ms"), _b(chan, "channel prefix"), _t(owner, "owner"),
             _t(lock_id, "lock id"), _s(mode, "mode"), _s(flags, "flags"),
             _s(cticket, "ticket"), _s(lease_ms, "lease_ms"), *_value(value),

@@ -238,8 +238,8 @@ class _Bytes(bytes):
 
 
 def test_argument_builders_fast_and_checked_paths_agree() -> None:
-    """request_args/release_args take a fast path when every argument has its exact usual
-    type; subclasses take the checked path. Both must build the same ARGV."""
+    """request_args/convert_args/release_args take a fast path when every argument has its
+    exact usual type; subclasses take the checked path. Both must build the same ARGV."""
     for owner, lid, pid, ticket in (("o1", "a", "", 0), ("o-2", "x.y:z", "p", 2**53 - 1)):
         fast = codec.request_args(30_000, b"ch", owner, lid, Mode.PW, 16, ticket, LEASE, pid,
                                   b"n\x00m")
@@ -247,6 +247,11 @@ def test_argument_builders_fast_and_checked_paths_agree() -> None:
                                           _Int(4), _Int(16), _Int(ticket), _Int(LEASE),
                                           _Str(pid), _Bytes(b"n\x00m"))
         assert fast[4] == b"4"
+        fast = codec.convert_args(30_000, b"ch", owner, lid, Mode.NL, 4, ticket, LEASE, None,
+                                  7, 64, ticket)
+        assert fast == codec.convert_args(_Int(30_000), b"ch", _Str(owner), _Str(lid), _Int(0),
+                                          _Int(4), _Int(ticket), _Int(LEASE), None, _Int(7),
+                                          _Int(64), _Int(ticket))
         fast = codec.release_args(30_000, b"ch", owner, lid, 32, None, 7, 64, ticket)
         assert fast == codec.release_args(_Int(30_000), b"ch", _Str(owner), _Str(lid), _Int(32),
                                           None, _Int(7), _Int(64), _Int(ticket))
