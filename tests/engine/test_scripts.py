@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import threading
 
 import pytest
@@ -281,3 +282,26 @@ def test_remembered_valid_arguments_never_let_an_invalid_one_through(w_engine) -
     with pytest.raises(MissingKeys):  # KEYS[4] differs from KEYS[3]: checked on its own
         call_script(c, "request", keys[:3] + [b"dlm:{other:x"], args)
     assert codec.parse_lock_reply(call_script(c, "request", keys, args)).status == Status.GRANTED
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_never_uses_the_parents_kept_connection(r: redis.Redis) -> None:
+    e = Engine(r, NS)
+    e.init_fresh()
+    k = e.key("res")
+    assert e.request(k, "o1", "a", Mode.EX, ticket=1, lease_ms=LEASE).status == Status.GRANTED
+    parent_conn = e._link.spare[0]
+    pid = os.fork()
+    if pid == 0:  # the child: exit code 0 only if it used a connection of its own
+        code = 1
+        try:
+            if not e._link.spare:
+                rep = e.request(e.key("child"), "o2", "c", Mode.EX, ticket=2, lease_ms=LEASE)
+                if rep.status == Status.GRANTED and e._link.spare[0] is not parent_conn:
+                    code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert e._link.spare == [parent_conn]
+    assert e.release(k, "o1", "a").status == Status.RELEASED  # the parent's is intact
