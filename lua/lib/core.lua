@@ -113,8 +113,10 @@ end
 
 -- P1: a signed int in the range of a C int; absent (an older caller): 0.
 local MIN_PRIORITY, MAX_PRIORITY = -2147483648, 2147483647
+local prio_s, prio_n  -- the last valid priority string and its value (as in arg_int)
 local function arg_priority(s)
   if s == nil then return 0 end
+  if s == prio_s then return prio_n end
   if #s == 0 or #s > 11 or not string.find(s, '^%-?%d+$') then
     fail('DLM_BADARG', 'priority must be an integer in ' .. MIN_PRIORITY .. '..' .. MAX_PRIORITY)
   end
@@ -122,7 +124,8 @@ local function arg_priority(s)
   if n < MIN_PRIORITY or n > MAX_PRIORITY then
     fail('DLM_BADARG', 'priority must be an integer in ' .. MIN_PRIORITY .. '..' .. MAX_PRIORITY)
   end
-  if n == 0 then return 0 end  -- (-0 too)
+  if n == 0 then n = 0 end  -- (-0 too)
+  prio_s, prio_n = s, n
   return n
 end
 

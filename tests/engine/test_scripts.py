@@ -243,16 +243,17 @@ def test_argument_builders_fast_and_checked_paths_agree() -> None:
     exact usual type; subclasses take the checked path. Both must build the same ARGV."""
     for owner, lid, pid, ticket in (("o1", "a", "", 0), ("o-2", "x.y:z", "p", 2**53 - 1)):
         fast = codec.request_args(30_000, b"ch", owner, lid, Mode.PW, 16, ticket, LEASE, pid,
-                                  b"n\x00m")
+                                  b"n\x00m", -7)
         assert fast == codec.request_args(_Int(30_000), _Bytes(b"ch"), _Str(owner), _Str(lid),
                                           _Int(4), _Int(16), _Int(ticket), _Int(LEASE),
-                                          _Str(pid), _Bytes(b"n\x00m"))
+                                          _Str(pid), _Bytes(b"n\x00m"), _Int(-7))
+        assert fast[10] == b"-7"
         assert fast[4] == b"4"
         fast = codec.convert_args(30_000, b"ch", owner, lid, Mode.NL, 4, ticket, LEASE, None,
-                                  7, 64, ticket)
+                                  7, 64, ticket, 3)
         assert fast == codec.convert_args(_Int(30_000), b"ch", _Str(owner), _Str(lid), _Int(0),
                                           _Int(4), _Int(ticket), _Int(LEASE), None, _Int(7),
-                                          _Int(64), _Int(ticket))
+                                          _Int(64), _Int(ticket), _Int(3))
         fast = codec.release_args(30_000, b"ch", owner, lid, 32, None, 7, 64, ticket)
         assert fast == codec.release_args(_Int(30_000), b"ch", _Str(owner), _Str(lid), _Int(32),
                                           None, _Int(7), _Int(64), _Int(ticket))
@@ -279,6 +280,9 @@ def test_remembered_valid_arguments_never_let_an_invalid_one_through(w_engine) -
     for _ in range(2):  # '0' is digits (remembered) but out of range for lease_ms, each time
         with pytest.raises(BadArgument):
             call_script(c, "request", keys, args[:7] + [b"0"] + args[8:])
+    for _ in range(2):  # a priority out of range, after a valid one
+        with pytest.raises(BadArgument):
+            call_script(c, "request", keys, args[:10] + [b"2147483648"])
     with pytest.raises(MissingKeys):  # KEYS[4] differs from KEYS[3]: checked on its own
         call_script(c, "request", keys[:3] + [b"dlm:{other:x"], args)
     assert codec.parse_lock_reply(call_script(c, "request", keys, args)).status == Status.GRANTED
