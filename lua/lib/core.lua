@@ -297,7 +297,10 @@ local function process(key, r)
   end
 end
 
--- G10, V4: drop expired locks, invalidate the value of an expired writer.
+-- G10, V4: drop expired locks, invalidate the value of an expired writer. G13: a purge that
+-- removes the last lock drops the value block, as a release does, also when the same call
+-- then adds a lock (a request): else an instance that missed the resource's disappearance
+-- elsewhere would hand out the older value to the next holder, said valid.
 local QUEUES = {'g', 'c', 'w'}  -- read only
 
 local function purge(key, r)
@@ -326,6 +329,9 @@ local function purge(key, r)
   end
   if removed then
     mark(key)
+    if #r.g == 0 and #r.c == 0 and #r.w == 0 then
+      r.v, r.vv, r.vi = nil, 0, 0
+    end
     process(key, r)
   end
 end

@@ -163,7 +163,9 @@ class Model:
         return r
 
     def _purge(self, key: bytes, r: Resource, now: int, ev: list) -> None:
-        """G10: drop expired locks, V4: invalidate the value of an expired writer."""
+        """G10: drop expired locks, V4: invalidate the value of an expired writer; G13: a
+        purge that removes the last lock drops the value block (also when the same call
+        then adds a lock)."""
         removed = False
         for q in (r.g, r.c, r.w):
             keep = []
@@ -177,6 +179,8 @@ class Model:
                     keep.append(lk)
             q[:] = keep
         if removed:
+            if r.empty():
+                r.vb, r.vv, r.vi = None, 0, False
             self._process(key, r, now, ev)
 
     def _bump(self, r: Resource, now: int) -> int:

@@ -870,6 +870,38 @@ def test_g9_nl_lock_keeps_resource_and_value(w: World) -> None:
     assert R("b", PR, 3)(w).value == b"keep"
 
 
+@pytest.mark.parametrize("extra,act,layout", [
+    pytest.param([], R("b", PR, 4), "G[b=PR]",
+                 id="G13-expired-last-NL-lock-purged-by-a-request-drops-the-value"),
+    pytest.param([R("h", EX, 3, lease=1000)], R("b", PR, 4), "G[b=PR]",
+                 id="G13-expired-last-EX-lock-purged-by-a-request-drops-the-value"),
+    pytest.param([], R("b", EX, 4, flags=NOQUEUE), "G[b=EX]",
+                 id="G13-expired-last-lock-purged-by-a-noqueue-request-drops-the-value"),
+    pytest.param([R("q", EX, 3, lease=1000), C("k", EX, 5, lease=1000)], R("b", CR, 6),
+                 "G[b=CR]", id="G13-expired-holder-waiter-and-conversion-drop-the-value"),
+])
+def test_g13_purge_of_last_lock_drops_value(w: World, extra: list[Op], act: Op,
+                                            layout: str) -> None:
+    run(w, [R("k", NL, 1, lease=1000), R("wr", EX, 2), X("wr", value=b"old", version=7),
+            *extra])
+    assert w.view().value == b"old"
+    w.tick(1000)
+    rep = act(w)
+    assert rep.status == GRANTED
+    assert (rep.value, rep.version, rep.valid) == (None, 0, True)
+    assert w.layout() == layout
+    v = w.view()
+    assert (v.value, v.version, v.valid) == (None, 0, True)
+
+
+def test_g13_purge_that_leaves_a_lock_keeps_the_value(w: World) -> None:
+    run(w, [R("k", NL, 1), R("x", NL, 2, lease=1000), R("wr", EX, 3),
+            X("wr", value=b"kept", version=7), Tick(1000)])
+    rep = R("b", PR, 4)(w)
+    assert (rep.value, rep.version, rep.valid) == (b"kept", 7, True)
+    assert w.layout() == "G[b=PR k=NL]"
+
+
 def test_g9_tombstone_then_new_grant_takes_next_token(w: World) -> None:
     t1 = R("a", EX, 1)(w).token
     X("a")(w)

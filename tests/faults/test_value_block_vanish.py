@@ -7,8 +7,8 @@ expired lock and the older value. The next request there purged the expired lock
 its own in the same call, so the resource (and the older value) lived on, and the reader's
 highest version was that superseded value, said valid. (Versions follow the writers'
 tokens, so a newer write would win; here the newer write had disappeared with the
-resource.) Expected: an empty value block, or one said not valid. A fix: a purge that
-removes a resource's last lock drops the value block, as G9 does for a release.
+resource.) Expected: an empty value block, or one said not valid. Fixed by rule G13: a
+purge that removes a resource's last lock drops the value block, as G9 does for a release.
 """
 
 from __future__ import annotations
@@ -28,9 +28,6 @@ NS = "vbv"
 LEASE_MS = 600
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (open): an instance that missed a resource's disappearance hands out its older "
-    "value block as valid (the purge of the last, expired lock keeps the value)"))
 def test_value_that_disappeared_does_not_come_back() -> None:
     with Instances(3) as inst:
         for s in inst:
