@@ -516,17 +516,29 @@ class AsyncDLM:
 
     async def _renew_instance(self, i: int,
                               batches: list[tuple[int, Call, list[LockCore]]]) -> None:
+        repairs: list[tuple[LockCore, Call]] = []
         try:
             sent = time.monotonic()
             results = await self._pipeline(i, [cmd for _, cmd, _ in batches])
             now = time.monotonic()
             for (_, _, lks), res in zip(batches, results):
                 self._core.on_renew_reply(i, lks, res, sent, now)
+            repairs = self._core.repair_cmds(i)
+            if repairs:  # R1: only where a renewal found a lock in a stale mode
+                sent = time.monotonic()
+                results = await self._pipeline(i, [cmd for _, cmd in repairs])
+                now = time.monotonic()
+                for (lk, _), res in zip(repairs, results):
+                    self._core.on_repair_reply(lk, i, res, sent, now)
+                repairs = []
             for lk in list(self._core.locks.values()):
                 self._notify(lk)
             self._check_lost()
         finally:
             self._renewing.discard(i)
+            for lk, _ in repairs:  # not sent (cancelled): not in flight
+                lk.repairing.discard(i)
+                self._notify(lk)
 
     def _check_lost(self) -> None:
         for lk in self._core.check_held(time.monotonic()):
@@ -562,6 +574,8 @@ class AsyncDLM:
     async def _convert(self, lk: LockCore, mode: object, timeout: float | None,
                        **flags: Any) -> None:
         t = check_timeout(timeout)
+        while lk.repairing:  # R1: a repair must land before the conversion is sent
+            await self._wait_change(lk, time.monotonic() + 0.5)
         old = lk.mode
         m, fl, down = self._core.start_convert(lk, mode, **flags)
         lk.deadline = None if t is None else time.monotonic() + t

@@ -662,6 +662,7 @@ class DLM:
             self._spawn(self._renew_instance, i, [b for b in batches if b[0] == i])
 
     def _renew_instance(self, i: int, batches: list[tuple[int, Call, list[LockCore]]]) -> None:
+        repairs: list[tuple[LockCore, Call]] = []
         try:
             sent = time.monotonic()
             results = self._pipeline(i, [cmd for _, cmd, _ in batches])
@@ -669,6 +670,16 @@ class DLM:
                 now = time.monotonic()
                 for (_, _, lks), res in zip(batches, results):
                     self._core.on_renew_reply(i, lks, res, sent, now)
+            with self._mu:
+                repairs = self._core.repair_cmds(i)
+            if repairs:  # R1: only where a renewal found a lock in a stale mode
+                sent = time.monotonic()
+                results = self._pipeline(i, [cmd for _, cmd in repairs])
+                with self._mu:
+                    now = time.monotonic()
+                    for (lk, _), res in zip(repairs, results):
+                        self._core.on_repair_reply(lk, i, res, sent, now)
+                    repairs = []
             with self._mu:
                 for lk in list(self._core.locks.values()):
                     if lk.phase is Phase.ACQUIRING:
@@ -678,6 +689,9 @@ class DLM:
         finally:
             with self._mu:
                 self._renewing.discard(i)
+                for lk, _ in repairs:  # not sent (an unexpected error): not in flight
+                    lk.repairing.discard(i)
+                self._cond.notify_all()
 
     def _check_lost(self) -> None:
         for lk in self._core.check_held(time.monotonic()):
@@ -762,6 +776,8 @@ class DLM:
                  **flags: Any) -> None:
         t = check_timeout(timeout)
         with self._mu:
+            while lk.repairing:  # R1: a repair must land before the conversion is sent
+                self._cond.wait(0.5)
             old = lk.mode
             m, fl, down = self._core.start_convert(lk, mode, **flags)
             lk.deadline = None if t is None else time.monotonic() + t

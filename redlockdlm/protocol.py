@@ -32,7 +32,15 @@ from .engine.keys import (
     resource_key,
     waiters_key,
 )
-from .engine.modes import MAX_PRIORITY, MIN_PRIORITY, Flag, Mode, Status, is_down_conversion
+from .engine.modes import (
+    COMPAT,
+    MAX_PRIORITY,
+    MIN_PRIORITY,
+    Flag,
+    Mode,
+    Status,
+    is_down_conversion,
+)
 from .errors import (
     Deadlock,
     DLMError,
@@ -93,6 +101,15 @@ class InstanceVote:
     #: the instance may have expired our lock and a re-sent request re-created it, so a
     #: grant event may be about the old one; only a reply counts until one says GRANTED
     lapsed: bool = False
+
+
+def covers(held: Mode | None, mode: Mode | None) -> bool:
+    """True if a grant in `held` excludes at least every mode `mode` excludes (EX covers
+    everything, every mode covers NL): an instance granting us `held` protects a holder
+    of `mode` there."""
+    if held is None or mode is None:
+        return False
+    return all(COMPAT[held][x] <= COMPAT[mode][x] for x in Mode)
 
 
 def new_id() -> str:
@@ -176,6 +193,10 @@ class LockCore:
         self.yield_pending: set[int] = set()
         self.round_done = False  #: the split-vote yield of this round was sent
         self.pending: set[int] = set()  #: instances whose answer to this round is awaited
+        #: instances where a repair (R1) is in flight; a conversion waits for it to land
+        self.repairing: set[int] = set()
+        #: (value, version) of this grant's last write by a down-conversion, for R1
+        self.written: tuple[bytes, int] | None = None
 
     # ----------------------------------------------------------------- reading the votes
 
@@ -653,6 +674,11 @@ class Session:
             lk.adopt_grant(now, lk.rq)
             if wrote and lk.rq != Mode.NL:  # our own write is the newest value
                 lk.value, lk.version, lk.value_valid = new_value, version, True
+            # R1 writes it where the down-conversion did not arrive; a newer up-conversion
+            # makes it history (the next write is this grant's own)
+            lk.written = ((new_value, version)
+                          if wrote and old >= Mode.PW and is_down_conversion(old, lk.rq)
+                          else None)
             lk.phase = Phase.HELD
             return Outcome(done=True)
         # Reported lost meanwhile (too few instances kept it): nothing renews it any more, so
@@ -716,10 +742,45 @@ class Session:
 
     def holding(self, lk: LockCore, now: float) -> int:
         """Instances where `lk` still holds its mode with a valid lease (a queued
-        conversion keeps the old mode granted, G6)."""
-        return sum(1 for v in lk.votes
-                   if (v.vote is Vote.GRANTED or (v.vote is Vote.QUEUED and v.mode is not None))
-                   and lk.vote_validity(v, now) > 0)
+        conversion keeps the old mode granted, G6). A grant in a mode that does not cover
+        the held one (an up-conversion that instance missed: its reply was lost, and a
+        renewal found the old mode) protects nothing there: an incompatible request is
+        granted beside it. While converting, the requested mode counts too."""
+        def ok(v: InstanceVote) -> bool:
+            if v.vote is Vote.QUEUED:
+                return v.mode is not None
+            return v.vote is Vote.GRANTED and (
+                covers(v.mode, lk.mode)
+                or (lk.phase is Phase.CONVERTING and covers(v.mode, lk.rq)))
+        return sum(1 for v in lk.votes if ok(v) and lk.vote_validity(v, now) > 0)
+
+    def repair_cmds(self, i: int) -> list[tuple[LockCore, tuple]]:
+        """R1, after a renewal reply from instance i: where a held lock is still granted in
+        a stronger mode than it holds (a down-conversion that did not arrive there), send
+        that down-conversion again (granted at once, G4), with the value block it wrote,
+        if any. A stale stronger mode is safe but blocks others for the lock's life.
+        The lock is marked `repairing` until `on_repair_reply`: a conversion started
+        meanwhile waits, so the repair can never land after it and undo it."""
+        out = []
+        for lk in self.locks.values():
+            v = lk.votes[i]
+            if (lk.phase is Phase.HELD and lk.mode is not None and i not in lk.repairing
+                    and v.vote is Vote.GRANTED and v.mode is not None and v.mode != lk.mode
+                    and is_down_conversion(v.mode, lk.mode)):
+                value, version = lk.written if lk.written else (None, 0)
+                lk.repairing.add(i)
+                out.append((lk, self.convert_cmd(lk, lk.mode, 0, value, version, i)))
+        return out
+
+    def on_repair_reply(self, lk: LockCore, i: int, reply: object, sent_at: float,
+                        now: float) -> None:
+        lk.repairing.discard(i)
+        if lk.phase is not Phase.HELD:
+            return  # released or lost meanwhile: nothing to record
+        if isinstance(reply, BaseException):
+            lk.votes[i].error = describe(reply)  # the next renewal tells, and repairs again
+            return
+        self.on_reply(lk, i, reply, sent_at, now)
 
     def check_held(self, now: float) -> list[LockCore]:
         """Locks that were held and no longer are: reported lost."""

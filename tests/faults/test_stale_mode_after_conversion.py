@@ -6,8 +6,8 @@ it kept the old, stronger mode, and the holder's renewals kept that stale grant 
 as long as the lock lived. The holder believes it holds NL; the instance blocks every
 incompatible request behind an EX nobody holds. Safe (stronger is never unsafe), but one
 more unavailable instance and nobody can take the resource: workers waited their full
-acquisition timeout. Nothing re-sends the missed down-conversion (a renewal that reports
-the stronger mode could); this test pins the behaviour until that is done.
+acquisition timeout. Fixed by R1 (docs/rules.md): a renewal that reports the stronger mode
+makes the client send the missed down-conversion again.
 """
 
 from __future__ import annotations
@@ -26,9 +26,6 @@ pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.timeout(60)]
 NS = "smc"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (open): a missed down-conversion is never repaired: the instance keeps the old, "
-    "stronger mode while the holder renews it"))
 def test_missed_down_conversion_is_repaired() -> None:
     with Instances(3) as inst:
         for s in inst:
