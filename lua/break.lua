@@ -24,7 +24,7 @@ return run(function()
       for _, lk in ipairs(r[qn]) do
         if (id ~= '' and lk.id == id) or (owner ~= '' and lk.o == owner) then
           n = n + 1
-          if lk.gr >= PW then r.vi = 1 end  -- V4
+          if lk.gr >= PW and r.vi == 0 then r.vi = 1 end  -- V4 (V5's mark stays)
           if qn ~= 'g' then windex_rem(key, lk) end
           emit(lk.o, 'C|' .. lk.id .. '|broken')
         else

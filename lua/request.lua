@@ -1,4 +1,4 @@
--- request.lua: a new lock request (rules G1-G3, G10-G12, H1, N1, F1, E1).
+-- request.lua: a new lock request (rules G1-G3, G10-G12, H1, N1, F1, E1, V5).
 --
 -- KEYS[1] epoch hash, KEYS[2] waiter index, KEYS[3] resource,
 -- KEYS[4] parent's resource (only read when ARGV[9] names a parent; pass KEYS[3] otherwise)
@@ -54,6 +54,9 @@ return run(function()
     if not plk or plk.o ~= owner or plk.gr == NONE then return reply(S_NOPARENT) end
   end
   if not r then r = create(key, name) end
+  if #r.g == 0 and #r.c == 0 and #r.w == 0 and forgets_values() then  -- V5
+    r.vi = VI_FORGOTTEN
+  end
   local pk = ''
   if pid ~= '' then pk = KEYS[4] end
   local lk = {id = id, o = owner, gr = NONE, rq = mode, f = flags, t = ticket, ct = 0,

@@ -508,8 +508,10 @@ class AsyncDLM:
                     await asyncio.wait_for(self._renew_soon.wait(), left)
                 next_tick = min(next_tick, time.monotonic() + self._core.renew_interval())
             idle = [i for i in range(self._core.n) if i not in self._renewing]
-            batches = self._core.renew_cmds(time.monotonic(), idle)
-            for i in sorted({b[0] for b in batches}):
+            now = time.monotonic()
+            batches = self._core.renew_cmds(now, idle)
+            for i in sorted({b[0] for b in batches}  # (and rejoins owed: R2)
+                            | {i for i in idle if self._core.repairs_due(i, now)}):
                 self._renewing.add(i)
                 self._spawn(self._renew_instance(i, [b for b in batches if b[0] == i]))
             self._check_lost()  # also when every instance stalls and no reply comes
@@ -518,13 +520,14 @@ class AsyncDLM:
                               batches: list[tuple[int, Call, list[LockCore]]]) -> None:
         repairs: list[tuple[LockCore, Call]] = []
         try:
-            sent = time.monotonic()
-            results = await self._pipeline(i, [cmd for _, cmd, _ in batches])
-            now = time.monotonic()
-            for (_, _, lks), res in zip(batches, results):
-                self._core.on_renew_reply(i, lks, res, sent, now)
-            repairs = self._core.repair_cmds(i)
-            if repairs:  # R1: only where a renewal found a lock in a stale mode
+            if batches:  # (none when the instance only owes a rejoin, R2)
+                sent = time.monotonic()
+                results = await self._pipeline(i, [cmd for _, cmd, _ in batches])
+                now = time.monotonic()
+                for (_, _, lks), res in zip(batches, results):
+                    self._core.on_renew_reply(i, lks, res, sent, now)
+            repairs = self._core.repair_cmds(i, time.monotonic())
+            if repairs:  # R1, R2: only where a renewal found something to repair
                 sent = time.monotonic()
                 results = await self._pipeline(i, [cmd for _, cmd in repairs])
                 now = time.monotonic()
@@ -549,7 +552,16 @@ class AsyncDLM:
 
     # ----------------------------------------------------------------- release / convert
 
+    async def _after_repairs(self, lk: LockCore) -> None:
+        """Wait until no repair of `lk` is in flight (R1, R2; `_renew_instance` notifies)."""
+        while lk.repairing:
+            if lk.id in self._changed:
+                await self._wait_change(lk, time.monotonic() + 0.5)
+            else:
+                await asyncio.sleep(0.01)
+
     async def _release(self, lk: LockCore, subtree: bool = False) -> None:
+        await self._after_repairs(lk)  # R1, R2: the repair lands first, not after this
         if lk.phase is Phase.RELEASED:
             return
         if not subtree and any(c.phase is not Phase.RELEASED for c in lk.children):
@@ -574,8 +586,7 @@ class AsyncDLM:
     async def _convert(self, lk: LockCore, mode: object, timeout: float | None,
                        **flags: Any) -> None:
         t = check_timeout(timeout)
-        while lk.repairing:  # R1: a repair must land before the conversion is sent
-            await self._wait_change(lk, time.monotonic() + 0.5)
+        await self._after_repairs(lk)  # R1, R2: the repair lands first, not after this
         old = lk.mode
         m, fl, down = self._core.start_convert(lk, mode, **flags)
         lk.deadline = None if t is None else time.monotonic() + t

@@ -655,8 +655,10 @@ class DLM:
         instance on its own thread, so one stalled instance delays nobody else's leases."""
         with self._mu:
             idle = [i for i in range(self._core.n) if i not in self._renewing]
-            batches = self._core.renew_cmds(time.monotonic(), idle)
-            busy = sorted({i for i, _, _ in batches})
+            now = time.monotonic()
+            batches = self._core.renew_cmds(now, idle)
+            busy = sorted({i for i, _, _ in batches}  # (and rejoins owed: R2)
+                          | {i for i in idle if self._core.repairs_due(i, now)})
             self._renewing.update(busy)
         for i in busy:
             self._spawn(self._renew_instance, i, [b for b in batches if b[0] == i])
@@ -664,15 +666,16 @@ class DLM:
     def _renew_instance(self, i: int, batches: list[tuple[int, Call, list[LockCore]]]) -> None:
         repairs: list[tuple[LockCore, Call]] = []
         try:
-            sent = time.monotonic()
-            results = self._pipeline(i, [cmd for _, cmd, _ in batches])
+            if batches:  # (none when the instance only owes a rejoin, R2)
+                sent = time.monotonic()
+                results = self._pipeline(i, [cmd for _, cmd, _ in batches])
+                with self._mu:
+                    now = time.monotonic()
+                    for (_, _, lks), res in zip(batches, results):
+                        self._core.on_renew_reply(i, lks, res, sent, now)
             with self._mu:
-                now = time.monotonic()
-                for (_, _, lks), res in zip(batches, results):
-                    self._core.on_renew_reply(i, lks, res, sent, now)
-            with self._mu:
-                repairs = self._core.repair_cmds(i)
-            if repairs:  # R1: only where a renewal found a lock in a stale mode
+                repairs = self._core.repair_cmds(i, time.monotonic())
+            if repairs:  # R1, R2: only where a renewal found something to repair
                 sent = time.monotonic()
                 results = self._pipeline(i, [cmd for _, cmd in repairs])
                 with self._mu:
@@ -743,6 +746,8 @@ class DLM:
 
     def _release(self, lk: LockCore, subtree: bool = False) -> None:
         with self._mu:
+            while lk.repairing:  # R1, R2: the repair lands first, never after the release
+                self._cond.wait(0.5)
             if lk.phase is Phase.RELEASED:
                 return
             if lk.children and not subtree:
@@ -776,7 +781,7 @@ class DLM:
                  **flags: Any) -> None:
         t = check_timeout(timeout)
         with self._mu:
-            while lk.repairing:  # R1: a repair must land before the conversion is sent
+            while lk.repairing:  # R1, R2: a repair lands before the conversion is sent
                 self._cond.wait(0.5)
             old = lk.mode
             m, fl, down = self._core.start_convert(lk, mode, **flags)

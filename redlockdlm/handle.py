@@ -76,7 +76,9 @@ class LockBase:
 
     @property
     def value_valid(self) -> bool:
-        """False when a PW/EX holder lost its lease or was broken since the last write."""
+        """False when a PW/EX holder lost its lease or was broken since the last write (V4),
+        or an instance of the quorum restarted empty and may have forgotten a newer value
+        (V5): the value may be stale; rebuild it and write it again (VMS SS$_VALNOTVALID)."""
         return self._core.value_valid
 
     @property

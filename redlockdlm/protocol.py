@@ -101,6 +101,10 @@ class InstanceVote:
     #: the instance may have expired our lock and a re-sent request re-created it, so a
     #: grant event may be about the old one; only a reply counts until one says GRANTED
     lapsed: bool = False
+    #: V5: the instance restarted empty and may have forgotten a newer value block
+    forgotten: bool = False
+    #: R2: the instance restarted empty and lost our held lock: request it again there
+    rejoin: bool = False
 
 
 def covers(held: Mode | None, mode: Mode | None) -> bool:
@@ -246,7 +250,10 @@ class LockCore:
             # granted by the majority, wrote its own v+1 there. Which one is the latest
             # cannot be told, so the value is not valid (V4) until the next write (top+1).
             self.value_valid = (all(v.valid for v in at_top)
-                                and all(v.value == self.value for v in at_top))
+                                and all(v.value == self.value for v in at_top)
+                                # V5: an instance of the quorum restarted empty and may
+                                # have held a newer value than any the others have
+                                and not any(self.votes[i].forgotten for i in gi))
         self.new_value = None
 
 
@@ -440,6 +447,7 @@ class Session:
             if not (v.vote is Vote.GRANTED and v.token > rep.token):
                 v.mode, v.token = rep.mode, rep.token
                 v.value, v.version, v.valid = rep.value, rep.version, rep.valid
+                v.forgotten = rep.forgotten
             v.vote, v.by_event, v.lapsed = Vote.GRANTED, False, False
         elif st == Status.QUEUED:
             # The grant event may overtake the reply (two connections): a GRANTED learnt
@@ -508,6 +516,9 @@ class Session:
                 v.vote, v.mode, v.sent_at = Vote.QUEUED, e.mode, sent_at
                 v.wait_ms = e.wait_ms
             else:
+                if lk.phase is Phase.HELD and v.epoch and epoch != v.epoch:
+                    # R2: the instance restarted empty (a new epoch) and forgot our lock
+                    v.rejoin, v.retry_at = True, now
                 v.vote, v.mode = Vote.ABSENT, None
             v.epoch = epoch
 
@@ -528,6 +539,7 @@ class Session:
                                                  or ev.token > v.token):
                 v.vote, v.mode, v.token, v.by_event = Vote.GRANTED, ev.mode, ev.token, True
                 v.value, v.version, v.valid = ev.value, ev.version, ev.valid
+                v.forgotten = ev.forgotten
                 v.granted_at = now
         elif ev.kind == "B":
             if (lk.phase is Phase.CONVERTING and v.vote is Vote.GRANTED and v.mode == lk.rq
@@ -754,13 +766,32 @@ class Session:
                 or (lk.phase is Phase.CONVERTING and covers(v.mode, lk.rq)))
         return sum(1 for v in lk.votes if ok(v) and lk.vote_validity(v, now) > 0)
 
-    def repair_cmds(self, i: int) -> list[tuple[LockCore, tuple]]:
-        """R1, after a renewal reply from instance i: where a held lock is still granted in
-        a stronger mode than it holds (a down-conversion that did not arrive there), send
-        that down-conversion again (granted at once, G4), with the value block it wrote,
-        if any. A stale stronger mode is safe but blocks others for the lock's life.
-        The lock is marked `repairing` until `on_repair_reply`: a conversion started
-        meanwhile waits, so the repair can never land after it and undo it."""
+    _REJOIN_FROM = (Vote.ABSENT, Vote.RECOVERING, Vote.ERROR, Vote.NOTQUEUED, Vote.NOPARENT)
+
+    def _rejoin_due(self, lk: LockCore, i: int, now: float) -> bool:
+        v = lk.votes[i]
+        return (lk.phase is Phase.HELD and v.rejoin and i not in lk.repairing
+                and v.vote in self._REJOIN_FROM and now >= v.retry_at)
+
+    def repairs_due(self, i: int, now: float) -> bool:
+        """True if instance i owes a held lock a rejoin (R2), even with no renewal to send
+        it (the lock lives on other instances only)."""
+        return any(self._rejoin_due(lk, i, now) for lk in self.locks.values())
+
+    def repair_cmds(self, i: int, now: float) -> list[tuple[LockCore, tuple]]:
+        """After a renewal reply from instance i, the commands that repair what it says:
+
+        * R1: where a held lock is still granted in a stronger mode than it holds (a
+          down-conversion that did not arrive there), that down-conversion again (granted
+          at once, G4), with the value block it wrote, if any. A stale stronger mode is
+          safe but blocks others for the lock's life.
+        * R2: where the instance restarted empty and lost a held lock, the lock's request
+          again (same id, ticket and mode): the instance answers RECOVERING until it is
+          safe (E1), then grants it or queues it like any request; so the lock regains its
+          vote there, and the writes and releases that follow reach that instance again.
+
+        Each lock is marked `repairing` until `on_repair_reply`: a conversion or release
+        started meanwhile waits, so the repair can never land after it and undo it."""
         out = []
         for lk in self.locks.values():
             v = lk.votes[i]
@@ -770,6 +801,9 @@ class Session:
                 value, version = lk.written if lk.written else (None, 0)
                 lk.repairing.add(i)
                 out.append((lk, self.convert_cmd(lk, lk.mode, 0, value, version, i)))
+            elif self._rejoin_due(lk, i, now):
+                lk.repairing.add(i)
+                out.append((lk, self.request_cmd(lk)))
         return out
 
     def on_repair_reply(self, lk: LockCore, i: int, reply: object, sent_at: float,
@@ -781,6 +815,9 @@ class Session:
             lk.votes[i].error = describe(reply)  # the next renewal tells, and repairs again
             return
         self.on_reply(lk, i, reply, sent_at, now)
+        v = lk.votes[i]
+        if v.vote in (Vote.GRANTED, Vote.QUEUED):
+            v.rejoin = False  # R2 done: renewals keep it from here
 
     def check_held(self, now: float) -> list[LockCore]:
         """Locks that were held and no longer are: reported lost."""

@@ -179,6 +179,15 @@ local function recovering_ms()
   return 0
 end
 
+-- V5: an instance that restarted empty (its epoch was created here, SAFE > 0; `init fresh`
+-- stores 0) may have forgotten a value block whose resource lives on elsewhere. Until
+-- rejoin_ms after it became safe (long enough for the held locks to re-acquire their vote,
+-- R2), a resource that gets its first lock here has its value block marked forgotten.
+local VI_FORGOTTEN = 2
+local function forgets_values()
+  return SAFE > 0 and NOW < SAFE + REJOIN
+end
+
 -- ----------------------------------------------------------------- resources
 
 -- A resource blob: {n=name, s=fencing seq, v=value (absent if none), vv=version,
@@ -318,7 +327,7 @@ local function purge(key, r)
         local lk = q[i]
         if lk.e <= NOW then
           removed = true
-          if lk.gr >= PW then r.vi = 1 end
+          if lk.gr >= PW and r.vi == 0 then r.vi = 1 end  -- (V5's mark stays)
           if qn ~= 'g' then windex_rem(key, lk) end
         else
           keep[#keep + 1] = lk
@@ -426,7 +435,7 @@ local function blocking(r, lk)
   end
 end
 
--- The reply about one lock:
+-- The reply about one lock (invalid: 0 valid, 1 invalid (V4), 2 forgotten (V5)):
 -- {status, epoch, gr, token, pos, value, version, invalid, wait_ms, extra, nblockers,
 --  blocker owner, blocker id, blocker mode, ...}
 local function reply(status, gr, tok, pos, extra)

@@ -100,6 +100,8 @@ class LockReply(NamedTuple):
     extra: int  #: RECOVERING: ms to wait; RELEASED: locks released
     blockers_count: int
     blockers: tuple[Blocker, ...]
+    #: V5: this instance restarted empty and may have forgotten a newer value
+    forgotten: bool = False
 
 
 def _str(v: object) -> str:
@@ -126,7 +128,8 @@ def parse_lock_reply(raw: list) -> LockReply:
             _STATUS[int(status)],
             epoch.decode() if type(epoch) is bytes else str(epoch),
             _MODE_OR_NONE[int(mode)], int(token), int(position), value, int(version),
-            not int(invalid), int(wait_ms), int(extra), int(nblockers), blockers))
+            not int(invalid), int(wait_ms), int(extra), int(nblockers), blockers,
+            invalid == 2 or invalid == b"2"))  # V5: forgotten
     except (IndexError, TypeError, ValueError, KeyError) as exc:
         raise ProtocolError(f"unexpected lock reply {raw!r}") from exc
 
@@ -179,6 +182,7 @@ class ResourceView:
     version: int
     valid: bool
     locks: tuple[LockView, ...]
+    forgotten: bool = False  #: V5
 
     @property
     def path(self) -> tuple[bytes, ...]:
@@ -224,7 +228,7 @@ def _parse_inspect(keys: list[bytes], raw: list
                                   int(lk[10]), _mode_or_none(int(lk[11])), kids,
                                   int(lk[12])))
         out.append(ResourceView(key, item[0] or b"", int(item[1]), item[2], int(item[3]),
-                                not int(item[4]), tuple(locks)))
+                                not int(item[4]), tuple(locks), int(item[4]) == 2))
     return st, out
 
 
@@ -334,6 +338,7 @@ class Event:
     ticket: int = 0  #: B: the blocked request's ticket
     other: str = ""  #: B: the blocked lock's id
     reason: str = ""  #: C: cancel, deadlock or broken
+    forgotten: bool = False  #: G: V5
 
 
 def parse_event(data: bytes) -> Event:
@@ -342,7 +347,7 @@ def parse_event(data: bytes) -> Event:
         if kind == b"G":
             _, lid, gr, tok, vv, vi, hasv, value = data.split(b"|", 7)
             return Event("G", lid.decode(), Mode(int(gr)), int(tok), int(vv), vi == b"0",
-                         value if hasv == b"1" else None)
+                         value if hasv == b"1" else None, forgotten=vi == b"2")
         if kind == b"B":
             _, lid, rq, ticket, other = data.split(b"|", 4)
             return Event("B", lid.decode(), Mode(int(rq)), ticket=int(ticket),

@@ -42,6 +42,8 @@ MAX_TOKEN = 2**52  #: F1: the largest fencing floor (above 2**53 a Lua `seq + 1`
 MAX_NAME = 16 * 1024 + 15  #: a display name: 16 names of 1024 bytes joined by NUL
 MAX_VBMAX = 65_536
 MAX_ID_LEN = 64
+VI_INVALID = 1  #: V4: a PW/EX holder expired or was broken
+VI_FORGOTTEN = 2  #: V5: this instance restarted empty and may have lost a newer value
 BLOCKERS_REPORTED = 8  #: how many blockers a reply lists (their count is always given)
 
 _ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.:-")
@@ -71,7 +73,7 @@ class Resource:
     seq: int = 0
     vb: bytes | None = None
     vv: int = 0
-    vi: bool = False
+    vi: int = 0  #: 0 valid, VI_INVALID (V4), VI_FORGOTTEN (V5)
     g: list[Lock] = field(default_factory=list)  #: granted, in grant order
     c: list[Lock] = field(default_factory=list)  #: converting, by (cticket, id)
     w: list[Lock] = field(default_factory=list)  #: waiting, by (ticket, id)
@@ -97,7 +99,7 @@ class Reply:
     pos: int = -1
     vb: bytes | None = None
     vv: int = 0
-    vi: bool = False
+    vi: int = 0
     wait_ms: int = -1
     nblockers: int = 0
     blockers: list[tuple[str, str, int]] = field(default_factory=list)
@@ -140,6 +142,7 @@ class Model:
         self.res: dict[bytes, Resource] = {}
         self.windex: dict[tuple[str, bytes], int] = {}  #: waiter index: (id, key) -> expiry
         self.epoch_safe: int | None = None  #: None: no epoch yet (E1)
+        self.epoch_restarted = False  #: the epoch was created by a script, not `init fresh`
         self.events: list[tuple[str, tuple]] = []  #: (owner, event) in publish order
 
     # ----------------------------------------------------------------- epoch (E1)
@@ -152,7 +155,13 @@ class Model:
         """Ms still to wait before this instance may grant (0 when safe)."""
         if self.epoch_safe is None:
             self.epoch_safe = now + rejoin_ms
+            self.epoch_restarted = True
         return max(0, self.epoch_safe - now)
+
+    def _forgets_values(self, now: int, rejoin_ms: int) -> bool:
+        """V5: within rejoin_ms after a restarted epoch became safe."""
+        return (self.epoch_restarted and self.epoch_safe is not None
+                and now < self.epoch_safe + rejoin_ms)
 
     # ----------------------------------------------------------------- helpers
 
@@ -172,15 +181,15 @@ class Model:
             for lk in q:
                 if lk.exp <= now:
                     removed = True
-                    if lk.gr is not None and lk.gr >= Mode.PW:
-                        r.vi = True
+                    if lk.gr is not None and lk.gr >= Mode.PW and not r.vi:
+                        r.vi = VI_INVALID
                     self.windex.pop((lk.id, key), None)
                 else:
                     keep.append(lk)
             q[:] = keep
         if removed:
             if r.empty():
-                r.vb, r.vv, r.vi = None, 0, False
+                r.vb, r.vv, r.vi = None, 0, 0
             self._process(key, r, now, ev)
 
     def _bump(self, r: Resource, now: int) -> int:
@@ -272,7 +281,7 @@ class Model:
     def _finish(self, key: bytes, r: Resource) -> None:
         """G9: an empty resource keeps only its fencing sequence (tombstone)."""
         if r.empty():
-            r.vb, r.vv, r.vi = None, 0, False
+            r.vb, r.vv, r.vi = None, 0, 0
 
     def _run(self, fn, *args):
         """Run an operation atomically: on error nothing changes and nothing is published."""
@@ -330,6 +339,8 @@ class Model:
                 return Reply(Status.NOPARENT)
         if r is None:
             r = self.res[key] = Resource(name=name)
+        if r.empty() and self._forgets_values(now, rejoin_ms):  # V5
+            r.vi = VI_FORGOTTEN
         lk = Lock(lock_id, owner, None, mode, flags, ticket, 0, now + lease_ms,
                   parent_id, parent_key if parent_id else b"", priority=priority)
         if (flags & Flag.EXPEDITE) or (  # G3
@@ -394,7 +405,7 @@ class Model:
             return self._state(r, lk, now)
         if down:  # G4
             if value is not None:
-                r.vb, r.vv, r.vi = value, version, False
+                r.vb, r.vv, r.vi = value, version, 0
             lk.pm = None
             lk.gr = mode
             lk.exp = now + lease_ms
@@ -481,7 +492,7 @@ class Model:
         allowed = {key, parent_key or key, *child_keys}
         n = self._release_kids(ev, lk, allowed, bool(flags & Flag.SUBTREE), now)
         if value is not None:
-            r.vb, r.vv, r.vi = value, version, False
+            r.vb, r.vv, r.vi = value, version, 0
         r.seq = max(r.seq, floor)
         self._remove(key, r, q, lk, now, ev, declared={key, parent_key or key, *child_keys})
         return Reply(Status.RELEASED, extra=n + 1)
@@ -624,8 +635,8 @@ class Model:
                 for lk in list(q):
                     if (lock_id and lk.id == lock_id) or (owner and lk.owner == owner):
                         q.remove(lk)
-                        if lk.gr is not None and lk.gr >= Mode.PW:  # V4
-                            r.vi = True
+                        if lk.gr is not None and lk.gr >= Mode.PW and not r.vi:  # V4
+                            r.vi = VI_INVALID
                         self.windex.pop((lk.id, key), None)
                         ev.append((lk.owner, ("C", lk.id, "broken")))
                         n += 1

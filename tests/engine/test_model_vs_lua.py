@@ -20,7 +20,7 @@ from redlockdlm.engine.model import Model
 from redlockdlm.errors import DLMError
 
 T0 = 1_800_000_000_000
-REJOIN = 30_000
+REJOIN = 5_000  # a restarted epoch (setup) recovers, then marks values (V5), this long
 OWNERS = ("o1", "o2", "o3")
 # (path, parent path or None)
 RESOURCES = (
@@ -57,15 +57,20 @@ def lua_dump(engine: Engine, keys: list[bytes]) -> dict:
              tuple(sorted(lk.kids)), lk.priority)
             for lk in v.locks
         )
-        out[key] = (v.name, v.seq, v.value, v.version, not v.valid, locks)
+        out[key] = (v.name, v.seq, v.value, v.version, vi(v), locks)
     return out
+
+
+def vi(x) -> int:
+    """The invalid level of a Lua reply or view: 0 valid, 1 invalid (V4), 2 forgotten."""
+    return 2 if x.forgotten else int(not x.valid)
 
 
 def lock_fields(rep) -> tuple:
     """A Lua LockReply or a model Reply reduced to comparable fields."""
     if hasattr(rep, "epoch"):
         return (int(rep.status), None if rep.mode is None else int(rep.mode), rep.token,
-                rep.position, rep.value, rep.version, not rep.valid, rep.wait_ms, rep.extra,
+                rep.position, rep.value, rep.version, vi(rep), rep.wait_ms, rep.extra,
                 rep.blockers_count, tuple((b.owner, b.lock_id, int(b.mode)) for b in rep.blockers))
     return (int(rep.status), rep.gr, rep.token, rep.pos, rep.vb, rep.vv, rep.vi, rep.wait_ms,
             rep.extra, rep.nblockers, tuple(rep.blockers))
@@ -74,15 +79,19 @@ def lock_fields(rep) -> tuple:
 class EngineVsModel(RuleBasedStateMachine):
     client = None  # set by the test
 
-    @initialize()
-    def setup(self) -> None:
+    @initialize(restarted=st.sampled_from([False, False, True]))
+    def setup(self, restarted: bool) -> None:
+        # restarted: the epoch is created by the first script (E1, V5), as on an instance
+        # that restarted empty; else `init fresh`
         self.client.flushall()
         self.e = Engine(self.client, "m", rejoin_ms=REJOIN)
-        self.e.init_fresh()
+        if not restarted:
+            self.e.init_fresh()
         self.now = T0
         self.e.set_clock(frozen_ms=self.now)
         self.m = Model()
-        self.m.init_fresh(self.now)
+        if not restarted:
+            self.m.init_fresh(self.now)
         self.keys = {p: self.e.key(*p) for p, _ in RESOURCES}
         self.names = {p: self.e.name(*p) for p, _ in RESOURCES}
         self.parent_of = dict(RESOURCES)

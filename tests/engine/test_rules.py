@@ -1277,6 +1277,95 @@ def test_v4_converting_pw_holder_expired_invalidates(w: World) -> None:
     assert (rep.status, rep.valid) == (GRANTED, False)
 
 
+# ----------------------------------------------------------------------------- V5
+
+V5_REJOIN = 5000
+
+
+@pytest.fixture
+def wr(redis_server) -> World:
+    """A World whose instance restarted empty: its epoch is created by the first script
+    (E1), safe V5_REJOIN ms later; V5's window ends V5_REJOIN ms after that."""
+    c = redis_server.client()
+    e = Engine(c, NS, rejoin_ms=V5_REJOIN)
+    e.set_clock(frozen_ms=T0)
+    w = World(c, e)
+    assert R("first", NL, 1, res=OTHER)(w).status == RECOVERING  # creates the epoch
+    return w
+
+
+@pytest.mark.parametrize("at,mode,forgotten", [
+    pytest.param(V5_REJOIN, CR, True, id="V5-first-lock-once-safe-marks-value-forgotten"),
+    pytest.param(2 * V5_REJOIN - 1, EX, True, id="V5-last-ms-of-the-window-marks"),
+    pytest.param(2 * V5_REJOIN, PR, False, id="V5-window-over-value-valid"),
+])
+def test_v5_restarted_instance_marks_first_lock_value_forgotten(wr: World, at: int, mode: Mode,
+                                                                forgotten: bool) -> None:
+    wr.tick(at)
+    rep = R("a", mode, 2)(wr)
+    assert rep.status == GRANTED
+    assert (rep.value, rep.valid, rep.forgotten) == (None, not forgotten, forgotten)
+    v = wr.view()
+    assert (v.valid, v.forgotten) == (not forgotten, forgotten)
+
+
+def test_v5_fresh_instance_never_marks(w: World) -> None:
+    rep = R("a", EX, 1)(w)
+    assert (rep.valid, rep.forgotten) == (True, False)
+
+
+def test_v5_nl_grant_carries_no_value_but_the_resource_is_marked(wr: World) -> None:
+    wr.tick(V5_REJOIN)
+    rep = R("k", NL, 2)(wr)
+    assert (rep.valid, rep.forgotten) == (True, False)  # V2: nothing about the value
+    assert R("rd", PR, 3)(wr).forgotten
+
+
+def test_v5_live_resource_is_not_marked_again(wr: World) -> None:
+    wr.tick(V5_REJOIN)
+    run(wr, [R("k", NL, 2), R("wr", EX, 3), X("wr", value=b"new", version=9)])
+    rep = R("rd", PR, 4)(wr)
+    assert (rep.value, rep.version, rep.valid, rep.forgotten) == (b"new", 9, True, False)
+
+
+@pytest.mark.parametrize("how,forgotten", [
+    pytest.param("write", False, id="V5-a-write-clears-the-mark"),
+    pytest.param("expire", True, id="V5-an-expired-writer-keeps-the-mark"),
+    pytest.param("break", True, id="V5-a-broken-writer-keeps-the-mark"),
+])
+def test_v5_mark_until_written(wr: World, how: str, forgotten: bool) -> None:
+    wr.tick(V5_REJOIN)
+    run(wr, [R("k", NL, 2), R("h", EX, 3, lease=1000)])
+    if how == "write":
+        X("h", value=b"w", version=4)(wr)
+    elif how == "expire":
+        wr.tick(1000)
+    else:
+        Brk("h")(wr)
+    rep = R("rd", PR, 4)(wr)
+    assert (rep.valid, rep.forgotten) == (not forgotten, forgotten)
+
+
+def test_v5_mark_goes_with_the_resource(wr: World) -> None:
+    wr.tick(V5_REJOIN)
+    run(wr, [R("a", EX, 2), X("a")])
+    assert wr.layout() == "tombstone"
+    wr.tick(V5_REJOIN)  # window over: G9 took the mark with the resource
+    rep = R("b", PR, 3)(wr)
+    assert (rep.valid, rep.forgotten) == (True, False)
+
+
+def test_v5_granted_event_carries_the_mark(wr: World) -> None:
+    wr.tick(V5_REJOIN)
+    evs = Events(wr.r)
+    try:
+        run(wr, [R("h", EX, 2), R("b", PR, 3), X("h")])
+        (owner, g), = [(o, e) for o, e in evs.drain() if e.kind == "G"]
+        assert (owner, g.lock_id, g.valid, g.forgotten) == ("ob", "b", False, True)
+    finally:
+        evs.close()
+
+
 # ----------------------------------------------------------------------------- N1-N3
 
 

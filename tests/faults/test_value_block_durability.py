@@ -15,10 +15,17 @@ value ten writes old. The mechanism, replayed here step by step:
    alone, a minority, although an NL lock held all along kept the resource alive.
 
 Each fault was a minority, and each was healed before the next. The lock itself stays safe
-(a lock left with fewer than a quorum of votes is reported lost); the value block does not
-say it may be stale. A fix needs the instances, or the reader, to know that a value may have
-been forgotten (VMS marks a value block invalid when recovery cannot rebuild it), or writes
-to re-reach a majority: not a small change, so this test pins the behaviour until then.
+(a lock left with fewer than a quorum of votes is reported lost); the value block did not
+say it may be stale. Fixed by two rules (docs/rules.md, reasoning in docs/protocol.md):
+
+* R2: a held lock whose renewal finds it gone from an instance that restarted empty (a new
+  epoch) requests it there again, same lock id, once that instance is safe (E1); so step 2
+  writes on all three instances again;
+* V5: an instance that restarted empty marks the value block of a resource that gets its
+  first lock there in the rejoin window as *forgotten*, and a reader whose quorum includes
+  such an instance gets `value_valid` False (VMS: a value block recovery cannot rebuild is
+  marked invalid), whatever versions the others report, until the next write. That covers
+  a write that reached a bare quorum for another reason (the second test).
 """
 
 from __future__ import annotations
@@ -31,15 +38,13 @@ from redis_harness import Instances
 from redlockdlm import DLM
 from redlockdlm.engine.instance import Engine
 
+from .proxy import ProxyHub
+
 pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.timeout(60)]
 NS = "vbd"
 LEASE_MS = 500  # also the rejoin delay of a restarted instance
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (open): after sequential empty restarts of two different instances, a write that "
-    "reached only a bare quorum can be read back older and valid by a quorum made of the "
-    "restarted instance and a lagging one"))
 def test_write_survives_sequential_restarts_of_different_instances() -> None:
     with Instances(3) as inst:
         a, b, c = inst.servers
@@ -76,3 +81,44 @@ def test_write_survives_sequential_restarts_of_different_instances() -> None:
         finally:
             for d in (keeper_client, anchor_client, writer, reader):
                 d.close()
+
+
+def test_write_on_a_bare_quorum_then_a_restart_reads_not_valid() -> None:
+    """The write of version 2 misses C (cut off from the writer, not restarted: nothing to
+    rejoin), then A restarts empty: the reader's quorum A and C holds no copy of it. A
+    marked the value forgotten (V5), so the reader is told the value may be stale."""
+    with Instances(3) as inst:
+        a, b, c = inst.servers
+        for s in inst:
+            Engine(s.client(), NS).init_fresh()
+        hub = ProxyHub()
+        kp = hub.proxy_set([s.port for s in inst], "keeper")
+        opts = dict(lease_ms=LEASE_MS, socket_timeout=0.3, connect_timeout=0.3)
+        keeper_client = DLM(kp.urls, NS, **opts)
+        anchor_client, writer, reader = (DLM(inst.urls, NS, **opts) for _ in range(3))
+        try:
+            anchor = anchor_client.lock("r", "NL")  # keeps "r" alive everywhere
+            keeper = keeper_client.lock("r", "NL")
+            w = writer.lock("r", "EX")
+            w.value = b"v1"
+            w.release()  # version 1 everywhere
+            kp.blackhole([2])  # the keeper cannot reach C
+            keeper.convert("EX")  # granted on A and B
+            keeper.value = b"v2"
+            keeper.convert("NL")  # version 2 written on A and B only
+            kp.heal([2])
+            a.restart(empty=True)  # A forgets version 2: only B has it
+            time.sleep(3 * LEASE_MS / 1000)  # A is safe; anchor and keeper rejoin A (R2)
+            b.pause()  # the reader's quorum is A and C
+            try:
+                r = reader.lock("r", "PR", timeout=5)
+            finally:
+                b.resume()
+            got = (r.value, r.version, r.value_valid)
+            r.release()
+            assert anchor.valid
+            assert got[0] == b"v2" or not got[2], f"read {got}: version 2 was lost"
+        finally:
+            for d in (keeper_client, anchor_client, writer, reader):
+                d.close()
+            hub.close()

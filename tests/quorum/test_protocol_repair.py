@@ -1,4 +1,5 @@
-"""Modes that differ between the holder and one instance, replayed on the protocol core.
+"""What the client repairs after a renewal (R1, R2) and how it reads a forgotten value block
+(V5), replayed on the protocol core (no I/O).
 
 Rule R1 (docs/rules.md): a renewal that finds a held lock granted in a *stronger* mode than
 it holds (a down-conversion that did not arrive there) makes the client send that
@@ -8,6 +9,8 @@ lock. Found by the long fault run (`tests/faults/test_stale_mode_after_conversio
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import pytest
 
@@ -67,7 +70,7 @@ def test_r1_repair_only_a_stronger_stale_mode(held_mode: Mode, stale: Mode,
     s = Session(3, "t", lease_ms=3000)
     lk = held(s, held_mode, 100.0)
     renew_says(s, lk, 2, stale, 101.0)
-    cmds = s.repair_cmds(2)
+    cmds = s.repair_cmds(2, 200.0)
     assert bool(cmds) == repair
     if repair:
         (rlk, cmd), = cmds
@@ -82,14 +85,14 @@ def test_r1_missed_down_conversion_is_sent_again_once_with_its_value() -> None:
     assert lk.written is not None and lk.written[0] == b"v2"
     renew_says(s, lk, 2, EX, 101.0)  # instance 2 is back, still EX there
     assert s.holding(lk, 101.0) == 3  # a stronger grant protects the weaker mode
-    (rlk, cmd), = s.repair_cmds(2)
+    (rlk, cmd), = s.repair_cmds(2, 200.0)
     assert cmd[2][4] == b"0" and cmd[2][8] == b"1" and cmd[2][9] == b"v2"  # NL, writes v2
     assert lk.repairing == {2}
-    assert s.repair_cmds(2) == []  # in flight: not twice
+    assert s.repair_cmds(2, 200.0) == []  # in flight: not twice
     s.on_repair_reply(lk, 2, reply(Status.GRANTED, NL, 10), 101.0, 101.01)
     assert lk.repairing == set() and lk.votes[2].mode == NL
     renew_says(s, lk, 2, NL, 102.0)
-    assert s.repair_cmds(2) == []
+    assert s.repair_cmds(2, 200.0) == []
 
 
 def test_r1_failed_repair_is_retried_on_the_next_renewal() -> None:
@@ -97,12 +100,12 @@ def test_r1_failed_repair_is_retried_on_the_next_renewal() -> None:
     lk = held(s, EX, 100.0)
     convert_missing_one(s, lk, NL, 100.5)
     renew_says(s, lk, 2, EX, 101.0)
-    (_, cmd), = s.repair_cmds(2)
+    (_, cmd), = s.repair_cmds(2, 200.0)
     assert cmd[2][8] == b"0"  # nothing written by that conversion: no value to carry
     s.on_repair_reply(lk, 2, QuorumUnavailable("timed out"), 101.0, 101.3)
     assert lk.repairing == set() and lk.votes[2].mode == EX
     renew_says(s, lk, 2, EX, 102.0)
-    assert len(s.repair_cmds(2)) == 1
+    assert len(s.repair_cmds(2, 200.0)) == 1
 
 
 def test_r1_no_repair_while_converting_or_released() -> None:
@@ -111,9 +114,9 @@ def test_r1_no_repair_while_converting_or_released() -> None:
     convert_missing_one(s, lk, NL, 100.5)
     renew_says(s, lk, 2, EX, 101.0)
     s.start_convert(lk, PR)
-    assert s.repair_cmds(2) == []
+    assert s.repair_cmds(2, 200.0) == []
     lk.phase = Phase.RELEASED
-    assert s.repair_cmds(2) == []
+    assert s.repair_cmds(2, 200.0) == []
 
 
 def test_r1_a_repair_reply_after_release_changes_nothing() -> None:
@@ -121,7 +124,7 @@ def test_r1_a_repair_reply_after_release_changes_nothing() -> None:
     lk = held(s, EX, 100.0)
     convert_missing_one(s, lk, NL, 100.5)
     renew_says(s, lk, 2, EX, 101.0)
-    s.repair_cmds(2)
+    s.repair_cmds(2, 200.0)
     lk.phase = Phase.RELEASED
     s.on_repair_reply(lk, 2, reply(Status.NOTFOUND), 101.0, 101.01)
     assert lk.repairing == set() and lk.votes[2].vote is Vote.GRANTED
@@ -137,7 +140,7 @@ def test_r1_missed_up_conversion_does_not_count_as_holding() -> None:
     convert_missing_one(s, lk, EX, 100.5)
     renew_says(s, lk, 2, NL, 101.0)
     assert s.holding(lk, 101.0) == 2
-    assert s.repair_cmds(2) == []  # an up-conversion may wait: not re-sent by renewals
+    assert s.repair_cmds(2, 200.0) == []  # an up-conversion may wait: not re-sent by renewals
     renew_says(s, lk, 1, None, 101.5)
     assert s.check_held(101.6) == [lk]
 
@@ -160,3 +163,109 @@ def test_r1_down_conversion_in_progress_still_holds() -> None:
 ])
 def test_covers(a, b, ok) -> None:
     assert covers(a, b) is ok
+
+
+# ----------------------------------------------------------------------------- R2
+
+
+def renew_from(s: Session, lk, i: int, epoch: str, status: Status, t: float,
+               mode: Mode | None = None) -> None:
+    s.on_renew_reply(i, [lk], (epoch, [RenewEntry(status, mode, 10, 0, -1)]), t, t)
+
+
+def test_r2_lock_lost_by_a_restart_is_requested_again_once_safe() -> None:
+    s = Session(3, "t", lease_ms=3000)
+    lk = held(s, EX, 100.0)
+    renew_from(s, lk, 2, "e2", Status.NOTFOUND, 101.0)  # a new epoch: restarted empty
+    assert lk.votes[2].vote is Vote.ABSENT and lk.votes[2].rejoin
+    assert s.holding(lk, 101.0) == 2
+    assert s.repairs_due(2, 101.0) and not s.repairs_due(1, 101.0)
+    (rlk, cmd), = s.repair_cmds(2, 101.0)
+    assert rlk is lk and cmd.name == "request" and cmd[2][3] == lk.id.encode()
+    assert cmd[2][4] == b"5" and cmd[2][6] == str(lk.ticket).encode()  # same mode, ticket
+    assert not s.repairs_due(2, 101.0) and s.repair_cmds(2, 101.0) == []  # in flight
+    recovering = replace(reply(Status.RECOVERING), extra=400)  # E1: not safe yet
+    s.on_repair_reply(lk, 2, recovering, 101.0, 101.01)
+    assert lk.votes[2].vote is Vote.RECOVERING and lk.votes[2].rejoin
+    assert not s.repairs_due(2, 101.2) and s.repairs_due(2, 101.5)
+    (_, cmd), = s.repair_cmds(2, 101.5)
+    s.on_repair_reply(lk, 2, reply(Status.GRANTED, EX, 99), 101.5, 101.51)
+    v = lk.votes[2]
+    assert (v.vote, v.mode, v.rejoin) == (Vote.GRANTED, EX, False)
+    assert s.holding(lk, 101.6) == 3 and lk.token == 10  # the quorum token is unchanged
+    assert not s.repairs_due(2, 102.0)
+
+
+def test_r2_a_queued_rejoin_is_left_to_renewals() -> None:
+    s = Session(3, "t", lease_ms=3000)
+    lk = held(s, NL, 100.0)
+    renew_from(s, lk, 0, "e2", Status.NOTFOUND, 101.0)
+    s.repair_cmds(0, 101.0)
+    s.on_repair_reply(lk, 0, reply(Status.QUEUED), 101.0, 101.01)
+    assert lk.votes[0].vote is Vote.QUEUED and not lk.votes[0].rejoin
+    assert s.holding(lk, 101.1) == 2  # waiting there is not holding
+    assert any(lks == [lk] for i, _, lks in s.renew_cmds(101.2, [0]))
+    renew_from(s, lk, 0, "e2", Status.GRANTED, 102.0, NL)
+    assert s.holding(lk, 102.0) == 3
+
+
+def test_r2_failed_rejoin_is_tried_again() -> None:
+    s = Session(3, "t", lease_ms=3000)
+    lk = held(s, EX, 100.0)
+    renew_from(s, lk, 1, "e2", Status.NOTFOUND, 101.0)
+    s.repair_cmds(1, 101.0)
+    s.on_repair_reply(lk, 1, QuorumUnavailable("timed out"), 101.0, 101.3)
+    assert lk.votes[1].rejoin and s.repairs_due(1, 101.4)
+
+
+@pytest.mark.parametrize("epoch,phase", [
+    pytest.param("e", Phase.HELD, id="R2-same-epoch-expired-or-broken-no-rejoin"),
+    pytest.param("e2", Phase.CONVERTING, id="R2-not-while-converting"),
+    pytest.param("e2", Phase.LOST, id="R2-not-a-lost-lock"),
+])
+def test_r2_only_a_held_lock_lost_by_a_restart(epoch: str, phase: Phase) -> None:
+    s = Session(3, "t", lease_ms=3000)
+    lk = held(s, EX, 100.0)
+    lk.phase = phase
+    renew_from(s, lk, 2, epoch, Status.NOTFOUND, 101.0)
+    assert not s.repairs_due(2, 102.0) and s.repair_cmds(2, 102.0) == []
+
+
+def test_r2_a_rejoin_owed_waits_for_the_lock_to_be_held_again() -> None:
+    s = Session(3, "t", lease_ms=3000)
+    lk = held(s, EX, 100.0)
+    renew_from(s, lk, 2, "e2", Status.NOTFOUND, 101.0)
+    s.repair_cmds(2, 101.0)
+    lk.phase = Phase.RELEASED
+    s.on_repair_reply(lk, 2, reply(Status.GRANTED, EX, 99), 101.0, 101.01)
+    assert lk.repairing == set() and lk.votes[2].vote is Vote.ABSENT
+
+
+# ----------------------------------------------------------------------------- V5
+
+
+def value_reply(version: int, value: bytes | None, forgotten: bool = False) -> LockReply:
+    return LockReply(status=Status.GRANTED, epoch="e", mode=PR, token=10, position=0,
+                     value=value, version=version, valid=not forgotten, wait_ms=-1, extra=0,
+                     blockers_count=0, blockers=(), forgotten=forgotten)
+
+
+@pytest.mark.parametrize("forgotten_on,valid", [
+    pytest.param((), True, id="V5-no-instance-forgot-valid"),
+    pytest.param((0,), False, id="V5-a-forgetful-instance-below-the-top-version-not-valid"),
+    pytest.param((2,), True, id="V5-a-forgetful-instance-outside-the-quorum-ignored"),
+])
+def test_v5_a_forgotten_vote_in_the_quorum_makes_the_value_not_valid(
+        forgotten_on: tuple[int, ...], valid: bool) -> None:
+    s = Session(3, "t", lease_ms=3000)
+    lk = s.new_lock("r", PR)
+    lk.pending = {0, 1}
+    t = 100.0
+    for i in (0, 1):
+        lk.votes[i].sent_at = t
+    s.on_reply(lk, 0, value_reply(0, None, 0 in forgotten_on), t, t)
+    s.on_reply(lk, 1, value_reply(8, b"v1"), t, t)
+    if 2 in forgotten_on:
+        s.on_reply(lk, 2, reply(Status.QUEUED), t, t)
+    assert s.evaluate_acquire(lk, t).done
+    assert (lk.value, lk.version, lk.value_valid) == (b"v1", 8, valid)
