@@ -1,4 +1,4 @@
--- convert.lua: change the mode of a granted lock (rules G2, G4-G8, V1, V3, N1, F1).
+-- convert.lua: change the mode of a granted lock (rules G2, G4-G8, V1, V3, V6, N1, F1).
 --
 -- KEYS[1] epoch hash, KEYS[2] waiter index, KEYS[3] resource
 -- ARGV[1] rejoin_ms        ARGV[2] channel prefix
@@ -54,7 +54,7 @@ return run(function()
     return lock_state(r, lk)
   end
   if down then  -- G4
-    if write then r.v, r.vv, r.vi = value, version, 0 end
+    if write and version >= r.vv then r.v, r.vv, r.vi = value, version, 0 end  -- V6
     lk.pm = NONE
     lk.gr = mode
     lk.e = NOW + lease

@@ -1,4 +1,4 @@
--- release.lua: release a lock, granted or waiting (rules G8, G9, H3, V1, V3, F1).
+-- release.lua: release a lock, granted or waiting (rules G8, G9, H3, V1, V3, V6, F1).
 --
 -- KEYS[1] epoch hash, KEYS[2] waiter index, KEYS[3] resource,
 -- KEYS[4] parent's resource (pass KEYS[3] if the lock has no parent),
@@ -67,7 +67,7 @@ return run(function()
     fail('DLM_BADARG', 'the value block is written only releasing PW/EX (V3)')
   end
   local n = release_kids(lk, has(flags, F_SUBTREE))
-  if write then r.v, r.vv, r.vi = value, version, 0 end
+  if write and version >= r.vv then r.v, r.vv, r.vi = value, version, 0 end  -- V6
   if floor > r.s then r.s = floor end
   remove_lock(key, r, qn, lk, true)
   return reply(S_RELEASED, NONE, 0, -1, n + 1)

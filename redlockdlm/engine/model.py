@@ -405,7 +405,7 @@ class Model:
             lk.exp = now + lease_ms
             return self._state(r, lk, now)
         if down:  # G4
-            if value is not None:
+            if value is not None and version >= r.vv:  # V6
                 r.vb, r.vv, r.vi = value, version, 0
             lk.pm = None
             lk.gr = mode
@@ -492,7 +492,7 @@ class Model:
             raise BadArgument("the value block is written only releasing PW/EX (V3)")
         allowed = {key, parent_key or key, *child_keys}
         n = self._release_kids(ev, lk, allowed, bool(flags & Flag.SUBTREE), now)
-        if value is not None:
+        if value is not None and version >= r.vv:  # V6
             r.vb, r.vv, r.vi = value, version, 0
         r.seq = max(r.seq, floor)
         self._remove(key, r, q, lk, now, ev, declared={key, parent_key or key, *child_keys})

@@ -1290,6 +1290,39 @@ def test_v4_converting_pw_holder_expired_invalidates(w: World) -> None:
     assert (rep.status, rep.valid) == (GRANTED, False)
 
 
+@pytest.mark.parametrize("via,version,kept", [
+    pytest.param("release", 5, True, id="V6-lower-version-release-write-dropped"),
+    pytest.param("convert", 5, True, id="V6-lower-version-down-conversion-write-dropped"),
+    pytest.param("release", 9, False, id="V6-same-version-written-again"),
+    pytest.param("convert", 12, False, id="V6-higher-version-written"),
+])
+def test_v6_a_write_never_lowers_the_version(w: World, via: str, version: int,
+                                             kept: bool) -> None:
+    """A late write of a superseded grant (its lock re-created here after it expired, the
+    release carrying the value it composed under its old token) must not overwrite a newer
+    value: versions follow the writers' tokens, so a lower one is older."""
+    _writer_then(w, b"newer", 9)
+    R("late", EX, 3)(w)
+    if via == "release":
+        rep = X("late", value=b"late", version=version)(w)
+        assert rep.status == RELEASED  # the release itself proceeds
+    else:
+        rep = C("late", NL, 4, value=b"late", version=version)(w)
+        assert (rep.status, rep.mode) == (GRANTED, NL)
+    v = w.view()
+    assert (v.value, v.version) == ((b"newer", 9) if kept else (b"late", version))
+    assert v.valid
+
+
+def test_v6_a_dropped_write_leaves_an_invalid_mark(w: World) -> None:
+    _writer_then(w, b"newer", 9)
+    run(w, [R("h", EX, 3, lease=1000), Tick(1000)])  # V4: invalid
+    R("late", EX, 4)(w)
+    X("late", value=b"late", version=5)(w)
+    v = w.view()
+    assert (v.value, v.version, v.valid) == (b"newer", 9, False)
+
+
 # ----------------------------------------------------------------------------- V5
 
 V5_REJOIN = 5000
