@@ -243,10 +243,6 @@ class LockCore:
         if mode != Mode.NL:
             top = max(self.votes[i].version for i in gi)
             at_top = [self.votes[i] for i in gi if self.votes[i].version == top]
-            # (G9: an instance where the resource disappeared keeps the version of the value
-            # that went with it, and reports no value: that write is still the newest, and
-            # an instance that still has it tells which value it was)
-            at_top = [v for v in at_top if v.value is not None] or at_top
             self.version = top
             self.value = at_top[0].value
             # One version, two values: a holder cut off from the majority wrote version

@@ -307,9 +307,9 @@ local function process(key, r)
 end
 
 -- G10, V4: drop expired locks, invalidate the value of an expired writer. G13: a purge that
--- removes the last lock drops the value block, as a release does (G9: its version stays),
--- also when the same call then adds a lock (a request): else an instance that missed the
--- resource's disappearance elsewhere would hand out the older value to the next holder.
+-- removes the last lock drops the value block, as a release does, also when the same call
+-- then adds a lock (a request): else an instance that missed the resource's disappearance
+-- elsewhere would hand out the older value to the next holder, said valid.
 local QUEUES = {'g', 'c', 'w'}  -- read only
 
 local function purge(key, r)
@@ -339,7 +339,7 @@ local function purge(key, r)
   if removed then
     mark(key)
     if #r.g == 0 and #r.c == 0 and #r.w == 0 then
-      r.v, r.vi = nil, 0
+      r.v, r.vv, r.vi = nil, 0, 0
     end
     process(key, r)
   end
@@ -563,9 +563,8 @@ local function commit()
     local r = cache[key]
     if r then
       if #r.g == 0 and #r.c == 0 and #r.w == 0 then
-        -- G9: the resource is gone; its fencing sequence, and the version of the value
-        -- block that went with it, outlive it as a tombstone
-        local t = {n = r.n, s = r.s, vv = r.vv, vi = 0}
+        -- G9: the resource is gone; its fencing sequence outlives it as a tombstone
+        local t = {n = r.n, s = r.s, vv = 0, vi = 0}
         local blob = cmsgpack.pack(t)
         redis.call('SET', key, blob, 'PX', TOMBSTONE_PX)
         now_written[key] = {blob, t}

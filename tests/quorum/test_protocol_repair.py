@@ -269,26 +269,3 @@ def test_v5_a_forgotten_vote_in_the_quorum_makes_the_value_not_valid(
         s.on_reply(lk, 2, reply(Status.QUEUED), t, t)
     assert s.evaluate_acquire(lk, t).done
     assert (lk.value, lk.version, lk.value_valid) == (b"v1", 8, valid)
-
-
-# ----------------------------------------------------------------------------- G9
-
-
-@pytest.mark.parametrize("votes,expect", [
-    pytest.param([(8, None), (4, b"old")], (None, 8, True),
-                 id="G9-a-disappeared-value-outranks-an-older-one"),
-    pytest.param([(8, None), (8, b"v8")], (b"v8", 8, True),
-                 id="G9-the-value-at-the-top-version-is-taken-where-it-still-is"),
-    pytest.param([(8, b"v8"), (8, b"other")], (b"v8", 8, False),
-                 id="V4-one-version-two-values-not-valid"),
-])
-def test_g9_reading_a_version_without_a_value(votes, expect) -> None:
-    s = Session(3, "t", lease_ms=3000)
-    lk = s.new_lock("r", PR)
-    lk.pending = {0, 1}
-    t = 100.0
-    for i, (version, value) in enumerate(votes):
-        lk.votes[i].sent_at = t
-        s.on_reply(lk, i, value_reply(version, value), t, t)
-    assert s.evaluate_acquire(lk, t).done
-    assert (lk.value, lk.version, lk.value_valid) == expect
