@@ -10,8 +10,6 @@ lock. Found by the long fault run (`tests/faults/test_stale_mode_after_conversio
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 
 from redlockdlm.engine.codec import LockReply, RenewEntry
@@ -184,7 +182,7 @@ def test_r2_lock_lost_by_a_restart_is_requested_again_once_safe() -> None:
     assert rlk is lk and cmd.name == "request" and cmd[2][3] == lk.id.encode()
     assert cmd[2][4] == b"5" and cmd[2][6] == str(lk.ticket).encode()  # same mode, ticket
     assert not s.repairs_due(2, 101.0) and s.repair_cmds(2, 101.0) == []  # in flight
-    recovering = replace(reply(Status.RECOVERING), extra=400)  # E1: not safe yet
+    recovering = reply(Status.RECOVERING)._replace(extra=400)  # E1: not safe yet
     s.on_repair_reply(lk, 2, recovering, 101.0, 101.01)
     assert lk.votes[2].vote is Vote.RECOVERING and lk.votes[2].rejoin
     assert not s.repairs_due(2, 101.2) and s.repairs_due(2, 101.5)
