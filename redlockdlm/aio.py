@@ -553,12 +553,19 @@ class AsyncDLM:
     # ----------------------------------------------------------------- release / convert
 
     async def _after_repairs(self, lk: LockCore) -> None:
-        """Wait until no repair of `lk` is in flight (R1, R2; `_renew_instance` notifies)."""
-        while lk.repairing:
-            if lk.id in self._changed:
+        """Wait until no repair of `lk` is in flight (R1, R2; `_renew_instance` notifies
+        when its repairs are done or dropped): woken by that notification, not a poll."""
+        if not lk.repairing:
+            return
+        own = lk.id not in self._changed  # a held lock has no change event of its own
+        if own:
+            self._changed[lk.id] = asyncio.Event()
+        try:
+            while lk.repairing:
                 await self._wait_change(lk, time.monotonic() + 0.5)
-            else:
-                await asyncio.sleep(0.01)
+        finally:
+            if own:
+                self._changed.pop(lk.id, None)
 
     async def _release(self, lk: LockCore, subtree: bool = False) -> None:
         await self._after_repairs(lk)  # R1, R2: the repair lands first, not after this
