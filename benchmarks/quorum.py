@@ -305,11 +305,11 @@ def figure_renewal(urls: list[str], locks: int) -> dict[str, Any]:
         return res
 
     writes = threading.local()  # round trips (pipelined writes) of this thread's tick
-    write_read = d._write_read
+    write = d._write
 
-    def counting_writes(conn, cmds):
+    def counting_writes(conn, chunks):
         writes.n = getattr(writes, "n", 0) + 1
-        return write_read(conn, cmds)
+        return write(conn, chunks)
 
     def timed(conn):
         if getattr(conn, "_bench_timed", False):
@@ -330,7 +330,7 @@ def figure_renewal(urls: list[str], locks: int) -> dict[str, Any]:
     for inst in d._instances:
         inst.get = (lambda g: lambda: timed(g()))(inst.get)
     d._pipeline = counting  # type: ignore[method-assign]
-    d._write_read = counting_writes  # type: ignore[method-assign]
+    d._write = counting_writes  # type: ignore[method-assign]
     t_watch = time.perf_counter()
     deadline = time.monotonic() + 2 * lease / 3000 + 0.5  # two or three ticks
     while time.monotonic() < deadline:

@@ -17,7 +17,7 @@ from typing import Any
 
 import redis.asyncio as aredis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import InvalidResponse, NoScriptError, ResponseError
+from redis.exceptions import InvalidResponse, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .client import (
@@ -25,13 +25,12 @@ from .client import (
     _mask,
     check_timeouts,
     open_session,
-    parse,
     pool_from_url,
     settle,
 )
 from .engine import codec
 from .engine.modes import Mode
-from .engine.scripts import command, fallback, is_missing, load_command
+from .engine.scripts import command, fallback, load_command
 from .errors import (
     DLMError,
     HasChildren,
@@ -39,7 +38,6 @@ from .errors import (
     LockTimeout,
     ProtocolError,
     QuorumUnavailable,
-    from_script_error,
 )
 from .handle import LockBase, lock_name
 from .protocol import (
@@ -264,14 +262,13 @@ class AsyncDLM:
         results: dict[int, Any] = {}
         conns: list[tuple[int, Call, Any]] = []
         for i, call in cmds:
-            inst = self._instances[i]
-            conn = inst.get()
+            conn = self._instances[i].get()
             try:
                 await _send(conn, command(*call))
                 conns.append((i, call, conn))
             except Exception as exc:  # noqa: BLE001 - unreachable, refused, not Redis...
                 await conn.disconnect()
-                inst.put(conn)
+                self._instances[i].put(conn)
                 results[i] = exc
         if not conns:
             return results
@@ -281,9 +278,8 @@ class AsyncDLM:
         try:
             while unread:
                 i, call, conn = unread.pop()
-                await self._read_one(i, call, conn, results,
-                                     max(0.001, min(self._instances[i].timeout,
-                                                    deadline - loop.time())))
+                left = max(0.001, min(self._instances[i].timeout, deadline - loop.time()))
+                results[i] = (await self._finish(i, conn, [call], left))[0]
         finally:  # cancelled: replies nobody will read must not reach the next command
             for i, _, conn in unread:
                 with contextlib.suppress(Exception):
@@ -291,48 +287,25 @@ class AsyncDLM:
                 self._instances[i].put(conn)
         return results
 
-    async def _read_one(self, i: int, call: Call, conn: Any, results: dict[int, Any],
-                        timeout: float) -> None:
-        inst = self._instances[i]
-        try:
-            try:
-                raw = await conn.read_response(timeout=timeout)
-                if raw is None:  # redis-py's answer to a read given its own timeout
-                    raise RedisTimeoutError(f"Timeout reading from {inst.url}")
-            except NoScriptError:
-                await conn.send_command(*fallback(*call))
-                raw = await conn.read_response()
-            except ResponseError as exc:
-                if not is_missing(exc):
-                    raise
-                # the instance restarted empty or was flushed: load our library, retry
-                await conn.send_command(*load_command())
-                try:
-                    await conn.read_response()
-                    await conn.send_command(*command(*call))
-                except ResponseError:  # FUNCTION LOAD refused (ACL): the EVAL form
-                    await conn.send_command(*fallback(*call))
-                raw = await conn.read_response()
-            results[i] = parse(call, raw)
-        except ResponseError as exc:
-            msg = str(exc)
-            results[i] = (from_script_error(msg, instance=inst.url)
-                          if msg.startswith("DLM_") else ProtocolError(msg, instance=inst.url))
-        except DLMError as exc:
-            results[i] = exc
-        except Exception as exc:  # noqa: BLE001 - unreachable, timed out, not Redis...
-            await conn.disconnect()
-            results[i] = exc
-        finally:
-            inst.put(conn)
-
     async def _pipeline(self, i: int, calls: Sequence[Call]) -> list[Any]:
         """Send every call to instance `i` in one write and read their replies: one round
         trip however many calls (`DLM._pipeline`, with the same results)."""
-        inst = self._instances[i]
-        conn = inst.get()
+        conn = self._instances[i].get()
         try:
-            raws = await self._write_read(conn, [command(*c) for c in calls])
+            await self._write(conn, conn.pack_commands([command(*c) for c in calls]))
+        except Exception as exc:  # noqa: BLE001 - unreachable, refused, not Redis...
+            await conn.disconnect()
+            self._instances[i].put(conn)
+            return [exc] * len(calls)
+        return await self._finish(i, conn, calls)
+
+    async def _finish(self, i: int, conn: Any, calls: Sequence[Call],
+                      first_timeout: float | None = None) -> list[Any]:
+        """`DLM._finish`: read, settle, resend after loading a missing library, give the
+        connection back. `first_timeout` bounds the wait for the first reply."""
+        inst = self._instances[i]
+        try:
+            raws = await self._replies(conn, len(calls), first_timeout, inst.url)
             out = [settle(c, r, inst.url) for c, r in zip(calls, raws)]
             again = [k for k, r in enumerate(out) if r is RESEND]
             if again:
@@ -342,7 +315,8 @@ class AsyncDLM:
                     cmds = [command(*calls[k]) for k in again]
                 except ResponseError:  # FUNCTION LOAD refused (ACL): the EVAL form
                     cmds = [fallback(*calls[k]) for k in again]
-                for k, raw in zip(again, await self._write_read(conn, cmds)):
+                await self._write(conn, conn.pack_commands(cmds))
+                for k, raw in zip(again, await self._replies(conn, len(again))):
                     res = settle(calls[k], raw, inst.url)
                     out[k] = ProtocolError("script missing after a load",
                                            instance=inst.url) if res is RESEND else res
@@ -358,14 +332,25 @@ class AsyncDLM:
             inst.put(conn)
 
     @staticmethod
-    async def _write_read(conn: Any, cmds: list[tuple]) -> list[Any]:
-        """Pipelined: all commands in one write, then one reply (or ResponseError) each;
-        a network error or timeout propagates (the connection is then unusable)."""
-        await conn.send_packed_command(conn.pack_commands(cmds), check_health=False)
+    async def _write(conn: Any, chunks: Sequence[bytes]) -> None:
+        """One write of packed commands (the one place a pipelined round trip starts)."""
+        await conn.send_packed_command(chunks, check_health=False)
+
+    @staticmethod
+    async def _replies(conn: Any, n: int, first_timeout: float | None = None,
+                       url: str = "") -> list[Any]:
+        """The next `n` replies on `conn`, an error reply as its ResponseError; a network
+        error or timeout propagates (the connection is then unusable)."""
         raws: list[Any] = []
-        for _ in cmds:
+        for k in range(n):
             try:
-                raws.append(await conn.read_response())
+                if k == 0 and first_timeout is not None:
+                    raw = await conn.read_response(timeout=first_timeout)
+                    if raw is None:  # redis-py's answer to a read given its own timeout
+                        raise RedisTimeoutError(f"Timeout reading from {url}")
+                else:
+                    raw = await conn.read_response()
+                raws.append(raw)
             except ResponseError as exc:
                 raws.append(exc)
         return raws

@@ -385,61 +385,43 @@ class DLM:
 
     def _broadcast(self, cmds: Iterable[tuple[int, Call]]) -> dict[int, Any]:
         """Write every command, then read every reply: one round trip for all instances.
-        Returns instance -> parsed reply or the exception it raised."""
-        conns: list[tuple[int, tuple, Any]] = []
+        Returns instance -> parsed reply or the exception it raised (as `settle` says)."""
+        conns: list[tuple[int, Call, Any]] = []
         results: dict[int, Any] = {}
-        for i, cmd in cmds:
-            inst = self._instances[i]
-            conn = inst.get()
+        for i, call in cmds:
+            conn = self._instances[i].get()
             try:
-                conn.send_packed_command((packed_command(*cmd),))
-                conns.append((i, cmd, conn))
+                self._write(conn, (packed_command(*call),))
+                conns.append((i, call, conn))
             except Exception as exc:  # noqa: BLE001 - unreachable, refused, not Redis...
                 conn.disconnect()
-                inst.put(conn)
+                self._instances[i].put(conn)
                 results[i] = exc
-        for i, cmd, conn in conns:
-            inst = self._instances[i]
-            try:
-                try:
-                    raw = conn.read_response()
-                except NoScriptError:
-                    conn.send_command(*fallback(*cmd))
-                    raw = conn.read_response()
-                except ResponseError as exc:
-                    if not is_missing(exc):
-                        raise
-                    # the instance restarted empty or was flushed: load our library, retry
-                    conn.send_command(*load_command())
-                    try:
-                        conn.read_response()
-                        conn.send_command(*command(*cmd))
-                    except ResponseError:  # FUNCTION LOAD refused (ACL): the EVAL form
-                        conn.send_command(*fallback(*cmd))
-                    raw = conn.read_response()
-                results[i] = parse(cmd, raw)
-            except ResponseError as exc:
-                msg = str(exc)
-                results[i] = (from_script_error(msg, instance=inst.url)
-                              if msg.startswith("DLM_") else ProtocolError(msg, instance=inst.url))
-            except DLMError as exc:
-                results[i] = exc
-            except Exception as exc:  # noqa: BLE001 - unreachable, timed out, not Redis...
-                conn.disconnect()
-                results[i] = exc
-            finally:
-                inst.put(conn)
+        for i, call, conn in conns:
+            results[i] = self._finish(i, conn, [call])[0]
         return results
 
     def _pipeline(self, i: int, calls: Sequence[Call]) -> list[Any]:
         """Send every call to instance `i` in one write and read their replies: one round
-        trip however many calls. One result per call, as `settle` gives it. Calls that
-        met a missing library are sent again after loading it (the `EVAL` form if the
-        load is refused)."""
-        inst = self._instances[i]
-        conn = inst.get()
+        trip however many calls. One result per call, as `settle` gives it."""
+        conn = self._instances[i].get()
         try:
-            raws = self._write_read(conn, [command(*c) for c in calls])
+            self._write(conn, [packed_command(*c) for c in calls])
+        except Exception as exc:  # noqa: BLE001 - unreachable, refused, not Redis...
+            conn.disconnect()
+            self._instances[i].put(conn)
+            return [exc] * len(calls)
+        return self._finish(i, conn, calls)
+
+    def _finish(self, i: int, conn: Any, calls: Sequence[Call]) -> list[Any]:
+        """Read the replies of `calls`, already written on `conn` to instance `i`, and
+        settle them. Calls that met a missing library (restarted empty, flushed) did
+        nothing: they are sent again after loading it (the `EVAL` form if the load is
+        refused). A network error is every call's result and closes the connection. The
+        connection goes back to the instance."""
+        inst = self._instances[i]
+        try:
+            raws = self._replies(conn, len(calls))
             out = [settle(c, r, inst.url) for c, r in zip(calls, raws)]
             again = [k for k, r in enumerate(out) if r is RESEND]
             if again:
@@ -449,7 +431,8 @@ class DLM:
                     cmds = [command(*calls[k]) for k in again]
                 except ResponseError:  # FUNCTION LOAD refused (ACL): the EVAL form
                     cmds = [fallback(*calls[k]) for k in again]
-                for k, raw in zip(again, self._write_read(conn, cmds)):
+                self._write(conn, conn.pack_commands(cmds))
+                for k, raw in zip(again, self._replies(conn, len(again))):
                     res = settle(calls[k], raw, inst.url)
                     out[k] = ProtocolError("script missing after a load",
                                            instance=inst.url) if res is RESEND else res
@@ -461,12 +444,16 @@ class DLM:
             inst.put(conn)
 
     @staticmethod
-    def _write_read(conn: Any, cmds: list[tuple]) -> list[Any]:
-        """Pipelined: all commands in one write, then one reply (or ResponseError) each;
-        a network error propagates (the connection is then unusable)."""
-        conn.send_packed_command(conn.pack_commands(cmds))
+    def _write(conn: Any, chunks: Sequence[bytes]) -> None:
+        """One write of packed commands (the one place a round trip starts)."""
+        conn.send_packed_command(chunks)
+
+    @staticmethod
+    def _replies(conn: Any, n: int) -> list[Any]:
+        """The next `n` replies on `conn`, an error reply as its ResponseError; a network
+        error propagates (the connection is then unusable)."""
         raws: list[Any] = []
-        for _ in cmds:
+        for _ in range(n):
             try:
                 raws.append(conn.read_response())
             except ResponseError as exc:
