@@ -63,6 +63,13 @@ except ImportError:  # pragma: no cover - hiredis is a dependency; keep working 
     _hiredis_pack = None
 
 
+def _pack_all(conn: Any, cmds: Sequence[tuple]) -> list[Any]:
+    """Commands packed for one write (hiredis' C packer where it is installed)."""
+    if _hiredis_pack is None:
+        return conn.pack_commands(cmds)
+    return [_hiredis_pack(c) for c in cmds]
+
+
 async def _send(conn: Any, args: tuple) -> None:
     """Write one command. On a connected connection whose socket takes the bytes at once
     (a lock command always fits), write them straight to its stream: redis-py's
@@ -292,7 +299,7 @@ class AsyncDLM:
         trip however many calls (`DLM._pipeline`, with the same results)."""
         conn = self._instances[i].get()
         try:
-            await self._write(conn, conn.pack_commands([command(*c) for c in calls]))
+            await self._write(conn, _pack_all(conn, [command(*c) for c in calls]))
         except Exception as exc:  # noqa: BLE001 - unreachable, refused, not Redis...
             await conn.disconnect()
             self._instances[i].put(conn)
@@ -315,7 +322,7 @@ class AsyncDLM:
                     cmds = [command(*calls[k]) for k in again]
                 except ResponseError:  # FUNCTION LOAD refused (ACL): the EVAL form
                     cmds = [fallback(*calls[k]) for k in again]
-                await self._write(conn, conn.pack_commands(cmds))
+                await self._write(conn, _pack_all(conn, cmds))
                 for k, raw in zip(again, await self._replies(conn, len(again))):
                     res = settle(calls[k], raw, inst.url)
                     out[k] = ProtocolError("script missing after a load",

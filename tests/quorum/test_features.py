@@ -529,10 +529,12 @@ def test_renewal_keeps_lock_beyond_its_lease(q: Quorum) -> None:
 
 
 def test_renewal_keeps_a_waiter_in_the_queue(q: Quorum) -> None:
-    a = q.dlm(lease_ms=300)
+    # 600 ms leases (ticks of 200 ms): with 300 ms, one tick delayed by a loaded machine
+    # (CI, async, N = 5) let the waiter's entry expire on an instance
+    a = q.dlm(lease_ms=600)
     la = a.lock("res", EX)
-    req = q.dlm(lease_ms=300).enqueue("res", EX)
-    time.sleep(1.0)
+    req = q.dlm(lease_ms=600).enqueue("res", EX)
+    time.sleep(1.8)  # three leases
     assert not req.done and la.valid
     assert waiting_on_all(q, req.lock.id, "res")
     la.release()
