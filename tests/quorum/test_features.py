@@ -613,8 +613,17 @@ def test_per_lock_lease_renewed(q: Quorum, lease_ms: int) -> None:
         invalid += not lk.valid
         time.sleep(0.005)
     assert invalid == 0
-    left = min(lv.lease_left_ms for ls in q.locks("res") for lv in ls)
-    assert lk.validity_ms <= left + 5, (lk.validity_ms, left)
+    # The client's validity counts on its quorum: it may not exceed the lease that the
+    # Q-th best instance keeps (a minority may lag, its renewal still in flight). Read it
+    # first: a renewal landing during the inspection only lengthens what the instances
+    # keep, and the inspection's own time is allowed for.
+    t0 = time.monotonic()
+    validity = lk.validity_ms
+    lefts = sorted((lv.lease_left_ms for ls in q.locks("res") for lv in ls), reverse=True)
+    took_ms = (time.monotonic() - t0) * 1000
+    assert len(lefts) == q.n
+    kept = lefts[q.quorum - 1]
+    assert validity <= kept + took_ms + 5, (validity, lefts, took_ms)
     lk.release()
 
 
