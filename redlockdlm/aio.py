@@ -30,7 +30,7 @@ from .client import (
 )
 from .engine import codec
 from .engine.modes import Mode
-from .engine.scripts import command, fallback, load_command
+from .engine.scripts import command, fallback, load_command, packed_command
 from .errors import (
     DLMError,
     HasChildren,
@@ -57,29 +57,15 @@ _NET_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError, asyncio.Timeout
                InvalidResponse)
 
 
-try:  # the C packer redis-py's sync client uses; its asyncio client packs in Python
-    from hiredis import pack_command as _hiredis_pack
-except ImportError:  # pragma: no cover - hiredis is a dependency; keep working without it
-    _hiredis_pack = None
-
-
-def _pack_all(conn: Any, cmds: Sequence[tuple]) -> list[Any]:
-    """Commands packed for one write (hiredis' C packer where it is installed)."""
-    if _hiredis_pack is None:
-        return conn.pack_commands(cmds)
-    return [_hiredis_pack(c) for c in cmds]
-
-
-async def _send(conn: Any, args: tuple) -> None:
-    """Write one command. On a connected connection whose socket takes the bytes at once
-    (a lock command always fits), write them straight to its stream: redis-py's
-    `send_packed_command` wraps every write in `asyncio.wait_for`, a task per command.
-    Otherwise (not connected yet, or a full socket buffer) redis-py connects, writes and
-    drains within its `socket_timeout`. A write that fails shows as an error on the read
-    that follows, which disconnects."""
-    packed = _hiredis_pack(args) if _hiredis_pack is not None else conn.pack_command(*args)
+async def _send(conn: Any, packed: bytes) -> None:
+    """Write one packed command (`scripts.packed_command`). On a connected connection
+    whose socket takes the bytes at once (a lock command always fits), write them straight
+    to its stream: redis-py's `send_packed_command` wraps every write in `asyncio.wait_for`,
+    a task per command. Otherwise (not connected yet, or a full socket buffer) redis-py
+    connects, writes and drains within its `socket_timeout`. A write that fails shows as
+    an error on the read that follows, which disconnects."""
     writer = getattr(conn, "_writer", None)  # redis-py's asyncio StreamWriter, if connected
-    if writer is None or writer.is_closing() or not isinstance(packed, bytes):
+    if writer is None or writer.is_closing():
         await conn.send_packed_command(packed, check_health=False)
         return
     writer.write(packed)
@@ -271,7 +257,7 @@ class AsyncDLM:
         for i, call in cmds:
             conn = self._instances[i].get()
             try:
-                await _send(conn, command(*call))
+                await _send(conn, packed_command(*call))
                 conns.append((i, call, conn))
             except Exception as exc:  # noqa: BLE001 - unreachable, refused, not Redis...
                 await conn.disconnect()
@@ -299,7 +285,7 @@ class AsyncDLM:
         trip however many calls (`DLM._pipeline`, with the same results)."""
         conn = self._instances[i].get()
         try:
-            await self._write(conn, _pack_all(conn, [command(*c) for c in calls]))
+            await self._write(conn, [packed_command(*c) for c in calls])
         except Exception as exc:  # noqa: BLE001 - unreachable, refused, not Redis...
             await conn.disconnect()
             self._instances[i].put(conn)
@@ -322,7 +308,7 @@ class AsyncDLM:
                     cmds = [command(*calls[k]) for k in again]
                 except ResponseError:  # FUNCTION LOAD refused (ACL): the EVAL form
                     cmds = [fallback(*calls[k]) for k in again]
-                await self._write(conn, _pack_all(conn, cmds))
+                await self._write(conn, conn.pack_commands(cmds))
                 for k, raw in zip(again, await self._replies(conn, len(again))):
                     res = settle(calls[k], raw, inst.url)
                     out[k] = ProtocolError("script missing after a load",

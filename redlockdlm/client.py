@@ -10,6 +10,7 @@ callback never delays a renewal.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import selectors
 import threading
@@ -137,6 +138,7 @@ def check_timeouts(**timeouts: object) -> None:
             raise InvalidArgument(f"{what} must be > 0 seconds, got {t}")
 
 
+@functools.cache
 def _driver_info() -> DriverInfo:
     """What every connection announces with `CLIENT SETINFO` (`CLIENT LIST` shows
     `lib-name=redis-py(redlockdlm_v0.1.0)`), built once per process: redis-py's default
@@ -148,19 +150,13 @@ def _driver_info() -> DriverInfo:
         "redlockdlm", __version__)
 
 
-_DRIVER_INFO: DriverInfo | None = None
-
-
 def pool_from_url(pool_class: Any, url: object, **options: Any) -> Any:
     """`pool_class.from_url(url, **options)` with every mistake typed: a malformed URL or
     option value is InvalidArgument, an unknown option InvalidType (checked by building
     one connection object, which does not connect)."""
-    global _DRIVER_INFO
     url = check_url(url)
     if not {"driver_info", "lib_name", "lib_version"} & options.keys():
-        if _DRIVER_INFO is None:
-            _DRIVER_INFO = _driver_info()
-        options["driver_info"] = _DRIVER_INFO
+        options["driver_info"] = _driver_info()
     try:
         pool = pool_class.from_url(url, **options)
         pool.connection_class(**pool.connection_kwargs)
