@@ -122,6 +122,8 @@ class AsyncDLM:
         self._background: set[asyncio.Task[Any]] = set()
         self._renewing: set[int] = set()  # instances whose renewal is in flight
         self._renew_soon = asyncio.Event()  # a lock with a shorter lease appeared
+        #: clean-ups that outlive a cancelled caller (`_complete`); close() waits for them
+        self._cleanups: set[asyncio.Task[Any]] = set()
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -141,7 +143,14 @@ class AsyncDLM:
         await self.close()
 
     async def close(self) -> None:
-        """Release every lock this client holds or waits for, then close connections."""
+        """Release every lock this client holds or waits for, then close connections.
+        Cancelled meanwhile, it still finishes (bounded by the socket timeouts) before the
+        CancelledError reaches the caller: no lock of this client is left anywhere."""
+        if self._closed:
+            return
+        await self._complete(self._close())
+
+    async def _close(self) -> None:
         if self._closed:
             return
         roots = [lk for lk in self._core.locks.values() if lk.parent is None]
@@ -159,6 +168,9 @@ class AsyncDLM:
                 await self._release(lk, subtree=True)
             except DLMError as exc:
                 log.warning("close: release of %s failed: %s", lk.id, exc)
+        others = [t for t in self._cleanups if t is not asyncio.current_task()]
+        if others:  # clean-ups of cancelled calls still need the connections
+            await asyncio.wait(others, timeout=self._cleanup_limit())
         self._closed = True
         for t in self._tasks + list(self._background):
             t.cancel()
@@ -167,6 +179,35 @@ class AsyncDLM:
                 await t
         for inst in self._instances:
             await inst.close()
+
+    def _cleanup_limit(self) -> float:
+        """Seconds a clean-up may take: a few broadcasts, each bounded by the slowest
+        instance's socket timeout (+ 0.5 s, `_broadcast`)."""
+        return 3 * (max(inst.timeout for inst in self._instances) + 0.5) + 1.0
+
+    async def _complete(self, coro: Awaitable[Any]) -> Any:
+        """Await `coro` run as a task of its own, to its end even if the caller is cancelled
+        meanwhile: then the task is waited for (bounded by `_cleanup_limit`; it goes on in
+        the background after a second cancellation) and the CancelledError re-raised. For
+        what must not stop half-way: a release, a clean-up after a cancellation, close."""
+        task = asyncio.ensure_future(coro)
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(_log_failure)  # nobody else will see what it raises
+            if not task.done():
+                await asyncio.wait([task], timeout=self._cleanup_limit())
+            raise
+
+    async def _clean_up(self, coro: Awaitable[Any]) -> None:
+        """`_complete` for the clean-up after a cancellation: the CancelledError is what
+        the caller must see, so what the clean-up raises is logged, not raised."""
+        try:
+            await self._complete(coro)
+        except Exception as exc:  # noqa: BLE001 - logged; the cancellation goes on
+            log.warning("clean-up after a cancellation failed: %s", describe(exc))
 
     @property
     def owner(self) -> str:
@@ -187,7 +228,13 @@ class AsyncDLM:
                    lease_ms: int | None = None, parent: AsyncLock | None = None,
                    priority: int = 0) -> AsyncLock:
         """Wait until `resource` is granted in `mode` on a quorum; same errors and
-        `priority` (the deadlock detector's choice of a victim) as DLM.lock."""
+        `priority` (the deadlock detector's choice of a victim) as DLM.lock.
+
+        Cancelled (`Task.cancel`, `asyncio.wait_for`, `asyncio.timeout`, a TaskGroup) at
+        any point, the request is withdrawn on every instance, or released there if it was
+        granted meanwhile, before the CancelledError reaches the caller (bounded by the
+        socket timeouts): nothing is left queued or granted. `on_blocking` and `on_lost`
+        run on the event loop (a coroutine function's result is run as a task)."""
         req = await self.enqueue(resource, mode, timeout=timeout, noqueue=noqueue,
                                  expedite=expedite, no_deadlock_wait=no_deadlock_wait,
                                  value_block=value_block, on_blocking=on_blocking,
@@ -205,7 +252,9 @@ class AsyncDLM:
                       lease_ms: int | None = None,
                       parent: AsyncLock | None = None, priority: int = 0) -> AsyncRequest:
         """Send the request to every instance; the returned AsyncRequest is awaitable.
-        `priority`: as for DLM.lock."""
+        `priority`: as for DLM.lock. `on_granted` runs on the event loop once granted.
+        Cancelled while the request is on its way, it is withdrawn from every instance
+        before the CancelledError propagates."""
         if self._closed:
             raise DLMError("this AsyncDLM client is closed")
         self._start()
@@ -235,6 +284,14 @@ class AsyncDLM:
             results = await self._broadcast(cmds)
             for i, res in results.items():
                 self._core.on_reply(lk, i, res, sent, time.monotonic())
+        except asyncio.CancelledError:
+            # Some instances may have queued or granted it: withdraw it there (a release
+            # sent after the request, so the instance runs it after the request)
+            self._forget(lk)
+            lk.phase = Phase.FAILED
+            await self._clean_up(self._broadcast(
+                [(i, self._core.release_cmd(lk, i=i)) for i in range(self._core.n)]))
+            raise
         except BaseException:
             self._forget(lk)
             raise
@@ -463,10 +520,12 @@ class AsyncDLM:
                 self._check_lost()
 
     def _run_callback(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run a user callback on the loop, now; a coroutine it returns runs as a task.
+        What it raises is logged (with its traceback) and changes nothing else."""
         try:
             res = fn(*args)
             if asyncio.iscoroutine(res):
-                self._spawn(res)
+                self._spawn(_logged(fn, res))
         except Exception:  # noqa: BLE001 - a user callback must not kill the client
             log.exception("callback %r raised", fn)
 
@@ -579,6 +638,39 @@ class AsyncDLM:
         cmds = [(i, self._core.convert_cmd(lk, m, fl, value, version, i))
                 for i in range(self._core.n)]
         lk.pending = set(range(self._core.n))
+        try:
+            await self._converting(lk, old, cmds)
+        except asyncio.CancelledError:
+            await self._clean_up(self._abandon_convert(lk, old, down, cmds))
+            raise
+
+    async def _abandon_convert(self, lk: LockCore, old: Mode, down: bool,
+                               sent: list[tuple[int, Call]]) -> None:
+        """The caller gave up on the conversion (cancelled): complete a down-conversion,
+        withdraw any other so that the lock holds its old mode on every instance
+        (`Session.abandon_convert_cmds`)."""
+        cmds = self._core.abandon_convert_cmds(lk, old, down, sent)
+        if down:
+            await self._send_and_feed(lk, cmds)
+            now = time.monotonic()
+            if self._core.evaluate_convert(lk, old, now).done:
+                return
+            out = self._core.evaluate_convert(lk, old, now, timed_out=True)
+            results = await self._broadcast(out.cleanup)
+            self._core.rollback_convert(lk, old, results)
+            return
+        while cmds:
+            sent_at = time.monotonic()
+            results = await self._broadcast(cmds)
+            for i, res in results.items():
+                self._core.on_abandon_reply(lk, i, res, sent_at, time.monotonic())
+            cmds = self._core.abandon_convert_cmds(lk, old, down, sent, first=False)
+        self._core.end_abandon(lk, old)
+        self._notify(lk)
+
+    async def _converting(self, lk: LockCore, old: Mode, cmds: list[tuple[int, Call]]) -> None:
+        """Send the conversion and wait for its outcome; on failure put the old mode back
+        and raise."""
         await self._send_and_feed(lk, cmds)
         while True:
             now = time.monotonic()
@@ -603,6 +695,19 @@ class AsyncDLM:
         results = await self._broadcast(out.cleanup)
         self._core.rollback_convert(lk, old, results)
         raise out.error
+
+
+def _log_failure(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("clean-up after a cancellation failed: %s", describe(task.exception()))
+
+
+async def _logged(fn: Callable[..., Any], coro: Awaitable[Any]) -> None:
+    """A coroutine callback's task: what it raises is logged, as for a plain callback."""
+    try:
+        await coro
+    except Exception:  # noqa: BLE001 - a user callback must not kill the client
+        log.exception("callback %r raised", fn)
 
 
 class AsyncRequest:
@@ -633,23 +738,32 @@ class AsyncRequest:
 
     async def wait(self, timeout: float | None = None) -> AsyncLock:
         """Wait until granted (the lock) or failed (its error). `timeout` bounds only this
-        wait; the request keeps its own timeout."""
+        wait (LockTimeout "still waiting"); the request keeps waiting, with its own
+        timeout. Cancelled from outside (`Task.cancel`, `asyncio.wait_for`, ...), the
+        request is withdrawn as by `cancel()` (released if it was granted meanwhile)
+        before the CancelledError propagates: it is the caller's wait that owns it."""
         try:
             return await asyncio.wait_for(asyncio.shield(self._fut), timeout)
         except asyncio.TimeoutError:
             raise LockTimeout("still waiting", resource=self.lock.resource,
                               lock_id=self.lock.id) from None
+        except asyncio.CancelledError:
+            await self._dlm._clean_up(self._withdraw())
+            raise
 
     def __await__(self):  # type: ignore[no-untyped-def]
         return self.wait().__await__()
 
     async def cancel(self) -> None:
-        """Withdraw the request everywhere (or release the lock if it was granted)."""
+        """Withdraw the request everywhere (or release the lock if it was granted). Runs to
+        its end even if the caller is cancelled meanwhile (then re-raises)."""
+        await self._dlm._complete(self._withdraw())
+
+    async def _withdraw(self) -> None:
         lk = self.lock._core
         if self._task is not None and not self._task.done():
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+            await asyncio.wait([self._task])  # its own CancelledError stays in it
         self._finish(LockTimeout("cancelled", resource=self.lock.resource, lock_id=lk.id))
         if lk.phase is not Phase.RELEASED:
             await self._dlm._release(lk)
@@ -670,14 +784,20 @@ class AsyncLock(LockBase):
                       noqueue: bool = False, quecvt: bool = False, convdeadlk: bool = False,
                       no_deadlock_wait: bool = False, priority: int = 0) -> None:
         """Change the mode; on failure the lock keeps its old mode (as `Lock.convert`,
-        `priority` included)."""
+        `priority` included). Cancelled before it returns, a conversion that may wait (up
+        or sideways) is withdrawn on every instance and the lock keeps its old mode; a
+        down-conversion, which never waits (G4) and may already have let other locks in
+        beside its new mode, is completed. Either way the CancelledError propagates once
+        every instance agrees (bounded by the socket timeouts); `mode` tells which."""
         await self._dlm._convert(self._core, mode, timeout, noqueue=noqueue, quecvt=quecvt,
                                  convdeadlk=convdeadlk, no_deadlock_wait=no_deadlock_wait,
                                  priority=priority)
 
     async def release(self, *, subtree: bool = False) -> None:
-        """Release on every instance (writing the value block if set by a PW/EX holder)."""
-        await self._dlm._release(self._core, subtree=subtree)
+        """Release on every instance (writing the value block if set by a PW/EX holder).
+        Cancelled meanwhile, the release still completes before the CancelledError
+        propagates (bounded by the socket timeouts)."""
+        await self._dlm._complete(self._dlm._release(self._core, subtree=subtree))
 
     async def __aenter__(self) -> AsyncLock:
         return self

@@ -231,6 +231,7 @@ class DLM:
         self._mu = threading.RLock()
         self._cond = threading.Condition(self._mu)
         self._closed = False
+        self._timeout = max(socket_timeout, connect_timeout)
         self._callbacks: list[tuple[Callable[..., Any], tuple]] = []
         self._cb_cond = threading.Condition()
         self._next_renew = time.monotonic() + self._core.lease_ms / 3000.0
@@ -271,7 +272,12 @@ class DLM:
         `priority` (docs/rules.md P1; an int in -2**31..2**31-1, default 0) matters only if
         the request is caught in a deadlock: the detector cancels the cycle's request of
         lowest priority, and among those the youngest (docs/detector.md D8). It changes no
-        grant: queues stay in ticket order."""
+        grant: queues stay in ticket order.
+
+        Interrupted (KeyboardInterrupt, or anything a signal handler raises) while it
+        waits, the request is withdrawn on every instance (released if granted meanwhile)
+        before the exception propagates. `on_blocking` and `on_lost` run on the client's
+        callback thread."""
         req = self.enqueue(resource, mode, timeout=timeout, noqueue=noqueue,
                            expedite=expedite, no_deadlock_wait=no_deadlock_wait,
                            value_block=value_block, on_blocking=on_blocking, on_lost=on_lost,
@@ -288,7 +294,8 @@ class DLM:
                 priority: int = 0) -> Request:
         """Send the request to every instance and return at once; the Request completes
         (and `on_granted` runs on the callback thread) when the lock is granted.
-        `priority`: as for `lock`."""
+        `priority`: as for `lock`. Interrupted while the request is on its way, it is
+        withdrawn from every instance before the exception propagates."""
         self._check_open()
         t = check_timeout(timeout)
         for what, fn in (("on_granted", on_granted), ("on_blocking", on_blocking),
@@ -318,9 +325,12 @@ class DLM:
                 v.sent_at = sent
         try:
             results = self._broadcast(cmds)
-        except BaseException:
+        except BaseException:  # interrupted: some instances may have queued or granted it
             with self._mu:
                 self._core.forget(lk)
+                lk.phase = Phase.FAILED
+            self._finish_off(self._broadcast, [(i, self._core.release_cmd(lk, i=i))
+                                               for i in range(self._core.n)])
             raise
         with self._mu:
             try:
@@ -334,7 +344,20 @@ class DLM:
         return req
 
     def close(self) -> None:
-        """Release every lock this client holds or waits for, then close connections."""
+        """Release every lock this client holds or waits for, then close connections.
+        Interrupted meanwhile (KeyboardInterrupt), it still finishes, on its own thread,
+        before the exception propagates (bounded by the socket timeouts per lock)."""
+        if self._closed:
+            return
+        t = threading.Thread(target=self._close, name="redlockdlm-close", daemon=True)
+        t.start()
+        try:
+            t.join()
+        except BaseException:
+            t.join(self._cleanup_limit())
+            raise
+
+    def _close(self) -> None:
         if self._closed:
             return
         with self._mu:
@@ -375,6 +398,26 @@ class DLM:
 
     # ----------------------------------------------------------------- internals: I/O
 
+    def _cleanup_limit(self) -> float:
+        """Seconds a clean-up may take: a few broadcasts, each bounded by the socket
+        timeouts of the instances."""
+        return 3 * (2 * self._timeout + 0.5) + 1.0
+
+    def _finish_off(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run a clean-up after an interruption (KeyboardInterrupt...) on a thread of its
+        own and wait for it (bounded by `_cleanup_limit`): a second interruption stops only
+        this wait, not the clean-up. What it raises is logged: the interruption is what
+        the caller must see."""
+        def run() -> None:
+            try:
+                fn(*args)
+            except Exception as exc:  # noqa: BLE001 - logged; the interruption goes on
+                log.warning("clean-up after an interruption failed: %s", describe(exc))
+
+        t = threading.Thread(target=run, name="redlockdlm-cleanup", daemon=True)
+        t.start()
+        t.join(self._cleanup_limit())
+
     def _check_open(self) -> None:
         if self._closed:
             raise DLMError("this DLM client is closed")
@@ -393,8 +436,17 @@ class DLM:
                 conn.disconnect()
                 self._instances[i].put(conn)
                 results[i] = exc
-        for i, call, conn in conns:
-            results[i] = self._finish(i, conn, [call])[0]
+        try:
+            while conns:
+                i, call, conn = conns[0]
+                results[i] = self._finish(i, conn, [call])[0]
+                conns.pop(0)
+        except BaseException:  # interrupted: replies nobody will read
+            for i, _, conn in conns[1:]:
+                with contextlib.suppress(Exception):
+                    conn.disconnect()
+                self._instances[i].put(conn)
+            raise
         return results
 
     def _pipeline(self, i: int, calls: Sequence[Call]) -> list[Any]:
@@ -436,6 +488,10 @@ class DLM:
         except Exception as exc:  # noqa: BLE001 - unreachable, timed out, not Redis...
             conn.disconnect()
             return [exc] * len(calls)
+        except BaseException:  # interrupted (KeyboardInterrupt): replies nobody will read
+            with contextlib.suppress(Exception):
+                conn.disconnect()
+            raise
         finally:
             inst.put(conn)
 
@@ -494,16 +550,27 @@ class DLM:
 
     def _cleanup_then_finish(self, req: Request, error: DLMError,
                              cleanup: list[tuple[int, tuple]]) -> None:
+        with self._mu:  # a re-check in flight must not land after the clean-up
+            while req.lock._core.sends:
+                self._cond.wait(0.5)
         try:
             self._broadcast(cleanup)
         finally:
             req._finish(error)
 
     def _send_and_feed_advance(self, lk: LockCore, cmds: list[tuple[int, tuple]]) -> None:
-        self._send_and_feed(lk, cmds)
         with self._mu:
-            if lk.phase is Phase.ACQUIRING:
-                self._advance(lk)
+            if lk.phase in (Phase.FAILED, Phase.RELEASED):
+                return  # withdrawn or failed meanwhile: a re-sent request would re-create it
+            lk.sends += 1
+        try:
+            self._send_and_feed(lk, cmds)
+        finally:
+            with self._mu:
+                lk.sends -= 1
+                if lk.phase is Phase.ACQUIRING:
+                    self._advance(lk)
+                self._cond.notify_all()
 
     def _spawn(self, fn: Callable[..., Any], *args: Any) -> None:
         threading.Thread(target=fn, args=args, daemon=True, name="redlockdlm-io").start()
@@ -722,8 +789,8 @@ class DLM:
                 fn, args = self._callbacks.pop(0)
             try:
                 fn(*args)
-            except Exception:  # noqa: BLE001 - a user callback must not kill the client
-                log.exception("callback %r raised", fn)
+            except BaseException:  # noqa: BLE001 - a user callback must not kill the client
+                log.exception("callback %r raised", fn)  # (SystemExit too: this thread)
 
     # ----------------------------------------------------------------- release / convert
 
@@ -773,6 +840,46 @@ class DLM:
             cmds = [(i, self._core.convert_cmd(lk, m, fl, value, version, i))
                     for i in range(self._core.n)]
             lk.pending = set(range(self._core.n))
+        try:
+            self._converting(lk, old, cmds)
+        except DLMError:
+            raise
+        except BaseException:  # interrupted (KeyboardInterrupt...): nothing half-done
+            self._finish_off(self._abandon_convert, lk, old, down, cmds)
+            raise
+
+    def _abandon_convert(self, lk: LockCore, old: Mode, down: bool,
+                         sent: list[tuple[int, Call]]) -> None:
+        """The caller gave up on the conversion (interrupted): complete a down-conversion,
+        withdraw any other so that the lock holds its old mode on every instance
+        (`Session.abandon_convert_cmds`)."""
+        with self._mu:
+            cmds = self._core.abandon_convert_cmds(lk, old, down, sent)
+        if down:
+            self._send_and_feed(lk, cmds)
+            with self._mu:
+                now = time.monotonic()
+                if self._core.evaluate_convert(lk, old, now).done:
+                    return
+                out = self._core.evaluate_convert(lk, old, now, timed_out=True)
+            results = self._broadcast(out.cleanup)
+            with self._mu:
+                self._core.rollback_convert(lk, old, results)
+            return
+        while cmds:
+            sent_at = time.monotonic()
+            results = self._broadcast(cmds)
+            with self._mu:
+                for i, res in results.items():
+                    self._core.on_abandon_reply(lk, i, res, sent_at, time.monotonic())
+                cmds = self._core.abandon_convert_cmds(lk, old, down, sent, first=False)
+        with self._mu:
+            self._core.end_abandon(lk, old)
+            self._cond.notify_all()
+
+    def _converting(self, lk: LockCore, old: Mode, cmds: list[tuple[int, Call]]) -> None:
+        """Send the conversion and wait for its outcome; on failure put the old mode back
+        and raise."""
         self._send_and_feed(lk, cmds)
         with self._mu:
             while True:
@@ -839,8 +946,15 @@ class Request:
 
     def wait(self, timeout: float | None = None) -> Lock:
         """Block until granted (return the Lock) or failed (raise its error). A `timeout`
-        here only bounds this wait; the request itself keeps its own timeout."""
-        if not self._done.wait(timeout):
+        here only bounds this wait; the request itself keeps its own timeout. Interrupted
+        (KeyboardInterrupt, or anything a signal handler raises), the request is withdrawn
+        as by `cancel()` (released if granted meanwhile) before the exception propagates."""
+        try:
+            done = self._done.wait(timeout)
+        except BaseException:
+            self._dlm._finish_off(self.cancel)
+            raise
+        if not done:
             from .errors import LockTimeout
             raise LockTimeout("still waiting", resource=self.lock.resource,
                               lock_id=self.lock.id)
@@ -858,8 +972,10 @@ class Request:
             lk.phase = Phase.FAILED
             from .errors import LockTimeout
             self._finish(LockTimeout("cancelled", resource=self.lock.resource, lock_id=lk.id))
-        if was_held:
-            lk.phase = Phase.HELD
+            while lk.sends:  # a re-check in flight lands before the release, never after
+                self._dlm._cond.wait(0.5)
+            if was_held:
+                lk.phase = Phase.HELD
         self._dlm._release(lk)
 
 
@@ -882,7 +998,12 @@ class Lock(LockBase):
                 no_deadlock_wait: bool = False, priority: int = 0) -> None:
         """Change the mode (up or down). A down-conversion from PW/EX writes a value you set.
         On failure (NotQueued, Deadlock, LockTimeout) the lock keeps its old mode.
-        `priority` (as for `DLM.lock`) is this conversion's, should it wait on a deadlock."""
+        `priority` (as for `DLM.lock`) is this conversion's, should it wait on a deadlock.
+        Interrupted (KeyboardInterrupt...) before it returns, a conversion that may wait
+        (up or sideways) is withdrawn on every instance and the lock keeps its old mode; a
+        down-conversion, which never waits (G4) and may already have let other locks in
+        beside its new mode, is completed; `mode` tells which. The exception propagates
+        once every instance agrees (bounded by the socket timeouts)."""
         self._dlm._convert(self._core, mode, timeout, noqueue=noqueue, quecvt=quecvt,
                            convdeadlk=convdeadlk, no_deadlock_wait=no_deadlock_wait,
                            priority=priority)

@@ -201,6 +201,9 @@ class LockCore:
         self.repairing: set[int] = set()
         #: (value, version) of this grant's last write by a down-conversion, for R1
         self.written: tuple[bytes, int] | None = None
+        #: the I/O layer's commands about this lock in flight on other threads (the sync
+        #: client's re-checks): a withdrawal waits for them, so none lands after it
+        self.sends = 0
 
     # ----------------------------------------------------------------- reading the votes
 
@@ -747,6 +750,66 @@ class Session:
                 v.vote, v.mode = Vote.GRANTED, old
         lk.rq = old
         lk.mode = old
+        if lk.phase is not Phase.LOST:
+            lk.phase = Phase.HELD
+
+    def abandon_convert_cmds(self, lk: LockCore, old: Mode, down: bool,
+                             sent: Sequence[tuple[int, tuple]], first: bool = True
+                             ) -> list[tuple[int, tuple]]:
+        """What to send when the caller gave up on a conversion before it returned
+        (cancelled, interrupted): replies may have been cut short, so what an instance did
+        with the conversion is not known everywhere (`lk.pending`).
+
+        A down-conversion (`down`) is completed: it never waits (G4) and, once it reached
+        an instance, other locks may already be granted beside its new mode there, so the
+        old mode cannot be taken back without waiting. It is sent again (`sent`) wherever
+        its grant is not known (a conversion to the mode already held is granted again,
+        and writes the same value and version).
+
+        Any other conversion is withdrawn and the lock keeps its old mode: on the `first`
+        pass a cancel (N3: a queued conversion returns to the old mode; a granted one
+        answers CANCELGRANT with its mode) wherever the conversion is not known to be
+        granted, a conversion back to `old` (always at once, G4) where it is granted in
+        another mode. Later passes (after `on_abandon_reply`) only convert back where a
+        cancel found the conversion granted."""
+        if down:
+            return [(i, cmd) for i, cmd in sent
+                    if i in lk.pending or not (lk.votes[i].vote is Vote.GRANTED
+                                               and lk.votes[i].mode == lk.rq)]
+        out = []
+        for i, v in enumerate(lk.votes):
+            if v.vote is Vote.GRANTED and v.mode != old and i not in lk.pending:
+                out.append((i, self.convert_cmd(lk, old, 0, None, 0, i)))
+            elif first and (i in lk.pending or v.vote is not Vote.GRANTED):
+                out.append((i, self.cancel_cmd(lk)))
+        lk.pending.clear()
+        return out
+
+    def on_abandon_reply(self, lk: LockCore, i: int, reply: object, sent_at: float,
+                         now: float) -> None:
+        """Record an answer to `abandon_convert_cmds`: a cancel's answer is the mode the
+        lock holds there now (the old one if the conversion was still queued)."""
+        rep = reply
+        if isinstance(rep, LockReply) and rep.status in (Status.CANCELLED,
+                                                          Status.CANCELGRANT):
+            v = lk.votes[i]
+            lk.pending.discard(i)
+            if rep.mode is None:
+                v.vote, v.mode = Vote.ABSENT, None
+            else:
+                v.vote, v.mode, v.token, v.by_event = Vote.GRANTED, rep.mode, rep.token, False
+            return
+        try:
+            self.on_reply(lk, i, reply, sent_at, now)
+        except DLMError as exc:  # refused alike everywhere: nothing changed there
+            lk.votes[i].vote, lk.votes[i].error = Vote.ERROR, describe(exc)
+
+    def end_abandon(self, lk: LockCore, old: Mode) -> None:
+        """After a withdrawn (not down) conversion: the lock holds `old` again."""
+        lk.rq = old
+        lk.mode = old
+        lk.error = None
+        lk.pending.clear()
         if lk.phase is not Phase.LOST:
             lk.phase = Phase.HELD
 
