@@ -24,6 +24,7 @@ from redlockdlm import DLM, admin
 from redlockdlm.detector import Detector, choose_victim, find_cycles, scan, wait_for_graph
 from redlockdlm.devcluster import DevCluster
 from redlockdlm.engine.keys import check_id, check_name
+from redlockdlm.errors import NotFresh
 from redlockdlm.leader import Leadership
 
 from . import output
@@ -254,21 +255,32 @@ def detector_cmd(s: Settings, interval_s: float, rounds: int, reap_every: int,
 @cli.command("init")
 @click.option("--fresh", is_flag=True, required=True,
               help="Mark brand-new instances safe at once (skip the rejoin delay, E1).")
+@click.option("--force", is_flag=True,
+              help="Also mark instances that are recovering or were used (DANGEROUS: only "
+                   "if no lock was held on them before they restarted).")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @connection_options
-def init_cmd(s: Settings, fresh: bool, yes: bool) -> None:
+def init_cmd(s: Settings, fresh: bool, force: bool, yes: bool) -> None:
     """Mark brand-new instances safe to grant at once (rule E1).
 
     A fresh instance cannot tell "new" from "restarted after losing its locks", so it
     grants nothing for the rejoin delay after its first use. Run this once on instances
-    you know are new; NEVER on one that may have held locks before a restart."""
-    if not yes and not output.confirm(
-            f"mark {len(s.urls)} instance(s) as brand-new (never used for locks)?"):
+    you know are new; NEVER on one that may have held locks before a restart. An instance
+    already used (its epoch was created by a lock request: it is recovering, or was) is
+    refused (exit 1, naming it and why) unless --force; one already marked fresh is left
+    as it is."""
+    question = (f"mark {len(s.urls)} instance(s) as brand-new (never used for locks)"
+                + (", even those recovering or in use (--force)?" if force else "?"))
+    if not yes and not output.confirm(question):
         raise Failed("not confirmed")
-    outcomes = admin.fan_out(s.targets(), lambda e: e.init_fresh())
+    outcomes = admin.fan_out(s.targets(), lambda e: e.init_fresh(force=force))
     output.initialized(outcomes, s.as_json)
-    if any(not o.ok for o in outcomes):
-        raise Failed("some instances could not be initialised")
+    failed = [o for o in outcomes if not o.ok]
+    if failed:
+        refused = any(o.error and o.error.startswith(f"{NotFresh.__name__}:") for o in failed)
+        raise Failed("not marked fresh: " + "; ".join(f"{o.label} {o.error}" for o in failed)
+                     + (" (--force overrides, only if it never held a lock before its "
+                        "restart)" if refused else ""))
 
 
 @cli.command()

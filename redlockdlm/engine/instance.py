@@ -267,9 +267,15 @@ class Engine:
     def status(self) -> InstanceStatus:
         return codec.parse_status(call_script(self.client, "init", [EPOCH_KEY], [b"status"]))
 
-    def init_fresh(self) -> InstanceStatus:
-        """Mark a brand-new instance safe at once (E1). Never on one that may have restarted."""
-        return codec.parse_status(call_script(self.client, "init", [EPOCH_KEY], [b"fresh"]))
+    def init_fresh(self, *, force: bool = False) -> InstanceStatus:
+        """Mark a brand-new instance safe at once (E1). Never on one that may have restarted.
+
+        Idempotent on an instance already marked fresh. An instance whose epoch was created
+        by use (it started empty and a lock script ran: it is recovering, or was) raises
+        NotFresh and is left as it was, unless `force`: then it is marked safe at once,
+        keeping its epoch id."""
+        args = [b"fresh", b"force"] if force else [b"fresh"]
+        return codec.parse_status(call_script(self.client, "init", [EPOCH_KEY], args))
 
     def set_clock(self, frozen_ms: int | None = None, offset_ms: int = 0) -> InstanceStatus:
         """Tests only: freeze the scripts' clock at `frozen_ms`, or shift it by `offset_ms`."""
