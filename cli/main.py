@@ -168,9 +168,11 @@ def show(s: Settings, resource: tuple[str, ...]) -> None:
 @connection_options
 def break_(s: Settings, resource: tuple[str, ...], lock_id: str | None, owner: str | None,
            yes: bool) -> None:
-    """Break a lock, or an owner's locks, on RESOURCE on every instance. The owner is
-    notified (its client sees the lock broken); a broken PW/EX holder's value block
-    becomes invalid. Asks for confirmation unless --yes.
+    """Break a lock, or an owner's locks, on RESOURCE on every instance, each with every
+    lock below it (its child locks, theirs, ...: children first). Each owner is notified
+    (its client sees each of those locks lost); a broken PW/EX holder's value block
+    becomes invalid. Prints each lock that went (resource, lock, owner, mode, instances).
+    Asks for confirmation, listing the locks below too, unless --yes.
 
     RESOURCE is the resource's path, root first, one argument per name.
     """
@@ -190,7 +192,8 @@ def break_(s: Settings, resource: tuple[str, ...], lock_id: str | None, owner: s
     if not matches:
         what = f"lock {lock_id}" if lock_id else f"lock of owner {owner}"
         raise Failed(f"no live {what} on {admin.show_name(merged.path)}")
-    if not yes and not output.confirm(output.break_plan(merged, matches)):
+    if not yes and not output.confirm(output.break_plan(
+            merged, matches, admin.descendants(targets, matches))):
         raise Failed("not confirmed: nothing broken")
     result = admin.break_locks(targets, resource, lock_id=lock_id or "", owner=owner or "")
     output.broken(result, s.as_json)
