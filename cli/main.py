@@ -24,6 +24,7 @@ from redlockdlm import DLM, admin
 from redlockdlm.detector import Detector, choose_victim, find_cycles, scan, wait_for_graph
 from redlockdlm.devcluster import DevCluster
 from redlockdlm.engine.keys import check_id, check_name
+from redlockdlm.errors import NotFresh
 from redlockdlm.leader import Leadership
 
 from . import output
@@ -167,9 +168,11 @@ def show(s: Settings, resource: tuple[str, ...]) -> None:
 @connection_options
 def break_(s: Settings, resource: tuple[str, ...], lock_id: str | None, owner: str | None,
            yes: bool) -> None:
-    """Break a lock, or an owner's locks, on RESOURCE on every instance. The owner is
-    notified (its client sees the lock broken); a broken PW/EX holder's value block
-    becomes invalid. Asks for confirmation unless --yes.
+    """Break a lock, or an owner's locks, on RESOURCE on every instance, each with every
+    lock below it (its child locks, theirs, ...: children first). Each owner is notified
+    (its client sees each of those locks lost); a broken PW/EX holder's value block
+    becomes invalid. Prints each lock that went (resource, lock, owner, mode, instances).
+    Asks for confirmation, listing the locks below too, unless --yes.
 
     RESOURCE is the resource's path, root first, one argument per name.
     """
@@ -189,7 +192,8 @@ def break_(s: Settings, resource: tuple[str, ...], lock_id: str | None, owner: s
     if not matches:
         what = f"lock {lock_id}" if lock_id else f"lock of owner {owner}"
         raise Failed(f"no live {what} on {admin.show_name(merged.path)}")
-    if not yes and not output.confirm(output.break_plan(merged, matches)):
+    if not yes and not output.confirm(output.break_plan(
+            merged, matches, admin.descendants(targets, matches))):
         raise Failed("not confirmed: nothing broken")
     result = admin.break_locks(targets, resource, lock_id=lock_id or "", owner=owner or "")
     output.broken(result, s.as_json)
@@ -254,21 +258,32 @@ def detector_cmd(s: Settings, interval_s: float, rounds: int, reap_every: int,
 @cli.command("init")
 @click.option("--fresh", is_flag=True, required=True,
               help="Mark brand-new instances safe at once (skip the rejoin delay, E1).")
+@click.option("--force", is_flag=True,
+              help="Also mark instances that are recovering or were used (DANGEROUS: only "
+                   "if no lock was held on them before they restarted).")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @connection_options
-def init_cmd(s: Settings, fresh: bool, yes: bool) -> None:
+def init_cmd(s: Settings, fresh: bool, force: bool, yes: bool) -> None:
     """Mark brand-new instances safe to grant at once (rule E1).
 
     A fresh instance cannot tell "new" from "restarted after losing its locks", so it
     grants nothing for the rejoin delay after its first use. Run this once on instances
-    you know are new; NEVER on one that may have held locks before a restart."""
-    if not yes and not output.confirm(
-            f"mark {len(s.urls)} instance(s) as brand-new (never used for locks)?"):
+    you know are new; NEVER on one that may have held locks before a restart. An instance
+    already used (its epoch was created by a lock request: it is recovering, or was) is
+    refused (exit 1, naming it and why) unless --force; one already marked fresh is left
+    as it is."""
+    question = (f"mark {len(s.urls)} instance(s) as brand-new (never used for locks)"
+                + (", even those recovering or in use (--force)?" if force else "?"))
+    if not yes and not output.confirm(question):
         raise Failed("not confirmed")
-    outcomes = admin.fan_out(s.targets(), lambda e: e.init_fresh())
+    outcomes = admin.fan_out(s.targets(), lambda e: e.init_fresh(force=force))
     output.initialized(outcomes, s.as_json)
-    if any(not o.ok for o in outcomes):
-        raise Failed("some instances could not be initialised")
+    failed = [o for o in outcomes if not o.ok]
+    if failed:
+        refused = any(o.error and o.error.startswith(f"{NotFresh.__name__}:") for o in failed)
+        raise Failed("not marked fresh: " + "; ".join(f"{o.label} {o.error}" for o in failed)
+                     + (" (--force overrides, only if it never held a lock before its "
+                        "restart)" if refused else ""))
 
 
 @cli.command()

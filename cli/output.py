@@ -240,26 +240,60 @@ def _instance_json(label: str, v: Any, err: str | None) -> dict[str, Any]:
 # ----------------------------------------------------------------- dlm break
 
 
-def break_plan(r: MergedResource, matches: Sequence[MergedLock]) -> str:
-    """The question asked before breaking."""
-    what = ", ".join(f"{m.lock_id} of {m.owner} ({_mode(m.granted)}"
-                     + (f">{_mode(m.requested)}" if m.queue != "G" else "") + ")"
+def _lock_text(lock_id: str, owner: str, gr: Mode | None, rq: Mode | None, queue: str) -> str:
+    return (f"{lock_id} of {owner} ({_mode(gr)}" + (f">{_mode(rq)}" if queue != "G" else "")
+            + ")")
+
+
+def break_plan(r: MergedResource, matches: Sequence[MergedLock],
+               below: Sequence[tuple[tuple[bytes, ...], MergedLock]] = ()) -> str:
+    """The question asked before breaking: the matching locks and every lock below them
+    (H4: a break takes the subtree)."""
+    what = ", ".join(_lock_text(m.lock_id, m.owner, m.granted, m.requested, m.queue)
                      for m in matches[:5])
     more = f" and {len(matches) - 5} more" if len(matches) > 5 else ""
-    return (f"Break {len(matches)} lock(s) on {admin.show_name(r.path)}: {what}{more}, "
+    sub = ""
+    if below:
+        sub = f", with {len(below)} lock(s) below: " + ", ".join(
+            admin.show_name(p) + ": "
+            + _lock_text(m.lock_id, m.owner, m.granted, m.requested, m.queue)
+            for p, m in below[:5])
+        if len(below) > 5:
+            sub += f" and {len(below) - 5} more"
+    return (f"Break {len(matches)} lock(s) on {admin.show_name(r.path)}: {what}{more}{sub}, "
             "on every instance?")
 
 
 def broken(result: admin.BreakResult, as_json: bool) -> None:
+    """What went: each lock broken (resource path, lock, owner, modes, the instances it was
+    broken on), children before their parents, then the count per instance."""
+    locks = result.locks
     if as_json:
         _emit_json({"name": admin.show_name(result.path), "path": admin.path_list(result.path),
                     "broken": result.broken,
-                    "instances": [{"url": o.label, "broken": o.value, "error": o.error}
-                                  for o in result.outcomes]})
+                    "locks": [{"name": admin.show_name(b.path), "path": admin.path_list(b.path),
+                               "lock_id": b.lock_id, "owner": b.owner,
+                               "mode": _mode_json(b.mode), "requested": _mode_json(b.requested),
+                               "queue": b.queue, "instances": list(b.instances)}
+                              for b in locks],
+                    "instances": [{"url": o.label, "broken": result.broken_on(o),
+                                   "error": o.error} for o in result.outcomes]})
         return
+    n = len(result.outcomes)
+    if locks:
+        click.echo(_table(["resource", "lock", "owner", "mode", "instances"], [
+            [admin.show_name(b.path), b.lock_id, b.owner,
+             _mode(b.mode) + (f">{_mode(b.requested)}" if b.queue != "G" else ""),
+             f"{len(b.instances)}/{n}"] for b in locks]))
     for o in result.outcomes:
-        click.echo(f"{o.label}: " + (f"{o.value} broken" if o.ok else f"FAILED: {o.error}"))
-    click.echo(f"broke {result.broken} lock(s) on {admin.show_name(result.path)}")
+        click.echo(f"{o.label}: " + (f"{result.broken_on(o)} broken" if o.ok
+                                     else f"FAILED: {o.error}"))
+    click.echo(f"broke {result.broken} lock(s) on {admin.show_name(result.path)}"
+               + (" and below it" if any(b.key != result.key for b in locks) else ""))
+
+
+def _mode_json(m: Mode | None) -> str | None:
+    return m.name if m is not None else None
 
 
 # ----------------------------------------------------------------- dlm graph

@@ -2,9 +2,13 @@
 --
 -- KEYS[1] epoch hash
 -- ARGV[1] 'status'  -> {epoch id or nil, now ms, recovering ms}
---         'fresh'   -> create the epoch already safe, for an instance known to be new
---                      (development clusters, tests). Never run it on an instance that may
---                      have restarted empty while locks were held: that is what E1 guards.
+--         'fresh' [ARGV[2] 'force'] -> create the epoch already safe, for an instance known to
+--                      be new (development clusters, tests). Never run it on an instance that
+--                      may have restarted empty while locks were held: that is what E1 guards.
+--                      An epoch created by `fresh` is kept (idempotent). An instance whose
+--                      epoch was created by use (a lock script after an empty start: it is
+--                      recovering, or was) is refused with DLM_NOTFRESH unless ARGV[2] is
+--                      'force', which marks it safe at once, keeping its epoch id (E1).
 --         'clock' ARGV[2] ARGV[3] -> test clock: ARGV[2] frozen ms ('' to unfreeze),
 --                      ARGV[3] offset ms added to TIME. For tests only.
 -- Reply as for 'status'.
@@ -30,7 +34,22 @@ local cmd = ARGV[1]
 if cmd == 'status' then
   return status()
 elseif cmd == 'fresh' then
-  if redis.call('HEXISTS', KEYS[1], 'id') == 0 then
+  local e = redis.call('HMGET', KEYS[1], 'id', 'safe')
+  if e[1] and tonumber(e[2]) ~= 0 then  -- created by use, not by `fresh` (E1)
+    if ARGV[2] ~= 'force' then
+      local rec = status()[3]
+      local why = 'not brand-new: its epoch ' .. e[1] .. ' was created by its first use after '
+        .. 'an empty start'
+      if rec > 0 then
+        why = 'recovering for ' .. rec .. ' ms more (epoch ' .. e[1] .. '): it started empty '
+          .. 'and may have forgotten leases it granted before, so marking it fresh would let '
+          .. 'it grant at once a lock still held elsewhere'
+      end
+      return redis.error_reply('DLM_NOTFRESH ' .. why .. ' (E1); force it only if it never '
+        .. 'held a lock before its restart')
+    end
+    redis.call('HSET', KEYS[1], 'safe', '0')
+  elseif not e[1] then
     local t = redis.call('TIME')
     redis.call('HSET', KEYS[1], 'id', string.format('%x.%x', tonumber(t[1]), tonumber(t[2])),
       'safe', '0')

@@ -25,9 +25,10 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from .client import Instance
-from .engine.codec import InstanceStatus, LockView, ResourceView
+from .engine.codec import BreakReply, BrokenLock, InstanceStatus, LockView, ResourceView
 from .engine.instance import Engine
 from .engine.keys import check_id, check_name
+from .engine.keys import parent_key as parent_key  # (re-exported: the detector uses it)
 from .engine.modes import Mode
 from .errors import DLMError, InvalidArgument
 
@@ -136,13 +137,6 @@ def fan_out(targets: Sequence[Target], fn: Callable[[Engine], T], *,
 
 
 # ----------------------------------------------------------------- names and keys
-
-
-def parent_key(key: bytes) -> bytes | None:
-    """The resource key of a child's parent (H2: a child's key extends its parent's with
-    ``/<escaped name>``; ``/`` inside the hash tag is escaped), or None for a root."""
-    slash = key.rfind(b"/")
-    return key[:slash] if slash > key.find(b"}") else None
 
 
 def show_name(path: Sequence[bytes]) -> str:
@@ -387,27 +381,94 @@ def resource(targets: Sequence[Target], path: Sequence[str | bytes]
 # ----------------------------------------------------------------- break
 
 
+def descendants(targets: Sequence[Target], locks: Sequence[MergedLock]
+                ) -> list[tuple[tuple[bytes, ...], MergedLock]]:
+    """Every lock below `locks` (their children, the children's children, ...: what a break
+    of them takes too, H4), each with its resource path, merged over the instances that
+    answer, one level of the tree at a time (inspect reads only)."""
+    out: list[tuple[tuple[bytes, ...], MergedLock]] = []
+    wanted: dict[bytes, set[str]] = {}
+    for m in locks:
+        for v in m.views.values():
+            for ckey, cid in v.kids:
+                wanted.setdefault(ckey, set()).add(cid)
+    while wanted:
+        keys = sorted(wanted)
+        outcomes = fan_out(targets, lambda e, keys=keys: e.inspect(keys)[1])
+        nxt: dict[bytes, set[str]] = {}
+        for i, key in enumerate(keys):
+            merged = merge(key, {o.label: o.value[i] for o in outcomes if o.ok})
+            for m in merged.locks:
+                if m.lock_id in wanted[key]:
+                    out.append((merged.path, m))
+                    for v in m.views.values():
+                        for ckey, cid in v.kids:
+                            nxt.setdefault(ckey, set()).add(cid)
+        wanted = nxt
+    return out
+
+
+@dataclass(frozen=True)
+class BrokenLockView:
+    """One lock a break removed, merged over the instances where it went."""
+
+    key: bytes
+    path: tuple[bytes, ...]
+    lock_id: str
+    owner: str
+    mode: Mode | None  #: granted mode on most of those instances (None: it was waiting)
+    requested: Mode | None
+    queue: str  #: 'G', 'C' or 'W' on most of those instances
+    instances: tuple[str, ...]  #: labels of the instances it was broken on
+
+
 @dataclass(frozen=True)
 class BreakResult:
     key: bytes
     path: tuple[bytes, ...]
-    outcomes: list[Outcome[int]] = field(default_factory=list)  #: locks broken per instance
+    outcomes: list[Outcome[BreakReply]] = field(default_factory=list)
+
+    @property
+    def locks(self) -> list[BrokenLockView]:
+        """Every lock broken on some instance, subtrees included, in the order they went
+        (children first, depth first)."""
+        seen: dict[tuple[bytes, str], list[tuple[str, BrokenLock]]] = {}
+        for o in self.outcomes:
+            if o.ok and o.value is not None:
+                for b in o.value.broken:
+                    seen.setdefault((b.key, b.lock_id), []).append((o.label, b))
+        out = []
+        for (key, lock_id), per in seen.items():
+            first = per[0][1]
+            out.append(BrokenLockView(
+                key, first.path, lock_id, first.owner,
+                _most_common([b.mode for _, b in per]),
+                _most_common([b.requested for _, b in per]),
+                _most_common([b.queue for _, b in per]),
+                tuple(label for label, _ in per)))
+        return out
 
     @property
     def broken(self) -> int:
-        """Distinct locks broken, counted on the instance that broke the most."""
-        return max((o.value or 0 for o in self.outcomes if o.ok), default=0)
+        """Distinct locks broken over every instance, subtrees included."""
+        return len(self.locks)
+
+    def broken_on(self, o: Outcome[BreakReply]) -> int | None:
+        """Locks broken on the instance of outcome `o` (None if it failed)."""
+        return o.value.extra if o.ok and o.value is not None else None
 
     @property
-    def failed(self) -> list[Outcome[int]]:
+    def failed(self) -> list[Outcome[BreakReply]]:
         return [o for o in self.outcomes if not o.ok]
 
 
 def break_locks(targets: Sequence[Target], path: Sequence[str | bytes], *, lock_id: str = "",
                 owner: str = "") -> BreakResult:
-    """Break one lock, or every lock of an owner, on one resource on EVERY instance (the
-    `break` script: the value block of a broken PW/EX holder becomes invalid, each owner
-    gets ``C|id|broken``)."""
+    """Break one lock, or every lock of an owner, on one resource on EVERY instance, each
+    with its whole subtree (H4: children first, depth first; the `break` script: the value
+    block of a broken PW/EX holder becomes invalid, each owner gets ``C|id|broken`` for
+    every lock of it that went). Afterwards no lock of those subtrees is left on an
+    instance that answered; `BreakResult.locks` says what went where."""
     if bool(lock_id) == bool(owner):
         raise InvalidArgument("break needs exactly one of a lock id or an owner")
     if lock_id:
@@ -416,6 +477,5 @@ def break_locks(targets: Sequence[Target], path: Sequence[str | bytes], *, lock_
         check_id("owner", owner)
     parts = check_path(path)
     key = targets[0].engine.key(*parts)
-    outcomes = fan_out(targets,
-                       lambda e: e.break_(key, lock_id=lock_id, owner=owner).extra)
+    outcomes = fan_out(targets, lambda e: e.break_(key, lock_id=lock_id, owner=owner))
     return BreakResult(key, tuple(parts), outcomes)

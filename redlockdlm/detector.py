@@ -531,6 +531,7 @@ def _resource_edges(key: bytes, per: list[tuple[int, Resource | ResourceView]], 
         if len(live) < 2:
             continue
         owner_of = {lk.lock_id: lk.owner for lk in live}
+        holds = {lk.lock_id for lk in live if lk.queue != "W"}
         for lk, blockers in _blockers(live):
             if not blockers:
                 continue
@@ -539,8 +540,8 @@ def _resource_edges(key: bytes, per: list[tuple[int, Resource | ResourceView]], 
             owner, lid = lk.owner, lk.lock_id
             for bid in blockers:
                 holder = owner_of[bid]
-                if holder == owner:
-                    continue
+                if holder == owner and bid not in holds:
+                    continue  # its own earlier request: waited for only until granted
                 entry = merged.get((lid, bid))
                 if entry is None:
                     merged[(lid, bid)] = [owner, holder, mask]
@@ -567,8 +568,10 @@ def wait_for_graph(snapshot: Snapshot, *, memo: GraphMemo | None = None) -> Wait
     waits for a lock of H (D2-D4). Locks whose lease ran out are ignored (the scripts purge
     them before any decision, G10). A request already granted on a quorum of instances is
     held, so where it still queues (a minority) it waits for nobody (D5); it may still be
-    waited for. An owner never waits for itself. Merging instances is what makes a split
-    vote that survives show up as a cycle.
+    waited for. An owner waiting for a lock it holds itself (granted, or converting with its
+    granted mode) is an edge from the owner to itself: a one-owner cycle (D6); its own
+    earlier request is waited for only until granted, as any compatible one ahead (D3).
+    Merging instances is what makes a split vote that survives show up as a cycle.
 
     A resource's edges depend on that resource's views only. With `memo` (a dict the
     caller keeps from round to round; the `Detector` does), a resource whose views are the
@@ -754,8 +757,9 @@ def _may_cycle(edges: Sequence[Edge]) -> dict[str, set[str]]:
 
 
 def find_cycles(graph: WaitForGraph) -> list[Cycle]:
-    """D6: every group of two or more owners that wait for each other (Tarjan's SCC), with
-    the edges and waiting requests inside the group. Sorted by owners."""
+    """D6: every group of two or more owners that wait for each other (Tarjan's SCC), and
+    every owner that waits for a lock it holds itself, with the edges and waiting requests
+    inside the group. Sorted by owners."""
     core = _cyclic_core(_may_cycle(graph.edges))
     if not core:
         return []
@@ -765,8 +769,8 @@ def find_cycles(graph: WaitForGraph) -> list[Cycle]:
             by_waiter.setdefault(e.waiter, []).append(e)
     out = []
     for comp in _tarjan(core):
-        if len(comp) < 2:
-            continue
+        if len(comp) < 2 and comp[0] not in core[comp[0]]:
+            continue  # one owner, not waiting for itself
         members = set(comp)
         edges = tuple(e for w in sorted(comp) for e in by_waiter.get(w, ())
                       if e.holder in members)

@@ -17,6 +17,7 @@
     ├── ParentNotGranted                    the parent lock is not granted on a quorum
     ├── LockLost                            a held lock could not be kept valid
     ├── QuorumUnavailable (ConnectionError) fewer than a quorum of instances answered
+    ├── NotFresh                            `init fresh` of an instance that is not brand-new
     └── ProtocolError                       an instance answered something we did not expect
 
 Errors carry their context as attributes (`resource`, `lock_id`, `instance`), not only in
@@ -93,6 +94,12 @@ class QuorumUnavailable(DLMError, ConnectionError):
     """Fewer than a quorum of instances answered."""
 
 
+class NotFresh(DLMError):
+    """`init fresh` refused: the instance is not brand-new (its epoch was created by use:
+    it is recovering, or was), so it may have forgotten leases it granted before a restart
+    (rule E1). Nothing was changed; `force` overrides (DLM_NOTFRESH)."""
+
+
 class ProtocolError(DLMError):
     """An instance answered something the protocol does not expect."""
 
@@ -104,6 +111,7 @@ SCRIPT_ERRORS: dict[str, type[DLMError]] = {
     "DLM_NOTOWNER": NotOwner,
     "DLM_STATE": LockStateError,
     "DLM_HASCHILDREN": HasChildren,
+    "DLM_NOTFRESH": NotFresh,
 }
 
 
@@ -128,6 +136,7 @@ __all__ = sorted(
         "LockStateError",
         "LockTimeout",
         "MissingKeys",
+        "NotFresh",
         "NotOwner",
         "NotQueued",
         "ParentNotGranted",

@@ -289,6 +289,8 @@ class Session:
         self.wkey = waiters_key(self.ns)
         self.tickets = Ticket()
         self.locks: dict[str, LockCore] = {}
+        #: resource key -> this owner's locks on it (G14: self-deadlocks seen locally)
+        self.by_key: dict[bytes, list[LockCore]] = {}
         #: instance labels (URLs, password masked) for error messages; set by the I/O layer
         self.labels: list[str] = [f"instance {i}" for i in range(n)]
 
@@ -409,13 +411,39 @@ class Session:
                                   f"rejoin_ms ({self.rejoin_ms} ms); raise rejoin_ms")
         lk = LockCore(self, path, m, int(flags), lease, parent,
                       check_id("lock id", lock_id) if lock_id else new_id(), prio)
+        if not noqueue:
+            self._check_self_deadlock(lk, m, "request")
         self.locks[lk.id] = lk
+        mine = self.by_key.get(lk.key)
+        if mine is None:
+            self.by_key[lk.key] = [lk]
+        else:
+            mine.append(lk)
         if parent is not None:
             parent.children.append(lk)
         return lk
 
+    def _check_self_deadlock(self, lk: LockCore, mode: Mode, what: str) -> None:
+        """G14: a queueing request or up-conversion of this owner on a resource where the
+        same owner holds (granted, or converting with its granted mode) an incompatible
+        lock would wait for the owner itself: Deadlock at once, before anything is sent
+        (as VMS answers SS$_DEADLOCK). NOQUEUE callers skip this: they get NotQueued."""
+        for o in self.by_key.get(lk.key, ()):
+            if (o is not lk and o.mode is not None
+                    and o.phase in (Phase.HELD, Phase.CONVERTING)
+                    and not COMPAT[o.mode][mode]):
+                raise Deadlock(
+                    f"self-deadlock: this owner's {what} for {mode.name} would wait for its "
+                    f"own lock {o.id} held in {o.mode.name} on the same resource",
+                    resource=_show(lk.path), lock_id=lk.id)
+
     def forget(self, lk: LockCore) -> None:
         self.locks.pop(lk.id, None)
+        mine = self.by_key.get(lk.key)
+        if mine is not None and lk in mine:
+            mine.remove(lk)
+            if not mine:
+                del self.by_key[lk.key]
         if lk.parent is not None and lk in lk.parent.children:
             lk.parent.children.remove(lk)
 
@@ -665,6 +693,8 @@ class Session:
                  | (Flag.CONVDEADLK if convdeadlk else 0)
                  | (Flag.NODLCKWT if no_deadlock_wait else 0))
         down = is_down_conversion(lk.mode, m)
+        if not noqueue and not down:
+            self._check_self_deadlock(lk, m, "conversion")
         lk.priority = prio  # (kept by the instances only if the conversion queues or is granted)
         lk.rq = m
         lk.cticket = self.tickets.next()

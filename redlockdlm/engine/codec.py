@@ -134,6 +134,47 @@ def parse_lock_reply(raw: list) -> LockReply:
         raise ProtocolError(f"unexpected lock reply {raw!r}") from exc
 
 
+class BrokenLock(NamedTuple):
+    """One lock an operator's break removed from one instance (H4)."""
+
+    key: bytes
+    name: bytes  #: the resource's path, names joined by NUL (as in ResourceView.name)
+    lock_id: str
+    owner: str
+    mode: Mode | None  #: granted mode (None while waiting as a new request)
+    requested: Mode | None
+    queue: str  #: 'G', 'C' or 'W': where it was
+
+    @property
+    def path(self) -> tuple[bytes, ...]:
+        return tuple(self.name.split(b"\x00")) if self.name else ()
+
+
+class BreakReply(NamedTuple):
+    """An instance's answer to a break: status RELEASED, `extra` the number of locks broken,
+    `broken` each of them in the order they went (children first, depth first)."""
+
+    status: Status
+    epoch: str
+    extra: int
+    broken: tuple[BrokenLock, ...]
+
+
+def parse_break_reply(raw: list) -> BreakReply:
+    try:
+        head = parse_lock_reply(raw[:11])
+        tail = raw[11:]
+        if len(tail) % 7:
+            raise ValueError("break reply tail is not 7 fields per lock")
+        broken = tuple(BrokenLock(tail[i], tail[i + 1] or b"", _str(tail[i + 2]),
+                                  _str(tail[i + 3]), _MODE_OR_NONE[int(tail[i + 4])],
+                                  _MODE_OR_NONE[int(tail[i + 5])], _str(tail[i + 6]))
+                       for i in range(0, len(tail), 7))
+        return BreakReply(head.status, head.epoch, head.extra, broken)
+    except (IndexError, TypeError, ValueError, KeyError) as exc:
+        raise ProtocolError(f"unexpected break reply {raw!r:.200}") from exc
+
+
 @dataclass(frozen=True, slots=True)
 class RenewEntry:
     status: Status

@@ -17,20 +17,24 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from ..errors import InvalidArgument, InvalidType, from_script_error
+from ..errors import InvalidArgument, InvalidType, MissingKeys, from_script_error
 from . import codec
-from .codec import InstanceStatus, LockReply, RenewEntry, ResourceView
+from .codec import BreakReply, InstanceStatus, LockReply, RenewEntry, ResourceView
 from .keys import (
     EPOCH_KEY,
     channel_prefix,
     check_name,
     check_namespace,
     display_name,
+    parent_key,
     resource_key,
     waiters_key,
 )
 from .modes import Flag
 from .scripts import command, ensure_loaded, fallback, is_missing, packed_command
+
+#: Reads of a subtree a break makes before giving up when children keep being added (H4).
+BREAK_TRIES = 5
 
 
 def call_script(client: redis.Redis, name: str, keys: Sequence[bytes], args: Sequence[bytes],
@@ -252,12 +256,53 @@ class Engine:
             self.rejoin_ms, self.chan, owner, lease_ms, [(i, f) for _, i, f in items]))
         return codec.parse_renew_reply(raw)
 
-    def break_(self, key: bytes, *, lock_id: str = "", owner: str = "") -> LockReply:
+    def break_(self, key: bytes, *, lock_id: str = "", owner: str = "") -> BreakReply:
+        """An operator's break on this instance (H4): the lock `lock_id`, or every lock of
+        `owner`, on `key`, each with its whole subtree (children first, depth first), in one
+        atomic script call. Every owner gets ``C|id|broken`` for each of its locks that went;
+        the reply lists them. The subtree's keys are read first (inspect); a child added
+        meanwhile makes the script refuse (DLM_KEYS, nothing broken) and the keys are read
+        again, up to BREAK_TRIES times."""
         if not lock_id and not owner:
             raise InvalidArgument("break needs a lock id or an owner")
-        raw = self._call("break", [key], codec.break_args(self.rejoin_ms, self.chan, lock_id,
-                                                          owner))
-        return codec.parse_lock_reply(raw)
+        args = codec.break_args(self.rejoin_ms, self.chan, lock_id, owner)
+        (key,) = _keys([key])
+        for attempt in range(BREAK_TRIES):
+            keys = self.break_keys(key, lock_id=lock_id, owner=owner)
+            try:
+                return codec.parse_break_reply(self._call("break", keys, args))
+            except MissingKeys:
+                if attempt == BREAK_TRIES - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    def break_keys(self, key: bytes, *, lock_id: str = "", owner: str = "") -> list[bytes]:
+        """The keys a break of (`lock_id` or `owner`) on `key` declares: `key`, the parent
+        resource of each matching lock (to unlink it there), and every descendant resource
+        of each matching lock (H3), read by inspect level by level."""
+        out, seen = [key], {key}
+        _, (view,) = self.inspect([key])
+        level = [lk for lk in (view.locks if view is not None else ())
+                 if (lock_id and lk.lock_id == lock_id) or (owner and lk.owner == owner)]
+        pk = parent_key(key)
+        if pk is not None and any(lk.parent for lk in level):
+            out.append(pk)
+            seen.add(pk)
+        while level:
+            wanted: dict[bytes, set[str]] = {}
+            for lk in level:
+                for ckey, cid in lk.kids:
+                    wanted.setdefault(ckey, set()).add(cid)
+                    if ckey not in seen:
+                        seen.add(ckey)
+                        out.append(ckey)
+            if not wanted:
+                break
+            ckeys = list(wanted)
+            _, views = self.inspect(ckeys)
+            level = [lk for ckey, v in zip(ckeys, views) if v is not None
+                     for lk in v.locks if lk.lock_id in wanted[ckey]]
+        return out
 
     def inspect(self, keys: Sequence[bytes]) -> tuple[InstanceStatus, list[ResourceView | None]]:
         keys = _keys(keys)
@@ -267,9 +312,15 @@ class Engine:
     def status(self) -> InstanceStatus:
         return codec.parse_status(call_script(self.client, "init", [EPOCH_KEY], [b"status"]))
 
-    def init_fresh(self) -> InstanceStatus:
-        """Mark a brand-new instance safe at once (E1). Never on one that may have restarted."""
-        return codec.parse_status(call_script(self.client, "init", [EPOCH_KEY], [b"fresh"]))
+    def init_fresh(self, *, force: bool = False) -> InstanceStatus:
+        """Mark a brand-new instance safe at once (E1). Never on one that may have restarted.
+
+        Idempotent on an instance already marked fresh. An instance whose epoch was created
+        by use (it started empty and a lock script ran: it is recovering, or was) raises
+        NotFresh and is left as it was, unless `force`: then it is marked safe at once,
+        keeping its epoch id."""
+        args = [b"fresh", b"force"] if force else [b"fresh"]
+        return codec.parse_status(call_script(self.client, "init", [EPOCH_KEY], args))
 
     def set_clock(self, frozen_ms: int | None = None, offset_ms: int = 0) -> InstanceStatus:
         """Tests only: freeze the scripts' clock at `frozen_ms`, or shift it by `offset_ms`."""

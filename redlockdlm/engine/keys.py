@@ -73,6 +73,13 @@ def resource_key(namespace: bytes, path: Sequence[bytes]) -> bytes:
     return key
 
 
+def parent_key(key: bytes) -> bytes | None:
+    """The resource key of a child's parent (H2: a child's key extends its parent's with
+    ``/<escaped name>``; ``/`` inside the hash tag is escaped), or None for a root."""
+    slash = key.rfind(b"/")
+    return key[:slash] if slash > key.find(b"}") else None
+
+
 def display_name(path: Sequence[bytes]) -> bytes:
     """What the database stores as the resource's name: the path joined by NUL."""
     return b"\x00".join(path)

@@ -104,6 +104,8 @@ class Reply:
     nblockers: int = 0
     blockers: list[tuple[str, str, int]] = field(default_factory=list)
     extra: int = 0  #: RECOVERING: ms to wait; RELEASED: locks released
+    #: break (H4): (key, name, id, owner, gr, rq, queue) per lock broken, in order
+    broken: list[tuple] = field(default_factory=list)
 
 
 def check_id(what: str, value: str) -> None:
@@ -616,7 +618,9 @@ class Model:
             out.append(self._state(r, lk, now))
         return out
 
-    def break_(self, key: bytes, lock_id: str, owner: str, now: int, rejoin_ms: int) -> Reply:
+    def break_(self, key: bytes, lock_id: str, owner: str, now: int, rejoin_ms: int,
+               keys: tuple[bytes, ...] | None = None) -> Reply:
+        """H4. `keys`: the keys the call declares besides `key` (None: every key)."""
         if lock_id:
             check_id("lock id", lock_id)
         if owner:
@@ -624,24 +628,54 @@ class Model:
         if not lock_id and not owner:
             raise BadArgument("break needs a lock id or an owner")
         check_int("rejoin_ms", rejoin_ms, 0, MAX_LEASE_MS)
-        return self._run(self._break, key, lock_id, owner, now, rejoin_ms)
+        return self._run(self._break, key, lock_id, owner, now, rejoin_ms, keys)
 
-    def _break(self, ev, key, lock_id, owner, now, rejoin_ms) -> Reply:
+    def _break(self, ev, key, lock_id, owner, now, rejoin_ms, keys) -> Reply:
         self._epoch(now, rejoin_ms)
         r = self._load(key, now, ev)
+        declared = None if keys is None else {key, *keys}
+        broken: list[tuple] = []
         n = 0
         if r is not None:
-            for q in (r.g, r.c, r.w):
-                for lk in list(q):
-                    if (lock_id and lk.id == lock_id) or (owner and lk.owner == owner):
-                        q.remove(lk)
-                        if lk.gr is not None and lk.gr >= Mode.PW and not r.vi:  # V4
-                            r.vi = VI_INVALID
-                        self.windex.pop((lk.id, key), None)
-                        ev.append((lk.owner, ("C", lk.id, "broken")))
-                        n += 1
+            matched = [(q, qn, lk) for q, qn in ((r.g, "G"), (r.c, "C"), (r.w, "W"))
+                       for lk in q
+                       if (lock_id and lk.id == lock_id) or (owner and lk.owner == owner)]
+            for q, qn, lk in matched:
+                n += self._break_kids(ev, lk, declared, now, broken) + 1
+                self._break_one(ev, key, r, qn, lk, broken)
+                q.remove(lk)
+                self.windex.pop((lk.id, key), None)
+                if lk.parent and (declared is None or lk.pkey in declared):
+                    pr = self.res.get(lk.pkey)
+                    plk = pr.find(lk.parent)[1] if pr is not None else None
+                    if plk is not None:
+                        plk.kids = [kd for kd in plk.kids if kd != (key, lk.id)]
             self._process(key, r, now, ev)
-        return Reply(Status.RELEASED, extra=n)
+        return Reply(Status.RELEASED, extra=n, broken=broken)
+
+    @staticmethod
+    def _break_one(ev, key, r, qn, lk, broken) -> None:
+        if lk.gr is not None and lk.gr >= Mode.PW and not r.vi:  # V4
+            r.vi = VI_INVALID
+        ev.append((lk.owner, ("C", lk.id, "broken")))
+        broken.append((key, r.name, lk.id, lk.owner, lk.gr, lk.rq, qn))
+
+    def _break_kids(self, ev, lk: Lock, declared: set | None, now: int, broken: list) -> int:
+        """H4: break every lock below `lk`, children first, depth first."""
+        n = 0
+        for ckey, cid in list(lk.kids):
+            if declared is not None and ckey not in declared:
+                raise MissingKeys(f"child resource key {ckey!r} not passed in KEYS (H3)")
+            cr = self._load(ckey, now, ev)
+            cq, clk = cr.find(cid) if cr is not None else (None, None)
+            if clk is None:
+                continue
+            n += self._break_kids(ev, clk, declared, now, broken) + 1
+            qn = "G" if cq is cr.g else "C" if cq is cr.c else "W"
+            self._break_one(ev, ckey, cr, qn, clk, broken)
+            self._remove(ckey, cr, cq, clk, now, ev, unlink_parent=False)
+        lk.kids = []
+        return n
 
     # ----------------------------------------------------------------- inspection
 

@@ -15,7 +15,7 @@ from redlockdlm_cli.main import cli
 
 from redlockdlm import DLM, Mode
 from redlockdlm.engine.instance import Engine
-from redlockdlm.errors import NotQueued
+from redlockdlm.errors import NotFresh, NotQueued
 
 pytestmark = pytest.mark.timeout(90)
 PY_M = [sys.executable, "-m", "redlockdlm_cli"]
@@ -34,6 +34,49 @@ def test_init_fresh_marks_new_instances_safe(make_instances):
     with DLM(inst.urls, "t", lease_ms=30_000) as d:  # no rejoin wait
         d.lock("x", Mode.EX, timeout=2).release()
     assert CliRunner().invoke(cli, ["init", "--redis", urls]).exit_code == 2
+
+
+def test_init_fresh_refuses_an_instance_that_is_recovering_or_was_used(cluster3):
+    """E1: an instance whose epoch was created by use may have forgotten leases it granted
+    before a restart; marking it fresh would let it grant at once. `dlm init --fresh`
+    refuses it (exit 1, naming it and why) and leaves it recovering; brand-new instances
+    and those already marked fresh are fine; --force overrides."""
+    s0, s1, s2 = cluster3.servers
+    recovering = Engine(s0.client(), "t", rejoin_ms=60_000)
+    rep = recovering.request(recovering.key("x"), "o", "a", Mode.EX, ticket=1, lease_ms=1000)
+    assert rep.status.name == "RECOVERING"  # its first use created the epoch (E1)
+    Engine(s2.client(), "t").init_fresh()  # already marked fresh: left as it is
+    urls = ",".join(cluster3.urls)
+    r = CliRunner().invoke(cli, ["init", "--fresh", "--yes", "--redis", urls])
+    assert r.exit_code == 1, r.output
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("dlm: error: not marked fresh: "), r.stderr
+    assert cluster3.urls[0] in err[0] and "recovering for" in err[0] and "--force" in err[0]
+    assert cluster3.urls[1] not in err[0] and cluster3.urls[2] not in err[0]
+    assert recovering.status().recovering_ms > 50_000  # untouched
+    assert [Engine(s.client(), "t").status().recovering_ms for s in (s1, s2)] == [0, 0]
+    assert recovering.request(recovering.key("x"), "o", "a", Mode.EX, ticket=1,
+                              lease_ms=1000).status.name == "RECOVERING"
+    r = CliRunner().invoke(cli, ["init", "--fresh", "--force", "--yes", "--json",
+                                 "--redis", urls])
+    assert r.exit_code == 0, r.output
+    assert all(d["ok"] for d in json.loads(r.stdout))
+    assert recovering.status().recovering_ms == 0
+
+
+def test_init_fresh_library_call_refuses_a_used_instance(redis_server):
+    """The same rule through `Engine.init_fresh`: a typed NotFresh, nothing changed, also
+    for an instance past its recovery (its epoch was created by use, not by `fresh`)."""
+    e = Engine(redis_server.client(), "t", rejoin_ms=0)
+    assert e.request(e.key("x"), "o", "a", Mode.EX, ticket=1,
+                     lease_ms=1000).status.name == "GRANTED"
+    before = redis_server.client().hgetall("dlm:epoch")
+    with pytest.raises(NotFresh, match="not brand-new"):
+        e.init_fresh()
+    assert redis_server.client().hgetall("dlm:epoch") == before
+    assert e.init_fresh(force=True).epoch == before[b"id"].decode()
+    assert redis_server.client().hget("dlm:epoch", "safe") == b"0"
+    assert e.init_fresh().recovering_ms == 0  # now marked fresh: idempotent
 
 
 def _env(urls: list[str]) -> dict[str, str]:

@@ -104,10 +104,40 @@ def test_D5_expired_locks_are_ignored():
     assert g.edges == ()
 
 
-def test_D5_an_owner_never_waits_for_itself():
-    g = wait_for_graph(snap([res("R", lk("G", "a1", "a", "EX", None, 1),
-                                     lk("W", "a2", "a", None, "EX", 2))]))
-    assert g.edges == ()
+def test_D6_an_owner_waiting_for_its_own_held_lock_is_a_one_owner_cycle():
+    # (this case used to assert no edge at all: a self-deadlock went unseen for ever)
+    s = snap([res("R", lk("G", "a1", "a", "EX", None, 1), lk("W", "a2", "a", None, "EX", 2))])
+    g = wait_for_graph(s)
+    assert edges(g) == {("a", "a")} and lock_edges(g) == {("a2", "a1")}
+    (cycle,) = find_cycles(g)
+    assert cycle.owners == ("a",) and cycle.path == ("a",)
+    assert choose_victim(cycle, s).lock_id == "a2"
+
+
+def test_D6_a_conversion_blocked_by_the_owners_other_granted_lock_is_a_cycle():
+    s = snap([res("R", lk("G", "a1", "a", "PR", None, 1),
+                  lk("C", "a2", "a", "CR", "EX", 2, cticket=3))])
+    (cycle,) = find_cycles(wait_for_graph(s))
+    assert cycle.owners == ("a",) and choose_victim(cycle, s).lock_id == "a2"
+
+
+def test_D6_an_owners_own_earlier_queued_request_is_no_cycle():
+    # a2 queues behind a's own a1, which waits for b: a waits for b only (D3 inheritance)
+    g = wait_for_graph(snap([res("R", lk("G", "b1", "b", "EX", None, 1),
+                                     lk("W", "a1", "a", None, "EX", 2),
+                                     lk("W", "a2", "a", None, "PR", 3))]))
+    assert edges(g) == {("a", "b")}
+    assert find_cycles(g) == []
+
+
+def test_D6_waiting_behind_another_owner_who_waits_for_ones_own_lock():
+    # b waits for a's EX; a's new PR request may not barge past b (D3): a waits for itself
+    s = snap([res("R", lk("G", "a1", "a", "EX", None, 1), lk("W", "b1", "b", None, "PR", 2),
+                  lk("W", "a2", "a", None, "PR", 3))])
+    g = wait_for_graph(s)
+    assert edges(g) == {("b", "a"), ("a", "a")}
+    (cycle,) = find_cycles(g)
+    assert cycle.owners == ("a",) and choose_victim(cycle, s).lock_id == "a2"
 
 
 def test_D5_edges_merge_over_instances():

@@ -69,6 +69,17 @@ def test_two_cycle_across_resources(c):
         assert not any(m.startswith(b"C|") for m in a_events.poll())
 
 
+def test_one_owner_cycle_is_resolved_like_any_other(c):
+    """An owner whose request waits for a lock it holds itself (two sessions sharing one
+    owner id, say: a client refuses the case it can see itself) is deadlocked: the
+    detector confirms it and cancels the waiting request, as for any cycle."""
+    c.request("a", "a1", ["R1"], "EX", ticket=1)
+    assert c.request("a", "a2", ["R1"], "EX", ticket=2) == [Status.QUEUED] * 3
+    with detector(c) as det:
+        assert_one_victim(c, det, "a", "a2", ("R1",), [])
+    assert c.queues(["R1"], "a1") == ["G"] * 3  # the held lock stays
+
+
 def test_three_cycle_across_resources(c):
     for owner, t, res in (("a", 1, "R1"), ("b", 2, "R2"), ("c", 3, "R3")):
         c.request(owner, f"{owner}1", [res], "EX", ticket=t)

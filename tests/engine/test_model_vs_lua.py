@@ -100,7 +100,7 @@ class EngineVsModel(RuleBasedStateMachine):
 
     # ------------------------------------------------------------------ helpers
 
-    def both(self, lua_call, model_call, renew: bool = False):
+    def both(self, lua_call, model_call, renew: bool = False, broke: bool = False):
         try:
             a = lua_call()
         except DLMError as exc:
@@ -112,7 +112,12 @@ class EngineVsModel(RuleBasedStateMachine):
         if isinstance(a, type) or isinstance(b, type):
             assert a == b, f"lua {a!r} model {b!r}"
             return None
-        if renew:
+        if broke:  # H4: the locks broken, subtrees included, in the order they went
+            la = [(x.key, x.name, x.lock_id, x.owner, None if x.mode is None else int(x.mode),
+                   None if x.requested is None else int(x.requested), x.queue)
+                  for x in a.broken]
+            assert (int(a.status), a.extra, la) == (int(b.status), b.extra, b.broken)
+        elif renew:
             la = [(int(x.status), None if x.mode is None else int(x.mode), x.token, x.position,
                    x.wait_ms) for x in a[1]]
             lb = [(int(x.status), x.gr, x.token, x.pos, x.wait_ms) for x in b]
@@ -304,8 +309,10 @@ class EngineVsModel(RuleBasedStateMachine):
         got = self.pick(pick)
         lid = got[0] if got and not by_owner else ""
         owner = OWNERS[pick % 3] if by_owner or not got else ""
+        keys = self.e.break_keys(key, lock_id=lid, owner=owner)[1:]
         self.both(lambda: self.e.break_(key, lock_id=lid, owner=owner),
-                  lambda: self.m.break_(key, lid, owner, self.now, REJOIN))
+                  lambda: self.m.break_(key, lid, owner, self.now, REJOIN, tuple(keys)),
+                  broke=True)
 
     @rule(dt=st.sampled_from([0, 1, 999, 1_000, 4_000, 5_000, 30_000]))
     def advance(self, dt):
