@@ -503,14 +503,14 @@ class Session:
         flags = ((Flag.NOQUEUE if noqueue else 0) | (Flag.EXPEDITE if expedite else 0)
                  | (Flag.NODLCKWT if no_deadlock_wait else 0))
         lease = self.lease_ms if lease_ms is None else check_lease(lease_ms)
+        for i, stored in enumerate(self.stored_rejoin):
+            if stored is not None and lease > stored:
+                raise self.lease_too_long(i, lease)  # E1: that instance's own wait
         if lease > self.rejoin_ms:
             # E1: a restarted instance waits rejoin_ms before granting; a longer lease
             # could still be counted by its holder after that
             raise InvalidArgument(f"a lock's lease ({lease} ms) may not exceed the client's "
                                   f"rejoin_ms ({self.rejoin_ms} ms); raise rejoin_ms")
-        for i, stored in enumerate(self.stored_rejoin):
-            if stored is not None and lease > stored:
-                raise self.lease_too_long(i, lease)  # E1: that instance's own wait
         lk = LockCore(self, path, m, int(flags), lease, parent,
                       check_id("lock id", lock_id) if lock_id else new_id(), prio)
         self.locks[lk.id] = lk
