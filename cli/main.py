@@ -300,6 +300,16 @@ def dev(n: int, port_base: int | None, duration_s: float | None, as_json: bool) 
 
 cli.add_command(run)
 cli.add_command(demo)
+@cli.command()
+@connection_options
+def sweep(s: Settings) -> None:
+    """Purge resources whose locks all expired and that no call touched since (their
+    holders died). Lock-holding keys have no TTL (an eviction policy cannot take them), so
+    run this now and then (cron) where clients die without releasing."""
+    outcomes = admin.sweep(s.targets())
+    _report(outcomes, lambda: output.swept(outcomes, s.as_json))
+
+
 @cli.command("rejoin-wait")
 @click.argument("rejoin_ms", type=click.IntRange(0, 86_400_000), metavar="MS")
 @connection_options

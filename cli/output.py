@@ -448,3 +448,12 @@ def initialized(outcomes: Sequence[Outcome], as_json: bool) -> None:
     rows = [[d["instance"], "ok" if d["ok"] else f"FAILED: {d['error']}", d["epoch"] or "-"]
             for d in doc]
     click.echo(_table(["instance", "init", "epoch"], rows))
+
+
+def swept(outcomes: Sequence[Outcome[int]], as_json: bool) -> None:
+    if as_json:
+        _emit_json([{"instance": o.label, "ok": o.ok, "error": o.error, "purged": o.value}
+                    for o in outcomes])
+        return
+    for o in outcomes:
+        click.echo(f"{o.label}: " + (f"{o.value} purged" if o.ok else f"FAILED: {o.error}"))

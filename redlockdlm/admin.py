@@ -209,6 +209,31 @@ def health(targets: Sequence[Target]) -> list[Outcome[Health]]:
     return fan_out(targets, _health)
 
 
+def _sweep(engine: Engine) -> int:
+    st = engine.status()
+    if st.epoch is None:
+        return 0  # nothing to sweep (and no epoch to create by a purge)
+    if st.rejoin_ms is not None:
+        engine.rejoin_ms = max(engine.rejoin_ms, st.rejoin_ms)
+    _, views = _scan_resources(engine)
+    done = 0
+    for v in views:
+        if v.locks and not _live(v):
+            # any mutating call purges a resource's expired locks (G10) and rewrites it,
+            # as a tombstone with a TTL when none is left (G9): a cancel of no lock does
+            engine.cancel(v.key, "dlm-sweep", "sweep")
+            done += 1
+    return done
+
+
+def sweep(targets: Sequence[Target]) -> list[Outcome[int]]:
+    """Purge the resources whose locks have all expired and that nobody touched since
+    (their holders died): lock-holding keys carry no TTL (so a volatile-* eviction policy
+    cannot drop them, docs/operations.md), so such a key stays until a call touches it.
+    Per instance: how many resources were purged."""
+    return fan_out(targets, _sweep)
+
+
 def config_problems(outcomes: Sequence[Outcome[Health]]) -> list[str]:
     """What makes the instances unsafe to use, one line each (`dlm status` fails on any):
     two URLs reaching one server (same run_id or epoch: one server, two votes), and an

@@ -243,3 +243,20 @@ def test_lease_longer_than_stored_rejoin_refused() -> None:
         assert r.exit_code == 0, r.output
         with DLM(inst.urls, NS, lease_ms=2000) as d:
             d.lock("r", Mode.EX, timeout=5).release()
+
+
+def test_sweep_purges_abandoned_resources(two: Instances) -> None:
+    """Lock keys have no TTL: a holder that dies leaves its resource until a call touches
+    it; `dlm sweep` purges it (a tombstone with a TTL is left, G9)."""
+    s = two[0]
+    e = Engine(s.client(), NS)
+    k = e.key("abandoned")
+    e.request(k, "dead", "l1", Mode.EX, ticket=1, lease_ms=200)
+    assert s.client().pttl(k) == -1  # no TTL while it holds a lock
+    time.sleep(0.3)
+    r = CliRunner().invoke(cli, ["sweep", "--json"], env={"DLM_NAMESPACE": NS,
+                                                          "DLM_REDIS": s.url})
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)[0]["purged"] == 1
+    assert 0 < s.client().pttl(k) <= 60_000
+    assert e.inspect([k])[1][0] is None or not e.inspect([k])[1][0].locks
