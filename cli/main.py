@@ -115,9 +115,13 @@ def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
 @connection_options
 def status(s: Settings) -> None:
     """Health of every instance: reachability, latency, Redis version, epoch, recovery
-    time left, live locks and waiter-index entries. Exit 1 without a quorum."""
+    time left, rejoin wait, eviction policy, live locks and waiter-index entries. Exit 1
+    without a quorum, or when two URLs reach one server or an instance may evict keys."""
     outcomes = admin.health(s.targets())
-    output.status(outcomes, s.namespace, s.as_json)
+    problems = admin.config_problems(outcomes)
+    output.status(outcomes, s.namespace, s.as_json, problems)
+    if problems:
+        raise Failed("; ".join(problems))
     n, q = len(outcomes), admin.quorum(len(outcomes))
     ok = sum(1 for o in outcomes if o.ok)
     if ok < q:
@@ -311,6 +315,31 @@ def dev(n: int, port_base: int | None, duration_s: float | None, as_json: bool) 
 
 cli.add_command(run)
 cli.add_command(demo)
+@cli.command()
+@connection_options
+def sweep(s: Settings) -> None:
+    """Purge resources whose locks all expired and that no call touched since (their
+    holders died). Lock-holding keys have no TTL (an eviction policy cannot take them), so
+    run this now and then (cron) where clients die without releasing."""
+    outcomes = admin.sweep(s.targets())
+    _report(outcomes, lambda: output.swept(outcomes, s.as_json))
+
+
+@cli.command("rejoin-wait")
+@click.argument("rejoin_ms", type=click.IntRange(0, 86_400_000), metavar="MS")
+@connection_options
+def rejoin_wait(s: Settings, rejoin_ms: int) -> None:
+    """Raise every instance's rejoin wait (rule E1) to MS milliseconds: at least the
+    longest lease any client of the deployment uses. Never lowers it. Clients refuse a
+    lease longer than an instance's wait; run this before starting clients with longer
+    leases, and restart clients started before it (they remember the old wait for the
+    epochs they re-create after a restart without data)."""
+    outcomes = admin.fan_out(s.targets(), lambda e: e.raise_rejoin(rejoin_ms))
+    output.initialized(outcomes, s.as_json)
+    if any(not o.ok for o in outcomes):
+        raise Failed("some instances could not be updated")
+
+
 cli.add_command(acl)
 
 

@@ -86,35 +86,44 @@ def _flags(flags: int) -> list[str]:
 # ----------------------------------------------------------------- dlm status
 
 
-def status(outcomes: Sequence[Outcome[Health]], namespace: str, as_json: bool) -> None:
+def status(outcomes: Sequence[Outcome[Health]], namespace: str, as_json: bool,
+           problems: Sequence[str] = ()) -> None:
     q = admin.quorum(len(outcomes))
     ok = sum(1 for o in outcomes if o.ok)
     if as_json:
         _emit_json({
             "namespace": namespace, "quorum": q, "reachable": ok, "total": len(outcomes),
+            "problems": list(problems),
             "instances": [{
                 "url": o.label, "reachable": o.ok, "error": o.error,
                 **({"latency_ms": round(o.value.latency_ms, 3),
                     "redis_version": o.value.redis_version, "epoch": o.value.epoch,
                     "recovering_ms": o.value.recovering_ms, "resources": o.value.resources,
-                    "locks": o.value.locks, "waiters": o.value.waiters} if o.ok else {}),
+                    "locks": o.value.locks, "waiters": o.value.waiters,
+                    "run_id": o.value.run_id, "maxmemory_policy": o.value.maxmemory_policy,
+                    "rejoin_ms": o.value.rejoin_ms} if o.ok else {}),
             } for o in outcomes]})
         return
     rows = []
     for o in outcomes:
         h = o.value
         if h is None:
-            rows.append([o.label, "no", "-", "-", "-", "-", "-", "-"])
+            rows.append([o.label, "no", "-", "-", "-", "-", "-", "-", "-", "-"])
         else:
             rows.append([o.label, "yes", f"{h.latency_ms:.2f}", h.redis_version,
-                         h.epoch or "(none)", h.recovering_ms, h.locks, h.waiters])
+                         h.epoch or "(none)", h.recovering_ms,
+                         "-" if h.rejoin_ms is None else h.rejoin_ms,
+                         h.maxmemory_policy or "?", h.locks, h.waiters])
     click.echo(_table(["INSTANCE", "REACHABLE", "LATENCY_MS", "REDIS", "EPOCH",
-                       "RECOVERING_MS", "LOCKS", "WAITERS"], rows))
+                       "RECOVERING_MS", "REJOIN_MS", "EVICTION", "LOCKS", "WAITERS"], rows))
     for o in outcomes:
         if not o.ok:
             click.echo(f"  {o.label}: {o.error}")
+    for p in problems:
+        click.echo(f"  ERROR: {p}")
+    verdict = "ERROR" if problems else "OK" if ok >= q else "NO QUORUM"
     click.echo(f"namespace {namespace}: {ok} of {len(outcomes)} instances reachable, "
-               f"quorum {q}: {'OK' if ok >= q else 'NO QUORUM'}")
+               f"quorum {q}: {verdict}")
 
 
 # ----------------------------------------------------------------- dlm ls
@@ -473,3 +482,12 @@ def initialized(outcomes: Sequence[Outcome], as_json: bool) -> None:
     rows = [[d["instance"], "ok" if d["ok"] else f"FAILED: {d['error']}", d["epoch"] or "-"]
             for d in doc]
     click.echo(_table(["instance", "init", "epoch"], rows))
+
+
+def swept(outcomes: Sequence[Outcome[int]], as_json: bool) -> None:
+    if as_json:
+        _emit_json([{"instance": o.label, "ok": o.ok, "error": o.error, "purged": o.value}
+                    for o in outcomes])
+        return
+    for o in outcomes:
+        click.echo(f"{o.label}: " + (f"{o.value} purged" if o.ok else f"FAILED: {o.error}"))

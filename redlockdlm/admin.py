@@ -164,6 +164,9 @@ class Health:
     resources: int  #: resources with at least one live lock
     locks: int  #: live locks (lease not run out), every queue
     waiters: int  #: entries of the waiter index (ZCARD)
+    run_id: str | None = None  #: the server's run_id: two URLs with one are one server
+    maxmemory_policy: str | None = None  #: anything but noeviction may drop keys
+    rejoin_ms: int | None = None  #: the rejoin wait the instance stores (E1); None: none
 
 
 def _scan_resources(engine: Engine) -> tuple[InstanceStatus, list[ResourceView]]:
@@ -187,15 +190,69 @@ def _health(engine: Engine) -> Health:
     engine.client.ping()
     latency = (time.perf_counter() - t0) * 1000
     version = str(engine.client.info("server").get("redis_version", "?"))
+    hello = engine.hello()
     st, views = _scan_resources(engine)
     live = [_live(v) for v in views]
     return Health(latency, version, st.epoch, st.now_ms, st.recovering_ms,
                   sum(1 for lks in live if lks), sum(len(lks) for lks in live),
-                  int(engine.client.zcard(engine.wkey)))
+                  int(engine.client.zcard(engine.wkey)), hello.run_id,
+                  hello.maxmemory_policy, hello.rejoin_ms)
 
 
 def health(targets: Sequence[Target]) -> list[Outcome[Health]]:
     return fan_out(targets, _health)
+
+
+def _sweep(engine: Engine) -> int:
+    st = engine.status()
+    if st.epoch is None:
+        return 0  # nothing to sweep (and no epoch to create by a purge)
+    if st.rejoin_ms is not None:
+        engine.rejoin_ms = max(engine.rejoin_ms, st.rejoin_ms)
+    _, views = _scan_resources(engine)
+    done = 0
+    for v in views:
+        if v.locks and not _live(v):
+            # any mutating call purges a resource's expired locks (G10) and rewrites it,
+            # as a tombstone with a TTL when none is left (G9): a cancel of no lock does
+            engine.cancel(v.key, "dlm-sweep", "sweep")
+            done += 1
+    return done
+
+
+def sweep(targets: Sequence[Target]) -> list[Outcome[int]]:
+    """Purge the resources whose locks have all expired and that nobody touched since
+    (their holders died): lock-holding keys carry no TTL (so a volatile-* eviction policy
+    cannot drop them, docs/operations.md), so such a key stays until a call touches it.
+    Per instance: how many resources were purged."""
+    return fan_out(targets, _sweep)
+
+
+def config_problems(outcomes: Sequence[Outcome[Health]]) -> list[str]:
+    """What makes the instances unsafe to use, one line each (`dlm status` fails on any):
+    two URLs reaching one server (same run_id or epoch: one server, two votes), and an
+    eviction policy that may drop lock keys (docs/operations.md, Memory)."""
+    out = []
+    seen: dict[str, str] = {}
+    for o in outcomes:
+        h = o.value
+        if h is None:
+            continue
+        for key in (f"server {h.run_id}" if h.run_id else None,
+                    f"epoch {h.epoch}" if h.epoch else None):
+            if key is None:
+                continue
+            if key in seen:
+                out.append(f"{o.label} is the same Redis server as {seen[key]} ({key}): "
+                           "one server would cast two votes")
+                break
+            seen[key] = o.label
+        policy = h.maxmemory_policy or "noeviction"
+        if policy != "noeviction":
+            out.append(f"{o.label} has maxmemory-policy {policy}: Redis may evict keys "
+                       "(set noeviction; clients refuse it unless allow_eviction, and "
+                       "allkeys-* always)")
+    return out
 
 
 # ----------------------------------------------------------------- merged resource views

@@ -29,15 +29,18 @@ from .client import (
     settle,
 )
 from .engine import codec
+from .engine.keys import EPOCH_KEY
 from .engine.modes import Mode
-from .engine.scripts import command, fallback, load_command, packed_command
+from .engine.scripts import command, fallback, is_missing, load_command, packed_command
 from .errors import (
+    ConfigurationError,
     DLMError,
     HasChildren,
     InvalidType,
     LockTimeout,
     ProtocolError,
     QuorumUnavailable,
+    from_script_error,
 )
 from .handle import LockBase, lock_name
 from .protocol import (
@@ -103,6 +106,27 @@ class _Instance:
             await self.pool.disconnect()
 
 
+async def _init_call(client: Any, args: list[bytes]) -> Any:
+    """The `init` script on `client`'s instance (asyncio `engine.instance.call_script`):
+    loads the library if missing (EVAL if FUNCTION LOAD is refused); DLM_ errors typed."""
+    cmd = ("init", [EPOCH_KEY], args)
+    try:
+        try:
+            return codec.parse_status(await client.execute_command(*command(*cmd)))
+        except ResponseError as exc:
+            if not is_missing(exc):
+                raise
+        try:
+            await client.execute_command(*load_command())
+        except ResponseError:
+            return codec.parse_status(await client.execute_command(*fallback(*cmd)))
+        return codec.parse_status(await client.execute_command(*command(*cmd)))
+    except ResponseError as exc:
+        if str(exc).startswith("DLM_"):
+            raise from_script_error(str(exc)) from None
+        raise
+
+
 class AsyncDLM:
     """The asyncio twin of `redlockdlm.DLM`. Create it inside a running loop, use it as
     ``async with AsyncDLM(urls) as dlm:``; `close()` releases everything it holds."""
@@ -110,11 +134,15 @@ class AsyncDLM:
     def __init__(self, urls: Sequence[str] | str, namespace: str = "default", *,
                  lease_ms: int = 10_000, socket_timeout: float = 1.0,
                  connect_timeout: float = 1.0, rejoin_ms: int | None = None, vbmax: int = 64,
-                 owner: str | None = None, **redis_options: Any) -> None:
+                 owner: str | None = None, allow_eviction: bool = False,
+                 **redis_options: Any) -> None:
+        """As `DLM`, except that the first contact with the instances (and the
+        ConfigurationError it may raise) happens at ``async with`` or the first request."""
         self._core, self._instances = open_session(
             _Instance, urls, namespace, lease_ms=lease_ms, socket_timeout=socket_timeout,
             connect_timeout=connect_timeout, rejoin_ms=rejoin_ms, vbmax=vbmax, owner=owner,
-            redis_options=redis_options)
+            redis_options=redis_options, allow_eviction=allow_eviction)
+        self._contacted = False
         self._closed = False
         self._tasks: list[asyncio.Task[Any]] = []
         self._started = False
@@ -135,8 +163,40 @@ class AsyncDLM:
             self._tasks.append(asyncio.create_task(self._events(i)))
         self._tasks.append(asyncio.create_task(self._renewer()))
 
-    async def __aenter__(self) -> AsyncDLM:
+    async def _ensure_started(self) -> None:
+        """First contact with every instance (once; raises the ConfigurationError found),
+        then the event and renewal tasks."""
+        if not self._contacted:
+            errors = await self._first_contact(range(len(self._instances)))
+            if errors:
+                raise errors[0]
+            self._contacted = True
         self._start()
+
+    async def _first_contact(self, which: Iterable[int]) -> list[ConfigurationError]:
+        """`DLM._first_contact`, the instances asked concurrently."""
+        which = [i for i in which
+                 if self._core.run_ids[i] is None and i not in self._core.refused]
+
+        async def one(i: int, args: list[bytes]) -> Any:
+            try:
+                return await _init_call(self._instances[i].client, args)
+            except Exception as exc:  # noqa: BLE001 - unreachable, refused, not Redis...
+                log.info("instance %s: no first contact yet: %s", self._instances[i].url,
+                         describe(exc))
+                return None
+
+        hellos = await asyncio.gather(*(one(i, [b"hello"]) for i in which))
+        errors: list[ConfigurationError] = []
+        for i, st in zip(which, hellos):
+            if st is not None and (err := self._core.identify(i, st)) is not None:
+                errors.append(err)
+        for err in errors:
+            log.error("%s", err)
+        return errors
+
+    async def __aenter__(self) -> AsyncDLM:
+        await self._ensure_started()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -257,7 +317,7 @@ class AsyncDLM:
         before the CancelledError propagates."""
         if self._closed:
             raise DLMError("this AsyncDLM client is closed")
-        self._start()
+        await self._ensure_started()
         t = check_timeout(timeout)
         for what, fn in (("on_granted", on_granted), ("on_blocking", on_blocking),
                          ("on_lost", on_lost)):
@@ -478,6 +538,10 @@ class AsyncDLM:
         inst = self._instances[i]
         warned = False
         while not self._closed:
+            if self._core.run_ids[i] is None and i not in self._core.refused:
+                await self._first_contact([i])  # an instance reached at last
+            if i in self._core.refused:
+                return  # its votes never count: no events either
             ps = inst.client.pubsub(ignore_subscribe_messages=True)
             try:
                 await ps.subscribe(self._core.channel)

@@ -24,12 +24,16 @@ from redis.driver_info import DriverInfo
 from redis.exceptions import InvalidResponse, NoScriptError, ResponseError
 
 from .engine import codec
+from .engine.instance import call_script
+from .engine.keys import EPOCH_KEY
 from .engine.modes import Mode
 from .engine.scripts import command, fallback, is_missing, load_command, packed_command
 from .errors import (
+    ConfigurationError,
     DLMError,
     InvalidArgument,
     InvalidType,
+    MixedTransport,
     ProtocolError,
     QuorumUnavailable,
     from_script_error,
@@ -197,19 +201,47 @@ class Instance:
             self._idle.pop().disconnect()
 
 
+def check_transports(urls: Sequence[str]) -> None:
+    """MixedTransport if TLS (rediss://) and plain TCP (redis://) URLs are mixed: almost
+    always a slip (one instance left without TLS, its password and lock traffic sent in
+    clear), and nothing needs it (an instance on the same host can use unix://, which mixes
+    with either)."""
+    tls = [u for u in urls if urlsplit(u).scheme == "rediss"]
+    plain = [u for u in urls if urlsplit(u).scheme == "redis"]
+    if tls and plain:
+        raise MixedTransport(
+            f"TLS and plain instance URLs are mixed ({', '.join(map(_mask, tls))} use "
+            f"rediss://, {', '.join(map(_mask, plain))} redis://): use rediss:// for every "
+            "instance (or unix:// for a local one)", instance=_mask(plain[0]))
+
+
 def open_session(instance_cls: Any, urls: Sequence[str] | str, namespace: str, *,
                  lease_ms: int, socket_timeout: float, connect_timeout: float,
                  rejoin_ms: int | None, vbmax: int, owner: str | None,
-                 redis_options: dict[str, Any]) -> tuple[Session, list[Any]]:
+                 redis_options: dict[str, Any],
+                 allow_eviction: bool = False) -> tuple[Session, list[Any]]:
     """The protocol session and one `instance_cls` per URL: what DLM and AsyncDLM share
     before they differ in how they move bytes."""
     urls = url_list(urls)
+    for u in urls:
+        check_url(u)
+    check_transports(urls)
+    if not isinstance(allow_eviction, bool):
+        raise InvalidType("allow_eviction must be a bool")
     core = Session(len(urls), namespace, lease_ms=lease_ms, rejoin_ms=rejoin_ms, vbmax=vbmax,
                    owner=owner)
+    core.allow_eviction = allow_eviction
+    core.distinct_epochs = True
     instances = [instance_cls(u, socket_timeout=socket_timeout,
                               connect_timeout=connect_timeout, **redis_options) for u in urls]
     core.labels = [inst.url for inst in instances]
     return core, instances
+
+
+def hello(client: Any) -> Any:
+    """First contact with one instance (`init hello`): its epoch, stored rejoin wait, server
+    run_id and maxmemory-policy. Raises what the call raised (unreachable, refused...)."""
+    return codec.parse_status(call_script(client, "init", [EPOCH_KEY], [b"hello"]))
 
 
 class DLM:
@@ -223,12 +255,29 @@ class DLM:
     def __init__(self, urls: Sequence[str] | str, namespace: str = "default", *,
                  lease_ms: int = 10_000, socket_timeout: float = 1.0,
                  connect_timeout: float = 1.0, rejoin_ms: int | None = None, vbmax: int = 64,
-                 owner: str | None = None, **redis_options: Any) -> None:
+                 owner: str | None = None, allow_eviction: bool = False,
+                 **redis_options: Any) -> None:
+        """Connect to the instances (`urls`: redis://, rediss:// or unix:// URLs, or one
+        comma-separated str; an odd number). First contact with each instance that answers
+        (an instance that does not is contacted when it first does) raises
+        ConfigurationError when it cannot be used safely: DuplicateInstance (two URLs reach
+        one server), EvictionPolicy (a maxmemory-policy other than noeviction; volatile-*
+        ones are accepted with `allow_eviction=True`, allkeys-* never), LeaseTooLong
+        (`lease_ms` above an instance's rejoin wait, rule E1); MixedTransport before any
+        contact (rediss:// and redis:// mixed). `rejoin_ms` (default: `lease_ms`, raised to
+        the longest rejoin wait an instance stores) is the rejoin wait of an epoch this client
+        creates (an instance restarted empty)."""
         self._core, self._instances = open_session(
             Instance, urls, namespace, lease_ms=lease_ms, socket_timeout=socket_timeout,
             connect_timeout=connect_timeout, rejoin_ms=rejoin_ms, vbmax=vbmax, owner=owner,
-            redis_options=redis_options)
+            redis_options=redis_options, allow_eviction=allow_eviction)
         self._mu = threading.RLock()
+        errors = self._first_contact(range(len(self._instances)))
+        if errors:
+            for inst in self._instances:
+                inst.close()
+                inst.pool.disconnect()
+            raise errors[0]
         self._cond = threading.Condition(self._mu)
         self._closed = False
         self._timeout = max(socket_timeout, connect_timeout)
@@ -577,6 +626,29 @@ class DLM:
 
     # ----------------------------------------------------------------- background thread
 
+    def _first_contact(self, which: Iterable[int]) -> list[ConfigurationError]:
+        """Identify the instances of `which` not identified yet that answer (Session.identify).
+        Returns the configuration errors found; an instance that does not answer is left
+        for later."""
+        hellos = {}
+        for i in which:
+            if self._core.run_ids[i] is not None or i in self._core.refused:
+                continue
+            inst = self._instances[i]
+            try:
+                hellos[i] = hello(inst.client)
+            except (*_NET_ERRORS, redis.RedisError, DLMError) as exc:
+                log.info("instance %s: no first contact yet: %s", inst.url, describe(exc))
+        errors: list[ConfigurationError] = []
+        with self._mu:
+            for i, st in hellos.items():
+                err = self._core.identify(i, st)
+                if err is not None:
+                    errors.append(err)
+        for err in errors:
+            log.error("%s", err)
+        return errors
+
     def _subscribe(self, i: int, inst: Instance) -> None:
         ps = None
         try:
@@ -642,8 +714,10 @@ class DLM:
             now = time.monotonic()
             if now >= next_resub:
                 next_resub = now + 1.0
+                self._first_contact([i for i in range(self._core.n)  # reached at last
+                                     if self._core.run_ids[i] is None])
                 for i, inst in enumerate(self._instances):
-                    if inst.pubsub is None:
+                    if inst.pubsub is None and i not in self._core.refused:
                         self._subscribe(i, inst)
             if now >= self._next_renew:
                 with self._mu:

@@ -16,6 +16,11 @@
     ├── Deadlock                            chosen as a deadlock victim, or conversion deadlock
     ├── ParentNotGranted                    the parent lock is not granted on a quorum
     ├── LockLost                            a held lock could not be kept valid
+    ├── ConfigurationError                  the instances or options cannot be used safely
+    │   ├── DuplicateInstance               two URLs reach one Redis server
+    │   ├── MixedTransport                  rediss:// (TLS) and plain redis:// URLs mixed
+    │   ├── EvictionPolicy                  an instance may evict keys (maxmemory-policy)
+    │   └── LeaseTooLong                    a lease longer than an instance's rejoin wait (E1)
     ├── QuorumUnavailable (ConnectionError) fewer than a quorum of instances answered
     ├── NotFresh                            `init fresh` of an instance that is not brand-new
     └── ProtocolError                       an instance answered something we did not expect
@@ -90,6 +95,43 @@ class LockLost(DLMError):
     """A lock that was held could not be kept valid (lease ran out, instances lost)."""
 
 
+class ConfigurationError(DLMError):
+    """The instances, or the options given, cannot be used safely; nothing was changed.
+    Raised at first contact with an instance (the constructor, or the first call of an
+    AsyncDLM), or, for an instance first reached later, given as that instance's error
+    (its votes never count) and logged."""
+
+
+class DuplicateInstance(ConfigurationError):
+    """Two URLs reach the same Redis server (the same `run_id`, or the same instance epoch):
+    one server would cast two votes of the quorum."""
+
+
+class MixedTransport(ConfigurationError):
+    """TLS (``rediss://``) and plain ``redis://`` URLs in one instance list."""
+
+
+class EvictionPolicy(ConfigurationError):
+    """An instance's ``maxmemory-policy`` lets Redis evict keys (docs/operations.md).
+    `policy` is the policy found."""
+
+    def __init__(self, message: str = "", *, policy: str = "", **context: str | None) -> None:
+        super().__init__(message, **context)
+        self.policy = policy
+
+
+class LeaseTooLong(ConfigurationError):
+    """A lease longer than an instance's rejoin wait (rule E1): after that instance restarted
+    empty it could grant the lock again while this lease still runs. `lease_ms` and
+    `rejoin_ms` are the two numbers."""
+
+    def __init__(self, message: str = "", *, lease_ms: int = 0, rejoin_ms: int = 0,
+                 **context: str | None) -> None:
+        super().__init__(message, **context)
+        self.lease_ms = lease_ms
+        self.rejoin_ms = rejoin_ms
+
+
 class QuorumUnavailable(DLMError, ConnectionError):
     """Fewer than a quorum of instances answered."""
 
@@ -127,15 +169,20 @@ def from_script_error(message: str, **context: str | None) -> DLMError:
 __all__ = sorted(
     [
         "BadArgument",
+        "ConfigurationError",
         "DLMError",
         "Deadlock",
+        "DuplicateInstance",
+        "EvictionPolicy",
         "HasChildren",
         "InvalidArgument",
         "InvalidType",
+        "LeaseTooLong",
         "LockLost",
         "LockStateError",
         "LockTimeout",
         "MissingKeys",
+        "MixedTransport",
         "NotFresh",
         "NotOwner",
         "NotQueued",

@@ -42,10 +42,14 @@ from .engine.modes import (
     is_down_conversion,
 )
 from .errors import (
+    ConfigurationError,
     Deadlock,
     DLMError,
+    DuplicateInstance,
+    EvictionPolicy,
     InvalidArgument,
     InvalidType,
+    LeaseTooLong,
     LockLost,
     LockTimeout,
     NotOwner,
@@ -293,6 +297,106 @@ class Session:
         self.by_key: dict[bytes, list[LockCore]] = {}
         #: instance labels (URLs, password masked) for error messages; set by the I/O layer
         self.labels: list[str] = [f"instance {i}" for i in range(n)]
+        #: docs/operations.md: accept volatile-* maxmemory policies (never allkeys-*)
+        self.allow_eviction = False
+        #: first contact (`identify`): each instance's server run_id, once it answered
+        self.run_ids: list[str | None] = [None] * n
+        #: the rejoin wait each instance stores in its epoch hash (E1), as last read
+        self.stored_rejoin: list[int | None] = [None] * n
+        #: instance -> why its votes never count (a duplicate, an eviction policy...)
+        self.refused: dict[int, ConfigurationError] = {}
+        #: the epoch id each instance's replies carry (a duplicate's is another's)
+        self.epochs: list[str] = [""] * n
+        #: refuse an instance whose epoch is another's (`note_epoch`); the clients turn it
+        #: on (epoch ids made by the scripts are unique per server; hand-fed replies in
+        #: protocol tests share one)
+        self.distinct_epochs = False
+
+    # ----------------------------------------------------------------- first contact
+
+    def identify(self, i: int, hello: codec.InstanceStatus) -> ConfigurationError | None:
+        """Record what instance i said at first contact (`init hello`) and return why it
+        cannot be used, if so (the I/O layer raises it at construction; for an instance
+        first reached later it is that instance's error, and its votes never count):
+
+        * DuplicateInstance: its server (run_id) or its epoch is another instance's: one
+          server would cast two votes;
+        * EvictionPolicy: a maxmemory-policy that may evict keys (allkeys-* always;
+          volatile-* unless `allow_eviction`: lock keys carry no TTL, docs/operations.md);
+        * LeaseTooLong: it stores a rejoin wait (E1) shorter than this client's lease.
+
+        Otherwise this client's rejoin_ms (what it stores where it creates an epoch) is
+        raised to the instance's rejoin wait, if that is longer."""
+        label = self.labels[i]
+        for j, other in enumerate(self.run_ids):
+            if j != i and other is not None and hello.run_id is not None and other == hello.run_id:
+                return self.refuse(i, DuplicateInstance(
+                    f"{label} and {self.labels[j]} are the same Redis server (run_id "
+                    f"{hello.run_id[:12]}...): one server would cast two votes of the quorum; "
+                    "give each instance once", instance=label))
+        if hello.epoch is not None:
+            err = self.note_epoch(i, hello.epoch)
+            if err is not None:
+                return err
+        policy = hello.maxmemory_policy or "noeviction"
+        if policy != "noeviction" and (policy.startswith("allkeys")
+                                        or not self.allow_eviction):
+            how = ("allkeys-* policies evict lock keys whatever the layout"
+                   if policy.startswith("allkeys") else
+                   "pass allow_eviction=True only if you accept its risks "
+                   "(docs/operations.md, Memory)")
+            return self.refuse(i, EvictionPolicy(
+                f"{label} has maxmemory-policy {policy}: Redis may evict keys to free memory, "
+                f"and an evicted lock is granted twice; set maxmemory-policy noeviction ({how})",
+                policy=policy, instance=label))
+        self.run_ids[i] = hello.run_id or f"?{i}"
+        return self.note_rejoin(i, hello.rejoin_ms)
+
+    def note_rejoin(self, i: int, stored: int | None) -> ConfigurationError | None:
+        """Instance i stores the rejoin wait `stored` (E1; None: none): a lease of this
+        client longer than it is refused; else this client's rejoin_ms, what it stores on an
+        instance that has none and where it creates an epoch, becomes at least `stored`."""
+        if stored is None:
+            return None
+        self.stored_rejoin[i] = stored
+        if self.lease_ms > stored:
+            return self.refuse(i, self.lease_too_long(i, self.lease_ms))
+        self.rejoin_ms = max(self.rejoin_ms, stored)
+        return None
+
+    def lease_too_long(self, i: int, lease: int) -> LeaseTooLong:
+        rejoin = self.stored_rejoin[i] or 0
+        return LeaseTooLong(
+            f"a lease of {lease} ms is longer than the rejoin wait of {self.labels[i]} "
+            f"({rejoin} ms, rule E1): after a restart without its data that instance could "
+            f"grant the lock again while this lease still runs; raise the wait with "
+            f"`dlm init --rejoin-ms {lease}` (before starting clients with longer leases) or "
+            "use a shorter lease", lease_ms=lease, rejoin_ms=rejoin, instance=self.labels[i])
+
+    def note_epoch(self, i: int, epoch: str) -> ConfigurationError | None:
+        """Instance i's replies carry `epoch`. The same epoch as another instance's is the
+        same keyspace of one server (epoch ids hold the server's run_id): its votes stop
+        counting, whenever this is found (also for an instance first reached after
+        construction), so that server never gives two votes."""
+        if epoch == self.epochs[i] or not epoch:
+            return self.refused.get(i)
+        self.epochs[i] = epoch
+        for j, other in enumerate(self.epochs if self.distinct_epochs else ()):
+            if j != i and other == epoch and j not in self.refused:
+                return self.refuse(i, DuplicateInstance(
+                    f"{self.labels[i]} and {self.labels[j]} answer with the same instance "
+                    f"epoch {epoch}: they are one Redis server (one keyspace), which would "
+                    "cast two votes of the quorum; give each instance once",
+                    instance=self.labels[i]))
+        return self.refused.get(i)
+
+    def refuse(self, i: int, err: ConfigurationError) -> ConfigurationError:
+        """Instance i's votes never count from now on: every vote it gave is dropped."""
+        self.refused.setdefault(i, err)
+        for lk in self.locks.values():
+            v = lk.votes[i]
+            v.vote, v.mode, v.error = Vote.ERROR, None, str(self.refused[i])
+        return self.refused[i]
 
     # ----------------------------------------------------------------- building commands
 
@@ -404,6 +508,9 @@ class Session:
         flags = ((Flag.NOQUEUE if noqueue else 0) | (Flag.EXPEDITE if expedite else 0)
                  | (Flag.NODLCKWT if no_deadlock_wait else 0))
         lease = self.lease_ms if lease_ms is None else check_lease(lease_ms)
+        for i, stored in enumerate(self.stored_rejoin):
+            if stored is not None and lease > stored:
+                raise self.lease_too_long(i, lease)  # E1: that instance's own wait
         if lease > self.rejoin_ms:
             # E1: a restarted instance waits rejoin_ms before granting; a longer lease
             # could still be counted by its holder after that
@@ -462,6 +569,11 @@ class Session:
             return
         lk.pending.discard(i)
         rep: LockReply = reply  # type: ignore[assignment]
+        if (rep.epoch != self.epochs[i] or i in self.refused) and self.note_epoch(
+                i, rep.epoch) is not None:
+            v.vote, v.mode, v.error = Vote.ERROR, None, str(self.refused[i])
+            v.retry_at = now + 1.0
+            return
         v.epoch = rep.epoch
         v.wait_ms = rep.wait_ms
         st = rep.status
@@ -514,6 +626,9 @@ class Session:
                 # a granted vote keeps its old lease and simply runs out if this persists
             return
         epoch, entries = reply  # type: ignore[misc]
+        if (epoch != self.epochs[i] or i in self.refused) and self.note_epoch(
+                i, epoch) is not None:
+            return  # (`refuse` dropped its votes)
         for lk, e in zip(lks, entries):
             v = lk.votes[i]
             if (v.vote is Vote.GRANTED and v.granted_at > sent_at
@@ -557,7 +672,7 @@ class Session:
         """A pub/sub event from instance i. Returns notifications for the I/O layer:
         ('blocking', lock, mode) to deliver once, ('yield', lock, i) to send."""
         lk = self.locks.get(ev.lock_id)
-        if lk is None:
+        if lk is None or i in self.refused:
             return []
         v = lk.votes[i]
         out: list[tuple[str, LockCore, object]] = []

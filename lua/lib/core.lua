@@ -2,7 +2,7 @@
 -- assembles it and every lua/<name>.lua into one Functions library, or one EVAL script).
 --
 -- Layout every mutating script shares:
---   KEYS[1]  epoch hash `dlm:epoch`      (id, safe, tfix, toff)
+--   KEYS[1]  epoch hash `dlm:epoch`      (id, safe, rejoin, tfix, toff)
 --   KEYS[2]  waiter index zset           member "<lock id>|<resource key>", score = lease expiry ms
 --   KEYS[3]  the resource key            msgpack blob, see `load`
 --   ARGV[1]  rejoin_ms                   E1: how long a new epoch stays recovering
@@ -146,8 +146,23 @@ end
 local REJOIN, CHANNEL, NOW, NOW_US, EPOCH, SAFE
 local epoch_dirty = false
 
+-- A new epoch's id: the instance clock and the first 8 hex digits of the server's run_id,
+-- so two servers never create the same id (clients refuse two instances whose replies carry
+-- one id: one server reached by two URLs, docs/protocol.md). INFO only when an epoch is
+-- created.
+local function new_epoch_id(sec, usec)
+  local run = string.match(redis.call('INFO', 'server'), 'run_id:(%x%x%x%x%x%x%x%x)') or '0'
+  return string.format('%x.%x.', sec, usec) .. run
+end
+
+-- E1: the epoch hash holds the instance's own rejoin wait (`rejoin`, ms), stored when the
+-- epoch is created: the largest of the creating call's rejoin_ms (the largest the client
+-- knows: its own, the values other instances' epochs store, a library floor) and a value an
+-- operator stored before (`init rejoin`). A later call with a larger rejoin_ms extends a
+-- recovery still running (a longer wait is always safe), never one that is over (clients
+-- that started since remember the stored value: raising it needs `init rejoin`).
 local function epoch_load()
-  local e = redis.call('HMGET', KEYS[1], 'id', 'safe', 'tfix', 'toff')
+  local e = redis.call('HMGET', KEYS[1], 'id', 'safe', 'tfix', 'toff', 'rejoin')
   local sec, usec
   if e[3] then
     -- test clock: frozen at tfix ms (set only by the `init clock` script)
@@ -161,14 +176,24 @@ local function epoch_load()
     NOW = sec * 1000 + (usec - usec % 1000) / 1000 + off  -- usec: 0..999999
     NOW_US = sec * 1000000 + usec + off * 1000
   end
+  local stored = e[5] and tonumber(e[5])
   if e[1] then
     EPOCH, SAFE = e[1], tonumber(e[2])
+    if stored then
+      if REJOIN > stored and SAFE > NOW then
+        SAFE = SAFE - stored + REJOIN  -- still recovering: wait the longer rejoin
+        epoch_dirty = true
+      elseif stored > REJOIN then
+        REJOIN = stored  -- (V5's window is the instance's rejoin wait)
+      end
+    end
   else
     if not sec then
       local t = redis.call('TIME')
       sec, usec = t[1] + 0, t[2] + 0  -- TIME: two strings of digits
     end
-    EPOCH = string.format('%x.%x', sec, usec)
+    EPOCH = new_epoch_id(sec, usec)
+    if stored and stored > REJOIN then REJOIN = stored end
     SAFE = NOW + REJOIN
     epoch_dirty = true
   end
@@ -555,7 +580,7 @@ local function commit()
     for i = 1, #events do allowed('PUBLISH', CHANNEL .. events[i][1], 'x') end
   end
   if epoch_dirty then
-    redis.call('HSET', KEYS[1], 'id', EPOCH, 'safe', fmt(SAFE))
+    redis.call('HSET', KEYS[1], 'id', EPOCH, 'safe', fmt(SAFE), 'rejoin', fmt(REJOIN))
   end
   local now_written = {}
   for di = 1, #dirty_order do
@@ -569,16 +594,13 @@ local function commit()
         redis.call('SET', key, blob, 'PX', TOMBSTONE_PX)
         now_written[key] = {blob, t}
       else
-        local maxe = NOW
-        for qi = 1, 3 do
-          local q = r[QUEUES[qi]]
-          for i = 1, #q do
-            local e = q[i].e
-            if e > maxe then maxe = e end
-          end
-        end
+        -- No TTL while the resource has locks, expired ones included (the next call that
+        -- loads it purges them, G10; `dlm sweep` those nobody touches again): a key with a
+        -- TTL is what a volatile-* maxmemory-policy may evict, and an evicted lock is a lock
+        -- granted twice while the epoch, which has no TTL, says nothing was lost
+        -- (docs/operations.md, "Memory"). Tombstones keep theirs.
         local blob = cmsgpack.pack(r)
-        redis.call('SET', key, blob, 'PX', maxe - NOW + TOMBSTONE_MS)
+        redis.call('SET', key, blob)
         now_written[key] = {blob, r}
       end
     end

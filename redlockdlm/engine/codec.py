@@ -235,12 +235,24 @@ class InstanceStatus:
     epoch: str | None
     now_ms: int
     recovering_ms: int
+    #: the instance's rejoin wait (E1) stored in its epoch hash; None: none stored
+    rejoin_ms: int | None = None
+    #: `init hello` only: the server's run_id and maxmemory-policy (None otherwise)
+    run_id: str | None = None
+    maxmemory_policy: str | None = None
+
+
+def _opt(raw: list, i: int) -> object:
+    return raw[i] if len(raw) > i and raw[i] is not None else None
 
 
 def parse_status(raw: list) -> InstanceStatus:
     try:
+        rejoin, run, policy = _opt(raw, 3), _opt(raw, 4), _opt(raw, 5)
         return InstanceStatus(None if raw[0] is None else _str(raw[0]), int(raw[1]),
-                              int(raw[2]))
+                              int(raw[2]), None if rejoin is None else int(rejoin),
+                              None if run is None else _str(run),
+                              None if policy is None else _str(policy))
     except (IndexError, TypeError, ValueError, KeyError) as exc:
         raise ProtocolError(f"unexpected status reply {raw!r:.200}") from exc
 

@@ -312,15 +312,29 @@ class Engine:
     def status(self) -> InstanceStatus:
         return codec.parse_status(call_script(self.client, "init", [EPOCH_KEY], [b"status"]))
 
-    def init_fresh(self, *, force: bool = False) -> InstanceStatus:
+    def init_fresh(self, rejoin_ms: int | None = None, *, force: bool = False) -> InstanceStatus:
         """Mark a brand-new instance safe at once (E1). Never on one that may have restarted.
 
         Idempotent on an instance already marked fresh. An instance whose epoch was created
         by use (it started empty and a lock script ran: it is recovering, or was) raises
         NotFresh and is left as it was, unless `force`: then it is marked safe at once,
-        keeping its epoch id."""
-        args = [b"fresh", b"force"] if force else [b"fresh"]
+        keeping its epoch id. `rejoin_ms`: also store that rejoin wait (raised only, as
+        `raise_rejoin`)."""
+        args = [b"fresh", b"" if rejoin_ms is None else str(int(rejoin_ms)).encode()]
+        if force:
+            args.append(b"force")
         return codec.parse_status(call_script(self.client, "init", [EPOCH_KEY], args))
+
+    def hello(self) -> InstanceStatus:
+        """The status with the server's run_id and maxmemory-policy (a client's first
+        contact)."""
+        return codec.parse_status(call_script(self.client, "init", [EPOCH_KEY], [b"hello"]))
+
+    def raise_rejoin(self, rejoin_ms: int) -> InstanceStatus:
+        """E1: raise the instance's rejoin wait to `rejoin_ms` (never lowers it; stored
+        even before the instance has an epoch, which is then created with it)."""
+        return codec.parse_status(call_script(self.client, "init", [EPOCH_KEY],
+                                              [b"rejoin", str(int(rejoin_ms)).encode()]))
 
     def set_clock(self, frozen_ms: int | None = None, offset_ms: int = 0) -> InstanceStatus:
         """Tests only: freeze the scripts' clock at `frozen_ms`, or shift it by `offset_ms`."""
