@@ -265,9 +265,12 @@ def detector_cmd(s: Settings, interval_s: float, rounds: int, reap_every: int,
 @click.option("--force", is_flag=True,
               help="Also mark instances that are recovering or were used (DANGEROUS: only "
                    "if no lock was held on them before they restarted).")
+@click.option("--rejoin-ms", type=click.IntRange(0, 86_400_000), metavar="MS",
+              help="Also store this rejoin wait (E1): at least the longest lease any client "
+                   "will use (raised only, as `dlm rejoin-wait`).")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @connection_options
-def init_cmd(s: Settings, fresh: bool, force: bool, yes: bool) -> None:
+def init_cmd(s: Settings, fresh: bool, force: bool, rejoin_ms: int | None, yes: bool) -> None:
     """Mark brand-new instances safe to grant at once (rule E1).
 
     A fresh instance cannot tell "new" from "restarted after losing its locks", so it
@@ -275,12 +278,14 @@ def init_cmd(s: Settings, fresh: bool, force: bool, yes: bool) -> None:
     you know are new; NEVER on one that may have held locks before a restart. An instance
     already used (its epoch was created by a lock request: it is recovering, or was) is
     refused (exit 1, naming it and why) unless --force; one already marked fresh is left
-    as it is."""
+    as it is. With --rejoin-ms, the rejoin wait is stored at once, so clients with a
+    longer lease are refused and a client that re-creates a flushed instance's epoch waits
+    at least that long."""
     question = (f"mark {len(s.urls)} instance(s) as brand-new (never used for locks)"
                 + (", even those recovering or in use (--force)?" if force else "?"))
     if not yes and not output.confirm(question):
         raise Failed("not confirmed")
-    outcomes = admin.fan_out(s.targets(), lambda e: e.init_fresh(force=force))
+    outcomes = admin.fan_out(s.targets(), lambda e: e.init_fresh(rejoin_ms, force=force))
     output.initialized(outcomes, s.as_json)
     failed = [o for o in outcomes if not o.ok]
     if failed:

@@ -27,10 +27,16 @@ from redis.retry import Retry
 
 from .engine.instance import Engine
 from .errors import InvalidArgument
+from .protocol import check_int
 
 HOST = "127.0.0.1"
 _FALLBACK_PATHS = ("/usr/bin/redis-server", "/usr/local/bin/redis-server",
                    "/usr/sbin/redis-server")
+
+
+# E1: the rejoin wait stored on a development cluster's instances: clients with a longer
+# lease are refused (LeaseTooLong), and an instance that lost its data waits this long.
+DEV_REJOIN_MS = 60_000
 
 
 class DevClusterError(RuntimeError):
@@ -73,15 +79,18 @@ def _free_port() -> int:
 class DevCluster:
     """`n` independent redis-server processes (no replication), started by `start()` or
     `with`. `port_base`: ports port_base .. port_base+n-1 (each must be free); default:
-    free ports chosen by the OS."""
+    free ports chosen by the OS. `rejoin_ms`: the rejoin wait stored on every instance (E1),
+    so a client whose lease is longer is refused and one that loses its data waits it out."""
 
     def __init__(self, n: int = 3, *, port_base: int | None = None,
-                 executable: str | None = None, startup_timeout_s: float = 10.0) -> None:
+                 executable: str | None = None, startup_timeout_s: float = 10.0,
+                 rejoin_ms: int = DEV_REJOIN_MS) -> None:
         if n < 1:
             raise InvalidArgument("a development cluster needs at least one instance")
         if port_base is not None and not 1 <= port_base <= 65535 - (n - 1):
             raise InvalidArgument(f"port base {port_base} leaves no room for {n} ports")
         self.n = n
+        self.rejoin_ms = check_int("rejoin_ms", rejoin_ms, 0, 86_400_000)
         self.port_base = port_base
         self.executable = executable
         self.startup_timeout_s = startup_timeout_s
@@ -127,7 +136,8 @@ class DevCluster:
             for port in ports:
                 client = self._client(port)
                 try:
-                    Engine(client).init_fresh()  # E1: brand new, nothing to forget
+                    # E1: brand new, nothing to forget; the stored rejoin wait bounds the leases
+                    Engine(client).init_fresh(self.rejoin_ms)
                 finally:
                     client.close()
         except BaseException:
