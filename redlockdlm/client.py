@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import select
 import selectors
 import threading
 import time
@@ -176,6 +177,7 @@ class Instance:
         self.pool = pool_from_url(redis.ConnectionPool, url, socket_timeout=socket_timeout,
                                   socket_connect_timeout=connect_timeout, **options)
         self.url = _mask(url)
+        self.timeout = socket_timeout
         self.client = redis.Redis(connection_pool=self.pool)
         self.pubsub: redis.client.PubSub | None = None
         self.warned = False  #: a failed subscription was logged as a warning already
@@ -316,8 +318,9 @@ class DLM:
             sent = time.monotonic()
             for v in lk.votes:
                 v.sent_at = sent
-        try:
-            results = self._broadcast(cmds)
+        try:  # R4: on a quorum of replies; a stalled instance's comes to _late_reply
+            results = self._broadcast(cmds, enough=self._core.quorum,
+                                      late=functools.partial(self._late_reply, lk, sent))
         except BaseException:
             with self._mu:
                 self._core.forget(lk)
@@ -379,9 +382,17 @@ class DLM:
         if self._closed:
             raise DLMError("this DLM client is closed")
 
-    def _broadcast(self, cmds: Iterable[tuple[int, Call]]) -> dict[int, Any]:
-        """Write every command, then read every reply: one round trip for all instances.
-        Returns instance -> parsed reply or the exception it raised (as `settle` says)."""
+    def _broadcast(self, cmds: Iterable[tuple[int, Call]], *, enough: int | None = None,
+                   late: Callable[[int, Any], None] | None = None) -> dict[int, Any]:
+        """Write every command, then read the replies as they come: one round trip for all
+        instances. Returns instance -> parsed reply or the exception it raised (as `settle`
+        says; an instance silent for its socket timeout: redis.TimeoutError).
+
+        With `enough` (R4, docs/protocol.md): return once that many replies are in and the
+        others have had as long again as those took (at least 5 ms): a stalled instance
+        then costs the caller nothing more. Its reply is read on another thread and given
+        to `late(instance, result)`, which must handle it safely (a grant of a request that
+        failed meanwhile is released)."""
         conns: list[tuple[int, Call, Any]] = []
         results: dict[int, Any] = {}
         for i, call in cmds:
@@ -393,9 +404,61 @@ class DLM:
                 conn.disconnect()
                 self._instances[i].put(conn)
                 results[i] = exc
-        for i, call, conn in conns:
-            results[i] = self._finish(i, conn, [call])[0]
+        t0 = time.monotonic()
+        rest = self._collect(conns, t0, results, enough)
+        if rest:
+            self._spawn(self._collect, rest, t0, {}, None, late)
         return results
+
+    def _collect(self, entries: list[tuple[int, Call, Any]], t0: float, got: dict[int, Any],
+                 enough: int | None, each: Callable[[int, Any], None] | None = None
+                 ) -> list[tuple[int, Call, Any]]:
+        """Read the replies of `entries` (instance, call, connection: written at `t0`) in
+        the order they arrive, into `got` (and to `each`), until all are in, or `enough`
+        replies are in `got` and the others had their grace (see `_broadcast`). Each
+        instance gets its own socket timeout from `t0`. Returns the entries not read."""
+        todo = list(entries)
+        grace_end: float | None = None
+        while todo:
+            now = time.monotonic()
+            if enough is not None and len(got) >= enough:
+                if grace_end is None:
+                    grace_end = now + max(0.005, now - t0)
+                elif now >= grace_end:
+                    break
+            ready = [e for e in todo if e[2]._sock is None]  # (read: raises at once)
+            if not ready:
+                expired = [e for e in todo if now >= t0 + self._instances[e[0]].timeout]
+                for e in expired:
+                    todo.remove(e)
+                    i, _, conn = e
+                    conn.disconnect()  # its reply, if any, must not reach the next command
+                    self._instances[i].put(conn)
+                    res = redis.TimeoutError(f"Timeout reading from {self._instances[i].url}")
+                    got[i] = res
+                    if each is not None:
+                        each(i, res)
+                if not todo:
+                    break
+                until = min(t0 + self._instances[e[0]].timeout for e in todo)
+                if grace_end is not None:
+                    until = min(until, grace_end)
+                poll = select.poll()
+                by_fd = {}
+                for e in todo:
+                    fd = e[2]._sock.fileno()
+                    by_fd[fd] = e
+                    poll.register(fd, select.POLLIN | select.POLLPRI)
+                wait_ms = max(0, int((until - now) * 1000) + 1)
+                ready = [by_fd[fd] for fd, _ in poll.poll(wait_ms) if fd in by_fd]
+            for e in ready:
+                todo.remove(e)
+                i, call, conn = e
+                res = self._finish(i, conn, [call])[0]
+                got[i] = res
+                if each is not None:
+                    each(i, res)
+        return todo
 
     def _pipeline(self, i: int, calls: Sequence[Call]) -> list[Any]:
         """Send every call to instance `i` in one write and read their replies: one round
@@ -456,12 +519,17 @@ class DLM:
                 raws.append(exc)
         return raws
 
-    def _send_and_feed(self, lk: LockCore, cmds: list[tuple[int, tuple]]) -> None:
-        """Send commands about `lk` (outside the core lock) and record the replies."""
+    def _send_and_feed(self, lk: LockCore, cmds: list[tuple[int, tuple]],
+                       cticket: int | None = None) -> None:
+        """Send commands about `lk` (outside the core lock) and record the replies: of a
+        quorum of them, when more are sent (R4); the others as they come (`_late_reply`,
+        or `_late_convert` for the conversion of ticket `cticket`)."""
         if not cmds:
             return
         sent = time.monotonic()
-        results = self._broadcast(cmds)
+        late = (functools.partial(self._late_reply, lk, sent) if cticket is None
+                else functools.partial(self._late_convert, lk, sent, cticket))
+        results = self._broadcast(cmds, enough=min(len(cmds), self._core.quorum), late=late)
         with self._mu:
             for i, res in results.items():
                 try:
@@ -469,6 +537,25 @@ class DLM:
                 except DLMError as exc:
                     log.warning("unexpected error from %s: %s", self._instances[i].url, exc)
             self._cond.notify_all()
+
+    def _late_reply(self, lk: LockCore, sent: float, i: int, res: Any) -> None:
+        """A reply about `lk` that came after its call returned (R4, on the reading
+        thread): record it, re-evaluate, and release the request there if it failed."""
+        with self._mu:
+            cmds = self._core.on_late_reply(lk, i, res, sent, time.monotonic())
+            if lk.phase is Phase.ACQUIRING and self._core.locks.get(lk.id) is lk:
+                self._advance(lk)
+            self._cond.notify_all()
+        if cmds:
+            self._broadcast(cmds)
+
+    def _late_convert(self, lk: LockCore, sent: float, cticket: int, i: int,
+                      res: Any) -> None:
+        with self._mu:
+            cmds = self._core.on_late_convert(lk, i, res, sent, cticket, time.monotonic())
+            self._cond.notify_all()
+        if cmds:
+            self._broadcast(cmds)
 
     # ----------------------------------------------------------------- acquisition loop
 
@@ -494,8 +581,8 @@ class DLM:
 
     def _cleanup_then_finish(self, req: Request, error: DLMError,
                              cleanup: list[tuple[int, tuple]]) -> None:
-        try:
-            self._broadcast(cleanup)
+        try:  # (R4: a stalled instance gets it when it wakes, or the lease ends it there)
+            self._broadcast(cleanup, enough=self._core.quorum)
         finally:
             req._finish(error)
 
@@ -743,7 +830,9 @@ class DLM:
                     for i in range(self._core.n)]
             before = lk.phase
             lk.phase = Phase.RELEASED  # renewals in flight must not report it lost
-        results = self._broadcast(cmds)
+        # R4: done once a quorum released it; a stalled instance gets it when it wakes (or
+        # the lock expires there by its lease)
+        results = self._broadcast(cmds, enough=self._core.quorum)
         with self._mu:
             errors = [r for r in results.values() if isinstance(r, DLMError)
                       and not isinstance(r, QuorumUnavailable)]
@@ -773,7 +862,8 @@ class DLM:
             cmds = [(i, self._core.convert_cmd(lk, m, fl, value, version, i))
                     for i in range(self._core.n)]
             lk.pending = set(range(self._core.n))
-        self._send_and_feed(lk, cmds)
+            cticket = lk.cticket
+        self._send_and_feed(lk, cmds, cticket)
         with self._mu:
             while True:
                 now = time.monotonic()
@@ -785,7 +875,7 @@ class DLM:
                 if out.actions:
                     self._mu.release()
                     try:
-                        self._send_and_feed(lk, out.actions)
+                        self._send_and_feed(lk, out.actions, cticket)
                     finally:
                         self._mu.acquire()
                     continue
@@ -806,7 +896,7 @@ class DLM:
                 if recheck:
                     self._mu.release()
                     try:
-                        self._send_and_feed(lk, recheck)
+                        self._send_and_feed(lk, recheck, cticket)
                     finally:
                         self._mu.acquire()
         results = self._broadcast(out.cleanup)

@@ -17,6 +17,7 @@
     ├── ParentNotGranted                    the parent lock is not granted on a quorum
     ├── LockLost                            a held lock could not be kept valid
     ├── QuorumUnavailable (ConnectionError) fewer than a quorum of instances answered
+    │   └── InstancesRecovering             too few may grant yet: rejoin window (E1)
     └── ProtocolError                       an instance answered something we did not expect
 
 Errors carry their context as attributes (`resource`, `lock_id`, `instance`), not only in
@@ -93,6 +94,17 @@ class QuorumUnavailable(DLMError, ConnectionError):
     """Fewer than a quorum of instances answered."""
 
 
+class InstancesRecovering(QuorumUnavailable):
+    """Too few instances may grant yet: some restarted (or are new and were not marked
+    fresh) and are in their rejoin window (rule E1). `recovering` maps each such instance
+    to the seconds its window still had to run when the call gave up."""
+
+    def __init__(self, message: str = "", *, recovering: dict[str, float] | None = None,
+                 **context: str | None) -> None:
+        super().__init__(message, **context)
+        self.recovering = dict(recovering or {})
+
+
 class ProtocolError(DLMError):
     """An instance answered something the protocol does not expect."""
 
@@ -122,6 +134,7 @@ __all__ = sorted(
         "DLMError",
         "Deadlock",
         "HasChildren",
+        "InstancesRecovering",
         "InvalidArgument",
         "InvalidType",
         "LockLost",
