@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import select
 import selectors
 import threading
@@ -397,6 +398,11 @@ class DLM:
         results: dict[int, Any] = {}
         for i, call in cmds:
             conn = self._instances[i].get()
+            if conn._sock is None:
+                # Connecting waits for the handshake's replies (HELLO...): a stalled
+                # instance would hold up the others' writes, so it goes on its own thread
+                conns.append((i, call, _Connecting(self, i, call, conn)))
+                continue
             try:
                 self._write(conn, (packed_command(*call),))
                 conns.append((i, call, conn))
@@ -426,9 +432,11 @@ class DLM:
                     grace_end = now + max(0.005, now - t0)
                 elif now >= grace_end:
                     break
-            ready = [e for e in todo if e[2]._sock is None]  # (read: raises at once)
+            ready = [e for e in todo if not isinstance(e[2], _Connecting)
+                     and e[2]._sock is None]  # (read: raises at once)
             if not ready:
-                expired = [e for e in todo if now >= t0 + self._instances[e[0]].timeout]
+                expired = [e for e in todo if not isinstance(e[2], _Connecting)
+                           and now >= t0 + self._instances[e[0]].timeout]
                 for e in expired:
                     todo.remove(e)
                     i, _, conn = e
@@ -446,7 +454,7 @@ class DLM:
                 poll = select.poll()
                 by_fd = {}
                 for e in todo:
-                    fd = e[2]._sock.fileno()
+                    fd = e[2].fd if isinstance(e[2], _Connecting) else e[2]._sock.fileno()
                     by_fd[fd] = e
                     poll.register(fd, select.POLLIN | select.POLLPRI)
                 wait_ms = max(0, int((until - now) * 1000) + 1)
@@ -454,7 +462,8 @@ class DLM:
             for e in ready:
                 todo.remove(e)
                 i, call, conn = e
-                res = self._finish(i, conn, [call])[0]
+                res = conn.result() if isinstance(conn, _Connecting) else self._finish(
+                    i, conn, [call])[0]
                 got[i] = res
                 if each is not None:
                     each(i, res)
@@ -903,6 +912,34 @@ class DLM:
         with self._mu:
             self._core.rollback_convert(lk, old, results)
         raise out.error
+
+
+class _Connecting:
+    """One command to an instance whose connection is not open yet: connect, write and
+    read the reply on a thread of its own (bounded by the connect and socket timeouts),
+    then make `fd` readable for `DLM._collect`."""
+
+    def __init__(self, dlm: DLM, i: int, call: Call, conn: Any) -> None:
+        self.fd, self._wfd = os.pipe()
+        self._box: list[Any] = []
+        threading.Thread(target=self._run, args=(dlm, i, call, conn), daemon=True,
+                         name="redlockdlm-connect").start()
+
+    def _run(self, dlm: DLM, i: int, call: Call, conn: Any) -> None:
+        try:
+            dlm._write(conn, (packed_command(*call),))
+        except Exception as exc:  # noqa: BLE001 - unreachable, refused, not Redis...
+            conn.disconnect()
+            dlm._instances[i].put(conn)
+            self._box.append(exc)
+        else:
+            self._box.append(dlm._finish(i, conn, [call])[0])
+        os.write(self._wfd, b"x")
+
+    def result(self) -> Any:
+        os.close(self.fd)
+        os.close(self._wfd)
+        return self._box[0]
 
 
 class Request:
