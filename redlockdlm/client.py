@@ -270,7 +270,12 @@ class DLM:
         """Block until `resource` is granted in `mode` on a quorum, and return the Lock.
 
         Raises LockTimeout (nothing left behind), NotQueued (noqueue and not grantable at
-        once), Deadlock (chosen as a victim), ParentNotGranted, QuorumUnavailable.
+        once), Deadlock (chosen as a victim), ParentNotGranted, QuorumUnavailable (naming
+        the instances that did not answer) or its subclass InstancesRecovering (naming the
+        instances in their rejoin window, E1). With a `timeout`, the wait goes on through
+        failures of instances until that timeout (docs/rules.md R3); without one it fails at
+        the first round too few instances answer, and a `noqueue` request after its one
+        round: no call without a timeout blocks when no quorum can decide.
         `priority` (docs/rules.md P1; an int in -2**31..2**31-1, default 0) matters only if
         the request is caught in a deadlock: the detector cancels the cycle's request of
         lowest priority, and among those the youngest (docs/detector.md D8). It changes no
