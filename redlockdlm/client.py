@@ -426,24 +426,53 @@ class DLM:
                  ) -> list[tuple[int, Call, Any]]:
         """Read the replies of `entries` (instance, call, connection: written at `t0`) in
         the order they arrive, into `got` (and to `each`), until all are in, or `enough`
-        replies are in `got` and the others had their grace (see `_broadcast`). Each
-        instance gets its own socket timeout from `t0`. Returns the entries not read."""
-        todo = list(entries)
+        replies are in `got` and the others had their grace (see `_broadcast`). An instance
+        silent for its socket timeout from `t0` gets a redis.TimeoutError. Returns the
+        entries not read."""
+        def read(e: tuple[int, Call, Any]) -> None:
+            i, call, conn = e
+            res = conn.result() if isinstance(conn, _Connecting) else self._finish(
+                i, conn, [call])[0]
+            got[i] = res
+            if each is not None:
+                each(i, res)
+
+        todo: dict[int, tuple[int, Call, Any]] = {}
+        poll = select.poll()
+        for e in entries:
+            conn = e[2]
+            if isinstance(conn, _Connecting):
+                fd = conn.fd
+            elif conn._sock is None:  # (the read fails at once)
+                read(e)
+                continue
+            else:
+                fd = conn._sock.fileno()
+            todo[fd] = e
+            poll.register(fd, select.POLLIN | select.POLLPRI)
+        ends = t0 + max((self._instances[e[0]].timeout for e in todo.values()), default=0.0)
         grace_end: float | None = None
         while todo:
             now = time.monotonic()
+            until = ends
             if enough is not None and len(got) >= enough:
                 if grace_end is None:
                     grace_end = now + max(0.005, now - t0)
-                elif now >= grace_end:
+                if now >= grace_end:
                     break
-            ready = [e for e in todo if not isinstance(e[2], _Connecting)
-                     and e[2]._sock is None]  # (read: raises at once)
-            if not ready:
-                expired = [e for e in todo if not isinstance(e[2], _Connecting)
-                           and now >= t0 + self._instances[e[0]].timeout]
-                for e in expired:
-                    todo.remove(e)
+                until = min(until, grace_end)
+            events = poll.poll(max(0, int((until - now) * 1000) + 1))
+            for fd, _ in events:
+                e = todo.pop(fd, None)
+                if e is not None:
+                    poll.unregister(fd)
+                    read(e)
+            if not events and time.monotonic() >= ends:
+                for fd, e in list(todo.items()):
+                    if isinstance(e[2], _Connecting):
+                        continue  # bounded by its own connect and socket timeouts
+                    del todo[fd]
+                    poll.unregister(fd)
                     i, _, conn = e
                     conn.disconnect()  # its reply, if any, must not reach the next command
                     self._instances[i].put(conn)
@@ -451,28 +480,8 @@ class DLM:
                     got[i] = res
                     if each is not None:
                         each(i, res)
-                if not todo:
-                    break
-                until = min(t0 + self._instances[e[0]].timeout for e in todo)
-                if grace_end is not None:
-                    until = min(until, grace_end)
-                poll = select.poll()
-                by_fd = {}
-                for e in todo:
-                    fd = e[2].fd if isinstance(e[2], _Connecting) else e[2]._sock.fileno()
-                    by_fd[fd] = e
-                    poll.register(fd, select.POLLIN | select.POLLPRI)
-                wait_ms = max(0, int((until - now) * 1000) + 1)
-                ready = [by_fd[fd] for fd, _ in poll.poll(wait_ms) if fd in by_fd]
-            for e in ready:
-                todo.remove(e)
-                i, call, conn = e
-                res = conn.result() if isinstance(conn, _Connecting) else self._finish(
-                    i, conn, [call])[0]
-                got[i] = res
-                if each is not None:
-                    each(i, res)
-        return todo
+                ends = time.monotonic() + 0.1  # (only threads of connections left)
+        return list(todo.values())
 
     def _pipeline(self, i: int, calls: Sequence[Call]) -> list[Any]:
         """Send every call to instance `i` in one write and read their replies: one round
