@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -340,8 +341,9 @@ class AsyncDLM:
         sent = time.monotonic()
         for v in lk.votes:
             v.sent_at = sent
-        try:
-            results = await self._broadcast(cmds)
+        try:  # R4: on a quorum of replies; a stalled instance's comes to _late_reply
+            results = await self._broadcast(cmds, enough=self._core.quorum,
+                                            late=functools.partial(self._late_reply, lk, sent))
             for i, res in results.items():
                 self._core.on_reply(lk, i, res, sent, time.monotonic())
         except asyncio.CancelledError:
@@ -364,15 +366,30 @@ class AsyncDLM:
 
     # ----------------------------------------------------------------- I/O
 
-    async def _broadcast(self, cmds: Iterable[tuple[int, Call]]) -> dict[int, Any]:
+    async def _broadcast(self, cmds: Iterable[tuple[int, Call]], *,
+                         enough: int | None = None,
+                         late: Callable[[int, Any], Any] | None = None) -> dict[int, Any]:
         """Write every command, then read every reply (one round trip for all). Replies are
         read one after another within one deadline (`socket_timeout` + 0.5 s from the
         first read): every request is already on its way, so this costs no round trip,
-        and it needs no task per instance."""
+        and it needs no task per instance.
+
+        With `enough` (R4, `DLM._broadcast`): each reply is read by its own task, and the
+        call returns once that many are in and the others have had as long again as those
+        took (at least 5 ms); a stalled instance's reply goes to `late(instance, result)`
+        when it comes (a background task), which must handle it safely."""
         results: dict[int, Any] = {}
         conns: list[tuple[int, Call, Any]] = []
+        unsent: list[tuple[int, Call, Any]] = []
+        cmds = list(cmds)
+        gather = enough is not None and len(cmds) > 1
         for i, call in cmds:
             conn = self._instances[i].get()
+            if gather and getattr(conn, "_writer", None) is None:
+                # connecting waits for the handshake's replies: a stalled instance would
+                # hold up the others' writes, so its task connects and writes too
+                unsent.append((i, call, conn))
+                continue
             try:
                 await _send(conn, packed_command(*call))
                 conns.append((i, call, conn))
@@ -380,6 +397,8 @@ class AsyncDLM:
                 await conn.disconnect()
                 self._instances[i].put(conn)
                 results[i] = exc
+        if gather and conns + unsent:
+            return await self._gather(conns, unsent, results, enough or 0, late)
         if not conns:
             return results
         loop = asyncio.get_running_loop()
@@ -396,6 +415,60 @@ class AsyncDLM:
                     await conn.disconnect(nowait=True)
                 self._instances[i].put(conn)
         return results
+
+    async def _gather(self, conns: list[tuple[int, Call, Any]],
+                      unsent: list[tuple[int, Call, Any]], results: dict[int, Any],
+                      enough: int, late: Callable[[int, Any], Any] | None) -> dict[int, Any]:
+        """`_broadcast` with `enough`: read the replies as they come (a task each; for a
+        connection not open yet, the task connects and writes first)."""
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        tasks = {asyncio.ensure_future(self._finish(i, conn, [call], self._instances[i].timeout)):
+                 i for i, call, conn in conns}
+        tasks.update({asyncio.ensure_future(self._send_finish(i, call, conn)): i
+                      for i, call, conn in unsent})
+        waiting = set(tasks)
+        try:
+            while waiting and len(results) < enough:
+                done, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                for t in done:
+                    results[tasks[t]] = t.result()[0]
+            if waiting:  # the others' grace: as long again as the quorum took
+                done, waiting = await asyncio.wait(
+                    waiting, timeout=max(0.005, loop.time() - t0))
+                for t in done:
+                    results[tasks[t]] = t.result()[0]
+        except BaseException:  # cancelled: no reply of this call is wanted any more
+            for t in waiting:
+                t.cancel()
+            raise
+        for t in waiting:  # R4: a stalled instance; its reply is handled when it comes
+            self._background.add(t)
+            t.add_done_callback(functools.partial(self._late_done, tasks[t], late))
+        return results
+
+    async def _send_finish(self, i: int, call: Call, conn: Any) -> list[Any]:
+        try:
+            await _send(conn, packed_command(*call))
+        except Exception as exc:  # noqa: BLE001 - unreachable, refused, not Redis...
+            await conn.disconnect()
+            self._instances[i].put(conn)
+            return [exc]
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await conn.disconnect(nowait=True)
+            self._instances[i].put(conn)
+            raise
+        return await self._finish(i, conn, [call], self._instances[i].timeout)
+
+    def _late_done(self, i: int, late: Callable[[int, Any], Any] | None,
+                   task: asyncio.Future[Any]) -> None:
+        self._background.discard(task)  # type: ignore[arg-type]
+        if task.cancelled() or late is None:
+            return
+        res = late(i, task.result()[0])
+        if asyncio.iscoroutine(res):
+            self._spawn(res)
 
     async def _pipeline(self, i: int, calls: Sequence[Call]) -> list[Any]:
         """Send every call to instance `i` in one write and read their replies: one round
@@ -465,17 +538,39 @@ class AsyncDLM:
                 raws.append(exc)
         return raws
 
-    async def _send_and_feed(self, lk: LockCore, cmds: list[tuple[int, Call]]) -> None:
+    async def _send_and_feed(self, lk: LockCore, cmds: list[tuple[int, Call]],
+                             cticket: int | None = None) -> None:
+        """Send commands about `lk` and record the replies: of a quorum of them, when more
+        are sent (R4); the others as they come (`_late_reply`, or `_late_convert` for the
+        conversion of ticket `cticket`)."""
         if not cmds:
             return
         sent = time.monotonic()
-        results = await self._broadcast(cmds)
+        late = (functools.partial(self._late_reply, lk, sent) if cticket is None
+                else functools.partial(self._late_convert, lk, sent, cticket))
+        results = await self._broadcast(cmds, enough=min(len(cmds), self._core.quorum),
+                                        late=late)
         for i, res in results.items():
             try:
                 self._core.on_reply(lk, i, res, sent, time.monotonic())
             except DLMError as exc:
                 log.warning("unexpected error from %s: %s", self._instances[i].url, exc)
         self._notify(lk)
+
+    async def _late_reply(self, lk: LockCore, sent: float, i: int, res: Any) -> None:
+        """A reply about `lk` that came after its call returned (R4): record it, wake the
+        waiter, and release the request there if it failed meanwhile."""
+        cmds = self._core.on_late_reply(lk, i, res, sent, time.monotonic())
+        self._notify(lk)
+        if cmds:
+            await self._broadcast(cmds)
+
+    async def _late_convert(self, lk: LockCore, sent: float, cticket: int, i: int,
+                            res: Any) -> None:
+        cmds = self._core.on_late_convert(lk, i, res, sent, cticket, time.monotonic())
+        self._notify(lk)
+        if cmds:
+            await self._broadcast(cmds)
 
     def _notify(self, lk: LockCore) -> None:
         ev = self._changed.get(lk.id)
@@ -514,8 +609,8 @@ class AsyncDLM:
                     return
                 if out.error is not None:
                     self._forget(lk)
-                    try:  # nothing left behind once the caller sees the error
-                        await self._broadcast(out.cleanup)
+                    try:  # (R4: a stalled instance gets it when it wakes, or by lease)
+                        await self._broadcast(out.cleanup, enough=self._core.quorum)
                     finally:
                         req._finish(out.error)
                     return
@@ -679,7 +774,8 @@ class AsyncDLM:
                     for i in range(self._core.n)]
         before = lk.phase
         lk.phase = Phase.RELEASED  # renewals in flight must not report it lost
-        results = await self._broadcast(cmds)
+        # R4: done once a quorum released it (a stalled instance: when it wakes, or by lease)
+        results = await self._broadcast(cmds, enough=self._core.quorum)
         errors = [r for r in results.values()
                   if isinstance(r, DLMError) and not isinstance(r, QuorumUnavailable)]
         if errors and len(errors) == len(results):
@@ -702,8 +798,9 @@ class AsyncDLM:
         cmds = [(i, self._core.convert_cmd(lk, m, fl, value, version, i))
                 for i in range(self._core.n)]
         lk.pending = set(range(self._core.n))
+        cticket = lk.cticket
         try:
-            await self._converting(lk, old, cmds)
+            await self._converting(lk, old, cmds, cticket)
         except asyncio.CancelledError:
             await self._clean_up(self._abandon_convert(lk, old, down, cmds))
             raise
@@ -715,7 +812,7 @@ class AsyncDLM:
         (`Session.abandon_convert_cmds`)."""
         cmds = self._core.abandon_convert_cmds(lk, old, down, sent)
         if down:
-            await self._send_and_feed(lk, cmds)
+            await self._send_and_feed(lk, cmds, lk.cticket)
             now = time.monotonic()
             if self._core.evaluate_convert(lk, old, now).done:
                 return
@@ -732,10 +829,11 @@ class AsyncDLM:
         self._core.end_abandon(lk, old)
         self._notify(lk)
 
-    async def _converting(self, lk: LockCore, old: Mode, cmds: list[tuple[int, Call]]) -> None:
-        """Send the conversion and wait for its outcome; on failure put the old mode back
-        and raise."""
-        await self._send_and_feed(lk, cmds)
+    async def _converting(self, lk: LockCore, old: Mode, cmds: list[tuple[int, Call]],
+                          cticket: int) -> None:
+        """Send the conversion (of ticket `cticket`) and wait for its outcome; on failure
+        put the old mode back and raise."""
+        await self._send_and_feed(lk, cmds, cticket)
         while True:
             now = time.monotonic()
             out = self._core.evaluate_convert(lk, old, now)
@@ -744,7 +842,7 @@ class AsyncDLM:
             if out.error is not None:
                 break
             if out.actions:
-                await self._send_and_feed(lk, out.actions)
+                await self._send_and_feed(lk, out.actions, cticket)
                 continue
             until = out.wake_at
             if lk.deadline is not None:
@@ -755,7 +853,7 @@ class AsyncDLM:
                     lk, old, now, timed_out=lk.deadline is not None and now >= lk.deadline)
                 if out.error is not None:
                     break
-                await self._send_and_feed(lk, self._core.recheck_cmds(lk, now))
+                await self._send_and_feed(lk, self._core.recheck_cmds(lk, now), cticket)
         results = await self._broadcast(out.cleanup)
         self._core.rollback_convert(lk, old, results)
         raise out.error

@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
+import select
 import selectors
 import threading
 import time
@@ -180,6 +182,7 @@ class Instance:
         self.pool = pool_from_url(redis.ConnectionPool, url, socket_timeout=socket_timeout,
                                   socket_connect_timeout=connect_timeout, **options)
         self.url = _mask(url)
+        self.timeout = socket_timeout
         self.client = redis.Redis(connection_pool=self.pool)
         self.pubsub: redis.client.PubSub | None = None
         self.warned = False  #: a failed subscription was logged as a warning already
@@ -317,7 +320,12 @@ class DLM:
         """Block until `resource` is granted in `mode` on a quorum, and return the Lock.
 
         Raises LockTimeout (nothing left behind), NotQueued (noqueue and not grantable at
-        once), Deadlock (chosen as a victim), ParentNotGranted, QuorumUnavailable.
+        once), Deadlock (chosen as a victim), ParentNotGranted, QuorumUnavailable (naming
+        the instances that did not answer) or its subclass InstancesRecovering (naming the
+        instances in their rejoin window, E1). With a `timeout`, the wait goes on through
+        failures of instances until that timeout (docs/rules.md R3); without one it fails at
+        the first round too few instances answer, and a `noqueue` request after its one
+        round: no call without a timeout blocks when no quorum can decide.
         `priority` (docs/rules.md P1; an int in -2**31..2**31-1, default 0) matters only if
         the request is caught in a deadlock: the detector cancels the cycle's request of
         lowest priority, and among those the youngest (docs/detector.md D8). It changes no
@@ -372,8 +380,9 @@ class DLM:
             sent = time.monotonic()
             for v in lk.votes:
                 v.sent_at = sent
-        try:
-            results = self._broadcast(cmds)
+        try:  # R4: on a quorum of replies; a stalled instance's comes to _late_reply
+            results = self._broadcast(cmds, enough=self._core.quorum,
+                                      late=functools.partial(self._late_reply, lk, sent))
         except BaseException:  # interrupted: some instances may have queued or granted it
             with self._mu:
                 self._core.forget(lk)
@@ -471,13 +480,26 @@ class DLM:
         if self._closed:
             raise DLMError("this DLM client is closed")
 
-    def _broadcast(self, cmds: Iterable[tuple[int, Call]]) -> dict[int, Any]:
-        """Write every command, then read every reply: one round trip for all instances.
-        Returns instance -> parsed reply or the exception it raised (as `settle` says)."""
+    def _broadcast(self, cmds: Iterable[tuple[int, Call]], *, enough: int | None = None,
+                   late: Callable[[int, Any], None] | None = None) -> dict[int, Any]:
+        """Write every command, then read the replies as they come: one round trip for all
+        instances. Returns instance -> parsed reply or the exception it raised (as `settle`
+        says; an instance silent for its socket timeout: redis.TimeoutError).
+
+        With `enough` (R4, docs/protocol.md): return once that many replies are in and the
+        others have had as long again as those took (at least 5 ms): a stalled instance
+        then costs the caller nothing more. Its reply is read on another thread and given
+        to `late(instance, result)`, which must handle it safely (a grant of a request that
+        failed meanwhile is released)."""
         conns: list[tuple[int, Call, Any]] = []
         results: dict[int, Any] = {}
         for i, call in cmds:
             conn = self._instances[i].get()
+            if conn._sock is None:
+                # Connecting waits for the handshake's replies (HELLO...): a stalled
+                # instance would hold up the others' writes, so it goes on its own thread
+                conns.append((i, call, _Connecting(self, i, call, conn)))
+                continue
             try:
                 self._write(conn, (packed_command(*call),))
                 conns.append((i, call, conn))
@@ -485,18 +507,82 @@ class DLM:
                 conn.disconnect()
                 self._instances[i].put(conn)
                 results[i] = exc
+        t0 = time.monotonic()
         try:
-            while conns:
-                i, call, conn = conns[0]
-                results[i] = self._finish(i, conn, [call])[0]
-                conns.pop(0)
+            rest = self._collect(conns, t0, results, enough)
         except BaseException:  # interrupted: replies nobody will read
-            for i, _, conn in conns[1:]:
+            for i, _, conn in conns:
+                if i in results or isinstance(conn, _Connecting):
+                    continue  # (a connecting thread ends by its own timeouts)
                 with contextlib.suppress(Exception):
                     conn.disconnect()
                 self._instances[i].put(conn)
             raise
+        if rest:
+            self._spawn(self._collect, rest, t0, {}, None, late)
         return results
+
+    def _collect(self, entries: list[tuple[int, Call, Any]], t0: float, got: dict[int, Any],
+                 enough: int | None, each: Callable[[int, Any], None] | None = None
+                 ) -> list[tuple[int, Call, Any]]:
+        """Read the replies of `entries` (instance, call, connection: written at `t0`) in
+        the order they arrive, into `got` (and to `each`), until all are in, or `enough`
+        replies are in `got` and the others had their grace (see `_broadcast`). An instance
+        silent for its socket timeout from `t0` gets a redis.TimeoutError. Returns the
+        entries not read."""
+        def read(e: tuple[int, Call, Any]) -> None:
+            i, call, conn = e
+            res = conn.result() if isinstance(conn, _Connecting) else self._finish(
+                i, conn, [call])[0]
+            got[i] = res
+            if each is not None:
+                each(i, res)
+
+        todo: dict[int, tuple[int, Call, Any]] = {}
+        poll = select.poll()
+        for e in entries:
+            conn = e[2]
+            if isinstance(conn, _Connecting):
+                fd = conn.fd
+            elif conn._sock is None:  # (the read fails at once)
+                read(e)
+                continue
+            else:
+                fd = conn._sock.fileno()
+            todo[fd] = e
+            poll.register(fd, select.POLLIN | select.POLLPRI)
+        ends = t0 + max((self._instances[e[0]].timeout for e in todo.values()), default=0.0)
+        grace_end: float | None = None
+        while todo:
+            now = time.monotonic()
+            until = ends
+            if enough is not None and len(got) >= enough:
+                if grace_end is None:
+                    grace_end = now + max(0.005, now - t0)
+                if now >= grace_end:
+                    break
+                until = min(until, grace_end)
+            events = poll.poll(max(0, int((until - now) * 1000) + 1))
+            for fd, _ in events:
+                e = todo.pop(fd, None)
+                if e is not None:
+                    poll.unregister(fd)
+                    read(e)
+            if not events and time.monotonic() >= ends:
+                for fd, e in list(todo.items()):
+                    if isinstance(e[2], _Connecting):
+                        continue  # bounded by its own connect and socket timeouts
+                    del todo[fd]
+                    poll.unregister(fd)
+                    i, _, conn = e
+                    conn.disconnect()  # its reply, if any, must not reach the next command
+                    self._instances[i].put(conn)
+                    res = redis.TimeoutError(f"Timeout reading from {self._instances[i].url}")
+                    got[i] = res
+                    if each is not None:
+                        each(i, res)
+                ends = time.monotonic() + 0.1  # (only threads of connections left)
+        return list(todo.values())
 
     def _pipeline(self, i: int, calls: Sequence[Call]) -> list[Any]:
         """Send every call to instance `i` in one write and read their replies: one round
@@ -561,12 +647,17 @@ class DLM:
                 raws.append(exc)
         return raws
 
-    def _send_and_feed(self, lk: LockCore, cmds: list[tuple[int, tuple]]) -> None:
-        """Send commands about `lk` (outside the core lock) and record the replies."""
+    def _send_and_feed(self, lk: LockCore, cmds: list[tuple[int, tuple]],
+                       cticket: int | None = None) -> None:
+        """Send commands about `lk` (outside the core lock) and record the replies: of a
+        quorum of them, when more are sent (R4); the others as they come (`_late_reply`,
+        or `_late_convert` for the conversion of ticket `cticket`)."""
         if not cmds:
             return
         sent = time.monotonic()
-        results = self._broadcast(cmds)
+        late = (functools.partial(self._late_reply, lk, sent) if cticket is None
+                else functools.partial(self._late_convert, lk, sent, cticket))
+        results = self._broadcast(cmds, enough=min(len(cmds), self._core.quorum), late=late)
         with self._mu:
             for i, res in results.items():
                 try:
@@ -574,6 +665,25 @@ class DLM:
                 except DLMError as exc:
                     log.warning("unexpected error from %s: %s", self._instances[i].url, exc)
             self._cond.notify_all()
+
+    def _late_reply(self, lk: LockCore, sent: float, i: int, res: Any) -> None:
+        """A reply about `lk` that came after its call returned (R4, on the reading
+        thread): record it, re-evaluate, and release the request there if it failed."""
+        with self._mu:
+            cmds = self._core.on_late_reply(lk, i, res, sent, time.monotonic())
+            if lk.phase is Phase.ACQUIRING and self._core.locks.get(lk.id) is lk:
+                self._advance(lk)
+            self._cond.notify_all()
+        if cmds:
+            self._broadcast(cmds)
+
+    def _late_convert(self, lk: LockCore, sent: float, cticket: int, i: int,
+                      res: Any) -> None:
+        with self._mu:
+            cmds = self._core.on_late_convert(lk, i, res, sent, cticket, time.monotonic())
+            self._cond.notify_all()
+        if cmds:
+            self._broadcast(cmds)
 
     # ----------------------------------------------------------------- acquisition loop
 
@@ -602,8 +712,8 @@ class DLM:
         with self._mu:  # a re-check in flight must not land after the clean-up
             while req.lock._core.sends:
                 self._cond.wait(0.5)
-        try:
-            self._broadcast(cleanup)
+        try:  # (R4: a stalled instance gets it when it wakes, or the lease ends it there)
+            self._broadcast(cleanup, enough=self._core.quorum)
         finally:
             req._finish(error)
 
@@ -884,7 +994,9 @@ class DLM:
                     for i in range(self._core.n)]
             before = lk.phase
             lk.phase = Phase.RELEASED  # renewals in flight must not report it lost
-        results = self._broadcast(cmds)
+        # R4: done once a quorum released it; a stalled instance gets it when it wakes (or
+        # the lock expires there by its lease)
+        results = self._broadcast(cmds, enough=self._core.quorum)
         with self._mu:
             errors = [r for r in results.values() if isinstance(r, DLMError)
                       and not isinstance(r, QuorumUnavailable)]
@@ -914,8 +1026,9 @@ class DLM:
             cmds = [(i, self._core.convert_cmd(lk, m, fl, value, version, i))
                     for i in range(self._core.n)]
             lk.pending = set(range(self._core.n))
+            cticket = lk.cticket
         try:
-            self._converting(lk, old, cmds)
+            self._converting(lk, old, cmds, cticket)
         except DLMError:
             raise
         except BaseException:  # interrupted (KeyboardInterrupt...): nothing half-done
@@ -930,7 +1043,7 @@ class DLM:
         with self._mu:
             cmds = self._core.abandon_convert_cmds(lk, old, down, sent)
         if down:
-            self._send_and_feed(lk, cmds)
+            self._send_and_feed(lk, cmds, lk.cticket)
             with self._mu:
                 now = time.monotonic()
                 if self._core.evaluate_convert(lk, old, now).done:
@@ -951,10 +1064,11 @@ class DLM:
             self._core.end_abandon(lk, old)
             self._cond.notify_all()
 
-    def _converting(self, lk: LockCore, old: Mode, cmds: list[tuple[int, Call]]) -> None:
-        """Send the conversion and wait for its outcome; on failure put the old mode back
-        and raise."""
-        self._send_and_feed(lk, cmds)
+    def _converting(self, lk: LockCore, old: Mode, cmds: list[tuple[int, Call]],
+                    cticket: int) -> None:
+        """Send the conversion (of ticket `cticket`) and wait for its outcome; on failure
+        put the old mode back and raise."""
+        self._send_and_feed(lk, cmds, cticket)
         with self._mu:
             while True:
                 now = time.monotonic()
@@ -966,7 +1080,7 @@ class DLM:
                 if out.actions:
                     self._mu.release()
                     try:
-                        self._send_and_feed(lk, out.actions)
+                        self._send_and_feed(lk, out.actions, cticket)
                     finally:
                         self._mu.acquire()
                     continue
@@ -987,13 +1101,41 @@ class DLM:
                 if recheck:
                     self._mu.release()
                     try:
-                        self._send_and_feed(lk, recheck)
+                        self._send_and_feed(lk, recheck, cticket)
                     finally:
                         self._mu.acquire()
         results = self._broadcast(out.cleanup)
         with self._mu:
             self._core.rollback_convert(lk, old, results)
         raise out.error
+
+
+class _Connecting:
+    """One command to an instance whose connection is not open yet: connect, write and
+    read the reply on a thread of its own (bounded by the connect and socket timeouts),
+    then make `fd` readable for `DLM._collect`."""
+
+    def __init__(self, dlm: DLM, i: int, call: Call, conn: Any) -> None:
+        self.fd, self._wfd = os.pipe()
+        self._box: list[Any] = []
+        threading.Thread(target=self._run, args=(dlm, i, call, conn), daemon=True,
+                         name="redlockdlm-connect").start()
+
+    def _run(self, dlm: DLM, i: int, call: Call, conn: Any) -> None:
+        try:
+            dlm._write(conn, (packed_command(*call),))
+        except Exception as exc:  # noqa: BLE001 - unreachable, refused, not Redis...
+            conn.disconnect()
+            dlm._instances[i].put(conn)
+            self._box.append(exc)
+        else:
+            self._box.append(dlm._finish(i, conn, [call])[0])
+        os.write(self._wfd, b"x")
+
+    def result(self) -> Any:
+        os.close(self.fd)
+        os.close(self._wfd)
+        return self._box[0]
 
 
 class Request:

@@ -22,6 +22,7 @@
     │   ├── EvictionPolicy                  an instance may evict keys (maxmemory-policy)
     │   └── LeaseTooLong                    a lease longer than an instance's rejoin wait (E1)
     ├── QuorumUnavailable (ConnectionError) fewer than a quorum of instances answered
+    │   └── InstancesRecovering             too few may grant yet: rejoin window (E1)
     ├── NotFresh                            `init fresh` of an instance that is not brand-new
     └── ProtocolError                       an instance answered something we did not expect
 
@@ -136,6 +137,17 @@ class QuorumUnavailable(DLMError, ConnectionError):
     """Fewer than a quorum of instances answered."""
 
 
+class InstancesRecovering(QuorumUnavailable):
+    """Too few instances may grant yet: some restarted (or are new and were not marked
+    fresh) and are in their rejoin window (rule E1). `recovering` maps each such instance
+    to the seconds its window still had to run when the call gave up."""
+
+    def __init__(self, message: str = "", *, recovering: dict[str, float] | None = None,
+                 **context: str | None) -> None:
+        super().__init__(message, **context)
+        self.recovering = dict(recovering or {})
+
+
 class NotFresh(DLMError):
     """`init fresh` refused: the instance is not brand-new (its epoch was created by use:
     it is recovering, or was), so it may have forgotten leases it granted before a restart
@@ -175,6 +187,7 @@ __all__ = sorted(
         "DuplicateInstance",
         "EvictionPolicy",
         "HasChildren",
+        "InstancesRecovering",
         "InvalidArgument",
         "InvalidType",
         "LeaseTooLong",

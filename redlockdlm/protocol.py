@@ -47,6 +47,7 @@ from .errors import (
     DLMError,
     DuplicateInstance,
     EvictionPolicy,
+    InstancesRecovering,
     InvalidArgument,
     InvalidType,
     LeaseTooLong,
@@ -99,6 +100,10 @@ class InstanceVote:
     epoch: str = ""
     yielded_token: int = 0  #: the grant we gave back last (events up to it are stale)
     error: str = ""  #: why the last call to this instance failed (one line), for messages
+    #: that failure does not heal by waiting (authentication, ACL, not Redis, TLS
+    #: certificate): a wait does not go on for it (R3)
+    lasting: bool = False
+    recover_until: float = 0.0  #: E1: monotonic time the instance's rejoin window ends
     by_event: bool = False  #: the current GRANTED came from a pub/sub event
     granted_at: float = 0.0  #: monotonic time we learnt of the current grant
     #: our lease there ran out before we heard from it again (we were paused or cut off):
@@ -565,6 +570,7 @@ class Session:
                 raise reply  # bad input: every instance refuses alike; nothing was changed
             v.vote = Vote.ERROR  # unreachable, or a state this instance alone is in
             v.error = describe(reply)
+            v.lasting = lasting(reply)
             v.retry_at = now + 0.5
             return
         lk.pending.discard(i)
@@ -606,6 +612,7 @@ class Session:
             v.vote = Vote.DEADLOCK
         elif st == Status.RECOVERING:
             v.vote = Vote.RECOVERING
+            v.recover_until = now + max(rep.extra, 0) / 1000.0
             v.retry_at = now + max(rep.extra, 10) / 1000.0
         elif st == Status.NOPARENT:
             v.vote = Vote.NOPARENT
@@ -615,6 +622,51 @@ class Session:
             pass
         else:
             v.vote = Vote.ERROR
+
+    def on_late_reply(self, lk: LockCore, i: int, reply: object, sent_at: float,
+                      now: float) -> list[tuple[int, tuple]]:
+        """R4: instance i's reply to `lk`'s request that came after the call that sent it
+        had returned on the other instances' replies (a stalled instance). Recorded as any
+        reply while the lock is acquiring or held (a late grant adds its vote, a late queue
+        entry is renewed and granted later); where the request failed or the lock was
+        released meanwhile, the release to send there: the request may have landed after
+        the clean-up (they travel on different connections), and nothing may stay behind."""
+        live = self.locks.get(lk.id) is lk
+        if live and lk.phase in (Phase.ACQUIRING, Phase.HELD):
+            try:
+                self.on_reply(lk, i, reply, sent_at, now)
+            except DLMError as exc:  # a refusal this instance alone gave
+                lk.votes[i].vote, lk.votes[i].error = Vote.ERROR, describe(exc)
+            return []
+        if live or isinstance(reply, BaseException):
+            return []  # converting: the conversion's own reply from i tells its state there
+        lk.pending.discard(i)
+        if reply.status in (Status.GRANTED, Status.QUEUED):  # type: ignore[attr-defined]
+            return [(i, self.release_cmd(lk, i=i))]
+        return []
+
+    def on_late_convert(self, lk: LockCore, i: int, reply: object, sent_at: float,
+                        cticket: int, now: float) -> list[tuple[int, tuple]]:
+        """R4 for a conversion: instance i's late reply to the conversion of ticket
+        `cticket`. Recorded while that conversion is still going on, or when it was granted
+        in the mode the reply grants (a vote more); a conversion left queued there by one
+        that ended (failed, or decided without it) is cancelled. A grant there in a stronger
+        mode than the lock holds is repaired by the renewals (R1)."""
+        live = self.locks.get(lk.id) is lk
+        if not live or isinstance(reply, BaseException):
+            lk.pending.discard(i)
+            return []
+        if lk.phase is Phase.CONVERTING and lk.cticket == cticket:
+            self.on_reply(lk, i, reply, sent_at, now)
+            return []
+        lk.pending.discard(i)
+        rep: LockReply = reply  # type: ignore[assignment]
+        if lk.phase is Phase.HELD and lk.cticket == cticket and (
+                rep.status == Status.GRANTED and rep.mode == lk.mode):
+            self.on_reply(lk, i, reply, sent_at, now)
+        elif lk.phase is Phase.HELD and rep.status == Status.QUEUED:
+            return [(i, self.cancel_cmd(lk))]
+        return []
 
     def on_renew_reply(self, i: int, lks: Sequence[LockCore], reply: object,
                        sent_at: float, now: float) -> None:
@@ -713,7 +765,16 @@ class Session:
     # ----------------------------------------------------------------- decisions
 
     def evaluate_acquire(self, lk: LockCore, now: float) -> Outcome:
-        """After replies or events: is `lk` held, failed, or still waiting?"""
+        """After replies or events: is `lk` held, failed, or still waiting?
+
+        R3: a wait ends by a decision of the instances or by the caller's timeout, never by
+        one bad round. Instances that failed (unreachable, stalled, restarting) or are in
+        their rejoin window (E1) are asked again until the deadline; only failures that
+        waiting cannot heal (`lasting`), or a call without a timeout whose instances could
+        not make a quorum, fail at once. A NOQUEUE request without a timeout gets one round:
+        every instance answered (or failed) and no quorum granted, so it fails, naming why.
+        R4: the decision is taken as soon as the replies in hand settle it; a reply still on
+        its way only matters when they do not."""
         n, q = self.n, self.quorum
         if lk.error is not None:
             return self._fail(lk, lk.error)
@@ -722,35 +783,66 @@ class Session:
             lk.adopt_grant(now, lk.rq)
             lk.phase = Phase.HELD
             return Outcome(done=True)
-        if lk.pending:
-            return Outcome()  # replies still on their way
         res = _show(lk.path)
-        if lk.count(Vote.ERROR) > n - q:
-            return self._fail(lk, QuorumUnavailable(
-                f"only {n - lk.count(Vote.ERROR)} of {n} instances answered; {q} needed"
-                + self._causes(lk), resource=res, lock_id=lk.id))
-        if lk.count(Vote.NOTQUEUED) > n - q or (
-                lk.flags & Flag.NOQUEUE and lk.count(Vote.NOTQUEUED, Vote.GRANTED) == n):
-            return self._fail(lk, NotQueued("not granted at once (noqueue)", resource=res,
-                                            lock_id=lk.id))
+        # Answers that no reply still on its way can change
+        if lk.count(Vote.NOTQUEUED) > n - q:
+            return self._fail(lk, NotQueued("not granted at once (noqueue)" + self._causes(lk),
+                                            resource=res, lock_id=lk.id))
         if lk.count(Vote.NOPARENT) > n - q:
             return self._fail(lk, ParentNotGranted(
                 "the parent lock is not granted on a quorum", resource=res, lock_id=lk.id))
-        if lk.deadline is not None and now >= lk.deadline:
-            return self._fail(lk, LockTimeout("not granted within the timeout", resource=res,
-                                              lock_id=lk.id))
+        if sum(1 for v in lk.votes if v.vote is Vote.ERROR and v.lasting) > n - q:
+            return self._fail(lk, QuorumUnavailable(
+                f"only {n - lk.count(Vote.ERROR)} of {n} instances answered; {q} needed"
+                + self._causes(lk), resource=res, lock_id=lk.id))
+        timed_out = lk.deadline is not None and now >= lk.deadline
+        if timed_out:
+            return self._fail(lk, self._why_not(lk, now))
+        if lk.pending:
+            return Outcome(wake_at=lk.deadline)  # replies still on their way
+        noqueue = bool(lk.flags & Flag.NOQUEUE)
+        if lk.deadline is None and (noqueue or lk.count(Vote.ERROR) > n - q):
+            return self._fail(lk, self._why_not(lk, now))
+        if noqueue and not lk.count(Vote.ERROR, Vote.RECOVERING, Vote.ABSENT):
+            # every instance decided and no quorum granted: not grantable at once
+            return self._fail(lk, NotQueued("not granted at once (noqueue)", resource=res,
+                                            lock_id=lk.id))
         out = Outcome()
         # Split vote: granted somewhere but short of a quorum while every instance has
         # answered. Give those grants back to our place in the queue (Y1): where our ticket
         # is the oldest we are granted again at once, elsewhere the older ticket wins.
-        if lk.flags & Flag.NOQUEUE:
-            return out
-        if not lk.round_done:
+        if not noqueue and not lk.round_done:
             lk.round_done = True
             for i in lk.granted(now):
                 out.actions.append((i, self.yield_cmd_for(lk, i)))
         out.wake_at = self._recheck_at(lk, now)
         return out
+
+    def _why_not(self, lk: LockCore, now: float) -> DLMError:
+        """The error of a request that ends without a quorum (its timeout came, or a
+        NOQUEUE request's round, or a call without a timeout met too few instances), by
+        cause: held back by other locks on too many instances (LockTimeout, or NotQueued
+        for NOQUEUE); else instances in their rejoin window (InstancesRecovering, naming
+        them and how long each still has); else instances that did not answer
+        (QuorumUnavailable, naming them and why)."""
+        n, q = self.n, self.quorum
+        res = _show(lk.path)
+        noqueue = bool(lk.flags & Flag.NOQUEUE)
+        blocked = lk.count(Vote.QUEUED, Vote.NOTQUEUED, Vote.DEADLOCK, Vote.NOPARENT)
+        rec = {self.labels[i]: max(0.0, v.recover_until - now)
+               for i, v in enumerate(lk.votes) if v.vote is Vote.RECOVERING}
+        silent = lk.count(Vote.ERROR, Vote.UNKNOWN)
+        head = "not granted at once (noqueue)" if noqueue else "not granted within the timeout"
+        if blocked > n - q or not (rec or silent):
+            cls = NotQueued if noqueue else LockTimeout
+            return cls(head + self._causes(lk), resource=res, lock_id=lk.id)
+        if rec:
+            return InstancesRecovering(
+                f"{head}: {len(rec)} of {n} instances may not grant yet (rejoin window, E1; "
+                f"{q} needed)" + self._causes(lk), recovering=rec, resource=res, lock_id=lk.id)
+        return QuorumUnavailable(
+            f"{head}: only {n - silent} of {n} instances answered; {q} needed"
+            + self._causes(lk), resource=res, lock_id=lk.id)
 
     def _recheck_at(self, lk: LockCore, now: float) -> float:
         """When to look again without an event: the earliest lease expiry of a lock ahead
@@ -783,10 +875,20 @@ class Session:
         lk.pending.update(i for i, _ in out)
         return out
 
-    def _causes(self, lk: LockCore) -> str:
-        """': <label>: <why>; ...' for the instances that failed (one line)."""
-        why = [f"{self.labels[i]}: {v.error or 'no answer'}"
-               for i, v in enumerate(lk.votes) if v.vote is Vote.ERROR]
+    def _causes(self, lk: LockCore, now: float | None = None) -> str:
+        """': <label>: <why>; ...' for the instances that failed, did not answer (yet), or
+        are in their rejoin window (one line)."""
+        now = time.monotonic() if now is None else now
+        why = []
+        for i, v in enumerate(lk.votes):
+            if v.vote is Vote.ERROR:
+                why.append(f"{self.labels[i]}: {v.error or 'no answer'}")
+            elif v.vote is Vote.UNKNOWN:
+                why.append(f"{self.labels[i]}: no answer yet")
+            elif v.vote is Vote.RECOVERING:
+                left = max(0.0, v.recover_until - now)
+                why.append(f"{self.labels[i]}: recovering (rejoin window, E1) for another "
+                           f"{left:.1f} s")
         return ": " + "; ".join(why) if why else ""
 
     def _fail(self, lk: LockCore, err: DLMError) -> Outcome:
@@ -853,7 +955,9 @@ class Session:
                                lock_id=lk.id)
             elif lk.count(Vote.DEADLOCK):
                 err = Deadlock("conversion deadlock (G7)", resource=res, lock_id=lk.id)
-            elif lk.count(Vote.ERROR) > n - q:
+            elif lk.count(Vote.ERROR) > n - q and (  # R3: a timeout waits through failures
+                    lk.deadline is None or timed_out or now >= lk.deadline
+                    or sum(1 for v in lk.votes if v.vote is Vote.ERROR and v.lasting) > n - q):
                 err = QuorumUnavailable("fewer than a quorum answered" + self._causes(lk),
                                         resource=res, lock_id=lk.id)
             elif lk.count(Vote.NOTQUEUED):  # only a NOQUEUE conversion is answered so
@@ -1044,6 +1148,18 @@ def descendants(lk: LockCore) -> list[LockCore]:
         out.append(c)
         out.extend(descendants(c))
     return out
+
+
+def lasting(exc: BaseException) -> bool:
+    """True for an instance failure that waiting does not heal: authentication, the ACL,
+    an instance that is not Redis, a TLS certificate refused, an answer the protocol does
+    not expect. A timeout, a refused or reset connection, a server still loading are
+    short failures (a paused, restarting or overloaded instance): a wait goes on (R3)."""
+    if isinstance(exc, DLMError):
+        return True  # a typed refusal by the instance (ProtocolError, a script's error...)
+    why = describe(exc)
+    return why.startswith(("authentication failed", "refused by the instance's ACL",
+                           "not a Redis server")) or "certificate" in why
 
 
 def check_int(what: str, value: object, lo: int, hi: int) -> int:

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -108,3 +109,74 @@ def test_one_detector_leads_and_a_dead_leader_is_replaced(cluster3):
     assert b.returncode == 0, err
     assert "leading detector" in err, err[-2000:]
     assert time.monotonic() - killed_at < 15
+
+
+class _Stderr:
+    """The lines a subprocess writes to stderr, read on a thread (no pipe fills up)."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.lines: list[str] = []
+        self._t = threading.Thread(target=self._read, args=(proc,), daemon=True)
+        self._t.start()
+
+    def _read(self, proc: subprocess.Popen) -> None:
+        for line in proc.stderr:
+            self.lines.append(line)
+
+    def wait_for(self, text: str, timeout: float) -> float | None:
+        """Seconds until a line containing `text` appeared, or None after `timeout`."""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            if any(text in line for line in self.lines):
+                return time.monotonic() - t0
+            time.sleep(0.05)
+        return None
+
+    def text(self) -> str:
+        return "".join(self.lines)
+
+
+def test_detector_on_instances_not_marked_fresh_leads_after_the_rejoin_window(cluster3):
+    """A new deployment whose instances were not `init --fresh`'ed: every instance is in
+    its rejoin window (E1) when the detector first asks to lead. It must lead once the
+    window ends (R3: the NOQUEUE attempt returns each round instead of blocking), and
+    stop promptly on SIGTERM."""
+    args = [*PY_M, "detector", "--interval", "0.2", "--lease", "1500", "-v"]
+    p = subprocess.Popen(args, env=_env(cluster3.urls), stderr=subprocess.PIPE, text=True)
+    err = _Stderr(p)
+    try:
+        took = err.wait_for("leading detector", 1.5 + 6)
+        assert took is not None, err.text()[-3000:]
+        p.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        p.wait(timeout=10)
+        assert time.monotonic() - t0 < 2.5
+        assert p.returncode == 0, err.text()[-3000:]
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(5)
+
+
+def test_detector_waiting_for_the_rejoin_window_stops_on_sigterm(cluster3):
+    """SIGTERM while the detector waits for instances in their rejoin window (long here:
+    the lease, 20 s): it exits within about 2 s, with status 0."""
+    args = [*PY_M, "detector", "--interval", "0.2", "--lease", "20000", "-v"]
+    p = subprocess.Popen(args, env=_env(cluster3.urls), stderr=subprocess.PIPE, text=True)
+    err = _Stderr(p)
+    try:
+        assert err.wait_for("event=start", 10) is not None, err.text()[-3000:]
+        time.sleep(1.0)  # asking to lead, in the window
+        p.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        try:
+            p.wait(timeout=8)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the detector ignored SIGTERM: " + err.text()[-3000:])
+        assert time.monotonic() - t0 < 2.5
+        assert p.returncode == 0, err.text()[-3000:]
+        assert "leading detector" not in err.text()
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(5)

@@ -204,11 +204,17 @@ def test_a_majority_not_redis_is_quorum_unavailable_naming_the_cause(fresh3, fak
     # a fake that answers must be given time to answer on a loaded machine; a silent one
     # is only ever a timeout, so keep its test short
     to = 0.5 if fake.kind == "silent" else 2.0
+    # R3: an instance that is not Redis fails the wait at once; one that closes the
+    # connection or stays silent may be restarting or paused, so the wait goes on until
+    # the caller's timeout, and the error names the cause then
+    short = fake.kind in ("close", "silent")
+    limit = 2.0 if short else 10
     t0 = time.monotonic()
     with DLM(urls, NS, socket_timeout=to, connect_timeout=to) as d:
         with pytest.raises(QuorumUnavailable) as ei:
-            d.lock("res", Mode.EX, timeout=10)
-        assert time.monotonic() - t0 < 10
+            d.lock("res", Mode.EX, timeout=limit)
+        took = time.monotonic() - t0
+        assert (limit <= took < limit + 4) if short else took < 10, took
         msg = str(ei.value)
         assert msg.count(CAUSE[fake.kind]) == 2 and "\n" not in msg, msg
         assert not d._core.locks  # nothing left behind in the client ...
@@ -218,12 +224,12 @@ def test_a_majority_not_redis_is_quorum_unavailable_naming_the_cause(fresh3, fak
 
     async def attempt() -> None:
         async with AsyncDLM(urls, NS, socket_timeout=to, connect_timeout=to) as a:
-            await a.lock("res", Mode.EX, timeout=10)
+            await a.lock("res", Mode.EX, timeout=limit)
 
     t0 = time.monotonic()
     with pytest.raises(QuorumUnavailable) as ei:
         asyncio.run(attempt())
-    assert time.monotonic() - t0 < 10
+    assert time.monotonic() - t0 < (limit + 4 if short else 10)
     assert CAUSE[fake.kind] in str(ei.value), str(ei.value)
 
 
