@@ -192,8 +192,6 @@ class AsyncDLM:
         for i, st in zip(which, hellos):
             if st is not None and (err := self._core.identify(i, st)) is not None:
                 errors.append(err)
-        for err in errors:
-            log.error("%s", err)
         return errors
 
     async def __aenter__(self) -> AsyncDLM:
@@ -634,7 +632,8 @@ class AsyncDLM:
         warned = False
         while not self._closed:
             if self._core.run_ids[i] is None and i not in self._core.refused:
-                await self._first_contact([i])  # an instance reached at last
+                for err in await self._first_contact([i]):  # an instance reached at last
+                    log.error("instance refused, its votes never count: %s", err)
             if i in self._core.refused:
                 return  # its votes never count: no events either
             ps = inst.client.pubsub(ignore_subscribe_messages=True)

@@ -136,12 +136,18 @@ def check_url(url: object) -> str:
     return url
 
 
+# The longest socket or connect timeout accepted: a day (the OS refuses much larger ones,
+# and a connection silent that long is dead).
+MAX_TIMEOUT_S = 86_400.0
+
+
 def check_timeouts(**timeouts: object) -> None:
     for what, t in timeouts.items():
         if isinstance(t, bool) or not isinstance(t, (int, float)):
             raise InvalidType(f"{what} must be a number of seconds, not {type(t).__name__}")
-        if not 0 < t < float("inf"):
-            raise InvalidArgument(f"{what} must be > 0 seconds, got {t}")
+        if not 0 < t <= MAX_TIMEOUT_S:
+            raise InvalidArgument(f"{what} must be > 0 and at most {MAX_TIMEOUT_S} seconds "
+                                  f"(a day), got {t}")
 
 
 @functools.cache
@@ -213,8 +219,8 @@ def check_transports(urls: Sequence[str]) -> None:
     plain = [u for u in urls if urlsplit(u).scheme == "redis"]
     if tls and plain:
         raise MixedTransport(
-            f"TLS and plain instance URLs are mixed ({', '.join(map(_mask, tls))} use "
-            f"rediss://, {', '.join(map(_mask, plain))} redis://): use rediss:// for every "
+            f"TLS and plain instance URLs are mixed: TLS (rediss://) {', '.join(map(_mask, tls))}; "
+            f"plain (redis://) {', '.join(map(_mask, plain))}: use rediss:// for every "
             "instance (or unix:// for a local one)", instance=_mask(plain[0]))
 
 
@@ -738,8 +744,8 @@ class DLM:
 
     def _first_contact(self, which: Iterable[int]) -> list[ConfigurationError]:
         """Identify the instances of `which` not identified yet that answer (Session.identify).
-        Returns the configuration errors found; an instance that does not answer is left
-        for later."""
+        Returns the configuration errors found (the caller raises or logs them); an
+        instance that does not answer is left for later."""
         hellos = {}
         for i in which:
             if self._core.run_ids[i] is not None or i in self._core.refused:
@@ -747,7 +753,8 @@ class DLM:
             inst = self._instances[i]
             try:
                 hellos[i] = hello(inst.client)
-            except (*_NET_ERRORS, redis.RedisError, DLMError) as exc:
+            except Exception as exc:  # noqa: BLE001 - unreachable, refused, not Redis (redis-py
+                # can fail with anything on a server that answers HELLO with nonsense)
                 log.info("instance %s: no first contact yet: %s", inst.url, describe(exc))
         errors: list[ConfigurationError] = []
         with self._mu:
@@ -755,8 +762,6 @@ class DLM:
                 err = self._core.identify(i, st)
                 if err is not None:
                     errors.append(err)
-        for err in errors:
-            log.error("%s", err)
         return errors
 
     def _subscribe(self, i: int, inst: Instance) -> None:
@@ -824,8 +829,9 @@ class DLM:
             now = time.monotonic()
             if now >= next_resub:
                 next_resub = now + 1.0
-                self._first_contact([i for i in range(self._core.n)  # reached at last
-                                     if self._core.run_ids[i] is None])
+                for err in self._first_contact([i for i in range(self._core.n)  # reached at last
+                                                 if self._core.run_ids[i] is None]):
+                    log.error("instance refused, its votes never count: %s", err)
                 for i, inst in enumerate(self._instances):
                     if inst.pubsub is None and i not in self._core.refused:
                         self._subscribe(i, inst)

@@ -375,7 +375,7 @@ class Session:
             f"a lease of {lease} ms is longer than the rejoin wait of {self.labels[i]} "
             f"({rejoin} ms, rule E1): after a restart without its data that instance could "
             f"grant the lock again while this lease still runs; raise the wait with "
-            f"`dlm init --rejoin-ms {lease}` (before starting clients with longer leases) or "
+            f"`dlm rejoin-wait {lease}` (before starting clients with longer leases) or "
             "use a shorter lease", lease_ms=lease, rejoin_ms=rejoin, instance=self.labels[i])
 
     def note_epoch(self, i: int, epoch: str) -> ConfigurationError | None:
