@@ -273,8 +273,10 @@ local function index_of(q, lk)
 end
 
 -- G8: the conversion queue first, repeatedly; then waiters strictly in order while no
--- conversion is queued, stopping at the first that cannot be granted.
+-- conversion is queued, stopping at the first that cannot be granted. Returns true if it
+-- granted anything (the caller marks the resource then).
 local function process(key, r)
+  local granted = false
   local changed = #r.c > 0
   while changed do
     changed = false
@@ -291,6 +293,7 @@ local function process(key, r)
         windex_rem(key, lk)
         grant_event(r, lk)
         changed = true
+        granted = true
       end
     end
   end
@@ -303,13 +306,18 @@ local function process(key, r)
     r.g[#r.g + 1] = lk
     windex_rem(key, lk)
     grant_event(r, lk)
+    granted = true
   end
+  return granted
 end
 
 -- G10, V4: drop expired locks, invalidate the value of an expired writer. G13: a purge that
 -- removes the last lock drops the value block, as a release does, also when the same call
 -- then adds a lock (a request): else an instance that missed the resource's disappearance
 -- elsewhere would hand out the older value to the next holder, said valid.
+-- G8: then the queues are processed, whether a lock went or not: every call that loads a
+-- resource finds its queues processed, so one left unprocessed (by an older version of the
+-- scripts) is repaired by the next call that touches it, a waiter's own renewal included.
 local QUEUES = {'g', 'c', 'w'}  -- read only
 
 local function purge(key, r)
@@ -341,8 +349,8 @@ local function purge(key, r)
     if #r.g == 0 and #r.c == 0 and #r.w == 0 then
       r.v, r.vv, r.vi = nil, 0, 0
     end
-    process(key, r)
   end
+  if process(key, r) then mark(key) end
 end
 
 -- What the last committing call wrote: key -> {blob, the table packed into it}. Kept

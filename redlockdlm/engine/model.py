@@ -174,7 +174,8 @@ class Model:
     def _purge(self, key: bytes, r: Resource, now: int, ev: list) -> None:
         """G10: drop expired locks, V4: invalidate the value of an expired writer; G13: a
         purge that removes the last lock drops the value block (also when the same call
-        then adds a lock)."""
+        then adds a lock). G8: then the queues are processed, a lock gone or not, so every
+        call finds them processed (one left unprocessed by older scripts is repaired)."""
         removed = False
         for q in (r.g, r.c, r.w):
             keep = []
@@ -187,10 +188,9 @@ class Model:
                 else:
                     keep.append(lk)
             q[:] = keep
-        if removed:
-            if r.empty():
-                r.vb, r.vv, r.vi = None, 0, 0
-            self._process(key, r, now, ev)
+        if removed and r.empty():
+            r.vb, r.vv, r.vi = None, 0, 0
+        self._process(key, r, now, ev)
 
     def _bump(self, r: Resource, now: int) -> int:
         """F1: hybrid logical clock per resource."""
@@ -421,6 +421,7 @@ class Model:
             lk.exp = now + lease_ms
             lk.flags, lk.cticket = flags, cticket  # Y1 returns it to this ticket
             lk.priority = priority  # P1
+            self._process(key, r, now, ev)  # G8: a middle conversion may let others through
             return self._state(r, lk, now)
         if flags & Flag.NOQUEUE:  # G2
             return Reply(Status.NOTQUEUED)
