@@ -42,6 +42,7 @@ from .engine.modes import (
     is_down_conversion,
 )
 from .errors import (
+    CorruptKey,
     Deadlock,
     DLMError,
     InvalidArgument,
@@ -95,6 +96,8 @@ class InstanceVote:
     epoch: str = ""
     yielded_token: int = 0  #: the grant we gave back last (events up to it are stale)
     error: str = ""  #: why the last call to this instance failed (one line), for messages
+    #: that failure was the instance's own error reply (it answered), not a lost connection
+    answered: bool = False
     by_event: bool = False  #: the current GRANTED came from a pub/sub event
     granted_at: float = 0.0  #: monotonic time we learnt of the current grant
     #: our lease there ran out before we heard from it again (we were paused or cut off):
@@ -201,6 +204,8 @@ class LockCore:
         self.repairing: set[int] = set()
         #: (value, version) of this grant's last write by a down-conversion, for R1
         self.written: tuple[bytes, int] | None = None
+        #: why the lock was reported lost (`Session.check_held`), for messages
+        self.lost_reason = ""
 
     # ----------------------------------------------------------------- reading the votes
 
@@ -427,6 +432,7 @@ class Session:
                 raise reply  # bad input: every instance refuses alike; nothing was changed
             v.vote = Vote.ERROR  # unreachable, or a state this instance alone is in
             v.error = describe(reply)
+            v.answered = is_answer(reply)
             v.retry_at = now + 0.5
             return
         lk.pending.discard(i)
@@ -474,17 +480,33 @@ class Session:
             v.vote = Vote.ERROR
 
     def on_renew_reply(self, i: int, lks: Sequence[LockCore], reply: object,
-                       sent_at: float, now: float) -> None:
+                       sent_at: float, now: float) -> list[str]:
+        """Record instance i's answer to a renewal of `lks`. Returns what went wrong, one
+        line each, for the I/O layer to log as it happens: a failed call, a lock whose
+        renewal failed there (its resource key is corrupt: that lock alone loses its vote,
+        the others of the call are renewed), a held lock gone from the instance."""
+        notes: list[str] = []
         if isinstance(reply, BaseException):
+            why = describe(reply)
+            notes.append(f"renewal of {len(lks)} lock(s) on {self.labels[i]} failed: {why}")
             for lk in lks:
-                lk.votes[i].error = describe(reply)
+                lk.votes[i].error = why
+                lk.votes[i].answered = is_answer(reply)
                 if lk.votes[i].vote is Vote.QUEUED:
                     lk.votes[i].vote = Vote.ERROR
                 # a granted vote keeps its old lease and simply runs out if this persists
-            return
+            return notes
         epoch, entries = reply  # type: ignore[misc]
         for lk, e in zip(lks, entries):
             v = lk.votes[i]
+            if e.status == Status.CORRUPT:
+                # K1: the key there holds no lock resource; the script renewed the others
+                v.error = f"resource key {lk.key.decode('utf-8', 'replace')} corrupt"
+                v.answered = True
+                v.vote, v.mode, v.epoch = Vote.ERROR, None, epoch
+                notes.append(f"renewal of lock {lk.id} on {self.labels[i]} failed: {v.error}; "
+                             "the lock loses its vote there")
+                continue
             if (v.vote is Vote.GRANTED and v.granted_at > sent_at
                     and (e.status != Status.GRANTED or e.mode != v.mode)):
                 # The renewal ran before a grant we learnt of since it was sent (its event
@@ -519,8 +541,12 @@ class Session:
                 if lk.phase is Phase.HELD and v.epoch and epoch != v.epoch:
                     # R2: the instance restarted empty (a new epoch) and forgot our lock
                     v.rejoin, v.retry_at = True, now
+                if v.vote is Vote.GRANTED and lk.phase in (Phase.HELD, Phase.CONVERTING):
+                    notes.append(f"lock {lk.id} lost its vote on {self.labels[i]}: "
+                                 "gone from the instance")
                 v.vote, v.mode = Vote.ABSENT, None
             v.epoch = epoch
+        return notes
 
     def on_event(self, i: int, ev: Event, now: float) -> list[tuple[str, LockCore, object]]:
         """A pub/sub event from instance i. Returns notifications for the I/O layer:
@@ -581,8 +607,8 @@ class Session:
         res = _show(lk.path)
         if lk.count(Vote.ERROR) > n - q:
             return self._fail(lk, QuorumUnavailable(
-                f"only {n - lk.count(Vote.ERROR)} of {n} instances answered; {q} needed"
-                + self._causes(lk), resource=res, lock_id=lk.id))
+                f"{self.tally(lk)}; {q} needed" + self._causes(lk, silent_only=True),
+                resource=res, lock_id=lk.id))
         if lk.count(Vote.NOTQUEUED) > n - q or (
                 lk.flags & Flag.NOQUEUE and lk.count(Vote.NOTQUEUED, Vote.GRANTED) == n):
             return self._fail(lk, NotQueued("not granted at once (noqueue)", resource=res,
@@ -637,11 +663,27 @@ class Session:
         lk.pending.update(i for i, _ in out)
         return out
 
-    def _causes(self, lk: LockCore) -> str:
-        """': <label>: <why>; ...' for the instances that failed (one line)."""
+    def _causes(self, lk: LockCore, silent_only: bool = False) -> str:
+        """': <label>: <why>; ...' for the instances that failed (one line); with
+        `silent_only`, those that did not answer (`tally` counts the others)."""
         why = [f"{self.labels[i]}: {v.error or 'no answer'}"
-               for i, v in enumerate(lk.votes) if v.vote is Vote.ERROR]
+               for i, v in enumerate(lk.votes)
+               if v.vote is Vote.ERROR and not (silent_only and v.answered)]
         return ": " + "; ".join(why) if why else ""
+
+    def tally(self, lk: LockCore) -> str:
+        """How the instances answered about `lk`, counting an error reply as an answer:
+        '3 of 3 instances answered; 2 reported resource key K corrupt'."""
+        n = self.n
+        silent = sum(1 for v in lk.votes if v.vote is Vote.ERROR and not v.answered)
+        said: dict[str, int] = {}
+        for v in lk.votes:
+            if v.vote is Vote.ERROR and v.answered:
+                said[v.error] = said.get(v.error, 0) + 1
+        out = f"{n - silent} of {n} instances answered"
+        for why, k in said.items():
+            out += f"; {k} reported {why}"
+        return out
 
     def _fail(self, lk: LockCore, err: DLMError) -> Outcome:
         lk.phase = Phase.FAILED
@@ -706,7 +748,8 @@ class Session:
             elif lk.count(Vote.DEADLOCK):
                 err = Deadlock("conversion deadlock (G7)", resource=res, lock_id=lk.id)
             elif lk.count(Vote.ERROR) > n - q:
-                err = QuorumUnavailable("fewer than a quorum answered" + self._causes(lk),
+                err = QuorumUnavailable(f"{self.tally(lk)}; {q} needed"
+                                        + self._causes(lk, silent_only=True),
                                         resource=res, lock_id=lk.id)
             elif lk.count(Vote.NOTQUEUED):  # only a NOQUEUE conversion is answered so
                 err = NotQueued("conversion not granted at once (noqueue)", resource=res,
@@ -824,8 +867,11 @@ class Session:
         lost = []
         for lk in list(self.locks.values()):
             if lk.phase in (Phase.HELD, Phase.CONVERTING) and lk.mode is not None:
-                if self.holding(lk, now) < self.quorum:
+                held = self.holding(lk, now)
+                if held < self.quorum:
                     lk.phase = Phase.LOST
+                    lk.lost_reason = (f"held on {held} of {self.n} instances, "
+                                      f"{self.quorum} needed; {self.tally(lk)}")
                     lost.append(lk)
         return lost
 
@@ -853,11 +899,21 @@ def check_callback(what: str, fn: object) -> None:
         raise InvalidType(f"{what} must be callable or None, not {type(fn).__name__}")
 
 
+def is_answer(exc: BaseException) -> bool:
+    """True if `exc` is an instance's own error reply (it answered), not a failure to reach
+    it: a script's typed error, or any error reply of the server."""
+    return isinstance(exc, DLMError) or any(
+        c.__name__ == "ResponseError" for c in type(exc).__mro__)
+
+
 def describe(exc: BaseException) -> str:
     """One line saying why an instance failed, naming the usual causes: authentication,
-    the ACL, an instance that is not Redis, a timeout, a refused connection."""
+    the ACL, an instance that is not Redis, a timeout, a refused connection, a corrupt
+    resource key."""
     name = type(exc).__name__
     text = " ".join(str(exc).split())[:200] or name
+    if isinstance(exc, CorruptKey):
+        return f"resource key {exc.key} corrupt"
     if "Authentication" in name or text.startswith(("WRONGPASS", "NOAUTH", "invalid username")):
         return f"authentication failed (wrong user name or password?): {text}"
     if "NoPermission" in name or "NOPERM" in text[:40] or "no permissions" in text:
