@@ -519,7 +519,7 @@ class Model:
         q.remove(lk)
         self.windex.pop((lk.id, key), None)
         if unlink_parent and lk.parent and lk.pkey in declared:
-            pr = self.res.get(lk.pkey)
+            pr = self._load(lk.pkey, now, ev)  # (loaded as the scripts do: purged, G10)
             plk = pr.find(lk.parent)[1] if pr is not None else None
             if plk is not None:
                 plk.kids = [kd for kd in plk.kids if kd != (key, lk.id)]
