@@ -70,6 +70,10 @@ return run(function()
     lk.e = NOW + lease
     lk.f, lk.ct = flags, cticket  -- Y1 puts a yielded conversion back at this ticket
     lk.pr = pr  -- P1
+    -- G8: a middle conversion (CW->PR, PR->CW) granted at once can let queued requests
+    -- through (a PR waiter behind a CW holder that now holds PR): process the queues, as
+    -- after every change of a granted mode.
+    process(key, r)
     return lock_state(r, lk)
   end
   if has(flags, F_NOQUEUE) then return reply(S_NOTQUEUED) end  -- G2

@@ -3,7 +3,8 @@
 -- KEYS[1] epoch hash, KEYS[2..] resource keys
 -- ARGV: none
 --
--- Nothing is purged or written: expired locks show a negative lease.
+-- Nothing is purged or written: expired locks show a negative lease. A key that holds no
+-- lock resource (K1) fails the call with DLM_CORRUPT <key>.
 -- Reply: {epoch id or nil, now ms, recovering ms, then per key: nil if absent, else
 --   {name, seq, value or nil, version, invalid, {lock}, {lock}, ...}} where lock is
 --   {queue 'G'|'C'|'W', id, owner, gr, rq, flags, ticket, cticket, lease left ms, parent id,
@@ -30,11 +31,17 @@ local rec = 0
 if e[2] and tonumber(e[2]) > now then rec = tonumber(e[2]) - now end
 local out = {e[1] or false, now, rec}
 for i = 2, #KEYS do
-  local blob = redis.call('GET', KEYS[i])
+  local blob = redis.pcall('GET', KEYS[i])
+  if type(blob) == 'table' then  -- K1: another type at that key (WRONGTYPE)
+    return redis.error_reply('DLM_CORRUPT ' .. KEYS[i] .. ' holds another Redis type')
+  end
   if not blob then
     out[#out + 1] = false
   else
-    local r = cmsgpack.unpack(blob)
+    local ok, r = pcall(cmsgpack.unpack, blob)
+    if not ok or type(r) ~= 'table' or type(r.s) ~= 'number' then  -- K1
+      return redis.error_reply('DLM_CORRUPT ' .. KEYS[i] .. ' is not a lock resource')
+    end
     local res = {r.n or '', r.s or 0, r.v or false, r.vv or 0, r.vi or 0}
     for _, qn in ipairs({'g', 'c', 'w'}) do
       for _, lk in ipairs(r[qn] or {}) do

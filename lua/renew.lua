@@ -8,9 +8,14 @@
 --
 -- Also the waiter's re-check: purging and processing happen as in every script, so a lock
 -- whose blockers expired is granted by this call.
--- Reply: {epoch, then per lock: status (GRANTED, QUEUED, NOTFOUND), granted mode, token,
--- position, wait_ms}. Errors: DLM_BADARG, DLM_NOTOWNER (nothing renewed then).
+-- Reply: {epoch, then per lock: status (GRANTED, QUEUED, NOTFOUND, CORRUPT), granted mode,
+-- token, position, wait_ms}. CORRUPT (K1): the lock's resource key holds no lock resource
+-- (another type, or bytes that do not decode to one); that key is neither read further nor
+-- written, and the other locks of the call are renewed as usual.
+-- Errors: DLM_BADARG, DLM_NOTOWNER (nothing renewed then).
 -- Events: G to locks granted by queue processing.
+
+local S_CORRUPT = 10
 
 return run(function()
   local owner = arg_id(ARGV[3], 'owner')
@@ -28,10 +33,28 @@ return run(function()
   for i = 1, n do
     local key = KEYS[2 + i]
     local id, floor = items[i][1], items[i][2]
-    local r = load(key)
+    -- K1: a corrupt key fails its own lock only. `load` refuses it before caching or
+    -- marking anything, so nothing of it is written (no WRONGTYPE halfway through commit).
+    local ok, r = pcall(load, key)
+    if not ok then
+      local msg = r  -- (Redis hands a caught error table over as its message)
+      if type(r) == 'table' then msg = r.err end
+      if type(msg) == 'string' and string.find(msg, 'DLM_CORRUPT ', 1, true) then
+        r = S_CORRUPT
+      else
+        error(r, 0)
+      end
+    end
     local qn, lk = nil, nil
-    if r then qn, lk = find(r, id) end
-    if not lk then
+    if r == S_CORRUPT then
+      out[#out + 1] = S_CORRUPT
+      out[#out + 1] = NONE
+      out[#out + 1] = 0
+      out[#out + 1] = -1
+      out[#out + 1] = -1
+    elseif r then qn, lk = find(r, id) end
+    if r == S_CORRUPT then  -- (reported above)
+    elseif not lk then
       out[#out + 1] = S_NOTFOUND
       out[#out + 1] = NONE
       out[#out + 1] = 0

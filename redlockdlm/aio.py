@@ -720,7 +720,8 @@ class AsyncDLM:
                 results = await self._pipeline(i, [cmd for _, cmd, _ in batches])
                 now = time.monotonic()
                 for (_, _, lks), res in zip(batches, results):
-                    self._core.on_renew_reply(i, lks, res, sent, now)
+                    for note in self._core.on_renew_reply(i, lks, res, sent, now):
+                        log.warning("%s", note)  # as it happens: one line each
             repairs = self._core.repair_cmds(i, time.monotonic())
             if repairs:  # R1, R2: only where a renewal found something to repair
                 sent = time.monotonic()
@@ -741,7 +742,7 @@ class AsyncDLM:
     def _check_lost(self) -> None:
         for lk in self._core.check_held(time.monotonic()):
             user: AsyncLock = lk.user  # type: ignore[attr-defined]
-            log.warning("lock %s on %s lost", lk.id, user.resource)
+            log.warning("lock %s on %s lost: %s", lk.id, user.resource, lk.lost_reason)
             if user._on_lost is not None:
                 self._run_callback(user._on_lost, user)
 

@@ -912,7 +912,8 @@ class DLM:
                 with self._mu:
                     now = time.monotonic()
                     for (_, _, lks), res in zip(batches, results):
-                        self._core.on_renew_reply(i, lks, res, sent, now)
+                        for note in self._core.on_renew_reply(i, lks, res, sent, now):
+                            log.warning("%s", note)  # as it happens: one line each
             with self._mu:
                 repairs = self._core.repair_cmds(i, time.monotonic())
             if repairs:  # R1, R2: only where a renewal found something to repair
@@ -939,7 +940,7 @@ class DLM:
     def _check_lost(self) -> None:
         for lk in self._core.check_held(time.monotonic()):
             user: Lock = lk.user  # type: ignore[attr-defined]
-            log.warning("lock %s on %s lost", lk.id, user.resource)
+            log.warning("lock %s on %s lost: %s", lk.id, user.resource, lk.lost_reason)
             if user._on_lost is not None:
                 self._callback(user._on_lost, user)
 

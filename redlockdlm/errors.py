@@ -25,6 +25,7 @@
     │   └── InstancesRecovering             too few may grant yet: rejoin window (E1)
     ├── NotFresh                            `init fresh` of an instance that is not brand-new
     └── ProtocolError                       an instance answered something we did not expect
+        └── CorruptKey                      a resource key holds no lock resource (DLM_CORRUPT)
 
 Errors carry their context as attributes (`resource`, `lock_id`, `instance`), not only in
 their message.
@@ -158,6 +159,18 @@ class ProtocolError(DLMError):
     """An instance answered something the protocol does not expect."""
 
 
+class CorruptKey(ProtocolError):
+    """A resource key on an instance holds something that is not a lock resource (another
+    type, or bytes that do not decode): written by another program, or damaged. The script
+    refused to touch it and changed nothing (K1). `key` is the key, as the script named
+    it."""
+
+    def __init__(self, message: str = "", *, resource: str | None = None,
+                 lock_id: str | None = None, instance: str | None = None) -> None:
+        super().__init__(message, resource=resource, lock_id=lock_id, instance=instance)
+        self.key = message.split(" ", 1)[0] if message else ""
+
+
 #: Error code prefix of a script's error reply -> exception class.
 SCRIPT_ERRORS: dict[str, type[DLMError]] = {
     "DLM_BADARG": BadArgument,
@@ -166,6 +179,7 @@ SCRIPT_ERRORS: dict[str, type[DLMError]] = {
     "DLM_STATE": LockStateError,
     "DLM_HASCHILDREN": HasChildren,
     "DLM_NOTFRESH": NotFresh,
+    "DLM_CORRUPT": CorruptKey,
 }
 
 
@@ -182,6 +196,7 @@ __all__ = sorted(
     [
         "BadArgument",
         "ConfigurationError",
+        "CorruptKey",
         "DLMError",
         "Deadlock",
         "DuplicateInstance",

@@ -106,7 +106,9 @@ class LockBase:
 
     def _raise_lost(self, lost: bool, exc_type: object) -> None:
         if lost and exc_type is None:
-            raise LockLost("the lock was lost while held", resource=self.resource,
+            why = self._core.lost_reason
+            raise LockLost("the lock was lost while held" + (f": {why}" if why else ""),
+                           resource=self.resource,
                            lock_id=self.id)
 
     def __repr__(self) -> str:

@@ -43,6 +43,7 @@ from .engine.modes import (
 )
 from .errors import (
     ConfigurationError,
+    CorruptKey,
     Deadlock,
     DLMError,
     DuplicateInstance,
@@ -104,6 +105,8 @@ class InstanceVote:
     #: certificate): a wait does not go on for it (R3)
     lasting: bool = False
     recover_until: float = 0.0  #: E1: monotonic time the instance's rejoin window ends
+    #: that failure was the instance's own error reply (it answered), not a lost connection
+    answered: bool = False
     by_event: bool = False  #: the current GRANTED came from a pub/sub event
     granted_at: float = 0.0  #: monotonic time we learnt of the current grant
     #: our lease there ran out before we heard from it again (we were paused or cut off):
@@ -213,6 +216,8 @@ class LockCore:
         #: the I/O layer's commands about this lock in flight on other threads (the sync
         #: client's re-checks): a withdrawal waits for them, so none lands after it
         self.sends = 0
+        #: why the lock was reported lost (`Session.check_held`), for messages
+        self.lost_reason = ""
 
     # ----------------------------------------------------------------- reading the votes
 
@@ -571,6 +576,7 @@ class Session:
             v.vote = Vote.ERROR  # unreachable, or a state this instance alone is in
             v.error = describe(reply)
             v.lasting = lasting(reply)
+            v.answered = is_answer(reply)
             v.retry_at = now + 0.5
             return
         lk.pending.discard(i)
@@ -669,20 +675,36 @@ class Session:
         return []
 
     def on_renew_reply(self, i: int, lks: Sequence[LockCore], reply: object,
-                       sent_at: float, now: float) -> None:
+                       sent_at: float, now: float) -> list[str]:
+        """Record instance i's answer to a renewal of `lks`. Returns what went wrong, one
+        line each, for the I/O layer to log as it happens: a failed call, a lock whose
+        renewal failed there (its resource key is corrupt: that lock alone loses its vote,
+        the others of the call are renewed), a held lock gone from the instance."""
+        notes: list[str] = []
         if isinstance(reply, BaseException):
+            why = describe(reply)
+            notes.append(f"renewal of {len(lks)} lock(s) on {self.labels[i]} failed: {why}")
             for lk in lks:
-                lk.votes[i].error = describe(reply)
+                lk.votes[i].error = why
+                lk.votes[i].answered = is_answer(reply)
                 if lk.votes[i].vote is Vote.QUEUED:
                     lk.votes[i].vote = Vote.ERROR
                 # a granted vote keeps its old lease and simply runs out if this persists
-            return
+            return notes
         epoch, entries = reply  # type: ignore[misc]
         if (epoch != self.epochs[i] or i in self.refused) and self.note_epoch(
                 i, epoch) is not None:
             return  # (`refuse` dropped its votes)
         for lk, e in zip(lks, entries):
             v = lk.votes[i]
+            if e.status == Status.CORRUPT:
+                # K1: the key there holds no lock resource; the script renewed the others
+                v.error = f"resource key {lk.key.decode('utf-8', 'replace')} corrupt"
+                v.answered = True
+                v.vote, v.mode, v.epoch = Vote.ERROR, None, epoch
+                notes.append(f"renewal of lock {lk.id} on {self.labels[i]} failed: {v.error}; "
+                             "the lock loses its vote there")
+                continue
             if (v.vote is Vote.GRANTED and v.granted_at > sent_at
                     and (e.status != Status.GRANTED or e.mode != v.mode)):
                 # The renewal ran before a grant we learnt of since it was sent (its event
@@ -717,8 +739,12 @@ class Session:
                 if lk.phase is Phase.HELD and v.epoch and epoch != v.epoch:
                     # R2: the instance restarted empty (a new epoch) and forgot our lock
                     v.rejoin, v.retry_at = True, now
+                if v.vote is Vote.GRANTED and lk.phase in (Phase.HELD, Phase.CONVERTING):
+                    notes.append(f"lock {lk.id} lost its vote on {self.labels[i]}: "
+                                 "gone from the instance")
                 v.vote, v.mode = Vote.ABSENT, None
             v.epoch = epoch
+        return notes
 
     def on_event(self, i: int, ev: Event, now: float) -> list[tuple[str, LockCore, object]]:
         """A pub/sub event from instance i. Returns notifications for the I/O layer:
@@ -793,8 +819,8 @@ class Session:
                 "the parent lock is not granted on a quorum", resource=res, lock_id=lk.id))
         if sum(1 for v in lk.votes if v.vote is Vote.ERROR and v.lasting) > n - q:
             return self._fail(lk, QuorumUnavailable(
-                f"only {n - lk.count(Vote.ERROR)} of {n} instances answered; {q} needed"
-                + self._causes(lk), resource=res, lock_id=lk.id))
+                f"{self.tally(lk)}; {q} needed" + self._causes(lk, silent_only=True),
+                resource=res, lock_id=lk.id))
         timed_out = lk.deadline is not None and now >= lk.deadline
         if timed_out:
             return self._fail(lk, self._why_not(lk, now))
@@ -841,8 +867,8 @@ class Session:
                 f"{head}: {len(rec)} of {n} instances may not grant yet (rejoin window, E1; "
                 f"{q} needed)" + self._causes(lk), recovering=rec, resource=res, lock_id=lk.id)
         return QuorumUnavailable(
-            f"{head}: only {n - silent} of {n} instances answered; {q} needed"
-            + self._causes(lk), resource=res, lock_id=lk.id)
+            f"{head}: {self.tally(lk)}; {q} needed" + self._causes(lk, silent_only=True),
+            resource=res, lock_id=lk.id)
 
     def _recheck_at(self, lk: LockCore, now: float) -> float:
         """When to look again without an event: the earliest lease expiry of a lock ahead
@@ -875,14 +901,16 @@ class Session:
         lk.pending.update(i for i, _ in out)
         return out
 
-    def _causes(self, lk: LockCore, now: float | None = None) -> str:
+    def _causes(self, lk: LockCore, now: float | None = None, silent_only: bool = False) -> str:
         """': <label>: <why>; ...' for the instances that failed, did not answer (yet), or
-        are in their rejoin window (one line)."""
+        are in their rejoin window (one line); with `silent_only`, not those whose failure
+        was their own error reply (`tally` counts those)."""
         now = time.monotonic() if now is None else now
         why = []
         for i, v in enumerate(lk.votes):
             if v.vote is Vote.ERROR:
-                why.append(f"{self.labels[i]}: {v.error or 'no answer'}")
+                if not (silent_only and v.answered):
+                    why.append(f"{self.labels[i]}: {v.error or 'no answer'}")
             elif v.vote is Vote.UNKNOWN:
                 why.append(f"{self.labels[i]}: no answer yet")
             elif v.vote is Vote.RECOVERING:
@@ -890,6 +918,20 @@ class Session:
                 why.append(f"{self.labels[i]}: recovering (rejoin window, E1) for another "
                            f"{left:.1f} s")
         return ": " + "; ".join(why) if why else ""
+
+    def tally(self, lk: LockCore) -> str:
+        """How the instances answered about `lk`, counting an error reply as an answer:
+        '3 of 3 instances answered; 2 reported resource key K corrupt'."""
+        n = self.n
+        silent = sum(1 for v in lk.votes if v.vote is Vote.ERROR and not v.answered)
+        said: dict[str, int] = {}
+        for v in lk.votes:
+            if v.vote is Vote.ERROR and v.answered:
+                said[v.error] = said.get(v.error, 0) + 1
+        out = f"{n - silent} of {n} instances answered"
+        for why, k in said.items():
+            out += f"; {k} reported {why}"
+        return out
 
     def _fail(self, lk: LockCore, err: DLMError) -> Outcome:
         lk.phase = Phase.FAILED
@@ -958,7 +1000,8 @@ class Session:
             elif lk.count(Vote.ERROR) > n - q and (  # R3: a timeout waits through failures
                     lk.deadline is None or timed_out or now >= lk.deadline
                     or sum(1 for v in lk.votes if v.vote is Vote.ERROR and v.lasting) > n - q):
-                err = QuorumUnavailable("fewer than a quorum answered" + self._causes(lk),
+                err = QuorumUnavailable(f"{self.tally(lk)}; {q} needed"
+                                        + self._causes(lk, silent_only=True),
                                         resource=res, lock_id=lk.id)
             elif lk.count(Vote.NOTQUEUED):  # only a NOQUEUE conversion is answered so
                 err = NotQueued("conversion not granted at once (noqueue)", resource=res,
@@ -1136,8 +1179,11 @@ class Session:
         lost = []
         for lk in list(self.locks.values()):
             if lk.phase in (Phase.HELD, Phase.CONVERTING) and lk.mode is not None:
-                if self.holding(lk, now) < self.quorum:
+                held = self.holding(lk, now)
+                if held < self.quorum:
                     lk.phase = Phase.LOST
+                    lk.lost_reason = (f"held on {held} of {self.n} instances, "
+                                      f"{self.quorum} needed; {self.tally(lk)}")
                     lost.append(lk)
         return lost
 
@@ -1177,11 +1223,21 @@ def check_callback(what: str, fn: object) -> None:
         raise InvalidType(f"{what} must be callable or None, not {type(fn).__name__}")
 
 
+def is_answer(exc: BaseException) -> bool:
+    """True if `exc` is an instance's own error reply (it answered), not a failure to reach
+    it: a script's typed error, or any error reply of the server."""
+    return isinstance(exc, DLMError) or any(
+        c.__name__ == "ResponseError" for c in type(exc).__mro__)
+
+
 def describe(exc: BaseException) -> str:
     """One line saying why an instance failed, naming the usual causes: authentication,
-    the ACL, an instance that is not Redis, a timeout, a refused connection."""
+    the ACL, an instance that is not Redis, a timeout, a refused connection, a corrupt
+    resource key."""
     name = type(exc).__name__
     text = " ".join(str(exc).split())[:200] or name
+    if isinstance(exc, CorruptKey):
+        return f"resource key {exc.key} corrupt"
     if "Authentication" in name or text.startswith(("WRONGPASS", "NOAUTH", "invalid username")):
         return f"authentication failed (wrong user name or password?): {text}"
     if "NoPermission" in name or "NOPERM" in text[:40] or "no permissions" in text:

@@ -298,8 +298,10 @@ local function index_of(q, lk)
 end
 
 -- G8: the conversion queue first, repeatedly; then waiters strictly in order while no
--- conversion is queued, stopping at the first that cannot be granted.
+-- conversion is queued, stopping at the first that cannot be granted. Returns true if it
+-- granted anything (the caller marks the resource then).
 local function process(key, r)
+  local granted = false
   local changed = #r.c > 0
   while changed do
     changed = false
@@ -316,6 +318,7 @@ local function process(key, r)
         windex_rem(key, lk)
         grant_event(r, lk)
         changed = true
+        granted = true
       end
     end
   end
@@ -328,13 +331,18 @@ local function process(key, r)
     r.g[#r.g + 1] = lk
     windex_rem(key, lk)
     grant_event(r, lk)
+    granted = true
   end
+  return granted
 end
 
 -- G10, V4: drop expired locks, invalidate the value of an expired writer. G13: a purge that
 -- removes the last lock drops the value block, as a release does, also when the same call
 -- then adds a lock (a request): else an instance that missed the resource's disappearance
 -- elsewhere would hand out the older value to the next holder, said valid.
+-- G8: then the queues are processed, whether a lock went or not: every call that loads a
+-- resource finds its queues processed, so one left unprocessed (by an older version of the
+-- scripts) is repaired by the next call that touches it, a waiter's own renewal included.
 local QUEUES = {'g', 'c', 'w'}  -- read only
 
 local function purge(key, r)
@@ -366,8 +374,8 @@ local function purge(key, r)
     if #r.g == 0 and #r.c == 0 and #r.w == 0 then
       r.v, r.vv, r.vi = nil, 0, 0
     end
-    process(key, r)
   end
+  if process(key, r) then mark(key) end
 end
 
 -- What the last committing call wrote: key -> {blob, the table packed into it}. Kept
@@ -377,19 +385,52 @@ end
 -- differ in any way (another writer, expiry, a flush) simply miss.
 local written = {}
 
+-- K1: a resource key that holds something else than a resource (another type, bytes that
+-- do not decode to one: written by another program, or damaged) is refused with the typed
+-- error `DLM_CORRUPT <key> <why>` before anything is changed, rather than failing halfway
+-- (DLM_INTERNAL). lua/renew.lua catches it to fail that lock alone.
+local function corrupt(key, why)
+  fail('DLM_CORRUPT', key .. ' ' .. why)
+end
+
+local function is_table(x) return type(x) == 'table' end
+
+-- A decoded blob is used only if it has a resource's shape: a table with a numeric
+-- sequence, queues that are lists of tables with the fields every script reads.
+local function check_shape(key, r)
+  if not is_table(r) or type(r.s) ~= 'number' then corrupt(key, 'is not a lock resource') end
+  for qi = 1, 3 do
+    local q = r[QUEUES[qi]]
+    if q ~= nil then
+      if not is_table(q) then corrupt(key, 'has a malformed queue') end
+      for i = 1, #q do
+        local lk = q[i]
+        if not is_table(lk) or type(lk.id) ~= 'string' or type(lk.o) ~= 'string'
+            or type(lk.gr) ~= 'number' or type(lk.e) ~= 'number' then
+          corrupt(key, 'has a malformed lock')
+        end
+      end
+    end
+  end
+end
+
 -- Load a resource (nil if absent), purging expired locks first (G10).
 local function load(key)
   if key == nil then fail('DLM_KEYS', 'a resource key is missing from KEYS') end
   local r = cache[key]
   if r == nil then
-    local blob = redis.call('GET', key)
+    local blob = redis.pcall('GET', key)
+    if is_table(blob) and blob.err then corrupt(key, 'holds another type') end  -- WRONGTYPE
     if blob then
       local w = written[key]
       if w and w[1] == blob then
         r = w[2]
         written[key] = nil
       else
-        r = cmsgpack.unpack(blob)
+        local ok, t = pcall(cmsgpack.unpack, blob)
+        if not ok then corrupt(key, 'does not decode') end
+        check_shape(key, t)
+        r = t
       end
       r.g = r.g or {}
       r.c = r.c or {}

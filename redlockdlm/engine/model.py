@@ -176,7 +176,8 @@ class Model:
     def _purge(self, key: bytes, r: Resource, now: int, ev: list) -> None:
         """G10: drop expired locks, V4: invalidate the value of an expired writer; G13: a
         purge that removes the last lock drops the value block (also when the same call
-        then adds a lock)."""
+        then adds a lock). G8: then the queues are processed, a lock gone or not, so every
+        call finds them processed (one left unprocessed by older scripts is repaired)."""
         removed = False
         for q in (r.g, r.c, r.w):
             keep = []
@@ -189,10 +190,9 @@ class Model:
                 else:
                     keep.append(lk)
             q[:] = keep
-        if removed:
-            if r.empty():
-                r.vb, r.vv, r.vi = None, 0, 0
-            self._process(key, r, now, ev)
+        if removed and r.empty():
+            r.vb, r.vv, r.vi = None, 0, 0
+        self._process(key, r, now, ev)
 
     def _bump(self, r: Resource, now: int) -> int:
         """F1: hybrid logical clock per resource."""
@@ -423,6 +423,7 @@ class Model:
             lk.exp = now + lease_ms
             lk.flags, lk.cticket = flags, cticket  # Y1 returns it to this ticket
             lk.priority = priority  # P1
+            self._process(key, r, now, ev)  # G8: a middle conversion may let others through
             return self._state(r, lk, now)
         if flags & Flag.NOQUEUE:  # G2
             return Reply(Status.NOTQUEUED)
@@ -520,7 +521,7 @@ class Model:
         q.remove(lk)
         self.windex.pop((lk.id, key), None)
         if unlink_parent and lk.parent and lk.pkey in declared:
-            pr = self.res.get(lk.pkey)
+            pr = self._load(lk.pkey, now, ev)  # (loaded as the scripts do: purged, G10)
             plk = pr.find(lk.parent)[1] if pr is not None else None
             if plk is not None:
                 plk.kids = [kd for kd in plk.kids if kd != (key, lk.id)]

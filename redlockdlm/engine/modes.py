@@ -78,6 +78,7 @@ class Status(enum.IntEnum):
     RELEASED = 7
     CANCELLED = 8
     CANCELGRANT = 9  #: cancel found the lock granted: nothing to cancel
+    CORRUPT = 10  #: renew: this lock's resource key holds no lock resource (K1)
 
 
 MODE_NAMES = tuple(m.name for m in Mode)

@@ -4,6 +4,18 @@ A hypothesis state machine drives random operation sequences (three owners, two 
 resources with parents, every mode and flag, values, floors, bad arguments, lease expiry by
 advancing a frozen clock) through the scripts on a real redis-server and through the model,
 and compares every reply, the full resource state and the waiter index after every step.
+
+The two mirror each other, so agreeing proves little about the rules themselves: after every
+step both states are also checked against the rules written independently in
+`tests/spec/invariants.py` (compatibility, processed queues, ticket order, conversion
+deadlocks, value blocks, fencing tokens), and at the end of every example the state is
+drained (`teardown`: waiters re-check by renewing, owners that wait for nothing release,
+deadlocks lose a victim) to check liveness: nothing waits forever unless it is in a real
+wait-for cycle.
+
+Budget: `DLM_MODEL_EXAMPLES` examples (default 1000: about 45 s on a shared 2-core machine; with
+the G5 processing of lua/convert.lua removed, eight searches from scratch found the waiter left
+behind after 6 to 594 examples) of `DLM_MODEL_STEPS` steps (default 50).
 """
 
 from __future__ import annotations
@@ -14,6 +26,18 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+from spec.invariants import (
+    History,
+    check_all,
+    check_conversion,
+    check_reply_value,
+    check_step,
+    deadlock_cycles,
+    owners_waiting,
+    queued,
+    state_from_dump,
+    stuck_locks,
+)
 
 from redlockdlm.engine.instance import Engine
 from redlockdlm.engine.model import Model
@@ -31,7 +55,9 @@ RESOURCES = (
     (("B", "x"), ("B",)),
     (("A", "x", "z"), ("A", "x")),
 )
-EXAMPLES = int(os.environ.get("DLM_MODEL_EXAMPLES", "200"))
+EXAMPLES = int(os.environ.get("DLM_MODEL_EXAMPLES", "1000"))
+STEPS = int(os.environ.get("DLM_MODEL_STEPS", "50"))
+DRAIN_LEASE = 20_000
 
 modes = st.sampled_from([0, 1, 1, 2, 3, 3, 3, 4, 5])  # shared modes often: many holders
 up_modes = st.sampled_from([0, 1, 2, 2, 3, 4, 4, 5, 5, 5])
@@ -97,10 +123,16 @@ class EngineVsModel(RuleBasedStateMachine):
         self.parent_of = dict(RESOURCES)
         self.locks: dict[str, tuple] = {}  # id -> (path, owner, parent id)
         self.n = 0
+        self.path_of = {k: p for p, k in self.keys.items()}
+        self.hist = History()  # tokens seen per resource (F1)
+        self.prev = {}  # the checker's view of the state after the last step
+        self.last = None  # (kind, key, details, lua reply) of the last operation
+        self.ok = True  # False while a step is being checked, and after it failed
 
     # ------------------------------------------------------------------ helpers
 
     def both(self, lua_call, model_call, renew: bool = False, broke: bool = False):
+        self.ok = False  # until the step is checked: teardown must not run on a failed one
         try:
             a = lua_call()
         except DLMError as exc:
@@ -111,6 +143,7 @@ class EngineVsModel(RuleBasedStateMachine):
             b = type(exc)
         if isinstance(a, type) or isinstance(b, type):
             assert a == b, f"lua {a!r} model {b!r}"
+            self.ok = True
             return None
         if broke:  # H4: the locks broken, subtrees included, in the order they went
             la = [(x.key, x.name, x.lock_id, x.owner, None if x.mode is None else int(x.mode),
@@ -124,6 +157,7 @@ class EngineVsModel(RuleBasedStateMachine):
             assert la == lb
         else:
             assert lock_fields(a) == lock_fields(b)
+        self.ok = True
         return a
 
     def pick(self, data_id: int) -> tuple[str, tuple, str, str] | None:
@@ -179,6 +213,7 @@ class EngineVsModel(RuleBasedStateMachine):
             lambda: self.m.request(key, name, owner, lid, mode, flags, ticket, lease, self.now,
                                    REJOIN, pkey, pid, priority),
         )
+        self.last = ("request", key, None, rep)
         if rep is not None and rep.status in (0, 1) and lid not in self.locks:
             self.locks[lid] = (path, owner, pid)
 
@@ -195,13 +230,14 @@ class EngineVsModel(RuleBasedStateMachine):
         if other_owner == 0:
             owner = OWNERS[(OWNERS.index(owner) + 1) % 3]
         key = self.keys[path]
-        self.both(
+        self.last = ("convert", key, (lid, owner, mode, flags, ticket), None)
+        self.last = self.last[:3] + (self.both(
             lambda: self.e.convert(key, owner, lid, mode, ticket=ticket, lease_ms=lease,
                                    flags=flags, value=value, version=version, floor=floor,
                                    priority=priority),
             lambda: self.m.convert(key, owner, lid, mode, flags, ticket, lease, self.now, REJOIN,
                                    value, version, 64, floor, priority),
-        )
+        ),)
 
     @rule(pick=st.integers(0, 100), mode=up_modes, flags=st.sampled_from([0, 4, 8, 12]),
           ticket=tickets, priority=priorities)
@@ -214,12 +250,33 @@ class EngineVsModel(RuleBasedStateMachine):
         if not granted:
             return
         lid, key, owner = granted[pick % len(granted)]
-        self.both(
+        self.last = ("convert", key, (lid, owner, mode, flags, ticket), None)
+        self.last = self.last[:3] + (self.both(
             lambda: self.e.convert(key, owner, lid, mode, ticket=ticket, lease_ms=20_000,
                                    flags=flags, priority=priority),
             lambda: self.m.convert(key, owner, lid, mode, flags, ticket, 20_000, self.now,
                                    REJOIN, priority=priority),
+        ),)
+
+    @rule(pick=st.integers(0, 100), flags=st.sampled_from([0, 4, 8]), ticket=tickets)
+    def convert_middle(self, pick, flags, ticket):
+        """M2: the middle conversions CW->PR and PR->CW (neither up nor down: both can let
+        a queued request through, G8) of a granted CW or PR lock."""
+        granted = sorted(
+            (lk.id, key, lk.owner, lk.gr) for key, r in self.m.res.items() for lk in r.g
+            if lk.gr in (2, 3)
         )
+        if not granted:
+            return
+        lid, key, owner, gr = granted[pick % len(granted)]
+        mode = 5 - gr  # CW <-> PR
+        self.last = ("convert", key, (lid, owner, mode, flags, ticket), None)
+        self.last = self.last[:3] + (self.both(
+            lambda: self.e.convert(key, owner, lid, mode, ticket=ticket, lease_ms=20_000,
+                                   flags=flags),
+            lambda: self.m.convert(key, owner, lid, mode, flags, ticket, 20_000, self.now,
+                                   REJOIN),
+        ),)
 
     @rule(pick=st.integers(0, 100), other_owner=st.integers(0, 9),
           subtree=rare.map(lambda b: not b), value=values, version=st.integers(0, 9),
@@ -321,24 +378,126 @@ class EngineVsModel(RuleBasedStateMachine):
 
     # ------------------------------------------------------------------ invariants
 
-    @invariant()
-    def same_state(self):
-        if not hasattr(self, "e"):
-            return
+    def observe(self) -> tuple[dict, dict]:
+        """Check the state after a step: the rules (tests/spec/invariants.py) on the Lua
+        state and on the model's, each on its own, then that they agree. Returns the
+        checker's views before and after the step."""
+        self.ok = False
         keys = sorted(self.keys.values())
-        assert lua_dump(self.e, keys) == self.m.dump(self.now)
+        lua, model = lua_dump(self.e, keys), self.m.dump(self.now)
+        pre = self.prev
+        post, mpost = state_from_dump(lua), state_from_dump(model)
+        mhist = History(dict(self.hist.high))
+        check_all(post)
+        check_step(pre, post, self.hist)
+        check_all(mpost)
+        check_step(pre, mpost, mhist)
+        assert lua == model
         lua_w = {}
         for member, score in self.e.waiters():
             lid, _, key = member.partition(b"|")
             lua_w[(lid.decode(), key)] = int(score)
         assert lua_w == self.m.waiters()
+        self.prev = post
+        self.ok = True
+        return pre, post
+
+    @invariant()
+    def same_state(self):
+        if not hasattr(self, "e"):
+            return
+        pre, post = self.observe()
+        last, self.last = self.last, None
+        if last is None or last[3] is None:
+            return
+        kind, key, details, rep = last
+        status = int(rep.status)
+        mode = None if rep.mode is None else int(rep.mode)
+        check_reply_value(post.get(key), status, mode, rep.value, rep.version, vi(rep))  # V2
+        if kind == "convert":
+            lid, owner, cmode, flags, ticket = details
+            check_conversion(pre.get(key), post.get(key), lid, owner, cmode, flags, ticket,
+                             status)
+
+    # ------------------------------------------------------------------ liveness
+
+    def teardown(self):
+        """Liveness: drive the state to its end as clients would, checking every step.
+        Each round, every owner renews all its locks (the waiters' re-check: purges and
+        processes, G10); a queued lock that waits for nothing is a failure at once; owners
+        that wait for nothing release what they hold; when every owner with a grant waits,
+        there must be a deadlock (a cycle of the wait-for graph, built from the inspected
+        state), and one of its requests is cancelled as the detector would. In the end no
+        lock is left."""
+        if not hasattr(self, "e"):
+            return
+        try:
+            if self.ok:  # (else a step failed: hypothesis reports that failure)
+                self.drain()
+        finally:
+            self.e.close()  # its connection back to the pool (thousands of examples)
+
+    def drain(self) -> None:
+        self.last = None
+        for _ in range(400):
+            _, state = self.observe()
+            for owner in OWNERS:
+                items = [(key, lk.id, 0) for key, r in sorted(state.items())
+                         for lk in r.locks if lk.owner == owner]
+                if items:
+                    self.drain_renew(owner, items)
+            _, state = self.observe()
+            stuck = stuck_locks(state)
+            assert not stuck, f"liveness: {stuck} wait behind compatible grants only"
+            waiting = owners_waiting(state)
+            free = [(key, lk) for key, r in sorted(state.items()) for lk in r.g
+                    if lk.owner not in waiting]
+            if free:
+                for key, lk in free:
+                    self.drain_release(key, lk)
+                continue
+            if not queued(state):
+                assert not any(r.locks for r in state.values())
+                return
+            cycles = deadlock_cycles(state)
+            assert cycles, "liveness: requests wait forever, yet no wait-for cycle exists"
+            _, key, lid = min(n for n in cycles[0] if n[0] == "Q")
+            self.drain_cancel(key, state[key].find(lid))
+        raise AssertionError("liveness: the locks did not drain")
+
+    def drain_renew(self, owner: str, items: list) -> None:
+        self.both(
+            lambda: self.e.renew(owner, DRAIN_LEASE, items),
+            lambda: self.m.renew([k for k, _, _ in items], owner, DRAIN_LEASE,
+                                 [(i, f) for _, i, f in items], self.now, REJOIN),
+            renew=True)
+
+    def drain_cancel(self, key: bytes, lk) -> None:
+        """The detector's choice of a victim: cancel one request of the cycle."""
+        path = self.path_of[key]
+        pkey = self.keys[self.parent_of[path]] if lk.parent else key
+        self.both(lambda: self.e.cancel(key, lk.owner, lk.id, parent_key=pkey,
+                                        reason="deadlock", notify=True),
+                  lambda: self.m.cancel(key, lk.owner, lk.id, self.now, REJOIN, "deadlock",
+                                        True, pkey))
+
+    def drain_release(self, key: bytes, lk) -> None:
+        path = self.path_of[key]
+        pkey = self.keys[self.parent_of[path]] if lk.parent else key
+        kids = sorted(k for p, k in self.keys.items() if p[0] == path[0] and p != path)
+        self.both(
+            lambda: self.e.release(key, lk.owner, lk.id, subtree=True, parent_key=pkey,
+                                   child_keys=kids),
+            lambda: self.m.release(key, lk.owner, lk.id, 32, self.now, REJOIN, pkey,
+                                   tuple(kids)),
+        )
 
 
 @pytest.mark.timeout(600)
 def test_lua_scripts_agree_with_reference_model(r):
     EngineVsModel.client = r
     EngineVsModel.TestCase.settings = settings(
-        max_examples=EXAMPLES, stateful_step_count=50, deadline=None,
+        max_examples=EXAMPLES, stateful_step_count=STEPS, deadline=None,
         suppress_health_check=list(HealthCheck),
     )
     EngineVsModel.TestCase().runTest()

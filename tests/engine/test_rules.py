@@ -1586,3 +1586,26 @@ def test_waiter_index_yielded_lock_added(w: World) -> None:
     assert set(_members(w)) == {b"b|" + w.key()}
     Y("a")(w)
     assert set(_members(w)) == {b"a|" + w.key()}
+
+
+# ----------------------------------------------------------------------------- G8 as a class
+
+
+@pytest.mark.parametrize(("held", "waiter"), [(CW, PR), (PR, CW)])
+@pytest.mark.parametrize("queue", ["wait", "conversion"])
+def test_g8_middle_conversion_granted_at_once_processes_the_queues(
+        w: World, held: Mode, waiter: Mode, queue: str) -> None:
+    """A holder in CW with a PR request waiting converts CW->PR (or PR->CW with a CW request
+    waiting): granted at once (G5), and the request it no longer blocks is granted too, by
+    the same call (G8), whether it waits as a new request or as a queued conversion."""
+    k = w.key()
+    assert w.e.request(k, "o1", "a", held, ticket=1, lease_ms=LEASE).status == GRANTED
+    if queue == "wait":
+        assert w.e.request(k, "o2", "b", waiter, ticket=2, lease_ms=LEASE).status == QUEUED
+    else:
+        assert w.e.request(k, "o2", "b", NL, ticket=2, lease_ms=LEASE).status == GRANTED
+        assert w.e.convert(k, "o2", "b", waiter, ticket=3, lease_ms=LEASE).status == QUEUED
+    assert w.e.convert(k, "o1", "a", waiter, ticket=4, lease_ms=LEASE).status == GRANTED
+    _, (view,) = w.e.inspect([k])
+    assert sorted((lk.lock_id, lk.queue, lk.mode) for lk in view.locks) == [
+        ("a", "G", waiter), ("b", "G", waiter)]
