@@ -32,8 +32,11 @@ if e[2] and tonumber(e[2]) > now then rec = tonumber(e[2]) - now end
 local out = {e[1] or false, now, rec}
 for i = 2, #KEYS do
   local blob = redis.pcall('GET', KEYS[i])
-  if type(blob) == 'table' then  -- K1: another type at that key (WRONGTYPE)
-    return redis.error_reply('DLM_CORRUPT ' .. KEYS[i] .. ' holds another Redis type')
+  if type(blob) == 'table' then
+    if string.find(blob.err or '', 'WRONGTYPE', 1, true) then  -- K1: another type there
+      return redis.error_reply('DLM_CORRUPT ' .. KEYS[i] .. ' holds another Redis type')
+    end
+    return blob  -- (an ACL refusal: the server's own error)
   end
   if not blob then
     out[#out + 1] = false

@@ -420,7 +420,12 @@ local function load(key)
   local r = cache[key]
   if r == nil then
     local blob = redis.pcall('GET', key)
-    if is_table(blob) and blob.err then corrupt(key, 'holds another type') end  -- WRONGTYPE
+    if is_table(blob) and blob.err then
+      -- WRONGTYPE: another type at that key; anything else (an ACL refusal, K3) is raised
+      -- as it is, for `failure` to type it
+      if string.find(blob.err, 'WRONGTYPE', 1, true) then corrupt(key, 'holds another type') end
+      error(blob.err)
+    end
     if blob then
       local w = written[key]
       if w and w[1] == blob then

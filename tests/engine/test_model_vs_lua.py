@@ -33,6 +33,7 @@ from spec.invariants import (
     check_reply_value,
     check_step,
     deadlock_cycles,
+    dump_views,
     owners_waiting,
     queued,
     state_from_dump,
@@ -73,18 +74,7 @@ priorities = st.one_of(st.just(0), st.just(0), st.integers(-3, 3),
 
 def lua_dump(engine: Engine, keys: list[bytes]) -> dict:
     _, views = engine.inspect(keys)
-    out = {}
-    for key, v in zip(keys, views):
-        if v is None:
-            continue
-        locks = tuple(
-            (lk.queue, lk.lock_id, lk.owner, lk.mode, lk.requested, lk.flags, lk.ticket,
-             lk.cticket, lk.lease_left_ms, lk.parent, lk.token, lk.previous,
-             tuple(sorted(lk.kids)), lk.priority)
-            for lk in v.locks
-        )
-        out[key] = (v.name, v.seq, v.value, v.version, vi(v), locks)
-    return out
+    return dump_views(keys, views)
 
 
 def vi(x) -> int:

@@ -20,6 +20,7 @@ from collections import Counter
 from typing import Any
 
 from redis_harness import Instances, RedisServer
+from spec.invariants import Violation, check_state, dump_views, state_from_dump
 
 from redlockdlm.engine.instance import Engine
 
@@ -229,6 +230,7 @@ class Scenario:
         for h in self.handles.values():
             if not h.join(join_timeout) and h.killed_in is None:
                 self.log(f"worker {h.wid} did not stop within {join_timeout} s (killed)")
+        self.check_end_state()
         rep = self.obs.check()
         rep["violations"] = self.violations + rep["violations"]
         rep["scenario"] = self.name
@@ -250,6 +252,45 @@ class Scenario:
         if rep["worker_errors"]:
             self.log(f"worker exceptions: {rep['worker_errors'][:3]}")
         return rep
+
+    def check_end_state(self, grace: float = 3.0) -> None:
+        """After the workers stopped: on every instance that is up, each resource whose
+        locks are all within their lease obeys the rules of one instance
+        (tests/spec/invariants.py: compatible grants, processed queues, ticket order...),
+        and no lock of a worker that stopped cleanly (it closed its DLM, which releases
+        everything) is left behind after `grace` seconds: a request withdrawn nowhere, or a
+        grant nobody holds, would block the resource until its lease ran out."""
+        clean = {self.obs.workers[h.wid]["owner"] for h in self.handles.values()
+                 if h.killed_in is None and h.proc.exitcode == 0
+                 and h.wid in self.obs.workers}
+        deadline = time.monotonic() + grace
+        while True:
+            left: list[str] = []
+            broken: list[str] = []
+            for i, srv in enumerate(self.inst):
+                if not srv.running or srv.paused:
+                    continue
+                eng = self.engine(srv)
+                try:
+                    keys = [eng.key(r) for r in self.cfg["resources"]]
+                    _, views = eng.inspect(keys)
+                finally:
+                    eng.client.close()
+                for r in state_from_dump(dump_views(keys, views)).values():
+                    if r.all_alive:
+                        try:
+                            check_state(r)
+                        except Violation as exc:
+                            broken.append(f"instance {i}: {exc}")
+                    left += [f"instance {i}: {lk.queue} {lk.id} of {lk.owner[:8]} on "
+                             f"{r.name!r}" for lk in r.locks if lk.alive and lk.owner in clean]
+            if broken or not left or time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)
+        for msg in broken:
+            self.violation(f"end state breaks a rule of one instance: {msg}")
+        for msg in left:
+            self.violation(f"lock left behind by a worker that stopped cleanly: {msg}")
 
     def close(self) -> None:
         for h in self.handles.values():

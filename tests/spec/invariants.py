@@ -62,6 +62,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 NL, CR, CW, PR, PW, EX = range(6)
 F_NOQUEUE, F_EXPEDITE, F_QUECVT, F_CONVDEADLK = 1, 2, 4, 8
@@ -476,6 +477,24 @@ def queued(state: State) -> list[Lk]:
 
 def owners_waiting(state: State) -> set[str]:
     return {lk.owner for lk in queued(state)}
+
+
+def dump_views(keys: Iterable[bytes], views: Iterable[Any]) -> dict[bytes, tuple]:
+    """`Engine.inspect`'s views in the `{key: (name, seq, value, version, invalid, locks)}`
+    shape `state_from_dump` takes (invalid: 0 valid, 1 invalid (V4), 2 forgotten (V5))."""
+    out = {}
+    for key, v in zip(keys, views):
+        if v is None:
+            continue
+        locks = tuple(
+            (lk.queue, lk.lock_id, lk.owner, lk.mode, lk.requested, lk.flags, lk.ticket,
+             lk.cticket, lk.lease_left_ms, lk.parent, lk.token, lk.previous,
+             tuple(sorted(lk.kids)), lk.priority)
+            for lk in v.locks
+        )
+        out[key] = (v.name, v.seq, v.value, v.version, 2 if v.forgotten else int(not v.valid),
+                    locks)
+    return out
 
 
 def check_all(state: State, vbmax: int = VBMAX) -> None:
