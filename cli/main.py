@@ -340,7 +340,7 @@ def rejoin_wait(s: Settings, rejoin_ms: int) -> None:
     leases, and restart clients started before it (they remember the old wait for the
     epochs they re-create after a restart without data)."""
     outcomes = admin.fan_out(s.targets(), lambda e: e.raise_rejoin(rejoin_ms))
-    output.initialized(outcomes, s.as_json)
+    output.initialized(outcomes, s.as_json, what="rejoin-wait")
     if any(not o.ok for o in outcomes):
         raise Failed("some instances could not be updated")
 

@@ -473,15 +473,18 @@ def acl_rule(line: str, args: Sequence[str], *, user: str, password: str | None,
                    "@HOST:PORT", err=True)
 
 
-def initialized(outcomes: Sequence[Outcome], as_json: bool) -> None:
+def initialized(outcomes: Sequence[Outcome], as_json: bool, what: str = "init") -> None:
+    """One row per instance: `what` ok or FAILED, its epoch, and its stored rejoin wait."""
     doc = [{"instance": o.label, "ok": o.ok, "error": o.error,
-            "epoch": o.value.epoch if o.ok and o.value else None} for o in outcomes]
+            "epoch": o.value.epoch if o.ok and o.value else None,
+            "rejoin_ms": getattr(o.value, "rejoin_ms", None) if o.ok and o.value else None}
+           for o in outcomes]
     if as_json:
         _emit_json(doc)
         return
-    rows = [[d["instance"], "ok" if d["ok"] else f"FAILED: {d['error']}", d["epoch"] or "-"]
-            for d in doc]
-    click.echo(_table(["instance", "init", "epoch"], rows))
+    rows = [[d["instance"], "ok" if d["ok"] else f"FAILED: {d['error']}", d["epoch"] or "-",
+             "-" if d["rejoin_ms"] is None else str(d["rejoin_ms"])] for d in doc]
+    click.echo(_table(["instance", what, "epoch", "rejoin_ms"], rows))
 
 
 def swept(outcomes: Sequence[Outcome[int]], as_json: bool) -> None:
