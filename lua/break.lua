@@ -28,27 +28,6 @@ local function break_one(key, r, qn, lk)
   broken[n + 5], broken[n + 6], broken[n + 7] = lk.gr, lk.rq, string.upper(qn)
 end
 
-local function break_kids(lk)
-  local n = 0
-  local kids = lk.k
-  for i = 1, #kids do
-    local ckey, cid = kids[i][1], kids[i][2]
-    if not declared(ckey) then
-      fail('DLM_KEYS', 'child resource key not passed in KEYS (H3): ' .. ckey)
-    end
-    local cr = load(ckey)
-    local cqn, clk = nil, nil
-    if cr then cqn, clk = find(cr, cid) end
-    if clk then
-      n = n + break_kids(clk) + 1
-      break_one(ckey, cr, cqn, clk)
-      remove_lock(ckey, cr, cqn, clk, false)
-    end
-  end
-  lk.k = {}
-  return n
-end
-
 return run(function()
   local id = ARGV[3] or ''
   local owner = ARGV[4] or ''
@@ -71,7 +50,7 @@ return run(function()
     end
     for _, m in ipairs(matched) do  -- every match goes before the queues move (G8)
       local qn, lk = m[1], m[2]
-      n = n + break_kids(lk) + 1
+      n = n + remove_kids(lk, nil, break_one) + 1
       break_one(key, r, qn, lk)
       remove_from(r[qn], lk)
       if qn ~= 'g' then windex_rem(key, lk) end

@@ -14,27 +14,8 @@
 -- Errors: DLM_BADARG, DLM_NOTOWNER, DLM_HASCHILDREN, DLM_KEYS.
 -- Events: G to locks granted by queue processing.
 
-local function release_kids(lk, subtree)
-  local n = 0
-  local kids = lk.k
-  for i = 1, #kids do
-    local ckey, cid = kids[i][1], kids[i][2]
-    if not declared(ckey) then
-      fail('DLM_KEYS', 'child resource key not passed in KEYS (H3): ' .. ckey)
-    end
-    local cr = load(ckey)
-    local cqn, clk = nil, nil
-    if cr then cqn, clk = find(cr, cid) end
-    if clk then
-      if not subtree then
-        fail('DLM_HASCHILDREN', 'lock ' .. lk.id .. ' has children; release them or ask SUBTREE')
-      end
-      n = n + release_kids(clk, subtree) + 1
-      remove_lock(ckey, cr, cqn, clk, false)
-    end
-  end
-  lk.k = {}
-  return n
+local function refuse_kids(parent)
+  fail('DLM_HASCHILDREN', 'lock ' .. parent.id .. ' has children; release them or ask SUBTREE')
 end
 
 return run(function()
@@ -66,7 +47,7 @@ return run(function()
   if write and not (lk.gr >= PW) then
     fail('DLM_BADARG', 'the value block is written only releasing PW/EX (V3)')
   end
-  local n = release_kids(lk, has(flags, F_SUBTREE))
+  local n = remove_kids(lk, not has(flags, F_SUBTREE) and refuse_kids or nil)
   if write and version >= r.vv then r.v, r.vv, r.vi = value, version, 0 end  -- V6
   if floor > r.s then r.s = floor end
   remove_lock(key, r, qn, lk, true)

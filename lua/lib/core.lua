@@ -594,6 +594,32 @@ local function remove_lock(key, r, qn, lk, unlink)
   process(key, r)
 end
 
+-- H3, H4: remove every lock below `lk`, depth first (its children's children before them),
+-- and return how many went. Every child key must be passed in KEYS. `pre(parent, child)`
+-- runs before a child's own subtree goes (release: refuse without SUBTREE), `post(key, r,
+-- queue, child)` after it, just before the child itself goes (break: report and tell it).
+local function remove_kids(lk, pre, post)
+  local n = 0
+  local kids = lk.k
+  for i = 1, #kids do
+    local ckey, cid = kids[i][1], kids[i][2]
+    if not declared(ckey) then
+      fail('DLM_KEYS', 'child resource key not passed in KEYS (H3): ' .. ckey)
+    end
+    local cr = load(ckey)
+    local cqn, clk = nil, nil
+    if cr then cqn, clk = find(cr, cid) end
+    if clk then
+      if pre then pre(lk, clk) end
+      n = n + remove_kids(clk, pre, post) + 1
+      if post then post(ckey, cr, cqn, clk) end
+      remove_lock(ckey, cr, cqn, clk, false)
+    end
+  end
+  lk.k = {}
+  return n
+end
+
 -- ----------------------------------------------------------------- commit
 
 -- K3: a command of the script refused by the caller's ACL is reported as DLM_NOPERM, and
