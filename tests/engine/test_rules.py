@@ -1052,7 +1052,7 @@ def test_h2_same_child_name_under_two_parents_is_two_resources(w: World) -> None
     assert [lk.kids for lk in w.view(ROOT).locks] == [((k1, "c1"),)]
 
 
-CROSSSLOT_BUG = ("known limitation (docs/rules.md): every mutating script declares "
+CROSSSLOT_BUG = ("known limitation (docs/operations.md): every mutating script declares "
                  "EPOCH_KEY 'dlm:epoch' and the waiter "
                  "index 'dlm:<ns>:waiters' beside the tree's 'dlm:{<ns>:<root>}' keys; they hash "
                  "to other slots, so on a Redis Cluster member (docs/design.md §3) every call "
