@@ -1,4 +1,4 @@
-"""The quorum protocol: every decision of the client, and no I/O (DESIGN section 5).
+"""The quorum protocol: every decision of the client, and no I/O (docs/design.md §6).
 
 The sync client (`redlockdlm.client`) and the asyncio client (`redlockdlm.aio`) only move
 bytes: they send the commands this module builds to all instances at once, feed the replies

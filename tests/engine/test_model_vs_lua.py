@@ -1,4 +1,4 @@
-"""The Lua scripts and the pure-Python reference model agree (DESIGN section 8).
+"""The Lua scripts and the pure-Python reference model agree (docs/design.md §9).
 
 A hypothesis state machine drives random operation sequences (three owners, two trees of
 resources with parents, every mode and flag, values, floors, bad arguments, lease expiry by

@@ -54,9 +54,10 @@ CHILD = ("db/orders", "row:42")
 GRANDCHILD = ("db/orders", "row:42", "col:a")
 CHAN = b"dlm:" + NS.encode() + b":ch:"
 
-# The DESIGN.md compatibility matrix, written out independently of modes.COMPAT (M1).
+# The compatibility matrix of docs/concepts.md (rule M1), written out independently of
+# modes.COMPAT.
 # Rows: granted mode, columns: requested mode, NL CR CW PR PW EX.
-DESIGN_MATRIX = {
+M1_MATRIX = {
     NL: "yyyyyy",
     CR: "yyyyyn",
     CW: "yyynnn",
@@ -277,13 +278,13 @@ def run(w: World, ops: list[Op]) -> None:
 @pytest.mark.parametrize(
     "held,requested",
     [pytest.param(h, q, id=f"M1-{h.name}-held-{q.name}-requested-"
-                  + ("granted" if DESIGN_MATRIX[h][q] == "y" else "queued"))
+                  + ("granted" if M1_MATRIX[h][q] == "y" else "queued"))
      for h, q in product(Mode, Mode)],
 )
 def test_m1_compatibility_matrix(w: World, held: Mode, requested: Mode) -> None:
     assert R("a", held, 1)(w).status == GRANTED
     rep = R("b", requested, 2)(w)
-    if DESIGN_MATRIX[held][requested] == "y":
+    if M1_MATRIX[held][requested] == "y":
         assert (rep.status, rep.mode) == (GRANTED, requested)
         assert w.layout() == " ".join(["G[" + " ".join(
             sorted([f"a={held.name}", f"b={requested.name}"])) + "]"])
@@ -1051,11 +1052,11 @@ def test_h2_same_child_name_under_two_parents_is_two_resources(w: World) -> None
     assert [lk.kids for lk in w.view(ROOT).locks] == [((k1, "c1"),)]
 
 
-CROSSSLOT_BUG = ("known limitation (docs/rules.md): every mutating script declares "
+CROSSSLOT_BUG = ("known limitation (docs/operations.md): every mutating script declares "
                  "EPOCH_KEY 'dlm:epoch' and the waiter "
                  "index 'dlm:<ns>:waiters' beside the tree's 'dlm:{<ns>:<root>}' keys; they hash "
-                 "to other slots, so on a Redis Cluster member (DESIGN 3) every call fails with "
-                 "CROSSSLOT")
+                 "to other slots, so on a Redis Cluster member (docs/design.md §3) every call "
+                 "fails with CROSSSLOT")
 
 
 @pytest.mark.xfail(strict=True, reason=CROSSSLOT_BUG)

@@ -1,4 +1,4 @@
-"""Malformed URLs and instances that are not Redis (DESIGN section 8, "Bad input").
+"""Malformed URLs and instances that are not Redis (docs/design.md §9, "Bad input").
 
 * Every malformed URL is InvalidArgument (a ValueError), or InvalidType for a non-str,
   raised by DLM(), AsyncDLM() and the `dlm` command (exit 2) before anything connects.

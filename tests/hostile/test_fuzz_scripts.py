@@ -1,7 +1,7 @@
 """Property-based fuzzing of every script and of the public Python API with hostile input.
 
 Every script is called through `call_script` (FCALL, exactly what the clients send) with
-random and malformed keys and arguments. Properties (DESIGN section 8, "Bad input"):
+random and malformed keys and arguments. Properties (docs/design.md §9, "Bad input"):
 
 * the call succeeds or raises a typed redlockdlm error (a `DLMError`), never a raw redis
   `ResponseError` and never a Lua runtime error (`DLM_INTERNAL`, "attempt to ...",

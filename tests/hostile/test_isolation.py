@@ -1,4 +1,4 @@
-"""Owners and namespaces are isolated from each other (DESIGN section 8, "wrong owner").
+"""Owners and namespaces are isolated from each other (docs/design.md §9, "Bad input").
 
 * Through the Engine: an owner cannot release, convert, cancel, yield or renew another
   owner's lock, granted, converting or waiting (NotOwner), and the database is unchanged.

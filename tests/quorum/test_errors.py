@@ -1,4 +1,4 @@
-"""Typed errors: too few instances answering, and bad input (DESIGN section 8).
+"""Typed errors: too few instances answering, and bad input (docs/design.md §9).
 
 Every error is a DLMError and, for bad input, also a ValueError or TypeError; after bad
 input the lock database is untouched and the same client keeps working.

@@ -1,4 +1,4 @@
-"""Liveness and fencing under contention and faults (DESIGN sections 5 and 8).
+"""Liveness and fencing under contention and faults (docs/design.md §6 and §9).
 
 - split votes between 3 or 5 simultaneous contenders resolve without any detector;
 - a holder process killed with SIGKILL frees its lock after its lease;

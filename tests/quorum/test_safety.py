@@ -1,4 +1,4 @@
-"""Mutual exclusion seen from outside Redis (DESIGN section 8, Safety and Fencing).
+"""Mutual exclusion seen from outside Redis (docs/design.md §9, Safety and Fencing).
 
 Several worker PROCESSES (multiprocessing, spawn) loop over a few resources taking random
 modes for short critical sections. Each records (resource, mode, start_ns, end_ns, token,

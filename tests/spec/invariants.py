@@ -11,7 +11,7 @@ raises `Violation` naming the rule.
 State invariants (after every call; `check_state`):
 
 - **M1/G1 compatible**: the granted modes of all granted AND converting locks are pairwise
-  compatible (the DESIGN matrix, written out below, not imported).
+  compatible (the matrix of docs/concepts.md, rule M1, written out below, not imported).
 - **G6 shape**: a granted lock requests nothing; a converting one has a granted and a requested
   mode; a waiting one has no granted mode.
 - **G8 processed**: no conversion that could be granted is left queued (compatible with the
@@ -68,7 +68,7 @@ NL, CR, CW, PR, PW, EX = range(6)
 F_NOQUEUE, F_EXPEDITE, F_QUECVT, F_CONVDEADLK = 1, 2, 4, 8
 VBMAX = 64
 
-# M1: the DESIGN compatibility matrix. Rows: granted mode; columns: requested, NL..EX.
+# M1: the compatibility matrix (docs/concepts.md). Rows: granted mode; columns: requested, NL..EX.
 _MATRIX = {
     NL: "yyyyyy",
     CR: "yyyyyn",
