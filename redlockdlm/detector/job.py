@@ -14,8 +14,6 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import redis
-
 from ..admin import (
     Outcome,
     Target,
@@ -56,20 +54,6 @@ class ReapResult:
     live: int = 0  #: entries left alone: the lock's lease is still running
 
 
-def _zrem_if_unchanged(client: redis.Redis, wkey: bytes, member: bytes, score: float) -> bool:
-    """Remove an index entry only if nobody re-added it meanwhile (same score)."""
-    with client.pipeline(transaction=True) as p:
-        try:
-            p.watch(wkey)
-            if p.zscore(wkey, member) != score:
-                return False
-            p.multi()
-            p.zrem(wkey, member)
-            return bool(p.execute()[0])
-        except redis.WatchError:
-            return False  # the index changed under us: try again next time
-
-
 def reap(engine: Engine, *, grace_ms: int = 5_000, limit: int = 1_000) -> ReapResult:
     """D9: clear up to `limit` waiter-index entries whose lease ran out more than
     `grace_ms` ago (instance clock).
@@ -81,8 +65,7 @@ def reap(engine: Engine, *, grace_ms: int = 5_000, limit: int = 1_000) -> ReapRe
     if the lock or the whole resource is gone, the entry is removed with ZREM, unless it was
     re-added meanwhile. A lock whose lease is still running is never touched."""
     now = engine.status().now_ms
-    raw = engine.client.zrangebyscore(engine.wkey, "-inf", now - grace_ms, withscores=True,
-                                      start=0, num=limit)
+    raw = engine.stale_waiters(now - grace_ms, limit)
     if not raw:
         return ReapResult()
     entries = [(member, score, *_split_member(member)) for member, score in raw]
@@ -101,7 +84,7 @@ def reap(engine: Engine, *, grace_ms: int = 5_000, limit: int = 1_000) -> ReapRe
             engine.cancel(key, lk.owner, lock_id, parent_key=parent_key(key) if lk.parent
                           else None, reason="cancel")
             purged.add(key)
-        if _zrem_if_unchanged(engine.client, engine.wkey, member, score):
+        if engine.drop_waiter(member, score):
             removed += 1
     return ReapResult(len(entries), len(purged), removed, live)
 
@@ -234,7 +217,7 @@ class Detector:
 
         def fresh(e: Engine) -> list[bytes]:
             now = e.status().now_ms
-            members = set(e.client.zrangebyscore(e.wkey, f"({now}", "+inf"))
+            members = set(e.live_waiters(now))
             new = members - memo.members.get(e, set())
             memo.members[e] = members
             return [m.partition(b"|")[2] for m in new]

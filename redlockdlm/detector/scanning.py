@@ -20,10 +20,8 @@ from typing import NamedTuple
 from ..admin import Outcome, Target, fan_out, label_of
 from ..admin import quorum as quorum_of
 from ..engine.codec import LockView, ResourceView
-from ..engine.instance import Engine, call_script
-from ..engine.keys import EPOCH_KEY
+from ..engine.instance import Engine
 from ..engine.modes import Mode
-from ..engine.scripts import command
 from ..errors import ProtocolError
 
 # ----------------------------------------------------------------- D1: the scan
@@ -234,17 +232,9 @@ def _read_resources(engine: Engine, keys: list[bytes], held: Held | None = None,
     recorded in `keep` (stamps and resources of every key read, unchanged ones included)."""
     chunks = [keys[i:i + SCAN_CHUNK] for i in range(0, len(keys), SCAN_CHUNK)]
     none = (b"",)
-    pipe = engine.client.pipeline(transaction=False)
-    calls = []
-    for chunk in chunks:
-        args = [] if not held else [held.get(k, none)[0] for k in chunk]
-        calls.append(args)
-        pipe.execute_command(*command("scan", [EPOCH_KEY, *chunk], args))
-    replies = pipe.execute(raise_on_error=False)
+    calls = [[] if not held else [held.get(k, none)[0] for k in chunk] for chunk in chunks]
     out: dict[bytes, Resource] = {}
-    for chunk, args, raw in zip(chunks, calls, replies):
-        if isinstance(raw, Exception):  # e.g. the library is missing: the careful path
-            raw = call_script(engine.client, "scan", [EPOCH_KEY, *chunk], args)
+    for chunk, raw in zip(chunks, engine.scan_resources(chunks, calls)):
         _, got, new = _parse_scan(chunk, raw, held)
         out.update(got)
         if keep is not None:
@@ -260,7 +250,7 @@ def _scan_one(engine: Engine, memo: ScanMemo | None = None) -> tuple[int, tuple,
     # included), so "still alive" is asked of that clock, not ours. (Members only: scores
     # would cost more to convert than the whole read.)
     now = engine.status().now_ms
-    members = engine.client.zrangebyscore(engine.wkey, f"({now}", "+inf")
+    members = engine.live_waiters(now)
     waiters = _split_members(members)
     keys = list(dict.fromkeys(key for _, key in waiters))  # a resource is read once
     if memo is None:
