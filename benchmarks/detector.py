@@ -73,12 +73,12 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from redis_harness import Instances  # noqa: E402
 
-from redlockdlm import detector  # noqa: E402
 from redlockdlm.detector import (  # noqa: E402
     Detector,
     ScanMemo,
     find_cycles,
     scan,
+    scanning,
     wait_for_graph,
 )
 from redlockdlm.engine import codec  # noqa: E402
@@ -260,13 +260,13 @@ def measure(engines: list[Engine], pool: ThreadPoolExecutor, repeat: int, label:
     rounds = timed(det.run_once, repeat)
     det.close()
     by_chunk = {}
-    default_chunk = detector.SCAN_CHUNK
+    default_chunk = scanning.SCAN_CHUNK
     try:
         for n in chunks:
-            detector.SCAN_CHUNK = n
+            scanning.SCAN_CHUNK = n
             by_chunk[n] = timed(lambda: scan(engines, executor=pool), repeat)
     finally:
-        detector.SCAN_CHUNK = default_chunk
+        scanning.SCAN_CHUNK = default_chunk
     g = wait_for_graph(snap)
     med = statistics.median(scans)
     per_instance = max(len(i.resources) for i in snap.instances)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -345,6 +345,50 @@ class Engine:
     def waiters(self) -> list[tuple[bytes, float]]:
         """The waiter index: (member 'lock id|resource key', lease expiry ms)."""
         return self.client.zrange(self.wkey, 0, -1, withscores=True)
+
+    def live_waiters(self, now_ms: int) -> list[bytes]:
+        """The members of the waiter index whose lease expires after `now_ms` (this
+        instance's clock, `status().now_ms`): its live entries (docs/detector.md D1).
+        Members only: their scores would cost more to convert than the whole read."""
+        return self.client.zrangebyscore(self.wkey, f"({now_ms}", "+inf")
+
+    def stale_waiters(self, until_ms: int, limit: int) -> list[tuple[bytes, float]]:
+        """Up to `limit` waiter-index entries whose lease expired at or before `until_ms`
+        (instance clock): (member, lease expiry ms), oldest first (docs/detector.md D9)."""
+        return self.client.zrangebyscore(self.wkey, "-inf", until_ms, withscores=True,
+                                         start=0, num=limit)
+
+    def drop_waiter(self, member: bytes, score: float) -> bool:
+        """Remove one waiter-index entry, only if nobody re-added it meanwhile (still the
+        same score; WATCH/MULTI). Whether it was removed."""
+        with self.client.pipeline(transaction=True) as p:
+            try:
+                p.watch(self.wkey)
+                if p.zscore(self.wkey, member) != score:
+                    return False
+                p.multi()
+                p.zrem(self.wkey, member)
+                return bool(p.execute()[0])
+            except redis.WatchError:
+                return False  # the index changed under us: try again next time
+
+    def scan_resources(self, chunks: Sequence[Sequence[bytes]], stamps: Sequence[Sequence[bytes]]
+                       ) -> Iterator[list]:
+        """The raw replies of `lua/scan.lua` (read-only; layout in that file, parsed by
+        `redlockdlm.detector.scanning`), one per chunk of resource keys, each call sent
+        with its chunk's stamps (what the caller decoded earlier; none: decode all). All
+        the calls go in one pipeline (one round trip; each runs alone on the instance),
+        sent when the first reply is asked for. A call the pipeline could not run (e.g.
+        the library is missing) is made again, when its reply is asked for, the careful
+        way (`call_script`), whose errors are raised."""
+        pipe = self.client.pipeline(transaction=False)
+        for chunk, args in zip(chunks, stamps):
+            pipe.execute_command(*command("scan", [EPOCH_KEY, *chunk], args))
+        replies = pipe.execute(raise_on_error=False)
+        for chunk, args, raw in zip(chunks, stamps, replies):
+            if isinstance(raw, Exception):  # the careful path
+                raw = call_script(self.client, "scan", [EPOCH_KEY, *chunk], list(args))
+            yield raw
 
     def resource_keys(self, count: int = 1000) -> list[bytes]:
         """Resource keys of this namespace by SCAN (for operators; never on a hot path)."""

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from redlockdlm.detector import (
-    InstanceScan,
-    Snapshot,
+from redlockdlm.detector import InstanceScan, Snapshot
+from redlockdlm.detector.graph import (
     WaitForGraph,
     _cyclic_core,
     _tarjan,

@@ -16,7 +16,8 @@ import redis
 from deadlocks import Cluster
 
 from redlockdlm.admin import Target
-from redlockdlm.detector import Detector, Lock, _read_resources, reap, scan
+from redlockdlm.detector import Detector, Lock, reap, scan
+from redlockdlm.detector.scanning import _read_resources
 from redlockdlm.engine.modes import Flag, Status
 
 pytestmark = pytest.mark.timeout(30)

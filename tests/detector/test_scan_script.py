@@ -12,7 +12,8 @@ import random
 import pytest
 import redis
 
-from redlockdlm.detector import (
+from redlockdlm.detector import wait_for_graph
+from redlockdlm.detector.scanning import (
     _FIELDS,
     Lock,
     ScanMemo,
@@ -20,7 +21,6 @@ from redlockdlm.detector import (
     _parse_scan,
     _read_resources,
     scan,
-    wait_for_graph,
 )
 from redlockdlm.engine.instance import Engine, call_script
 from redlockdlm.engine.keys import EPOCH_KEY

@@ -26,6 +26,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+from model import Model
 from spec.invariants import (
     History,
     check_all,
@@ -41,7 +42,6 @@ from spec.invariants import (
 )
 
 from redlockdlm.engine.instance import Engine
-from redlockdlm.engine.model import Model
 from redlockdlm.errors import DLMError
 
 T0 = 1_800_000_000_000

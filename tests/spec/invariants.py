@@ -1,6 +1,6 @@
 """The grant rules of ONE instance as invariants, written from the rules (docs/rules.md, after
 the OpenVMS lock manager and the Linux DLM), not from the Lua scripts or the reference model
-(`redlockdlm/engine/model.py`), which mirror each other and so share their mistakes.
+(`tests/model.py`), which mirror each other and so share their mistakes.
 
 A check looks at a resource's state as a reader sees it (`Engine.inspect`, or the model's
 `dump`, both in the shape ``{key: (name, seq, value, version, invalid, locks)}``, a lock being

@@ -1,4 +1,5 @@
-"""Pure-Python reference model of one instance's lock database (DESIGN section 2-4).
+"""Pure-Python reference model of one instance's lock database (docs/design.md §5, the
+rules of docs/rules.md), a test oracle: not part of the shipped package.
 
 It implements the same rules as the Lua scripts in `lua/`, written for clarity rather than
 speed, and is driven side by side with them by the property-based tests
@@ -14,15 +15,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 
-from ..errors import (
-    BadArgument,
-    HasChildren,
-    LockStateError,
-    MissingKeys,
-    NotOwner,
-)
-from ..errors import DLMError as EngineError
-from .modes import (
+from redlockdlm.engine.modes import (
     COMPAT,
     CONVERT_FLAGS,
     MAX_PRIORITY,
@@ -34,6 +27,14 @@ from .modes import (
     Status,
     is_down_conversion,
 )
+from redlockdlm.errors import (
+    BadArgument,
+    HasChildren,
+    LockStateError,
+    MissingKeys,
+    NotOwner,
+)
+from redlockdlm.errors import DLMError as EngineError
 
 TOMBSTONE_MS = 60_000  #: G9: how long a fencing sequence outlives its resource
 MAX_LEASE_MS = 86_400_000
