@@ -60,6 +60,6 @@ return run(function()
     process(key, r)
   end
   local out = reply(S_RELEASED, NONE, 0, -1, n)
-  for i = 1, #broken do out[11 + i] = broken[i] end
+  for i = 1, #broken do out[R_LEN + i] = broken[i] end
   return out
 end)

@@ -23,13 +23,7 @@
 
 local function status()
   local e = redis.call('HMGET', KEYS[1], 'id', 'safe', 'tfix', 'toff', 'rejoin')
-  local now
-  if e[3] then
-    now = tonumber(e[3])
-  else
-    local t = redis.call('TIME')
-    now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + (tonumber(e[4] or '0') or 0)
-  end
+  local now = clock(e[3], e[4])  -- (core.lua)
   local rec = 0
   if e[2] and tonumber(e[2]) > now then rec = tonumber(e[2]) - now end
   return {e[1] or false, now, rec, e[5] or false}
@@ -41,12 +35,6 @@ local function rejoin_arg(s)
     return nil
   end
   return tonumber(s)
-end
-
-local function epoch_id()
-  local t = redis.call('TIME')
-  local run = string.match(redis.call('INFO', 'server'), 'run_id:(%x%x%x%x%x%x%x%x)') or '0'
-  return string.format('%x.%x.', tonumber(t[1]), tonumber(t[2])) .. run
 end
 
 if KEYS[1] ~= 'dlm:epoch' or #KEYS ~= 1 then  -- K1: our epoch hash only
@@ -77,7 +65,7 @@ elseif cmd == 'fresh' then
     end
     redis.call('HSET', KEYS[1], 'safe', '0')
   elseif not e[1] then
-    redis.call('HSET', KEYS[1], 'id', epoch_id(), 'safe', '0')
+    redis.call('HSET', KEYS[1], 'id', new_epoch_id(), 'safe', '0')
   end
   if rejoin then
     local old = tonumber(redis.call('HGET', KEYS[1], 'rejoin') or '0') or 0

@@ -20,13 +20,7 @@ for i = 2, #KEYS do
   end
 end
 local e = redis.call('HMGET', KEYS[1], 'id', 'safe', 'tfix', 'toff')
-local now
-if e[3] then
-  now = tonumber(e[3])
-else
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + (tonumber(e[4] or '0') or 0)
-end
+local now = clock(e[3], e[4])  -- (core.lua)
 local rec = 0
 if e[2] and tonumber(e[2]) > now then rec = tonumber(e[2]) - now end
 local out = {e[1] or false, now, rec}

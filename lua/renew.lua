@@ -67,11 +67,11 @@ return run(function()
       if floor > r.s then r.s = floor end
       mark(key)
       local st = lock_state(r, lk)
-      out[#out + 1] = st[1]
-      out[#out + 1] = st[3]
-      out[#out + 1] = st[4]
-      out[#out + 1] = st[5]
-      out[#out + 1] = st[9]
+      out[#out + 1] = st[R_STATUS]
+      out[#out + 1] = st[R_MODE]
+      out[#out + 1] = st[R_TOKEN]
+      out[#out + 1] = st[R_POS]
+      out[#out + 1] = st[R_WAIT]
     end
   end
   return out

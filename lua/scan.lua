@@ -45,13 +45,7 @@ for i = 2, nkeys do
 end
 local MEMO_MAX = 50000
 local e = redis.call('HMGET', KEYS[1], 'tfix', 'toff')
-local now
-if e[1] then
-  now = tonumber(e[1])
-else
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + (tonumber(e[2] or '0') or 0)
-end
+local now = clock(e[1], e[2])  -- (core.lua)
 local memo = scan_memo
 if not memo.base then  -- the library's life on this instance
   local t = redis.call('TIME')

@@ -21,6 +21,51 @@ local function the_globals()  -- defined before the locals below, so these are t
 end
 local redis, cmsgpack, string, table, math, type, tonumber, tostring, pcall, error, ipairs
 
+-- ----------------------------------------------------------------- state between calls
+-- Every variable of the library that a call writes, in one place. In a Functions library
+-- these locals live as long as the library on the instance (FUNCTION LOAD to the next load,
+-- FUNCTION FLUSH or restart) and are shared by all its calls; Redis runs one script at a
+-- time, so a call never sees another half done. In EVAL form the whole chunk runs on every
+-- call: each starts as declared here. (KEYS, ARGV: the library's locals, set by `call`.)
+--
+-- Kept between calls: caches of pure functions of their input, or validated with it on use,
+-- so a kept entry can never make a call decide otherwise than without it:
+--   redis ... ipairs above: the globals, bound by the first `call` (`the_globals`); they do
+--     not change while the library is loaded.
+--   int_s, int_n, id_s, prio_s, prio_n: the argument checks (arg_int, arg_id, arg_priority):
+--     per argument (`what`, a fixed set of names), the last string found valid and its
+--     number. Validity is a pure function of the string, compared by ==; ranges are checked
+--     on every call.
+local int_s, int_n, id_s = {}, {}, {}  -- what -> last valid string (and its number)
+local prio_s, prio_n  -- the last valid priority string and its value
+--   valid_w, valid_ns, valid_prefix, valid_ch (check_keys): the last waiter index found valid
+--     and what derives from it, a pure function of that string: namespace, key prefix,
+--     channel prefix. Each call's KEYS[2] is compared with valid_w first.
+local valid_w, valid_ns, valid_prefix, valid_ch
+--   written (commit, load): what the last committing call wrote: key -> {blob, the table
+--     packed into it}. A GET returning exactly those bytes decodes to exactly that table, so
+--     the unpack is skipped; bytes that differ in any way (another writer, expiry, a flush)
+--     simply miss. An entry is handed over when used (the call may change the table, or
+--     fail), and the whole map is replaced by every commit: one call's keys at most.
+local written = {}
+--   scan_memo (lua/scan.lua): the resources scan decoded: {cur = {}, old = {}, n = entries
+--     in cur, seq = stamps issued, base = the library's load time on this instance}. An
+--     entry is used only for the same bytes and while its leases and the clock allow (see
+--     scan.lua); at most 2 x MEMO_MAX entries.
+local scan_memo = {cur = {}, old = {}, n = 0, seq = 0, base = false}
+--
+-- Per call: reset by `call` before every script runs (events and windex_ops are reused
+-- only when empty), so nothing of one call reaches the next.
+local REJOIN, CHANNEL  -- ARGV[1] rejoin_ms (E1: raised to the stored wait); ARGV[2]
+local NOW, NOW_US      -- the instance clock (`clock`, read by epoch_load)
+local EPOCH, SAFE      -- the epoch id and the time it is safe (E1; epoch_load)
+local epoch_dirty = false  -- the epoch hash is written by commit
+local cache        -- key -> resource (false if absent)
+local dirty        -- key -> true
+local dirty_order
+local windex_ops   -- {'add', member, score} | {'rem', member}
+local events       -- {owner, message}
+
 local NL, CR, CW, PR, PW, EX = 0, 1, 2, 3, 4, 5
 local NONE = -1
 
@@ -69,11 +114,10 @@ end
 -- character that is NOT allowed, so no match string is created.)
 --
 -- The syntax checks are pure functions of the string, so the last string found valid for each
--- argument (`what`) is remembered between calls with what it gave (as `valid_w` in
--- check_keys): a client repeating its owner, rejoin_ms, lease, flags... pays one comparison
--- (strings are interned: == compares pointers) instead of a C call. Ranges are checked on
--- every call.
-local int_s, int_n, id_s = {}, {}, {}  -- what -> last valid string (and its number)
+-- argument (`what`) is remembered between calls with what it gave (`int_s`, `int_n`, `id_s`,
+-- `prio_s`, `prio_n`: the state block at the top): a client repeating its owner, rejoin_ms,
+-- lease, flags... pays one comparison (strings are interned: == compares pointers) instead
+-- of a C call. Ranges are checked on every call.
 
 local function arg_int(s, what, lo, hi)
   lo = lo or 0
@@ -113,7 +157,6 @@ end
 
 -- P1: a signed int in the range of a C int; absent (an older caller): 0.
 local MIN_PRIORITY, MAX_PRIORITY = -2147483648, 2147483647
-local prio_s, prio_n  -- the last valid priority string and its value (as in arg_int)
 local function arg_priority(s)
   if s == nil then return 0 end
   if s == prio_s then return prio_n end
@@ -143,14 +186,33 @@ end
 
 -- ----------------------------------------------------------------- clock and epoch (E1)
 
-local REJOIN, CHANNEL, NOW, NOW_US, EPOCH, SAFE
-local epoch_dirty = false
+-- The instance clock, read here only (every script: epoch_load, init, inspect, scan).
+-- `fix`, `off`: the test clock fields `tfix` and `toff` of the epoch hash as HMGET gives
+-- them (strings, or false when absent; set only by the `init clock` script). With `tfix`
+-- the clock is frozen at that many ms; else it is TIME plus `toff` ms. Returns now in ms,
+-- now in µs, and TIME's seconds and microseconds (nil when frozen: TIME is not read).
+local function clock(fix, off)
+  if fix then
+    local now = tonumber(fix)
+    return now, now * 1000
+  end
+  local t = redis.call('TIME')
+  local sec, usec = t[1] + 0, t[2] + 0  -- TIME: two strings of digits
+  off = off and tonumber(off) or 0
+  return sec * 1000 + (usec - usec % 1000) / 1000 + off,  -- usec: 0..999999
+    sec * 1000000 + usec + off * 1000, sec, usec
+end
 
--- A new epoch's id: the instance clock and the first 8 hex digits of the server's run_id,
--- so two servers never create the same id (clients refuse two instances whose replies carry
--- one id: one server reached by two URLs, docs/protocol.md). INFO only when an epoch is
--- created.
+-- A new epoch's id: the instance clock's TIME (without the test offset: sec, usec as
+-- `clock` returns them; read here when the clock is frozen) and the first 8 hex digits of
+-- the server's run_id, so two servers never create the same id (clients refuse two
+-- instances whose replies carry one id: one server reached by two URLs, docs/protocol.md).
+-- INFO only when an epoch is created.
 local function new_epoch_id(sec, usec)
+  if not sec then
+    local t = redis.call('TIME')
+    sec, usec = t[1] + 0, t[2] + 0  -- TIME: two strings of digits
+  end
   local run = string.match(redis.call('INFO', 'server'), 'run_id:(%x%x%x%x%x%x%x%x)') or '0'
   return string.format('%x.%x.', sec, usec) .. run
 end
@@ -164,18 +226,7 @@ end
 local function epoch_load()
   local e = redis.call('HMGET', KEYS[1], 'id', 'safe', 'tfix', 'toff', 'rejoin')
   local sec, usec
-  if e[3] then
-    -- test clock: frozen at tfix ms (set only by the `init clock` script)
-    NOW = tonumber(e[3])
-    NOW_US = NOW * 1000
-  else
-    local t = redis.call('TIME')
-    sec, usec = t[1] + 0, t[2] + 0  -- TIME: two strings of digits
-    local off = 0
-    if e[4] then off = tonumber(e[4]) or 0 end
-    NOW = sec * 1000 + (usec - usec % 1000) / 1000 + off  -- usec: 0..999999
-    NOW_US = sec * 1000000 + usec + off * 1000
-  end
+  NOW, NOW_US, sec, usec = clock(e[3], e[4])
   local stored = e[5] and tonumber(e[5])
   if e[1] then
     EPOCH, SAFE = e[1], tonumber(e[2])
@@ -188,10 +239,6 @@ local function epoch_load()
       end
     end
   else
-    if not sec then
-      local t = redis.call('TIME')
-      sec, usec = t[1] + 0, t[2] + 0  -- TIME: two strings of digits
-    end
     EPOCH = new_epoch_id(sec, usec)
     if stored and stored > REJOIN then REJOIN = stored end
     SAFE = NOW + REJOIN
@@ -220,13 +267,6 @@ end
 -- A lock: {id, o=owner, gr, rq (NONE if none), f=flags, t=ticket, ct=conversion ticket,
 -- e=expiry ms, p=parent id or '', pk=parent key or '', k={{key, id}...}, tok, pm,
 -- pr=priority (P1; absent when 0, so a lock without one is stored as before)}.
-
--- Per-call state, reset by `call` (in a Functions library these outlive a call).
-local cache        -- key -> resource (false if absent)
-local dirty        -- key -> true
-local dirty_order
-local windex_ops   -- {'add', member, score} | {'rem', member}
-local events       -- {owner, message}
 
 local function mark(key)
   if not dirty[key] then
@@ -378,13 +418,6 @@ local function purge(key, r)
   if process(key, r) then mark(key) end
 end
 
--- What the last committing call wrote: key -> {blob, the table packed into it}. Kept
--- between calls (the one cache that is): a GET returning exactly those bytes decodes to
--- exactly that table, so the unpack is skipped. An entry is handed over when used (the call
--- may change the table, or fail), and the whole map is replaced by every commit. Bytes that
--- differ in any way (another writer, expiry, a flush) simply miss.
-local written = {}
-
 -- K1: a resource key that holds something else than a resource (another type, bytes that
 -- do not decode to one: written by another program, or damaged) is refused with the typed
 -- error `DLM_CORRUPT <key> <why>` before anything is changed, rather than failing halfway
@@ -506,9 +539,20 @@ local function blocking(r, lk)
   end
 end
 
--- The reply about one lock (invalid: 0 valid, 1 invalid (V4), 2 forgotten (V5)):
--- {status, epoch, gr, token, pos, value, version, invalid, wait_ms, extra, nblockers,
---  blocker owner, blocker id, blocker mode, ...}
+-- The reply about one lock, the one place its layout is written (redlockdlm/engine/codec.py
+-- `parse_lock_reply` reads it; its _LOCK_REPLY_LEN and _BLOCKER_FIELDS point here):
+--   R_STATUS     S_*                       R_VALUE      value block or false (V2)
+--   R_EPOCH      the instance's epoch id   R_VERSION    value block version
+--   R_MODE       granted mode or NONE      R_INVALID    0 valid, 1 invalid (V4), 2 forgotten (V5)
+--   R_TOKEN      fencing token (F1)        R_WAIT       ms to the earliest lease ahead, -1: none
+--   R_POS        queue position, -1: none  R_EXTRA      RECOVERING: ms to wait; RELEASED: count
+--   R_NBLOCKERS  blockers found, then R_LEN + 1...: owner, id, mode of each blocker reported
+--                (BLOCKERS_REPORTED at most; break.lua puts its own tail there instead).
+-- `reply` builds the head in this order (a table constructor: no index is written there).
+local R_STATUS, R_EPOCH, R_MODE, R_TOKEN, R_POS = 1, 2, 3, 4, 5
+local R_VALUE, R_VERSION, R_INVALID, R_WAIT, R_EXTRA, R_NBLOCKERS = 6, 7, 8, 9, 10, 11
+local R_LEN = 11
+
 local function reply(status, gr, tok, pos, extra)
   return {status, EPOCH, gr or NONE, tok or 0, pos or -1, false, 0, 0, -1, extra or 0, 0}
 end
@@ -519,9 +563,9 @@ local function lock_state(r, lk)
   if qn == 'g' then
     local out = reply(S_GRANTED, lk.gr, lk.tok, 0)
     if lk.gr ~= NL then  -- V2
-      out[6] = r.v or false
-      out[7] = r.vv
-      out[8] = r.vi
+      out[R_VALUE] = r.v or false
+      out[R_VERSION] = r.vv
+      out[R_INVALID] = r.vi
     end
     return out
   end
@@ -539,7 +583,7 @@ local function lock_state(r, lk)
   end
   if wait ~= nil then
     if wait < NOW then wait = NOW end
-    out[9] = wait - NOW
+    out[R_WAIT] = wait - NOW
   end
   local n = 0
   for qi = 1, 2 do
@@ -556,7 +600,7 @@ local function lock_state(r, lk)
       end
     end
   end
-  out[11] = n
+  out[R_NBLOCKERS] = n
   return out
 end
 
@@ -691,15 +735,6 @@ local function commit()
     redis.call('PUBLISH', CHANNEL .. ev[1], ev[2])
   end
 end
-
--- lua/scan.lua's memo of the resources it decoded, kept between calls (see scan.lua; in
--- EVAL form it starts empty on every call): {cur = {}, old = {}, n = entries in cur,
--- seq = stamps issued, base = the library's load time on this instance}.
-local scan_memo = {cur = {}, old = {}, n = 0, seq = 0, base = false}
-
--- The last waiter index found valid, with what derives from it (a pure function of that
--- string, kept between calls so a namespace is parsed once): namespace, key prefix, channel.
-local valid_w, valid_ns, valid_prefix, valid_ch
 
 -- Run `main` with errors turned into typed error replies; commit only on success.
 -- K1, hostile input: every key must be ours and of ONE namespace (KEYS[2] names it), and the

@@ -111,18 +111,28 @@ def _str(v: object) -> str:
 _new = tuple.__new__
 
 
+# The lock reply's layout is written once, in lua/lib/core.lua (R_STATUS .. R_NBLOCKERS,
+# R_LEN, beside `reply`): _LOCK_REPLY_LEN head fields, unpacked below in that order (status,
+# epoch, mode, token, position, value, version, invalid, wait_ms, extra, nblockers), then
+# _BLOCKER_FIELDS per blocker reported (owner, id, mode) or, after a break, _BROKEN_FIELDS
+# per lock broken (lua/break.lua).
+_LOCK_REPLY_LEN = 11  # R_LEN
+_BLOCKER_FIELDS = 3
+_BROKEN_FIELDS = 7
+
+
 def parse_lock_reply(raw: list) -> LockReply:
     try:
-        if len(raw) == 11:  # the common case: no blockers
+        if len(raw) == _LOCK_REPLY_LEN:  # the common case: no blockers
             (status, epoch, mode, token, position, value, version, invalid, wait_ms, extra,
              nblockers) = raw
             blockers: tuple[Blocker, ...] = ()
         else:
             (status, epoch, mode, token, position, value, version, invalid, wait_ms, extra,
-             nblockers) = raw[:11]
+             nblockers) = raw[:_LOCK_REPLY_LEN]
             blockers = tuple(
                 Blocker(_str(raw[i]), _str(raw[i + 1]), _MODE[int(raw[i + 2])])
-                for i in range(11, len(raw), 3)
+                for i in range(_LOCK_REPLY_LEN, len(raw), _BLOCKER_FIELDS)
             )
         return _new(LockReply, (
             _STATUS[int(status)],
@@ -162,14 +172,14 @@ class BreakReply(NamedTuple):
 
 def parse_break_reply(raw: list) -> BreakReply:
     try:
-        head = parse_lock_reply(raw[:11])
-        tail = raw[11:]
-        if len(tail) % 7:
+        head = parse_lock_reply(raw[:_LOCK_REPLY_LEN])
+        tail = raw[_LOCK_REPLY_LEN:]
+        if len(tail) % _BROKEN_FIELDS:
             raise ValueError("break reply tail is not 7 fields per lock")
         broken = tuple(BrokenLock(tail[i], tail[i + 1] or b"", _str(tail[i + 2]),
                                   _str(tail[i + 3]), _MODE_OR_NONE[int(tail[i + 4])],
                                   _MODE_OR_NONE[int(tail[i + 5])], _str(tail[i + 6]))
-                       for i in range(0, len(tail), 7))
+                       for i in range(0, len(tail), _BROKEN_FIELDS))
         return BreakReply(head.status, head.epoch, head.extra, broken)
     except (IndexError, TypeError, ValueError, KeyError) as exc:
         raise ProtocolError(f"unexpected break reply {raw!r:.200}") from exc
