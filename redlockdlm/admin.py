@@ -24,7 +24,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from .client import Instance
+from .connection import Instance
 from .engine.codec import BreakReply, BrokenLock, InstanceStatus, LockView, ResourceView
 from .engine.instance import Engine
 from .engine.keys import check_id, check_name
