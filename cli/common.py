@@ -25,6 +25,7 @@ import redis
 from redlockdlm import admin
 from redlockdlm.devcluster import DevClusterError
 from redlockdlm.errors import DLMError, InvalidArgument, InvalidType
+from redlockdlm.protocol import describe
 
 
 class ExitCode(enum.IntEnum):
@@ -57,7 +58,7 @@ def exit_for(exc: BaseException) -> tuple[ExitCode, str]:
         msg = exc.format_message() if isinstance(exc, click.ClickException) else _line(exc)
         return ExitCode.FAILED, msg
     if isinstance(exc, (redis.RedisError, OSError, DLMError)):
-        return ExitCode.FAILED, admin.describe_error(exc)
+        return ExitCode.FAILED, describe(exc)
     return ExitCode.FAILED, f"internal error: {type(exc).__name__}: {_line(exc)}"
 
 

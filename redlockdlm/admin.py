@@ -24,13 +24,16 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from .client import Instance
+from .connection import Instance
 from .engine.codec import BreakReply, BrokenLock, InstanceStatus, LockView, ResourceView
 from .engine.instance import Engine
 from .engine.keys import check_id, check_name
 from .engine.keys import parent_key as parent_key  # (re-exported: the detector uses it)
+from .engine.keys import show_name as show_name  # (re-exported: the CLI uses it)
 from .engine.modes import Mode
 from .errors import DLMError, InvalidArgument
+from .protocol import describe, from_redis_py
+from .protocol import quorum as quorum  # (re-exported: the CLI uses it)
 
 T = TypeVar("T")
 
@@ -72,10 +75,6 @@ def label_of(engine: Engine) -> str:
     return f"redis://{kw.get('host', '?')}:{kw.get('port', '?')}"
 
 
-def quorum(n: int) -> int:
-    return n // 2 + 1
-
-
 @dataclass(frozen=True)
 class Outcome(Generic[T]):
     """What one instance answered: `value`, or `error` (one line) if it failed."""
@@ -89,30 +88,6 @@ class Outcome(Generic[T]):
         return self.error is None
 
 
-def describe_error(exc: BaseException) -> str:
-    """One line naming what went wrong with an instance."""
-    if isinstance(exc, redis.AuthenticationError):
-        return f"authentication failed ({str(exc).splitlines()[0] if str(exc) else 'denied'})"
-    if isinstance(exc, redis.exceptions.InvalidResponse) or (
-            not isinstance(exc, (redis.RedisError, OSError)) and _from_redis_py(exc)):
-        return f"not a Redis server? ({type(exc).__name__}: {str(exc).splitlines()[0]})"
-    if isinstance(exc, redis.TimeoutError):
-        return f"timed out ({exc})" if str(exc) else "timed out"
-    if isinstance(exc, redis.ConnectionError):
-        return f"unreachable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def _from_redis_py(exc: BaseException) -> bool:
-    """True if `exc` was raised inside redis-py: talking to something that is not Redis,
-    redis-py may fail with any exception (an AttributeError on a '+OK' to HELLO, say)."""
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    return tb is not None and str(tb.tb_frame.f_globals.get("__name__", "")).startswith("redis.")
-
-
 def fan_out(targets: Sequence[Target], fn: Callable[[Engine], T], *,
             executor: Executor | None = None) -> list[Outcome[T]]:
     """Run `fn(engine)` on every instance in parallel; errors of redis (redis-py's own
@@ -122,10 +97,10 @@ def fan_out(targets: Sequence[Target], fn: Callable[[Engine], T], *,
         try:
             return Outcome(t.label, fn(t.engine))
         except (redis.RedisError, OSError, DLMError) as exc:
-            return Outcome(t.label, None, describe_error(exc))
+            return Outcome(t.label, None, describe(exc))
         except Exception as exc:
-            if _from_redis_py(exc):
-                return Outcome(t.label, None, describe_error(exc))
+            if from_redis_py(exc):
+                return Outcome(t.label, None, describe(exc))
             raise
 
     if len(targets) == 1:
@@ -137,12 +112,6 @@ def fan_out(targets: Sequence[Target], fn: Callable[[Engine], T], *,
 
 
 # ----------------------------------------------------------------- names and keys
-
-
-def show_name(path: Sequence[bytes]) -> str:
-    """A resource path for people: components joined by ' / ' (bytes that are not UTF-8
-    shown as backslash escapes)."""
-    return " / ".join(p.decode("utf-8", "backslashreplace") for p in path)
 
 
 def path_list(path: Sequence[bytes]) -> list[str]:

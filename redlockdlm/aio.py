@@ -21,27 +21,18 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import InvalidResponse, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .client import (
-    RESEND,
-    _mask,
-    check_timeouts,
-    open_session,
-    pool_from_url,
-    settle,
-)
+from .connection import Pooled, open_session
 from .engine import codec
 from .engine.keys import EPOCH_KEY
 from .engine.modes import Mode
-from .engine.scripts import command, fallback, is_missing, load_command, packed_command
+from .engine.scripts import command, packed_command
 from .errors import (
     ConfigurationError,
     DLMError,
     HasChildren,
     InvalidType,
     LockTimeout,
-    ProtocolError,
     QuorumUnavailable,
-    from_script_error,
 )
 from .handle import LockBase, lock_name
 from .protocol import (
@@ -53,6 +44,7 @@ from .protocol import (
     descendants,
     describe,
 )
+from .wire import Round, script_reply, settle
 
 log = logging.getLogger("redlockdlm")
 
@@ -77,27 +69,11 @@ async def _send(conn: Any, packed: bytes) -> None:
         await conn.send_packed_command(b"", check_health=False)  # drain, with the timeout
 
 
-class _Instance:
-    def __init__(self, url: str, *, socket_timeout: float, connect_timeout: float,
-                 **options: Any) -> None:
-        check_timeouts(socket_timeout=socket_timeout, connect_timeout=connect_timeout)
-        self.pool = pool_from_url(aredis.ConnectionPool, url, socket_timeout=socket_timeout,
-                                  socket_connect_timeout=connect_timeout, **options)
-        self.url = _mask(url)
-        self.client = aredis.Redis(connection_pool=self.pool)
-        self.timeout = socket_timeout
-        self._idle: list[Any] = []
+class _Instance(Pooled):
+    """One Redis instance, with redis.asyncio's pool and client."""
 
-    def get(self) -> Any:
-        """A connection of our own (no pool bookkeeping on the hot path); it connects on
-        its first command."""
-        try:
-            return self._idle.pop()
-        except IndexError:
-            return self.pool.make_connection()
-
-    def put(self, conn: Any) -> None:
-        self._idle.append(conn)
+    pool_class = aredis.ConnectionPool
+    client_class = aredis.Redis
 
     async def close(self) -> None:
         while self._idle:
@@ -111,21 +87,19 @@ async def _init_call(client: Any, args: list[bytes]) -> Any:
     """The `init` script on `client`'s instance (asyncio `engine.instance.call_script`):
     loads the library if missing (EVAL if FUNCTION LOAD is refused); DLM_ errors typed."""
     cmd = ("init", [EPOCH_KEY], args)
+    rnd = Round([cmd])
+    replies = [await _reply(client, command(*cmd))]
+    while (cmds := rnd.feed(replies)) is not None:
+        replies = [await _reply(client, c) for c in cmds]
+    return codec.parse_status(script_reply(rnd.raws[0]))
+
+
+async def _reply(client: Any, cmd: tuple) -> Any:
+    """The reply of `cmd`, an error reply as its ResponseError (a network error raises)."""
     try:
-        try:
-            return codec.parse_status(await client.execute_command(*command(*cmd)))
-        except ResponseError as exc:
-            if not is_missing(exc):
-                raise
-        try:
-            await client.execute_command(*load_command())
-        except ResponseError:
-            return codec.parse_status(await client.execute_command(*fallback(*cmd)))
-        return codec.parse_status(await client.execute_command(*command(*cmd)))
+        return await client.execute_command(*cmd)
     except ResponseError as exc:
-        if str(exc).startswith("DLM_"):
-            raise from_script_error(str(exc)) from None
-        raise
+        return exc
 
 
 class AsyncDLM:
@@ -486,22 +460,12 @@ class AsyncDLM:
         connection back. `first_timeout` bounds the wait for the first reply."""
         inst = self._instances[i]
         try:
-            raws = await self._replies(conn, len(calls), first_timeout, inst.url)
-            out = [settle(c, r, inst.url) for c, r in zip(calls, raws)]
-            again = [k for k, r in enumerate(out) if r is RESEND]
-            if again:
-                try:
-                    await conn.send_command(*load_command())
-                    await conn.read_response()
-                    cmds = [command(*calls[k]) for k in again]
-                except ResponseError:  # FUNCTION LOAD refused (ACL): the EVAL form
-                    cmds = [fallback(*calls[k]) for k in again]
+            rnd = Round(calls)
+            cmds = rnd.feed(await self._replies(conn, len(calls), first_timeout, inst.url))
+            while cmds:
                 await self._write(conn, conn.pack_commands(cmds))
-                for k, raw in zip(again, await self._replies(conn, len(again))):
-                    res = settle(calls[k], raw, inst.url)
-                    out[k] = ProtocolError("script missing after a load",
-                                           instance=inst.url) if res is RESEND else res
-            return out
+                cmds = rnd.feed(await self._replies(conn, len(cmds)))
+            return [settle(c, r, inst.url) for c, r in zip(calls, rnd.raws)]
         except Exception as exc:  # noqa: BLE001 - unreachable, timed out, not Redis...
             await conn.disconnect()
             return [exc] * len(calls)

@@ -19,26 +19,21 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
-from urllib.parse import urlsplit
 
 import redis
-from redis.driver_info import DriverInfo
-from redis.exceptions import InvalidResponse, NoScriptError, ResponseError
+from redis.exceptions import InvalidResponse, ResponseError
 
+from .connection import Instance, open_session
 from .engine import codec
 from .engine.instance import call_script
 from .engine.keys import EPOCH_KEY
 from .engine.modes import Mode
-from .engine.scripts import command, fallback, is_missing, load_command, packed_command
+from .engine.scripts import packed_command
 from .errors import (
     ConfigurationError,
     DLMError,
-    InvalidArgument,
     InvalidType,
-    MixedTransport,
-    ProtocolError,
     QuorumUnavailable,
-    from_script_error,
 )
 from .handle import LockBase
 from .protocol import (
@@ -46,205 +41,17 @@ from .protocol import (
     LockCore,
     Outcome,
     Phase,
-    Session,
     check_callback,
     check_timeout,
     descendants,
     describe,
 )
+from .wire import Round, settle
 
 log = logging.getLogger("redlockdlm")
 
-_LOCK_REPLY_SCRIPTS = {"request", "convert", "release", "cancel", "yield", "break"}
 #: An instance that fails these ways counts as unreachable (InvalidResponse: it is not Redis)
 _NET_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError, InvalidResponse)
-
-
-def parse(call: Call, raw: Any) -> Any:
-    """Parse the reply of `call` by its script name."""
-    if call.name in _LOCK_REPLY_SCRIPTS:
-        return codec.parse_lock_reply(raw)
-    if call.name == "renew":
-        return codec.parse_renew_reply(raw)
-    return raw
-
-
-#: `settle`'s answer for a call that did nothing because the instance lacks our library
-#: (restarted empty, flushed) or the script (EVALSHA fallback): resend after loading it
-RESEND = object()
-
-
-def settle(call: Call, raw: Any, url: str) -> Any:
-    """What one reply of a pipeline means: the parsed reply; `RESEND`; or the exception
-    to record for that instance (a `DLM_*` script error typed, anything else from Redis a
-    `ProtocolError`, a network error or unparsable reply as it is)."""
-    if isinstance(raw, NoScriptError) or (isinstance(raw, ResponseError) and is_missing(raw)):
-        return RESEND
-    if isinstance(raw, ResponseError):
-        msg = str(raw)
-        return (from_script_error(msg, instance=url) if msg.startswith("DLM_")
-                else ProtocolError(msg, instance=url))
-    if isinstance(raw, BaseException):
-        return raw
-    try:
-        return parse(call, raw)
-    except DLMError as exc:
-        return exc
-
-
-def _mask(url: str) -> str:
-    if "@" in url:
-        scheme, _, rest = url.partition("://")
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return url
-
-
-def url_list(urls: object) -> list[str]:
-    """The instance URLs: a list (or tuple) of str, or one comma-separated str."""
-    if isinstance(urls, str):
-        return [u.strip() for u in urls.split(",") if u.strip()]
-    if not isinstance(urls, (list, tuple)):
-        raise InvalidType(f"urls must be a list of redis:// URLs or a comma-separated str, "
-                          f"not {type(urls).__name__}")
-    return list(urls)
-
-
-def check_url(url: object) -> str:
-    """A redis://, rediss:// or unix:// URL with what it needs (a host; a numeric port and
-    database; a socket path). InvalidType / InvalidArgument otherwise, nothing connected."""
-    if not isinstance(url, str):
-        raise InvalidType(f"instance URL must be a str, not {type(url).__name__}")
-    bad = f"bad redis URL {_mask(url)!r}"
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as exc:
-        raise InvalidArgument(f"{bad}: {exc}") from None
-    if parts.scheme not in ("redis", "rediss", "unix"):
-        raise InvalidArgument(f"not a redis URL: {_mask(url)!r} (redis://, rediss:// or "
-                              "unix://)")
-    if parts.scheme == "unix":
-        if not parts.path:
-            raise InvalidArgument(f"{bad}: a unix:// URL needs a socket path")
-        return url
-    if not parts.hostname:
-        raise InvalidArgument(f"{bad}: no host (redis://[user:password@]host:port[/db])")
-    if port == 0:
-        raise InvalidArgument(f"{bad}: port 0")
-    if parts.path not in ("", "/") and not parts.path[1:].isdigit():
-        raise InvalidArgument(f"{bad}: the database must be a number, not {parts.path[1:]!r}")
-    return url
-
-
-# The longest socket or connect timeout accepted: a day (the OS refuses much larger ones,
-# and a connection silent that long is dead).
-MAX_TIMEOUT_S = 86_400.0
-
-
-def check_timeouts(**timeouts: object) -> None:
-    for what, t in timeouts.items():
-        if isinstance(t, bool) or not isinstance(t, (int, float)):
-            raise InvalidType(f"{what} must be a number of seconds, not {type(t).__name__}")
-        if not 0 < t <= MAX_TIMEOUT_S:
-            raise InvalidArgument(f"{what} must be > 0 and at most {MAX_TIMEOUT_S} seconds "
-                                  f"(a day), got {t}")
-
-
-@functools.cache
-def _driver_info() -> DriverInfo:
-    """What every connection announces with `CLIENT SETINFO` (`CLIENT LIST` shows
-    `lib-name=redis-py(redlockdlm_v0.1.0)`), built once per process: redis-py's default
-    reads its package metadata from disk for every new connection, which made 1,000
-    sessions in one process take tens of seconds to connect."""
-    from . import __version__
-
-    return DriverInfo(lib_version=redis.__version__).add_upstream_driver(
-        "redlockdlm", __version__)
-
-
-def pool_from_url(pool_class: Any, url: object, **options: Any) -> Any:
-    """`pool_class.from_url(url, **options)` with every mistake typed: a malformed URL or
-    option value is InvalidArgument, an unknown option InvalidType (checked by building
-    one connection object, which does not connect)."""
-    url = check_url(url)
-    if not {"driver_info", "lib_name", "lib_version"} & options.keys():
-        options["driver_info"] = _driver_info()
-    try:
-        pool = pool_class.from_url(url, **options)
-        pool.connection_class(**pool.connection_kwargs)
-    except TypeError as exc:
-        raise InvalidType(f"bad connection option for {_mask(url)}: {exc}") from None
-    except (ValueError, redis.RedisError) as exc:
-        raise InvalidArgument(f"bad redis URL or option {_mask(url)}: {exc}") from None
-    return pool
-
-
-class Instance:
-    """One Redis instance: a pool for commands and a pub/sub connection for events."""
-
-    def __init__(self, url: str, *, socket_timeout: float, connect_timeout: float,
-                 **options: Any) -> None:
-        check_timeouts(socket_timeout=socket_timeout, connect_timeout=connect_timeout)
-        self.pool = pool_from_url(redis.ConnectionPool, url, socket_timeout=socket_timeout,
-                                  socket_connect_timeout=connect_timeout, **options)
-        self.url = _mask(url)
-        self.timeout = socket_timeout
-        self.client = redis.Redis(connection_pool=self.pool)
-        self.pubsub: redis.client.PubSub | None = None
-        self.warned = False  #: a failed subscription was logged as a warning already
-        self.sock: Any = None  #: the pub/sub socket registered in the selector
-        self._idle: list[redis.Connection] = []
-
-    def get(self) -> redis.Connection:
-        """A connection of our own (no pool bookkeeping on the hot path)."""
-        try:
-            return self._idle.pop()
-        except IndexError:
-            return self.pool.make_connection()
-
-    def put(self, conn: redis.Connection) -> None:
-        self._idle.append(conn)
-
-    def close(self) -> None:
-        while self._idle:
-            self._idle.pop().disconnect()
-
-
-def check_transports(urls: Sequence[str]) -> None:
-    """MixedTransport if TLS (rediss://) and plain TCP (redis://) URLs are mixed: almost
-    always a slip (one instance left without TLS, its password and lock traffic sent in
-    clear), and nothing needs it (an instance on the same host can use unix://, which mixes
-    with either)."""
-    tls = [u for u in urls if urlsplit(u).scheme == "rediss"]
-    plain = [u for u in urls if urlsplit(u).scheme == "redis"]
-    if tls and plain:
-        raise MixedTransport(
-            f"TLS and plain instance URLs are mixed: TLS (rediss://) {', '.join(map(_mask, tls))}; "
-            f"plain (redis://) {', '.join(map(_mask, plain))}: use rediss:// for every "
-            "instance (or unix:// for a local one)", instance=_mask(plain[0]))
-
-
-def open_session(instance_cls: Any, urls: Sequence[str] | str, namespace: str, *,
-                 lease_ms: int, socket_timeout: float, connect_timeout: float,
-                 rejoin_ms: int | None, vbmax: int, owner: str | None,
-                 redis_options: dict[str, Any],
-                 allow_eviction: bool = False) -> tuple[Session, list[Any]]:
-    """The protocol session and one `instance_cls` per URL: what DLM and AsyncDLM share
-    before they differ in how they move bytes."""
-    urls = url_list(urls)
-    for u in urls:
-        check_url(u)
-    check_transports(urls)
-    if not isinstance(allow_eviction, bool):
-        raise InvalidType("allow_eviction must be a bool")
-    core = Session(len(urls), namespace, lease_ms=lease_ms, rejoin_ms=rejoin_ms, vbmax=vbmax,
-                   owner=owner)
-    core.allow_eviction = allow_eviction
-    core.distinct_epochs = True
-    instances = [instance_cls(u, socket_timeout=socket_timeout,
-                              connect_timeout=connect_timeout, **redis_options) for u in urls]
-    core.labels = [inst.url for inst in instances]
-    return core, instances
 
 
 def hello(client: Any) -> Any:
@@ -604,28 +411,18 @@ class DLM:
 
     def _finish(self, i: int, conn: Any, calls: Sequence[Call]) -> list[Any]:
         """Read the replies of `calls`, already written on `conn` to instance `i`, and
-        settle them. Calls that met a missing library (restarted empty, flushed) did
-        nothing: they are sent again after loading it (the `EVAL` form if the load is
-        refused). A network error is every call's result and closes the connection. The
+        settle them (`wire.Round`: calls that met a missing library, restarted empty or
+        flushed, did nothing and are sent again after loading it, or in the `EVAL` form if
+        the load is refused). A network error is every call's result and closes the connection. The
         connection goes back to the instance."""
         inst = self._instances[i]
         try:
-            raws = self._replies(conn, len(calls))
-            out = [settle(c, r, inst.url) for c, r in zip(calls, raws)]
-            again = [k for k, r in enumerate(out) if r is RESEND]
-            if again:
-                try:
-                    conn.send_command(*load_command())
-                    conn.read_response()
-                    cmds = [command(*calls[k]) for k in again]
-                except ResponseError:  # FUNCTION LOAD refused (ACL): the EVAL form
-                    cmds = [fallback(*calls[k]) for k in again]
+            rnd = Round(calls)
+            cmds = rnd.feed(self._replies(conn, len(calls)))
+            while cmds:
                 self._write(conn, conn.pack_commands(cmds))
-                for k, raw in zip(again, self._replies(conn, len(again))):
-                    res = settle(calls[k], raw, inst.url)
-                    out[k] = ProtocolError("script missing after a load",
-                                           instance=inst.url) if res is RESEND else res
-            return out
+                cmds = rnd.feed(self._replies(conn, len(cmds)))
+            return [settle(c, r, inst.url) for c, r in zip(calls, rnd.raws)]
         except Exception as exc:  # noqa: BLE001 - unreachable, timed out, not Redis...
             conn.disconnect()
             return [exc] * len(calls)

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from .engine.keys import show_name
 from .engine.modes import Mode
 from .errors import InvalidArgument, InvalidType, LockLost
 from .protocol import LockCore, Phase
@@ -18,7 +19,7 @@ from .protocol import LockCore, Phase
 
 def lock_name(lk: LockCore) -> str:
     """The resource path for people: names joined by ' / ', root first."""
-    return " / ".join(p.decode("utf-8", "replace") for p in lk.path)
+    return show_name(lk.path)
 
 
 class LockBase:

@@ -30,6 +30,7 @@ from .engine.keys import (
     check_namespace,
     display_name,
     resource_key,
+    show_name,
     waiters_key,
 )
 from .engine.modes import (
@@ -289,7 +290,7 @@ class Session:
             check_int("rejoin_ms", rejoin_ms, 0, 86_400_000)
         check_int("vbmax", vbmax, 0, 65_536)
         self.n = n
-        self.quorum = n // 2 + 1
+        self.quorum = quorum(n)
         self.ns = check_namespace(namespace)
         self.lease_ms = lease_ms
         self.rejoin_ms = lease_ms if rejoin_ms is None else rejoin_ms
@@ -552,7 +553,7 @@ class Session:
                 raise Deadlock(
                     f"self-deadlock: this owner's {what} for {mode.name} would wait for its "
                     f"own lock {o.id} held in {o.mode.name} on the same resource",
-                    resource=_show(lk.path), lock_id=lk.id)
+                    resource=show_name(lk.path), lock_id=lk.id)
 
     def forget(self, lk: LockCore) -> None:
         self.locks.pop(lk.id, None)
@@ -782,7 +783,7 @@ class Session:
                 out.append(("yield", lk, i))  # split vote: an older ticket waits behind us
         elif ev.kind == "C":
             if ev.reason == "deadlock" and lk.phase in (Phase.ACQUIRING, Phase.CONVERTING):
-                lk.error = Deadlock("chosen as a deadlock victim", resource=_show(lk.path),
+                lk.error = Deadlock("chosen as a deadlock victim", resource=show_name(lk.path),
                                     lock_id=lk.id)
             elif ev.reason == "broken":
                 v.vote, v.mode = Vote.ABSENT, None
@@ -809,7 +810,7 @@ class Session:
             lk.adopt_grant(now, lk.rq)
             lk.phase = Phase.HELD
             return Outcome(done=True)
-        res = _show(lk.path)
+        res = show_name(lk.path)
         # Answers that no reply still on its way can change
         if lk.count(Vote.NOTQUEUED) > n - q:
             return self._fail(lk, NotQueued("not granted at once (noqueue)" + self._causes(lk),
@@ -852,7 +853,7 @@ class Session:
         them and how long each still has); else instances that did not answer
         (QuorumUnavailable, naming them and why)."""
         n, q = self.n, self.quorum
-        res = _show(lk.path)
+        res = show_name(lk.path)
         noqueue = bool(lk.flags & Flag.NOQUEUE)
         blocked = lk.count(Vote.QUEUED, Vote.NOTQUEUED, Vote.DEADLOCK, Vote.NOPARENT)
         rec = {self.labels[i]: max(0.0, v.recover_until - now)
@@ -947,7 +948,7 @@ class Session:
         m = codec.as_mode(mode)
         prio = check_priority(priority)
         if lk.phase is not Phase.HELD:
-            raise LockLost("the lock is not held", resource=_show(lk.path), lock_id=lk.id)
+            raise LockLost("the lock is not held", resource=show_name(lk.path), lock_id=lk.id)
         flags = ((Flag.NOQUEUE if noqueue else 0) | (Flag.QUECVT if quecvt else 0)
                  | (Flag.CONVDEADLK if convdeadlk else 0)
                  | (Flag.NODLCKWT if no_deadlock_wait else 0))
@@ -970,7 +971,7 @@ class Session:
     def evaluate_convert(self, lk: LockCore, old: Mode, now: float,
                          timed_out: bool = False) -> Outcome:
         n, q = self.n, self.quorum
-        res = _show(lk.path)
+        res = show_name(lk.path)
         granted = lk.granted(now, lk.rq)
         if lk.error is None and len(granted) >= q:
             wrote = lk.new_value is not None
@@ -1233,7 +1234,8 @@ def is_answer(exc: BaseException) -> bool:
 def describe(exc: BaseException) -> str:
     """One line saying why an instance failed, naming the usual causes: authentication,
     the ACL, an instance that is not Redis, a timeout, a refused connection, a corrupt
-    resource key."""
+    resource key. (Every one-line account of an instance's failure, client or operator
+    tool, is this one.)"""
     name = type(exc).__name__
     text = " ".join(str(exc).split())[:200] or name
     if isinstance(exc, CorruptKey):
@@ -1243,13 +1245,31 @@ def describe(exc: BaseException) -> str:
     if "NoPermission" in name or "NOPERM" in text[:40] or "no permissions" in text:
         return f"refused by the instance's ACL: {text}"
     if name in ("InvalidResponse", "AttributeError") or "Protocol" in text or (
-            name == "ProtocolError" and text.startswith("unexpected")):
+            name == "ProtocolError" and text.startswith("unexpected")) or (
+            not type(exc).__module__.startswith("redis.") and not isinstance(exc, OSError)
+            and from_redis_py(exc)):
         return f"not a Redis server? ({name}: {text})"
+    if isinstance(exc, DLMError):  # a typed error (LockTimeout is no network timeout)
+        return f"{name}: {text}"
     if "Timeout" in name:
         return f"timed out ({text})"
     if "Connection" in name or isinstance(exc, OSError):
         return f"unreachable ({text})"
     return f"{name}: {text}"
+
+
+def from_redis_py(exc: BaseException) -> bool:
+    """True if `exc` was raised inside redis-py: talking to something that is not Redis,
+    redis-py may fail with any exception (an AttributeError on a '+OK' to HELLO, say)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and str(tb.tb_frame.f_globals.get("__name__", "")).startswith("redis.")
+
+
+def quorum(n: int) -> int:
+    """Q: the votes of N instances that hold a lock, a majority (N // 2 + 1)."""
+    return n // 2 + 1
 
 
 def check_lease(lease_ms: object) -> int:
@@ -1277,7 +1297,3 @@ def check_timeout(timeout: object) -> float | None:
     if timeout < 0 or timeout != timeout:
         raise InvalidArgument("timeout must be >= 0")
     return float(timeout)
-
-
-def _show(path: tuple[bytes, ...]) -> str:
-    return " / ".join(p.decode("utf-8", "replace") for p in path)

@@ -18,7 +18,6 @@ from ..admin import (
     Outcome,
     Target,
     connect,
-    describe_error,
     fan_out,
     label_of,
     parent_key,
@@ -26,6 +25,7 @@ from ..admin import (
 )
 from ..engine.instance import Engine
 from ..engine.modes import Status
+from ..protocol import describe
 from .graph import Cycle, GraphMemo, Request, choose_victim, find_cycles, wait_for_graph
 from .scanning import (
     InstanceScan,
@@ -369,7 +369,7 @@ class Detector:
                 self._confirm_later(stop, self.run_once())
             except Exception as exc:  # keep the job alive; the next round starts afresh
                 self.log.error(_kv("round-failed", round=self.rounds,
-                                   error=describe_error(exc)))
+                                   error=describe(exc)))
             done += 1
             if max_rounds is not None and done >= max_rounds:
                 break
@@ -382,7 +382,7 @@ class Detector:
                     self._confirm_later(stop, self.watch())
                 except Exception as exc:
                     self.log.error(_kv("round-failed", round=self.rounds, watch=1,
-                                       error=describe_error(exc)))
+                                       error=describe(exc)))
             stop.wait(max(0.0, self.interval_s - (time.monotonic() - t0)))
         self.log.info(_kv("stop", rounds=done))
         return done

@@ -18,11 +18,11 @@ from operator import itemgetter, sub
 from typing import NamedTuple
 
 from ..admin import Outcome, Target, fan_out, label_of
-from ..admin import quorum as quorum_of
 from ..engine.codec import LockView, ResourceView
 from ..engine.instance import Engine
 from ..engine.modes import Mode
 from ..errors import ProtocolError
+from ..protocol import quorum as quorum_of
 
 # ----------------------------------------------------------------- D1: the scan
 

@@ -8,6 +8,7 @@ own for tests, tools and single-instance development.
 
 from __future__ import annotations
 
+import functools
 import os
 import weakref
 from collections.abc import Iterator, Sequence
@@ -17,7 +18,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from ..errors import InvalidArgument, InvalidType, MissingKeys, from_script_error
+from ..errors import InvalidArgument, InvalidType, MissingKeys
+from ..wire import Round, script_reply
 from . import codec
 from .codec import BreakReply, InstanceStatus, LockReply, RenewEntry, ResourceView
 from .keys import (
@@ -31,7 +33,7 @@ from .keys import (
     waiters_key,
 )
 from .modes import Flag
-from .scripts import command, ensure_loaded, fallback, is_missing, packed_command
+from .scripts import command, packed_command
 
 #: Reads of a subtree a break makes before giving up when children keep being added (H4).
 BREAK_TRIES = 5
@@ -48,23 +50,23 @@ def call_script(client: redis.Redis, name: str, keys: Sequence[bytes], args: Seq
     if type(args) is not list:
         args = list(args)
     try:
-        try:
-            if link is not None:
-                return link.execute(packed_command(name, keys, args))
-            return client.execute_command(*command(name, keys, args))
-        except ResponseError as exc:
-            if not is_missing(exc):
-                raise
-        try:
-            ensure_loaded(client)
-        except ResponseError:  # FUNCTION refused (ACL): the self-contained EVAL form
-            return client.execute_command(*fallback(name, keys, args))
-        return client.execute_command(*command(name, keys, args))
+        if link is not None:
+            first = link.execute(packed_command(name, keys, args))
+        else:
+            first = client.execute_command(*command(name, keys, args))
     except ResponseError as exc:
-        msg = str(exc)
-        if msg.startswith("DLM_"):
-            raise from_script_error(msg) from None
-        raise
+        first = exc
+    rnd = Round([(name, keys, args)])
+    return script_reply(rnd.drive([first], functools.partial(_pipelined, client))[0])
+
+
+def _pipelined(client: redis.Redis, cmds: Sequence[tuple]) -> list:
+    """The replies of `cmds` sent in one pipeline, error replies as values (a network
+    error raises)."""
+    pipe = client.pipeline(transaction=False)
+    for cmd in cmds:
+        pipe.execute_command(*cmd)
+    return pipe.execute(raise_on_error=False)
 
 
 def _attempt(conn, packed: bytes):
@@ -378,17 +380,14 @@ class Engine:
         `redlockdlm.detector.scanning`), one per chunk of resource keys, each call sent
         with its chunk's stamps (what the caller decoded earlier; none: decode all). All
         the calls go in one pipeline (one round trip; each runs alone on the instance),
-        sent when the first reply is asked for. A call the pipeline could not run (e.g.
-        the library is missing) is made again, when its reply is asked for, the careful
-        way (`call_script`), whose errors are raised."""
-        pipe = self.client.pipeline(transaction=False)
-        for chunk, args in zip(chunks, stamps):
-            pipe.execute_command(*command("scan", [EPOCH_KEY, *chunk], args))
-        replies = pipe.execute(raise_on_error=False)
-        for chunk, args, raw in zip(chunks, stamps, replies):
-            if isinstance(raw, Exception):  # the careful path
-                raw = call_script(self.client, "scan", [EPOCH_KEY, *chunk], list(args))
-            yield raw
+        sent when the first reply is asked for; calls that met a missing library are sent
+        again after loading it (`wire.Round`, as `call_script`). An error reply is raised
+        when its reply is asked for (`DLM_*` typed)."""
+        calls = [("scan", [EPOCH_KEY, *chunk], list(args)) for chunk, args in zip(chunks, stamps)]
+        rnd = Round(calls)
+        pipelined = functools.partial(_pipelined, self.client)
+        for raw in rnd.drive(pipelined([command(*c) for c in calls]), pipelined):
+            yield script_reply(raw)
 
     def resource_keys(self, count: int = 1000) -> list[bytes]:
         """Resource keys of this namespace by SCAN (for operators; never on a hot path)."""

@@ -85,6 +85,12 @@ def display_name(path: Sequence[bytes]) -> bytes:
     return b"\x00".join(path)
 
 
+def show_name(path: Sequence[bytes]) -> str:
+    """A resource path for people: components joined by ' / ', root first (bytes that are
+    not UTF-8 shown as backslash escapes). Every message and view naming a resource uses it."""
+    return " / ".join(p.decode("utf-8", "backslashreplace") for p in path)
+
+
 def waiters_key(namespace: bytes) -> bytes:
     """The waiter index read by the deadlock detector (one zset per namespace)."""
     return b"dlm:" + namespace + b":waiters"

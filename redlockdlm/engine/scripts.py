@@ -32,6 +32,10 @@ The contract every caller follows (the Engine here, the quorum client, pipelined
   args)` instead: an EVAL of the same code, needing nothing loaded, with the same reply and
   effects, only slower.
 
+`redlockdlm.wire.Round` is this decision, once and without I/O: every transport (the
+quorum clients, `engine.instance.call_script`, the detector's pipelined scan) only writes
+what it asks and feeds the replies back.
+
 Any other error reply is the script's own (`DLM_*`, see `redlockdlm.errors`) or a real
 failure; a script either applies whole or not at all.
 """

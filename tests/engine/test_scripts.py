@@ -18,6 +18,7 @@ from redlockdlm.engine.instance import Engine, call_script
 from redlockdlm.engine.keys import EPOCH_KEY
 from redlockdlm.engine.modes import Mode, Status
 from redlockdlm.errors import BadArgument, InvalidArgument, InvalidType, MissingKeys, NotOwner
+from redlockdlm.wire import Round
 
 NS = "sc"
 LEASE = 30_000
@@ -309,3 +310,22 @@ def test_a_forked_child_never_uses_the_parents_kept_connection(r: redis.Redis) -
     assert os.waitstatus_to_exitcode(status) == 0
     assert e._link.spare == [parent_conn]
     assert e.release(k, "o1", "a").status == Status.RELEASED  # the parent's is intact
+
+
+def test_round_resends_only_the_calls_that_met_a_missing_library() -> None:
+    """The contract as one decision (`wire.Round`): calls whose reply says the library is
+    missing did nothing and are sent again after one load, as FCALL if the load worked and
+    as the EVAL form if it was refused; the other replies stand, and a call still missing
+    after the load is not sent a third time."""
+    calls = [("init", [EPOCH_KEY], [b"status"]), ("scan", [EPOCH_KEY], []),
+             ("inspect", [EPOCH_KEY], [])]
+    gone = ResponseError("Function not found")
+    for load_reply, form in ((b"OK", scripts.command),
+                             (ResponseError("NOPERM no FUNCTION"), scripts.fallback)):
+        rnd = Round(calls)
+        assert rnd.feed([gone, b"kept", gone]) == [scripts.load_command()]
+        assert rnd.feed([load_reply]) == [form(*calls[0]), form(*calls[2])]
+        assert rnd.feed([b"first", gone]) is None
+        assert rnd.raws == [b"first", b"kept", gone]
+    done = Round(calls)
+    assert done.feed([b"a", ResponseError("DLM_BADARG x"), b"c"]) is None  # nothing to resend

@@ -1,0 +1,189 @@
+"""Connections to the instances: URLs checked, pools built, the session opened.
+
+What the sync client (`redlockdlm.client`), the asyncio client (`redlockdlm.aio`) and the
+operator views (`redlockdlm.admin`) share before they differ in how they move bytes: every
+mistake in a URL or connection option is a typed error raised before anything connects.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+import redis
+from redis.driver_info import DriverInfo
+
+from .errors import InvalidArgument, InvalidType, MixedTransport
+from .protocol import Session
+
+
+def _mask(url: str) -> str:
+    if "@" in url:
+        scheme, _, rest = url.partition("://")
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+def url_list(urls: object) -> list[str]:
+    """The instance URLs: a list (or tuple) of str, or one comma-separated str."""
+    if isinstance(urls, str):
+        return [u.strip() for u in urls.split(",") if u.strip()]
+    if not isinstance(urls, (list, tuple)):
+        raise InvalidType(f"urls must be a list of redis:// URLs or a comma-separated str, "
+                          f"not {type(urls).__name__}")
+    return list(urls)
+
+
+def check_url(url: object) -> str:
+    """A redis://, rediss:// or unix:// URL with what it needs (a host; a numeric port and
+    database; a socket path). InvalidType / InvalidArgument otherwise, nothing connected."""
+    if not isinstance(url, str):
+        raise InvalidType(f"instance URL must be a str, not {type(url).__name__}")
+    bad = f"bad redis URL {_mask(url)!r}"
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise InvalidArgument(f"{bad}: {exc}") from None
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise InvalidArgument(f"not a redis URL: {_mask(url)!r} (redis://, rediss:// or "
+                              "unix://)")
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise InvalidArgument(f"{bad}: a unix:// URL needs a socket path")
+        return url
+    if not parts.hostname:
+        raise InvalidArgument(f"{bad}: no host (redis://[user:password@]host:port[/db])")
+    if port == 0:
+        raise InvalidArgument(f"{bad}: port 0")
+    if parts.path not in ("", "/") and not parts.path[1:].isdigit():
+        raise InvalidArgument(f"{bad}: the database must be a number, not {parts.path[1:]!r}")
+    return url
+
+
+# The longest socket or connect timeout accepted: a day (the OS refuses much larger ones,
+# and a connection silent that long is dead).
+MAX_TIMEOUT_S = 86_400.0
+
+
+def check_timeouts(**timeouts: object) -> None:
+    for what, t in timeouts.items():
+        if isinstance(t, bool) or not isinstance(t, (int, float)):
+            raise InvalidType(f"{what} must be a number of seconds, not {type(t).__name__}")
+        if not 0 < t <= MAX_TIMEOUT_S:
+            raise InvalidArgument(f"{what} must be > 0 and at most {MAX_TIMEOUT_S} seconds "
+                                  f"(a day), got {t}")
+
+
+@functools.cache
+def _driver_info() -> DriverInfo:
+    """What every connection announces with `CLIENT SETINFO` (`CLIENT LIST` shows
+    `lib-name=redis-py(redlockdlm_v0.1.0)`), built once per process: redis-py's default
+    reads its package metadata from disk for every new connection, which made 1,000
+    sessions in one process take tens of seconds to connect."""
+    from . import __version__
+
+    return DriverInfo(lib_version=redis.__version__).add_upstream_driver(
+        "redlockdlm", __version__)
+
+
+def pool_from_url(pool_class: Any, url: object, **options: Any) -> Any:
+    """`pool_class.from_url(url, **options)` with every mistake typed: a malformed URL or
+    option value is InvalidArgument, an unknown option InvalidType (checked by building
+    one connection object, which does not connect)."""
+    url = check_url(url)
+    if not {"driver_info", "lib_name", "lib_version"} & options.keys():
+        options["driver_info"] = _driver_info()
+    try:
+        pool = pool_class.from_url(url, **options)
+        pool.connection_class(**pool.connection_kwargs)
+    except TypeError as exc:
+        raise InvalidType(f"bad connection option for {_mask(url)}: {exc}") from None
+    except (ValueError, redis.RedisError) as exc:
+        raise InvalidArgument(f"bad redis URL or option {_mask(url)}: {exc}") from None
+    return pool
+
+
+class Pooled:
+    """One Redis instance's connections: a pool (of `pool_class`, URL and options checked
+    by `pool_from_url`), a `client_class` client on it, and idle connections of our own
+    (`get` / `put`: no pool bookkeeping on the hot path). The sync and asyncio clients
+    subclass it with their own redis-py classes and `close`."""
+
+    pool_class: Any = redis.ConnectionPool
+    client_class: Any = redis.Redis
+
+    def __init__(self, url: str, *, socket_timeout: float, connect_timeout: float,
+                 **options: Any) -> None:
+        check_timeouts(socket_timeout=socket_timeout, connect_timeout=connect_timeout)
+        self.pool = pool_from_url(self.pool_class, url, socket_timeout=socket_timeout,
+                                  socket_connect_timeout=connect_timeout, **options)
+        self.url = _mask(url)
+        self.timeout = socket_timeout
+        self.client = self.client_class(connection_pool=self.pool)
+        self._idle: list[Any] = []
+
+    def get(self) -> Any:
+        """A connection of our own; a new one connects on its first command."""
+        try:
+            return self._idle.pop()
+        except IndexError:
+            return self.pool.make_connection()
+
+    def put(self, conn: Any) -> None:
+        self._idle.append(conn)
+
+
+class Instance(Pooled):
+    """One Redis instance: a pool for commands and a pub/sub connection for events."""
+
+    def __init__(self, url: str, *, socket_timeout: float, connect_timeout: float,
+                 **options: Any) -> None:
+        super().__init__(url, socket_timeout=socket_timeout, connect_timeout=connect_timeout,
+                         **options)
+        self.pubsub: redis.client.PubSub | None = None
+        self.warned = False  #: a failed subscription was logged as a warning already
+        self.sock: Any = None  #: the pub/sub socket registered in the selector
+
+    def close(self) -> None:
+        while self._idle:
+            self._idle.pop().disconnect()
+
+
+def check_transports(urls: Sequence[str]) -> None:
+    """MixedTransport if TLS (rediss://) and plain TCP (redis://) URLs are mixed: almost
+    always a slip (one instance left without TLS, its password and lock traffic sent in
+    clear), and nothing needs it (an instance on the same host can use unix://, which mixes
+    with either)."""
+    tls = [u for u in urls if urlsplit(u).scheme == "rediss"]
+    plain = [u for u in urls if urlsplit(u).scheme == "redis"]
+    if tls and plain:
+        raise MixedTransport(
+            f"TLS and plain instance URLs are mixed: TLS (rediss://) {', '.join(map(_mask, tls))}; "
+            f"plain (redis://) {', '.join(map(_mask, plain))}: use rediss:// for every "
+            "instance (or unix:// for a local one)", instance=_mask(plain[0]))
+
+
+def open_session(instance_cls: Any, urls: Sequence[str] | str, namespace: str, *,
+                 lease_ms: int, socket_timeout: float, connect_timeout: float,
+                 rejoin_ms: int | None, vbmax: int, owner: str | None,
+                 redis_options: dict[str, Any],
+                 allow_eviction: bool = False) -> tuple[Session, list[Any]]:
+    """The protocol session and one `instance_cls` per URL: what DLM and AsyncDLM share
+    before they differ in how they move bytes."""
+    urls = url_list(urls)
+    for u in urls:
+        check_url(u)
+    check_transports(urls)
+    if not isinstance(allow_eviction, bool):
+        raise InvalidType("allow_eviction must be a bool")
+    core = Session(len(urls), namespace, lease_ms=lease_ms, rejoin_ms=rejoin_ms, vbmax=vbmax,
+                   owner=owner)
+    core.allow_eviction = allow_eviction
+    core.distinct_epochs = True
+    instances = [instance_cls(u, socket_timeout=socket_timeout,
+                              connect_timeout=connect_timeout, **redis_options) for u in urls]
+    core.labels = [inst.url for inst in instances]
+    return core, instances
