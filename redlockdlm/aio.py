@@ -187,8 +187,8 @@ class AsyncDLM:
         if self._closed:
             return
         roots = [lk for lk in self._core.locks.values() if lk.parent is None]
-        pending = [lk.request for lk in self._core.locks.values()  # type: ignore[attr-defined]
-                   if getattr(lk, "request", None) is not None and not lk.request.done]
+        pending = [lk.request for lk in self._core.locks.values()
+                   if lk.request is not None and not lk.request.done]
         for req in pending:  # a request still waiting must not wait forever
             req._finish(DLMError("this AsyncDLM client was closed",
                                  resource=req.lock.resource, lock_id=req.lock.id))
@@ -306,7 +306,7 @@ class AsyncDLM:
         if lk.lease_ms < self._core.lease_ms:
             self._renew_soon.set()  # the renewer shortens its tick
         lock = AsyncLock(self, lk, on_blocking, on_lost, value_block)
-        lk.user = lock  # type: ignore[attr-defined]
+        lk.user = lock
         self._changed[lk.id] = asyncio.Event()
         cmds = [(i, self._core.request_cmd(lk)) for i in range(self._core.n)]
         lk.pending = set(range(self._core.n))
@@ -331,7 +331,7 @@ class AsyncDLM:
             raise
         fut: asyncio.Future[AsyncLock] = asyncio.get_running_loop().create_future()
         req = AsyncRequest(self, lock, fut, on_granted)
-        lk.request = req  # type: ignore[attr-defined]
+        lk.request = req
         task = asyncio.create_task(self._acquire(lk, req))
         req._task = task
         return req
@@ -630,7 +630,7 @@ class AsyncDLM:
         lk = self._core.locks.get(ev.lock_id)
         for kind, lock, arg in notes:
             if kind == "blocking":
-                user: AsyncLock = lock.user  # type: ignore[attr-defined]
+                user: AsyncLock = lock.user
                 if user._on_blocking is not None:
                     self._run_callback(user._on_blocking, arg)
             elif kind == "yield":
@@ -705,7 +705,7 @@ class AsyncDLM:
 
     def _check_lost(self) -> None:
         for lk in self._core.check_held(time.monotonic()):
-            user: AsyncLock = lk.user  # type: ignore[attr-defined]
+            user: AsyncLock = lk.user
             log.warning("lock %s on %s lost: %s", lk.id, user.resource, lk.lost_reason)
             if user._on_lost is not None:
                 self._run_callback(user._on_lost, user)

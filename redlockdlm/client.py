@@ -185,9 +185,9 @@ class DLM:
                                        time.monotonic() + lk.lease_ms / 3000.0)
                 self._poke()
             lock = Lock(self, lk, on_blocking, on_lost, value_block)
-            lk.user = lock  # type: ignore[attr-defined]
+            lk.user = lock
             req = Request(self, lock, on_granted)
-            lk.request = req  # type: ignore[attr-defined]
+            lk.request = req
             cmds = [(i, self._core.request_cmd(lk)) for i in range(self._core.n)]
             lk.pending = set(range(self._core.n))
             sent = time.monotonic()
@@ -233,8 +233,8 @@ class DLM:
             return
         with self._mu:
             roots = [lk for lk in self._core.locks.values() if lk.parent is None]
-            pending = [lk.request for lk in self._core.locks.values()  # type: ignore[attr-defined]
-                       if getattr(lk, "request", None) is not None]
+            pending = [lk.request for lk in self._core.locks.values()
+                       if lk.request is not None]
         for lk in roots:
             try:
                 self._release(lk, subtree=True)
@@ -493,7 +493,7 @@ class DLM:
     def _advance(self, lk: LockCore) -> Outcome:
         """Evaluate `lk` (core lock held) and act: complete, fail, or schedule."""
         out = self._core.evaluate_acquire(lk, time.monotonic())
-        req: Request = lk.request  # type: ignore[attr-defined]
+        req: Request = lk.request
         if out.done:
             req._finish(None)
         elif out.error is not None:
@@ -504,7 +504,7 @@ class DLM:
         else:
             if out.actions:
                 self._spawn(self._send_and_feed_advance, lk, out.actions)
-            lk.wake_at = out.wake_at  # type: ignore[attr-defined]
+            lk.wake_at = out.wake_at
             if out.wake_at is not None:
                 self._poke()
         self._cond.notify_all()
@@ -609,7 +609,7 @@ class DLM:
         while not self._closed:
             now = time.monotonic()
             with self._mu:
-                wakes = [getattr(lk, "wake_at", None) for lk in self._core.locks.values()
+                wakes = [lk.wake_at for lk in self._core.locks.values()
                          if lk.phase is Phase.ACQUIRING]
             deadline = min([self._next_renew, *[w for w in wakes if w is not None]])
             timeout = max(0.0, min(deadline - now, 0.5))
@@ -672,7 +672,7 @@ class DLM:
             yields = []
             for kind, lock, arg in notes:
                 if kind == "blocking":
-                    user: Lock = lock.user  # type: ignore[attr-defined]
+                    user: Lock = lock.user
                     if user._on_blocking is not None:
                         self._callback(user._on_blocking, arg)
                 elif kind == "yield":
@@ -736,7 +736,7 @@ class DLM:
 
     def _check_lost(self) -> None:
         for lk in self._core.check_held(time.monotonic()):
-            user: Lock = lk.user  # type: ignore[attr-defined]
+            user: Lock = lk.user
             log.warning("lock %s on %s lost: %s", lk.id, user.resource, lk.lost_reason)
             if user._on_lost is not None:
                 self._callback(user._on_lost, user)
@@ -745,9 +745,9 @@ class DLM:
         todo = []
         with self._mu:
             for lk in list(self._core.locks.values()):
-                wake = getattr(lk, "wake_at", None)
+                wake = lk.wake_at
                 if lk.phase is Phase.ACQUIRING and wake is not None and now >= wake:
-                    lk.wake_at = None  # type: ignore[attr-defined]
+                    lk.wake_at = None
                     if lk.deadline is not None and now >= lk.deadline:
                         self._advance(lk)
                         continue

@@ -19,6 +19,7 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from .engine import codec
 from .engine.codec import Event, LockReply
@@ -219,6 +220,12 @@ class LockCore:
         self.sends = 0
         #: why the lock was reported lost (`Session.check_held`), for messages
         self.lost_reason = ""
+        # Owned by the transport (client.py, aio.py), never read by the core: the user's
+        # handle (Lock / AsyncLock), the pending request (Request / AsyncRequest), and the
+        # monotonic time the sync client re-checks a waiting request (`Outcome.wake_at`).
+        self.user: Any = None
+        self.request: Any = None
+        self.wake_at: float | None = None
 
     # ----------------------------------------------------------------- reading the votes
 
