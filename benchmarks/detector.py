@@ -22,7 +22,7 @@ Figures, each the median (and min..max) of --repeat runs, all three instances in
   scan, cold          detector.scan() without a memo: instance clock, index, then
                       lua/scan.lua on the resources it names (SCAN_CHUNK keys per call, all
                       calls of an instance in one pipeline); every resource is decoded by
-                      the script and parsed into detector.Lock tuples (what a detector's
+                      the script and parsed into detector.ScannedLock tuples (what a detector's
                       first round, or `dlm graph`, pays)
   scan                the same with the ScanMemo a Detector keeps (D1): the script decodes
                       and sends only resources that changed since the previous scan, the

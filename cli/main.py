@@ -77,7 +77,7 @@ def cli() -> None:
 # ----------------------------------------------------------------- helpers
 
 
-def _report(outcomes: Sequence[admin.Outcome], show: Callable[[], None]) -> None:
+def _report(outcomes: Sequence[admin.InstanceResult], show: Callable[[], None]) -> None:
     """Print the result unless no instance answered; then warn about each instance that
     did not answer, and fail (exit 1) if fewer than a quorum did."""
     failed = [o for o in outcomes if not o.ok]
@@ -214,7 +214,7 @@ def graph(s: Settings) -> None:
     snap = scan(s.targets())
     g = wait_for_graph(snap)
     cycles = [(c, choose_victim(c, snap)) for c in find_cycles(g)]
-    outcomes = [admin.Outcome(i.label, None, i.error) for i in snap.instances]
+    outcomes = [admin.InstanceResult(i.label, None, i.error) for i in snap.instances]
     _report(outcomes, lambda: output.graph(snap, g, cycles, s.as_json))
 
 

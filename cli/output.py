@@ -17,8 +17,8 @@ from typing import Any
 import click
 
 from redlockdlm import admin
-from redlockdlm.admin import Health, MergedLock, MergedResource, Outcome
-from redlockdlm.detector import Cycle, Request, Snapshot, WaitForGraph
+from redlockdlm.admin import Health, InstanceResult, MergedLock, MergedResource
+from redlockdlm.detector import Cycle, Snapshot, WaitForGraph, WaitingRequest
 from redlockdlm.devcluster import DevCluster
 from redlockdlm.engine.modes import Flag, Mode
 
@@ -86,7 +86,7 @@ def _flags(flags: int) -> list[str]:
 # ----------------------------------------------------------------- dlm status
 
 
-def status(outcomes: Sequence[Outcome[Health]], namespace: str, as_json: bool,
+def status(outcomes: Sequence[InstanceResult[Health]], namespace: str, as_json: bool,
            problems: Sequence[str] = ()) -> None:
     q = admin.quorum(len(outcomes))
     ok = sum(1 for o in outcomes if o.ok)
@@ -179,7 +179,7 @@ def resources(found: Sequence[MergedResource], namespace: str, total: int,
 # ----------------------------------------------------------------- dlm show
 
 
-def resource(r: MergedResource, outcomes: Sequence[Outcome], as_json: bool) -> None:
+def resource(r: MergedResource, outcomes: Sequence[InstanceResult], as_json: bool) -> None:
     if as_json:
         _emit_json({
             "name": admin.show_name(r.path), "path": admin.path_list(r.path),
@@ -308,7 +308,7 @@ def _mode_json(m: Mode | None) -> str | None:
 # ----------------------------------------------------------------- dlm graph
 
 
-def _req_json(req: Request | None) -> dict[str, Any] | None:
+def _req_json(req: WaitingRequest | None) -> dict[str, Any] | None:
     if req is None:
         return None
     return {"owner": req.owner, "lock_id": req.lock_id, "name": admin.show_name(req.path),
@@ -317,7 +317,7 @@ def _req_json(req: Request | None) -> dict[str, Any] | None:
             "no_deadlock_wait": req.no_deadlock_wait}
 
 
-def graph(snap: Snapshot, g: WaitForGraph, cycles: Sequence[tuple[Cycle, Request | None]],
+def graph(snap: Snapshot, g: WaitForGraph, cycles: Sequence[tuple[Cycle, WaitingRequest | None]],
           as_json: bool) -> None:
     labels = [i.label for i in snap.instances]
     if as_json:
@@ -473,7 +473,7 @@ def acl_rule(line: str, args: Sequence[str], *, user: str, password: str | None,
                    "@HOST:PORT", err=True)
 
 
-def initialized(outcomes: Sequence[Outcome], as_json: bool, what: str = "init") -> None:
+def initialized(outcomes: Sequence[InstanceResult], as_json: bool, what: str = "init") -> None:
     """One row per instance: `what` ok or FAILED, its epoch, and its stored rejoin wait."""
     doc = [{"instance": o.label, "ok": o.ok, "error": o.error,
             "epoch": o.value.epoch if o.ok and o.value else None,
@@ -487,7 +487,7 @@ def initialized(outcomes: Sequence[Outcome], as_json: bool, what: str = "init") 
     click.echo(_table(["instance", what, "epoch", "rejoin_ms"], rows))
 
 
-def swept(outcomes: Sequence[Outcome[int]], as_json: bool) -> None:
+def swept(outcomes: Sequence[InstanceResult[int]], as_json: bool) -> None:
     if as_json:
         _emit_json([{"instance": o.label, "ok": o.ok, "error": o.error, "purged": o.value}
                     for o in outcomes])

@@ -2,7 +2,7 @@
 
 No printing here (the CLI's `output` module does that): each function returns plain
 dataclasses. Every instance is asked in parallel, and an instance that does not answer is
-reported as such (`Outcome.error`) instead of failing the whole call, so an operator still
+reported as such (`InstanceResult.error`) instead of failing the whole call, so an operator still
 sees the instances that do answer.
 
     targets = connect(["redis://127.0.0.1:7001", ...], "shop", timeout_s=2.0)
@@ -76,7 +76,7 @@ def label_of(engine: Engine) -> str:
 
 
 @dataclass(frozen=True)
-class Outcome(Generic[T]):
+class InstanceResult(Generic[T]):
     """What one instance answered: `value`, or `error` (one line) if it failed."""
 
     label: str
@@ -89,18 +89,18 @@ class Outcome(Generic[T]):
 
 
 def fan_out(targets: Sequence[Target], fn: Callable[[Engine], T], *,
-            executor: Executor | None = None) -> list[Outcome[T]]:
+            executor: Executor | None = None) -> list[InstanceResult[T]]:
     """Run `fn(engine)` on every instance in parallel; errors of redis (redis-py's own
-    failures included), the OS or the scripts become `Outcome.error`, anything else (a
+    failures included), the OS or the scripts become `InstanceResult.error`, anything else (a
     bug) propagates."""
-    def one(t: Target) -> Outcome[T]:
+    def one(t: Target) -> InstanceResult[T]:
         try:
-            return Outcome(t.label, fn(t.engine))
+            return InstanceResult(t.label, fn(t.engine))
         except (redis.RedisError, OSError, DLMError) as exc:
-            return Outcome(t.label, None, describe(exc))
+            return InstanceResult(t.label, None, describe(exc))
         except Exception as exc:
             if from_redis_py(exc):
-                return Outcome(t.label, None, describe(exc))
+                return InstanceResult(t.label, None, describe(exc))
             raise
 
     if len(targets) == 1:
@@ -168,7 +168,7 @@ def _health(engine: Engine) -> Health:
                   hello.maxmemory_policy, hello.rejoin_ms)
 
 
-def health(targets: Sequence[Target]) -> list[Outcome[Health]]:
+def health(targets: Sequence[Target]) -> list[InstanceResult[Health]]:
     return fan_out(targets, _health)
 
 
@@ -189,7 +189,7 @@ def _sweep(engine: Engine) -> int:
     return done
 
 
-def sweep(targets: Sequence[Target]) -> list[Outcome[int]]:
+def sweep(targets: Sequence[Target]) -> list[InstanceResult[int]]:
     """Purge the resources whose locks have all expired and that nobody touched since
     (their holders died): lock-holding keys carry no TTL (so a volatile-* eviction policy
     cannot drop them, docs/operations.md), so such a key stays until a call touches it.
@@ -197,7 +197,7 @@ def sweep(targets: Sequence[Target]) -> list[Outcome[int]]:
     return fan_out(targets, _sweep)
 
 
-def config_problems(outcomes: Sequence[Outcome[Health]]) -> list[str]:
+def config_problems(outcomes: Sequence[InstanceResult[Health]]) -> list[str]:
     """What makes the instances unsafe to use, one line each (`dlm status` fails on any):
     two URLs reaching one server (same run_id or epoch: one server, two votes), and an
     eviction policy that may drop lock keys (docs/operations.md, Memory)."""
@@ -354,7 +354,7 @@ def _short(val: object) -> str:
 
 
 def resources(targets: Sequence[Target], prefix: Sequence[bytes] = ()
-              ) -> tuple[list[MergedResource], list[Outcome]]:
+              ) -> tuple[list[MergedResource], list[InstanceResult]]:
     """Every resource with a live lock on some instance (SCAN + inspect: for operators,
     never on a hot path), merged by key, sorted by path. `prefix` selects by path: every
     component but the last must match exactly, the last is a prefix of that component.
@@ -391,7 +391,7 @@ def check_path(parts: Sequence[str | bytes]) -> list[bytes]:
 
 
 def resource(targets: Sequence[Target], path: Sequence[str | bytes]
-             ) -> tuple[MergedResource, list[Outcome]]:
+             ) -> tuple[MergedResource, list[InstanceResult]]:
     """One resource merged over the instances that answered (inspect reads, purges nothing:
     locks whose lease ran out are left out of `locks`)."""
     key = targets[0].engine.key(*check_path(path))
@@ -452,7 +452,7 @@ class BrokenLockView:
 class BreakResult:
     key: bytes
     path: tuple[bytes, ...]
-    outcomes: list[Outcome[BreakReply]] = field(default_factory=list)
+    outcomes: list[InstanceResult[BreakReply]] = field(default_factory=list)
 
     @property
     def locks(self) -> list[BrokenLockView]:
@@ -479,12 +479,12 @@ class BreakResult:
         """Distinct locks broken over every instance, subtrees included."""
         return len(self.locks)
 
-    def broken_on(self, o: Outcome[BreakReply]) -> int | None:
+    def broken_on(self, o: InstanceResult[BreakReply]) -> int | None:
         """Locks broken on the instance of outcome `o` (None if it failed)."""
         return o.value.extra if o.ok and o.value is not None else None
 
     @property
-    def failed(self) -> list[Outcome[BreakReply]]:
+    def failed(self) -> list[InstanceResult[BreakReply]]:
         return [o for o in self.outcomes if not o.ok]
 
 

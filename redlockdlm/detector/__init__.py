@@ -32,8 +32,8 @@ from .graph import (
     Cycle,
     Edge,
     GraphMemo,
-    Request,
     WaitForGraph,
+    WaitingRequest,
     choose_victim,
     find_cycles,
     wait_for_graph,
@@ -42,7 +42,7 @@ from .graph import _cyclic_core as _cyclic_core
 from .graph import _tarjan as _tarjan
 from .job import Detector, ReapResult, Round, Victim, reap
 from .scanning import _FIELDS as _FIELDS
-from .scanning import InstanceScan, Lock, Resource, ScanMemo, Snapshot, scan
+from .scanning import InstanceScan, ScanMemo, ScannedLock, ScannedResource, Snapshot, scan
 from .scanning import _gc_paused as _gc_paused
 from .scanning import _parse_scan as _parse_scan
 from .scanning import _read_resources as _read_resources
@@ -53,10 +53,10 @@ __all__ = [
     "Edge",
     "GraphMemo",
     "InstanceScan",
-    "Lock",
+    "ScannedLock",
     "ReapResult",
-    "Request",
-    "Resource",
+    "WaitingRequest",
+    "ScannedResource",
     "Round",
     "ScanMemo",
     "Snapshot",

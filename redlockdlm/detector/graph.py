@@ -17,7 +17,7 @@ from typing import NamedTuple
 from ..admin import parent_key
 from ..engine.codec import LockView, ResourceView
 from ..engine.modes import COMPAT, Flag, Mode
-from .scanning import Lock, Resource, Snapshot
+from .scanning import ScannedLock, ScannedResource, Snapshot
 
 _ITEM0, _ITEM1 = itemgetter(0), itemgetter(1)
 
@@ -25,7 +25,7 @@ _ITEM0, _ITEM1 = itemgetter(0), itemgetter(1)
 # ----------------------------------------------------------------- D2-D5: the graph
 
 
-class Request(NamedTuple):
+class WaitingRequest(NamedTuple):
     """A waiting request or a queued conversion: what a victim is made of."""
 
     key: bytes
@@ -49,7 +49,7 @@ class Request(NamedTuple):
         return parent_key(self.key) if self.parent else None
 
     @classmethod
-    def of(cls, view: Resource | ResourceView, lk: Lock | LockView) -> Request:
+    def of(cls, view: ScannedResource | ResourceView, lk: ScannedLock | LockView) -> WaitingRequest:
         return cls._make((view.key, lk.lock_id, lk.owner, lk.queue, lk.mode, lk.requested,
                           lk.cticket if lk.queue == "C" else lk.ticket, lk.flags, lk.parent,
                           view.path, lk.priority))
@@ -74,7 +74,7 @@ class Edge(NamedTuple):
 @dataclass(frozen=True)
 class WaitForGraph:
     edges: tuple[Edge, ...]
-    requests: Mapping[tuple[bytes, str], Request]  #: (key, lock id) -> the waiting request
+    requests: Mapping[tuple[bytes, str], WaitingRequest]  #: (key, lock id) -> the waiting request
 
     @cached_property
     def adjacency(self) -> dict[str, set[str]]:
@@ -98,7 +98,8 @@ class WaitForGraph:
 _COMPAT = COMPAT
 
 
-def _blockers(locks: Sequence[Lock | LockView]) -> list[tuple[Lock | LockView, set[str]]]:
+def _blockers(locks: Sequence[ScannedLock | LockView]
+              ) -> list[tuple[ScannedLock | LockView, set[str]]]:
     """D2-D4 on one resource of one instance: each waiting or converting lock, with the ids
     of the locks it waits for.
 
@@ -115,10 +116,11 @@ def _blockers(locks: Sequence[Lock | LockView]) -> list[tuple[Lock | LockView, s
             holding.append(lk)
             if lk.queue == "C":
                 conv.append(lk)
-    out: list[tuple[Lock | LockView, set[str]]] = []
+    out: list[tuple[ScannedLock | LockView, set[str]]] = []
     by_id: dict[str, set[str]] = {}
 
-    def behind(lk: Lock | LockView, ahead: Sequence[Lock | LockView], b: set[str]) -> None:
+    def behind(lk: ScannedLock | LockView, ahead: Sequence[ScannedLock | LockView],
+               b: set[str]) -> None:
         row = lk.requested
         for a in ahead:
             if not _COMPAT[a.requested][row]:
@@ -145,8 +147,8 @@ def _blockers(locks: Sequence[Lock | LockView]) -> list[tuple[Lock | LockView, s
     return out
 
 
-def _layouts(per: list[tuple[int, Resource | ResourceView]]
-             ) -> list[tuple[int, tuple, Resource | ResourceView]]:
+def _layouts(per: list[tuple[int, ScannedResource | ResourceView]]
+             ) -> list[tuple[int, tuple, ScannedResource | ResourceView]]:
     """One resource's live locks, grouped by instances that agree on its layout (queue,
     lock, modes, flags in order; leases differ by clock): (instance bitmask, live locks,
     a view). Instances of a quorum usually agree, so D2-D4 run once, not once per
@@ -168,8 +170,8 @@ def _layouts(per: list[tuple[int, Resource | ResourceView]]
 GraphMemo = dict
 
 
-def _resource_edges(key: bytes, per: list[tuple[int, Resource | ResourceView]], q: int
-                    ) -> tuple[tuple[Edge, ...], dict[tuple[bytes, str], Request]]:
+def _resource_edges(key: bytes, per: list[tuple[int, ScannedResource | ResourceView]], q: int
+                    ) -> tuple[tuple[Edge, ...], dict[tuple[bytes, str], WaitingRequest]]:
     """D2-D5 on one resource, merged over the instances that show it (`per`)."""
     layouts = _layouts(per)
     granted: dict[tuple[str, Mode | None], int] | None = None
@@ -182,7 +184,7 @@ def _resource_edges(key: bytes, per: list[tuple[int, Resource | ResourceView]], 
                     k = (lk.lock_id, lk.mode)
                     granted[k] = granted.get(k, 0) + on
     merged: dict[tuple[str, str], list] = {}  # (lock id, blocker id) -> [waiter, holder, mask]
-    requests: dict[tuple[bytes, str], Request] = {}
+    requests: dict[tuple[bytes, str], WaitingRequest] = {}
     for mask, live, view in layouts:
         if len(live) < 2:
             continue
@@ -202,7 +204,7 @@ def _resource_edges(key: bytes, per: list[tuple[int, Resource | ResourceView]], 
                 if entry is None:
                     merged[(lid, bid)] = [owner, holder, mask]
                     if (key, lid) not in requests:
-                        requests[(key, lid)] = Request.of(view, lk)
+                        requests[(key, lid)] = WaitingRequest.of(view, lk)
                 else:
                     entry[2] |= mask
     if not merged:
@@ -235,7 +237,7 @@ def wait_for_graph(snapshot: Snapshot, *, memo: GraphMemo | None = None) -> Wait
     resources as they were) keeps the edges computed then; the memo is then replaced by
     this call's resources."""
     q = snapshot.quorum
-    by_key: dict[bytes, list[tuple[int, Resource | ResourceView]]] = {}
+    by_key: dict[bytes, list[tuple[int, ScannedResource | ResourceView]]] = {}
     for i, inst in enumerate(snapshot.instances):
         for key, view in inst.resources.items():
             per = by_key.get(key)
@@ -244,7 +246,7 @@ def wait_for_graph(snapshot: Snapshot, *, memo: GraphMemo | None = None) -> Wait
             else:
                 per.append((i, view))
     edges: list[Edge] = []
-    requests: dict[tuple[bytes, str], Request] = {}
+    requests: dict[tuple[bytes, str], WaitingRequest] = {}
     old = memo if memo is not None else {}
     new: GraphMemo = {}
     for key, per in by_key.items():
@@ -279,7 +281,7 @@ class Cycle:
     owners: tuple[str, ...]
     path: tuple[str, ...]
     edges: tuple[Edge, ...]
-    requests: tuple[Request, ...]
+    requests: tuple[WaitingRequest, ...]
 
     @property
     def signature(self) -> frozenset[tuple[bytes, str, str]]:
@@ -442,7 +444,7 @@ def find_cycles(graph: WaitForGraph) -> list[Cycle]:
 
 
 def choose_victim(cycle: Cycle, snapshot: Snapshot, *,
-                  eligible: Container[tuple[bytes, str]] | None = None) -> Request | None:
+                  eligible: Container[tuple[bytes, str]] | None = None) -> WaitingRequest | None:
     """D8: among the cycle's waiting requests, the one of lowest priority (P1); among
     equals, the youngest (highest ticket; ties by lock id). Never one that asked not to be
     chosen (NODLCKWT, on any instance's view). `eligible` narrows the choice to (key, lock

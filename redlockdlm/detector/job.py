@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from ..admin import (
-    Outcome,
+    InstanceResult,
     Target,
     connect,
     fan_out,
@@ -26,7 +26,7 @@ from ..admin import (
 from ..engine.instance import Engine
 from ..engine.modes import Status
 from ..protocol import describe
-from .graph import Cycle, GraphMemo, Request, choose_victim, find_cycles, wait_for_graph
+from .graph import Cycle, GraphMemo, WaitingRequest, choose_victim, find_cycles, wait_for_graph
 from .scanning import (
     InstanceScan,
     ScanMemo,
@@ -94,9 +94,9 @@ def reap(engine: Engine, *, grace_ms: int = 5_000, limit: int = 1_000) -> ReapRe
 
 @dataclass(frozen=True)
 class Victim:
-    request: Request
+    request: WaitingRequest
     cycle: Cycle
-    outcomes: tuple[Outcome, ...]  #: per instance: the cancel's Status, or an error
+    outcomes: tuple[InstanceResult, ...]  #: per instance: the cancel's Status, or an error
 
     @property
     def cancelled_on(self) -> int:
@@ -115,7 +115,7 @@ class Round:
     victims: tuple[Victim, ...] = ()
     unresolved: tuple[Cycle, ...] = ()  #: confirmed, but every request is NODLCKWT
     pending: tuple[Cycle, ...] = ()  #: seen for the first time: to confirm next round
-    reaped: tuple[Outcome, ...] = ()  #: per instance ReapResult, on reaping rounds
+    reaped: tuple[InstanceResult, ...] = ()  #: per instance ReapResult, on reaping rounds
     elapsed_ms: float = 0.0
     read_at: float = 0.0  #: time.monotonic() when its reads were done (0: nothing read)
 
@@ -297,7 +297,7 @@ class Detector:
                 continue
             victims.append(self._cancel(n, victim, cyc))
         self._previous = remember
-        reaped: tuple[Outcome, ...] = ()
+        reaped: tuple[InstanceResult, ...] = ()
         if full and self.reap_every and n % self.reap_every == 0:
             reaped = tuple(self.reap())
         elapsed = (time.perf_counter() - t0) * 1000
@@ -320,7 +320,7 @@ class Detector:
             return 0, (), _read_resources(e, keys, held, held) if keys else {}
         return _snapshot(fan_out(self.targets, one, executor=self._pool))
 
-    def _cancel(self, n: int, req: Request, cyc: Cycle) -> Victim:
+    def _cancel(self, n: int, req: WaitingRequest, cyc: Cycle) -> Victim:
         """D8: cancel the victim's request on EVERY instance (where it is granted the script
         answers CANCELGRANT and changes nothing; where it is absent, NOTFOUND)."""
         outcomes = tuple(fan_out(self.targets, lambda e: e.cancel(
@@ -338,7 +338,7 @@ class Detector:
                                      lock=req.lock_id, error=o.error))
         return v
 
-    def reap(self) -> list[Outcome]:
+    def reap(self) -> list[InstanceResult]:
         """D9 on every instance; logs what it cleared."""
         outcomes = fan_out(self.targets, lambda e: reap(e, grace_ms=self.reap_grace_ms),
                            executor=self._pool)

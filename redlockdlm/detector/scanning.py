@@ -17,7 +17,7 @@ from itertools import compress, groupby, islice, repeat
 from operator import itemgetter, sub
 from typing import NamedTuple
 
-from ..admin import Outcome, Target, fan_out, label_of
+from ..admin import InstanceResult, Target, fan_out, label_of
 from ..engine.codec import LockView, ResourceView
 from ..engine.instance import Engine
 from ..engine.modes import Mode
@@ -27,7 +27,7 @@ from ..protocol import quorum as quorum_of
 # ----------------------------------------------------------------- D1: the scan
 
 
-class Lock(NamedTuple):
+class ScannedLock(NamedTuple):
     """One lock as the detector reads it: the fields of `codec.LockView` the graph needs
     (a LockView may stand in for it). A plain tuple: a scan builds tens of thousands."""
 
@@ -47,12 +47,12 @@ class Lock(NamedTuple):
     priority: int = 0  #: of the lock's latest request or conversion (D8)
 
 
-class Resource(NamedTuple):
+class ScannedResource(NamedTuple):
     """One resource as the detector reads it (a `codec.ResourceView` may stand in)."""
 
     key: bytes
     name: bytes
-    locks: tuple[Lock, ...]
+    locks: tuple[ScannedLock, ...]
 
     @property
     def path(self) -> tuple[bytes, ...]:
@@ -66,7 +66,7 @@ class InstanceScan:
     label: str
     now_ms: int = 0  #: the instance's clock (ms) when its index was read
     waiters: tuple[tuple[str, bytes], ...] = ()  #: (lock id, resource key)
-    resources: Mapping[bytes, Resource | ResourceView] = field(default_factory=dict)
+    resources: Mapping[bytes, ScannedResource | ResourceView] = field(default_factory=dict)
     error: str | None = None  #: set if the instance did not answer
 
     @property
@@ -92,7 +92,7 @@ class Snapshot:
     def waiter_count(self) -> int:
         return sum(len(i.waiters) for i in self.instances)
 
-    def views_of(self, key: bytes, lock_id: str) -> list[tuple[int, Lock | LockView]]:
+    def views_of(self, key: bytes, lock_id: str) -> list[tuple[int, ScannedLock | LockView]]:
         """Every instance's view of one lock: (instance index, view)."""
         out = []
         for i, inst in enumerate(self.instances):
@@ -102,7 +102,7 @@ class Snapshot:
         return out
 
 
-#: Resource keys per `scan` call. A scan sends all its calls in one pipeline (one round
+#: ScannedResource keys per `scan` call. A scan sends all its calls in one pipeline (one round
 #: trip), but each call runs alone on the instance (~4 ms per 500 one-waiter resources), so
 #: clients' lock calls are served between them instead of waiting for one long script.
 #: The size barely matters to the scan's own cost from ~100 keys up (benchmarks/detector.py
@@ -111,11 +111,11 @@ SCAN_CHUNK = 500
 
 _QUEUE = {b"G": "G", b"C": "C", b"W": "W"}
 _MODE: dict[int, Mode | None] = {-1: None, **{int(m): m for m in Mode}}  # -1: none
-_FIELDS = len(Lock._fields)  # values per lock in a scan reply, in Lock's order
-_new_lock = partial(tuple.__new__, Lock)  # (a NamedTuple without its Python-level __new__)
-_new_resource = partial(tuple.__new__, Resource)
+_FIELDS = len(ScannedLock._fields)  # values per lock in a scan reply, in Lock's order
+_new_lock = partial(tuple.__new__, ScannedLock)  # (a NamedTuple without its Python-level __new__)
+_new_resource = partial(tuple.__new__, ScannedResource)
 _ITEM0, _ITEM1, _ITEM2 = itemgetter(0), itemgetter(1), itemgetter(2)
-_RESOURCE_OF = _ITEM1  # of a memo entry (stamp, Resource)
+_RESOURCE_OF = _ITEM1  # of a memo entry (stamp, ScannedResource)
 
 
 def _split_member(member: bytes) -> tuple[str, bytes]:
@@ -130,8 +130,8 @@ def _split_members(members: list[bytes]) -> tuple[tuple[str, bytes], ...]:
     return tuple(zip(map(bytes.decode, map(_ITEM0, parts)), map(_ITEM2, parts)))
 
 
-#: What a scan of one instance decoded: resource key -> (stamp, Resource) (D1, scan.lua).
-Held = dict[bytes, tuple[bytes, Resource]]
+#: What a scan of one instance decoded: resource key -> (stamp, ScannedResource) (D1, scan.lua).
+Held = dict[bytes, tuple[bytes, ScannedResource]]
 _PLUS, _SAME, _GONE = 43, 61, 45  # b"+", b"=", b"-": a resource's status in a scan reply
 
 
@@ -165,10 +165,11 @@ class ScanMemo:
         return sum(len(h) for h in self._held.values())
 
 
-def _parse_scan(keys: Sequence[bytes], raw: list, held: Mapping[bytes, tuple[bytes, Resource]]
-                | None = None) -> tuple[int, dict[bytes, Resource], Held]:
+def _parse_scan(keys: Sequence[bytes], raw: list,
+                held: Mapping[bytes, tuple[bytes, ScannedResource]] | None = None
+                ) -> tuple[int, dict[bytes, ScannedResource], Held]:
     """The instance clock, the resources of a `scan` reply (layout: lua/scan.lua; absent
-    resources left out, live locks only), and (stamp, Resource) of those decoded anew.
+    resources left out, live locks only), and (stamp, ScannedResource) of those decoded anew.
     `held` is what the caller sent stamps from: resources reported unchanged come from it.
 
     The locks come as one flat run of `_FIELDS` values each, in `Lock`'s field order, so
@@ -200,7 +201,7 @@ def _parse_scan(keys: Sequence[bytes], raw: list, held: Mapping[bytes, tuple[byt
             body[7::f], map(sub, body[8::f], repeat(now)), map(d, body[9::f]),
             body[10::f]))
         pkeys = list(compress(keys, map(_PLUS.__eq__, status)))
-        fresh: list[Resource] = []
+        fresh: list[ScannedResource] = []
         at = 0
         for count, run in groupby(counts):  # resources with `count` locks each
             m = len(list(run))
@@ -225,7 +226,7 @@ def _parse_scan(keys: Sequence[bytes], raw: list, held: Mapping[bytes, tuple[byt
 
 
 def _read_resources(engine: Engine, keys: list[bytes], held: Held | None = None,
-                    keep: Held | None = None) -> dict[bytes, Resource]:
+                    keep: Held | None = None) -> dict[bytes, ScannedResource]:
     """`keys`' resources on one instance, live locks only: `scan` calls of SCAN_CHUNK keys,
     all sent in one pipeline. With `held` (what earlier scans of this instance decoded),
     the script is sent its stamps and decodes only what changed (D1); what it read is
@@ -233,7 +234,7 @@ def _read_resources(engine: Engine, keys: list[bytes], held: Held | None = None,
     chunks = [keys[i:i + SCAN_CHUNK] for i in range(0, len(keys), SCAN_CHUNK)]
     none = (b"",)
     calls = [[] if not held else [held.get(k, none)[0] for k in chunk] for chunk in chunks]
-    out: dict[bytes, Resource] = {}
+    out: dict[bytes, ScannedResource] = {}
     for chunk, raw in zip(chunks, engine.scan_resources(chunks, calls)):
         _, got, new = _parse_scan(chunk, raw, held)
         out.update(got)
@@ -294,7 +295,7 @@ def _gc_paused() -> Iterator[None]:
         gc.enable()
 
 
-def _snapshot(outcomes: Sequence[Outcome]) -> Snapshot:
+def _snapshot(outcomes: Sequence[InstanceResult]) -> Snapshot:
     return Snapshot(tuple(
         InstanceScan(o.label, *o.value) if o.ok else InstanceScan(o.label, error=o.error)
         for o in outcomes))

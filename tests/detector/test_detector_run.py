@@ -16,7 +16,7 @@ import redis
 from deadlocks import Cluster
 
 from redlockdlm.admin import Target
-from redlockdlm.detector import Detector, Lock, reap, scan
+from redlockdlm.detector import Detector, ScannedLock, reap, scan
 from redlockdlm.detector.scanning import _read_resources
 from redlockdlm.engine.modes import Flag, Status
 
@@ -356,7 +356,7 @@ def test_D1_the_lean_read_agrees_with_the_codec(c):
             continue
         r = lean[v.key]
         assert (r.key, r.name, r.path) == (v.key, v.name, v.path)
-        assert r.locks == tuple(Lock(*(getattr(lk, f) for f in Lock._fields))
+        assert r.locks == tuple(ScannedLock(*(getattr(lk, f) for f in ScannedLock._fields))
                                 for lk in v.locks if lk.lease_left_ms > 0)
     assert lean[c.key(["other"])].locks == ()  # d1's lease ran out
 

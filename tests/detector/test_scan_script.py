@@ -15,8 +15,8 @@ import redis
 from redlockdlm.detector import wait_for_graph
 from redlockdlm.detector.scanning import (
     _FIELDS,
-    Lock,
     ScanMemo,
+    ScannedLock,
     _gc_paused,
     _parse_scan,
     _read_resources,
@@ -124,7 +124,7 @@ def test_scan_shows_exactly_the_live_locks_of_inspect(r, seed):
         res = parsed[key]
         assert stamps[key] == (stamp, res)
         assert (res.key, res.name, res.path) == (view.key, view.name, view.path)
-        assert res.locks == tuple(Lock(*(getattr(lk, f) for f in Lock._fields))
+        assert res.locks == tuple(ScannedLock(*(getattr(lk, f) for f in ScannedLock._fields))
                                   for lk in want)
     assert at == len(raw)
     assert set(parsed) == {k for k, _ in present}
@@ -248,7 +248,7 @@ def test_a_malformed_scan_reply_is_a_protocol_error():
     good = [5, b"+-+", b"s1", 1, b"A", b"s3", 0, b"C", *lock]
     now, res, new = _parse_scan(keys, good)
     assert now == 5 and list(res) == [keys[0], keys[2]] and res[keys[2]].locks == ()
-    assert res[keys[0]].locks == (Lock("W", "l1", "o1", None, Mode.EX, 0, 7, 0, 900, "", 3),)
+    assert res[keys[0]].locks == (ScannedLock("W", "l1", "o1", None, Mode.EX, 0, 7, 0, 900, "", 3),)
     assert new == {keys[0]: (b"s1", res[keys[0]]), keys[2]: (b"s3", res[keys[2]])}
     for bad in (good[:-1], [*good, b"x"], good[:4], [5, b"+-+", b"s1", 2, b"A", b"s3", 0,
                                                      b"C", *lock],
