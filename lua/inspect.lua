@@ -25,20 +25,11 @@ local rec = 0
 if e[2] and tonumber(e[2]) > now then rec = tonumber(e[2]) - now end
 local out = {e[1] or false, now, rec}
 for i = 2, #KEYS do
-  local blob = redis.pcall('GET', KEYS[i])
-  if type(blob) == 'table' then
-    if string.find(blob.err or '', 'WRONGTYPE', 1, true) then  -- K1: another type there
-      return redis.error_reply('DLM_CORRUPT ' .. KEYS[i] .. ' holds another Redis type')
-    end
-    return blob  -- (an ACL refusal: the server's own error)
-  end
+  local blob = get_blob(KEYS[i])  -- (core.lua: K1, a corrupt key is DLM_CORRUPT)
   if not blob then
     out[#out + 1] = false
   else
-    local ok, r = pcall(cmsgpack.unpack, blob)
-    if not ok or type(r) ~= 'table' or type(r.s) ~= 'number' then  -- K1
-      return redis.error_reply('DLM_CORRUPT ' .. KEYS[i] .. ' is not a lock resource')
-    end
+    local r = decode(KEYS[i], blob)
     local res = {r.n or '', r.s or 0, r.v or false, r.vv or 0, r.vi or 0}
     for _, qn in ipairs({'g', 'c', 'w'}) do
       for _, lk in ipairs(r[qn] or {}) do

@@ -447,28 +447,38 @@ local function check_shape(key, r)
   end
 end
 
+-- The bytes at a resource key (false if absent): WRONGTYPE there is DLM_CORRUPT (K1);
+-- any other refusal (an ACL, K3) is raised as it is, for `failure` to type it.
+local function get_blob(key)
+  local blob = redis.pcall('GET', key)
+  if is_table(blob) and blob.err then
+    if string.find(blob.err, 'WRONGTYPE', 1, true) then corrupt(key, 'holds another type') end
+    error(blob.err)
+  end
+  return blob
+end
+
+-- A resource's bytes decoded, and checked to have a resource's shape (K1: DLM_CORRUPT).
+local function decode(key, blob)
+  local ok, r = pcall(cmsgpack.unpack, blob)
+  if not ok then corrupt(key, 'does not decode') end
+  check_shape(key, r)
+  return r
+end
+
 -- Load a resource (nil if absent), purging expired locks first (G10).
 local function load(key)
   if key == nil then fail('DLM_KEYS', 'a resource key is missing from KEYS') end
   local r = cache[key]
   if r == nil then
-    local blob = redis.pcall('GET', key)
-    if is_table(blob) and blob.err then
-      -- WRONGTYPE: another type at that key; anything else (an ACL refusal, K3) is raised
-      -- as it is, for `failure` to type it
-      if string.find(blob.err, 'WRONGTYPE', 1, true) then corrupt(key, 'holds another type') end
-      error(blob.err)
-    end
+    local blob = get_blob(key)
     if blob then
       local w = written[key]
       if w and w[1] == blob then
         r = w[2]
         written[key] = nil
       else
-        local ok, t = pcall(cmsgpack.unpack, blob)
-        if not ok then corrupt(key, 'does not decode') end
-        check_shape(key, t)
-        r = t
+        r = decode(key, blob)
       end
       r.g = r.g or {}
       r.c = r.c or {}
