@@ -36,26 +36,21 @@ return run(function()
     -- K1: a corrupt key fails its own lock only. `load` refuses it before caching or
     -- marking anything, so nothing of it is written (no WRONGTYPE halfway through commit).
     local ok, r = pcall(load, key)
+    local status = nil  -- a lock that is not renewed here: CORRUPT or NOTFOUND
+    local qn, lk = nil, nil
     if not ok then
       local msg = r  -- (Redis hands a caught error table over as its message)
       if type(r) == 'table' then msg = r.err end
-      if type(msg) == 'string' and string.find(msg, 'DLM_CORRUPT ', 1, true) then
-        r = S_CORRUPT
-      else
+      if type(msg) ~= 'string' or not string.find(msg, 'DLM_CORRUPT ', 1, true) then
         error(r, 0)
       end
+      status = S_CORRUPT
+    else
+      if r then qn, lk = find(r, id) end
+      if not lk then status = S_NOTFOUND end
     end
-    local qn, lk = nil, nil
-    if r == S_CORRUPT then
-      out[#out + 1] = S_CORRUPT
-      out[#out + 1] = NONE
-      out[#out + 1] = 0
-      out[#out + 1] = -1
-      out[#out + 1] = -1
-    elseif r then qn, lk = find(r, id) end
-    if r == S_CORRUPT then  -- (reported above)
-    elseif not lk then
-      out[#out + 1] = S_NOTFOUND
+    if status then
+      out[#out + 1] = status
       out[#out + 1] = NONE
       out[#out + 1] = 0
       out[#out + 1] = -1
