@@ -29,12 +29,24 @@ local function status()
   return {e[1] or false, now, rec, e[5] or false}
 end
 
-local MAX_REJOIN = 86400000
+local MAX_REJOIN = MAX_LEASE_MS  -- (core.lua: the longest lease a script accepts)
 local function rejoin_arg(s)
   if not s or not string.match(s, '^%d+$') or #s > 9 or tonumber(s) > MAX_REJOIN then
     return nil
   end
   return tonumber(s)
+end
+
+-- E1: raise the stored rejoin wait to `rejoin` (never lower it); an epoch still
+-- recovering under a stored wait then waits the longer one (`fresh` epochs are safe: 0).
+local function raise_rejoin(rejoin)
+  local e = redis.call('HMGET', KEYS[1], 'rejoin', 'safe')
+  local old = tonumber(e[1] or '0') or 0
+  if rejoin <= old then return end
+  redis.call('HSET', KEYS[1], 'rejoin', rejoin)
+  if e[1] and e[2] and tonumber(e[2]) > 0 and status()[3] > 0 then
+    redis.call('HSET', KEYS[1], 'safe', string.format('%.0f', tonumber(e[2]) - old + rejoin))
+  end
 end
 
 if KEYS[1] ~= 'dlm:epoch' or #KEYS ~= 1 then  -- K1: our epoch hash only
@@ -67,25 +79,12 @@ elseif cmd == 'fresh' then
   elseif not e[1] then
     redis.call('HSET', KEYS[1], 'id', new_epoch_id(), 'safe', '0')
   end
-  if rejoin then
-    local old = tonumber(redis.call('HGET', KEYS[1], 'rejoin') or '0') or 0
-    if rejoin > old then redis.call('HSET', KEYS[1], 'rejoin', rejoin) end
-  end
+  if rejoin then raise_rejoin(rejoin) end
   return status()
 elseif cmd == 'rejoin' then
   local rejoin = rejoin_arg(ARGV[2])
   if not rejoin then return redis.error_reply('DLM_BADARG rejoin must be 0..' .. MAX_REJOIN) end
-  local e = redis.call('HMGET', KEYS[1], 'rejoin', 'safe')
-  local old = tonumber(e[1] or '0') or 0
-  if rejoin > old then
-    redis.call('HSET', KEYS[1], 'rejoin', rejoin)
-    if e[2] and tonumber(e[2]) > 0 and e[1] then  -- still recovering: wait the longer one
-      local st = status()
-      if st[3] > 0 then
-        redis.call('HSET', KEYS[1], 'safe', string.format('%.0f', tonumber(e[2]) - old + rejoin))
-      end
-    end
-  end
+  raise_rejoin(rejoin)
   return status()
 elseif cmd == 'hello' then
   local st = status()
