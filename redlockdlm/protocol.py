@@ -251,6 +251,10 @@ class LockCore:
     def count(self, *kinds: Vote) -> int:
         return sum(1 for v in self.votes if v.vote in kinds)
 
+    def lasting_failures(self) -> int:
+        """Instances whose failure waiting does not heal (R3: `InstanceVote.lasting`)."""
+        return sum(1 for v in self.votes if v.vote is Vote.ERROR and v.lasting)
+
     def next_version(self) -> int:
         """The version a write of this grant stores: derived from the fencing token, so
         versions grow across conflicting writers even where an instance lost the resource
@@ -825,7 +829,7 @@ class Session:
         if lk.count(Vote.NOPARENT) > n - q:
             return self._fail(lk, ParentNotGranted(
                 "the parent lock is not granted on a quorum", resource=res, lock_id=lk.id))
-        if sum(1 for v in lk.votes if v.vote is Vote.ERROR and v.lasting) > n - q:
+        if lk.lasting_failures() > n - q:
             return self._fail(lk, QuorumUnavailable(
                 f"{self.tally(lk)}; {q} needed" + self._causes(lk, silent_only=True),
                 resource=res, lock_id=lk.id))
@@ -1007,7 +1011,7 @@ class Session:
                 err = Deadlock("conversion deadlock (G7)", resource=res, lock_id=lk.id)
             elif lk.count(Vote.ERROR) > n - q and (  # R3: a timeout waits through failures
                     lk.deadline is None or timed_out or now >= lk.deadline
-                    or sum(1 for v in lk.votes if v.vote is Vote.ERROR and v.lasting) > n - q):
+                    or lk.lasting_failures() > n - q):
                 err = QuorumUnavailable(f"{self.tally(lk)}; {q} needed"
                                         + self._causes(lk, silent_only=True),
                                         resource=res, lock_id=lk.id)
