@@ -1,9 +1,10 @@
 """The asyncio client: `AsyncDLM`, `AsyncLock` and `AsyncRequest`.
 
-The same features as the sync client, with every decision taken by the same
-`redlockdlm.protocol.Session`; this module only moves bytes with `redis.asyncio`: one
-command written to every instance before any reply is read, a task per instance reading
-pub/sub events, a renewal task, and awaitables for completion.
+Every step (an acquisition, its wait, a conversion, a release, a renewal) is a flow of
+`redlockdlm.flows`, shared with the sync client; this module only performs the operations
+the flows yield, with `redis.asyncio`: one command written to every instance before any
+reply is read, a task per instance reading pub/sub events, a renewal task, a task per flow
+that waits in the background (a queued request, a renewal), and awaitables for completion.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
@@ -23,35 +23,19 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .connection import Pooled, open_session
 from .engine import codec
-from .engine.keys import EPOCH_KEY
 from .engine.modes import Mode
-from .engine.scripts import command, packed_command
-from .errors import (
-    ConfigurationError,
-    DLMError,
-    HasChildren,
-    InvalidType,
-    LockTimeout,
-    QuorumUnavailable,
-)
-from .handle import LockBase, lock_name
-from .protocol import (
-    Call,
-    LockCore,
-    Phase,
-    check_callback,
-    check_timeout,
-    descendants,
-    describe,
-)
-from .wire import Round, script_reply, settle
+from .engine.scripts import packed_command
+from .errors import DLMError, LockTimeout
+from .flows import Broadcast, Flow, Flows, Pipeline, Shielded, Spawn, Wait
+from .handle import LockBase, RequestBase
+from .protocol import Call, LockCore, describe
+from .wire import Round, settle
 
 log = logging.getLogger("redlockdlm")
 
 #: An instance that fails these ways counts as unreachable (InvalidResponse: it is not Redis)
 _NET_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError, asyncio.TimeoutError,
                InvalidResponse)
-
 
 async def _send(conn: Any, packed: bytes) -> None:
     """Write one packed command (`scripts.packed_command`). On a connected connection
@@ -83,26 +67,7 @@ class _Instance(Pooled):
             await self.pool.disconnect()
 
 
-async def _init_call(client: Any, args: list[bytes]) -> Any:
-    """The `init` script on `client`'s instance (asyncio `engine.instance.call_script`):
-    loads the library if missing (EVAL if FUNCTION LOAD is refused); DLM_ errors typed."""
-    cmd = ("init", [EPOCH_KEY], args)
-    rnd = Round([cmd])
-    replies = [await _reply(client, command(*cmd))]
-    while (cmds := rnd.feed(replies)) is not None:
-        replies = [await _reply(client, c) for c in cmds]
-    return codec.parse_status(script_reply(rnd.raws[0]))
-
-
-async def _reply(client: Any, cmd: tuple) -> Any:
-    """The reply of `cmd`, an error reply as its ResponseError (a network error raises)."""
-    try:
-        return await client.execute_command(*cmd)
-    except ResponseError as exc:
-        return exc
-
-
-class AsyncDLM:
+class AsyncDLM(Flows):
     """The asyncio twin of `redlockdlm.DLM`. Create it inside a running loop, use it as
     ``async with AsyncDLM(urls) as dlm:``; `close()` releases everything it holds."""
 
@@ -121,7 +86,6 @@ class AsyncDLM:
         self._closed = False
         self._tasks: list[asyncio.Task[Any]] = []
         self._started = False
-        self._changed: dict[str, asyncio.Event] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._renewing: set[int] = set()  # instances whose renewal is in flight
         self._renew_soon = asyncio.Event()  # a lock with a shorter lease appeared
@@ -130,10 +94,11 @@ class AsyncDLM:
 
     # ----------------------------------------------------------------- lifecycle
 
-    def _start(self) -> None:
+    def _start_tasks(self) -> None:
         if self._started:
             return
         self._started = True
+        self._core.renew_at = self._now() + self._core.renew_interval()
         for i in range(len(self._instances)):
             self._tasks.append(asyncio.create_task(self._events(i)))
         self._tasks.append(asyncio.create_task(self._renewer()))
@@ -142,31 +107,11 @@ class AsyncDLM:
         """First contact with every instance (once; raises the ConfigurationError found),
         then the event and renewal tasks."""
         if not self._contacted:
-            errors = await self._first_contact(range(len(self._instances)))
+            errors = await self._run(self._first_contact(range(len(self._instances))))
             if errors:
                 raise errors[0]
             self._contacted = True
-        self._start()
-
-    async def _first_contact(self, which: Iterable[int]) -> list[ConfigurationError]:
-        """`DLM._first_contact`, the instances asked concurrently."""
-        which = [i for i in which
-                 if self._core.run_ids[i] is None and i not in self._core.refused]
-
-        async def one(i: int, args: list[bytes]) -> Any:
-            try:
-                return await _init_call(self._instances[i].client, args)
-            except Exception as exc:  # noqa: BLE001 - unreachable, refused, not Redis...
-                log.info("instance %s: no first contact yet: %s", self._instances[i].url,
-                         describe(exc))
-                return None
-
-        hellos = await asyncio.gather(*(one(i, [b"hello"]) for i in which))
-        errors: list[ConfigurationError] = []
-        for i, st in zip(which, hellos):
-            if st is not None and (err := self._core.identify(i, st)) is not None:
-                errors.append(err)
-        return errors
+        self._start_tasks()
 
     async def __aenter__(self) -> AsyncDLM:
         await self._ensure_started()
@@ -176,9 +121,10 @@ class AsyncDLM:
         await self.close()
 
     async def close(self) -> None:
-        """Release every lock this client holds or waits for, then close connections.
-        Cancelled meanwhile, it still finishes (bounded by the socket timeouts) before the
-        CancelledError reaches the caller: no lock of this client is left anywhere."""
+        """Release every lock this client holds or waits for (a request still waiting
+        fails with DLMError "closed"), then close connections. Cancelled meanwhile, it
+        still finishes (bounded by the socket timeouts) before the CancelledError reaches
+        the caller: no lock of this client is left anywhere."""
         if self._closed:
             return
         await self._complete(self._close())
@@ -186,21 +132,7 @@ class AsyncDLM:
     async def _close(self) -> None:
         if self._closed:
             return
-        roots = [lk for lk in self._core.locks.values() if lk.parent is None]
-        pending = [lk.request for lk in self._core.locks.values()
-                   if lk.request is not None and not lk.request.done]
-        for req in pending:  # a request still waiting must not wait forever
-            req._finish(DLMError("this AsyncDLM client was closed",
-                                 resource=req.lock.resource, lock_id=req.lock.id))
-            if req._task is not None:
-                req._task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await req._task
-        for lk in roots:
-            try:
-                await self._release(lk, subtree=True)
-            except DLMError as exc:
-                log.warning("close: release of %s failed: %s", lk.id, exc)
+        await self._run(self._close_flow(DLMError("this AsyncDLM client was closed")))
         others = [t for t in self._cleanups if t is not asyncio.current_task()]
         if others:  # clean-ups of cancelled calls still need the connections
             await asyncio.wait(others, timeout=self._cleanup_limit())
@@ -212,6 +144,7 @@ class AsyncDLM:
                 await t
         for inst in self._instances:
             await inst.close()
+
 
     def _cleanup_limit(self) -> float:
         """Seconds a clean-up may take: a few broadcasts, each bounded by the slowest
@@ -291,50 +224,108 @@ class AsyncDLM:
         if self._closed:
             raise DLMError("this AsyncDLM client is closed")
         await self._ensure_started()
-        t = check_timeout(timeout)
-        for what, fn in (("on_granted", on_granted), ("on_blocking", on_blocking),
-                         ("on_lost", on_lost)):
-            check_callback(what, fn)
-        if parent is not None and not isinstance(parent, AsyncLock):
-            raise InvalidType("parent must be an AsyncLock")
-        lk = self._core.new_lock(resource, mode, parent=parent._core if parent else None,
-                                 noqueue=noqueue, expedite=expedite,
-                                 no_deadlock_wait=no_deadlock_wait, lease_ms=lease_ms,
-                                 priority=priority)
-        if t is not None:
-            lk.deadline = time.monotonic() + t
-        if lk.lease_ms < self._core.lease_ms:
-            self._renew_soon.set()  # the renewer shortens its tick
-        lock = AsyncLock(self, lk, on_blocking, on_lost, value_block)
-        lk.user = lock
-        self._changed[lk.id] = asyncio.Event()
-        cmds = [(i, self._core.request_cmd(lk)) for i in range(self._core.n)]
-        lk.pending = set(range(self._core.n))
-        sent = time.monotonic()
-        for v in lk.votes:
-            v.sent_at = sent
-        try:  # R4: on a quorum of replies; a stalled instance's comes to _late_reply
-            results = await self._broadcast(cmds, enough=self._core.quorum,
-                                            late=functools.partial(self._late_reply, lk, sent))
-            for i, res in results.items():
-                self._core.on_reply(lk, i, res, sent, time.monotonic())
-        except asyncio.CancelledError:
-            # Some instances may have queued or granted it: withdraw it there (a release
-            # sent after the request, so the instance runs it after the request)
-            self._forget(lk)
-            lk.phase = Phase.FAILED
-            await self._clean_up(self._broadcast(
-                [(i, self._core.release_cmd(lk, i=i)) for i in range(self._core.n)]))
-            raise
-        except BaseException:
-            self._forget(lk)
-            raise
-        fut: asyncio.Future[AsyncLock] = asyncio.get_running_loop().create_future()
-        req = AsyncRequest(self, lock, fut, on_granted)
-        lk.request = req
-        task = asyncio.create_task(self._acquire(lk, req))
-        req._task = task
+        lk, req = self._new_request(
+            resource, mode, timeout=timeout, noqueue=noqueue, expedite=expedite,
+            no_deadlock_wait=no_deadlock_wait, value_block=value_block, on_granted=on_granted,
+            on_blocking=on_blocking, on_lost=on_lost, lease_ms=lease_ms, parent=parent,
+            priority=priority)
+        await self._run(self._request(lk, req))
         return req
+
+    # ----------------------------------------------------------------- the flow driver
+
+    async def _run(self, flow: Flow) -> Any:
+        """Run `flow` to its end in this task; its result."""
+        return await self._resume(flow)
+
+    async def _resume(self, flow: Flow, op: Any = None) -> Any:
+        """Drive `flow` from operation `op` (None: from its start): perform each operation
+        it yields and send back the result; a cancellation is thrown into the flow."""
+        if op is None:
+            try:
+                op = flow.send(None)
+            except StopIteration as stop:
+                return stop.value
+        while True:
+            try:
+                value, error = await self._perform(op), None
+            except BaseException as exc:  # noqa: BLE001 - the flow decides (re-raises)
+                value, error = None, exc
+            try:
+                op = flow.send(value) if error is None else flow.throw(error)
+            except StopIteration as stop:
+                return stop.value
+
+    async def _perform(self, op: Any) -> Any:
+        if isinstance(op, Broadcast):
+            late = op.late
+            return await self._broadcast(op.cmds, enough=op.enough, late=None if late is None
+                                         else lambda i, res: self._run(late(i, res)))
+        if isinstance(op, Wait):
+            return await self._wait(op.lk, op.until)
+        if isinstance(op, Pipeline):
+            return await self._pipeline(op.i, op.calls)
+        if isinstance(op, Spawn):
+            self._start(op.flow)
+            return None
+        if isinstance(op, Shielded):
+            await self._clean_up(self._run(op.flow))
+            return None
+        raise TypeError(f"not an operation: {op!r}")
+
+    async def _wait(self, lk: LockCore, until: float | None) -> bool:
+        ev = lk.waker
+        if ev is None:
+            ev = lk.waker = asyncio.Event()
+        if not ev.is_set():
+            timeout = None if until is None else until - self._now()
+            if timeout is not None and timeout <= 0:
+                return False
+            try:
+                await asyncio.wait_for(ev.wait(), timeout)
+            except asyncio.TimeoutError:
+                return False
+        ev.clear()
+        return True
+
+    def _notify(self, lk: LockCore) -> None:
+        if lk.waker is not None:
+            lk.waker.set()
+
+    def _start(self, flow: Flow) -> None:
+        """Run `flow` here up to its first operation, then as a task."""
+        try:
+            op = flow.send(None)
+        except StopIteration:
+            return
+        self._spawn(self._resume(flow, op))
+
+    def _wake_renewer(self) -> None:
+        self._renew_soon.set()
+
+    def _callback(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run a user callback on the loop, soon (after the step that caused it); a
+        coroutine it returns runs as a task. What it raises is logged (with its
+        traceback) and changes nothing else."""
+        asyncio.get_running_loop().call_soon(self._run_callback, fn, args)
+
+    def _run_callback(self, fn: Callable[..., Any], args: tuple) -> None:
+        try:
+            res = fn(*args)
+            if asyncio.iscoroutine(res):
+                self._spawn(_logged(fn, res))
+        except Exception:  # noqa: BLE001 - a user callback must not kill the client
+            log.exception("callback %r raised", fn)
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._spawned_done)
+
+    def _spawned_done(self, task: asyncio.Task[Any]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background step failed: %s", describe(task.exception()))
 
     # ----------------------------------------------------------------- I/O
 
@@ -500,104 +491,14 @@ class AsyncDLM:
                 raws.append(exc)
         return raws
 
-    async def _send_and_feed(self, lk: LockCore, cmds: list[tuple[int, Call]],
-                             cticket: int | None = None) -> None:
-        """Send commands about `lk` and record the replies: of a quorum of them, when more
-        are sent (R4); the others as they come (`_late_reply`, or `_late_convert` for the
-        conversion of ticket `cticket`)."""
-        if not cmds:
-            return
-        sent = time.monotonic()
-        late = (functools.partial(self._late_reply, lk, sent) if cticket is None
-                else functools.partial(self._late_convert, lk, sent, cticket))
-        results = await self._broadcast(cmds, enough=min(len(cmds), self._core.quorum),
-                                        late=late)
-        for i, res in results.items():
-            try:
-                self._core.on_reply(lk, i, res, sent, time.monotonic())
-            except DLMError as exc:
-                log.warning("unexpected error from %s: %s", self._instances[i].url, exc)
-        self._notify(lk)
-
-    async def _late_reply(self, lk: LockCore, sent: float, i: int, res: Any) -> None:
-        """A reply about `lk` that came after its call returned (R4): record it, wake the
-        waiter, and release the request there if it failed meanwhile."""
-        cmds = self._core.on_late_reply(lk, i, res, sent, time.monotonic())
-        self._notify(lk)
-        if cmds:
-            await self._broadcast(cmds)
-
-    async def _late_convert(self, lk: LockCore, sent: float, cticket: int, i: int,
-                            res: Any) -> None:
-        cmds = self._core.on_late_convert(lk, i, res, sent, cticket, time.monotonic())
-        self._notify(lk)
-        if cmds:
-            await self._broadcast(cmds)
-
-    def _notify(self, lk: LockCore) -> None:
-        ev = self._changed.get(lk.id)
-        if ev is not None:
-            ev.set()
-
-    def _spawn(self, coro: Awaitable[Any]) -> None:
-        task = asyncio.ensure_future(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    def _forget(self, lk: LockCore) -> None:
-        self._core.forget(lk)
-        self._changed.pop(lk.id, None)
-
-    async def _wait_change(self, lk: LockCore, until: float | None) -> bool:
-        ev = self._changed.get(lk.id)
-        if ev is None:
-            return False
-        timeout = None if until is None else max(0.0, until - time.monotonic())
-        try:
-            await asyncio.wait_for(ev.wait(), timeout)
-            ev.clear()
-            return True
-        except asyncio.TimeoutError:
-            return False
-
-    # ----------------------------------------------------------------- acquisition
-
-    async def _acquire(self, lk: LockCore, req: AsyncRequest) -> None:
-        try:
-            while True:
-                out = self._core.evaluate_acquire(lk, time.monotonic())
-                if out.done:
-                    req._finish(None)
-                    return
-                if out.error is not None:
-                    self._forget(lk)
-                    try:  # (R4: a stalled instance gets it when it wakes, or by lease)
-                        await self._broadcast(out.cleanup, enough=self._core.quorum)
-                    finally:
-                        req._finish(out.error)
-                    return
-                if out.actions:
-                    await self._send_and_feed(lk, out.actions)
-                    continue
-                if not await self._wait_change(lk, out.wake_at):
-                    now = time.monotonic()
-                    if lk.deadline is not None and now >= lk.deadline:
-                        continue
-                    await self._send_and_feed(lk, self._core.recheck_cmds(lk, now))
-        except asyncio.CancelledError:
-            if not req.done:
-                req._finish(LockTimeout("cancelled", resource=lock_name(lk), lock_id=lk.id))
-            raise
-
     # ----------------------------------------------------------------- background
 
     async def _events(self, i: int) -> None:
         inst = self._instances[i]
         warned = False
         while not self._closed:
-            if self._core.run_ids[i] is None and i not in self._core.refused:
-                for err in await self._first_contact([i]):  # an instance reached at last
-                    log.error("instance refused, its votes never count: %s", err)
+            for err in await self._run(self._first_contact([i])):  # reached at last
+                log.error("instance refused, its votes never count: %s", err)
             if i in self._core.refused:
                 return  # its votes never count: no events either
             ps = inst.client.pubsub(ignore_subscribe_messages=True)
@@ -625,202 +526,19 @@ class AsyncDLM:
                     await ps.aclose()
                 await asyncio.sleep(0.5)
 
-    def _on_event(self, i: int, ev: codec.Event) -> None:
-        notes = self._core.on_event(i, ev, time.monotonic())
-        lk = self._core.locks.get(ev.lock_id)
-        for kind, lock, arg in notes:
-            if kind == "blocking":
-                user: AsyncLock = lock.user
-                if user._on_blocking is not None:
-                    self._run_callback(user._on_blocking, arg)
-            elif kind == "yield":
-                self._spawn(self._send_and_feed(lock, [(arg, self._core.yield_cmd_for(lock,
-                                                                                       arg))]))
-        if lk is not None:
-            self._notify(lk)
-            if lk.phase is Phase.HELD and ev.kind == "C":
-                self._check_lost()
-
-    def _run_callback(self, fn: Callable[..., Any], *args: Any) -> None:
-        """Run a user callback on the loop, now; a coroutine it returns runs as a task.
-        What it raises is logged (with its traceback) and changes nothing else."""
-        try:
-            res = fn(*args)
-            if asyncio.iscoroutine(res):
-                self._spawn(_logged(fn, res))
-        except Exception:  # noqa: BLE001 - a user callback must not kill the client
-            log.exception("callback %r raised", fn)
-
     async def _renewer(self) -> None:
-        """Every renewal interval (a third of the shortest lease in use), renew each
-        instance in its own task, so one stalled instance delays nobody else's leases;
-        ticks are counted from their start, not from the end of the previous one."""
-        next_tick = time.monotonic()
+        """Tick at `Session.renew_at` (woken earlier when a lock with a shorter lease
+        appears); each tick renews every instance in its own flow (`_renew_tick`), so one
+        stalled instance delays nobody else's leases."""
         while not self._closed:
-            next_tick += self._core.renew_interval()
-            while True:
-                left = next_tick - time.monotonic()
-                if left <= 0:
-                    break
+            if not self._renewal_due():
                 self._renew_soon.clear()
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._renew_soon.wait(), left)
-                next_tick = min(next_tick, time.monotonic() + self._core.renew_interval())
-            idle = [i for i in range(self._core.n) if i not in self._renewing]
-            now = time.monotonic()
-            batches = self._core.renew_cmds(now, idle)
-            for i in sorted({b[0] for b in batches}  # (and rejoins owed: R2)
-                            | {i for i in idle if self._core.repairs_due(i, now)}):
-                self._renewing.add(i)
-                self._spawn(self._renew_instance(i, [b for b in batches if b[0] == i]))
-            self._check_lost()  # also when every instance stalls and no reply comes
-
-    async def _renew_instance(self, i: int,
-                              batches: list[tuple[int, Call, list[LockCore]]]) -> None:
-        repairs: list[tuple[LockCore, Call]] = []
-        try:
-            if batches:  # (none when the instance only owes a rejoin, R2)
-                sent = time.monotonic()
-                results = await self._pipeline(i, [cmd for _, cmd, _ in batches])
-                now = time.monotonic()
-                for (_, _, lks), res in zip(batches, results):
-                    for note in self._core.on_renew_reply(i, lks, res, sent, now):
-                        log.warning("%s", note)  # as it happens: one line each
-            repairs = self._core.repair_cmds(i, time.monotonic())
-            if repairs:  # R1, R2: only where a renewal found something to repair
-                sent = time.monotonic()
-                results = await self._pipeline(i, [cmd for _, cmd in repairs])
-                now = time.monotonic()
-                for (lk, _), res in zip(repairs, results):
-                    self._core.on_repair_reply(lk, i, res, sent, now)
-                repairs = []
-            for lk in list(self._core.locks.values()):
-                self._notify(lk)
-            self._check_lost()
-        finally:
-            self._renewing.discard(i)
-            for lk, _ in repairs:  # not sent (cancelled): not in flight
-                lk.repairing.discard(i)
-                self._notify(lk)
-
-    def _check_lost(self) -> None:
-        for lk in self._core.check_held(time.monotonic()):
-            user: AsyncLock = lk.user
-            log.warning("lock %s on %s lost: %s", lk.id, user.resource, lk.lost_reason)
-            if user._on_lost is not None:
-                self._run_callback(user._on_lost, user)
-
-    # ----------------------------------------------------------------- release / convert
-
-    async def _after_repairs(self, lk: LockCore) -> None:
-        """Wait until no repair of `lk` is in flight (R1, R2; `_renew_instance` notifies
-        when its repairs are done or dropped): woken by that notification, not a poll."""
-        if not lk.repairing:
-            return
-        own = lk.id not in self._changed  # a held lock has no change event of its own
-        if own:
-            self._changed[lk.id] = asyncio.Event()
-        try:
-            while lk.repairing:
-                await self._wait_change(lk, time.monotonic() + 0.5)
-        finally:
-            if own:
-                self._changed.pop(lk.id, None)
-
-    async def _release(self, lk: LockCore, subtree: bool = False) -> None:
-        await self._after_repairs(lk)  # R1, R2: the repair lands first, not after this
-        if lk.phase is Phase.RELEASED:
-            return
-        if not subtree and any(c.phase is not Phase.RELEASED for c in lk.children):
-            raise HasChildren("release the child locks first, or ask subtree=True",
-                              lock_id=lk.id)
-        cmds = [(i, self._core.release_cmd(lk, subtree=subtree, i=i))
-                    for i in range(self._core.n)]
-        before = lk.phase
-        lk.phase = Phase.RELEASED  # renewals in flight must not report it lost
-        # R4: done once a quorum released it (a stalled instance: when it wakes, or by lease)
-        results = await self._broadcast(cmds, enough=self._core.quorum)
-        errors = [r for r in results.values()
-                  if isinstance(r, DLMError) and not isinstance(r, QuorumUnavailable)]
-        if errors and len(errors) == len(results):
-            lk.phase = before
-            raise errors[0]  # refused everywhere (e.g. HasChildren): nothing changed
-        for r in errors:
-            log.warning("release of %s: %s", lk.id, r)
-        for d in [lk, *descendants(lk)]:
-            d.phase = Phase.RELEASED
-            self._forget(d)
-
-    async def _convert(self, lk: LockCore, mode: object, timeout: float | None,
-                       **flags: Any) -> None:
-        t = check_timeout(timeout)
-        await self._after_repairs(lk)  # R1, R2: the repair lands first, not after this
-        old = lk.mode
-        m, fl, down = self._core.start_convert(lk, mode, **flags)
-        lk.deadline = None if t is None else time.monotonic() + t
-        value, version = self._core.convert_value(lk, down)
-        cmds = [(i, self._core.convert_cmd(lk, m, fl, value, version, i))
-                for i in range(self._core.n)]
-        lk.pending = set(range(self._core.n))
-        cticket = lk.cticket
-        try:
-            await self._converting(lk, old, cmds, cticket)
-        except asyncio.CancelledError:
-            await self._clean_up(self._abandon_convert(lk, old, down, cmds))
-            raise
-
-    async def _abandon_convert(self, lk: LockCore, old: Mode, down: bool,
-                               sent: list[tuple[int, Call]]) -> None:
-        """The caller gave up on the conversion (cancelled): complete a down-conversion,
-        withdraw any other so that the lock holds its old mode on every instance
-        (`Session.abandon_convert_cmds`)."""
-        cmds = self._core.abandon_convert_cmds(lk, old, down, sent)
-        if down:
-            await self._send_and_feed(lk, cmds, lk.cticket)
-            now = time.monotonic()
-            if self._core.evaluate_convert(lk, old, now).done:
-                return
-            out = self._core.evaluate_convert(lk, old, now, timed_out=True)
-            results = await self._broadcast(out.cleanup)
-            self._core.rollback_convert(lk, old, results)
-            return
-        while cmds:
-            sent_at = time.monotonic()
-            results = await self._broadcast(cmds)
-            for i, res in results.items():
-                self._core.on_abandon_reply(lk, i, res, sent_at, time.monotonic())
-            cmds = self._core.abandon_convert_cmds(lk, old, down, sent, first=False)
-        self._core.end_abandon(lk, old)
-        self._notify(lk)
-
-    async def _converting(self, lk: LockCore, old: Mode, cmds: list[tuple[int, Call]],
-                          cticket: int) -> None:
-        """Send the conversion (of ticket `cticket`) and wait for its outcome; on failure
-        put the old mode back and raise."""
-        await self._send_and_feed(lk, cmds, cticket)
-        while True:
-            now = time.monotonic()
-            out = self._core.evaluate_convert(lk, old, now)
-            if out.done:
-                return
-            if out.error is not None:
-                break
-            if out.actions:
-                await self._send_and_feed(lk, out.actions, cticket)
+                    await asyncio.wait_for(self._renew_soon.wait(),
+                                           self._core.renew_at - self._now())
                 continue
-            until = out.wake_at
-            if lk.deadline is not None:
-                until = lk.deadline if until is None else min(until, lk.deadline)
-            if not await self._wait_change(lk, until):
-                now = time.monotonic()
-                out = self._core.evaluate_convert(
-                    lk, old, now, timed_out=lk.deadline is not None and now >= lk.deadline)
-                if out.error is not None:
-                    break
-                await self._send_and_feed(lk, self._core.recheck_cmds(lk, now), cticket)
-        results = await self._broadcast(out.cleanup)
-        self._core.rollback_convert(lk, old, results)
-        raise out.error
+            self._renew_tick()
+            self._check_lost()  # also when every instance stalls and no reply comes
 
 
 def _log_failure(task: asyncio.Task[Any]) -> None:
@@ -836,24 +554,17 @@ async def _logged(fn: Callable[..., Any], coro: Awaitable[Any]) -> None:
         log.exception("callback %r raised", fn)
 
 
-class AsyncRequest:
+class AsyncRequest(RequestBase):
     """An asynchronous lock request: `await req` or `await req.wait(timeout)`."""
 
-    def __init__(self, dlm: AsyncDLM, lock: AsyncLock, fut: asyncio.Future[AsyncLock],
+    def __init__(self, dlm: AsyncDLM, lock: AsyncLock,
                  on_granted: Callable[[AsyncLock], Any] | None) -> None:
-        self._dlm = dlm
-        self.lock = lock
-        self._fut = fut
-        self._on_granted = on_granted
-        self._task: asyncio.Task[Any] | None = None
+        super().__init__(dlm, lock, on_granted)
+        self._fut: asyncio.Future[AsyncLock] = asyncio.get_running_loop().create_future()
 
-    def _finish(self, error: DLMError | None) -> None:
-        if self._fut.done():
-            return
+    def _set_done(self, error: DLMError | None) -> None:
         if error is None:
             self._fut.set_result(self.lock)
-            if self._on_granted is not None:
-                self._dlm._run_callback(self._on_granted, self.lock)
         else:
             self._fut.set_exception(error)
             self._fut.exception()  # retrieved here: nobody may await a closed client's request
@@ -868,32 +579,25 @@ class AsyncRequest:
         timeout. Cancelled from outside (`Task.cancel`, `asyncio.wait_for`, ...), the
         request is withdrawn as by `cancel()` (released if it was granted meanwhile)
         before the CancelledError propagates: it is the caller's wait that owns it."""
+        if self._fut.done():
+            return self._fut.result()
         try:
             return await asyncio.wait_for(asyncio.shield(self._fut), timeout)
         except asyncio.TimeoutError:
             raise LockTimeout("still waiting", resource=self.lock.resource,
                               lock_id=self.lock.id) from None
         except asyncio.CancelledError:
-            await self._dlm._clean_up(self._withdraw())
+            await self._dlm._clean_up(self._dlm._run(self._dlm._withdraw(self)))
             raise
 
     def __await__(self):  # type: ignore[no-untyped-def]
         return self.wait().__await__()
 
     async def cancel(self) -> None:
-        """Withdraw the request everywhere (or release the lock if it was granted). Runs to
-        its end even if the caller is cancelled meanwhile (then re-raises)."""
-        await self._dlm._complete(self._withdraw())
-
-    async def _withdraw(self) -> None:
-        lk = self.lock._core
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-            await asyncio.wait([self._task])  # its own CancelledError stays in it
-        self._finish(LockTimeout("cancelled", resource=self.lock.resource, lock_id=lk.id))
-        if lk.phase is not Phase.RELEASED:
-            await self._dlm._release(lk)
-
+        """Withdraw the request everywhere (or release the lock if it was granted); it
+        completes with LockTimeout("cancelled") if it had not. Runs to its end even if the
+        caller is cancelled meanwhile (then re-raises)."""
+        await self._dlm._complete(self._dlm._run(self._dlm._withdraw(self)))
 
 class AsyncLock(LockBase):
     """A lock held on a quorum of instances, asyncio flavour (see `LockBase`)."""
@@ -915,15 +619,16 @@ class AsyncLock(LockBase):
         down-conversion, which never waits (G4) and may already have let other locks in
         beside its new mode, is completed. Either way the CancelledError propagates once
         every instance agrees (bounded by the socket timeouts); `mode` tells which."""
-        await self._dlm._convert(self._core, mode, timeout, noqueue=noqueue, quecvt=quecvt,
-                                 convdeadlk=convdeadlk, no_deadlock_wait=no_deadlock_wait,
-                                 priority=priority)
+        await self._dlm._run(self._dlm._convert(
+            self._core, mode, timeout, noqueue=noqueue, quecvt=quecvt, convdeadlk=convdeadlk,
+            no_deadlock_wait=no_deadlock_wait, priority=priority))
 
     async def release(self, *, subtree: bool = False) -> None:
         """Release on every instance (writing the value block if set by a PW/EX holder).
         Cancelled meanwhile, the release still completes before the CancelledError
         propagates (bounded by the socket timeouts)."""
-        await self._dlm._complete(self._dlm._release(self._core, subtree=subtree))
+        await self._dlm._complete(self._dlm._run(self._dlm._release(self._core,
+                                                                    subtree=subtree)))
 
     async def __aenter__(self) -> AsyncLock:
         return self
@@ -932,3 +637,7 @@ class AsyncLock(LockBase):
         lost = self._lost_before_exit()
         await self.release(subtree=True)
         self._raise_lost(lost, exc_type)
+
+
+AsyncDLM._lock_class = AsyncLock
+AsyncDLM._request_class = AsyncRequest

@@ -1,16 +1,17 @@
 """The synchronous client: `DLM`, `Lock` and `Request`.
 
-All decisions are made by `redlockdlm.protocol.Session`; this module only moves bytes:
-it writes one command to every instance before reading any reply (one round trip for
-all), runs a background thread that reads the pub/sub events of every instance, renews
-leases and re-checks waiters, and a second thread that runs user callbacks, so a slow
-callback never delays a renewal.
+Every step (an acquisition, its wait, a conversion, a release, a renewal) is a flow of
+`redlockdlm.flows`, shared with the asyncio client; this module only performs the
+operations the flows yield, with blocking sockets: one command written to every instance
+before any reply is read (one round trip for all), a background thread that reads the
+pub/sub events of every instance and starts the renewal ticks, a thread per flow that
+waits in the background (a queued request, a renewal), and a thread that runs user
+callbacks, so a slow callback never delays a renewal.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 import select
@@ -25,27 +26,12 @@ from redis.exceptions import InvalidResponse, ResponseError
 
 from .connection import Instance, open_session
 from .engine import codec
-from .engine.instance import call_script
-from .engine.keys import EPOCH_KEY
 from .engine.modes import Mode
 from .engine.scripts import packed_command
-from .errors import (
-    ConfigurationError,
-    DLMError,
-    InvalidType,
-    QuorumUnavailable,
-)
-from .handle import LockBase
-from .protocol import (
-    Call,
-    LockCore,
-    Outcome,
-    Phase,
-    check_callback,
-    check_timeout,
-    descendants,
-    describe,
-)
+from .errors import DLMError, LockTimeout
+from .flows import Broadcast, Flow, Flows, Pipeline, Shielded, Spawn, Wait
+from .handle import LockBase, RequestBase
+from .protocol import Call, LockCore, describe
 from .wire import Round, settle
 
 log = logging.getLogger("redlockdlm")
@@ -54,13 +40,7 @@ log = logging.getLogger("redlockdlm")
 _NET_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError, InvalidResponse)
 
 
-def hello(client: Any) -> Any:
-    """First contact with one instance (`init hello`): its epoch, stored rejoin wait, server
-    run_id and maxmemory-policy. Raises what the call raised (unreachable, refused...)."""
-    return codec.parse_status(call_script(client, "init", [EPOCH_KEY], [b"hello"]))
-
-
-class DLM:
+class DLM(Flows):
     """A distributed lock manager client over N independent Redis instances.
 
     Locks are held on a majority quorum with leases renewed in the background. One `DLM`
@@ -87,20 +67,20 @@ class DLM:
             Instance, urls, namespace, lease_ms=lease_ms, socket_timeout=socket_timeout,
             connect_timeout=connect_timeout, rejoin_ms=rejoin_ms, vbmax=vbmax, owner=owner,
             redis_options=redis_options, allow_eviction=allow_eviction)
-        self._mu = threading.RLock()
-        errors = self._first_contact(range(len(self._instances)))
+        #: the state lock: held while a flow runs, released during its operations
+        self._mu = threading.Lock()
+        self._timeout = max(socket_timeout, connect_timeout)
+        errors = self._run(self._first_contact(range(len(self._instances))))
         if errors:
             for inst in self._instances:
                 inst.close()
                 inst.pool.disconnect()
             raise errors[0]
-        self._cond = threading.Condition(self._mu)
         self._closed = False
-        self._timeout = max(socket_timeout, connect_timeout)
         self._callbacks: list[tuple[Callable[..., Any], tuple]] = []
         self._cb_cond = threading.Condition()
-        self._next_renew = time.monotonic() + self._core.lease_ms / 3000.0
-        self._renewing: set[int] = set()  # instances whose renewal is in flight
+        self._core.renew_at = self._now() + self._core.renew_interval()
+        self._renewing: set[int] = set()
         self._sel = selectors.DefaultSelector()
         self._wake_r, self._wake_w = _socketpair()
         self._sel.register(self._wake_r, selectors.EVENT_READ, None)
@@ -154,6 +134,7 @@ class DLM:
                            lease_ms=lease_ms, parent=parent, priority=priority)
         return req.wait()
 
+
     def enqueue(self, resource: str | bytes, mode: object = Mode.EX, *,
                 timeout: float | None = None, noqueue: bool = False, expedite: bool = False,
                 no_deadlock_wait: bool = False, value_block: bool = True,
@@ -167,57 +148,20 @@ class DLM:
         `priority`: as for `lock`. Interrupted while the request is on its way, it is
         withdrawn from every instance before the exception propagates."""
         self._check_open()
-        t = check_timeout(timeout)
-        for what, fn in (("on_granted", on_granted), ("on_blocking", on_blocking),
-                         ("on_lost", on_lost)):
-            check_callback(what, fn)
-        if parent is not None and not isinstance(parent, Lock):
-            raise InvalidType("parent must be a Lock")
         with self._mu:
-            lk = self._core.new_lock(resource, mode, parent=parent._core if parent else None,
-                                     noqueue=noqueue, expedite=expedite,
-                                     no_deadlock_wait=no_deadlock_wait, lease_ms=lease_ms,
-                                     priority=priority)
-            if t is not None:
-                lk.deadline = time.monotonic() + t
-            if lk.lease_ms < self._core.lease_ms:  # a shorter lease needs earlier ticks
-                self._next_renew = min(self._next_renew,
-                                       time.monotonic() + lk.lease_ms / 3000.0)
-                self._poke()
-            lock = Lock(self, lk, on_blocking, on_lost, value_block)
-            lk.user = lock
-            req = Request(self, lock, on_granted)
-            lk.request = req
-            cmds = [(i, self._core.request_cmd(lk)) for i in range(self._core.n)]
-            lk.pending = set(range(self._core.n))
-            sent = time.monotonic()
-            for v in lk.votes:
-                v.sent_at = sent
-        try:  # R4: on a quorum of replies; a stalled instance's comes to _late_reply
-            results = self._broadcast(cmds, enough=self._core.quorum,
-                                      late=functools.partial(self._late_reply, lk, sent))
-        except BaseException:  # interrupted: some instances may have queued or granted it
-            with self._mu:
-                self._core.forget(lk)
-                lk.phase = Phase.FAILED
-            self._finish_off(self._broadcast, [(i, self._core.release_cmd(lk, i=i))
-                                               for i in range(self._core.n)])
-            raise
-        with self._mu:
-            try:
-                for i, res in results.items():
-                    self._core.on_reply(lk, i, res, sent, time.monotonic())
-            except DLMError as exc:
-                self._core.forget(lk)
-                req._finish(exc)
-                raise
-            self._advance(lk)
+            lk, req = self._new_request(
+                resource, mode, timeout=timeout, noqueue=noqueue, expedite=expedite,
+                no_deadlock_wait=no_deadlock_wait, value_block=value_block,
+                on_granted=on_granted, on_blocking=on_blocking, on_lost=on_lost,
+                lease_ms=lease_ms, parent=parent, priority=priority)
+            self._resume(self._request(lk, req))
         return req
 
     def close(self) -> None:
-        """Release every lock this client holds or waits for, then close connections.
-        Interrupted meanwhile (KeyboardInterrupt), it still finishes, on its own thread,
-        before the exception propagates (bounded by the socket timeouts per lock)."""
+        """Release every lock this client holds or waits for (a request still waiting
+        fails with DLMError "closed"), then close connections. Interrupted meanwhile
+        (KeyboardInterrupt), it still finishes, on its own thread, before the exception
+        propagates (bounded by the socket timeouts per lock)."""
         if self._closed:
             return
         t = threading.Thread(target=self._close, name="redlockdlm-close", daemon=True)
@@ -231,18 +175,7 @@ class DLM:
     def _close(self) -> None:
         if self._closed:
             return
-        with self._mu:
-            roots = [lk for lk in self._core.locks.values() if lk.parent is None]
-            pending = [lk.request for lk in self._core.locks.values()
-                       if lk.request is not None]
-        for lk in roots:
-            try:
-                self._release(lk, subtree=True)
-            except DLMError as exc:
-                log.warning("close: release of %s failed: %s", lk.id, exc)
-        for req in pending:  # a request still waiting must not wait forever (no-op if done)
-            req._finish(DLMError("this DLM client was closed", resource=req.lock.resource,
-                                 lock_id=req.lock.id))
+        self._run(self._close_flow(DLMError("this DLM client was closed")))
         self._closed = True
         self._poke()
         self._thread.join(timeout=5)
@@ -266,6 +199,86 @@ class DLM:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # ----------------------------------------------------------------- the flow driver
+
+    def _run(self, flow: Flow) -> Any:
+        """Run `flow` to its end on this thread (the state lock taken here); its result."""
+        with self._mu:
+            return self._resume(flow)
+
+    def _resume(self, flow: Flow, op: Any = None) -> Any:
+        """Drive `flow` (state lock held) from operation `op` (None: from its start):
+        perform each operation it yields and send back the result; an interruption
+        (KeyboardInterrupt, what a signal handler raises) is thrown into the flow."""
+        if op is None:
+            try:
+                op = flow.send(None)
+            except StopIteration as stop:
+                return stop.value
+        while True:
+            try:
+                value, error = self._perform(op), None
+            except BaseException as exc:  # noqa: BLE001 - the flow decides (re-raises)
+                value, error = None, exc
+            try:
+                op = flow.send(value) if error is None else flow.throw(error)
+            except StopIteration as stop:
+                return stop.value
+
+    def _perform(self, op: Any) -> Any:
+        """One operation of a flow, state lock held (released while it does I/O)."""
+        if isinstance(op, Wait):
+            return self._wait(op.lk, op.until)
+        if isinstance(op, Spawn):
+            self._start(op.flow)
+            return None
+        self._mu.release()
+        try:
+            if isinstance(op, Broadcast):
+                late = op.late
+                return self._broadcast(op.cmds, enough=op.enough, late=None if late is None
+                                       else lambda i, res: self._run(late(i, res)))
+            if isinstance(op, Pipeline):
+                return self._pipeline(op.i, op.calls)
+            if isinstance(op, Shielded):
+                self._finish_off(self._run, op.flow)
+                return None
+            raise TypeError(f"not an operation: {op!r}")
+        finally:
+            self._mu.acquire()
+
+    def _wait(self, lk: LockCore, until: float | None) -> bool:
+        cond = lk.waker
+        if cond is None:
+            cond = lk.waker = threading.Condition(self._mu)
+        timeout = None if until is None else until - self._now()
+        if timeout is not None and timeout <= 0:
+            return False
+        return cond.wait(timeout)
+
+    def _notify(self, lk: LockCore) -> None:
+        if lk.waker is not None:
+            lk.waker.notify_all()
+
+    def _start(self, flow: Flow) -> None:
+        """Run `flow` here up to its first operation, then on a thread of its own."""
+        try:
+            op = flow.send(None)
+        except StopIteration:
+            return
+
+        def rest() -> None:
+            try:
+                with self._mu:
+                    self._resume(flow, op)
+            except Exception:  # noqa: BLE001 - a background flow has nobody to raise to
+                log.exception("background step failed")
+
+        threading.Thread(target=rest, daemon=True, name="redlockdlm-io").start()
+
+    def _wake_renewer(self) -> None:
+        self._poke()
 
     # ----------------------------------------------------------------- internals: I/O
 
@@ -450,116 +463,10 @@ class DLM:
                 raws.append(exc)
         return raws
 
-    def _send_and_feed(self, lk: LockCore, cmds: list[tuple[int, tuple]],
-                       cticket: int | None = None) -> None:
-        """Send commands about `lk` (outside the core lock) and record the replies: of a
-        quorum of them, when more are sent (R4); the others as they come (`_late_reply`,
-        or `_late_convert` for the conversion of ticket `cticket`)."""
-        if not cmds:
-            return
-        sent = time.monotonic()
-        late = (functools.partial(self._late_reply, lk, sent) if cticket is None
-                else functools.partial(self._late_convert, lk, sent, cticket))
-        results = self._broadcast(cmds, enough=min(len(cmds), self._core.quorum), late=late)
-        with self._mu:
-            for i, res in results.items():
-                try:
-                    self._core.on_reply(lk, i, res, sent, time.monotonic())
-                except DLMError as exc:
-                    log.warning("unexpected error from %s: %s", self._instances[i].url, exc)
-            self._cond.notify_all()
-
-    def _late_reply(self, lk: LockCore, sent: float, i: int, res: Any) -> None:
-        """A reply about `lk` that came after its call returned (R4, on the reading
-        thread): record it, re-evaluate, and release the request there if it failed."""
-        with self._mu:
-            cmds = self._core.on_late_reply(lk, i, res, sent, time.monotonic())
-            if lk.phase is Phase.ACQUIRING and self._core.locks.get(lk.id) is lk:
-                self._advance(lk)
-            self._cond.notify_all()
-        if cmds:
-            self._broadcast(cmds)
-
-    def _late_convert(self, lk: LockCore, sent: float, cticket: int, i: int,
-                      res: Any) -> None:
-        with self._mu:
-            cmds = self._core.on_late_convert(lk, i, res, sent, cticket, time.monotonic())
-            self._cond.notify_all()
-        if cmds:
-            self._broadcast(cmds)
-
-    # ----------------------------------------------------------------- acquisition loop
-
-    def _advance(self, lk: LockCore) -> Outcome:
-        """Evaluate `lk` (core lock held) and act: complete, fail, or schedule."""
-        out = self._core.evaluate_acquire(lk, time.monotonic())
-        req: Request = lk.request
-        if out.done:
-            req._finish(None)
-        elif out.error is not None:
-            self._core.forget(lk)
-            # The caller learns of the failure only once the clean-up has reached every
-            # instance: a LockTimeout or NotQueued leaves nothing behind (not "soon").
-            self._spawn(self._cleanup_then_finish, req, out.error, out.cleanup)
-        else:
-            if out.actions:
-                self._spawn(self._send_and_feed_advance, lk, out.actions)
-            lk.wake_at = out.wake_at
-            if out.wake_at is not None:
-                self._poke()
-        self._cond.notify_all()
-        return out
-
-    def _cleanup_then_finish(self, req: Request, error: DLMError,
-                             cleanup: list[tuple[int, tuple]]) -> None:
-        with self._mu:  # a re-check in flight must not land after the clean-up
-            while req.lock._core.sends:
-                self._cond.wait(0.5)
-        try:  # (R4: a stalled instance gets it when it wakes, or the lease ends it there)
-            self._broadcast(cleanup, enough=self._core.quorum)
-        finally:
-            req._finish(error)
-
-    def _send_and_feed_advance(self, lk: LockCore, cmds: list[tuple[int, tuple]]) -> None:
-        with self._mu:
-            if lk.phase in (Phase.FAILED, Phase.RELEASED):
-                return  # withdrawn or failed meanwhile: a re-sent request would re-create it
-            lk.sends += 1
-        try:
-            self._send_and_feed(lk, cmds)
-        finally:
-            with self._mu:
-                lk.sends -= 1
-                if lk.phase is Phase.ACQUIRING:
-                    self._advance(lk)
-                self._cond.notify_all()
-
     def _spawn(self, fn: Callable[..., Any], *args: Any) -> None:
         threading.Thread(target=fn, args=args, daemon=True, name="redlockdlm-io").start()
 
     # ----------------------------------------------------------------- background thread
-
-    def _first_contact(self, which: Iterable[int]) -> list[ConfigurationError]:
-        """Identify the instances of `which` not identified yet that answer (Session.identify).
-        Returns the configuration errors found (the caller raises or logs them); an
-        instance that does not answer is left for later."""
-        hellos = {}
-        for i in which:
-            if self._core.run_ids[i] is not None or i in self._core.refused:
-                continue
-            inst = self._instances[i]
-            try:
-                hellos[i] = hello(inst.client)
-            except Exception as exc:  # noqa: BLE001 - unreachable, refused, not Redis (redis-py
-                # can fail with anything on a server that answers HELLO with nonsense)
-                log.info("instance %s: no first contact yet: %s", inst.url, describe(exc))
-        errors: list[ConfigurationError] = []
-        with self._mu:
-            for i, st in hellos.items():
-                err = self._core.identify(i, st)
-                if err is not None:
-                    errors.append(err)
-        return errors
 
     def _subscribe(self, i: int, inst: Instance) -> None:
         ps = None
@@ -604,15 +511,12 @@ class DLM:
         except OSError:
             pass
 
+
     def _loop(self) -> None:
         next_resub = 0.0
         while not self._closed:
-            now = time.monotonic()
-            with self._mu:
-                wakes = [lk.wake_at for lk in self._core.locks.values()
-                         if lk.phase is Phase.ACQUIRING]
-            deadline = min([self._next_renew, *[w for w in wakes if w is not None]])
-            timeout = max(0.0, min(deadline - now, 0.5))
+            now = self._now()
+            timeout = max(0.0, min(self._core.renew_at - now, 0.5))
             for key, _ in self._sel.select(timeout):
                 if key.data is None:
                     try:
@@ -623,22 +527,18 @@ class DLM:
                 self._drain(key.data)
             if self._closed:
                 break
-            now = time.monotonic()
+            now = self._now()
             if now >= next_resub:
                 next_resub = now + 1.0
-                for err in self._first_contact([i for i in range(self._core.n)  # reached at last
-                                                 if self._core.run_ids[i] is None]):
+                for err in self._run(self._first_contact(range(self._core.n))):
                     log.error("instance refused, its votes never count: %s", err)
                 for i, inst in enumerate(self._instances):
                     if inst.pubsub is None and i not in self._core.refused:
                         self._subscribe(i, inst)
-            if now >= self._next_renew:
-                with self._mu:
-                    self._next_renew = now + self._core.renew_interval()
-                self._renew()
             with self._mu:
+                if self._renewal_due():
+                    self._renew_tick()
                 self._check_lost()  # also when every instance stalls and no reply comes
-            self._recheck(time.monotonic())
 
     def _drain(self, i: int) -> None:
         inst = self._instances[i]
@@ -651,7 +551,9 @@ class DLM:
                 if msg is None:
                     break
                 if msg.get("type") == "message":
-                    self._on_event(i, codec.parse_event(msg["data"]))
+                    ev = codec.parse_event(msg["data"])
+                    with self._mu:
+                        self._on_event(i, ev)
             self._watch(i, inst)  # a reconnect inside get_message changed the socket
         except Exception as exc:  # noqa: BLE001 - lost, not Redis, a garbled event...
             loud = not isinstance(exc, (*_NET_ERRORS, ValueError, DLMError)) and not inst.warned
@@ -665,100 +567,6 @@ class DLM:
             inst.pubsub = None
             self._watch(i, inst)
 
-    def _on_event(self, i: int, ev: codec.Event) -> None:
-        with self._mu:
-            notes = self._core.on_event(i, ev, time.monotonic())
-            lk = self._core.locks.get(ev.lock_id)
-            yields = []
-            for kind, lock, arg in notes:
-                if kind == "blocking":
-                    user: Lock = lock.user
-                    if user._on_blocking is not None:
-                        self._callback(user._on_blocking, arg)
-                elif kind == "yield":
-                    yields.append((arg, self._core.yield_cmd_for(lock, arg)))
-            if lk is not None:
-                if lk.phase is Phase.ACQUIRING:
-                    self._advance(lk)
-                elif lk.phase is Phase.CONVERTING:
-                    self._cond.notify_all()
-                elif lk.phase is Phase.HELD and ev.kind == "C":
-                    self._check_lost()
-        if yields and lk is not None:
-            self._spawn(self._send_and_feed_advance, lk, yields)
-
-    def _renew(self) -> None:
-        """Start this tick's renewal of every instance whose previous renewal is done; each
-        instance on its own thread, so one stalled instance delays nobody else's leases."""
-        with self._mu:
-            idle = [i for i in range(self._core.n) if i not in self._renewing]
-            now = time.monotonic()
-            batches = self._core.renew_cmds(now, idle)
-            busy = sorted({i for i, _, _ in batches}  # (and rejoins owed: R2)
-                          | {i for i in idle if self._core.repairs_due(i, now)})
-            self._renewing.update(busy)
-        for i in busy:
-            self._spawn(self._renew_instance, i, [b for b in batches if b[0] == i])
-
-    def _renew_instance(self, i: int, batches: list[tuple[int, Call, list[LockCore]]]) -> None:
-        repairs: list[tuple[LockCore, Call]] = []
-        try:
-            if batches:  # (none when the instance only owes a rejoin, R2)
-                sent = time.monotonic()
-                results = self._pipeline(i, [cmd for _, cmd, _ in batches])
-                with self._mu:
-                    now = time.monotonic()
-                    for (_, _, lks), res in zip(batches, results):
-                        for note in self._core.on_renew_reply(i, lks, res, sent, now):
-                            log.warning("%s", note)  # as it happens: one line each
-            with self._mu:
-                repairs = self._core.repair_cmds(i, time.monotonic())
-            if repairs:  # R1, R2: only where a renewal found something to repair
-                sent = time.monotonic()
-                results = self._pipeline(i, [cmd for _, cmd in repairs])
-                with self._mu:
-                    now = time.monotonic()
-                    for (lk, _), res in zip(repairs, results):
-                        self._core.on_repair_reply(lk, i, res, sent, now)
-                    repairs = []
-            with self._mu:
-                for lk in list(self._core.locks.values()):
-                    if lk.phase is Phase.ACQUIRING:
-                        self._advance(lk)
-                self._check_lost()
-                self._cond.notify_all()
-        finally:
-            with self._mu:
-                self._renewing.discard(i)
-                for lk, _ in repairs:  # not sent (an unexpected error): not in flight
-                    lk.repairing.discard(i)
-                self._cond.notify_all()
-
-    def _check_lost(self) -> None:
-        for lk in self._core.check_held(time.monotonic()):
-            user: Lock = lk.user
-            log.warning("lock %s on %s lost: %s", lk.id, user.resource, lk.lost_reason)
-            if user._on_lost is not None:
-                self._callback(user._on_lost, user)
-
-    def _recheck(self, now: float) -> None:
-        todo = []
-        with self._mu:
-            for lk in list(self._core.locks.values()):
-                wake = lk.wake_at
-                if lk.phase is Phase.ACQUIRING and wake is not None and now >= wake:
-                    lk.wake_at = None
-                    if lk.deadline is not None and now >= lk.deadline:
-                        self._advance(lk)
-                        continue
-                    todo.append((lk, self._core.recheck_cmds(lk, now)))
-        for lk, cmds in todo:
-            if cmds:
-                self._spawn(self._send_and_feed_advance, lk, cmds)
-            else:
-                with self._mu:
-                    if lk.phase is Phase.ACQUIRING:
-                        self._advance(lk)
 
     # ----------------------------------------------------------------- callbacks
 
@@ -781,138 +589,6 @@ class DLM:
                 log.exception("callback %r raised", fn)  # (SystemExit too: this thread)
 
     # ----------------------------------------------------------------- release / convert
-
-    def _release(self, lk: LockCore, subtree: bool = False) -> None:
-        with self._mu:
-            while lk.repairing:  # R1, R2: the repair lands first, never after the release
-                self._cond.wait(0.5)
-            if lk.phase is Phase.RELEASED:
-                return
-            if lk.children and not subtree:
-                live = [c for c in lk.children if c.phase is not Phase.RELEASED]
-                if live:
-                    from .errors import HasChildren
-                    raise HasChildren("release the child locks first, or ask subtree=True",
-                                      lock_id=lk.id)
-            cmds = [(i, self._core.release_cmd(lk, subtree=subtree, i=i))
-                    for i in range(self._core.n)]
-            before = lk.phase
-            lk.phase = Phase.RELEASED  # renewals in flight must not report it lost
-        # R4: done once a quorum released it; a stalled instance gets it when it wakes (or
-        # the lock expires there by its lease)
-        results = self._broadcast(cmds, enough=self._core.quorum)
-        with self._mu:
-            errors = [r for r in results.values() if isinstance(r, DLMError)
-                      and not isinstance(r, QuorumUnavailable)]
-            if errors and len(errors) == len(results):
-                lk.phase = before
-                raise errors[0]  # refused everywhere (e.g. HasChildren): nothing changed
-            for r in errors:
-                log.warning("release of %s: %s", lk.id, r)
-            for d in [lk, *descendants(lk)]:
-                d.phase = Phase.RELEASED
-                self._core.forget(d)
-            failed = sum(1 for r in results.values() if isinstance(r, BaseException))
-            if failed:
-                log.info("release of %s reached %d of %d instances; the rest expire by lease",
-                         lk.id, self._core.n - failed, self._core.n)
-
-    def _convert(self, lk: LockCore, mode: object, timeout: float | None,
-                 **flags: Any) -> None:
-        t = check_timeout(timeout)
-        with self._mu:
-            while lk.repairing:  # R1, R2: a repair lands before the conversion is sent
-                self._cond.wait(0.5)
-            old = lk.mode
-            m, fl, down = self._core.start_convert(lk, mode, **flags)
-            lk.deadline = None if t is None else time.monotonic() + t
-            value, version = self._core.convert_value(lk, down)
-            cmds = [(i, self._core.convert_cmd(lk, m, fl, value, version, i))
-                    for i in range(self._core.n)]
-            lk.pending = set(range(self._core.n))
-            cticket = lk.cticket
-        try:
-            self._converting(lk, old, cmds, cticket)
-        except DLMError:
-            raise
-        except BaseException:  # interrupted (KeyboardInterrupt...): nothing half-done
-            self._finish_off(self._abandon_convert, lk, old, down, cmds)
-            raise
-
-    def _abandon_convert(self, lk: LockCore, old: Mode, down: bool,
-                         sent: list[tuple[int, Call]]) -> None:
-        """The caller gave up on the conversion (interrupted): complete a down-conversion,
-        withdraw any other so that the lock holds its old mode on every instance
-        (`Session.abandon_convert_cmds`)."""
-        with self._mu:
-            cmds = self._core.abandon_convert_cmds(lk, old, down, sent)
-        if down:
-            self._send_and_feed(lk, cmds, lk.cticket)
-            with self._mu:
-                now = time.monotonic()
-                if self._core.evaluate_convert(lk, old, now).done:
-                    return
-                out = self._core.evaluate_convert(lk, old, now, timed_out=True)
-            results = self._broadcast(out.cleanup)
-            with self._mu:
-                self._core.rollback_convert(lk, old, results)
-            return
-        while cmds:
-            sent_at = time.monotonic()
-            results = self._broadcast(cmds)
-            with self._mu:
-                for i, res in results.items():
-                    self._core.on_abandon_reply(lk, i, res, sent_at, time.monotonic())
-                cmds = self._core.abandon_convert_cmds(lk, old, down, sent, first=False)
-        with self._mu:
-            self._core.end_abandon(lk, old)
-            self._cond.notify_all()
-
-    def _converting(self, lk: LockCore, old: Mode, cmds: list[tuple[int, Call]],
-                    cticket: int) -> None:
-        """Send the conversion (of ticket `cticket`) and wait for its outcome; on failure
-        put the old mode back and raise."""
-        self._send_and_feed(lk, cmds, cticket)
-        with self._mu:
-            while True:
-                now = time.monotonic()
-                out = self._core.evaluate_convert(lk, old, now)
-                if out.done:
-                    return
-                if out.error is not None:
-                    break
-                if out.actions:
-                    self._mu.release()
-                    try:
-                        self._send_and_feed(lk, out.actions, cticket)
-                    finally:
-                        self._mu.acquire()
-                    continue
-                wait = (out.wake_at or now + 0.5) - now
-                if lk.deadline is not None:
-                    wait = min(wait, lk.deadline - now)
-                if wait > 0 and self._cond.wait(wait):
-                    continue  # a reply, event or renewal changed something: evaluate
-                # The re-check time (wake_at is relative to `now`, so it never comes by
-                # re-evaluating) or the deadline: re-ask the instances, as `_recheck` does
-                # for new requests.
-                now = time.monotonic()
-                out = self._core.evaluate_convert(lk, old, now, timed_out=(
-                    lk.deadline is not None and now >= lk.deadline))
-                if out.error is not None:
-                    break
-                recheck = self._core.recheck_cmds(lk, now)
-                if recheck:
-                    self._mu.release()
-                    try:
-                        self._send_and_feed(lk, recheck, cticket)
-                    finally:
-                        self._mu.acquire()
-        results = self._broadcast(out.cleanup)
-        with self._mu:
-            self._core.rollback_convert(lk, old, results)
-        raise out.error
-
 
 class _Connecting:
     """One command to an instance whose connection is not open yet: connect, write and
@@ -942,23 +618,16 @@ class _Connecting:
         return self._box[0]
 
 
-class Request:
+
+class Request(RequestBase):
     """An asynchronous lock request (`DLM.enqueue`)."""
 
     def __init__(self, dlm: DLM, lock: Lock, on_granted: Callable[[Lock], Any] | None) -> None:
-        self._dlm = dlm
-        self.lock = lock
-        self._on_granted = on_granted
+        super().__init__(dlm, lock, on_granted)
         self._done = threading.Event()
-        self._error: DLMError | None = None
 
-    def _finish(self, error: DLMError | None) -> None:
-        if self._done.is_set():
-            return
-        self._error = error
+    def _set_done(self, error: DLMError | None) -> None:
         self._done.set()
-        if error is None and self._on_granted is not None:
-            self._dlm._callback(self._on_granted, self.lock)
 
     @property
     def done(self) -> bool:
@@ -975,7 +644,6 @@ class Request:
             self._dlm._finish_off(self.cancel)
             raise
         if not done:
-            from .errors import LockTimeout
             raise LockTimeout("still waiting", resource=self.lock.resource,
                               lock_id=self.lock.id)
         if self._error is not None:
@@ -983,27 +651,16 @@ class Request:
         return self.lock
 
     def cancel(self) -> None:
-        """Withdraw the request on every instance (or release it if it was granted)."""
-        lk = self.lock._core
-        with self._dlm._mu:
-            if lk.phase is Phase.RELEASED or lk.phase is Phase.FAILED:
-                return
-            was_held = lk.phase is Phase.HELD
-            lk.phase = Phase.FAILED
-            from .errors import LockTimeout
-            self._finish(LockTimeout("cancelled", resource=self.lock.resource, lock_id=lk.id))
-            while lk.sends:  # a re-check in flight lands before the release, never after
-                self._dlm._cond.wait(0.5)
-            if was_held:
-                lk.phase = Phase.HELD
-        self._dlm._release(lk)
+        """Withdraw the request on every instance (or release it if it was granted); it
+        completes with LockTimeout("cancelled") if it had not."""
+        self._dlm._run(self._dlm._withdraw(self))
 
 
 class Lock(LockBase):
     """A lock held (or being acquired) on a quorum of instances (see `LockBase` for what
     it shows)."""
 
-    def _guard(self) -> threading.RLock:
+    def _guard(self) -> Any:
         return self._dlm._mu
 
     def lock(self, resource: str | bytes, mode: object = Mode.EX, **kw: Any) -> Lock:
@@ -1024,13 +681,17 @@ class Lock(LockBase):
         down-conversion, which never waits (G4) and may already have let other locks in
         beside its new mode, is completed; `mode` tells which. The exception propagates
         once every instance agrees (bounded by the socket timeouts)."""
-        self._dlm._convert(self._core, mode, timeout, noqueue=noqueue, quecvt=quecvt,
-                           convdeadlk=convdeadlk, no_deadlock_wait=no_deadlock_wait,
-                           priority=priority)
+        self._dlm._run(self._dlm._convert(self._core, mode, timeout, noqueue=noqueue,
+                                          quecvt=quecvt, convdeadlk=convdeadlk,
+                                          no_deadlock_wait=no_deadlock_wait,
+                                          priority=priority))
+
 
     def release(self, *, subtree: bool = False) -> None:
-        """Release on every instance (writing the value block if set by a PW/EX holder)."""
-        self._dlm._release(self._core, subtree=subtree)
+        """Release on every instance (writing the value block if set by a PW/EX holder).
+        Interrupted meanwhile (KeyboardInterrupt...), the release still reaches every
+        instance, on a thread of its own, before the exception propagates."""
+        self._dlm._run(self._dlm._release(self._core, subtree=subtree))
 
     def __enter__(self) -> Lock:
         return self
@@ -1048,3 +709,7 @@ def _socketpair():
     a.setblocking(False)
     b.setblocking(False)
     return a, b
+
+
+DLM._lock_class = Lock
+DLM._request_class = Request

@@ -1,7 +1,9 @@
-"""What a lock handle shows, shared by the sync `Lock` and the asyncio `AsyncLock`.
+"""What a lock handle shows and how a request completes, shared by the sync `Lock` /
+`Request` and the asyncio `AsyncLock` / `AsyncRequest`.
 
-Both wrap one `protocol.LockCore`; only acquiring, converting and releasing differ (they do
-I/O), so everything a handle reads lives here once and the two cannot drift apart.
+Both wrap one `protocol.LockCore`; acquiring, converting and releasing are flows of
+`redlockdlm.flows`, run by each client's driver, so everything a handle reads lives here
+once and the two cannot drift apart.
 """
 
 from __future__ import annotations
@@ -13,13 +15,41 @@ from typing import Any
 
 from .engine.keys import show_name
 from .engine.modes import Mode
-from .errors import InvalidArgument, InvalidType, LockLost
+from .errors import DLMError, InvalidArgument, InvalidType, LockLost
 from .protocol import LockCore, Phase
 
 
 def lock_name(lk: LockCore) -> str:
     """The resource path for people: names joined by ' / ', root first."""
     return show_name(lk.path)
+
+
+class RequestBase:
+    """A lock request: completes once, granted (`lock`) or failed (its error)."""
+
+    def __init__(self, dlm: Any, lock: Any, on_granted: Callable[[Any], Any] | None) -> None:
+        self._dlm = dlm
+        self.lock = lock
+        self._on_granted = on_granted
+        self._error: DLMError | None = None
+
+    @property
+    def done(self) -> bool:
+        raise NotImplementedError
+
+    def _set_done(self, error: DLMError | None) -> None:
+        """Wake whoever waits for the request (the transport's own way)."""
+        raise NotImplementedError
+
+    def _finish(self, error: DLMError | None) -> None:
+        """Complete the request (once; later calls change nothing) and queue `on_granted`
+        if it was granted."""
+        if self.done:
+            return
+        self._error = error
+        self._set_done(error)
+        if error is None and self._on_granted is not None:
+            self._dlm._callback(self._on_granted, self.lock)
 
 
 class LockBase:

@@ -215,17 +215,18 @@ class LockCore:
         self.repairing: set[int] = set()
         #: (value, version) of this grant's last write by a down-conversion, for R1
         self.written: tuple[bytes, int] | None = None
-        #: the I/O layer's commands about this lock in flight on other threads (the sync
-        #: client's re-checks): a withdrawal waits for them, so none lands after it
+        #: commands about this lock in flight (`flows.Flows._send_and_feed`): a withdrawal
+        #: or release waits for them, so none lands after it
         self.sends = 0
         #: why the lock was reported lost (`Session.check_held`), for messages
         self.lost_reason = ""
-        # Owned by the transport (client.py, aio.py), never read by the core: the user's
-        # handle (Lock / AsyncLock), the pending request (Request / AsyncRequest), and the
-        # monotonic time the sync client re-checks a waiting request (`Outcome.wake_at`).
+        # Owned by the client (flows.py and its transport), never read by the core: the
+        # user's handle (Lock / AsyncLock), the request (Request / AsyncRequest), and what
+        # wakes a flow waiting on this lock (`flows.Wait`: a threading.Condition, an
+        # asyncio.Event).
         self.user: Any = None
         self.request: Any = None
-        self.wake_at: float | None = None
+        self.waker: Any = None
 
     # ----------------------------------------------------------------- reading the votes
 
@@ -333,6 +334,9 @@ class Session:
         #: on (epoch ids made by the scripts are unique per server; hand-fed replies in
         #: protocol tests share one)
         self.distinct_epochs = False
+        #: monotonic time of the next renewal tick (`flows.Flows._renew_tick` sets it; a
+        #: lock with a shorter lease brings it forward)
+        self.renew_at = 0.0
 
     # ----------------------------------------------------------------- first contact
 

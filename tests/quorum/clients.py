@@ -124,11 +124,7 @@ class AioDLM:
 
     def stop_renewal(self) -> None:
         """Tests: the holder stops renewing (a hung process)."""
-        async def stop() -> None:
-            for t in self.adlm._tasks:
-                if t.get_coro().__name__ == "_renewer":
-                    t.cancel()
-        self.run(stop())
+        self.adlm._renew_tick = lambda: None
 
 
 class AioRequest:
@@ -199,4 +195,4 @@ def stop_renewal(d: Any) -> None:
     if isinstance(d, AioDLM):
         d.stop_renewal()
     else:
-        d._renew = lambda: None
+        d._renew_tick = lambda: None
