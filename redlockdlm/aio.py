@@ -59,6 +59,19 @@ class _Instance(Pooled):
     pool_class = aredis.ConnectionPool
     client_class = aredis.Redis
 
+    @staticmethod
+    def stale(conn: Any) -> bool:
+        """`Pooled.stale` for an asyncio connection: its stream saw the end (the peer
+        closed it) or holds bytes nobody asked for."""
+        reader = getattr(conn, "_reader", None)  # redis-py's asyncio StreamReader
+        if reader is None:
+            return False
+        return reader.at_eof() or bool(getattr(reader, "_buffer", b""))  # (EOF, or data)
+
+    @staticmethod
+    def drop(conn: Any) -> None:
+        asyncio.ensure_future(conn.disconnect(nowait=True))
+
     async def close(self) -> None:
         while self._idle:
             with contextlib.suppress(Exception):

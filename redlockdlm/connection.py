@@ -8,6 +8,7 @@ mistake in a URL or connection option is a typed error raised before anything co
 from __future__ import annotations
 
 import functools
+import select
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
@@ -126,11 +127,31 @@ class Pooled:
         self._idle: list[Any] = []
 
     def get(self) -> Any:
-        """A connection of our own; a new one connects on its first command."""
+        """A connection of our own; a new one connects on its first command. An idle
+        connection that the server (or a proxy, or Redis's own idle `timeout`) closed
+        meanwhile, or that has bytes nobody asked for, is dropped rather than used: a
+        command written on it would fail, and count as the instance failing."""
+        while self._idle:
+            conn = self._idle.pop()
+            if not self.stale(conn):
+                return conn
+            self.drop(conn)
+        return self.pool.make_connection()
+
+    @staticmethod
+    def stale(conn: Any) -> bool:
+        """True if idle `conn` is readable: closed by its peer, or holding stray bytes."""
+        sock = conn._sock
+        if sock is None:
+            return False
         try:
-            return self._idle.pop()
-        except IndexError:
-            return self.pool.make_connection()
+            return bool(select.select([sock], [], [], 0)[0])
+        except (OSError, ValueError):  # closed under us
+            return True
+
+    @staticmethod
+    def drop(conn: Any) -> None:
+        conn.disconnect()
 
     def put(self, conn: Any) -> None:
         self._idle.append(conn)

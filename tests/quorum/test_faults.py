@@ -264,3 +264,21 @@ def test_paused_instance_while_held_and_requested(ready, kind: str) -> None:
     wait_until(lambda: q.gone("res"), 3)
     lc = c.lock("res", EX, timeout=5)
     assert q.granted_on(lc.id, "res") == 3 and lc.token > lb.token
+
+
+# --------------------------------------------------------------------------- idle connections
+
+
+def test_idle_connections_closed_by_the_server_do_not_fail_the_next_request(q) -> None:
+    """Redis closes idle clients (its `timeout` setting), as do proxies and restarts: the
+    client's idle connections to every instance are killed between two requests. The next
+    request, without a timeout (so one bad round would fail it), is still granted: a
+    connection its peer closed is not used."""
+    d = q.dlm()
+    d.lock("res", EX).release()
+    for s in q.servers:
+        s.client().execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+    time.sleep(0.1)  # the FINs arrive
+    lk = d.lock("res", EX)  # no timeout
+    assert lk.mode is EX
+    lk.release()
