@@ -75,7 +75,7 @@ class _Instance(Pooled):
     async def close(self) -> None:
         while self._idle:
             with contextlib.suppress(Exception):
-                await self._idle.pop().disconnect()
+                await self._idle.pop()[0].disconnect()
         with contextlib.suppress(Exception):
             await self.pool.disconnect()
 

@@ -7,7 +7,8 @@ generator that calls the Session and, where it needs I/O, yields an operation (`
 perform operations: `client.DLM` with blocking sockets and threads, `aio.AsyncDLM` with
 `redis.asyncio` and tasks (their drivers are a dozen lines each). So the two clients run
 the same code for every step (an acquisition, its wait, a conversion, a release, a
-withdrawal, a renewal, a late reply, close) and cannot drift apart; docs/design.md §4.
+withdrawal, a renewal, a late reply, close) and cannot drift apart (docs/design.md §6,
+"One client core").
 
 How the two run a flow:
 
