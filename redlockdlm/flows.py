@@ -64,7 +64,7 @@ log = logging.getLogger("redlockdlm")
 Flow = Generator[Any, Any, Any]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Broadcast:
     """Write every command (instance, call), then read the replies: one round trip for
     all. Result: instance -> parsed reply, or the exception that instance's call met.
@@ -77,7 +77,7 @@ class Broadcast:
     late: Callable[[int, Any], Flow] | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Pipeline:
     """Every call to instance `i` in one write: a list of results, one per call."""
 
@@ -85,7 +85,7 @@ class Pipeline:
     calls: Sequence[Call]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Wait:
     """Until something about `lk` changes (`Flows._notify`: a reply, an event, a renewal,
     a withdrawal) or the monotonic time `until` (None: no limit). Result: True if woken
@@ -95,7 +95,7 @@ class Wait:
     until: float | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Spawn:
     """Run `flow` in the background: at once up to its first operation, then on its own
     thread (sync) or task (asyncio). Result: None."""
@@ -103,7 +103,7 @@ class Spawn:
     flow: Flow
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Shielded:
     """Run `flow` (a clean-up after an interruption) to its end even if the caller is
     interrupted again, bounded by the socket timeouts. Result: None (what it raises is

@@ -514,6 +514,32 @@ def test_blocking_notification_for_a_queued_conversion(q: Quorum) -> None:
     assert lb.mode == EX
 
 
+def test_callbacks_run_in_order_after_their_step_off_the_callers_thread(
+        q: Quorum, caplog: pytest.LogCaptureFixture) -> None:
+    """Both clients (docs/concepts.md "Callbacks"): a callback runs once the step that
+    caused it is complete (on_granted sees the lock held), never on the caller's thread,
+    one at a time in the order they were caused; one that raises is logged and the next
+    still runs."""
+    caller = threading.current_thread()
+    seen: list = []
+
+    def granted(lk: Any) -> None:
+        seen.append(("granted", lk.mode, lk.valid, threading.current_thread() is caller))
+        raise ValueError("user bug in on_granted")
+
+    d = q.dlm()
+    with caplog.at_level("ERROR", logger="redlockdlm"):
+        lk = d.enqueue("res", EX, on_granted=granted,
+                       on_blocking=lambda m: seen.append(("blocking", m))).wait(5)
+        other = q.dlm().enqueue("res", PR)  # blocked by lk: on_blocking(PR)
+        wait_until(lambda: len(seen) >= 2, 5)
+    assert seen == [("granted", EX, True, False), ("blocking", PR)]
+    assert any("user bug in on_granted" in str(r.exc_info) for r in caplog.records)
+    lk.release()
+    other.wait(5).release()
+    assert q.gone("res")
+
+
 # --------------------------------------------------------------------------- leases
 
 
