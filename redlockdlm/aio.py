@@ -21,6 +21,11 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import InvalidResponse, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+try:  # what redis-py's hiredis reader answers when a reply is not all there yet
+    from redis._parsers.hiredis import NOT_ENOUGH_DATA as _NOT_ENOUGH
+except ImportError:  # (older redis-py: hiredis's own default)
+    _NOT_ENOUGH = False
+
 from .connection import Pooled, open_session
 from .engine import codec
 from .engine.keys import EPOCH_KEY
@@ -67,6 +72,107 @@ async def _send(conn: Any, packed: bytes) -> None:
     writer.write(packed)
     if writer.transport.get_write_buffer_size():
         await conn.send_packed_command(b"", check_health=False)  # drain, with the timeout
+
+
+def _stream(conn: Any) -> asyncio.StreamReader | None:
+    """The asyncio StreamReader of an open redis-py connection, if it is one whose arrival
+    of data `_any_data` can wait for (asyncio's, with the attributes it uses); else None."""
+    global _streams_checked
+    stream = getattr(conn, "_reader", None)
+    if type(stream) is not asyncio.StreamReader or getattr(conn, "_writer", None) is None:
+        return None
+    if not _streams_checked:  # (once: they are asyncio's, the same for every reader)
+        if not all(hasattr(stream, a) for a in ("_waiter", "_buffer", "_eof", "_exception")):
+            return None
+        _streams_checked = True
+    return stream
+
+
+_streams_checked = False
+_NOT_YET = object()  #: `_buffered_reply`: not all of the reply came yet
+
+
+def _parses(conn: Any, stream: asyncio.StreamReader) -> bool:
+    """True if `conn` parses with hiredis from `stream`, so that `_buffered_reply` can take
+    a reply that came whole without waiting for one that did not."""
+    parser = getattr(conn, "_parser", None)
+    return (getattr(parser, "_stream", None) is stream
+            and hasattr(getattr(parser, "_reader", None), "gets")
+            and hasattr(parser, "read_from_socket"))
+
+
+async def _buffered_reply(conn: Any, stream: asyncio.StreamReader) -> Any:
+    """The next reply on `conn` (`_parses`) if all of it has come, else `_NOT_YET` (what
+    came of it stays in the parser): the data buffered in `stream` is fed to the parser,
+    never waited for. An error reply is returned as its ResponseError; a closed or broken
+    connection, or bytes that are not Redis, raise (as redis-py's `read_response`)."""
+    parser = conn._parser
+    reader = parser._reader
+    push = getattr(parser, "_hiredis_PushNotificationType", None)
+    while True:
+        raw = reader.gets()
+        while raw is _NOT_ENOUGH:
+            if not _readable(stream):
+                return _NOT_YET
+            try:
+                await parser.read_from_socket()  # buffered, or the stream's end or error
+            except OSError as exc:
+                raise RedisConnectionError(f"Error while reading: {exc!r}") from exc
+            raw = reader.gets()
+        if push is None or not isinstance(raw, push):
+            break
+        await parser.handle_push_response(raw)  # (RESP3 push: not this command's reply)
+    if isinstance(raw, RedisConnectionError):
+        raise raw
+    if isinstance(raw, list) and raw and isinstance(raw[0], RedisConnectionError):
+        raise raw[0]
+    return raw
+
+
+def _readable(stream: asyncio.StreamReader) -> bool:
+    """True if a read of `stream` would not wait: data is buffered, or it met its end or
+    an error (which the read then reports)."""
+    return bool(stream._buffer) or stream._eof or stream._exception is not None  # type: ignore[attr-defined]
+
+
+class _Wake:
+    """A stand-in for the future a StreamReader keeps while a read waits for data
+    (`StreamReader._waiter`): put in several readers at once, the first of them to get
+    data, its end or an error wakes the one coroutine waiting in `_any_data`. A reader
+    calls only `cancelled()` and `set_result` / `set_exception` on it, and drops it."""
+
+    __slots__ = ("fut",)
+
+    def __init__(self, fut: asyncio.Future[None]) -> None:
+        self.fut = fut
+
+    def cancelled(self) -> bool:
+        return False
+
+    def set_result(self, _: object) -> None:
+        if not self.fut.done():
+            self.fut.set_result(None)
+
+    def set_exception(self, _: BaseException) -> None:
+        self.set_result(None)  # the read that follows raises it
+
+
+async def _any_data(streams: Sequence[asyncio.StreamReader], timeout: float) -> None:
+    """Wait until one of `streams` is `_readable`, or `timeout` seconds: one future and one
+    timer, however many streams (none of which any other coroutine reads meanwhile)."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[None] = loop.create_future()
+    wake = _Wake(fut)
+    for st in streams:
+        st._waiter = wake  # type: ignore[attr-defined]
+    timer = loop.call_later(timeout, wake.set_result, None)
+    try:
+        await fut
+    finally:
+        timer.cancel()
+        for st in streams:
+            if st._waiter is wake:  # type: ignore[attr-defined]
+                st._waiter = None  # type: ignore[attr-defined]
 
 
 class _Instance(Pooled):
@@ -391,8 +497,86 @@ class AsyncDLM:
     async def _gather(self, conns: list[tuple[int, Call, Any]],
                       unsent: list[tuple[int, Call, Any]], results: dict[int, Any],
                       enough: int, late: Callable[[int, Any], Any] | None) -> dict[int, Any]:
-        """`_broadcast` with `enough`: read the replies as they come (a task each; for a
-        connection not open yet, the task connects and writes first)."""
+        """`_broadcast` with `enough`: read the replies as they come. Where every
+        connection is open, this task reads them itself, woken by whichever connection has
+        data (`_Wake`), as the sync client polls its sockets: no task per instance. The
+        instances still silent when the grace is over are read by a task each, which hands
+        the reply to `late`. Otherwise (a connection not open yet, which its task connects
+        and writes first) every reply is read by its own task (`_gather_tasks`)."""
+        if unsent:
+            return await self._gather_tasks(conns, unsent, results, enough, late)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        # instance -> (call, connection, its stream, whether `_buffered_reply` parses it)
+        todo: dict[int, tuple[Call, Any, asyncio.StreamReader, bool]] = {}
+        for i, call, conn in conns:
+            st = _stream(conn)
+            if st is None:
+                return await self._gather_tasks(conns, unsent, results, enough, late)
+            todo[i] = (call, conn, st, _parses(conn, st))
+        ends = {i: t0 + self._instances[i].timeout for i in todo}
+        grace_end: float | None = None
+        try:
+            while todo:
+                for i in [i for i, e in todo.items() if _readable(e[2])]:
+                    call, conn, st, parses = todo[i]
+                    if not parses:  # a reply read as redis-py reads it
+                        del todo[i]
+                        left = max(0.001, ends[i] - loop.time())
+                        results[i] = (await self._finish(i, conn, [call], left))[0]
+                        continue
+                    try:
+                        raw = await _buffered_reply(conn, st)
+                    except Exception as exc:  # noqa: BLE001 - closed, reset, not Redis...
+                        del todo[i]
+                        results[i] = exc
+                        with contextlib.suppress(Exception):
+                            await conn.disconnect()
+                        self._instances[i].put(conn)
+                        continue
+                    if raw is not _NOT_YET:  # (else a part of it came: wait for the rest)
+                        del todo[i]
+                        results[i] = (await self._finish(i, conn, [call], first=[raw]))[0]
+                if not todo:
+                    break
+                now = loop.time()
+                if len(results) >= enough:
+                    if grace_end is None:  # the others' grace: as long again as it took
+                        grace_end = now + max(0.005, now - t0)
+                    if now >= grace_end:
+                        break
+                until = min(ends[i] for i in todo)
+                if until <= now:  # silent for its socket timeout: as `_finish` says
+                    for i in [i for i in todo if ends[i] <= now]:
+                        conn = todo.pop(i)[1]
+                        results[i] = RedisTimeoutError(
+                            f"Timeout reading from {self._instances[i].url}")
+                        with contextlib.suppress(Exception):
+                            await conn.disconnect()
+                        self._instances[i].put(conn)
+                    continue
+                if grace_end is not None:
+                    until = min(until, grace_end)
+                await _any_data([e[2] for e in todo.values()], until - now)
+        except BaseException:  # cancelled: replies nobody will read must not stay queued
+            for i, (_, conn, _, _) in todo.items():
+                with contextlib.suppress(Exception):
+                    await conn.disconnect(nowait=True)
+                self._instances[i].put(conn)
+            raise
+        now = loop.time()
+        for i, (call, conn, _, _) in todo.items():  # R4: a stalled instance, read when it comes
+            t = asyncio.ensure_future(self._finish(i, conn, [call], max(0.001, ends[i] - now)))
+            self._background.add(t)
+            t.add_done_callback(functools.partial(self._late_done, i, late))
+        return results
+
+    async def _gather_tasks(self, conns: list[tuple[int, Call, Any]],
+                            unsent: list[tuple[int, Call, Any]], results: dict[int, Any],
+                            enough: int,
+                            late: Callable[[int, Any], Any] | None) -> dict[int, Any]:
+        """`_gather` with a task per instance reading its reply (for a connection not open
+        yet, the task connects and writes first)."""
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         tasks = {asyncio.ensure_future(self._finish(i, conn, [call], self._instances[i].timeout)):
@@ -455,13 +639,17 @@ class AsyncDLM:
         return await self._finish(i, conn, calls)
 
     async def _finish(self, i: int, conn: Any, calls: Sequence[Call],
-                      first_timeout: float | None = None) -> list[Any]:
+                      first_timeout: float | None = None,
+                      first: list[Any] | None = None) -> list[Any]:
         """`DLM._finish`: read, settle, resend after loading a missing library, give the
-        connection back. `first_timeout` bounds the wait for the first reply."""
+        connection back. `first_timeout` bounds the wait for the first reply; `first`: the
+        replies of `calls`, where they were read already (`_gather`)."""
         inst = self._instances[i]
         try:
             rnd = Round(calls)
-            cmds = rnd.feed(await self._replies(conn, len(calls), first_timeout, inst.url))
+            if first is None:
+                first = await self._replies(conn, len(calls), first_timeout, inst.url)
+            cmds = rnd.feed(first)
             while cmds:
                 await self._write(conn, conn.pack_commands(cmds))
                 cmds = rnd.feed(await self._replies(conn, len(cmds)))
