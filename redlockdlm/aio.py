@@ -452,10 +452,11 @@ class AsyncDLM:
         first read): every request is already on its way, so this costs no round trip,
         and it needs no task per instance.
 
-        With `enough` (R4, `DLM._broadcast`): each reply is read by its own task, and the
-        call returns once that many are in and the others have had as long again as those
-        took (at least 5 ms); a stalled instance's reply goes to `late(instance, result)`
-        when it comes (a background task), which must handle it safely."""
+        With `enough` (R4, `DLM._broadcast`): the replies are read as they come (`_gather`),
+        and the call returns once that many are in and the others have had as long again
+        as those took (at least 5 ms); a stalled instance's reply goes to
+        `late(instance, result)` when it comes (a background task), which must handle it
+        safely."""
         results: dict[int, Any] = {}
         conns: list[tuple[int, Call, Any]] = []
         unsent: list[tuple[int, Call, Any]] = []
