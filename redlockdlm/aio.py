@@ -503,7 +503,12 @@ class AsyncDLM:
         data (`_Wake`), as the sync client polls its sockets: no task per instance. The
         instances still silent when the grace is over are read by a task each, which hands
         the reply to `late`. Otherwise (a connection not open yet, which its task connects
-        and writes first) every reply is read by its own task (`_gather_tasks`)."""
+        and writes first) every reply is read by its own task (`_gather_tasks`).
+
+        As in the sync client, a reply that asks for more round trips on its instance (the
+        library missing there: load, send again) is completed here, before the others are
+        read (they wait in their buffers), and a parser without hiredis reads a reply that
+        has begun to arrive to its end, within the instance's socket timeout."""
         if unsent:
             return await self._gather_tasks(conns, unsent, results, enough, late)
         loop = asyncio.get_running_loop()
@@ -667,8 +672,9 @@ class AsyncDLM:
 
     @staticmethod
     async def _write(conn: Any, chunks: Sequence[bytes]) -> None:
-        """One write of packed commands (the one place a pipelined round trip starts)."""
-        await conn.send_packed_command(chunks, check_health=False)
+        """One write of packed commands (the one place a pipelined round trip starts), as
+        `_send` writes: straight to the stream of an open connection."""
+        await _send(conn, b"".join(chunks))
 
     @staticmethod
     async def _replies(conn: Any, n: int, first_timeout: float | None = None,
