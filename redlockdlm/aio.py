@@ -49,7 +49,7 @@ from .protocol import (
     descendants,
     describe,
 )
-from .wire import Round, script_reply, settle
+from .wire import Round, missing, script_reply, settle
 
 log = logging.getLogger("redlockdlm")
 
@@ -540,9 +540,14 @@ class AsyncDLM:
                             await conn.disconnect()
                         self._instances[i].put(conn)
                         continue
-                    if raw is not _NOT_YET:  # (else a part of it came: wait for the rest)
-                        del todo[i]
+                    if raw is _NOT_YET:  # a part of it came: wait for the rest
+                        continue
+                    del todo[i]
+                    if missing(raw):  # the library is missing there: load, send again
                         results[i] = (await self._finish(i, conn, [call], first=[raw]))[0]
+                    else:  # (what `_finish` does with a reply that ends the round)
+                        results[i] = settle(call, raw, self._instances[i].url)
+                        self._instances[i].put(conn)
                 if not todo:
                     break
                 now = loop.time()
