@@ -82,7 +82,8 @@ def _stream(conn: Any) -> asyncio.StreamReader | None:
     if type(stream) is not asyncio.StreamReader or getattr(conn, "_writer", None) is None:
         return None
     if not _streams_checked:  # (once: they are asyncio's, the same for every reader)
-        if not all(hasattr(stream, a) for a in ("_waiter", "_buffer", "_eof", "_exception")):
+        if not all(hasattr(stream, a) for a in ("_waiter", "_buffer", "_eof", "_exception",
+                                                "_maybe_resume_transport")):
             return None
         _streams_checked = True
     return stream
@@ -106,26 +107,36 @@ async def _buffered_reply(conn: Any, stream: asyncio.StreamReader) -> Any:
     came of it stays in the parser): the data buffered in `stream` is fed to the parser,
     never waited for. An error reply is returned as its ResponseError; a closed or broken
     connection, or bytes that are not Redis, raise (as redis-py's `read_response`)."""
-    parser = conn._parser
-    reader = parser._reader
-    push = getattr(parser, "_hiredis_PushNotificationType", None)
-    while True:
-        raw = reader.gets()
-        while raw is _NOT_ENOUGH:
-            if not _readable(stream):
-                return _NOT_YET
-            try:
-                await parser.read_from_socket()  # buffered, or the stream's end or error
-            except OSError as exc:
-                raise RedisConnectionError(f"Error while reading: {exc!r}") from exc
-            raw = reader.gets()
-        if push is None or not isinstance(raw, push):
-            break
-        await parser.handle_push_response(raw)  # (RESP3 push: not this command's reply)
+    raw = _take(conn._parser._reader, stream)
+    push = getattr(conn._parser, "_hiredis_PushNotificationType", None)
+    while push is not None and isinstance(raw, push):  # (RESP3 push: not the reply)
+        await conn._parser.handle_push_response(raw)
+        raw = _take(conn._parser._reader, stream)
     if isinstance(raw, RedisConnectionError):
         raise raw
     if isinstance(raw, list) and raw and isinstance(raw[0], RedisConnectionError):
         raise raw[0]
+    return raw
+
+
+def _take(reader: Any, stream: asyncio.StreamReader) -> Any:
+    """`_buffered_reply`'s parsing: what `stream` holds goes to the hiredis `reader` as
+    redis-py's parser would read it (`StreamReader.read` without the wait)."""
+    raw = reader.gets()
+    while raw is _NOT_ENOUGH:
+        buf = stream._buffer  # type: ignore[attr-defined]
+        if buf:
+            reader.feed(buf)
+            buf.clear()
+            stream._maybe_resume_transport()  # type: ignore[attr-defined]
+        elif stream._exception is not None:  # type: ignore[attr-defined]
+            exc = stream._exception  # type: ignore[attr-defined]
+            raise RedisConnectionError(f"Error while reading: {exc!r}") from exc
+        elif stream._eof:  # type: ignore[attr-defined]
+            raise RedisConnectionError("Connection closed by server.")
+        else:
+            return _NOT_YET
+        raw = reader.gets()
     return raw
 
 
