@@ -148,35 +148,44 @@ def _readable(stream: asyncio.StreamReader) -> bool:
 
 class _Wake:
     """A stand-in for the future a StreamReader keeps while a read waits for data
-    (`StreamReader._waiter`): put in several readers at once, the first of them to get
-    data, its end or an error wakes the one coroutine waiting in `_any_data`. A reader
-    calls only `cancelled()` and `set_result` / `set_exception` on it, and drops it."""
+    (`StreamReader._waiter`): put in several readers at once, it wakes the one coroutine
+    waiting in `_any_data` once `need` of them got data, their end or an error (or its
+    timer fires). A reader calls only `cancelled()` and `set_result` / `set_exception`
+    on it, once, and drops it."""
 
-    __slots__ = ("fut",)
+    __slots__ = ("fut", "need")
 
-    def __init__(self, fut: asyncio.Future[None]) -> None:
+    def __init__(self, fut: asyncio.Future[None], need: int) -> None:
         self.fut = fut
+        self.need = need
 
     def cancelled(self) -> bool:
         return False
 
     def set_result(self, _: object) -> None:
-        if not self.fut.done():
-            self.fut.set_result(None)
+        self.need -= 1
+        if self.need <= 0:
+            self.fire()
 
     def set_exception(self, _: BaseException) -> None:
         self.set_result(None)  # the read that follows raises it
 
+    def fire(self) -> None:
+        if not self.fut.done():
+            self.fut.set_result(None)
 
-async def _any_data(streams: Sequence[asyncio.StreamReader], timeout: float) -> None:
-    """Wait until one of `streams` is `_readable`, or `timeout` seconds: one future and one
-    timer, however many streams (none of which any other coroutine reads meanwhile)."""
+
+async def _any_data(streams: Sequence[asyncio.StreamReader], timeout: float,
+                    need: int = 1) -> None:
+    """Wait until `need` of `streams` (none `_readable` now) are `_readable`, or `timeout`
+    seconds: one future and one timer, however many streams (none of which any other
+    coroutine reads meanwhile)."""
     loop = asyncio.get_running_loop()
     fut: asyncio.Future[None] = loop.create_future()
-    wake = _Wake(fut)
+    wake = _Wake(fut, need)
     for st in streams:
         st._waiter = wake  # type: ignore[attr-defined]
-    timer = loop.call_later(timeout, wake.set_result, None)
+    timer = loop.call_later(timeout, wake.fire)
     try:
         await fut
     finally:
@@ -577,9 +586,13 @@ class AsyncDLM:
                             await conn.disconnect()
                         self._instances[i].put(conn)
                     continue
+                # woken once the quorum can be complete, or (in the grace) all are in
+                need = len(todo)
                 if grace_end is not None:
                     until = min(until, grace_end)
-                await _any_data([e[2] for e in todo.values()], until - now)
+                else:
+                    need = min(need, enough - len(results))
+                await _any_data([e[2] for e in todo.values()], until - now, need)
         except BaseException:  # cancelled: replies nobody will read must not stay queued
             for i, (_, conn, _, _) in todo.items():
                 with contextlib.suppress(Exception):
