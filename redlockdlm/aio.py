@@ -97,9 +97,9 @@ def _parses(conn: Any, stream: asyncio.StreamReader) -> bool:
     """True if `conn` parses with hiredis from `stream`, so that `_buffered_reply` can take
     a reply that came whole without waiting for one that did not."""
     parser = getattr(conn, "_parser", None)
-    return (getattr(parser, "_stream", None) is stream
-            and hasattr(getattr(parser, "_reader", None), "gets")
-            and hasattr(parser, "read_from_socket"))
+    reader = getattr(parser, "_reader", None)
+    return (getattr(parser, "_stream", None) is stream and hasattr(reader, "gets")
+            and hasattr(reader, "feed"))
 
 
 async def _buffered_reply(conn: Any, stream: asyncio.StreamReader) -> Any:
