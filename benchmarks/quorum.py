@@ -1,6 +1,6 @@
 """Quorum client benchmark: what the DLM client costs beside the transport floor.
 
-    python benchmarks/quorum.py [--seconds S] [--workers W] [--locks L]
+    python benchmarks/quorum.py [--seconds S] [--workers W] [--locks L] [--only 1,2,3]
 
 It starts its own redis-servers on free loopback ports (tests/redis_harness.py), marks them
 fresh (E1) and stops them, by their pids, at the end. Every figure is printed beside the
@@ -359,7 +359,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=8, help="contending processes (2)")
     ap.add_argument("--locks", type=int, default=10_000, help="locks held in (3)")
     ap.add_argument("--instances", type=int, default=3, help="N (odd)")
+    ap.add_argument("--only", default="1,2,3",
+                    help="the figures to measure, e.g. 1 or 1,3 (default: all)")
     args = ap.parse_args(argv)
+    only = {f.strip() for f in args.only.split(",")}
+    if not only <= {"1", "2", "3"}:
+        ap.error(f"--only takes figure numbers 1, 2, 3, not {args.only!r}")
 
     with Instances(args.instances) as inst:
         for s in inst:
@@ -373,70 +378,83 @@ def main(argv: list[str] | None = None) -> int:
               f"load average {os.getloadavg()[0]:.2f}")
         print()
 
-        # (1)
-        floor_rt, rows, per_call = figure_uncontended(urls, args.seconds)
+        # (1): also the floor round trip the other figures are given in
+        floor_rt, rows, per_call = figure_uncontended(
+            urls, args.seconds if "1" in only else 0.3)
         floor_rate = 1 / floor_rt
-        print("(1) uncontended EX acquire + release, one client")
-        head = f"    {'figure':<28} {'ops/s':>9} {'p50 µs':>9} {'p99 µs':>9} {'floor RTs':>9}"
-        print(head)
-        for name, lat, _ in rows:
-            p50 = statistics.median(lat)
-            print(f"    {name:<28} {1 / statistics.mean(lat):>9,.0f} {p50 * 1e6:>9.1f} "
-                  f"{pct(lat, 99) * 1e6:>9.1f} {p50 / floor_rt:>9.2f}")
-        print(f"    server time per DLM script call (INFO commandstats fcall): "
-              f"{per_call:.1f} µs; a floor round is {floor_rt * 1e6:.1f} µs")
-        for name, lat, _ in rows[2:]:
-            rate = 1 / statistics.mean(lat)
-            want = 0.6 * floor_rate / 2
-            print(f"    target {name}: pair rate >= 0.6 x floor rate / 2 = {want:,.0f}/s: "
-                  f"{rate:,.0f}/s ({rate / (floor_rate / 2):.2f} x) -> {verdict(rate >= want)}")
-        print()
-
-        # (2)
-        c = figure_contended(urls, args.workers, args.seconds)
-        h = c["handoffs"]
-        fair = min(c["counts"]) / max(c["counts"]) if max(c["counts"]) else 0.0
-        print(f"(2) {args.workers} worker processes contending for one EX lock "
-              f"({args.seconds:g} s)")
-        print(f"    acquisitions: {c['acq']} ({c['rate']:,.0f}/s); per worker {c['counts']}")
-        print(f"    handoff (release start -> next grant, {len(h)} handoffs): "
-              f"p50 {statistics.median(h) * 1e6:,.0f} µs = "
-              f"{statistics.median(h) / floor_rt:.2f} floor RTs, p99 "
-              f"{pct(h, 99) * 1e6:,.0f} µs = {pct(h, 99) / floor_rt:.2f} floor RTs")
-        print(f"    same worker twice in a row: {c['same_worker_again']}")
-        print(f"    target handoff p50 <= 3 floor RTs ({3 * floor_rt * 1e6:.0f} µs): "
-              f"{verdict(statistics.median(h) <= 3 * floor_rt)}")
-        print(f"    target fairness (fewest/most) >= 0.9: {fair:.2f} -> {verdict(fair >= 0.9)}")
-        print()
-
-        # (3)
-        r = figure_renewal(urls, args.locks)
-        ticks = r["ticks"]
-        print(f"(3) renewal with {args.locks:,} locks held by one client "
-              f"(acquired in {r['acquire_s']:.1f} s)")
-        rts = [max(t["per_instance"].values()) for t in ticks]
-        for k, t in enumerate(ticks):
-            print(f"    tick {k + 1}: round trips per instance {t['per_instance']}, "
-                  f"{t['calls']} renew calls in it "
-                  f"(FCALLs the servers ran meanwhile: {t['server_calls']}), "
-                  f"{t['keys']:,} (lock, instance) entries, {t['seconds'] * 1e3:,.1f} ms = "
-                  f"{t['seconds'] / floor_rt:,.0f} floor RTs (server time "
-                  f"{[round(m) for m in t['server_ms']]} ms)")
-        print(f"    watched {r['watch_s']:.1f} s; acquisition rate "
-              f"{args.locks / r['acquire_s']:,.0f} locks/s; votes after: {r['votes']}")
-        print(f"    locks still valid after the ticks: {r['valid']:,} of {args.locks:,} "
-              f"({r['lost']} reported lost, no fault injected); close() released them in "
-              f"{r['close_s']:.1f} s")
-        longest = max((t["seconds"] for t in ticks), default=0.0)
-        print(f"    longest tick {longest * 1e3:,.0f} ms; longest wait for one reply "
-              f"{r['longest_read'] * 1e3:,.0f} ms: a read slower than the client's "
-              f"socket_timeout (1000 ms by default) fails on the client side: "
-              f"{'RISK' if r['longest_read'] >= 1.0 else 'ok'}")
-        # The criterion is what the client sent per tick (the wrapper's count); the servers'
-        # FCALL counts also include any other call that ran during the tick.
-        ok = bool(ticks) and all(x == 1 for x in rts)
-        print(f"    target one round trip per instance per tick: {verdict(ok)}")
+        if "1" in only:
+            _print_uncontended(floor_rt, floor_rate, rows, per_call)
+        if "2" in only:
+            _print_contended(urls, args, floor_rt)
+        if "3" in only:
+            _print_renewal(urls, args, floor_rt)
     return 0
+
+
+def _print_uncontended(floor_rt: float, floor_rate: float, rows: list[tuple],
+                       per_call: float) -> None:
+    print("(1) uncontended EX acquire + release, one client")
+    head = f"    {'figure':<28} {'ops/s':>9} {'p50 µs':>9} {'p99 µs':>9} {'floor RTs':>9}"
+    print(head)
+    for name, lat, _ in rows:
+        p50 = statistics.median(lat)
+        print(f"    {name:<28} {1 / statistics.mean(lat):>9,.0f} {p50 * 1e6:>9.1f} "
+              f"{pct(lat, 99) * 1e6:>9.1f} {p50 / floor_rt:>9.2f}")
+    print(f"    server time per DLM script call (INFO commandstats fcall): "
+          f"{per_call:.1f} µs; a floor round is {floor_rt * 1e6:.1f} µs")
+    for name, lat, _ in rows[2:]:
+        rate = 1 / statistics.mean(lat)
+        want = 0.6 * floor_rate / 2
+        print(f"    target {name}: pair rate >= 0.6 x floor rate / 2 = {want:,.0f}/s: "
+              f"{rate:,.0f}/s ({rate / (floor_rate / 2):.2f} x) -> {verdict(rate >= want)}")
+    print()
+
+
+def _print_contended(urls: list[str], args: argparse.Namespace, floor_rt: float) -> None:
+    c = figure_contended(urls, args.workers, args.seconds)
+    h = c["handoffs"]
+    fair = min(c["counts"]) / max(c["counts"]) if max(c["counts"]) else 0.0
+    print(f"(2) {args.workers} worker processes contending for one EX lock "
+          f"({args.seconds:g} s)")
+    print(f"    acquisitions: {c['acq']} ({c['rate']:,.0f}/s); per worker {c['counts']}")
+    print(f"    handoff (release start -> next grant, {len(h)} handoffs): "
+          f"p50 {statistics.median(h) * 1e6:,.0f} µs = "
+          f"{statistics.median(h) / floor_rt:.2f} floor RTs, p99 "
+          f"{pct(h, 99) * 1e6:,.0f} µs = {pct(h, 99) / floor_rt:.2f} floor RTs")
+    print(f"    same worker twice in a row: {c['same_worker_again']}")
+    print(f"    target handoff p50 <= 3 floor RTs ({3 * floor_rt * 1e6:.0f} µs): "
+          f"{verdict(statistics.median(h) <= 3 * floor_rt)}")
+    print(f"    target fairness (fewest/most) >= 0.9: {fair:.2f} -> {verdict(fair >= 0.9)}")
+    print()
+
+
+def _print_renewal(urls: list[str], args: argparse.Namespace, floor_rt: float) -> None:
+    r = figure_renewal(urls, args.locks)
+    ticks = r["ticks"]
+    print(f"(3) renewal with {args.locks:,} locks held by one client "
+          f"(acquired in {r['acquire_s']:.1f} s)")
+    rts = [max(t["per_instance"].values()) for t in ticks]
+    for k, t in enumerate(ticks):
+        print(f"    tick {k + 1}: round trips per instance {t['per_instance']}, "
+              f"{t['calls']} renew calls in it "
+              f"(FCALLs the servers ran meanwhile: {t['server_calls']}), "
+              f"{t['keys']:,} (lock, instance) entries, {t['seconds'] * 1e3:,.1f} ms = "
+              f"{t['seconds'] / floor_rt:,.0f} floor RTs (server time "
+              f"{[round(m) for m in t['server_ms']]} ms)")
+    print(f"    watched {r['watch_s']:.1f} s; acquisition rate "
+          f"{args.locks / r['acquire_s']:,.0f} locks/s; votes after: {r['votes']}")
+    print(f"    locks still valid after the ticks: {r['valid']:,} of {args.locks:,} "
+          f"({r['lost']} reported lost, no fault injected); close() released them in "
+          f"{r['close_s']:.1f} s")
+    longest = max((t["seconds"] for t in ticks), default=0.0)
+    print(f"    longest tick {longest * 1e3:,.0f} ms; longest wait for one reply "
+          f"{r['longest_read'] * 1e3:,.0f} ms: a read slower than the client's "
+          f"socket_timeout (1000 ms by default) fails on the client side: "
+          f"{'RISK' if r['longest_read'] >= 1.0 else 'ok'}")
+    # The criterion is what the client sent per tick (the wrapper's count); the servers'
+    # FCALL counts also include any other call that ran during the tick.
+    ok = bool(ticks) and all(x == 1 for x in rts)
+    print(f"    target one round trip per instance per tick: {verdict(ok)}")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,11 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import InvalidResponse, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+try:  # what redis-py's hiredis reader answers when a reply is not all there yet
+    from redis._parsers.hiredis import NOT_ENOUGH_DATA as _NOT_ENOUGH
+except ImportError:  # (older redis-py: hiredis's own default)
+    _NOT_ENOUGH = False
+
 from .connection import Pooled, open_session
 from .engine import codec
 from .engine.modes import Mode
@@ -29,7 +34,7 @@ from .errors import DLMError, LockTimeout
 from .flows import Broadcast, Flow, Flows, Pipeline, Shielded, Spawn, Wait
 from .handle import LockBase, RequestBase
 from .protocol import Call, LockCore, describe
-from .wire import Round, settle
+from .wire import Round, missing, settle
 
 log = logging.getLogger("redlockdlm")
 
@@ -51,6 +56,127 @@ async def _send(conn: Any, packed: bytes) -> None:
     writer.write(packed)
     if writer.transport.get_write_buffer_size():
         await conn.send_packed_command(b"", check_health=False)  # drain, with the timeout
+
+
+def _stream(conn: Any) -> asyncio.StreamReader | None:
+    """The asyncio StreamReader of an open redis-py connection, if it is one whose arrival
+    of data `_any_data` can wait for (asyncio's, with the attributes it uses); else None."""
+    global _streams_checked
+    stream = getattr(conn, "_reader", None)
+    if type(stream) is not asyncio.StreamReader or getattr(conn, "_writer", None) is None:
+        return None
+    if not _streams_checked:  # (once: they are asyncio's, the same for every reader)
+        if not all(hasattr(stream, a) for a in ("_waiter", "_buffer", "_eof", "_exception",
+                                                "_maybe_resume_transport")):
+            return None
+        _streams_checked = True
+    return stream
+
+
+_streams_checked = False
+_NOT_YET = object()  #: `_buffered_reply`: not all of the reply came yet
+
+
+def _parses(conn: Any, stream: asyncio.StreamReader) -> bool:
+    """True if `conn` parses with hiredis from `stream`, so that `_buffered_reply` can take
+    a reply that came whole without waiting for one that did not."""
+    parser = getattr(conn, "_parser", None)
+    reader = getattr(parser, "_reader", None)
+    return (getattr(parser, "_stream", None) is stream and hasattr(reader, "gets")
+            and hasattr(reader, "feed"))
+
+
+async def _buffered_reply(conn: Any, stream: asyncio.StreamReader) -> Any:
+    """The next reply on `conn` (`_parses`) if all of it has come, else `_NOT_YET` (what
+    came of it stays in the parser): the data buffered in `stream` is fed to the parser,
+    never waited for. An error reply is returned as its ResponseError; a closed or broken
+    connection, or bytes that are not Redis, raise (as redis-py's `read_response`)."""
+    raw = _take(conn._parser._reader, stream)
+    push = getattr(conn._parser, "_hiredis_PushNotificationType", None)
+    while push is not None and isinstance(raw, push):  # (RESP3 push: not the reply)
+        await conn._parser.handle_push_response(raw)
+        raw = _take(conn._parser._reader, stream)
+    if isinstance(raw, RedisConnectionError):
+        raise raw
+    if isinstance(raw, list) and raw and isinstance(raw[0], RedisConnectionError):
+        raise raw[0]
+    return raw
+
+
+def _take(reader: Any, stream: asyncio.StreamReader) -> Any:
+    """`_buffered_reply`'s parsing: what `stream` holds goes to the hiredis `reader` as
+    redis-py's parser would read it (`StreamReader.read` without the wait)."""
+    raw = reader.gets()
+    while raw is _NOT_ENOUGH:
+        buf = stream._buffer  # type: ignore[attr-defined]
+        if buf:
+            reader.feed(buf)
+            buf.clear()
+            stream._maybe_resume_transport()  # type: ignore[attr-defined]
+        elif stream._exception is not None:  # type: ignore[attr-defined]
+            exc = stream._exception  # type: ignore[attr-defined]
+            raise RedisConnectionError(f"Error while reading: {exc!r}") from exc
+        elif stream._eof:  # type: ignore[attr-defined]
+            raise RedisConnectionError("Connection closed by server.")
+        else:
+            return _NOT_YET
+        raw = reader.gets()
+    return raw
+
+
+def _readable(stream: asyncio.StreamReader) -> bool:
+    """True if a read of `stream` would not wait: data is buffered, or it met its end or
+    an error (which the read then reports)."""
+    return bool(stream._buffer) or stream._eof or stream._exception is not None  # type: ignore[attr-defined]
+
+
+class _Wake:
+    """A stand-in for the future a StreamReader keeps while a read waits for data
+    (`StreamReader._waiter`): put in several readers at once, it wakes the one coroutine
+    waiting in `_any_data` once `need` of them got data, their end or an error (or its
+    timer fires). A reader calls only `cancelled()` and `set_result` / `set_exception`
+    on it, once, and drops it."""
+
+    __slots__ = ("fut", "need")
+
+    def __init__(self, fut: asyncio.Future[None], need: int) -> None:
+        self.fut = fut
+        self.need = need
+
+    def cancelled(self) -> bool:
+        return False
+
+    def set_result(self, _: object) -> None:
+        self.need -= 1
+        if self.need <= 0:
+            self.fire()
+
+    def set_exception(self, _: BaseException) -> None:
+        self.set_result(None)  # the read that follows raises it
+
+    def fire(self) -> None:
+        if not self.fut.done():
+            self.fut.set_result(None)
+
+
+async def _any_data(streams: Sequence[asyncio.StreamReader], timeout: float,
+                    need: int = 1) -> None:
+    """Wait until `need` of `streams` (none `_readable` now) are `_readable`, or `timeout`
+    seconds: one future and one timer, however many streams (none of which any other
+    coroutine reads meanwhile)."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[None] = loop.create_future()
+    wake = _Wake(fut, need)
+    for st in streams:
+        st._waiter = wake  # type: ignore[attr-defined]
+    timer = loop.call_later(timeout, wake.fire)
+    try:
+        await fut
+    finally:
+        timer.cancel()
+        for st in streams:
+            if st._waiter is wake:  # type: ignore[attr-defined]
+                st._waiter = None  # type: ignore[attr-defined]
 
 
 class _Instance(Pooled):
@@ -350,10 +476,11 @@ class AsyncDLM(Flows):
         first read): every request is already on its way, so this costs no round trip,
         and it needs no task per instance.
 
-        With `enough` (R4, `DLM._broadcast`): each reply is read by its own task, and the
-        call returns once that many are in and the others have had as long again as those
-        took (at least 5 ms); a stalled instance's reply goes to `late(instance, result)`
-        when it comes (a background task), which must handle it safely."""
+        With `enough` (R4, `DLM._broadcast`): the replies are read as they come (`_gather`),
+        and the call returns once that many are in and the others have had as long again
+        as those took (at least 5 ms); a stalled instance's reply goes to
+        `late(instance, result)` when it comes (a background task), which must handle it
+        safely."""
         results: dict[int, Any] = {}
         conns: list[tuple[int, Call, Any]] = []
         unsent: list[tuple[int, Call, Any]] = []
@@ -395,8 +522,100 @@ class AsyncDLM(Flows):
     async def _gather(self, conns: list[tuple[int, Call, Any]],
                       unsent: list[tuple[int, Call, Any]], results: dict[int, Any],
                       enough: int, late: Callable[[int, Any], Any] | None) -> dict[int, Any]:
-        """`_broadcast` with `enough`: read the replies as they come (a task each; for a
-        connection not open yet, the task connects and writes first)."""
+        """`_broadcast` with `enough`: read the replies as they come. Where every
+        connection is open, this task reads them itself, woken by whichever connection has
+        data (`_Wake`), as the sync client polls its sockets: no task per instance. The
+        instances still silent when the grace is over are read by a task each, which hands
+        the reply to `late`. Otherwise (a connection not open yet, which its task connects
+        and writes first) every reply is read by its own task (`_gather_tasks`).
+
+        As in the sync client, a reply that asks for more round trips on its instance (the
+        library missing there: load, send again) is completed here, before the others are
+        read (they wait in their buffers), and a parser without hiredis reads a reply that
+        has begun to arrive to its end, within the instance's socket timeout."""
+        if unsent:
+            return await self._gather_tasks(conns, unsent, results, enough, late)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        # instance -> (call, connection, its stream, whether `_buffered_reply` parses it)
+        todo: dict[int, tuple[Call, Any, asyncio.StreamReader, bool]] = {}
+        for i, call, conn in conns:
+            st = _stream(conn)
+            if st is None:
+                return await self._gather_tasks(conns, unsent, results, enough, late)
+            todo[i] = (call, conn, st, _parses(conn, st))
+        ends = {i: t0 + self._instances[i].timeout for i in todo}
+        grace_end: float | None = None
+        try:
+            while todo:
+                for i in [i for i, e in todo.items() if _readable(e[2])]:
+                    call, conn, st, parses = todo[i]
+                    if not parses:  # a reply read as redis-py reads it
+                        del todo[i]
+                        left = max(0.001, ends[i] - loop.time())
+                        results[i] = (await self._finish(i, conn, [call], left))[0]
+                        continue
+                    try:
+                        raw = await _buffered_reply(conn, st)
+                    except Exception as exc:  # noqa: BLE001 - closed, reset, not Redis...
+                        del todo[i]
+                        results[i] = exc
+                        with contextlib.suppress(Exception):
+                            await conn.disconnect()
+                        self._instances[i].put(conn)
+                        continue
+                    if raw is _NOT_YET:  # a part of it came: wait for the rest
+                        continue
+                    del todo[i]
+                    if missing(raw):  # the library is missing there: load, send again
+                        results[i] = (await self._finish(i, conn, [call], first=[raw]))[0]
+                    else:  # (what `_finish` does with a reply that ends the round)
+                        results[i] = settle(call, raw, self._instances[i].url)
+                        self._instances[i].put(conn)
+                if not todo:
+                    break
+                now = loop.time()
+                if len(results) >= enough:
+                    if grace_end is None:  # the others' grace: as long again as it took
+                        grace_end = now + max(0.005, now - t0)
+                    if now >= grace_end:
+                        break
+                until = min(ends[i] for i in todo)
+                if until <= now:  # silent for its socket timeout: as `_finish` says
+                    for i in [i for i in todo if ends[i] <= now]:
+                        conn = todo.pop(i)[1]
+                        results[i] = RedisTimeoutError(
+                            f"Timeout reading from {self._instances[i].url}")
+                        with contextlib.suppress(Exception):
+                            await conn.disconnect()
+                        self._instances[i].put(conn)
+                    continue
+                # woken once the quorum can be complete, or (in the grace) all are in
+                need = len(todo)
+                if grace_end is not None:
+                    until = min(until, grace_end)
+                else:
+                    need = min(need, enough - len(results))
+                await _any_data([e[2] for e in todo.values()], until - now, need)
+        except BaseException:  # cancelled: replies nobody will read must not stay queued
+            for i, (_, conn, _, _) in todo.items():
+                with contextlib.suppress(Exception):
+                    await conn.disconnect(nowait=True)
+                self._instances[i].put(conn)
+            raise
+        now = loop.time()
+        for i, (call, conn, _, _) in todo.items():  # R4: a stalled instance, read when it comes
+            t = asyncio.ensure_future(self._finish(i, conn, [call], max(0.001, ends[i] - now)))
+            self._background.add(t)
+            t.add_done_callback(functools.partial(self._late_done, i, late))
+        return results
+
+    async def _gather_tasks(self, conns: list[tuple[int, Call, Any]],
+                            unsent: list[tuple[int, Call, Any]], results: dict[int, Any],
+                            enough: int,
+                            late: Callable[[int, Any], Any] | None) -> dict[int, Any]:
+        """`_gather` with a task per instance reading its reply (for a connection not open
+        yet, the task connects and writes first)."""
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         tasks = {asyncio.ensure_future(self._finish(i, conn, [call], self._instances[i].timeout)):
@@ -459,13 +678,17 @@ class AsyncDLM(Flows):
         return await self._finish(i, conn, calls)
 
     async def _finish(self, i: int, conn: Any, calls: Sequence[Call],
-                      first_timeout: float | None = None) -> list[Any]:
+                      first_timeout: float | None = None,
+                      first: list[Any] | None = None) -> list[Any]:
         """`DLM._finish`: read, settle, resend after loading a missing library, give the
-        connection back. `first_timeout` bounds the wait for the first reply."""
+        connection back. `first_timeout` bounds the wait for the first reply; `first`: the
+        replies of `calls`, where they were read already (`_gather`)."""
         inst = self._instances[i]
         try:
             rnd = Round(calls)
-            cmds = rnd.feed(await self._replies(conn, len(calls), first_timeout, inst.url))
+            if first is None:
+                first = await self._replies(conn, len(calls), first_timeout, inst.url)
+            cmds = rnd.feed(first)
             while cmds:
                 await self._write(conn, conn.pack_commands(cmds))
                 cmds = rnd.feed(await self._replies(conn, len(cmds)))
@@ -482,8 +705,9 @@ class AsyncDLM(Flows):
 
     @staticmethod
     async def _write(conn: Any, chunks: Sequence[bytes]) -> None:
-        """One write of packed commands (the one place a pipelined round trip starts)."""
-        await conn.send_packed_command(chunks, check_health=False)
+        """One write of packed commands (the one place a pipelined round trip starts), as
+        `_send` writes: straight to the stream of an open connection."""
+        await _send(conn, b"".join(chunks))
 
     @staticmethod
     async def _replies(conn: Any, n: int, first_timeout: float | None = None,
