@@ -864,8 +864,7 @@ class AsyncLock(LockBase):
         """Release on every instance (writing the value block if set by a PW/EX holder).
         Cancelled meanwhile, the release still completes before the CancelledError
         propagates (bounded by the socket timeouts)."""
-        await self._dlm._complete(self._dlm._run(self._dlm._release(self._core,
-                                                                    subtree=subtree)))
+        await self._dlm._run(self._dlm._release(self._core, subtree=subtree))
 
     async def __aenter__(self) -> AsyncLock:
         return self

@@ -395,11 +395,23 @@ class Flows:
     def _release(self, lk: LockCore, subtree: bool = False) -> Flow:
         """Release `lk` (and with `subtree` its descendants) on every instance: done once
         a quorum released it (R4; a stalled instance gets it when it wakes, or the lease
-        ends it there). Refused everywhere (HasChildren...), nothing changed: raised."""
+        ends it there). Refused everywhere (HasChildren...), nothing changed: raised.
+        Interrupted (KeyboardInterrupt, a cancellation) at any point, the release is
+        completed (`Shielded`) before the interruption propagates."""
+        try:
+            yield from self._releasing(lk, subtree, again=False)
+        except BaseException as exc:
+            if _interrupted(exc):
+                yield Shielded(self._releasing(lk, subtree, again=True))
+            raise
+
+    def _releasing(self, lk: LockCore, subtree: bool, again: bool) -> Flow:
+        """`_release`; `again`: its completion after an interruption, which may have come
+        after the lock was marked released (so that mark does not end it)."""
         core = self._core
         while lk.repairing:  # R1, R2: the repair lands first, never after the release
             yield Wait(lk, self._now() + 0.5)
-        if lk.phase is Phase.RELEASED:
+        if lk.phase is Phase.RELEASED and not (again and core.locks.get(lk.id) is lk):
             return
         if not subtree and any(c.phase is not Phase.RELEASED for c in lk.children):
             raise HasChildren("release the child locks first, or ask subtree=True",
@@ -410,12 +422,7 @@ class Flows:
         while lk.sends:  # a re-check in flight lands before the release, never after
             yield Wait(lk, self._now() + 0.5)
         cmds = [(i, core.release_cmd(lk, subtree=subtree, i=i)) for i in range(core.n)]
-        try:
-            results = yield Broadcast(cmds, core.quorum)
-        except BaseException as exc:
-            if _interrupted(exc):  # the release still reaches every instance
-                yield Shielded(self._release_again(lk, cmds))
-            raise
+        results = yield Broadcast(cmds, core.quorum)
         errors = [r for r in results.values()
                   if isinstance(r, DLMError) and not isinstance(r, QuorumUnavailable)]
         if errors and len(errors) == len(results):
@@ -425,10 +432,6 @@ class Flows:
             raise errors[0]  # refused everywhere (e.g. HasChildren): nothing changed
         for r in errors:
             log.warning("release of %s: %s", lk.id, r)
-        self._released(lk, results)
-
-    def _release_again(self, lk: LockCore, cmds: Sequence[tuple[int, Call]]) -> Flow:
-        results = yield Broadcast(cmds, self._core.quorum)
         self._released(lk, results)
 
     def _released(self, lk: LockCore, results: dict[int, Any]) -> None:
