@@ -1,9 +1,10 @@
-"""Operator-side reads and writes over every instance: what `dlm` and the detector share.
+"""Operator views over every instance: health, resources merged across instances with
+their divergences, break, sweep (what `dlm` shows and does).
 
 No printing here (the CLI's `output` module does that): each function returns plain
-dataclasses. Every instance is asked in parallel, and an instance that does not answer is
-reported as such (`InstanceResult.error`) instead of failing the whole call, so an operator still
-sees the instances that do answer.
+dataclasses. Every instance is asked in parallel (`redlockdlm.fanout`, re-exported here),
+and an instance that does not answer is reported as such (`InstanceResult.error`) instead
+of failing the whole call, so an operator still sees the instances that do answer.
 
     targets = connect(["redis://127.0.0.1:7001", ...], "shop", timeout_s=2.0)
     health(targets)                    # per instance: reachable, latency, epoch, counts
@@ -15,100 +16,28 @@ sees the instances that do answer.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import TypeVar
 
-import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
-
-from .connection import Instance
 from .engine.codec import BreakReply, BrokenLock, InstanceStatus, LockView, ResourceView
 from .engine.instance import Engine
 from .engine.keys import check_id, check_name
 from .engine.keys import parent_key as parent_key  # (re-exported: the detector uses it)
 from .engine.keys import show_name as show_name  # (re-exported: the CLI uses it)
 from .engine.modes import Mode
-from .errors import DLMError, InvalidArgument
-from .protocol import describe, from_redis_py
+from .errors import InvalidArgument
+from .fanout import InstanceResult as InstanceResult
+from .fanout import Target as Target
+from .fanout import connect as connect
+from .fanout import fan_out as fan_out
+from .fanout import label_of as label_of
 from .protocol import quorum as quorum  # (re-exported: the CLI uses it)
 
 T = TypeVar("T")
 
 #: Keys per inspect call when listing every resource (one script call per batch).
 INSPECT_BATCH = 500
-
-
-# ----------------------------------------------------------------- instances
-
-
-@dataclass(frozen=True)
-class Target:
-    """One instance as operators see it: a display label (password masked) and its Engine."""
-
-    label: str
-    engine: Engine
-
-
-def connect(urls: Sequence[str], namespace: str = "default", *,
-            timeout_s: float = 2.0) -> list[Target]:
-    """An Engine per URL. Nothing is sent yet; a malformed URL or namespace raises
-    InvalidArgument. Connections fail fast: `timeout_s` to connect and per reply, and no
-    retries, so an unreachable instance costs one timeout, not a backoff schedule."""
-    if not urls:
-        raise InvalidArgument("no instances: give at least one redis:// URL")
-    out = []
-    for url in urls:
-        inst = Instance(url, socket_timeout=timeout_s, connect_timeout=timeout_s,
-                        retry=Retry(NoBackoff(), 0))
-        out.append(Target(inst.url, Engine(inst.client, namespace)))
-    return out
-
-
-def label_of(engine: Engine) -> str:
-    """A display label for an Engine built elsewhere (tests, embedding programs)."""
-    kw = engine.client.connection_pool.connection_kwargs
-    if "path" in kw:
-        return f"unix://{kw['path']}"
-    return f"redis://{kw.get('host', '?')}:{kw.get('port', '?')}"
-
-
-@dataclass(frozen=True)
-class InstanceResult(Generic[T]):
-    """What one instance answered: `value`, or `error` (one line) if it failed."""
-
-    label: str
-    value: T | None = None
-    error: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-
-def fan_out(targets: Sequence[Target], fn: Callable[[Engine], T], *,
-            executor: Executor | None = None) -> list[InstanceResult[T]]:
-    """Run `fn(engine)` on every instance in parallel; errors of redis (redis-py's own
-    failures included), the OS or the scripts become `InstanceResult.error`, anything else (a
-    bug) propagates."""
-    def one(t: Target) -> InstanceResult[T]:
-        try:
-            return InstanceResult(t.label, fn(t.engine))
-        except (redis.RedisError, OSError, DLMError) as exc:
-            return InstanceResult(t.label, None, describe(exc))
-        except Exception as exc:
-            if from_redis_py(exc):
-                return InstanceResult(t.label, None, describe(exc))
-            raise
-
-    if len(targets) == 1:
-        return [one(targets[0])]
-    if executor is not None:
-        return list(executor.map(one, targets))
-    with ThreadPoolExecutor(max_workers=len(targets), thread_name_prefix="dlm-fan") as pool:
-        return list(pool.map(one, targets))
 
 
 # ----------------------------------------------------------------- names and keys

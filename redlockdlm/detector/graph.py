@@ -14,8 +14,8 @@ from functools import cache, cached_property
 from operator import itemgetter
 from typing import NamedTuple
 
-from ..admin import parent_key
 from ..engine.codec import LockView, ResourceView
+from ..engine.keys import parent_key
 from ..engine.modes import COMPAT, Flag, Mode
 from .scanning import ScannedLock, ScannedResource, Snapshot
 

@@ -14,17 +14,10 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from ..admin import (
-    InstanceResult,
-    Target,
-    connect,
-    fan_out,
-    label_of,
-    parent_key,
-    show_name,
-)
 from ..engine.instance import Engine
+from ..engine.keys import parent_key, show_name
 from ..engine.modes import Status
+from ..fanout import InstanceResult, Target, connect, fan_out, label_of
 from ..protocol import describe
 from .graph import Cycle, GraphMemo, WaitingRequest, choose_victim, find_cycles, wait_for_graph
 from .scanning import (

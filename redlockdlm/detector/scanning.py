@@ -17,11 +17,11 @@ from itertools import compress, groupby, islice, repeat
 from operator import itemgetter, sub
 from typing import NamedTuple
 
-from ..admin import InstanceResult, Target, fan_out, label_of
 from ..engine.codec import LockView, ResourceView
 from ..engine.instance import Engine
 from ..engine.modes import Mode
 from ..errors import ProtocolError
+from ..fanout import InstanceResult, Target, fan_out, label_of
 from ..protocol import quorum as quorum_of
 
 # ----------------------------------------------------------------- D1: the scan
