@@ -109,6 +109,21 @@ class Reply:
     broken: list[tuple] = field(default_factory=list)
 
 
+def event_bytes(event: tuple) -> bytes:
+    """An event of `Model.events` as the scripts publish it (lua/lib/core.lua grant_event and
+    blocking, cancel.lua, break.lua): what `codec.parse_event` reads."""
+    kind = event[0]
+    if kind == "G":
+        _, lid, gr, tok, vb, vv, vi = event
+        return (b"G|%s|%d|%d|%d|%d|" % (lid.encode(), gr, tok, vv, vi)
+                + (b"1|" + vb if vb is not None else b"0|"))
+    if kind == "B":
+        _, lid, rq, ticket, other = event
+        return b"B|%s|%d|%d|%s" % (lid.encode(), rq, ticket, other.encode())
+    _, lid, reason = event
+    return b"C|%s|%s" % (lid.encode(), reason.encode())
+
+
 def check_id(what: str, value: str) -> None:
     if (
         not isinstance(value, str)
@@ -146,7 +161,10 @@ class Model:
         self.windex: dict[tuple[str, bytes], int] = {}  #: waiter index: (id, key) -> expiry
         self.epoch_safe: int | None = None  #: None: no epoch yet (E1)
         self.epoch_restarted = False  #: the epoch was created by a script, not `init fresh`
-        self.events: list[tuple[str, tuple]] = []  #: (owner, event) in publish order
+        #: (owner, event) in publish order, as the scripts publish them (N1-N3): ("G", id,
+        #: mode, token, value, version, invalid), ("B", id, rq, ticket, other id),
+        #: ("C", id, reason); `tests/engine/test_model_vs_lua.py` compares them
+        self.events: list[tuple[str, tuple]] = []
 
     # ----------------------------------------------------------------- epoch (E1)
 
@@ -211,7 +229,8 @@ class Model:
         return True
 
     def _grant_event(self, r: Resource, lk: Lock, ev: list) -> None:
-        ev.append((lk.owner, ("G", lk.id, lk.gr, lk.token)))
+        """N2: the grant with the value block as it is when granted (lua grant_event)."""
+        ev.append((lk.owner, ("G", lk.id, lk.gr, lk.token, r.vb, r.vv, r.vi)))
 
     def _process(self, key: bytes, r: Resource, now: int, ev: list) -> None:
         """G8: conversions first, repeatedly; then waiters in order while no conversion."""

@@ -26,7 +26,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
-from model import Model
+from model import Model, event_bytes
 from spec.invariants import (
     History,
     check_all,
@@ -94,6 +94,7 @@ def lock_fields(rep) -> tuple:
 
 class EngineVsModel(RuleBasedStateMachine):
     client = None  # set by the test
+    sub = None  # the pub/sub connection reading every event of namespace "m"
 
     @initialize(restarted=st.sampled_from([False, False, True]))
     def setup(self, restarted: bool) -> None:
@@ -106,6 +107,10 @@ class EngineVsModel(RuleBasedStateMachine):
         self.now = T0
         self.e.set_clock(frozen_ms=self.now)
         self.m = Model()
+        if self.sub is None:  # N1-N3: every event the scripts publish, in order
+            self.sub = self.client.pubsub(ignore_subscribe_messages=True)
+            self.sub.psubscribe(self.e.chan + b"*")
+        self.drain_events()  # (a failed example may leave some behind)
         if not restarted:
             self.m.init_fresh(self.now)
         self.keys = {p: self.e.key(*p) for p, _ in RESOURCES}
@@ -131,6 +136,7 @@ class EngineVsModel(RuleBasedStateMachine):
             b = model_call()
         except DLMError as exc:
             b = type(exc)
+        self.same_events()
         if isinstance(a, type) or isinstance(b, type):
             assert a == b, f"lua {a!r} model {b!r}"
             self.ok = True
@@ -149,6 +155,30 @@ class EngineVsModel(RuleBasedStateMachine):
             assert lock_fields(a) == lock_fields(b)
         self.ok = True
         return a
+
+    def drain_events(self) -> list[tuple[bytes, bytes]]:
+        """The events published since the last call: (owner, payload) in order."""
+        out = []
+        prefix = len(self.e.chan)
+        while (msg := self.sub.get_message(timeout=0.0)) is not None:
+            if msg["type"] == "pmessage":
+                out.append((msg["channel"][prefix:], msg["data"]))
+        return out
+
+    def same_events(self) -> None:
+        """The scripts published exactly the model's events of the step, in order, on each
+        owner's channel, in the bytes the clients parse (the simulator of tests/sim
+        delivers the model's events to real client code in this form)."""
+        want = [(o.encode(), event_bytes(ev)) for o, ev in self.m.events]
+        self.m.events.clear()
+        got = self.drain_events()
+        deadline = 50
+        while len(got) < len(want) and deadline:  # (delivered as the reply was)
+            deadline -= 1
+            msg = self.sub.get_message(timeout=0.02)
+            if msg is not None and msg["type"] == "pmessage":
+                got.append((msg["channel"][len(self.e.chan):], msg["data"]))
+        assert got == want, f"events: lua {got!r} model {want!r}"
 
     def pick(self, data_id: int) -> tuple[str, tuple, str, str] | None:
         if not self.locks:

@@ -1,0 +1,119 @@
+"""A simulated Redis instance: the reference model (`tests/model.py`, kept equal to the Lua
+by `tests/engine/test_model_vs_lua.py`, events included) behind the wire form the real
+transports read.
+
+`SimInstance.execute(call, t)` decodes one `protocol.Call` (script name, KEYS, ARGV as the
+client builds them with `engine/codec.py`) into a model call at the instance's own clock,
+and answers the raw reply as Redis hands the Lua script's return value to redis-py (a list
+of ints, bytes and None; a `DLM_*` error reply as a `ResponseError`), plus the events the
+call published, as (owner, payload bytes). The client settles the raw reply with the real
+`wire.settle` and parses events with the real `codec.parse_event`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from model import Model, event_bytes
+from redis.exceptions import ResponseError
+
+from redlockdlm.errors import SCRIPT_ERRORS, DLMError
+
+_CODE = {cls: code for code, cls in SCRIPT_ERRORS.items()}
+T0_MS = 1_800_000_000_000  #: the instances' wall clock at simulated time 0
+
+
+def _lock_reply(rep: Any, epoch: bytes) -> list:
+    out = [int(rep.status), epoch, -1 if rep.gr is None else int(rep.gr), rep.token, rep.pos,
+           rep.vb, rep.vv, rep.vi, rep.wait_ms, rep.extra, rep.nblockers]
+    for owner, lid, gr in rep.blockers:
+        out += [owner.encode(), lid.encode(), int(gr)]
+    return out
+
+
+class SimInstance:
+    """One instance: a model, a clock (`rate` and `offset_ms` against simulated time: the
+    skew of its wall clock), an epoch id per empty start, and its fault state."""
+
+    def __init__(self, idx: int, rate: float, offset_ms: int) -> None:
+        self.idx = idx
+        self.rate = rate
+        self.offset_ms = offset_ms
+        self.gen = 0
+        self.model = Model()
+        self.model.init_fresh(self.clock_ms(0.0))  # a brand-new cluster (`init fresh`)
+        self.epoch: bytes | None = None
+        self.up = True  #: False while crashed (connections refused)
+        self.paused_until = 0.0  #: simulated time a pause (SIGSTOP) ends
+        self.calls = 0
+
+    def clock_ms(self, t: float) -> int:
+        return T0_MS + self.offset_ms + int(t * 1000.0 * self.rate)
+
+    def restart_empty(self) -> None:
+        """A restart that lost every key (no persistence): a new server, no epoch (E1: the
+        first script creates one that waits its rejoin window)."""
+        self.gen += 1
+        self.model = Model()
+        self.epoch = None
+
+    def _epoch(self) -> bytes | None:
+        if self.epoch is None and self.model.epoch_safe is not None:
+            self.epoch = b"i%dg%d" % (self.idx, self.gen)
+        return self.epoch
+
+    def execute(self, call: tuple, t: float) -> tuple[Any, list[tuple[str, bytes]]]:
+        """Run one script call at simulated time `t`: (raw reply, events published)."""
+        self.calls += 1
+        name, keys, args = call
+        m = self.model
+        now = self.clock_ms(t)
+        try:
+            raw = self._dispatch(m, name, keys, args, now)
+        except DLMError as exc:
+            raw = ResponseError(f"{_CODE[type(exc)]} {exc}")
+        events = [(owner, event_bytes(ev)) for owner, ev in m.events]
+        m.events.clear()
+        return raw, events
+
+    def _dispatch(self, m: Model, name: str, keys: list, a: list, now: int) -> Any:
+        if name == "request":
+            pid = a[8].decode()
+            rep = m.request(keys[2], a[9], a[2].decode(), a[3].decode(), int(a[4]), int(a[5]),
+                            int(a[6]), int(a[7]), now, int(a[0]),
+                            keys[3] if pid else b"", pid, int(a[10]))
+        elif name == "convert":
+            rep = m.convert(keys[2], a[2].decode(), a[3].decode(), int(a[4]), int(a[5]),
+                            int(a[6]), int(a[7]), now, int(a[0]),
+                            a[9] if a[8] == b"1" else None, int(a[10]), int(a[11]),
+                            int(a[12]), int(a[13]))
+        elif name == "release":
+            rep = m.release(keys[2], a[2].decode(), a[3].decode(), int(a[4]), now, int(a[0]),
+                            keys[3], tuple(keys[4:]), a[6] if a[5] == b"1" else None,
+                            int(a[7]), int(a[8]), int(a[9]))
+        elif name == "cancel":
+            rep = m.cancel(keys[2], a[2].decode(), a[3].decode(), now, int(a[0]),
+                           a[4].decode(), a[5] == b"1", keys[3])
+        elif name == "yield":
+            rep = m.yield_(keys[2], a[2].decode(), a[3].decode(), now, int(a[0]))
+        elif name == "renew":
+            items = [(a[k].decode(), int(a[k + 1])) for k in range(4, len(a), 2)]
+            reps = m.renew(list(keys[2:]), a[2].decode(), int(a[3]), items, now, int(a[0]))
+            out: list = [self._epoch()]
+            for r in reps:
+                out += [int(r.status), -1 if r.gr is None else int(r.gr), r.token, r.pos,
+                        r.wait_ms]
+            return out
+        elif name == "init" and a[0] == b"hello":
+            safe = m.epoch_safe
+            return [self._epoch(), now, 0 if safe is None else max(0, safe - now), None,
+                    b"run%d.%d" % (self.idx, self.gen), b"noeviction"]
+        else:
+            raise ValueError(f"the simulator does not model {name} {a[:1]!r}")
+        return _lock_reply(rep, self._epoch())
+
+    def live_locks(self, t: float) -> list[tuple[bytes, str, str]]:
+        """(key, lock id, owner) of every lock whose lease has not ended at `t`."""
+        now = self.clock_ms(t)
+        return [(key, lk.id, lk.owner) for key, r in sorted(self.model.res.items())
+                for q in (r.g, r.c, r.w) for lk in q if lk.exp > now]

@@ -1,0 +1,462 @@
+"""The simulated world: a seeded discrete-event scheduler, the network, the faults, the
+workload, and the observer that checks the invariants after every event.
+
+Everything random comes from `random.Random` objects seeded from the run's seed (one per
+concern: network, faults, workload), events at the same instant run in the order they were
+scheduled, and lock ids come from a counter: a seed replays exactly.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import random
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from redlockdlm import protocol
+from redlockdlm.engine.modes import COMPAT, Mode
+from redlockdlm.errors import DLMError
+from redlockdlm.protocol import Phase, covers
+
+from .client import SimClient
+from .instance import SimInstance
+
+
+@dataclass
+class Config:
+    instances: int = 3
+    clients: int = 3
+    resources: int = 2
+    lease_ms: int = 1000
+    work_s: float = 6.0  #: the workload starts requests until then; faults stop then too
+    drop: float = 0.01  #: per message (requests, replies, events)
+    dup: float = 0.01  #: a request run twice back to back by the instance (G12)
+    slow: float = 0.03  #: a message delayed 5..200 ms (reorders)
+    faults: int = 6  #: instance pauses / empty restarts / client pauses / partitions
+    skew: float = 0.002  #: clock rates within 1 +- skew (Redlock allows 1%)
+    interrupt: float = 0.15  #: a user call interrupted (KeyboardInterrupt) at a random point
+
+
+@dataclass
+class Result:
+    seed: int
+    ops: int = 0
+    events: int = 0
+    checks: int = 0
+    faults: list[str] = field(default_factory=list)
+    violations: list[str] = field(default_factory=list)
+    sim_s: float = 0.0
+    outcomes: dict[str, int] = field(default_factory=dict)
+    trace: list[str] = field(default_factory=list)
+
+
+class Network:
+    """Messages between clients and instances: a base latency, a slow tail (reordering),
+    drops, duplicated requests, partitions (a client cut from some instances)."""
+
+    def __init__(self, world: World) -> None:
+        self.w = world
+        self.rng = random.Random(world.seed * 7 + 1)
+        self.cut: dict[tuple[int, int], float] = {}  #: (client, instance) -> until
+
+    def delay(self) -> float:
+        r = self.rng
+        d = 0.0002 + r.random() * 0.0015
+        if r.random() < self.w.cfg.slow and self.w.t < self.w.cfg.work_s:
+            d += 0.005 + r.random() * 0.2
+        return d
+
+    def lost(self, c: SimClient, i: int) -> bool:
+        w = self.w
+        if self.cut.get((c.cid, i), -1.0) > w.t:
+            return True
+        return w.t < w.cfg.work_s and self.rng.random() < w.cfg.drop
+
+    def send(self, c: SimClient, i: int, calls: list, on_reply: Callable, *args: Any) -> None:
+        """Send `calls` to instance i; `on_reply(*args, results)` gets the settled results (a
+        redis.TimeoutError after the socket timeout if no reply came)."""
+        w = self.w
+        box = [False]  # answered (reply or timeout)
+
+        def timeout() -> None:
+            if not box[0]:
+                box[0] = True
+                err = redis.TimeoutError(f"Timeout reading from i{i}")
+                on_reply(*args, [err] * len(calls))
+
+        w.at(w.t + c.timeout, c, timeout)
+        if self.lost(c, i):
+            return
+        dup = w.t < w.cfg.work_s and self.rng.random() < w.cfg.dup
+        w.at(w.t + self.delay(), w.instances[i], self._arrive, c, i, calls, on_reply, args,
+             box, dup)
+
+    def _arrive(self, c: SimClient, i: int, calls: list, on_reply: Callable, args: tuple,
+                box: list, dup: bool) -> None:
+        w = self.w
+        inst = w.instances[i]
+        if not inst.up:
+            results: Any = redis.ConnectionError(f"Connection refused by i{i}")
+        else:
+            raws = []
+            for call in calls:
+                raw, events = inst.execute(call, w.t)
+                raws.append(raw)
+                self._publish(i, events)
+                if dup:  # the same script again at once: its reply is read by nobody
+                    _, events = inst.execute(call, w.t)
+                    self._publish(i, events)
+            results = raws
+        if self.lost(c, i):
+            return
+
+        def back() -> None:
+            if not box[0]:
+                box[0] = True
+                on_reply(*args, c.settle(calls, results))
+
+        w.at(w.t + self.delay(), c, back)
+
+    def _publish(self, i: int, events: list) -> None:
+        w = self.w
+        for owner, payload in events:
+            c = w.by_owner.get(owner)
+            if c is None or self.lost(c, i):
+                continue
+            w.at(w.t + self.delay(), c, c.deliver_event, i, payload)
+
+
+class World:
+    def __init__(self, seed: int, cfg: Config | None = None, trace: bool = False) -> None:
+        self.seed = seed
+        self.cfg = cfg = cfg or Config()
+        self.t = 0.0
+        self._heap: list = []
+        self._seq = 0
+        self.res = Result(seed)
+        self.tracing = trace
+        frng = random.Random(seed * 7 + 2)
+        self.wrng = random.Random(seed * 7 + 3)
+        self.instances = [SimInstance(i, 1.0 + frng.uniform(-cfg.skew, cfg.skew),
+                                      frng.randint(-20, 20)) for i in range(cfg.instances)]
+        self.net = Network(self)
+        self.clients = [SimClient(self, c, cfg.instances, cfg.lease_ms,
+                                  1.0 + frng.uniform(-cfg.skew, cfg.skew))
+                        for c in range(cfg.clients)]
+        self.by_owner = {c._core.owner: c for c in self.clients}
+        self.users: list[Any] = []
+        self.observer = Observer(self)
+        self._ids = 0
+        self._plan_faults(frng)
+
+    # ----------------------------------------------------------------- scheduler
+
+    def at(self, t: float, target: Any, fn: Callable, *args: Any) -> None:
+        """Run fn(*args) at simulated time t, on `target` (a client or instance: deferred
+        while it is paused)."""
+        heapq.heappush(self._heap, (max(t, self.t), self._seq, target, fn, args))
+        self._seq += 1
+
+    def soon(self, target: Any, fn: Callable, *args: Any) -> None:
+        self.at(self.t, target, fn, *args)
+
+    def note(self, line: str) -> None:
+        if self.tracing:
+            self.res.trace.append(f"{self.t:9.4f} {line}")
+
+    def background_error(self, c: SimClient, exc: BaseException) -> None:
+        if not isinstance(exc, DLMError):
+            self.violation(f"client {c.cid}: a background flow raised {exc!r}")
+
+    def violation(self, what: str) -> None:
+        self.res.violations.append(f"t={self.t:.4f} {what}")
+
+    def _new_id(self) -> str:
+        self._ids += 1
+        return f"s{self.seed}l{self._ids}"
+
+    def run(self) -> Result:
+        cfg = self.cfg
+        old_id, protocol.new_id = protocol.new_id, self._new_id
+        log = logging.getLogger("redlockdlm")
+        level, log.level = log.level, logging.CRITICAL
+        try:
+            for c in self.clients:
+                c.start()
+            for c in self.clients:
+                u = User(self, c)
+                self.users.append(u)
+                u.start()
+            end = cfg.work_s + 4 * cfg.lease_ms / 1000.0 + 4.0  # every request has ended
+            self._loop(end)
+            for u in self.users:
+                if not u.finished:
+                    self.violation(f"liveness: client {u.c.cid}'s call did not end "
+                                   f"({u.doing}) {end - cfg.work_s:.1f} s after the faults")
+            for c in self.clients:
+                c.run(c._close_flow(DLMError("closed")),
+                      lambda v, e, c=c: setattr(c, "closed", True))
+            end2 = end + 2 * cfg.lease_ms / 1000.0 + 1.0
+            self._loop(end2)
+            for inst in self.instances:
+                for key, lid, owner in inst.live_locks(self.t):
+                    self.violation(f"left behind: lock {lid} of {owner} on {key!r} at "
+                                   f"instance {inst.idx} a lease after every client closed")
+        finally:
+            protocol.new_id = old_id
+            log.level = level
+        self.res.sim_s = self.t
+        return self.res
+
+    def _loop(self, until: float) -> None:
+        heap = self._heap
+        obs = self.observer
+        res = self.res
+        while heap and heap[0][0] <= until:
+            t, seq, target, fn, args = heapq.heappop(heap)
+            if target is not None and target.paused_until > t:
+                heapq.heappush(heap, (target.paused_until, seq, target, fn, args))
+                continue
+            self.t = t
+            fn(*args)
+            res.events += 1
+            obs.check()
+        self.t = until
+
+    # ----------------------------------------------------------------- faults
+
+    def _plan_faults(self, rng: random.Random) -> None:
+        cfg = self.cfg
+        lease = cfg.lease_ms / 1000.0
+        for _ in range(cfg.faults):
+            t = rng.uniform(0.2, cfg.work_s - 0.5)
+            kind = rng.choice(("ipause", "irestart", "cpause", "partition"))
+            if kind == "ipause":
+                i, d = rng.randrange(cfg.instances), rng.uniform(0.02, 1.5 * lease)
+                self.at(t, None, self._pause, self.instances[i], d, f"instance {i}")
+            elif kind == "irestart":
+                i, d = rng.randrange(cfg.instances), rng.uniform(0.01, 0.5)
+                self.at(t, None, self._restart, i, d)
+            elif kind == "cpause":
+                c, d = rng.randrange(cfg.clients), rng.uniform(0.02, 2.0 * lease)
+                self.at(t, None, self._pause, self.clients[c], d, f"client {c}")
+            else:
+                c, d = rng.randrange(cfg.clients), rng.uniform(0.05, 2.0 * lease)
+                k = rng.randint(1, cfg.instances)
+                cut = sorted(rng.sample(range(cfg.instances), k))
+                self.at(t, None, self._partition, c, cut, d)
+
+    def _fault(self, what: str) -> None:
+        self.res.faults.append(f"t={self.t:.4f} {what}")
+        self.note(what)
+
+    def _pause(self, who: Any, d: float, name: str) -> None:
+        who.paused_until = max(who.paused_until, self.t + d)
+        self._fault(f"pause {name} for {d * 1000:.0f} ms")
+
+    def _restart(self, i: int, d: float) -> None:
+        inst = self.instances[i]
+        inst.up = False
+        inst.paused_until = 0.0
+        self._fault(f"instance {i} crashes, back empty in {d * 1000:.0f} ms")
+
+        def back() -> None:
+            inst.restart_empty()
+            inst.up = True
+
+        self.at(self.t + d, None, back)
+
+    def _partition(self, c: int, cut: list[int], d: float) -> None:
+        for i in cut:
+            self.net.cut[(c, i)] = self.t + d
+        self._fault(f"client {c} cut from instances {cut} for {d * 1000:.0f} ms")
+
+
+class User:
+    """A client's application: lock, maybe convert, hold, release, on a few resources, with
+    timeouts; sometimes interrupted (KeyboardInterrupt) or cancelled at a random point. A
+    step is a generator driven by `_advance`."""
+
+    def __init__(self, world: World, c: SimClient) -> None:
+        self.w = world
+        self.c = c
+        self.rng = random.Random(world.seed * 7 + 4 + 1000 * c.cid)
+        self.finished = False
+        self.doing = "start"
+        self.gen: Generator | None = None
+        self.wait_gen = 0
+
+    def start(self) -> None:
+        self.gen = self.script()
+        self.w.soon(self.c, self._advance, None)
+
+    def _advance(self, value: Any) -> None:
+        try:
+            cmd = self.gen.send(value)
+        except StopIteration:
+            self.finished = True
+            return
+        kind = cmd[0]
+        c = self.c
+        if kind == "sleep":
+            self.w.at(self.w.t + cmd[1], c, self._advance, None)
+        elif kind == "flow":
+            _, flow, interrupt_after = cmd
+            proc = c.run(flow, lambda v, e: self._advance((v, e)))
+            if interrupt_after is not None:
+                self.w.at(self.w.t + interrupt_after, c, self._interrupt, proc)
+        elif kind == "req":  # until the request is done, or the user gives up
+            _, req, give_up = cmd
+            if req.done:
+                self.w.soon(c, self._advance, True)
+                return
+            self.wait_gen += 1
+            gen = self.wait_gen
+            req.waiter = lambda: self._req_done(gen)
+            if give_up is not None:
+                self.w.at(self.w.t + give_up, c, self._give_up, req, gen)
+
+    def _req_done(self, gen: int) -> None:
+        if gen == self.wait_gen:
+            self.wait_gen += 1
+            self._advance(True)
+
+    def _give_up(self, req: Any, gen: int) -> None:
+        if gen == self.wait_gen and not req.done:
+            self.wait_gen += 1
+            req.waiter = None
+            self._advance(False)
+
+    def _interrupt(self, proc: Any) -> None:
+        if self.c.interrupt(proc):
+            self.w.note(f"client {self.c.cid}: interrupted in {self.doing}")
+
+    def _count(self, what: str) -> None:
+        o = self.w.res.outcomes
+        o[what] = o.get(what, 0) + 1
+
+    def script(self) -> Generator:
+        w, c, rng, cfg = self.w, self.c, self.rng, self.w.cfg
+        modes = (Mode.NL, Mode.CR, Mode.CW, Mode.PR, Mode.PR, Mode.PW, Mode.EX, Mode.EX)
+        maybe = lambda: (rng.uniform(0.0, 0.3) if rng.random() < cfg.interrupt else None)  # noqa: E731
+        while w.t < cfg.work_s:
+            yield ("sleep", rng.uniform(0.0, 0.05))
+            name = f"r{rng.randrange(cfg.resources)}"
+            mode = rng.choice(modes)
+            timeout = rng.choice((0.1, 0.3, 1.0, 2.0))
+            self.doing = f"lock {name} {mode.name}"
+            try:
+                lk, req = c.new_request(name, mode, timeout)
+            except DLMError:
+                continue
+            w.note(f"client {c.cid}: {self.doing} -> {lk.id}")
+            v, e = yield ("flow", c._request(lk, req), maybe())
+            w.res.ops += 1
+            if e is not None:
+                self._count(f"request {type(e).__name__}")
+                continue
+            if not (yield ("req", req, maybe())):
+                self.doing = f"cancel {name}"
+                yield ("flow", c._withdraw(req), None)
+                w.res.ops += 1
+                self._count("request cancelled")
+                continue
+            if req._error is not None:
+                self._count(f"request {type(req._error).__name__}")
+                continue
+            self._count("granted")
+            yield ("sleep", rng.uniform(0.0, 0.2))
+            if rng.random() < 0.4 and lk.phase is Phase.HELD:
+                to = rng.choice(modes)
+                self.doing = f"convert {name} {lk.mode.name}->{to.name}"
+                v, e = yield ("flow", c._convert(lk, to, rng.choice((0.1, 0.5, 1.0))),
+                              maybe())
+                w.res.ops += 1
+                self._count("converted" if e is None else f"convert {type(e).__name__}")
+                w.note(f"client {c.cid}: {self.doing} {lk.id}: {e!r}")
+                yield ("sleep", rng.uniform(0.0, 0.1))
+            if lk.phase is Phase.HELD and lk.mode is not None and lk.mode >= Mode.PW:
+                lk.new_value = b"c%d@%d" % (c.cid, lk.token)
+            self.doing = f"release {name}"
+            v, e = yield ("flow", c._release(lk), maybe())
+            w.res.ops += 1
+            self._count("released" if e is None else f"release {type(e).__name__}")
+        self.doing = "done"
+
+
+def _during(old: Mode | None, new: Mode) -> Mode | None:
+    """What a converting holder may rely on while its conversion is in flight (instances
+    may hold either mode): the strongest mode both cover (up: the old one; down: the new
+    one; CW<->PR: CR)."""
+    if old is None:
+        return None
+    return max(x for x in Mode if covers(old, x) and covers(new, x))
+
+
+class Observer:
+    """Checks, after every event, from the truth of every client's state at that instant:
+    (1) no two incompatible locks both believed valid by their holders (`validity(now) > 0`
+    in phase HELD, or converting: `_during`);
+    (2) fencing: a grant's token is above the token of every earlier conflicting grant on
+    its resource (as a resource that checks tokens sees them)."""
+
+    def __init__(self, world: World) -> None:
+        self.w = world
+        self.seen: set[tuple[str, int, int]] = set()  #: (lock id, token, mode) checked
+        #: resource key -> mode -> [(token, lock id)] the two highest, distinct lock ids
+        self.top: dict[bytes, dict[int, list[tuple[int, str]]]] = {}
+
+    def check(self) -> None:
+        w = self.w
+        w.res.checks += 1
+        held: dict[bytes, list[tuple[int, Any, Mode]]] = {}
+        for c in w.clients:
+            now = None
+            for lk in c._core.locks.values():
+                ph = lk.phase
+                if ph is Phase.HELD:
+                    m = lk.mode
+                elif ph is Phase.CONVERTING:
+                    m = _during(lk.mode, lk.rq)
+                else:
+                    continue
+                if now is None:
+                    now = c._now()
+                if m is None or lk.validity(now) <= 0:
+                    continue
+                lst = held.setdefault(lk.key, [])
+                for cid, other, om in lst:
+                    if not COMPAT[m][om]:
+                        w.violation(f"two holders: client {c.cid} lock {lk.id} {m.name} "
+                                    f"token {lk.token} and client {cid} lock {other.id} "
+                                    f"{om.name} token {other.token} on {lk.name!r}")
+                lst.append((c.cid, lk, m))
+                if w.tracing:
+                    w.note(f"holder c{c.cid} {lk.id} {lk.phase.value} {m.name} "
+                           f"mode={lk.mode} rq={lk.rq} votes="
+                           + ",".join(f"{v.vote.value}:{v.mode}" for v in lk.votes))
+                mark = (lk.id, lk.token, int(m))
+                if mark not in self.seen:
+                    self.seen.add(mark)
+                    self._fencing(lk, m)
+
+    def _fencing(self, lk: Any, m: Mode) -> None:
+        tops = self.top.setdefault(lk.key, {})
+        for x in Mode:
+            if COMPAT[m][x]:
+                continue
+            for tok, lid in tops.get(int(x), ()):
+                if lid != lk.id and tok >= lk.token:
+                    self.w.violation(f"fencing: lock {lk.id} {m.name} granted with token "
+                                     f"{lk.token} after lock {lid} {x.name} with {tok} "
+                                     f"on {lk.name!r}")
+        lst = [e for e in tops.get(int(m), []) if e[1] != lk.id] + [(lk.token, lk.id)]
+        tops[int(m)] = sorted(lst, reverse=True)[:2]
+
+
+def run_seed(seed: int, cfg: Config | None = None, trace: bool = False) -> Result:
+    return World(seed, cfg, trace).run()
