@@ -850,8 +850,8 @@ class AsyncLock(LockBase):
     async def convert(self, mode: object, *, timeout: float | None = None,
                       noqueue: bool = False, quecvt: bool = False, convdeadlk: bool = False,
                       no_deadlock_wait: bool = False, priority: int = 0) -> None:
-        """Change the mode; on failure the lock keeps its old mode (as `Lock.convert`,
-        `priority` included). Cancelled before it returns, a conversion that may wait (up
+        """Change the mode; on failure the lock keeps its old mode, a down-conversion its
+        new one (as `Lock.convert`, `priority` included). Cancelled before it returns, a conversion that may wait (up
         or sideways) is withdrawn on every instance and the lock keeps its old mode; a
         down-conversion, which never waits (G4) and may already have let other locks in
         beside its new mode, is completed. Either way the CancelledError propagates once

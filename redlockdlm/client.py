@@ -674,7 +674,8 @@ class Lock(LockBase):
                 quecvt: bool = False, convdeadlk: bool = False,
                 no_deadlock_wait: bool = False, priority: int = 0) -> None:
         """Change the mode (up or down). A down-conversion from PW/EX writes a value you set.
-        On failure (NotQueued, Deadlock, LockTimeout) the lock keeps its old mode.
+        On failure (NotQueued, Deadlock, LockTimeout) the lock keeps its old mode, but a
+        down-conversion is never taken back (G4): one that fails is in the new mode.
         `priority` (as for `DLM.lock`) is this conversion's, should it wait on a deadlock.
         Interrupted (KeyboardInterrupt...) before it returns, a conversion that may wait
         (up or sideways) is withdrawn on every instance and the lock keeps its old mode; a

@@ -447,9 +447,10 @@ class Flows:
     def _convert(self, lk: LockCore, mode: object, timeout: float | None,
                  **flags: Any) -> Flow:
         """Convert `lk` to `mode`; on failure it keeps its old mode (and the error is
-        raised). Interrupted before it returns, a conversion that may wait (up or
-        sideways) is withdrawn on every instance and the lock keeps its old mode; a
-        down-conversion, which never waits (G4), is completed."""
+        raised), except a down-conversion, which stands (G4, and the error is raised:
+        `Session._keep_down_conversion`). Interrupted before it returns, a conversion that
+        may wait (up or sideways) is withdrawn on every instance and the lock keeps its old
+        mode; a down-conversion, which never waits (G4), is completed."""
         core = self._core
         t = check_timeout(timeout)
         while lk.repairing:  # R1, R2: a repair lands before the conversion is sent
@@ -495,8 +496,10 @@ class Flows:
                 if out.error is not None:
                     break
                 yield from self._send_and_feed(lk, core.recheck_cmds(lk, now), cticket)
-        results = yield Broadcast(out.cleanup)
-        core.rollback_convert(lk, old, results)
+        if not out.keep:
+            results = yield Broadcast(out.cleanup)
+            core.rollback_convert(lk, old, results)
+            self._check_lost()  # a way back that did not go through at once
         raise out.error
 
     def _abandon_convert(self, lk: LockCore, old: Mode, down: bool,
@@ -512,8 +515,10 @@ class Flows:
             if core.evaluate_convert(lk, old, now).done:
                 return
             out = core.evaluate_convert(lk, old, now, timed_out=True)
-            results = yield Broadcast(out.cleanup)
-            core.rollback_convert(lk, old, results)
+            if not out.keep:
+                results = yield Broadcast(out.cleanup)
+                core.rollback_convert(lk, old, results)
+                self._check_lost()
             return
         while cmds:
             sent_at = self._now()

@@ -175,6 +175,8 @@ class Outcome:
     cleanup: list[tuple[int, tuple]] = field(default_factory=list)  #: (instance, command)
     actions: list[tuple[int, tuple]] = field(default_factory=list)  #: send now, no waiting
     wake_at: float | None = None  #: monotonic time to re-evaluate (re-check, retry)
+    #: a failed down-conversion that stands (G4): raise `error`, roll nothing back
+    keep: bool = False
 
 
 class LockCore:
@@ -1028,9 +1030,14 @@ class Session:
             elif lk.count(Vote.ABSENT) > n - q:
                 err = LockLost("the lock is gone from a quorum of instances", resource=res,
                                lock_id=lk.id)
+        if err is not None and not lost and not isinstance(err, LockLost) and (
+                is_down_conversion(old, lk.rq)):
+            return self._keep_down_conversion(lk, old, err)
         if err is not None:
             # Put the lock back in its old mode everywhere: cancel queued conversions and
-            # convert granted ones back down (always granted at once, G4).
+            # convert granted ones back (down after an up-conversion, always granted at
+            # once, G4; sideways after a sideways one, which may queue: rollback_convert
+            # counts only what the instances answer).
             lk.phase = Phase.LOST if lost else Phase.HELD
             lk.rq = old
             out = Outcome(error=err)
@@ -1048,14 +1055,51 @@ class Session:
         out.wake_at = self._recheck_at(lk, now)
         return out
 
+    def _keep_down_conversion(self, lk: LockCore, old: Mode, err: DLMError) -> Outcome:
+        """G4: a down-conversion is never taken back. Converting back up could wait, or be
+        refused, where the weaker mode has already let another lock in; counted as granted
+        there, it made two incompatible holders (found by the simulator, seed 20). So a
+        down-conversion that did not reach a quorum in time (a paused or unreachable
+        instance) still stands: the lock takes the weaker mode, which every instance covers
+        (it holds either the old, stronger mode or the new one), and the renewals finish
+        the conversion where it did not arrive (R1, with the value block it wrote). The
+        caller still gets `err` (`Outcome.keep`): its value write is not known to be on a
+        quorum."""
+        new = lk.rq
+        if lk.new_value is not None and old >= Mode.PW and new != Mode.NL:
+            version = lk.next_version()
+            lk.value, lk.version, lk.value_valid = lk.new_value, version, True
+            lk.written = (lk.new_value, version)
+        elif lk.new_value is not None and old >= Mode.PW:
+            lk.written = (lk.new_value, lk.next_version())
+        lk.new_value = None
+        lk.mode = new
+        lk.error = None
+        lk.pending.clear()
+        lk.phase = Phase.HELD
+        return Outcome(error=err, keep=True)
+
     def rollback_convert(self, lk: LockCore, old: Mode, results: dict[int, object]) -> None:
-        """After the clean-up of a failed conversion: the lock holds `old` again wherever
-        the clean-up (or the failed conversion itself) left it granted."""
+        """After the clean-up of a failed conversion (a cancel where it was queued, a
+        conversion back to `old` where it was granted): what each instance holds now, as
+        it answered. Where the way back did not go through at once (a sideways conversion
+        back may queue behind a lock the new mode let in), the instance keeps the mode it
+        reports, which may not cover `old`: it does not count for the lock (never counted
+        without an answer that says so), which is reported lost if too few instances hold
+        `old`. Where nothing was sent, the conversion did not happen: `old` is held."""
         for i, v in enumerate(lk.votes):
-            if isinstance(results.get(i), BaseException):
+            if i not in results:
+                if v.vote in (Vote.GRANTED, Vote.NOTQUEUED, Vote.DEADLOCK):
+                    v.vote, v.mode = Vote.GRANTED, old
+                continue
+            rep = results[i]
+            if isinstance(rep, BaseException) or not isinstance(rep, LockReply):
                 v.vote = Vote.ERROR
-            elif v.vote in (Vote.GRANTED, Vote.QUEUED, Vote.NOTQUEUED, Vote.DEADLOCK):
-                v.vote, v.mode = Vote.GRANTED, old
+            elif rep.status in (Status.GRANTED, Status.QUEUED, Status.CANCELLED,
+                                Status.CANCELGRANT) and rep.mode is not None:
+                v.vote, v.mode = Vote.GRANTED, rep.mode  # (QUEUED: the way back waits)
+            else:
+                v.vote, v.mode = Vote.ABSENT, None
         lk.rq = old
         lk.mode = old
         if lk.phase is not Phase.LOST:
