@@ -251,7 +251,8 @@ class Flows:
         if not todo:
             return []
         hello = command("init", [EPOCH_KEY], [b"hello"])
-        results = yield Broadcast([(i, hello) for i in todo])
+        # (`enough`: every one, each read on its own, so a stalled one delays no other)
+        results = yield Broadcast([(i, hello) for i in todo], len(todo))
         errors: list[ConfigurationError] = []
         for i, res in sorted(results.items()):
             try:
