@@ -221,21 +221,24 @@ async def _make_async(cls, urls: list[str]):
 # --------------------------------------------------------------------------- (2)
 
 
-def contender(urls: list[str], seconds: float, start_at: float, k: int, q) -> None:
-    """Worker process: lock/release one resource in a loop; report (grant_ns, release_ns)
-    of every acquisition."""
+def contender(urls: list[str], ns: str, seconds: float, start_at: float, k: int, q) -> None:
+    """Worker process: lock/release one resource of namespace `ns` (the parent's: a spawned
+    worker evaluates NAMESPACE again, with its own pid) in a loop; report (queued,
+    grant_ns, release_ns) of every acquisition (queued: not granted by its first round)."""
     out = []
-    with DLM(urls, NAMESPACE, lease_ms=LEASE_MS) as d:
+    with DLM(urls, ns, lease_ms=LEASE_MS) as d:
         d.lock(f"warm-{k}", Mode.EX).release()  # connections and scripts warm
         while time.time() < start_at:
             time.sleep(0.0005)
         end = time.monotonic() + seconds
         while time.monotonic() < end:
-            lk = d.lock("contended", Mode.EX, timeout=30)
+            req = d.enqueue("contended", Mode.EX, timeout=30)
+            queued = not req.done  # not granted by its first round: it waited for a holder
+            lk = req.wait()
             g = time.monotonic_ns()
             r = time.monotonic_ns()
             lk.release()
-            out.append((g, r))
+            out.append((queued, g, r))
     q.put((k, out))
 
 
@@ -243,8 +246,8 @@ def figure_contended(urls: list[str], workers: int, seconds: float) -> dict[str,
     ctx = multiprocessing.get_context("spawn")
     q = ctx.Queue()
     start_at = time.time() + 2.0 + 0.3 * workers
-    procs = [ctx.Process(target=contender, args=(urls, seconds, start_at, k, q), daemon=True)
-             for k in range(workers)]
+    procs = [ctx.Process(target=contender, args=(urls, NAMESPACE, seconds, start_at, k, q),
+                         daemon=True) for k in range(workers)]
     for p in procs:
         p.start()
     results = {}
@@ -253,13 +256,20 @@ def figure_contended(urls: list[str], workers: int, seconds: float) -> dict[str,
         results[k] = out
     for p in procs:
         p.join(10)
-    sections = sorted((g, r, k) for k, out in results.items() for g, r in out)
-    handoffs = [(b[0] - a[1]) / 1e9 for a, b in zip(sections, sections[1:]) if b[2] != a[2]]
+    # (grant, release, worker, queued), in grant order (one machine's monotonic clock)
+    sections = sorted((g, r, k, w) for k, out in results.items() for w, g, r in out)
+    pairs = list(zip(sections, sections[1:]))
+    handoffs = [(b[0] - a[1]) / 1e9 for a, b in pairs if b[2] != a[2]]
     counts = [len(results[k]) for k in range(workers)]
     span = (sections[-1][1] - sections[0][0]) / 1e9 if sections else float("nan")
+    # The premise: workers contend. A request not granted by its first round waited in
+    # the queue behind another holder (workers locking different resources never wait);
+    # and no two holds overlap.
+    waited = sum(1 for s in sections if s[3])
+    overlaps = sum(1 for a, b in pairs if b[0] < a[1])
     return {"acq": len(sections), "rate": len(sections) / span, "handoffs": handoffs,
-            "counts": counts, "same_worker_again": sum(
-                1 for a, b in zip(sections, sections[1:]) if b[2] == a[2])}
+            "counts": counts, "waited": waited, "overlaps": overlaps,
+            "same_worker_again": sum(1 for a, b in pairs if b[2] == a[2])}
 
 
 # --------------------------------------------------------------------------- (3)
@@ -417,6 +427,12 @@ def _print_contended(urls: list[str], args: argparse.Namespace, floor_rt: float)
     print(f"(2) {args.workers} worker processes contending for one EX lock "
           f"({args.seconds:g} s)")
     print(f"    acquisitions: {c['acq']} ({c['rate']:,.0f}/s); per worker {c['counts']}")
+    share = c["waited"] / max(1, c["acq"] - 1)
+    premise = share >= 0.5 and not c["overlaps"]
+    print(f"    premise: {c['waited']} of {c['acq']} grants ({share:.0%}) waited in the queue "
+          f"for another holder (not granted by their first round); overlapping holds: "
+          f"{c['overlaps']} -> "
+          f"{'contended' if premise else 'NOT CONTENDED: the figures below mean nothing'}")
     print(f"    handoff (release start -> next grant, {len(h)} handoffs): "
           f"p50 {statistics.median(h) * 1e6:,.0f} µs = "
           f"{statistics.median(h) / floor_rt:.2f} floor RTs, p99 "

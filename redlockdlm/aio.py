@@ -851,11 +851,12 @@ class AsyncLock(LockBase):
                       noqueue: bool = False, quecvt: bool = False, convdeadlk: bool = False,
                       no_deadlock_wait: bool = False, priority: int = 0) -> None:
         """Change the mode; on failure the lock keeps its old mode, a down-conversion its
-        new one (as `Lock.convert`, `priority` included). Cancelled before it returns, a conversion that may wait (up
-        or sideways) is withdrawn on every instance and the lock keeps its old mode; a
-        down-conversion, which never waits (G4) and may already have let other locks in
-        beside its new mode, is completed. Either way the CancelledError propagates once
-        every instance agrees (bounded by the socket timeouts); `mode` tells which."""
+        new one (as `Lock.convert`, `priority` included). Cancelled before it returns, a
+        conversion that may wait (up or sideways) is withdrawn on every instance and the
+        lock keeps its old mode; a down-conversion, which never waits (G4) and may already
+        have let other locks in beside its new mode, is completed. Either way the
+        CancelledError propagates once every instance agrees (bounded by the socket
+        timeouts); `mode` tells which."""
         await self._dlm._run(self._dlm._convert(
             self._core, mode, timeout, noqueue=noqueue, quecvt=quecvt, convdeadlk=convdeadlk,
             no_deadlock_wait=no_deadlock_wait, priority=priority))

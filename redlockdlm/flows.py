@@ -190,7 +190,8 @@ class Flows:
     def _on_event(self, i: int, ev: codec.Event) -> None:
         """A pub/sub event from instance `i`: recorded, callbacks queued, yields sent."""
         core = self._core
-        notes = core.on_event(i, ev, self._now())
+        now = self._now()
+        notes = core.on_event(i, ev, now)
         for kind, lock, arg in notes:
             if kind == "blocking":
                 if lock.user._on_blocking is not None:
@@ -199,6 +200,8 @@ class Flows:
                 self._start(self._send_and_feed(lock, [(arg, core.yield_cmd_for(lock, arg))]))
         lk = core.locks.get(ev.lock_id)
         if lk is not None:
+            if lk.phase is Phase.ACQUIRING and core.try_grant(lk, now):
+                lk.request._finish(None)  # the waiter learns of it now, not via its flow
             self._notify(lk)
             if lk.phase is Phase.HELD and ev.kind == "C":
                 self._check_lost()

@@ -822,10 +822,7 @@ class Session:
         n, q = self.n, self.quorum
         if lk.error is not None:
             return self._fail(lk, lk.error)
-        granted = lk.granted(now, lk.rq)
-        if len(granted) >= q:
-            lk.adopt_grant(now, lk.rq)
-            lk.phase = Phase.HELD
+        if self.try_grant(lk, now):
             return Outcome(done=True)
         res = show_name(lk.path)
         # Answers that no reply still on its way can change
@@ -861,6 +858,17 @@ class Session:
                 out.actions.append((i, self.yield_cmd_for(lk, i)))
         out.wake_at = self._recheck_at(lk, now)
         return out
+
+    def try_grant(self, lk: LockCore, now: float) -> bool:
+        """If a quorum grants the acquiring `lk` (valid leases), adopt the grant (token,
+        value block) and mark it held: True. Otherwise change nothing: False. The part of
+        `evaluate_acquire` a grant event can settle at once (no waiting flow in between)."""
+        if (lk.error is not None or lk.phase is not Phase.ACQUIRING
+                or len(lk.granted(now, lk.rq)) < self.quorum):
+            return False
+        lk.adopt_grant(now, lk.rq)
+        lk.phase = Phase.HELD
+        return True
 
     def _why_not(self, lk: LockCore, now: float) -> DLMError:
         """The error of a request that ends without a quorum (its timeout came, or a
