@@ -16,7 +16,16 @@ from .world import run_seed
 #: another client held PR. Fixed by `Session._keep_down_conversion` (G4: a down-conversion
 #: stands) and `rollback_convert` counting only what the instances answer.
 FOUND = {20: "a failed down-conversion was rolled back to the stronger mode"}
-SEEDS = [s for s in range(30) if s not in FOUND]
+#: Counterexamples still open (strict xfail: the test fails once they are fixed, so the seed
+#: moves to FOUND). 4: instance 0 missed client 1's release of a CR lock (the reply to that
+#: release was dropped; the lock's lease still runs there) and the EX write that followed;
+#: every other instance released the resource's last lock and dropped the value (G9); the
+#: next reader's quorum took instance 0's older value, at the highest version it saw, as
+#: valid. G13 drops such a value only once the stale lock has expired. (Also seeds 37, 121,
+#: 140 and 116 of the first 200: `python -m tests.sim --replay 4`.)
+KNOWN = {4: "a value that disappeared (G9) comes back from an instance that missed the "
+            "last release, said valid"}
+SEEDS = [s for s in range(30) if s not in FOUND and s not in KNOWN]
 
 
 @pytest.mark.timeout(120)
@@ -43,3 +52,9 @@ def test_a_seed_replays_exactly() -> None:
 @pytest.mark.parametrize("seed", sorted(FOUND))
 def test_found_counterexamples_stay_fixed(seed: int) -> None:
     assert not run_seed(seed, config_for(seed)).violations, FOUND[seed]
+
+
+@pytest.mark.parametrize("seed", [pytest.param(s, marks=pytest.mark.xfail(
+    strict=True, reason=KNOWN[s])) for s in sorted(KNOWN)])
+def test_open_counterexamples(seed: int) -> None:
+    assert not run_seed(seed, config_for(seed)).violations, KNOWN[seed]

@@ -110,6 +110,10 @@ class Network:
                 if dup:  # the same script again at once: its reply is read by nobody
                     _, events = inst.execute(call, w.t)
                     self._publish(i, events)
+                bad = inst.unprocessed(call[1])
+                if bad is not None:
+                    w.violation(f"queues not processed (G8) on instance {i} after "
+                                f"{call[0]}: {bad}")
             results = raws
         if self.lost(c, i):
             return
@@ -150,6 +154,8 @@ class World:
         self.by_owner = {c._core.owner: c for c in self.clients}
         self.users: list[Any] = []
         self.observer = Observer(self)
+        for inst in self.instances:
+            inst.on_write = self.observer.written
         self._ids = 0
         self._plan_faults(frng)
 
@@ -380,7 +386,7 @@ class User:
                 w.note(f"client {c.cid}: {self.doing} {lk.id}: {e!r}")
                 yield ("sleep", rng.uniform(0.0, 0.1))
             if lk.phase is Phase.HELD and lk.mode is not None and lk.mode >= Mode.PW:
-                lk.new_value = b"c%d@%d" % (c.cid, lk.token)
+                lk.new_value = b"%s@%d" % (lk.id.encode(), lk.token)  # (unique per write)
             self.doing = f"release {name}"
             v, e = yield ("flow", c._release(lk), maybe())
             w.res.ops += 1
@@ -402,13 +408,67 @@ class Observer:
     (1) no two incompatible locks both believed valid by their holders (`validity(now) > 0`
     in phase HELD, or converting: `_during`);
     (2) fencing: a grant's token is above the token of every earlier conflicting grant on
-    its resource (as a resource that checks tokens sees them)."""
+    its resource (as a resource that checks tokens sees them);
+    (3) value blocks: a value a holder reads as valid (at its grant, any mode but NL) is
+    the last committed write or a newer one (a write is committed once a quorum of
+    instances stores it; "last" by version, which follows the writers' tokens), or no
+    value at all (the value block disappears with the resource's last lock, G9, G13).
+    (Queues processed on every instance is checked by the network after each call.)"""
 
     def __init__(self, world: World) -> None:
         self.w = world
         self.seen: set[tuple[str, int, int]] = set()  #: (lock id, token, mode) checked
         #: resource key -> mode -> [(token, lock id)] the two highest, distinct lock ids
         self.top: dict[bytes, dict[int, list[tuple[int, str]]]] = {}
+        self.quorum = world.cfg.instances // 2 + 1
+        #: (key, value) -> [version, {instances storing it}] of every write seen
+        self.writes: dict[tuple[bytes, bytes], list] = {}
+        #: key -> (version, value) of the newest write a quorum stored
+        self.committed: dict[bytes, tuple[int, bytes]] = {}
+
+    def written(self, inst: Any, key: bytes, value: bytes, version: int,
+                stored: bool) -> None:
+        rec = self.writes.setdefault((key, value), [version, set()])
+        if not stored:
+            return
+        rec[1].add(inst.idx)
+        if len(rec[1]) >= self.quorum and version > self.committed.get(key, (-1, b""))[0]:
+            self.committed[key] = (version, value)
+
+    def _read(self, c: Any, lk: Any) -> None:
+        """(3) for a holder that just got its grant."""
+        if not lk.value_valid or lk.value is None:
+            return
+        last = self.committed.get(lk.key)
+        rec = self.writes.get((lk.key, lk.value))
+        if rec is None:
+            self.w.violation(f"value: client {c.cid} lock {lk.id} read {lk.value!r} "
+                             f"valid on {lk.name!r}, never written")
+        elif last is not None and rec[0] < last[0]:
+            self.w.violation(f"value: client {c.cid} lock {lk.id} {lk.mode.name} read "
+                             f"{lk.value!r} (version {rec[0]}) valid on {lk.name!r}; the "
+                             f"last committed write is {last[1]!r} (version {last[0]}); "
+                             + self._where(lk.key, lk.value))
+
+    def _where(self, key: bytes, value: bytes) -> str:
+        """Which instances keep `value`, and the locks that keep the resource alive there
+        (a lock its owner no longer has: its release or expiry did not reach there)."""
+        w = self.w
+        out = []
+        for inst in w.instances:
+            r = inst.model.res.get(key)
+            if r is None or r.vb != value:
+                continue
+            now = inst.clock_ms(w.t)
+            locks = []
+            for q in (r.g, r.c, r.w):
+                for o in q:
+                    c = w.by_owner.get(o.owner)
+                    mine = c is not None and c._core.locks.get(o.id) is not None
+                    locks.append(f"{o.id}{'' if mine else ' (stale)'}"
+                                 f"{' expired' if o.exp <= now else ''}")
+            out.append(f"instance {inst.idx} keeps it under {', '.join(locks)}")
+        return "; ".join(out) or "no instance keeps it now"
 
     def check(self) -> None:
         w = self.w
@@ -443,6 +503,8 @@ class Observer:
                 if mark not in self.seen:
                     self.seen.add(mark)
                     self._fencing(lk, m)
+                    if ph is Phase.HELD and m is not Mode.NL:
+                        self._read(c, lk)
 
     def _fencing(self, lk: Any, m: Mode) -> None:
         tops = self.top.setdefault(lk.key, {})
