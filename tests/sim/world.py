@@ -22,7 +22,7 @@ from redlockdlm.engine.modes import COMPAT, Mode
 from redlockdlm.errors import DLMError
 from redlockdlm.protocol import Phase, covers
 
-from .client import SimClient
+from .client import TICKET0, SimClient
 from .instance import SimInstance
 
 
@@ -39,6 +39,16 @@ class Config:
     faults: int = 6  #: instance pauses / empty restarts / client pauses / partitions
     skew: float = 0.002  #: clock rates within 1 +- skew (Redlock allows 1%)
     interrupt: float = 0.15  #: a user call interrupted (KeyboardInterrupt) at a random point
+    #: a user idle for 1 to 2.5 leases before its next lock (so resources empty, leases of
+    #: locks an instance did not hear released run out there: G9, G13)
+    idle: float = 0.05
+    #: a lock held 1 to 4 leases (renewed through faults: R1, R2, V5) instead of 0..0.2 s
+    hold: float = 0.1
+    #: the faults drawn from (a regression seed found before a kind existed keeps its set)
+    kinds: tuple[str, ...] = ("ipause", "irestart", "cpause", "partition", "latency")
+    #: client 0's socket timeout, long enough to wait for replies through a latency spike
+    #: (as the fault suite's slow clients); the others time out after 1 s
+    timeout0: float = 6.0
 
 
 @dataclass
@@ -62,12 +72,19 @@ class Network:
         self.w = world
         self.rng = random.Random(world.seed * 7 + 1)
         self.cut: dict[tuple[int, int], float] = {}  #: (client, instance) -> until
+        #: client -> (until, extra seconds): a latency spike on every message of that client
+        self.lag: dict[int, tuple[float, float]] = {}
 
-    def delay(self) -> float:
+    def delay(self, c: SimClient | None = None) -> float:
         r = self.rng
+        w = self.w
         d = 0.0002 + r.random() * 0.0015
-        if r.random() < self.w.cfg.slow and self.w.t < self.w.cfg.work_s:
+        if r.random() < w.cfg.slow and w.t < w.cfg.work_s:
             d += 0.005 + r.random() * 0.2
+        if c is not None and self.lag:
+            lag = self.lag.get(c.cid)
+            if lag is not None and lag[0] > w.t:
+                d += lag[1]  # (one connection: in order, as TCP)
         return d
 
     def lost(self, c: SimClient, i: int) -> bool:
@@ -92,7 +109,7 @@ class Network:
         if self.lost(c, i):
             return
         dup = w.t < w.cfg.work_s and self.rng.random() < w.cfg.dup
-        w.at(w.t + self.delay(), w.instances[i], self._arrive, c, i, calls, on_reply, args,
+        w.at(w.t + self.delay(c), w.instances[i], self._arrive, c, i, calls, on_reply, args,
              box, dup)
 
     def _arrive(self, c: SimClient, i: int, calls: list, on_reply: Callable, args: tuple,
@@ -123,7 +140,7 @@ class Network:
                 box[0] = True
                 on_reply(*args, c.settle(calls, results))
 
-        w.at(w.t + self.delay(), c, back)
+        w.at(w.t + self.delay(c), c, back)
 
     def _publish(self, i: int, events: list) -> None:
         w = self.w
@@ -131,7 +148,7 @@ class Network:
             c = w.by_owner.get(owner)
             if c is None or self.lost(c, i):
                 continue
-            w.at(w.t + self.delay(), c, c.deliver_event, i, payload)
+            w.at(w.t + self.delay(c), c, c.deliver_event, i, payload)
 
 
 class World:
@@ -149,7 +166,8 @@ class World:
                                       frng.randint(-20, 20)) for i in range(cfg.instances)]
         self.net = Network(self)
         self.clients = [SimClient(self, c, cfg.instances, cfg.lease_ms,
-                                  1.0 + frng.uniform(-cfg.skew, cfg.skew))
+                                  1.0 + frng.uniform(-cfg.skew, cfg.skew),
+                                  cfg.timeout0 if c == 0 else 1.0)
                         for c in range(cfg.clients)]
         self.by_owner = {c._core.owner: c for c in self.clients}
         self.users: list[Any] = []
@@ -240,7 +258,7 @@ class World:
         lease = cfg.lease_ms / 1000.0
         for _ in range(cfg.faults):
             t = rng.uniform(0.2, cfg.work_s - 0.5)
-            kind = rng.choice(("ipause", "irestart", "cpause", "partition"))
+            kind = rng.choice(cfg.kinds)
             if kind == "ipause":
                 i, d = rng.randrange(cfg.instances), rng.uniform(0.02, 1.5 * lease)
                 self.at(t, None, self._pause, self.instances[i], d, f"instance {i}")
@@ -250,6 +268,10 @@ class World:
             elif kind == "cpause":
                 c, d = rng.randrange(cfg.clients), rng.uniform(0.02, 2.0 * lease)
                 self.at(t, None, self._pause, self.clients[c], d, f"client {c}")
+            elif kind == "latency":
+                c, d = rng.randrange(cfg.clients), rng.uniform(0.2, 2.0 * lease)
+                extra = rng.uniform(0.2, 1.0) * lease
+                self.at(t, None, self._latency, c, d, extra)
             else:
                 c, d = rng.randrange(cfg.clients), rng.uniform(0.05, 2.0 * lease)
                 k = rng.randint(1, cfg.instances)
@@ -275,6 +297,11 @@ class World:
             inst.up = True
 
         self.at(self.t + d, None, back)
+
+    def _latency(self, c: int, d: float, extra: float) -> None:
+        self.net.lag[c] = (self.t + d, extra)
+        self._fault(f"client {c}'s messages {extra * 1000:.0f} ms slower each way for "
+                    f"{d * 1000:.0f} ms")
 
     def _partition(self, c: int, cut: list[int], d: float) -> None:
         for i in cut:
@@ -349,8 +376,11 @@ class User:
         w, c, rng, cfg = self.w, self.c, self.rng, self.w.cfg
         modes = (Mode.NL, Mode.CR, Mode.CW, Mode.PR, Mode.PR, Mode.PW, Mode.EX, Mode.EX)
         maybe = lambda: (rng.uniform(0.0, 0.3) if rng.random() < cfg.interrupt else None)  # noqa: E731
+        lease = cfg.lease_ms / 1000.0
         while w.t < cfg.work_s:
             yield ("sleep", rng.uniform(0.0, 0.05))
+            if cfg.idle and rng.random() < cfg.idle:
+                yield ("sleep", rng.uniform(1.0, 2.5) * lease)
             name = f"r{rng.randrange(cfg.resources)}"
             mode = rng.choice(modes)
             timeout = rng.choice((0.1, 0.3, 1.0, 2.0))
@@ -375,7 +405,10 @@ class User:
                 self._count(f"request {type(req._error).__name__}")
                 continue
             self._count("granted")
-            yield ("sleep", rng.uniform(0.0, 0.2))
+            if cfg.hold and rng.random() < cfg.hold:  # held across faults, renewed
+                yield ("sleep", rng.uniform(1.0, 4.0) * lease)
+            else:
+                yield ("sleep", rng.uniform(0.0, 0.2))
             if rng.random() < 0.4 and lk.phase is Phase.HELD:
                 to = rng.choice(modes)
                 self.doing = f"convert {name} {lk.mode.name}->{to.name}"
@@ -410,9 +443,11 @@ class Observer:
     (2) fencing: a grant's token is above the token of every earlier conflicting grant on
     its resource (as a resource that checks tokens sees them);
     (3) value blocks: a value a holder reads as valid (at its grant, any mode but NL) is
-    the last committed write or a newer one (a write is committed once a quorum of
-    instances stores it; "last" by version, which follows the writers' tokens), or no
-    value at all (the value block disappears with the resource's last lock, G9, G13).
+    the last write committed when its request or conversion started, or a newer one (a
+    write is committed once a quorum of instances stores it; "last" by version, which
+    follows the writers' tokens; a CR reader is granted beside a PW writer, so a write
+    committed while its grant is in flight may or may not be seen), or no value at all (a
+    value block disappears with the resource's last lock, G9, G13).
     (Queues processed on every instance is checked by the network after each call.)"""
 
     def __init__(self, world: World) -> None:
@@ -423,8 +458,8 @@ class Observer:
         self.quorum = world.cfg.instances // 2 + 1
         #: (key, value) -> [version, {instances storing it}] of every write seen
         self.writes: dict[tuple[bytes, bytes], list] = {}
-        #: key -> (version, value) of the newest write a quorum stored
-        self.committed: dict[bytes, tuple[int, bytes]] = {}
+        #: key -> [(time, version, value)] of each write when a quorum stored it
+        self.commits: dict[bytes, list[tuple[float, int, bytes]]] = {}
 
     def written(self, inst: Any, key: bytes, value: bytes, version: int,
                 stored: bool) -> None:
@@ -432,14 +467,17 @@ class Observer:
         if not stored:
             return
         rec[1].add(inst.idx)
-        if len(rec[1]) >= self.quorum and version > self.committed.get(key, (-1, b""))[0]:
-            self.committed[key] = (version, value)
+        if len(rec[1]) == self.quorum:
+            self.commits.setdefault(key, []).append((self.w.t, version, value))
 
     def _read(self, c: Any, lk: Any) -> None:
         """(3) for a holder that just got its grant."""
         if not lk.value_valid or lk.value is None:
             return
-        last = self.committed.get(lk.key)
+        # when the request (or the conversion) started: its G11 ticket, from the clock
+        t0 = c.to_sim((max(lk.ticket, lk.cticket) - TICKET0) / 1e6)
+        last = max(((v, val) for t, v, val in self.commits.get(lk.key, ()) if t <= t0),
+                   default=None)
         rec = self.writes.get((lk.key, lk.value))
         if rec is None:
             self.w.violation(f"value: client {c.cid} lock {lk.id} read {lk.value!r} "
@@ -447,7 +485,8 @@ class Observer:
         elif last is not None and rec[0] < last[0]:
             self.w.violation(f"value: client {c.cid} lock {lk.id} {lk.mode.name} read "
                              f"{lk.value!r} (version {rec[0]}) valid on {lk.name!r}; the "
-                             f"last committed write is {last[1]!r} (version {last[0]}); "
+                             f"last write committed before it started is {last[1]!r} "
+                             f"(version {last[0]}); "
                              + self._where(lk.key, lk.value))
 
     def _where(self, key: bytes, value: bytes) -> str:
