@@ -12,9 +12,10 @@ call published, as (owner, payload bytes). The client settles the raw reply with
 
 from __future__ import annotations
 
+import pickle
 from typing import Any
 
-from model import Model, event_bytes
+from model import EngineError, Model, event_bytes
 from redis.exceptions import ResponseError
 
 from redlockdlm.engine.modes import Flag, Mode
@@ -22,6 +23,25 @@ from redlockdlm.errors import SCRIPT_ERRORS, DLMError
 
 _CODE = {cls: code for code, cls in SCRIPT_ERRORS.items()}
 T0_MS = 1_800_000_000_000  #: the instances' wall clock at simulated time 0
+
+
+class SimModel(Model):
+    """The reference model with a cheaper snapshot: `Model._run` deep-copies the whole
+    state before every call, to restore it if the call fails (half the simulator's time);
+    a pickle of it is five to ten times cheaper and restores the same state."""
+
+    def _run(self, fn, *args):  # noqa: ANN001, ANN002, ANN202 (as Model._run)
+        saved = pickle.dumps((self.res, self.windex, self.epoch_safe), -1)
+        ev: list = []
+        try:
+            out = fn(ev, *args)
+        except EngineError:
+            self.res, self.windex, self.epoch_safe = pickle.loads(saved)
+            raise
+        for key, r in self.res.items():
+            self._finish(key, r)
+        self.events.extend(ev)
+        return out
 
 
 def _lock_reply(rep: Any, epoch: bytes) -> list:
@@ -41,7 +61,7 @@ class SimInstance:
         self.rate = rate
         self.offset_ms = offset_ms
         self.gen = 0
-        self.model = Model()
+        self.model = SimModel()
         self.model.init_fresh(self.clock_ms(0.0))  # a brand-new cluster (`init fresh`)
         self.epoch: bytes | None = None
         self.up = True  #: False while crashed (connections refused)
@@ -58,7 +78,7 @@ class SimInstance:
         """A restart that lost every key (no persistence): a new server, no epoch (E1: the
         first script creates one that waits its rejoin window)."""
         self.gen += 1
-        self.model = Model()
+        self.model = SimModel()
         self.epoch = None
 
     def _epoch(self) -> bytes | None:

@@ -64,6 +64,16 @@ class Result:
     trace: list[str] = field(default_factory=list)
 
 
+@dataclass
+class Schedule:
+    """What a seed's run did, explicitly: its faults (time, kind, args) and each user's
+    steps (the random choices of each lock it took). Replayed with the seed (the network's
+    draws and the clocks still come from it); shrinking removes faults and steps."""
+
+    faults: list[tuple] = field(default_factory=list)
+    steps: dict[int, list[dict]] = field(default_factory=dict)
+
+
 class Network:
     """Messages between clients and instances: a base latency, a slow tail (reordering),
     drops, duplicated requests, partitions (a client cut from some instances)."""
@@ -152,7 +162,8 @@ class Network:
 
 
 class World:
-    def __init__(self, seed: int, cfg: Config | None = None, trace: bool = False) -> None:
+    def __init__(self, seed: int, cfg: Config | None = None, trace: bool = False,
+                 schedule: Schedule | None = None) -> None:
         self.seed = seed
         self.cfg = cfg = cfg or Config()
         self.t = 0.0
@@ -175,7 +186,12 @@ class World:
         for inst in self.instances:
             inst.on_write = self.observer.written
         self._ids = 0
-        self._plan_faults(frng)
+        self.schedule = schedule
+        #: the fault plan: (time, kind, args) each
+        self.plan: list[tuple] = (list(schedule.faults) if schedule is not None
+                                  else self._plan_faults(frng))
+        for t, kind, args in self.plan:
+            self.at(t, None, getattr(self, "_" + kind), *args)
 
     # ----------------------------------------------------------------- scheduler
 
@@ -212,7 +228,8 @@ class World:
             for c in self.clients:
                 c.start()
             for c in self.clients:
-                u = User(self, c)
+                u = User(self, c, None if self.schedule is None
+                         else [dict(st) for st in self.schedule.steps.get(c.cid, [])])
                 self.users.append(u)
                 u.start()
             end = cfg.work_s + 4 * cfg.lease_ms / 1000.0 + 4.0  # every request has ended
@@ -253,36 +270,40 @@ class World:
 
     # ----------------------------------------------------------------- faults
 
-    def _plan_faults(self, rng: random.Random) -> None:
+    def _plan_faults(self, rng: random.Random) -> list[tuple]:
         cfg = self.cfg
         lease = cfg.lease_ms / 1000.0
+        plan: list[tuple] = []
         for _ in range(cfg.faults):
             t = rng.uniform(0.2, cfg.work_s - 0.5)
             kind = rng.choice(cfg.kinds)
             if kind == "ipause":
                 i, d = rng.randrange(cfg.instances), rng.uniform(0.02, 1.5 * lease)
-                self.at(t, None, self._pause, self.instances[i], d, f"instance {i}")
+                plan.append((t, "pause", ("instance", i, d)))
             elif kind == "irestart":
                 i, d = rng.randrange(cfg.instances), rng.uniform(0.01, 0.5)
-                self.at(t, None, self._restart, i, d)
+                plan.append((t, "restart", (i, d)))
             elif kind == "cpause":
                 c, d = rng.randrange(cfg.clients), rng.uniform(0.02, 2.0 * lease)
-                self.at(t, None, self._pause, self.clients[c], d, f"client {c}")
+                plan.append((t, "pause", ("client", c, d)))
             elif kind == "latency":
                 c, d = rng.randrange(cfg.clients), rng.uniform(0.2, 2.0 * lease)
                 extra = rng.uniform(0.2, 1.0) * lease
-                self.at(t, None, self._latency, c, d, extra)
+                plan.append((t, "latency", (c, d, extra)))
             else:
                 c, d = rng.randrange(cfg.clients), rng.uniform(0.05, 2.0 * lease)
                 k = rng.randint(1, cfg.instances)
                 cut = sorted(rng.sample(range(cfg.instances), k))
-                self.at(t, None, self._partition, c, cut, d)
+                plan.append((t, "partition", (c, cut, d)))
+        return plan
 
     def _fault(self, what: str) -> None:
         self.res.faults.append(f"t={self.t:.4f} {what}")
         self.note(what)
 
-    def _pause(self, who: Any, d: float, name: str) -> None:
+    def _pause(self, what: str, idx: int, d: float) -> None:
+        who = (self.instances if what == "instance" else self.clients)[idx]
+        name = f"{what} {idx}"
         who.paused_until = max(who.paused_until, self.t + d)
         self._fault(f"pause {name} for {d * 1000:.0f} ms")
 
@@ -314,7 +335,7 @@ class User:
     timeouts; sometimes interrupted (KeyboardInterrupt) or cancelled at a random point. A
     step is a generator driven by `_advance`."""
 
-    def __init__(self, world: World, c: SimClient) -> None:
+    def __init__(self, world: World, c: SimClient, steps: list[dict] | None = None) -> None:
         self.w = world
         self.c = c
         self.rng = random.Random(world.seed * 7 + 4 + 1000 * c.cid)
@@ -322,6 +343,8 @@ class User:
         self.doing = "start"
         self.gen: Generator | None = None
         self.wait_gen = 0
+        self.steps: list[dict] | None = steps  #: a schedule to replay (None: draw them)
+        self.recorded: list[dict] = []  #: the steps drawn
 
     def start(self) -> None:
         self.gen = self.script()
@@ -373,29 +396,51 @@ class User:
         o[what] = o.get(what, 0) + 1
 
     def script(self) -> Generator:
+        """The user's steps, one lock each. Every random choice of a step is drawn once
+        and recorded in `steps` (a list of dicts); given `steps` (a shrunk schedule), the
+        user replays them instead, and stops when they are used up."""
         w, c, rng, cfg = self.w, self.c, self.rng, self.w.cfg
         modes = (Mode.NL, Mode.CR, Mode.CW, Mode.PR, Mode.PR, Mode.PW, Mode.EX, Mode.EX)
         maybe = lambda: (rng.uniform(0.0, 0.3) if rng.random() < cfg.interrupt else None)  # noqa: E731
         lease = cfg.lease_ms / 1000.0
+        replay = self.steps is not None
+        steps = self.steps if replay else self.recorded
+        k = 0
         while w.t < cfg.work_s:
-            yield ("sleep", rng.uniform(0.0, 0.05))
-            if cfg.idle and rng.random() < cfg.idle:
-                yield ("sleep", rng.uniform(1.0, 2.5) * lease)
-            name = f"r{rng.randrange(cfg.resources)}"
-            mode = rng.choice(modes)
-            timeout = rng.choice((0.1, 0.3, 1.0, 2.0))
+            if replay:
+                if k == len(steps):
+                    break
+                st = steps[k]
+            else:
+                st = {}
+                steps.append(st)
+            k += 1
+
+            def draw(key: str, fn: Callable[[], Any], st: dict = st) -> Any:
+                if key not in st:
+                    st[key] = fn()
+                return st[key]
+
+            yield ("sleep", draw("pause", lambda: rng.uniform(0.0, 0.05)))
+            idle = draw("idle", lambda: rng.uniform(1.0, 2.5) * lease
+                        if cfg.idle and rng.random() < cfg.idle else 0.0)
+            if idle:
+                yield ("sleep", idle)
+            name = draw("res", lambda: f"r{rng.randrange(cfg.resources)}")
+            mode = draw("mode", lambda: rng.choice(modes))
+            timeout = draw("timeout", lambda: rng.choice((0.1, 0.3, 1.0, 2.0)))
             self.doing = f"lock {name} {mode.name}"
             try:
                 lk, req = c.new_request(name, mode, timeout)
             except DLMError:
                 continue
             w.note(f"client {c.cid}: {self.doing} -> {lk.id}")
-            v, e = yield ("flow", c._request(lk, req), maybe())
+            v, e = yield ("flow", c._request(lk, req), draw("int_req", maybe))
             w.res.ops += 1
             if e is not None:
                 self._count(f"request {type(e).__name__}")
                 continue
-            if not (yield ("req", req, maybe())):
+            if not (yield ("req", req, draw("int_wait", maybe))):
                 self.doing = f"cancel {name}"
                 yield ("flow", c._withdraw(req), None)
                 w.res.ops += 1
@@ -405,23 +450,23 @@ class User:
                 self._count(f"request {type(req._error).__name__}")
                 continue
             self._count("granted")
-            if cfg.hold and rng.random() < cfg.hold:  # held across faults, renewed
-                yield ("sleep", rng.uniform(1.0, 4.0) * lease)
-            else:
-                yield ("sleep", rng.uniform(0.0, 0.2))
-            if rng.random() < 0.4 and lk.phase is Phase.HELD:
-                to = rng.choice(modes)
+            # (a lock held 1 to 4 leases, renewed through faults, or 0..0.2 s)
+            yield ("sleep", draw("hold", lambda: rng.uniform(1.0, 4.0) * lease
+                                 if cfg.hold and rng.random() < cfg.hold
+                                 else rng.uniform(0.0, 0.2)))
+            if draw("conv", lambda: rng.random() < 0.4) and lk.phase is Phase.HELD:
+                to = draw("to", lambda: rng.choice(modes))
                 self.doing = f"convert {name} {lk.mode.name}->{to.name}"
-                v, e = yield ("flow", c._convert(lk, to, rng.choice((0.1, 0.5, 1.0))),
-                              maybe())
+                ct = draw("conv_timeout", lambda: rng.choice((0.1, 0.5, 1.0)))
+                v, e = yield ("flow", c._convert(lk, to, ct), draw("int_conv", maybe))
                 w.res.ops += 1
                 self._count("converted" if e is None else f"convert {type(e).__name__}")
                 w.note(f"client {c.cid}: {self.doing} {lk.id}: {e!r}")
-                yield ("sleep", rng.uniform(0.0, 0.1))
+                yield ("sleep", draw("after_conv", lambda: rng.uniform(0.0, 0.1)))
             if lk.phase is Phase.HELD and lk.mode is not None and lk.mode >= Mode.PW:
                 lk.new_value = b"%s@%d" % (lk.id.encode(), lk.token)  # (unique per write)
             self.doing = f"release {name}"
-            v, e = yield ("flow", c._release(lk), maybe())
+            v, e = yield ("flow", c._release(lk), draw("int_rel", maybe))
             w.res.ops += 1
             self._count("released" if e is None else f"release {type(e).__name__}")
         self.doing = "done"
@@ -433,7 +478,11 @@ def _during(old: Mode | None, new: Mode) -> Mode | None:
     one; CW<->PR: CR)."""
     if old is None:
         return None
-    return max(x for x in Mode if covers(old, x) and covers(new, x))
+    return _DURING[old, new]
+
+
+_DURING = {(a, b): max(x for x in Mode if covers(a, x) and covers(b, x))
+           for a in Mode for b in Mode}
 
 
 class Observer:
@@ -559,5 +608,13 @@ class Observer:
         tops[int(m)] = sorted(lst, reverse=True)[:2]
 
 
-def run_seed(seed: int, cfg: Config | None = None, trace: bool = False) -> Result:
-    return World(seed, cfg, trace).run()
+def run_seed(seed: int, cfg: Config | None = None, trace: bool = False,
+             schedule: Schedule | None = None) -> Result:
+    return World(seed, cfg, trace, schedule).run()
+
+
+def recorded(seed: int, cfg: Config | None = None) -> tuple[Result, Schedule]:
+    """Run a seed and return its schedule, as `Schedule`."""
+    w = World(seed, cfg)
+    res = w.run()
+    return res, Schedule(list(w.plan), {u.c.cid: u.recorded for u in w.users})
