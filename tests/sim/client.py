@@ -50,6 +50,9 @@ class SimLock(LockBase):
     pass
 
 
+TICKET0 = 1_700_000_000_000_000  #: a ticket at the clients' clock 0 (µs)
+
+
 class SimTicket:
     """G11 tickets from the client's simulated wall clock (µs), strictly increasing."""
 
@@ -58,7 +61,7 @@ class SimTicket:
         self._last = 0
 
     def next(self) -> int:
-        t = max(int(self.client._now() * 1e6) + 1_700_000_000_000_000, self._last + 1)
+        t = max(int(self.client._now() * 1e6) + TICKET0, self._last + 1)
         self._last = t
         return t
 

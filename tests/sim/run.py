@@ -1,4 +1,5 @@
-"""Run a campaign of seeds: `python -m tests.sim --seeds N [--first S] [--replay SEED]`.
+"""Run a campaign of seeds: `python -m tests.sim --seeds N [--first S] [--replay SEED]
+[--shrink SEED]`.
 
 Prints operations, faults, invariant checks and violations, and simulated lock operations
 per minute of this process's CPU time; a failing seed is printed with its fault schedule
@@ -26,7 +27,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--replay", type=int, default=None, help="run one seed with its trace")
     ap.add_argument("--instances", type=int, default=None, help="default: 3 or 5 by seed")
     ap.add_argument("--stop", action="store_true", help="stop at the first failing seed")
+    ap.add_argument("--shrink", type=int, default=None,
+                    help="reduce a failing seed's schedule and print it as a pytest test")
     a = ap.parse_args(argv)
+    if a.shrink is not None:
+        from .shrink import as_test, shrink
+
+        cfg = config_for(a.shrink, a.instances)
+        small, res, tried = shrink(a.shrink, cfg)
+        print(f"# seed {a.shrink}: {len(small.faults)} fault(s), "
+              f"{sum(map(len, small.steps.values()))} step(s) after {tried} runs; "
+              f"{res.ops} ops, {res.sim_s:.1f} simulated s")
+        print(as_test(a.shrink, cfg, small, res))
+        return 1 if res.violations else 0
     seeds = [a.replay] if a.replay is not None else range(a.first, a.first + a.seeds)
     tot = {"ops": 0, "faults": 0, "checks": 0, "events": 0, "sim": 0.0}
     failed = []

@@ -4,10 +4,20 @@ break, and a seed replays exactly. A few seconds; runs in CI with the rest of th
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from .run import config_for
-from .world import run_seed
+from .world import Config, run_seed
+
+#: The workload and faults before idle users, long holds, latency spikes and client 0's long
+#: socket timeout: a seed found then replays with these.
+V1 = dict(idle=0.0, hold=0.0, timeout0=1.0, kinds=("ipause", "irestart", "cpause", "partition"))
+
+
+def v1(seed: int) -> Config:
+    return dataclasses.replace(config_for(seed), **V1)
 
 #: Counterexamples the simulator found, kept as regression seeds. 20: a down-conversion
 #: CW -> CR timed out while an instance was paused; its rollback converted back UP to CW
@@ -15,8 +25,19 @@ from .world import run_seed
 #: counted that vote as CW whatever the instance answered: the holder believed CW while
 #: another client held PR. Fixed by `Session._keep_down_conversion` (G4: a down-conversion
 #: stands) and `rollback_convert` counting only what the instances answer.
-FOUND = {20: "a failed down-conversion was rolled back to the stronger mode"}
-SEEDS = [s for s in range(30) if s not in FOUND]
+FOUND = {20: "a failed down-conversion was rolled back to the stronger mode"}  # (V1)
+#: Counterexamples still open (strict xfail: the test fails once they are fixed, so the seed
+#: moves to FOUND). 4: instance 0 missed client 1's release of a CR lock (the reply to that
+#: release was dropped; the lock's lease still runs there) and the EX write that followed;
+#: every other instance released the resource's last lock and dropped the value (G9); the
+#: next reader's quorum took instance 0's older value, at the highest version it saw, as
+#: valid. G13 drops such a value only once the stale lock has expired. (Also seeds 37, 121,
+#: 140 and 116 of the first 200 with V1; 19 and 73 of the first 100 today:
+#: `python -m tests.sim --replay 19`.)
+KNOWN = {4: "a value that disappeared (G9) comes back from an instance that missed the "
+            "last release, said valid"}  # (V1)
+KNOWN_NOW = {19: KNOWN[4]}
+SEEDS = [s for s in range(60) if s not in KNOWN_NOW]
 
 
 @pytest.mark.timeout(120)
@@ -29,7 +50,7 @@ def test_fixed_seeds_keep_every_invariant() -> None:
         if res.violations:
             bad[seed] = res.violations[:3]
     assert not bad, f"replay with `python -m tests.sim --replay SEED`: {bad}"
-    assert ops > 2000  # (the workload did run)
+    assert ops > 4000  # (the workload did run)
 
 
 def test_a_seed_replays_exactly() -> None:
@@ -42,4 +63,11 @@ def test_a_seed_replays_exactly() -> None:
 
 @pytest.mark.parametrize("seed", sorted(FOUND))
 def test_found_counterexamples_stay_fixed(seed: int) -> None:
-    assert not run_seed(seed, config_for(seed)).violations, FOUND[seed]
+    assert not run_seed(seed, v1(seed)).violations, FOUND[seed]
+
+
+@pytest.mark.parametrize("seed,cfg", [
+    pytest.param(s, cfg, marks=pytest.mark.xfail(strict=True, reason=why))
+    for table, cfg in ((KNOWN, v1), (KNOWN_NOW, config_for)) for s, why in table.items()])
+def test_open_counterexamples(seed: int, cfg) -> None:
+    assert not run_seed(seed, cfg(seed)).violations

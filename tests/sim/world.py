@@ -22,7 +22,7 @@ from redlockdlm.engine.modes import COMPAT, Mode
 from redlockdlm.errors import DLMError
 from redlockdlm.protocol import Phase, covers
 
-from .client import SimClient
+from .client import TICKET0, SimClient
 from .instance import SimInstance
 
 
@@ -39,6 +39,16 @@ class Config:
     faults: int = 6  #: instance pauses / empty restarts / client pauses / partitions
     skew: float = 0.002  #: clock rates within 1 +- skew (Redlock allows 1%)
     interrupt: float = 0.15  #: a user call interrupted (KeyboardInterrupt) at a random point
+    #: a user idle for 1 to 2.5 leases before its next lock (so resources empty, leases of
+    #: locks an instance did not hear released run out there: G9, G13)
+    idle: float = 0.05
+    #: a lock held 1 to 4 leases (renewed through faults: R1, R2, V5) instead of 0..0.2 s
+    hold: float = 0.1
+    #: the faults drawn from (a regression seed found before a kind existed keeps its set)
+    kinds: tuple[str, ...] = ("ipause", "irestart", "cpause", "partition", "latency")
+    #: client 0's socket timeout, long enough to wait for replies through a latency spike
+    #: (as the fault suite's slow clients); the others time out after 1 s
+    timeout0: float = 6.0
 
 
 @dataclass
@@ -54,6 +64,16 @@ class Result:
     trace: list[str] = field(default_factory=list)
 
 
+@dataclass
+class Schedule:
+    """What a seed's run did, explicitly: its faults (time, kind, args) and each user's
+    steps (the random choices of each lock it took). Replayed with the seed (the network's
+    draws and the clocks still come from it); shrinking removes faults and steps."""
+
+    faults: list[tuple] = field(default_factory=list)
+    steps: dict[int, list[dict]] = field(default_factory=dict)
+
+
 class Network:
     """Messages between clients and instances: a base latency, a slow tail (reordering),
     drops, duplicated requests, partitions (a client cut from some instances)."""
@@ -62,12 +82,19 @@ class Network:
         self.w = world
         self.rng = random.Random(world.seed * 7 + 1)
         self.cut: dict[tuple[int, int], float] = {}  #: (client, instance) -> until
+        #: client -> (until, extra seconds): a latency spike on every message of that client
+        self.lag: dict[int, tuple[float, float]] = {}
 
-    def delay(self) -> float:
+    def delay(self, c: SimClient | None = None) -> float:
         r = self.rng
+        w = self.w
         d = 0.0002 + r.random() * 0.0015
-        if r.random() < self.w.cfg.slow and self.w.t < self.w.cfg.work_s:
+        if r.random() < w.cfg.slow and w.t < w.cfg.work_s:
             d += 0.005 + r.random() * 0.2
+        if c is not None and self.lag:
+            lag = self.lag.get(c.cid)
+            if lag is not None and lag[0] > w.t:
+                d += lag[1]  # (one connection: in order, as TCP)
         return d
 
     def lost(self, c: SimClient, i: int) -> bool:
@@ -92,7 +119,7 @@ class Network:
         if self.lost(c, i):
             return
         dup = w.t < w.cfg.work_s and self.rng.random() < w.cfg.dup
-        w.at(w.t + self.delay(), w.instances[i], self._arrive, c, i, calls, on_reply, args,
+        w.at(w.t + self.delay(c), w.instances[i], self._arrive, c, i, calls, on_reply, args,
              box, dup)
 
     def _arrive(self, c: SimClient, i: int, calls: list, on_reply: Callable, args: tuple,
@@ -110,6 +137,10 @@ class Network:
                 if dup:  # the same script again at once: its reply is read by nobody
                     _, events = inst.execute(call, w.t)
                     self._publish(i, events)
+                bad = inst.unprocessed(call[1])
+                if bad is not None:
+                    w.violation(f"queues not processed (G8) on instance {i} after "
+                                f"{call[0]}: {bad}")
             results = raws
         if self.lost(c, i):
             return
@@ -119,7 +150,7 @@ class Network:
                 box[0] = True
                 on_reply(*args, c.settle(calls, results))
 
-        w.at(w.t + self.delay(), c, back)
+        w.at(w.t + self.delay(c), c, back)
 
     def _publish(self, i: int, events: list) -> None:
         w = self.w
@@ -127,11 +158,12 @@ class Network:
             c = w.by_owner.get(owner)
             if c is None or self.lost(c, i):
                 continue
-            w.at(w.t + self.delay(), c, c.deliver_event, i, payload)
+            w.at(w.t + self.delay(c), c, c.deliver_event, i, payload)
 
 
 class World:
-    def __init__(self, seed: int, cfg: Config | None = None, trace: bool = False) -> None:
+    def __init__(self, seed: int, cfg: Config | None = None, trace: bool = False,
+                 schedule: Schedule | None = None) -> None:
         self.seed = seed
         self.cfg = cfg = cfg or Config()
         self.t = 0.0
@@ -145,13 +177,21 @@ class World:
                                       frng.randint(-20, 20)) for i in range(cfg.instances)]
         self.net = Network(self)
         self.clients = [SimClient(self, c, cfg.instances, cfg.lease_ms,
-                                  1.0 + frng.uniform(-cfg.skew, cfg.skew))
+                                  1.0 + frng.uniform(-cfg.skew, cfg.skew),
+                                  cfg.timeout0 if c == 0 else 1.0)
                         for c in range(cfg.clients)]
         self.by_owner = {c._core.owner: c for c in self.clients}
         self.users: list[Any] = []
         self.observer = Observer(self)
+        for inst in self.instances:
+            inst.on_write = self.observer.written
         self._ids = 0
-        self._plan_faults(frng)
+        self.schedule = schedule
+        #: the fault plan: (time, kind, args) each
+        self.plan: list[tuple] = (list(schedule.faults) if schedule is not None
+                                  else self._plan_faults(frng))
+        for t, kind, args in self.plan:
+            self.at(t, None, getattr(self, "_" + kind), *args)
 
     # ----------------------------------------------------------------- scheduler
 
@@ -188,7 +228,8 @@ class World:
             for c in self.clients:
                 c.start()
             for c in self.clients:
-                u = User(self, c)
+                u = User(self, c, None if self.schedule is None
+                         else [dict(st) for st in self.schedule.steps.get(c.cid, [])])
                 self.users.append(u)
                 u.start()
             end = cfg.work_s + 4 * cfg.lease_ms / 1000.0 + 4.0  # every request has ended
@@ -229,32 +270,40 @@ class World:
 
     # ----------------------------------------------------------------- faults
 
-    def _plan_faults(self, rng: random.Random) -> None:
+    def _plan_faults(self, rng: random.Random) -> list[tuple]:
         cfg = self.cfg
         lease = cfg.lease_ms / 1000.0
+        plan: list[tuple] = []
         for _ in range(cfg.faults):
             t = rng.uniform(0.2, cfg.work_s - 0.5)
-            kind = rng.choice(("ipause", "irestart", "cpause", "partition"))
+            kind = rng.choice(cfg.kinds)
             if kind == "ipause":
                 i, d = rng.randrange(cfg.instances), rng.uniform(0.02, 1.5 * lease)
-                self.at(t, None, self._pause, self.instances[i], d, f"instance {i}")
+                plan.append((t, "pause", ("instance", i, d)))
             elif kind == "irestart":
                 i, d = rng.randrange(cfg.instances), rng.uniform(0.01, 0.5)
-                self.at(t, None, self._restart, i, d)
+                plan.append((t, "restart", (i, d)))
             elif kind == "cpause":
                 c, d = rng.randrange(cfg.clients), rng.uniform(0.02, 2.0 * lease)
-                self.at(t, None, self._pause, self.clients[c], d, f"client {c}")
+                plan.append((t, "pause", ("client", c, d)))
+            elif kind == "latency":
+                c, d = rng.randrange(cfg.clients), rng.uniform(0.2, 2.0 * lease)
+                extra = rng.uniform(0.2, 1.0) * lease
+                plan.append((t, "latency", (c, d, extra)))
             else:
                 c, d = rng.randrange(cfg.clients), rng.uniform(0.05, 2.0 * lease)
                 k = rng.randint(1, cfg.instances)
                 cut = sorted(rng.sample(range(cfg.instances), k))
-                self.at(t, None, self._partition, c, cut, d)
+                plan.append((t, "partition", (c, cut, d)))
+        return plan
 
     def _fault(self, what: str) -> None:
         self.res.faults.append(f"t={self.t:.4f} {what}")
         self.note(what)
 
-    def _pause(self, who: Any, d: float, name: str) -> None:
+    def _pause(self, what: str, idx: int, d: float) -> None:
+        who = (self.instances if what == "instance" else self.clients)[idx]
+        name = f"{what} {idx}"
         who.paused_until = max(who.paused_until, self.t + d)
         self._fault(f"pause {name} for {d * 1000:.0f} ms")
 
@@ -270,6 +319,11 @@ class World:
 
         self.at(self.t + d, None, back)
 
+    def _latency(self, c: int, d: float, extra: float) -> None:
+        self.net.lag[c] = (self.t + d, extra)
+        self._fault(f"client {c}'s messages {extra * 1000:.0f} ms slower each way for "
+                    f"{d * 1000:.0f} ms")
+
     def _partition(self, c: int, cut: list[int], d: float) -> None:
         for i in cut:
             self.net.cut[(c, i)] = self.t + d
@@ -281,7 +335,7 @@ class User:
     timeouts; sometimes interrupted (KeyboardInterrupt) or cancelled at a random point. A
     step is a generator driven by `_advance`."""
 
-    def __init__(self, world: World, c: SimClient) -> None:
+    def __init__(self, world: World, c: SimClient, steps: list[dict] | None = None) -> None:
         self.w = world
         self.c = c
         self.rng = random.Random(world.seed * 7 + 4 + 1000 * c.cid)
@@ -289,6 +343,8 @@ class User:
         self.doing = "start"
         self.gen: Generator | None = None
         self.wait_gen = 0
+        self.steps: list[dict] | None = steps  #: a schedule to replay (None: draw them)
+        self.recorded: list[dict] = []  #: the steps drawn
 
     def start(self) -> None:
         self.gen = self.script()
@@ -340,26 +396,51 @@ class User:
         o[what] = o.get(what, 0) + 1
 
     def script(self) -> Generator:
+        """The user's steps, one lock each. Every random choice of a step is drawn once
+        and recorded in `steps` (a list of dicts); given `steps` (a shrunk schedule), the
+        user replays them instead, and stops when they are used up."""
         w, c, rng, cfg = self.w, self.c, self.rng, self.w.cfg
         modes = (Mode.NL, Mode.CR, Mode.CW, Mode.PR, Mode.PR, Mode.PW, Mode.EX, Mode.EX)
         maybe = lambda: (rng.uniform(0.0, 0.3) if rng.random() < cfg.interrupt else None)  # noqa: E731
+        lease = cfg.lease_ms / 1000.0
+        replay = self.steps is not None
+        steps = self.steps if replay else self.recorded
+        k = 0
         while w.t < cfg.work_s:
-            yield ("sleep", rng.uniform(0.0, 0.05))
-            name = f"r{rng.randrange(cfg.resources)}"
-            mode = rng.choice(modes)
-            timeout = rng.choice((0.1, 0.3, 1.0, 2.0))
+            if replay:
+                if k == len(steps):
+                    break
+                st = steps[k]
+            else:
+                st = {}
+                steps.append(st)
+            k += 1
+
+            def draw(key: str, fn: Callable[[], Any], st: dict = st) -> Any:
+                if key not in st:
+                    st[key] = fn()
+                return st[key]
+
+            yield ("sleep", draw("pause", lambda: rng.uniform(0.0, 0.05)))
+            idle = draw("idle", lambda: rng.uniform(1.0, 2.5) * lease
+                        if cfg.idle and rng.random() < cfg.idle else 0.0)
+            if idle:
+                yield ("sleep", idle)
+            name = draw("res", lambda: f"r{rng.randrange(cfg.resources)}")
+            mode = draw("mode", lambda: rng.choice(modes))
+            timeout = draw("timeout", lambda: rng.choice((0.1, 0.3, 1.0, 2.0)))
             self.doing = f"lock {name} {mode.name}"
             try:
                 lk, req = c.new_request(name, mode, timeout)
             except DLMError:
                 continue
             w.note(f"client {c.cid}: {self.doing} -> {lk.id}")
-            v, e = yield ("flow", c._request(lk, req), maybe())
+            v, e = yield ("flow", c._request(lk, req), draw("int_req", maybe))
             w.res.ops += 1
             if e is not None:
                 self._count(f"request {type(e).__name__}")
                 continue
-            if not (yield ("req", req, maybe())):
+            if not (yield ("req", req, draw("int_wait", maybe))):
                 self.doing = f"cancel {name}"
                 yield ("flow", c._withdraw(req), None)
                 w.res.ops += 1
@@ -369,20 +450,23 @@ class User:
                 self._count(f"request {type(req._error).__name__}")
                 continue
             self._count("granted")
-            yield ("sleep", rng.uniform(0.0, 0.2))
-            if rng.random() < 0.4 and lk.phase is Phase.HELD:
-                to = rng.choice(modes)
+            # (a lock held 1 to 4 leases, renewed through faults, or 0..0.2 s)
+            yield ("sleep", draw("hold", lambda: rng.uniform(1.0, 4.0) * lease
+                                 if cfg.hold and rng.random() < cfg.hold
+                                 else rng.uniform(0.0, 0.2)))
+            if draw("conv", lambda: rng.random() < 0.4) and lk.phase is Phase.HELD:
+                to = draw("to", lambda: rng.choice(modes))
                 self.doing = f"convert {name} {lk.mode.name}->{to.name}"
-                v, e = yield ("flow", c._convert(lk, to, rng.choice((0.1, 0.5, 1.0))),
-                              maybe())
+                ct = draw("conv_timeout", lambda: rng.choice((0.1, 0.5, 1.0)))
+                v, e = yield ("flow", c._convert(lk, to, ct), draw("int_conv", maybe))
                 w.res.ops += 1
                 self._count("converted" if e is None else f"convert {type(e).__name__}")
                 w.note(f"client {c.cid}: {self.doing} {lk.id}: {e!r}")
-                yield ("sleep", rng.uniform(0.0, 0.1))
+                yield ("sleep", draw("after_conv", lambda: rng.uniform(0.0, 0.1)))
             if lk.phase is Phase.HELD and lk.mode is not None and lk.mode >= Mode.PW:
-                lk.new_value = b"c%d@%d" % (c.cid, lk.token)
+                lk.new_value = b"%s@%d" % (lk.id.encode(), lk.token)  # (unique per write)
             self.doing = f"release {name}"
-            v, e = yield ("flow", c._release(lk), maybe())
+            v, e = yield ("flow", c._release(lk), draw("int_rel", maybe))
             w.res.ops += 1
             self._count("released" if e is None else f"release {type(e).__name__}")
         self.doing = "done"
@@ -394,7 +478,11 @@ def _during(old: Mode | None, new: Mode) -> Mode | None:
     one; CW<->PR: CR)."""
     if old is None:
         return None
-    return max(x for x in Mode if covers(old, x) and covers(new, x))
+    return _DURING[old, new]
+
+
+_DURING = {(a, b): max(x for x in Mode if covers(a, x) and covers(b, x))
+           for a in Mode for b in Mode}
 
 
 class Observer:
@@ -402,13 +490,73 @@ class Observer:
     (1) no two incompatible locks both believed valid by their holders (`validity(now) > 0`
     in phase HELD, or converting: `_during`);
     (2) fencing: a grant's token is above the token of every earlier conflicting grant on
-    its resource (as a resource that checks tokens sees them)."""
+    its resource (as a resource that checks tokens sees them);
+    (3) value blocks: a value a holder reads as valid (at its grant, any mode but NL) is
+    the last write committed when its request or conversion started, or a newer one (a
+    write is committed once a quorum of instances stores it; "last" by version, which
+    follows the writers' tokens; a CR reader is granted beside a PW writer, so a write
+    committed while its grant is in flight may or may not be seen), or no value at all (a
+    value block disappears with the resource's last lock, G9, G13).
+    (Queues processed on every instance is checked by the network after each call.)"""
 
     def __init__(self, world: World) -> None:
         self.w = world
         self.seen: set[tuple[str, int, int]] = set()  #: (lock id, token, mode) checked
         #: resource key -> mode -> [(token, lock id)] the two highest, distinct lock ids
         self.top: dict[bytes, dict[int, list[tuple[int, str]]]] = {}
+        self.quorum = world.cfg.instances // 2 + 1
+        #: (key, value) -> [version, {instances storing it}] of every write seen
+        self.writes: dict[tuple[bytes, bytes], list] = {}
+        #: key -> [(time, version, value)] of each write when a quorum stored it
+        self.commits: dict[bytes, list[tuple[float, int, bytes]]] = {}
+
+    def written(self, inst: Any, key: bytes, value: bytes, version: int,
+                stored: bool) -> None:
+        rec = self.writes.setdefault((key, value), [version, set()])
+        if not stored:
+            return
+        rec[1].add(inst.idx)
+        if len(rec[1]) == self.quorum:
+            self.commits.setdefault(key, []).append((self.w.t, version, value))
+
+    def _read(self, c: Any, lk: Any) -> None:
+        """(3) for a holder that just got its grant."""
+        if not lk.value_valid or lk.value is None:
+            return
+        # when the request (or the conversion) started: its G11 ticket, from the clock
+        t0 = c.to_sim((max(lk.ticket, lk.cticket) - TICKET0) / 1e6)
+        last = max(((v, val) for t, v, val in self.commits.get(lk.key, ()) if t <= t0),
+                   default=None)
+        rec = self.writes.get((lk.key, lk.value))
+        if rec is None:
+            self.w.violation(f"value: client {c.cid} lock {lk.id} read {lk.value!r} "
+                             f"valid on {lk.name!r}, never written")
+        elif last is not None and rec[0] < last[0]:
+            self.w.violation(f"value: client {c.cid} lock {lk.id} {lk.mode.name} read "
+                             f"{lk.value!r} (version {rec[0]}) valid on {lk.name!r}; the "
+                             f"last write committed before it started is {last[1]!r} "
+                             f"(version {last[0]}); "
+                             + self._where(lk.key, lk.value))
+
+    def _where(self, key: bytes, value: bytes) -> str:
+        """Which instances keep `value`, and the locks that keep the resource alive there
+        (a lock its owner no longer has: its release or expiry did not reach there)."""
+        w = self.w
+        out = []
+        for inst in w.instances:
+            r = inst.model.res.get(key)
+            if r is None or r.vb != value:
+                continue
+            now = inst.clock_ms(w.t)
+            locks = []
+            for q in (r.g, r.c, r.w):
+                for o in q:
+                    c = w.by_owner.get(o.owner)
+                    mine = c is not None and c._core.locks.get(o.id) is not None
+                    locks.append(f"{o.id}{'' if mine else ' (stale)'}"
+                                 f"{' expired' if o.exp <= now else ''}")
+            out.append(f"instance {inst.idx} keeps it under {', '.join(locks)}")
+        return "; ".join(out) or "no instance keeps it now"
 
     def check(self) -> None:
         w = self.w
@@ -443,6 +591,8 @@ class Observer:
                 if mark not in self.seen:
                     self.seen.add(mark)
                     self._fencing(lk, m)
+                    if ph is Phase.HELD and m is not Mode.NL:
+                        self._read(c, lk)
 
     def _fencing(self, lk: Any, m: Mode) -> None:
         tops = self.top.setdefault(lk.key, {})
@@ -458,5 +608,13 @@ class Observer:
         tops[int(m)] = sorted(lst, reverse=True)[:2]
 
 
-def run_seed(seed: int, cfg: Config | None = None, trace: bool = False) -> Result:
-    return World(seed, cfg, trace).run()
+def run_seed(seed: int, cfg: Config | None = None, trace: bool = False,
+             schedule: Schedule | None = None) -> Result:
+    return World(seed, cfg, trace, schedule).run()
+
+
+def recorded(seed: int, cfg: Config | None = None) -> tuple[Result, Schedule]:
+    """Run a seed and return its schedule, as `Schedule`."""
+    w = World(seed, cfg)
+    res = w.run()
+    return res, Schedule(list(w.plan), {u.c.cid: u.recorded for u in w.users})
