@@ -28,6 +28,7 @@ import argparse
 import multiprocessing
 import os
 import platform
+import resource
 import statistics
 import sys
 import threading
@@ -246,6 +247,7 @@ def figure_contended(urls: list[str], workers: int, seconds: float) -> dict[str,
     ctx = multiprocessing.get_context("spawn")
     q = ctx.Queue()
     start_at = time.time() + 2.0 + 0.3 * workers
+    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     procs = [ctx.Process(target=contender, args=(urls, NAMESPACE, seconds, start_at, k, q),
                          daemon=True) for k in range(workers)]
     for p in procs:
@@ -256,6 +258,8 @@ def figure_contended(urls: list[str], workers: int, seconds: float) -> dict[str,
         results[k] = out
     for p in procs:
         p.join(10)
+    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    worker_cpu = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
     # (grant, release, worker, queued), in grant order (one machine's monotonic clock)
     sections = sorted((g, r, k, w) for k, out in results.items() for w, g, r in out)
     pairs = list(zip(sections, sections[1:]))
@@ -269,6 +273,7 @@ def figure_contended(urls: list[str], workers: int, seconds: float) -> dict[str,
     overlaps = sum(1 for a, b in pairs if b[0] < a[1])
     return {"acq": len(sections), "rate": len(sections) / span, "handoffs": handoffs,
             "counts": counts, "waited": waited, "overlaps": overlaps,
+            "cpu_per_acq": worker_cpu / max(1, len(sections)),
             "same_worker_again": sum(1 for a, b in pairs if b[2] == a[2])}
 
 
@@ -427,6 +432,8 @@ def _print_contended(urls: list[str], args: argparse.Namespace, floor_rt: float)
     print(f"(2) {args.workers} worker processes contending for one EX lock "
           f"({args.seconds:g} s)")
     print(f"    acquisitions: {c['acq']} ({c['rate']:,.0f}/s); per worker {c['counts']}")
+    print(f"    worker CPU per acquisition (all {args.workers} processes, start-up included): "
+          f"{c['cpu_per_acq'] * 1e6:,.0f} µs")
     share = c["waited"] / max(1, c["acq"] - 1)
     premise = share >= 0.5 and not c["overlaps"]
     print(f"    premise: {c['waited']} of {c['acq']} grants ({share:.0%}) waited in the queue "

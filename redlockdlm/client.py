@@ -11,7 +11,9 @@ callbacks, so a slow callback never delays a renewal.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import heapq
 import logging
 import os
 import select
@@ -77,6 +79,10 @@ class DLM(Flows):
                 inst.pool.disconnect()
             raise errors[0]
         self._closed = False
+        #: background flows parked in a Wait: woken ones, and the times of the others
+        self._ready: collections.deque[_Parked] = collections.deque()
+        self._timers: list[tuple[float, int, _Parked]] = []
+        self._seq = 0
         self._callbacks: list[tuple[Callable[..., Any], tuple]] = []
         self._cb_cond = threading.Condition()
         self._core.renew_at = self._now() + self._core.renew_interval()
@@ -249,33 +255,93 @@ class DLM(Flows):
             self._mu.acquire()
 
     def _wait(self, lk: LockCore, until: float | None) -> bool:
-        cond = lk.waker
-        if cond is None:
-            cond = lk.waker = threading.Condition(self._mu)
+        """`Wait` for a flow run by a caller's thread: that thread sleeps on the lock's
+        condition (the state lock released meanwhile)."""
         timeout = None if until is None else until - self._now()
         if timeout is not None and timeout <= 0:
             return False
-        return cond.wait(timeout)
+        return self._waker(lk).cond.wait(timeout)
+
+    def _waker(self, lk: LockCore) -> _Waker:
+        w = lk.waker
+        if w is None:
+            w = lk.waker = _Waker(self._mu)
+        return w
 
     def _notify(self, lk: LockCore) -> None:
-        if lk.waker is not None:
-            lk.waker.notify_all()
+        w = lk.waker
+        if w is None:
+            return
+        w.cond.notify_all()
+        if w.parked:  # background flows waiting on it: the event thread resumes them
+            for entry in w.parked:
+                entry.woken = True
+                self._ready.append(entry)
+            w.parked.clear()
+            if threading.current_thread() is not self._thread:
+                self._poke()
 
     def _start(self, flow: Flow) -> None:
-        """Run `flow` here up to its first operation, then on a thread of its own."""
-        try:
-            op = flow.send(None)
-        except StopIteration:
-            return
+        """Run `flow` in the background: here up to its first operation. A `Wait` parks it
+        (no thread: the event thread resumes it when the lock changes or its time comes);
+        an operation that does I/O goes on a thread of its own."""
+        self._step_background(flow, None, None)
 
-        def rest() -> None:
+    def _step_background(self, flow: Flow, value: Any, error: BaseException | None) -> None:
+        """Step a background flow (state lock held) until it parks, hands its I/O to a
+        thread, or ends."""
+        while True:
             try:
-                with self._mu:
-                    self._resume(flow, op)
+                op = flow.send(value) if error is None else flow.throw(error)
+            except StopIteration:
+                return
             except Exception:  # noqa: BLE001 - a background flow has nobody to raise to
                 log.exception("background step failed")
+                return
+            value, error = None, None
+            if isinstance(op, Spawn):
+                self._start(op.flow)
+                continue
+            if isinstance(op, Wait):
+                if op.until is not None and op.until <= self._now():
+                    value = False
+                    continue
+                entry = _Parked(flow, op.lk, op.until)
+                self._waker(op.lk).parked.append(entry)
+                if op.until is not None:
+                    self._seq += 1
+                    heapq.heappush(self._timers, (op.until, self._seq, entry))
+                    if threading.current_thread() is not self._thread:
+                        self._poke()
+                return
+            threading.Thread(target=self._background_io, args=(flow, op), daemon=True,
+                             name="redlockdlm-io").start()
+            return
 
-        threading.Thread(target=rest, daemon=True, name="redlockdlm-io").start()
+    def _background_io(self, flow: Flow, op: Any) -> None:
+        with self._mu:
+            try:
+                value, error = self._perform(op), None
+            except BaseException as exc:  # noqa: BLE001 - the flow decides
+                value, error = None, exc
+            self._step_background(flow, value, error)
+
+    def _resume_parked(self) -> None:
+        """(Event thread, state lock held.) Resume the parked flows whose lock changed
+        (`Wait` answers True) or whose time came (False)."""
+        now = self._now()
+        while self._timers and self._timers[0][0] <= now:
+            _, _, entry = heapq.heappop(self._timers)
+            if entry.woken:
+                continue
+            entry.woken = True
+            w = entry.lk.waker
+            if w is not None and entry in w.parked:
+                w.parked.remove(entry)
+            self._step_background(entry.flow, False, None)
+        while self._ready:
+            entry = self._ready.popleft()
+            self._step_background(entry.flow, True, None)
 
     def _wake_renewer(self) -> None:
         self._poke()
@@ -516,7 +582,10 @@ class DLM(Flows):
         next_resub = 0.0
         while not self._closed:
             now = self._now()
-            timeout = max(0.0, min(self._core.renew_at - now, 0.5))
+            until = self._core.renew_at
+            if self._timers:
+                until = min(until, self._timers[0][0])
+            timeout = 0.0 if self._ready else max(0.0, min(until - now, 0.5))
             for key, _ in self._sel.select(timeout):
                 if key.data is None:
                     try:
@@ -536,6 +605,7 @@ class DLM(Flows):
                     if inst.pubsub is None and i not in self._core.refused:
                         self._subscribe(i, inst)
             with self._mu:
+                self._resume_parked()
                 if self._renewal_due():
                     self._renew_tick()
                 self._check_lost()  # also when every instance stalls and no reply comes
@@ -589,6 +659,27 @@ class DLM(Flows):
                 log.exception("callback %r raised", fn)  # (SystemExit too: this thread)
 
     # ----------------------------------------------------------------- release / convert
+
+class _Waker:
+    """What wakes a flow waiting on one lock: a caller's thread sleeps on `cond`; a
+    background flow parks in `parked` (no thread) until `DLM._notify` or its time."""
+
+    __slots__ = ("cond", "parked")
+
+    def __init__(self, mu: threading.Lock) -> None:
+        self.cond = threading.Condition(mu)
+        self.parked: list[_Parked] = []
+
+
+class _Parked:
+    __slots__ = ("flow", "lk", "until", "woken")
+
+    def __init__(self, flow: Flow, lk: LockCore, until: float | None) -> None:
+        self.flow = flow
+        self.lk = lk
+        self.until = until
+        self.woken = False
+
 
 class _Connecting:
     """One command to an instance whose connection is not open yet: connect, write and

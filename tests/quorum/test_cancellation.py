@@ -262,8 +262,10 @@ def test_cancelled_release_completes(qu: Quorum, steps: int) -> None:
             await asyncio.sleep(0)  # the release has started
             for _ in range(steps):
                 await asyncio.sleep(0)
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
+            if task.cancel():  # (a fast release may be done by now: nothing to cancel)
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+            else:
                 await task
             assert qu.gone("r")
             await granted_at_once(qu, "r")
