@@ -622,7 +622,13 @@ class Session:
         # believe in a lock the instance has expired. (Renewals move it forward.)
         if v.vote not in (Vote.GRANTED, Vote.QUEUED, Vote.ERROR):
             v.sent_at = sent_at
-        if st == Status.GRANTED:
+        if st == Status.GRANTED and rep.token <= v.yielded_token:
+            # The grant we gave back (Y1): this reply left the instance before our yield
+            # landed (another connection); once it lands the grant is gone, as a grant
+            # event not newer than the yield is stale. A grant after the yield has a newer
+            # token. (The vote stays as `yield_cmd_for` left it.)
+            pass
+        elif st == Status.GRANTED:
             if v.vote is not Vote.GRANTED or v.mode != rep.mode:
                 v.granted_at = now
             if not (v.vote is Vote.GRANTED and v.token > rep.token):

@@ -145,3 +145,29 @@ def test_a_same_mode_conversion_short_of_a_quorum_keeps_its_grant() -> None:
     out = s.evaluate_convert(lk, PW, t + 1.001)
     assert out.error is None and not out.actions, out
     assert lk.votes[0].vote is Vote.GRANTED
+
+
+def test_a_reply_that_overtakes_our_yield_does_not_count_the_yielded_grant() -> None:
+    """An up-conversion granted on instance 0 only gives it back (Y1) when an older
+    conversion waits behind it there. A re-check sent meanwhile on another connection
+    may reach instance 0 before the yield and answer 'granted' with the very grant we
+    gave back: it is gone once the yield lands, so it must not count (as a grant event
+    not newer than our yield does not); a grant after the yield (a newer token) does."""
+    s = Session(3, "t", lease_ms=2000)
+    t = 100.0
+    lk = held(s, Mode.CR, t)
+    s.start_convert(lk, EX)
+    s.on_reply(lk, 0, reply(Status.GRANTED, EX, 20), t, t + 0.003)
+    s.on_reply(lk, 1, reply(Status.QUEUED, Mode.CR, 11), t, t + 0.003)
+    s.on_reply(lk, 2, reply(Status.QUEUED, Mode.CR, 12), t, t + 0.003)
+    lk.round_done = True
+    notes = s.on_event(0, Event("B", lk.id, EX, ticket=lk.cticket - 1, other="older"),
+                       t + 0.004)
+    assert [(k, a) for k, _, a in notes] == [("yield", 0)]
+    s.yield_cmd_for(lk, 0)
+    s.on_reply(lk, 0, reply(Status.GRANTED, EX, 20), t + 0.005, t + 0.006)  # the re-check
+    s.on_event(1, Event("G", lk.id, EX, token=21), t + 0.007)
+    assert lk.votes[0].vote is not Vote.GRANTED
+    assert not s.evaluate_convert(lk, Mode.CR, t + 0.008).done
+    s.on_reply(lk, 0, reply(Status.GRANTED, EX, 22), t + 0.009, t + 0.010)  # granted again
+    assert s.evaluate_convert(lk, Mode.CR, t + 0.011).done
