@@ -244,6 +244,14 @@ class LockCore:
                 if v.vote is Vote.GRANTED and (mode is None or v.mode == mode)
                 and self.vote_validity(v, now) > 0]
 
+    def converting_can_queue(self) -> bool:
+        """Whether the conversion going on can wait on an instance: an up or middle one
+        (G5). One to the same mode or down is granted at once wherever the lock is granted
+        (G4): it is never split between instances, and a vote granted in its mode may be
+        the grant the lock already held (the same mode) rather than the conversion's."""
+        return (self.phase is Phase.CONVERTING and self.mode is not None
+                and self.rq != self.mode and not is_down_conversion(self.mode, self.rq))
+
     def validity(self, now: float) -> float:
         """Seconds the lock stays held: the Q-th best validity among granted votes."""
         vals = sorted((self.vote_validity(self.votes[i], now) for i in self.granted(now)),
@@ -614,7 +622,13 @@ class Session:
         # believe in a lock the instance has expired. (Renewals move it forward.)
         if v.vote not in (Vote.GRANTED, Vote.QUEUED, Vote.ERROR):
             v.sent_at = sent_at
-        if st == Status.GRANTED:
+        if st == Status.GRANTED and rep.token <= v.yielded_token:
+            # The grant we gave back (Y1): this reply left the instance before our yield
+            # landed (another connection); once it lands the grant is gone, as a grant
+            # event not newer than the yield is stale. A grant after the yield has a newer
+            # token. (The vote stays as `yield_cmd_for` left it.)
+            pass
+        elif st == Status.GRANTED:
             if v.vote is not Vote.GRANTED or v.mode != rep.mode:
                 v.granted_at = now
             if not (v.vote is Vote.GRANTED and v.token > rep.token):
@@ -784,11 +798,14 @@ class Session:
                 v.forgotten = ev.forgotten
                 v.granted_at = now
         elif ev.kind == "B":
-            if (lk.phase is Phase.CONVERTING and v.vote is Vote.GRANTED and v.mode == lk.rq
+            if (lk.converting_can_queue() and v.vote is Vote.GRANTED and v.mode == lk.rq
                     and ev.ticket < lk.cticket):
                 # split vote between conversions (each granted on a minority, waiting for
                 # the other's grant elsewhere): an older one waits behind ours here, so give
-                # this grant back, as a new request does (Y1 keeps our previous mode)
+                # this grant back, as a new request does (Y1 keeps our previous mode).
+                # Only an up or middle conversion: a grant in the mode of one to the same
+                # mode is the lock's own grant, which the instance would send back to the
+                # wait queue as a new request's (Y1), the lock lost there (seed 80).
                 out.append(("yield", lk, i))
             elif lk.phase in (Phase.HELD, Phase.CONVERTING):
                 key = (ev.other, int(ev.mode))
@@ -1056,7 +1073,7 @@ class Session:
                     out.cleanup.append((i, self.convert_cmd(lk, old, 0, None, 0, i)))
             return out
         out = Outcome()
-        if not lk.round_done:
+        if not lk.round_done and lk.converting_can_queue():  # (see `on_event`)
             lk.round_done = True
             for i in granted:
                 out.actions.append((i, self.yield_cmd_for(lk, i)))

@@ -7,6 +7,8 @@ is written out so it is checked deterministically.
 
 from __future__ import annotations
 
+import redis
+
 from redlockdlm.engine.codec import Event, LockReply, RenewEntry
 from redlockdlm.engine.modes import Mode, Status
 from redlockdlm.protocol import Phase, Session, Vote
@@ -89,3 +91,83 @@ def test_a_yield_in_flight_does_not_count_towards_a_quorum() -> None:
     # ...and once instance 0 grants us again (the yield's reply or a newer event), we hold.
     s.on_event(0, Event("G", lk.id, EX, token=12), t + 0.005)
     assert s.evaluate_acquire(lk, t + 0.006).done
+
+
+PW = Mode.PW
+
+
+def held(s: Session, mode: Mode, now: float):
+    lk = acquiring(s, now)
+    lk.rq = mode
+    for i in range(s.n):
+        s.on_reply(lk, i, reply(Status.GRANTED, mode, 10 + i), now, now + 0.001)
+    assert s.evaluate_acquire(lk, now + 0.002).done
+    return lk
+
+
+def test_a_conversion_that_cannot_queue_never_gives_its_grant_back() -> None:
+    """G4: a conversion to the same mode (or down) is granted at once wherever the lock is
+    granted, never split between instances. An older conversion queued behind the lock
+    (its blocking event) is no split vote: the holder keeps its grant. A yield there
+    would be applied by the instance to the lock's own grant (Y1: back to the wait queue,
+    the lock lost on that instance) while the conversion's replies still say granted:
+    two holders (the simulator's seed 80)."""
+    t = 100.0
+    for old, new in ((PW, PW), (EX, EX), (EX, Mode.PR), (PW, Mode.CR)):
+        s = Session(3, "t", lease_ms=2000)
+        lk = held(s, old, t)
+        s.start_convert(lk, new)
+        lk.pending = set(range(3))
+        for i in range(3):
+            if new != old:  # the down-conversion's grant, in the new mode
+                s.on_reply(lk, i, reply(Status.GRANTED, new, 10 + i), t, t + 0.003)
+                lk.pending = set(range(i + 1, 3))
+            notes = s.on_event(i, Event("B", lk.id, PW, ticket=lk.cticket - 1,
+                                        other="older"), t + 0.004)
+            assert all(k != "yield" for k, _, _ in notes), (old, new, notes)
+        assert all(v.vote is Vote.GRANTED for v in lk.votes)
+
+
+def test_a_same_mode_conversion_short_of_a_quorum_keeps_its_grant() -> None:
+    """The split-vote round of a conversion (every instance answered, no quorum) gives
+    back grants only for a conversion that can queue: a same-mode one with a timeout,
+    two instances unreachable for now (R3: it waits through failures), keeps the grant
+    it holds on the third."""
+    t = 100.0
+    s = Session(3, "t", lease_ms=2000)
+    lk = held(s, PW, t)
+    s.start_convert(lk, PW)
+    lk.deadline = t + 5.0
+    s.on_reply(lk, 0, reply(Status.GRANTED, PW, 10), t, t + 0.003)
+    for i in (1, 2):
+        s.on_reply(lk, i, redis.TimeoutError("Timeout reading"), t, t + 1.0)
+    lk.pending = set()
+    out = s.evaluate_convert(lk, PW, t + 1.001)
+    assert out.error is None and not out.actions, out
+    assert lk.votes[0].vote is Vote.GRANTED
+
+
+def test_a_reply_that_overtakes_our_yield_does_not_count_the_yielded_grant() -> None:
+    """An up-conversion granted on instance 0 only gives it back (Y1) when an older
+    conversion waits behind it there. A re-check sent meanwhile on another connection
+    may reach instance 0 before the yield and answer 'granted' with the very grant we
+    gave back: it is gone once the yield lands, so it must not count (as a grant event
+    not newer than our yield does not); a grant after the yield (a newer token) does."""
+    s = Session(3, "t", lease_ms=2000)
+    t = 100.0
+    lk = held(s, Mode.CR, t)
+    s.start_convert(lk, EX)
+    s.on_reply(lk, 0, reply(Status.GRANTED, EX, 20), t, t + 0.003)
+    s.on_reply(lk, 1, reply(Status.QUEUED, Mode.CR, 11), t, t + 0.003)
+    s.on_reply(lk, 2, reply(Status.QUEUED, Mode.CR, 12), t, t + 0.003)
+    lk.round_done = True
+    notes = s.on_event(0, Event("B", lk.id, EX, ticket=lk.cticket - 1, other="older"),
+                       t + 0.004)
+    assert [(k, a) for k, _, a in notes] == [("yield", 0)]
+    s.yield_cmd_for(lk, 0)
+    s.on_reply(lk, 0, reply(Status.GRANTED, EX, 20), t + 0.005, t + 0.006)  # the re-check
+    s.on_event(1, Event("G", lk.id, EX, token=21), t + 0.007)
+    assert lk.votes[0].vote is not Vote.GRANTED
+    assert not s.evaluate_convert(lk, Mode.CR, t + 0.008).done
+    s.on_reply(lk, 0, reply(Status.GRANTED, EX, 22), t + 0.009, t + 0.010)  # granted again
+    assert s.evaluate_convert(lk, Mode.CR, t + 0.011).done

@@ -133,6 +133,9 @@ class Network:
             for call in calls:
                 raw, events = inst.execute(call, w.t)
                 raws.append(raw)
+                if w.tracing:  # every script an instance runs, and its raw answer
+                    w.note(f"i{i} <- c{c.cid} {call[0]} {call[1][2:3]!r} "
+                           f"{list(call[2][:8])!r} -> {raw!r}")
                 self._publish(i, events)
                 if dup:  # the same script again at once: its reply is read by nobody
                     _, events = inst.execute(call, w.t)
@@ -583,7 +586,7 @@ class Observer:
                                     f"token {lk.token} and client {cid} lock {other.id} "
                                     f"{om.name} token {other.token} on {lk.name!r}")
                 lst.append((c.cid, lk, m))
-                if w.tracing:
+                if w.tracing:  # every script an instance runs, and its raw answer
                     w.note(f"holder c{c.cid} {lk.id} {lk.phase.value} {m.name} "
                            f"mode={lk.mode} rq={lk.rq} votes="
                            + ",".join(f"{v.vote.value}:{v.mode}" for v in lk.votes))
