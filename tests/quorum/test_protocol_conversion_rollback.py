@@ -9,18 +9,13 @@ another client held PR there.
 
 from __future__ import annotations
 
-from redlockdlm.engine.codec import LockReply
 from redlockdlm.engine.modes import COMPAT, Mode, Status
 from redlockdlm.errors import LockTimeout
 from redlockdlm.protocol import Phase, Session
 
+from .replies import reply
+
 CR, CW, PR = Mode.CR, Mode.CW, Mode.PR
-
-
-def reply(status: Status, mode: Mode | None = None, token: int = 0) -> LockReply:
-    return LockReply(status=status, epoch="e", mode=mode, token=token, position=0,
-                     value=None, version=0, valid=True, wait_ms=-1, extra=0,
-                     blockers_count=0, blockers=())
 
 
 def held(s: Session, mode: Mode, t: float):

@@ -9,17 +9,13 @@ from __future__ import annotations
 
 import redis
 
-from redlockdlm.engine.codec import Event, LockReply, RenewEntry
+from redlockdlm.engine.codec import Event, RenewEntry
 from redlockdlm.engine.modes import Mode, Status
 from redlockdlm.protocol import Phase, Session, Vote
 
+from .replies import reply
+
 EX = Mode.EX
-
-
-def reply(status: Status, mode: Mode | None = None, token: int = 0) -> LockReply:
-    return LockReply(status=status, epoch="e", mode=mode, token=token, position=0,
-                     value=None, version=0, valid=True, wait_ms=-1, extra=0,
-                     blockers_count=0, blockers=())
 
 
 def acquiring(s: Session, now: float):

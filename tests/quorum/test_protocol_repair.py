@@ -17,13 +17,9 @@ from redlockdlm.engine.modes import Mode, Status
 from redlockdlm.errors import QuorumUnavailable
 from redlockdlm.protocol import Phase, Session, Vote, covers
 
+from .replies import reply
+
 NL, CR, CW, PR, PW, EX = Mode.NL, Mode.CR, Mode.CW, Mode.PR, Mode.PW, Mode.EX
-
-
-def reply(status: Status, mode: Mode | None = None, token: int = 0) -> LockReply:
-    return LockReply(status=status, epoch="e", mode=mode, token=token, position=0,
-                     value=None, version=0, valid=True, wait_ms=-1, extra=0,
-                     blockers_count=0, blockers=())
 
 
 def held(s: Session, mode: Mode, t: float):
