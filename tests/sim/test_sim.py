@@ -84,3 +84,29 @@ def test_found_counterexamples_stay_fixed(seed: int, cfg, why: str) -> None:
     for table, cfg in ((KNOWN, v1), (KNOWN_NOW, config_for)) for s, why in table.items()])
 def test_open_counterexamples(seed: int, cfg) -> None:
     assert not run_seed(seed, cfg(seed)).violations
+
+
+#: Found on unmodified code by the aimed campaigns (`python -m tests.sim --profile P
+#: --replay SEED`), open, strict xfails until fixed:
+#: slow 52 (analysed): client 1 (309 ms each way) had a PW request queued on 5 instances;
+#: its renewal came too late and the queued lock expired there; its re-sent request
+#: (G12, same id) found it granted meanwhile and answered GRANTED with the old expiry
+#: (G12 returns the state, it does not renew the lease), and the client counted the
+#: grant's validity from the re-send: it believed PW 0.3 s after the instances had
+#: dropped it, and client 0 was granted CW. Either G12 renews a repeated request's lease
+#: or the client counts a repeated request's grant from the lease the instance reports.
+#: convhold 56, r1 153 (two holders) and r1 117 (a conversion of client 0, 6 s socket
+#: timeout, did not end 8 s after the faults): not analysed yet.
+OPEN_PROFILED = {
+    ("slow", 52): "a re-sent request's grant (G12) counted from the re-send, its lease not renewed",
+    ("convhold", 56): "two holders after a long hold following a conversion (not analysed)",
+    ("r1", 153): "two holders after a lost conversion request and a cut (not analysed)",
+    ("r1", 117): "a conversion that did not end after the faults (not analysed)",
+}
+
+
+@pytest.mark.parametrize("profile,seed", [
+    pytest.param(p, s, marks=pytest.mark.xfail(strict=True, reason=why))
+    for (p, s), why in OPEN_PROFILED.items()])
+def test_open_counterexamples_of_aimed_campaigns(profile: str, seed: int) -> None:
+    assert not run_seed(seed, config_for(seed, profile=profile)).violations

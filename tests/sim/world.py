@@ -44,11 +44,20 @@ class Config:
     idle: float = 0.05
     #: a lock held 1 to 4 leases (renewed through faults: R1, R2, V5) instead of 0..0.2 s
     hold: float = 0.1
+    #: the same after a conversion (an up-conversion missed by one instance, then held
+    #: while another instance loses the lock: R1)
+    #: (0 by default: the fixed seeds keep their schedules; `PROFILES["r1"]` sets it)
+    hold_after_conv: float = 0.0
     #: the faults drawn from (a regression seed found before a kind existed keeps its set)
+    #: ("convloss" too: a conversion's request lost on one instance, then the client cut
+    #: from another; `PROFILES["r1"]`)
     kinds: tuple[str, ...] = ("ipause", "irestart", "cpause", "partition", "latency")
     #: client 0's socket timeout, long enough to wait for replies through a latency spike
     #: (as the fault suite's slow clients); the others time out after 1 s
     timeout0: float = 6.0
+    #: a latency spike: how long (in leases) and how much slower each way (in leases)
+    lat_dur: tuple[float, float] = (0.2, 2.0)
+    lat_extra: tuple[float, float] = (0.2, 1.0)
 
 
 @dataclass
@@ -84,6 +93,10 @@ class Network:
         self.cut: dict[tuple[int, int], float] = {}  #: (client, instance) -> until
         #: client -> (until, extra seconds): a latency spike on every message of that client
         self.lag: dict[int, tuple[float, float]] = {}
+        #: (client, instance) -> (until, then): the next conversion request that client
+        #: sends to that instance is lost; `then` (instance, seconds) cuts the client from
+        #: another instance a moment later (the "convloss" fault)
+        self.convloss: dict[tuple[int, int], tuple[float, tuple[int, float]]] = {}
 
     def delay(self, c: SimClient | None = None) -> float:
         r = self.rng
@@ -118,9 +131,23 @@ class Network:
         w.at(w.t + c.timeout, c, timeout)
         if self.lost(c, i):
             return
+        if self.convloss and self._convloss(c, i, calls):
+            return
         dup = w.t < w.cfg.work_s and self.rng.random() < w.cfg.dup
         w.at(w.t + self.delay(c), w.instances[i], self._arrive, c, i, calls, on_reply, args,
              box, dup)
+
+    def _convloss(self, c: SimClient, i: int, calls: list) -> bool:
+        hit = self.convloss.get((c.cid, i))
+        if hit is None or hit[0] <= self.w.t or not any(call[0] == "convert" for call in calls):
+            return False
+        del self.convloss[(c.cid, i)]
+        j, d = hit[1]
+        w = self.w
+        w._fault(f"client {c.cid}'s conversion request to instance {i} lost")
+        if j != i:
+            w.at(w.t + 0.3, None, w._partition, c.cid, [j], d)
+        return True
 
     def _arrive(self, c: SimClient, i: int, calls: list, on_reply: Callable, args: tuple,
                 box: list, dup: bool) -> None:
@@ -290,9 +317,13 @@ class World:
                 c, d = rng.randrange(cfg.clients), rng.uniform(0.02, 2.0 * lease)
                 plan.append((t, "pause", ("client", c, d)))
             elif kind == "latency":
-                c, d = rng.randrange(cfg.clients), rng.uniform(0.2, 2.0 * lease)
-                extra = rng.uniform(0.2, 1.0) * lease
+                c, d = rng.randrange(cfg.clients), rng.uniform(*cfg.lat_dur) * lease
+                extra = rng.uniform(*cfg.lat_extra) * lease
                 plan.append((t, "latency", (c, d, extra)))
+            elif kind == "convloss":  # R1: a conversion missed, then a cut elsewhere
+                c, i = rng.randrange(cfg.clients), rng.randrange(cfg.instances)
+                j, d = rng.randrange(cfg.instances), rng.uniform(1.0, 2.5) * lease
+                plan.append((t, "convloss", (c, i, 2.0 * lease, j, d)))
             else:
                 c, d = rng.randrange(cfg.clients), rng.uniform(0.05, 2.0 * lease)
                 k = rng.randint(1, cfg.instances)
@@ -326,6 +357,11 @@ class World:
         self.net.lag[c] = (self.t + d, extra)
         self._fault(f"client {c}'s messages {extra * 1000:.0f} ms slower each way for "
                     f"{d * 1000:.0f} ms")
+
+    def _convloss(self, c: int, i: int, within: float, j: int, d: float) -> None:
+        self.net.convloss[(c, i)] = (self.t + within, (j, d))
+        self._fault(f"client {c}'s next conversion to instance {i} (within "
+                    f"{within * 1000:.0f} ms) will be lost")
 
     def _partition(self, c: int, cut: list[int], d: float) -> None:
         for i in cut:
@@ -465,7 +501,10 @@ class User:
                 w.res.ops += 1
                 self._count("converted" if e is None else f"convert {type(e).__name__}")
                 w.note(f"client {c.cid}: {self.doing} {lk.id}: {e!r}")
-                yield ("sleep", draw("after_conv", lambda: rng.uniform(0.0, 0.1)))
+                yield ("sleep", draw("after_conv", lambda: rng.uniform(1.0, 4.0) * lease
+                                     if cfg.hold_after_conv
+                                     and rng.random() < cfg.hold_after_conv
+                                     else rng.uniform(0.0, 0.1)))
             if lk.phase is Phase.HELD and lk.mode is not None and lk.mode >= Mode.PW:
                 lk.new_value = b"%s@%d" % (lk.id.encode(), lk.token)  # (unique per write)
             self.doing = f"release {name}"
