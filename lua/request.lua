@@ -39,9 +39,17 @@ return run(function()
   if pid ~= '' then pr = load(KEYS[4]) end
   local r = load(key)
   if r then
-    local _, old = find(r, id)
+    local q, old = find(r, id)
     if old then  -- G12: a retried request finds itself
       if old.o ~= owner then fail('DLM_NOTOWNER', 'lock id ' .. id .. ' belongs to another owner') end
+      -- and renews its lease, as renew.lua would: the client counts the grant it answers
+      -- from when it sent this request (a grant given meanwhile by the queue must not end
+      -- before that count does)
+      if old.e < NOW + lease then
+        old.e = NOW + lease
+        if q ~= 'g' then windex_add(key, old) end
+        mark(key)
+      end
       return lock_state(r, old)
     end
   end

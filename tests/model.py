@@ -349,10 +349,14 @@ class Model:
         pr = self._load(parent_key, now, ev) if parent_id else None
         r = self._load(key, now, ev)
         if r is not None:
-            _, lk = r.find(lock_id)
-            if lk is not None:  # G12
+            q, lk = r.find(lock_id)
+            if lk is not None:  # G12, and its lease renewed as renew would
                 if lk.owner != owner:
                     raise NotOwner(f"lock id {lock_id} belongs to another owner")
+                if lk.exp < now + lease_ms:
+                    lk.exp = now + lease_ms
+                    if q is not r.g:
+                        self.windex[(lock_id, key)] = lk.exp
                 return self._state(r, lk, now)
         plk = None
         if parent_id:  # H1

@@ -471,6 +471,13 @@ SCENARIOS = [
          R("a", EX, 2), status=QUEUED, position=0, layout="G[h=EX] W[a>EX]"),
     case("G12-retry-with-other-mode-returns-current-state", [R("a", PR, 1)], R("a", EX, 7),
          status=GRANTED, mode=PR, layout="G[a=PR]"),
+    case("G12-retry-renews-the-lease-of-a-granted-lock",
+         [R("a", EX, 1, lease=1000), Tick(600), R("a", EX, 1, lease=1000), Tick(600)],
+         R("b", EX, 2), status=QUEUED, layout="G[a=EX] W[b>EX]"),
+    case("G12-retry-renews-the-lease-of-a-waiting-lock",
+         [R("h", EX, 1), R("a", EX, 2, lease=1000), Tick(600), R("a", EX, 2, lease=1000),
+          Tick(600)], R("b", EX, 3), status=QUEUED, position=1,
+         layout="G[h=EX] W[a>EX b>EX]"),
     case("G12-same-id-from-other-owner-NotOwner", [R("a", EX, 1)],
          R("a", EX, 1, owner="intruder"), raises=NotOwner),
     # H1: parents

@@ -98,11 +98,23 @@ def test_open_counterexamples(seed: int, cfg) -> None:
 #: convhold 56, r1 153 (two holders) and r1 117 (a conversion of client 0, 6 s socket
 #: timeout, did not end 8 s after the faults): not analysed yet.
 OPEN_PROFILED = {
-    ("slow", 52): "a re-sent request's grant (G12) counted from the re-send, its lease not renewed",
-    ("convhold", 56): "two holders after a long hold following a conversion (not analysed)",
     ("r1", 153): "two holders after a lost conversion request and a cut (not analysed)",
     ("r1", 117): "a conversion that did not end after the faults (not analysed)",
 }
+#: Found by the aimed campaigns and fixed: a re-sent request (G12) answered a grant the
+#: queue gave meanwhile without renewing its lease, while the client counts that grant from
+#: the re-send: it believed a lock the instances had already dropped. G12 now renews the
+#: lease (lua/request.lua, tests/model.py). Both seeds fail with that reverted.
+FOUND_PROFILED = {
+    ("slow", 52): "a re-sent request's grant (G12) counted from the re-send, lease not renewed",
+    ("convhold", 56): "two holders after a long hold following a conversion (same cause)",
+}
+
+
+@pytest.mark.parametrize("profile,seed", sorted(FOUND_PROFILED))
+def test_found_counterexamples_of_aimed_campaigns(profile: str, seed: int) -> None:
+    assert not run_seed(seed, config_for(seed, profile=profile)).violations, (
+        FOUND_PROFILED[(profile, seed)])
 
 
 @pytest.mark.parametrize("profile,seed", [
