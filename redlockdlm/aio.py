@@ -362,7 +362,8 @@ class AsyncDLM(Flows):
         before the CancelledError propagates."""
         if self._closed:
             raise DLMError("this AsyncDLM client is closed")
-        await self._ensure_started()
+        if not self._started:
+            await self._ensure_started()
         lk, req = self._new_request(
             resource, mode, timeout=timeout, noqueue=noqueue, expedite=expedite,
             no_deadlock_wait=no_deadlock_wait, value_block=value_block, on_granted=on_granted,
@@ -372,10 +373,6 @@ class AsyncDLM(Flows):
         return req
 
     # ----------------------------------------------------------------- the flow driver
-
-    async def _run(self, flow: Flow) -> Any:
-        """Run `flow` to its end in this task; its result."""
-        return await self._resume(flow)
 
     async def _resume(self, flow: Flow, op: Any = None) -> Any:
         """Drive `flow` from operation `op` (None: from its start): perform each operation
@@ -387,13 +384,26 @@ class AsyncDLM(Flows):
                 return stop.value
         while True:
             try:
-                value, error = await self._perform(op), None
+                if type(op) is Broadcast:  # (the common one: no _perform frame)
+                    late = op.late
+                    value = await self._broadcast(
+                        op.cmds, enough=op.enough,
+                        late=None if late is None else self._late_runner(late))
+                else:
+                    value = await self._perform(op)
+                error = None
             except BaseException as exc:  # noqa: BLE001 - the flow decides (re-raises)
                 value, error = None, exc
             try:
                 op = flow.send(value) if error is None else flow.throw(error)
             except StopIteration as stop:
                 return stop.value
+
+    #: run `flow` to its end in this task; its result
+    _run = _resume
+
+    def _late_runner(self, late: Callable[[int, Any], Flow]) -> Callable[[int, Any], Any]:
+        return lambda i, res: self._run(late(i, res))
 
     async def _perform(self, op: Any) -> Any:
         if isinstance(op, Broadcast):
