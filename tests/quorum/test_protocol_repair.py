@@ -139,6 +139,25 @@ def test_r1_missed_up_conversion_does_not_count_as_holding() -> None:
     assert s.check_held(101.6) == [lk]
 
 
+def test_validity_counts_only_grants_that_cover_the_held_mode() -> None:
+    """CW held everywhere, converted up to PW: instance 2's request is lost and renewals
+    keep finding CW there; then the client is cut from instance 0, whose lease runs out.
+    From then on PW is kept by instance 1 alone (a CW request is granted beside the CW on
+    instance 2 and on instance 0), so the lock is not held: its validity (what
+    `validity_ms` reports) is none, not the fresh lease of the CW grant that protects
+    nothing. Found by the simulator (profile r1, seed 153): the holder went on believing
+    PW while another client was granted CW by instances 0 and 2."""
+    s = Session(3, "t", lease_ms=1000)
+    lk = held(s, CW, 100.0)
+    convert_missing_one(s, lk, PW, 100.3)
+    renew_says(s, lk, 1, PW, 100.6)
+    renew_says(s, lk, 2, CW, 100.6)
+    # instance 0's lease (last set at 100.0) still runs: the quorum's shorter one bounds it
+    assert lk.validity(100.7) == pytest.approx(100.0 + 1.0 - lk.drift_s() - 100.7)
+    assert s.holding(lk, 101.0) == 1
+    assert lk.validity(101.0) <= 0
+
+
 def test_r1_down_conversion_in_progress_still_holds() -> None:
     """While converting down, a grant already in the requested mode counts."""
     s = Session(3, "t", lease_ms=3000)

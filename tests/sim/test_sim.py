@@ -95,12 +95,8 @@ def test_open_counterexamples(seed: int, cfg) -> None:
 #: grant's validity from the re-send: it believed PW 0.3 s after the instances had
 #: dropped it, and client 0 was granted CW. Either G12 renews a repeated request's lease
 #: or the client counts a repeated request's grant from the lease the instance reports.
-#: convhold 56, r1 153 (two holders) and r1 117 (a conversion of client 0, 6 s socket
-#: timeout, did not end 8 s after the faults): not analysed yet.
-OPEN_PROFILED = {
-    ("r1", 153): "two holders after a lost conversion request and a cut (not analysed)",
-    ("r1", 117): "a conversion that did not end after the faults (not analysed)",
-}
+#: (r1 153 and r1 117 were open here too: see FOUND_PROFILED.)
+OPEN_PROFILED: dict[tuple[str, int], str] = {}
 #: Found by the aimed campaigns and fixed: a re-sent request (G12) answered a grant the
 #: queue gave meanwhile without renewing its lease, while the client counts that grant from
 #: the re-send: it believed a lock the instances had already dropped. G12 now renews the
@@ -108,6 +104,17 @@ OPEN_PROFILED = {
 FOUND_PROFILED = {
     ("slow", 52): "a re-sent request's grant (G12) counted from the re-send, lease not renewed",
     ("convhold", 56): "two holders after a long hold following a conversion (same cause)",
+    # An up-conversion's request lost on one instance (it kept the old, weaker mode there)
+    # and the client then cut from another: the lock's validity counted that weaker grant's
+    # fresh lease, so the holder believed PW held by one instance. `LockCore.validity` now
+    # counts only grants that cover the held mode, as `Session.holding` does.
+    ("r1", 153): "validity counted a grant in a weaker mode (a missed up-conversion)",
+    # A simulator artefact, not a client bug: client 0's down-conversion had no answer
+    # (one request lost, one dropped, the third's reply dropped), so it ended only at its
+    # 6 s socket timeout (R4: nothing in hand decided it), then the r1 profile held the lock
+    # 3.4 s more; the liveness check came first and named the hold "convert". The check
+    # now allows for both when a profile holds after conversions (world.py).
+    ("r1", 117): "liveness bound too short for a socket timeout then a hold (artefact)",
 }
 
 

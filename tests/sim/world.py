@@ -263,6 +263,10 @@ class World:
                 self.users.append(u)
                 u.start()
             end = cfg.work_s + 4 * cfg.lease_ms / 1000.0 + 4.0  # every request has ended
+            if cfg.hold_after_conv:
+                # a conversion begun before work_s may wait client 0's socket timeout
+                # (no instance answered, R4), then its lock is held up to 4 leases more
+                end += cfg.timeout0 + 4 * cfg.lease_ms / 1000.0
             self._loop(end)
             for u in self.users:
                 if not u.finished:
@@ -501,6 +505,7 @@ class User:
                 w.res.ops += 1
                 self._count("converted" if e is None else f"convert {type(e).__name__}")
                 w.note(f"client {c.cid}: {self.doing} {lk.id}: {e!r}")
+                self.doing = f"hold {name} after a conversion"
                 yield ("sleep", draw("after_conv", lambda: rng.uniform(1.0, 4.0) * lease
                                      if cfg.hold_after_conv
                                      and rng.random() < cfg.hold_after_conv
