@@ -409,15 +409,23 @@ class Model:
         return self._run(self._convert, key, owner, lock_id, mode, flags, cticket, lease_ms,
                          now, rejoin_ms, value, version, floor, priority)
 
+    @staticmethod
+    def _own(r: Resource | None, owner: str, lock_id: str) -> tuple[list[Lock] | None,
+                                                                  Lock | None]:
+        """The queue and lock `lock_id` of `r` ((None, None) if absent); NotOwner if the
+        lock is another owner's."""
+        q, lk = r.find(lock_id) if r is not None else (None, None)
+        if lk is not None and lk.owner != owner:
+            raise NotOwner(f"lock {lock_id} belongs to another owner")
+        return q, lk
+
     def _convert(self, ev, key, owner, lock_id, mode, flags, cticket, lease_ms, now,
                  rejoin_ms, value, version, floor, priority) -> Reply:
         self._epoch(now, rejoin_ms)
         r = self._load(key, now, ev)
-        q, lk = r.find(lock_id) if r is not None else (None, None)
+        q, lk = self._own(r, owner, lock_id)
         if lk is None:
             return Reply(Status.NOTFOUND)
-        if lk.owner != owner:
-            raise NotOwner(f"lock {lock_id} belongs to another owner")
         if q is r.w:
             raise LockStateError(f"lock {lock_id} is not granted yet")
         if q is r.c:
@@ -505,15 +513,13 @@ class Model:
                  child_keys, value, version, floor) -> Reply:
         self._epoch(now, rejoin_ms)
         r = self._load(key, now, ev)
-        q, lk = r.find(lock_id) if r is not None else (None, None)
+        q, lk = self._own(r, owner, lock_id)
         if lk is None:
             if floor:
                 if r is None:
                     r = self.res[key] = Resource(name=b"")
                 r.seq = max(r.seq, floor)
             return Reply(Status.NOTFOUND)
-        if lk.owner != owner:
-            raise NotOwner(f"lock {lock_id} belongs to another owner")
         if value is not None and not (lk.gr is not None and lk.gr >= Mode.PW):
             raise BadArgument("the value block is written only releasing PW/EX (V3)")
         allowed = {key, parent_key or key, *child_keys}
@@ -565,11 +571,9 @@ class Model:
                 parent_key) -> Reply:
         self._epoch(now, rejoin_ms)
         r = self._load(key, now, ev)
-        q, lk = r.find(lock_id) if r is not None else (None, None)
+        q, lk = self._own(r, owner, lock_id)
         if lk is None:
             return Reply(Status.NOTFOUND)
-        if lk.owner != owner:
-            raise NotOwner(f"lock {lock_id} belongs to another owner")
         if q is r.g:
             return Reply(Status.CANCELGRANT, gr=lk.gr, token=lk.token)
         if q is r.w:
@@ -593,11 +597,9 @@ class Model:
     def _yield(self, ev, key, owner, lock_id, now, rejoin_ms) -> Reply:
         self._epoch(now, rejoin_ms)
         r = self._load(key, now, ev)
-        q, lk = r.find(lock_id) if r is not None else (None, None)
+        q, lk = self._own(r, owner, lock_id)
         if lk is None:
             return Reply(Status.NOTFOUND)
-        if lk.owner != owner:
-            raise NotOwner(f"lock {lock_id} belongs to another owner")
         if q is r.g:  # Y1
             r.g.remove(lk)
             if lk.pm is not None:
@@ -630,12 +632,10 @@ class Model:
             if key not in loaded:
                 loaded[key] = self._load(key, now, ev)
             r = loaded[key]
-            q, lk = r.find(lock_id) if r is not None else (None, None)
+            q, lk = self._own(r, owner, lock_id)
             if lk is None:
                 out.append(Reply(Status.NOTFOUND))
                 continue
-            if lk.owner != owner:
-                raise NotOwner(f"lock {lock_id} belongs to another owner")
             lk.exp = now + lease_ms
             if q is not r.g:
                 self.windex[(lock_id, key)] = lk.exp
