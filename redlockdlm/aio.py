@@ -406,10 +406,7 @@ class AsyncDLM(Flows):
         return lambda i, res: self._run(late(i, res))
 
     async def _perform(self, op: Any) -> Any:
-        if isinstance(op, Broadcast):
-            late = op.late
-            return await self._broadcast(op.cmds, enough=op.enough, late=None if late is None
-                                         else lambda i, res: self._run(late(i, res)))
+        """Every operation but `Broadcast`, which `_resume` awaits itself."""
         if isinstance(op, Wait):
             return await self._wait(op.lk, op.until)
         if isinstance(op, Pipeline):

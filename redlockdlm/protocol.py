@@ -1106,12 +1106,11 @@ class Session:
         caller still gets `err` (`Outcome.keep`): its value write is not known to be on a
         quorum."""
         new = lk.rq
-        if lk.new_value is not None and old >= Mode.PW and new != Mode.NL:
-            version = lk.next_version()
-            lk.value, lk.version, lk.value_valid = lk.new_value, version, True
-            lk.written = (lk.new_value, version)
-        elif lk.new_value is not None and old >= Mode.PW:
+        if lk.new_value is not None and old >= Mode.PW:  # the write it carried (R1 resends)
             lk.written = (lk.new_value, lk.next_version())
+            if new != Mode.NL:
+                lk.value, lk.version = lk.written
+                lk.value_valid = True
         lk.new_value = None
         lk.mode = new
         lk.error = None
