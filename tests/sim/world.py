@@ -2,8 +2,9 @@
 workload, and the observer that checks the invariants after every event.
 
 Everything random comes from `random.Random` objects seeded from the run's seed (one per
-concern: network, faults, workload), events at the same instant run in the order they were
-scheduled, and lock ids come from a counter: a seed replays exactly.
+concern: faults, each user's workload, and the network's draws one stream per client, step
+of its user and instance), events at the same instant run in the order they were scheduled,
+and lock ids come from a counter: a seed replays exactly.
 """
 
 from __future__ import annotations
@@ -76,8 +77,9 @@ class Result:
 @dataclass
 class Schedule:
     """What a seed's run did, explicitly: its faults (time, kind, args) and each user's
-    steps (the random choices of each lock it took). Replayed with the seed (the network's
-    draws and the clocks still come from it); shrinking removes faults and steps."""
+    steps (the random choices of each lock it took; "n", its place in the run that recorded
+    it, names the step's network draws). Replayed with the seed (the network's draws and
+    the clocks still come from it); shrinking removes faults and steps."""
 
     faults: list[tuple] = field(default_factory=list)
     steps: dict[int, list[dict]] = field(default_factory=dict)
@@ -85,11 +87,19 @@ class Schedule:
 
 class Network:
     """Messages between clients and instances: a base latency, a slow tail (reordering),
-    drops, duplicated requests, partitions (a client cut from some instances)."""
+    drops, duplicated requests, partitions (a client cut from some instances).
+
+    Its draws do not come from one stream in the order messages are sent: each message
+    draws from the stream of (its client, the step its client's user is in, its instance),
+    and each event from the stream of (the client it goes to, that client's step, the
+    instance, "ev"), so removing a step or a fault from a schedule (shrinking) changes the
+    draws of what it removed and of what came in the same step, not of every later message."""
 
     def __init__(self, world: World) -> None:
         self.w = world
-        self.rng = random.Random(world.seed * 7 + 1)
+        #: client -> the step its user is in (the step's "n"; "start", "end" outside them)
+        self.step: dict[int, Any] = {}
+        self._streams: dict[tuple, random.Random] = {}
         self.cut: dict[tuple[int, int], float] = {}  #: (client, instance) -> until
         #: client -> (until, extra seconds): a latency spike on every message of that client
         self.lag: dict[int, tuple[float, float]] = {}
@@ -98,23 +108,31 @@ class Network:
         #: another instance a moment later (the "convloss" fault)
         self.convloss: dict[tuple[int, int], tuple[float, tuple[int, float]]] = {}
 
-    def delay(self, c: SimClient | None = None) -> float:
-        r = self.rng
+    def rng(self, c: SimClient, i: int, ev: bool = False) -> random.Random:
+        """The stream of client c's messages to or from instance i in its current step."""
+        key = (c.cid, self.step.get(c.cid, "start"), i, ev)
+        r = self._streams.get(key)
+        if r is None:
+            r = self._streams[key] = random.Random("{}:{}:{}:{}:{}".format(self.w.seed, *key))
+        return r
+
+    def delay(self, c: SimClient, i: int, ev: bool = False) -> float:
+        r = self.rng(c, i, ev)
         w = self.w
         d = 0.0002 + r.random() * 0.0015
         if r.random() < w.cfg.slow and w.t < w.cfg.work_s:
             d += 0.005 + r.random() * 0.2
-        if c is not None and self.lag:
+        if self.lag:
             lag = self.lag.get(c.cid)
             if lag is not None and lag[0] > w.t:
                 d += lag[1]  # (one connection: in order, as TCP)
         return d
 
-    def lost(self, c: SimClient, i: int) -> bool:
+    def lost(self, c: SimClient, i: int, ev: bool = False) -> bool:
         w = self.w
         if self.cut.get((c.cid, i), -1.0) > w.t:
             return True
-        return w.t < w.cfg.work_s and self.rng.random() < w.cfg.drop
+        return w.t < w.cfg.work_s and self.rng(c, i, ev).random() < w.cfg.drop
 
     def send(self, c: SimClient, i: int, calls: list, on_reply: Callable, *args: Any) -> None:
         """Send `calls` to instance i; `on_reply(*args, results)` gets the settled results (a
@@ -133,8 +151,8 @@ class Network:
             return
         if self.convloss and self._convloss(c, i, calls):
             return
-        dup = w.t < w.cfg.work_s and self.rng.random() < w.cfg.dup
-        w.at(w.t + self.delay(c), w.instances[i], self._arrive, c, i, calls, on_reply, args,
+        dup = w.t < w.cfg.work_s and self.rng(c, i).random() < w.cfg.dup
+        w.at(w.t + self.delay(c, i), w.instances[i], self._arrive, c, i, calls, on_reply, args,
              box, dup)
 
     def _convloss(self, c: SimClient, i: int, calls: list) -> bool:
@@ -180,15 +198,15 @@ class Network:
                 box[0] = True
                 on_reply(*args, c.settle(calls, results))
 
-        w.at(w.t + self.delay(c), c, back)
+        w.at(w.t + self.delay(c, i), c, back)
 
     def _publish(self, i: int, events: list) -> None:
         w = self.w
         for owner, payload in events:
             c = w.by_owner.get(owner)
-            if c is None or self.lost(c, i):
+            if c is None or self.lost(c, i, True):
                 continue
-            w.at(w.t + self.delay(c), c, c.deliver_event, i, payload)
+            w.at(w.t + self.delay(c, i, True), c, c.deliver_event, i, payload)
 
 
 class World:
@@ -455,8 +473,9 @@ class User:
                     break
                 st = steps[k]
             else:
-                st = {}
+                st = {"n": k}
                 steps.append(st)
+            w.net.step[c.cid] = st["n"]
             k += 1
 
             def draw(key: str, fn: Callable[[], Any], st: dict = st) -> Any:
@@ -517,6 +536,7 @@ class User:
             w.res.ops += 1
             self._count("released" if e is None else f"release {type(e).__name__}")
         self.doing = "done"
+        w.net.step[c.cid] = "end"
 
 
 def _during(old: Mode | None, new: Mode) -> Mode | None:
