@@ -116,10 +116,13 @@ def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
 def status(s: Settings) -> None:
     """Health of every instance: reachability, latency, Redis version, epoch, recovery
     time left, rejoin wait, eviction policy, live locks and waiter-index entries. Exit 1
-    without a quorum, or when two URLs reach one server or an instance may evict keys."""
+    when no grant is possible now (fewer than a quorum reachable, or reachable but in
+    their rejoin window or without an epoch), or when two URLs reach one server or an
+    instance may evict keys."""
     outcomes = admin.health(s.targets())
     problems = admin.config_problems(outcomes)
-    output.status(outcomes, s.namespace, s.as_json, problems)
+    waiting = admin.not_granting(outcomes)
+    output.status(outcomes, s.namespace, s.as_json, problems, waiting)
     if problems:
         raise Failed("; ".join(problems))
     n, q = len(outcomes), admin.quorum(len(outcomes))
@@ -127,6 +130,10 @@ def status(s: Settings) -> None:
     if ok < q:
         raise Failed(f"only {ok} of {n} instances reachable (quorum {q}): "
                      + "; ".join(f"{o.label} {o.error}" for o in outcomes if not o.ok))
+    if ok - len(waiting) < q:
+        raise Failed(f"no grant possible now: {ok - len(waiting)} of {n} instances can "
+                     f"grant (quorum {q}): "
+                     + "; ".join(f"{lab} {why}" for lab, why in waiting.items()))
 
 
 @cli.command("ls")

@@ -153,6 +153,24 @@ def config_problems(outcomes: Sequence[InstanceResult[Health]]) -> list[str]:
     return out
 
 
+def not_granting(outcomes: Sequence[InstanceResult[Health]]) -> dict[str, str]:
+    """The reachable instances that cannot grant now, label -> why: in their rejoin window
+    (E1, with the time left), or without an epoch (the first call creates one and starts
+    that window: a brand-new server is marked fresh with `dlm init --fresh` instead)."""
+    out = {}
+    for o in outcomes:
+        h = o.value
+        if h is None:
+            continue
+        if not h.epoch:
+            out[o.label] = ("no epoch yet: the first call starts its rejoin window (E1); "
+                            "a brand-new server: dlm init --fresh")
+        elif h.recovering_ms > 0:
+            out[o.label] = (f"in its rejoin window (E1) for {h.recovering_ms} ms more: "
+                            "grants nothing until then")
+    return out
+
+
 # ----------------------------------------------------------------- merged resource views
 
 

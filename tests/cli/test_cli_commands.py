@@ -62,7 +62,7 @@ def test_status_text_and_json(c):
     c.request("b", "b1", ["R"], "EX", ticket=2)
     r = dlm(c, "status")
     assert r.exit_code == ExitCode.OK, r.output
-    assert "3 of 3 instances reachable, quorum 2: OK" in r.stdout
+    assert "3 of 3 instances reachable, 3 can grant, quorum 2: OK" in r.stdout
     r = dlm(c, "status", "--json")
     doc = json.loads(r.stdout)
     assert (doc["quorum"], doc["reachable"], doc["namespace"]) == (2, 3, "t")
@@ -82,6 +82,36 @@ def test_status_is_ok_with_a_quorum_and_fails_without(c):
     doc = json.loads(r.stdout)
     assert [i["reachable"] for i in doc["instances"]] == [False, True, False]
     assert "only 1 of 3 instances reachable (quorum 2)" in one_line_error(r)
+
+
+def test_status_fails_when_reachable_instances_cannot_grant(c):
+    """Two of three instances flushed (as a restart without persistence): reachable, but
+    without an epoch, then (after a request reached them) in their rejoin window (E1): no
+    grant is possible, so status must not say OK; it names them and exits 1. One is
+    enough to grant beside the intact third."""
+    for u in c.urls[:2]:
+        redis.Redis.from_url(u).flushall()
+    r = dlm(c, "status")
+    assert r.exit_code == ExitCode.FAILED, r.output
+    assert "1 can grant, quorum 2: NO GRANT POSSIBLE NOW" in r.stdout
+    err = one_line_error(r)
+    assert "no grant possible now" in err and all(u in err for u in c.urls[:2]), err
+    assert "dlm init --fresh" in err
+    c.request("a", "a1", ["R"], "EX", ticket=1)  # (every instance: starts their windows)
+    r = dlm(c, "status", "--json")
+    assert r.exit_code == ExitCode.FAILED
+    doc = json.loads(r.stdout)
+    assert doc["granting"] == 1
+    assert [i["can_grant"] for i in doc["instances"]] == [False, False, True]
+    assert all(i["recovering_ms"] > 0 and "rejoin window" in i["not_granting"]
+               for i in doc["instances"][:2])
+    # (held locks' leases run out in the window; an operator who knows these servers are
+    # new may end it: then status is OK again)
+    r = dlm(c, "init", "--fresh", "--force", "--yes", "--redis", c.urls[0], "--redis",
+            c.urls[1])
+    assert r.exit_code == ExitCode.OK, r.output
+    r = dlm(c, "status")
+    assert r.exit_code == ExitCode.OK and "3 can grant" in r.stdout, r.output
 
 
 def test_status_masks_passwords():
