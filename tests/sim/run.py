@@ -88,12 +88,17 @@ def main(argv: list[str] | None = None) -> int:
 #:     retrying proxy or a client library's retry after a timeout re-sends them; a
 #:     re-sent request re-creates a lock its owner already released, and its re-sent
 #:     release writes the value composed under the old token after newer writes.
+#: aof: a minority of instances run AOF `appendfsync everysec` and crash (among the default
+#:     faults) back with the state synced up to a second before: the epoch key survives,
+#:     the last second's grants and writes do not (docs/operations.md, "Persistence").
 PROFILES: dict[str, dict] = {
     "r1": dict(kinds=("convloss",), hold_after_conv=1.0),
     "slow": dict(kinds=("latency", "ipause", "cpause"), lat_dur=(1.0, 4.0),
                  lat_extra=(0.3, 1.5)),
     "convhold": dict(hold_after_conv=0.3),
     "latedup": dict(kinds=("latedup",)),
+    "aof": dict(kinds=("aofrestart", "aofrestart", "ipause", "irestart", "cpause",
+                       "partition", "latency")),
 }
 
 

@@ -256,6 +256,9 @@ class World:
         self.observer = Observer(self)
         for inst in self.instances:
             inst.on_write = self.observer.written
+        if "aofrestart" in cfg.kinds:  # the minority of instances that run AOF everysec
+            for inst in self.instances[:max(1, (cfg.instances - 1) // 2)]:
+                inst.enable_aof()
         self._ids = 0
         self.schedule = schedule
         #: the fault plan: (time, kind, args) each
@@ -365,6 +368,9 @@ class World:
                 c, d = rng.randrange(cfg.clients), rng.uniform(*cfg.lat_dur) * lease
                 extra = rng.uniform(*cfg.lat_extra) * lease
                 plan.append((t, "latency", (c, d, extra)))
+            elif kind == "aofrestart":  # one of the minority of AOF everysec instances
+                i, d = rng.randrange(max(1, (cfg.instances - 1) // 2)), rng.uniform(0.01, 0.5)
+                plan.append((t, "aofrestart", (i, d)))
             elif kind == "latedup":  # V6: a client's messages delivered again, later
                 c, d = rng.randrange(cfg.clients), rng.uniform(*cfg.echo_dur) * lease
                 lag = rng.uniform(*cfg.echo_lag) * lease
@@ -398,6 +404,20 @@ class World:
 
         def back() -> None:
             inst.restart_empty()
+            inst.up = True
+
+        self.at(self.t + d, None, back)
+
+    def _aofrestart(self, i: int, d: float) -> None:
+        inst = self.instances[i]
+        inst.up = False
+        inst.paused_until = 0.0
+        crashed_at = self.t
+        self._fault(f"instance {i} (AOF everysec) crashes, back from its AOF in "
+                    f"{d * 1000:.0f} ms")
+
+        def back() -> None:
+            inst.restart_from_aof(crashed_at)
             inst.up = True
 
         self.at(self.t + d, None, back)
