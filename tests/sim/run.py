@@ -91,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
 #: aof: a minority of instances run AOF `appendfsync everysec` and crash (among the default
 #:     faults) back with the state synced up to a second before: the epoch key survives,
 #:     the last second's grants and writes do not (docs/operations.md, "Persistence").
+#: gap1: instances restart empty and one client is cut from the restarted one for 2.5 to 4
+#:     leases from the crash (past the rejoin wait and V5's window: its locks re-join
+#:     late), among partitions and pauses; half the locks held 1 to 4 leases.
 PROFILES: dict[str, dict] = {
     "r1": dict(kinds=("convloss",), hold_after_conv=1.0),
     "slow": dict(kinds=("latency", "ipause", "cpause"), lat_dur=(1.0, 4.0),
@@ -99,6 +102,7 @@ PROFILES: dict[str, dict] = {
     "latedup": dict(kinds=("latedup",)),
     "aof": dict(kinds=("aofrestart", "aofrestart", "ipause", "irestart", "cpause",
                        "partition", "latency")),
+    "gap1": dict(kinds=("restartcut", "restartcut", "partition", "ipause"), hold=0.5),
 }
 
 

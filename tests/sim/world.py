@@ -371,6 +371,9 @@ class World:
             elif kind == "aofrestart":  # one of the minority of AOF everysec instances
                 i, d = rng.randrange(max(1, (cfg.instances - 1) // 2)), rng.uniform(0.01, 0.5)
                 plan.append((t, "aofrestart", (i, d)))
+            elif kind == "restartcut":  # gap 1: an empty restart, a holder cut from it
+                i, d = rng.randrange(cfg.instances), rng.uniform(0.01, 0.5)
+                plan.append((t, "restartcut", (i, d, rng.uniform(2.5, 4.0) * lease)))
             elif kind == "latedup":  # V6: a client's messages delivered again, later
                 c, d = rng.randrange(cfg.clients), rng.uniform(*cfg.echo_dur) * lease
                 lag = rng.uniform(*cfg.echo_lag) * lease
@@ -407,6 +410,16 @@ class World:
             inst.up = True
 
         self.at(self.t + d, None, back)
+
+    def _restartcut(self, i: int, d: float, cut: float) -> None:
+        """Instance i restarts empty, and every client holding a lock then stays cut from
+        it past the rejoin wait and V5's window (docs/protocol.md, "What is not covered":
+        their locks re-join late); the others reach it as soon as it is back."""
+        self._restart(i, d)
+        for c in self.clients:
+            if any(lk.phase in (Phase.HELD, Phase.CONVERTING)
+                   for lk in c._core.locks.values()):
+                self._partition(c.cid, [i], cut)
 
     def _aofrestart(self, i: int, d: float) -> None:
         inst = self.instances[i]
