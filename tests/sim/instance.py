@@ -70,6 +70,40 @@ class SimInstance:
         #: the observer's hook: fn(instance, key, value, version, stored) after a call
         #: that carried a value block write
         self.on_write: Any = None
+        #: AOF with `appendfsync everysec` (the "aofrestart" fault): the file is synced
+        #: every second of simulated time, at `sync_phase` past the second; `synced` is the
+        #: state as of the last sync (None: persistence off, the default)
+        self.sync_phase = (idx * 0.37) % 1.0
+        self.next_sync = 0.0
+        self.synced: bytes | None = None
+
+    def enable_aof(self) -> None:
+        self.synced = self._state()
+
+    def _state(self) -> bytes:
+        m = self.model
+        return pickle.dumps((m.res, m.windex, m.epoch_safe, m.epoch_restarted, self.epoch,
+                             self.gen), -1)
+
+    def _sync(self, t: float) -> None:
+        """Before a call at `t`: if a sync instant has passed since the last call, the
+        state now (no call ran since that instant) is what the file holds."""
+        if t >= self.next_sync:
+            self.synced = self._state()
+            k = int(t - self.sync_phase)  # the last sync instant at or before t
+            self.next_sync = k + self.sync_phase + 1.0
+
+    def restart_from_aof(self, crashed_at: float) -> None:
+        """A restart that reloads the AOF as synced before the crash at `crashed_at`: every
+        key written by the last second's calls is lost, the rest is back, the epoch key
+        included (so no rejoin wait, and clients see the same epoch: no R2)."""
+        self._sync(crashed_at)
+        m = self.model = SimModel()
+        m.res, m.windex, m.epoch_safe, m.epoch_restarted, self.epoch, self.gen = (
+            pickle.loads(self.synced))
+        if m.epoch_safe is None:  # synced before its first epoch: a new one, a new id
+            self.gen += 1
+            self.epoch = None
 
     def clock_ms(self, t: float) -> int:
         return T0_MS + self.offset_ms + int(t * 1000.0 * self.rate)
@@ -80,6 +114,8 @@ class SimInstance:
         self.gen += 1
         self.model = SimModel()
         self.epoch = None
+        if self.synced is not None:  # its AOF went with its data
+            self.synced = self._state()
 
     def _epoch(self) -> bytes | None:
         if self.epoch is None and self.model.epoch_safe is not None:
@@ -89,6 +125,8 @@ class SimInstance:
     def execute(self, call: tuple, t: float) -> tuple[Any, list[tuple[str, bytes]]]:
         """Run one script call at simulated time `t`: (raw reply, events published)."""
         self.calls += 1
+        if self.synced is not None:
+            self._sync(t)
         name, keys, args = call
         m = self.model
         now = self.clock_ms(t)

@@ -59,6 +59,10 @@ class Config:
     #: a latency spike: how long (in leases) and how much slower each way (in leases)
     lat_dur: tuple[float, float] = (0.2, 2.0)
     lat_extra: tuple[float, float] = (0.2, 1.0)
+    #: a late duplicate ("latedup"): for how long (in leases) one client's messages are
+    #: copied, and how much later (in leases) the copies reach the instances again
+    echo_dur: tuple[float, float] = (0.3, 1.5)
+    echo_lag: tuple[float, float] = (1.0, 3.0)
 
 
 @dataclass
@@ -107,6 +111,10 @@ class Network:
         #: sends to that instance is lost; `then` (instance, seconds) cuts the client from
         #: another instance a moment later (the "convloss" fault)
         self.convloss: dict[tuple[int, int], tuple[float, tuple[int, float]]] = {}
+        #: client -> (until, lag): every message that client sends until then reaches its
+        #: instance a second time `lag` seconds later, in order, its reply read by nobody
+        #: (the "latedup" fault: a retrying proxy or client library re-sending commands)
+        self.echo: dict[int, tuple[float, float]] = {}
 
     def rng(self, c: SimClient, i: int, ev: bool = False) -> random.Random:
         """The stream of client c's messages to or from instance i in its current step."""
@@ -151,6 +159,10 @@ class Network:
             return
         if self.convloss and self._convloss(c, i, calls):
             return
+        if self.echo:
+            echo = self.echo.get(c.cid)
+            if echo is not None and echo[0] > w.t:
+                w.at(w.t + echo[1], w.instances[i], self._again, c, i, calls)
         dup = w.t < w.cfg.work_s and self.rng(c, i).random() < w.cfg.dup
         w.at(w.t + self.delay(c, i), w.instances[i], self._arrive, c, i, calls, on_reply, args,
              box, dup)
@@ -170,26 +182,7 @@ class Network:
     def _arrive(self, c: SimClient, i: int, calls: list, on_reply: Callable, args: tuple,
                 box: list, dup: bool) -> None:
         w = self.w
-        inst = w.instances[i]
-        if not inst.up:
-            results: Any = redis.ConnectionError(f"Connection refused by i{i}")
-        else:
-            raws = []
-            for call in calls:
-                raw, events = inst.execute(call, w.t)
-                raws.append(raw)
-                if w.tracing:  # every script an instance runs, and its raw answer
-                    w.note(f"i{i} <- c{c.cid} {call[0]} {call[1][2:3]!r} "
-                           f"{list(call[2][:8])!r} -> {raw!r}")
-                self._publish(i, events)
-                if dup:  # the same script again at once: its reply is read by nobody
-                    _, events = inst.execute(call, w.t)
-                    self._publish(i, events)
-                bad = inst.unprocessed(call[1])
-                if bad is not None:
-                    w.violation(f"queues not processed (G8) on instance {i} after "
-                                f"{call[0]}: {bad}")
-            results = raws
+        results = self._execute(c, i, calls, dup)
         if self.lost(c, i):
             return
 
@@ -199,6 +192,36 @@ class Network:
                 on_reply(*args, c.settle(calls, results))
 
         w.at(w.t + self.delay(c, i), c, back)
+
+    def _execute(self, c: SimClient, i: int, calls: list, dup: bool,
+                 again: bool = False) -> Any:
+        """Run `calls` on instance i (each twice if `dup`): their raw results, or the
+        connection error of an instance that is down."""
+        w = self.w
+        inst = w.instances[i]
+        if not inst.up:
+            return redis.ConnectionError(f"Connection refused by i{i}")
+        raws = []
+        for call in calls:
+            raw, events = inst.execute(call, w.t)
+            raws.append(raw)
+            if w.tracing:  # every script an instance runs, and its raw answer
+                w.note(f"i{i} <- c{c.cid}{' again' if again else ''} {call[0]} "
+                       f"{call[1][2:3]!r} {list(call[2][:8])!r} -> {raw!r}")
+            self._publish(i, events)
+            if dup:  # the same script again at once: its reply is read by nobody
+                _, events = inst.execute(call, w.t)
+                self._publish(i, events)
+            bad = inst.unprocessed(call[1])
+            if bad is not None:
+                w.violation(f"queues not processed (G8) on instance {i} after "
+                            f"{call[0]}: {bad}")
+        return raws
+
+    def _again(self, c: SimClient, i: int, calls: list) -> None:
+        """A late duplicate of a message reaches instance i: run as the original was,
+        its reply read by nobody (the client gave up on that exchange long ago)."""
+        self._execute(c, i, calls, False, again=True)
 
     def _publish(self, i: int, events: list) -> None:
         w = self.w
@@ -233,6 +256,9 @@ class World:
         self.observer = Observer(self)
         for inst in self.instances:
             inst.on_write = self.observer.written
+        if "aofrestart" in cfg.kinds:  # the minority of instances that run AOF everysec
+            for inst in self.instances[:max(1, (cfg.instances - 1) // 2)]:
+                inst.enable_aof()
         self._ids = 0
         self.schedule = schedule
         #: the fault plan: (time, kind, args) each
@@ -342,6 +368,16 @@ class World:
                 c, d = rng.randrange(cfg.clients), rng.uniform(*cfg.lat_dur) * lease
                 extra = rng.uniform(*cfg.lat_extra) * lease
                 plan.append((t, "latency", (c, d, extra)))
+            elif kind == "aofrestart":  # one of the minority of AOF everysec instances
+                i, d = rng.randrange(max(1, (cfg.instances - 1) // 2)), rng.uniform(0.01, 0.5)
+                plan.append((t, "aofrestart", (i, d)))
+            elif kind == "restartcut":  # gap 1: an empty restart, a holder cut from it
+                i, d = rng.randrange(cfg.instances), rng.uniform(0.01, 0.5)
+                plan.append((t, "restartcut", (i, d, rng.uniform(2.5, 4.0) * lease)))
+            elif kind == "latedup":  # V6: a client's messages delivered again, later
+                c, d = rng.randrange(cfg.clients), rng.uniform(*cfg.echo_dur) * lease
+                lag = rng.uniform(*cfg.echo_lag) * lease
+                plan.append((t, "latedup", (c, d, lag)))
             elif kind == "convloss":  # R1: a conversion missed, then a cut elsewhere
                 c, i = rng.randrange(cfg.clients), rng.randrange(cfg.instances)
                 j, d = rng.randrange(cfg.instances), rng.uniform(1.0, 2.5) * lease
@@ -375,10 +411,39 @@ class World:
 
         self.at(self.t + d, None, back)
 
+    def _restartcut(self, i: int, d: float, cut: float) -> None:
+        """Instance i restarts empty, and every client holding a lock then stays cut from
+        it past the rejoin wait and V5's window (docs/protocol.md, "What is not covered":
+        their locks re-join late); the others reach it as soon as it is back."""
+        self._restart(i, d)
+        for c in self.clients:
+            if any(lk.phase in (Phase.HELD, Phase.CONVERTING)
+                   for lk in c._core.locks.values()):
+                self._partition(c.cid, [i], cut)
+
+    def _aofrestart(self, i: int, d: float) -> None:
+        inst = self.instances[i]
+        inst.up = False
+        inst.paused_until = 0.0
+        crashed_at = self.t
+        self._fault(f"instance {i} (AOF everysec) crashes, back from its AOF in "
+                    f"{d * 1000:.0f} ms")
+
+        def back() -> None:
+            inst.restart_from_aof(crashed_at)
+            inst.up = True
+
+        self.at(self.t + d, None, back)
+
     def _latency(self, c: int, d: float, extra: float) -> None:
         self.net.lag[c] = (self.t + d, extra)
         self._fault(f"client {c}'s messages {extra * 1000:.0f} ms slower each way for "
                     f"{d * 1000:.0f} ms")
+
+    def _latedup(self, c: int, d: float, lag: float) -> None:
+        self.net.echo[c] = (self.t + d, lag)
+        self._fault(f"client {c}'s messages of the next {d * 1000:.0f} ms delivered again "
+                    f"{lag * 1000:.0f} ms later")
 
     def _convloss(self, c: int, i: int, within: float, j: int, d: float) -> None:
         self.net.convloss[(c, i)] = (self.t + within, (j, d))
