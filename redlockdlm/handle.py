@@ -143,6 +143,6 @@ class LockBase:
                            lock_id=self.id)
 
     def __repr__(self) -> str:
-        return (f"<{type(self).__name__} {self.resource!r} "
-                f"{self.mode.name if self.mode else '-'} id={self.id} token={self.token} "
-                f"{self._core.phase.value}>")
+        mode = self.mode.name if self.mode is not None else "-"
+        return (f"<{type(self).__name__} {self.resource!r} {mode} id={self.id} "
+                f"token={self.token} {self._core.phase.value}>")

@@ -78,6 +78,16 @@ def test_lock_release(q: Quorum) -> None:
     lk.release()  # a second release is a no-op
 
 
+def test_modes_and_locks_print_as_users_write_them(q3: Quorum) -> None:
+    """A mode prints by name ("EX", in str and f-strings, as in the docs and the CLI), not
+    as the number an IntEnum prints; an NL lock's repr names NL (NL is 0, which is falsy)."""
+    assert (str(EX), f"{Mode.NL}", f"{PW:>3}") == ("EX", "NL", " PW")
+    assert int(EX) == 5 and b"%d" % EX == b"5"  # (what the scripts take is unchanged)
+    lk = q3.dlm().lock("res", Mode.NL)
+    assert " NL " in repr(lk), repr(lk)
+    lk.release()
+
+
 def test_with_block_releases(q: Quorum) -> None:
     d = q.dlm()
     with d.lock("res", PW) as lk:
