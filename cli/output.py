@@ -389,10 +389,11 @@ def dev_started(dev: DevCluster, as_json: bool, duration_s: float | None) -> Non
     if as_json:
         _emit_json({"urls": dev.urls, "pids": dev.pids, "env": dev.env})
     else:
-        click.echo(dev.env)
+        click.echo(f"export {dev.env}")  # (a line to paste into a shell as it is)
     until = f"for {duration_s:g} s" if duration_s else "until Ctrl-C or SIGTERM"
     click.echo(f"dlm dev: {len(dev.urls)} redis-server(s) running (pids "
-               f"{', '.join(map(str, dev.pids))}) {until}; export the line above", err=True)
+               f"{', '.join(map(str, dev.pids))}) {until}; paste the line above into the "
+               "shell that runs your program (or `eval` it)", err=True)
 
 
 def dev_stopped() -> None:
