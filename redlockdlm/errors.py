@@ -77,6 +77,11 @@ class UnknownLock(LockStateError):
     """No such lock (released, expired or never granted)."""
 
 
+class LockReleased(LockStateError):
+    """The lock was released by its owner (or its request withdrawn): it cannot be
+    converted any more; ask for a new lock."""
+
+
 class LockTimeout(DLMError, TimeoutError):
     """The lock was not granted within the timeout; the request was cancelled."""
 
@@ -207,6 +212,7 @@ __all__ = sorted(
         "InvalidType",
         "LeaseTooLong",
         "LockLost",
+        "LockReleased",
         "LockStateError",
         "LockTimeout",
         "MissingKeys",

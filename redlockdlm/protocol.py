@@ -55,6 +55,8 @@ from .errors import (
     InvalidType,
     LeaseTooLong,
     LockLost,
+    LockReleased,
+    LockStateError,
     LockTimeout,
     NotOwner,
     NotQueued,
@@ -1005,7 +1007,7 @@ class Session:
         m = codec.as_mode(mode)
         prio = check_priority(priority)
         if lk.phase is not Phase.HELD:
-            raise LockLost("the lock is not held", resource=show_name(lk.path), lock_id=lk.id)
+            raise self._not_held(lk)
         flags = ((Flag.NOQUEUE if noqueue else 0) | (Flag.QUECVT if quecvt else 0)
                  | (Flag.CONVDEADLK if convdeadlk else 0)
                  | (Flag.NODLCKWT if no_deadlock_wait else 0))
@@ -1019,6 +1021,23 @@ class Session:
         lk.round_done = False
         lk.phase = Phase.CONVERTING
         return m, int(flags), down
+
+    def _not_held(self, lk: LockCore) -> DLMError:
+        """Why `lk` cannot be converted now, by its state: lost (LockLost), released by
+        its owner or its request withdrawn (LockReleased), not granted yet or converting
+        already (LockStateError)."""
+        res, lid = show_name(lk.path), lk.id
+        if lk.phase is Phase.LOST:
+            return LockLost("the lock was lost", resource=res, lock_id=lid)
+        if lk.phase is Phase.RELEASED:
+            return LockReleased("the lock was released", resource=res, lock_id=lid)
+        if lk.phase is Phase.FAILED:
+            return LockReleased("the lock's request failed or was withdrawn", resource=res,
+                                lock_id=lid)
+        if lk.phase is Phase.CONVERTING:
+            return LockStateError("a conversion of this lock is in progress", resource=res,
+                                  lock_id=lid)
+        return LockStateError("the lock is not granted yet", resource=res, lock_id=lid)
 
     def convert_value(self, lk: LockCore, down: bool) -> tuple[bytes | None, int]:
         if down and lk.new_value is not None and lk.mode is not None and lk.mode >= Mode.PW:

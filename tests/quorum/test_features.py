@@ -20,6 +20,8 @@ from redlockdlm.errors import (
     HasChildren,
     InvalidArgument,
     LockLost,
+    LockReleased,
+    LockStateError,
     LockTimeout,
     NotQueued,
     ParentNotGranted,
@@ -695,6 +697,19 @@ def test_lost_when_majority_paused(q: Quorum) -> None:
     assert other.token > lk.token
     with pytest.raises(LockLost):  # converting a lost lock is refused
         lk.convert(NL)
+
+
+def test_convert_after_release_says_released_not_lost(q3: Quorum) -> None:
+    """A lock released on purpose is not "lost": converting it raises LockReleased (a
+    LockStateError), naming the lock; the instances are not asked, nothing changes."""
+    d = q3.dlm()
+    lk = d.lock("res", EX)
+    lk.release()
+    with pytest.raises(LockReleased) as ei:
+        lk.convert(NL)
+    assert not isinstance(ei.value, LockLost) and isinstance(ei.value, LockStateError)
+    assert ei.value.lock_id == lk.id and "released" in str(ei.value)
+    assert q3.gone("res")
 
 
 def test_with_block_raises_lock_lost(q: Quorum) -> None:
