@@ -30,7 +30,7 @@ from .connection import Pooled, open_session
 from .engine import codec
 from .engine.modes import Mode
 from .engine.scripts import packed_command
-from .errors import DLMError, LockTimeout
+from .errors import DLMError
 from .flows import Broadcast, Flow, Flows, Pipeline, Shielded, Spawn, Wait
 from .handle import LockBase, RequestBase
 from .protocol import Call, LockCore, describe
@@ -839,7 +839,7 @@ class AsyncRequest(RequestBase):
 
     async def wait(self, timeout: float | None = None) -> AsyncLock:
         """Wait until granted (the lock) or failed (its error). `timeout` bounds only this
-        wait (LockTimeout "still waiting"); the request keeps waiting, with its own
+        wait (StillWaiting, a LockTimeout); the request keeps waiting, with its own
         timeout. Cancelled from outside (`Task.cancel`, `asyncio.wait_for`, ...), the
         request is withdrawn as by `cancel()` (released if it was granted meanwhile)
         before the CancelledError propagates: it is the caller's wait that owns it."""
@@ -848,8 +848,7 @@ class AsyncRequest(RequestBase):
         try:
             return await asyncio.wait_for(asyncio.shield(self._fut), timeout)
         except asyncio.TimeoutError:
-            raise LockTimeout("still waiting", resource=self.lock.resource,
-                              lock_id=self.lock.id) from None
+            raise self._still_waiting(timeout) from None
         except asyncio.CancelledError:
             await self._dlm._clean_up(self._dlm._run(self._dlm._withdraw(self)))
             raise

@@ -30,7 +30,7 @@ from .connection import Instance, open_session
 from .engine import codec
 from .engine.modes import Mode
 from .engine.scripts import packed_command
-from .errors import DLMError, LockTimeout
+from .errors import DLMError
 from .flows import Broadcast, Flow, Flows, Pipeline, Shielded, Spawn, Wait
 from .handle import LockBase, RequestBase
 from .protocol import Call, LockCore, describe
@@ -737,7 +737,8 @@ class Request(RequestBase):
 
     def wait(self, timeout: float | None = None) -> Lock:
         """Block until granted (return the Lock) or failed (raise its error). A `timeout`
-        here only bounds this wait; the request itself keeps its own timeout. Interrupted
+        here only bounds this wait (StillWaiting, a LockTimeout, when it ends first); the request
+        itself keeps waiting with its own timeout. Interrupted
         (KeyboardInterrupt, or anything a signal handler raises), the request is withdrawn
         as by `cancel()` (released if granted meanwhile) before the exception propagates."""
         try:
@@ -746,8 +747,7 @@ class Request(RequestBase):
             self._dlm._finish_off(self.cancel)
             raise
         if not done:
-            raise LockTimeout("still waiting", resource=self.lock.resource,
-                              lock_id=self.lock.id)
+            raise self._still_waiting(timeout)
         if self._error is not None:
             raise self._error
         return self.lock

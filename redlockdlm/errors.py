@@ -86,6 +86,12 @@ class LockTimeout(DLMError, TimeoutError):
     """The lock was not granted within the timeout; the request was cancelled."""
 
 
+class StillWaiting(LockTimeout):
+    """`Request.wait(timeout)` ended before the request did: the request is NOT withdrawn,
+    it keeps waiting with its own timeout (`cancel()` withdraws it). The only LockTimeout
+    that leaves a request behind."""
+
+
 class NotQueued(DLMError):
     """A NOQUEUE request (or conversion) could not be granted at once."""
 
@@ -223,6 +229,7 @@ __all__ = sorted(
         "ParentNotGranted",
         "ProtocolError",
         "QuorumUnavailable",
+        "StillWaiting",
         "UnknownLock",
         "from_script_error",
         "SCRIPT_ERRORS",

@@ -25,6 +25,7 @@ from redlockdlm.errors import (
     LockTimeout,
     NotQueued,
     ParentNotGranted,
+    StillWaiting,
 )
 
 from .clients import stop_renewal
@@ -401,8 +402,11 @@ def test_enqueue_on_granted_and_wait(q: Quorum) -> None:
     req = b.enqueue("res", PR, on_granted=on_granted)
     assert not req.done
     wait_until(lambda: waiting_on_all(q, req.lock.id, "res"))
-    with pytest.raises(LockTimeout):
+    with pytest.raises(StillWaiting) as ei:  # (a LockTimeout that says it is not withdrawn)
         req.wait(timeout=0.1)  # bounds this wait only; the request goes on
+    assert isinstance(ei.value, LockTimeout) and ei.value.lock_id == req.lock.id
+    assert "still waiting" in str(ei.value) and "cancel()" in str(ei.value), str(ei.value)
+    assert not req.done and waiting_on_all(q, req.lock.id, "res")
     assert not called.is_set()
     la.release()
     lb = req.wait(timeout=5)
