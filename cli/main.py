@@ -57,7 +57,9 @@ class DlmGroup(click.Group):
             code = ExitCode.USAGE
         except BaseException as exc:
             code, message = exit_for(exc)
-            output.error(message)
+            argv = list(sys.argv[1:] if args is None else args)
+            mine = argv[:argv.index("--")] if "--" in argv else argv  # (not COMMAND's)
+            output.error(message, as_json="--json" in mine, code=int(code))
         if not standalone_mode:
             return int(code)
         sys.exit(int(code))
@@ -70,7 +72,8 @@ def cli() -> None:
 
     Instances come from --redis URL (repeatable) or $DLM_REDIS (comma-separated); the
     namespace from --namespace or $DLM_NAMESPACE. Exit status: 0 OK, 1 the operation
-    failed (e.g. fewer than a quorum of instances answered), 2 bad usage.
+    failed (e.g. fewer than a quorum of instances answered), 2 bad usage; `dlm run` has its
+    own (see `dlm run --help`).
     """
 
 

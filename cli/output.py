@@ -36,8 +36,12 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], indent: str = 
                      for r in cells)
 
 
-def error(message: str) -> None:
-    click.echo(f"dlm: error: {message}", err=True)
+def error(message: str, as_json: bool = False, code: int = 1) -> None:
+    """The one line an error is: text, or under --json a JSON object (on stderr both)."""
+    if as_json:
+        click.echo(json.dumps({"error": message, "exit_code": code}), err=True)
+    else:
+        click.echo(f"dlm: error: {message}", err=True)
 
 
 def help_text(text: str) -> None:

@@ -81,6 +81,13 @@ def test_status_is_ok_with_a_quorum_and_fails_without(c):
     assert r.exit_code == ExitCode.FAILED
     doc = json.loads(r.stdout)
     assert [i["reachable"] for i in doc["instances"]] == [False, True, False]
+    # (under --json the error is one JSON line on stderr too)
+    (line,) = r.stderr.strip().splitlines()
+    err = json.loads(line)
+    assert err["exit_code"] == ExitCode.FAILED
+    assert "only 1 of 3 instances reachable (quorum 2)" in err["error"]
+    r = dlm(None, "status", "--redis", url, "--redis", c.urls[0], "--redis",
+            closed_port_url())
     assert "only 1 of 3 instances reachable (quorum 2)" in one_line_error(r)
 
 
