@@ -82,12 +82,19 @@ def main(argv: list[str] | None = None) -> int:
 #:     grant in a mode that does not cover the held one must not count as holding it);
 #: slow: latency spikes of 1 to 4 leases, 0.3 to 1.5 leases each way (round trips past
 #:     the lease), among instance and client pauses (V6, G12);
-#: convhold: the default faults, and 30% of converted locks held 1 to 4 leases.
+#: convhold: the default faults, and 30% of converted locks held 1 to 4 leases;
+#: deadlock, breaks, jobs: the simulated jobs (tests/sim/jobs.py, docs/verification.md).
 PROFILES: dict[str, dict] = {
     "r1": dict(kinds=("convloss",), hold_after_conv=1.0),
     "slow": dict(kinds=("latency", "ipause", "cpause"), lat_dur=(1.0, 4.0),
                  lat_extra=(0.3, 1.5)),
     "convhold": dict(hold_after_conv=0.3),
+    # (tests/sim/jobs.py) deadlock: two detectors (one leads) over users that take two
+    # resources in either order and convert up, without timeouts; breaks: the default
+    # workload and an operator's `dlm break` at random times; jobs: both.
+    "deadlock": dict(jobs=("detector", "deadlocks"), resources=2, hold=0.0, idle=0.0),
+    "breaks": dict(jobs=("breaks",)),
+    "jobs": dict(jobs=("detector", "deadlocks", "breaks"), resources=2, hold=0.0, idle=0.0),
 }
 
 
