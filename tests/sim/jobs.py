@@ -106,6 +106,9 @@ class Truth:
         self.w = w
         self.chosen = 0
         self.false = 0
+        #: lock id -> (its owner was on a cycle when chosen, what chose it)
+        self.verdict: dict[str, tuple[bool, str]] = {}
+        w.truth = self
 
     def edges(self) -> dict[str, set[str]]:
         w = self.w
@@ -156,21 +159,30 @@ class Truth:
         return False
 
     def victim(self, det: SimDetector, req: WaitingRequest, cyc: Cycle) -> None:
-        """A detector chose `req`: a violation if its request is still waiting at its client
-        and its owner is on no cycle (a request granted meanwhile is left alone by the
-        cancel, CANCELGRANT: no harm)."""
+        """A detector chose `req`: whether its owner is on a cycle now, kept for `ended`
+        (a victim whose deadlock dissolved meanwhile is harmless if the cancel finds its
+        request gone or granted: only a victim told `Deadlock` is judged)."""
         w = self.w
         self.chosen += 1
-        c = w.by_owner.get(req.owner)
-        lk = c._core.locks.get(req.lock_id) if c is not None else None
-        waiting = lk is not None and lk.phase in (Phase.ACQUIRING, Phase.CONVERTING)
+        ok = self.on_cycle(req.owner)
+        self.verdict[req.lock_id] = (ok, f"detector {det.k} chose it at t={w.t:.4f} on "
+                                         f"{req.key!r} ({'->'.join(cyc.path)})")
         w.note(f"detector {det.k}: victim {req.lock_id} of {req.owner} "
-               f"(cycle {'->'.join(cyc.path)}), waiting at its client: {waiting}")
-        if waiting and not self.on_cycle(req.owner):
+               f"(cycle {'->'.join(cyc.path)}), on a cycle now: {ok}")
+
+    def ended(self, c: SimClient, lock_id: str, e: BaseException) -> None:
+        """A user's request or conversion ended with `Deadlock` as a victim: a detector
+        must have chosen it while its owner was on a cycle."""
+        if type(e).__name__ != "Deadlock" or "victim" not in str(e):
+            return
+        got = self.verdict.get(lock_id)
+        if got is None:
+            self.w.violation(f"client {c.cid}: {lock_id} told it is a deadlock victim; no "
+                             f"detector chose it")
+        elif not got[0]:
             self.false += 1
-            w.violation(f"false victim: detector {det.k} chose {req.lock_id} of {req.owner} "
-                        f"on {req.key!r} ({'->'.join(cyc.path)}); no cycle through "
-                        f"{req.owner} now")
+            self.w.violation(f"false victim: client {c.cid}'s {lock_id} cancelled as a "
+                             f"deadlock victim; {got[1]}, with no cycle through its owner")
 
 
 # ----------------------------------------------------------------- the detector
@@ -399,6 +411,7 @@ def _deadlock_script(u: Any) -> Generator:
                 e = req._error
             if e is not None:
                 u._count(_outcome("request", e))
+                w.truth.ended(c, lk.id, e)
                 break
             u._count("granted")
             held.append(lk)
@@ -409,6 +422,8 @@ def _deadlock_script(u: Any) -> Generator:
                 v, e = yield ("flow", c._convert(lk, to, None), None)
                 w.res.ops += 1
                 u._count("converted" if e is None else _outcome("convert", e))
+                if e is not None:
+                    w.truth.ended(c, lk.id, e)
         for lk in reversed(held):
             if lk.phase is Phase.HELD and lk.mode is not None and lk.mode >= Mode.PW:
                 lk.new_value = b"%s@%d" % (lk.id.encode(), lk.token)
