@@ -16,7 +16,8 @@ operator's `dlm break`; with the invariants they need (docs/verification.md, "Jo
   up first), waiting without a timeout: opposite orders and conversions make real
   deadlocks, which only the detector ends.
 * `Operator`: `dlm break` at random times, of a random lock its holder believes held
-  (`--lock`) or of its owner's locks on that resource (`--owner`), on every instance.
+  (`--lock`) or of its owner's locks on that resource (`--owner`), on every instance; a
+  detector's leadership lock among them (a broken leader stands by once it learns).
 
 Checks (beside the observer's): no victim where there was no cycle (`Truth`), a broken
 lock never comes back on an instance that broke it, its holder learns it lost it within a
@@ -146,8 +147,10 @@ class Truth:
                         adj.setdefault(o, set()).add(o2)
         return adj
 
-    def on_cycle(self, owner: str) -> bool:
-        adj = self.edges()
+    def on_cycle(self, owner: str, adj: dict[str, set[str]] | None = None) -> bool:
+        """Whether `owner` is on a cycle of `adj` (default: the graph now)."""
+        if adj is None:
+            adj = self.edges()
         seen, todo = set(), list(adj.get(owner, ()))
         while todo:
             o = todo.pop()
@@ -158,13 +161,16 @@ class Truth:
                 todo.extend(adj.get(o, ()))
         return False
 
-    def victim(self, det: SimDetector, req: WaitingRequest, cyc: Cycle) -> None:
-        """A detector chose `req`: whether its owner is on a cycle now, kept for `ended`
-        (a victim whose deadlock dissolved meanwhile is harmless if the cancel finds its
-        request gone or granted: only a victim told `Deadlock` is judged)."""
+    def victim(self, det: SimDetector, req: WaitingRequest, cyc: Cycle,
+               before: dict[str, set[str]]) -> None:
+        """A detector chose `req`: whether its owner is on a cycle now or was when the
+        deciding round began (`before`: its reads came in between; a cycle that an
+        operator's break or a lease ran out ended meanwhile is a race the detector cannot
+        see), kept for `ended` (a victim whose cycle dissolved is harmless if the cancel
+        finds its request gone or granted: only a victim told `Deadlock` is judged)."""
         w = self.w
         self.chosen += 1
-        ok = self.on_cycle(req.owner)
+        ok = self.on_cycle(req.owner) or self.on_cycle(req.owner, before)
         self.verdict[req.lock_id] = (ok, f"detector {det.k} chose it at t={w.t:.4f} on "
                                          f"{req.key!r} ({'->'.join(cyc.path)})")
         w.note(f"detector {det.k}: victim {req.lock_id} of {req.owner} "
@@ -302,6 +308,7 @@ class SimDetector:
             self.previous = []  # a standby forgets (a new leader confirms itself, D7)
             return None
         self.led += 1
+        before = self.truth.edges()  # (the truth when the round's reads start)
         waiters: dict[int, Any] = {}
         if full:  # D1: the waiter index, then the resources it names, per instance
             got = yield Broadcast([(i, command("waiters", [EPOCH_KEY, core.wkey], []))
@@ -346,7 +353,7 @@ class SimDetector:
         for cyc in j.first_seen:
             w.note(f"detector {self.k}: cycle seen {'->'.join(cyc.path)}")
         for req, cyc in j.victims:  # D8: cancel on every instance, reason deadlock
-            self.truth.victim(self, req, cyc)
+            self.truth.victim(self, req, cyc, before)
             self.victims.append(req.lock_id)
             args = codec.cancel_args(core.rejoin_ms, core.chan_prefix, req.owner, req.lock_id,
                                      "deadlock", True)
@@ -453,14 +460,27 @@ class Operator:
         self.rng = rng
         self.c = job_client(w, 200)
         self.times = sorted(rng.uniform(0.3, w.cfg.work_s - 0.3) for _ in range(BREAKS))
-        #: (instance, lock id) -> the instance's generation when the break removed it there
-        self.gone: dict[tuple[int, str], int] = {}
+        #: (instance, lock id) -> (the instance's generation, the time) when a break
+        #: removed it there
+        self.gone: dict[tuple[int, str], tuple[int, float]] = {}
+        #: id of every call sent -> (when, the call): a call sent before the break that
+        #: arrives after it is a message in flight, not a client re-creating the lock
+        self.sent: dict[int, tuple[float, Any]] = {}
+        self.came_back_in_flight = 0
         self.on: dict[str, set[int]] = {}  #: lock id -> instances it was broken on
         self.learn: dict[str, float] = {}  #: broken on a quorum: lock id -> deadline
         self.came_back_restarted = 0
         w.observer.extra.append(self.check)
         for inst in w.instances:
             inst.execute = self._wrap(inst, inst.execute)
+        send = w.net.send
+
+        def sending(c: Any, i: int, calls: list, on_reply: Any, *args: Any) -> None:
+            for call in calls:
+                self.sent[id(call)] = (w.t, call)
+            send(c, i, calls, on_reply, *args)
+
+        w.net.send = sending
 
     def start(self) -> None:
         for t in self.times:
@@ -468,12 +488,13 @@ class Operator:
 
     def finish(self) -> None:
         self.w.note(f"operator: broke {sorted(self.on)}; came back on a restarted instance "
-                    f"{self.came_back_restarted}")
+                    f"{self.came_back_restarted}, by a call in flight {self.came_back_in_flight}")
         close(self.c)
 
     def _pick(self) -> None:
         w, rng = self.w, self.rng
-        held = [(c, lk) for c in w.clients for lk in c._core.locks.values()
+        # (every client's: the users', and a detector's leadership lock)
+        held = [(c, lk) for c in w.by_owner.values() for lk in c._core.locks.values()
                 if lk.phase in (Phase.HELD, Phase.CONVERTING)]
         if not held:
             return
@@ -501,7 +522,7 @@ class Operator:
                 if not isinstance(raw, BaseException):
                     self._broken(inst, codec.parse_break_reply(raw))
             elif self.gone:
-                self._came_back(inst, call[1][2:])
+                self._came_back(inst, call)
             return raw, events
         return run
 
@@ -509,30 +530,37 @@ class Operator:
         w = self.w
         for b in rep.broken:
             w.observer.exempt.add(b.lock_id)  # its holder may believe it until it learns
-            self.gone[(inst.idx, b.lock_id)] = inst.gen
+            self.gone[(inst.idx, b.lock_id)] = (inst.gen, w.t)
             on = self.on.setdefault(b.lock_id, set())
             on.add(inst.idx)
             if len(on) == w.observer.quorum:
                 lease = w.cfg.lease_ms / 1000.0
                 self.learn[b.lock_id] = w.t + lease + lease / 3 + 1.0
 
-    def _came_back(self, inst: Any, keys: list) -> None:
+    def _came_back(self, inst: Any, call: tuple) -> None:
         """A lock an instance broke must never be there again (R2 re-requests only where
-        the epoch changed; nothing else re-creates a lock)."""
-        for key in keys:
+        the epoch changed; nothing else re-creates a lock): checked after every call that
+        was sent after the break (one sent before and still in flight may re-create it,
+        G12: counted, not judged; so is one on an instance restarted since, R2)."""
+        sent = self.sent.get(id(call), (None,))[0]
+        for key in call[1][2:]:
             r = inst.model.res.get(key)
             if r is None:
                 continue
             for q in (r.g, r.c, r.w):
                 for lk in q:
-                    gen = self.gone.get((inst.idx, lk.id))
-                    if gen is None:
+                    got = self.gone.get((inst.idx, lk.id))
+                    if got is None:
                         continue
-                    if gen == inst.gen:
-                        self.w.violation(f"broken lock {lk.id} of {lk.owner} came back on "
-                                         f"instance {inst.idx} ({key!r})")
-                    else:
+                    gen, t = got
+                    if gen != inst.gen:
                         self.came_back_restarted += 1
+                    elif sent is not None and sent < t:
+                        self.came_back_in_flight += 1
+                    else:
+                        self.w.violation(f"broken lock {lk.id} of {lk.owner} came back on "
+                                         f"instance {inst.idx} ({key!r}) by a {call[0]} "
+                                         f"sent after the break")
                     del self.gone[(inst.idx, lk.id)]
 
     def check(self) -> None:
@@ -546,7 +574,7 @@ class Operator:
             if w.t < until:
                 continue
             del self.learn[lid]
-            for c in w.clients:
+            for c in w.by_owner.values():
                 lk = c._core.locks.get(lid)
                 if (lk is not None and lk.phase in (Phase.HELD, Phase.CONVERTING)
                         and c.paused_until <= w.t and lk.validity(c._now()) > 0):

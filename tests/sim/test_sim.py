@@ -136,10 +136,11 @@ def test_open_counterexamples_of_aimed_campaigns(profile: str, seed: int) -> Non
 # ----------------------------------------------------------------- simulated jobs
 # (tests/sim/jobs.py: detectors with leader election over a deadlock workload, operator
 # breaks; docs/verification.md "Jobs". Seeds chosen where a re-introduced bug was found:
-# deadlock 1, 5, 8 (a victim outside the cycle), breaks 39, 58, 66 (R2 re-requesting a
-# broken lock), breaks 7 (a break that leaves granted locks).)
-JOB_SEEDS = [("deadlock", 1), ("deadlock", 5), ("deadlock", 8), ("breaks", 7),
-             ("breaks", 39), ("breaks", 58), ("breaks", 66)]
+# deadlock 1, 5, 8 (a victim outside the cycle), deadlock 194 (D3's queue-order edges
+# dropped), breaks 39, 58, 66 (R2 re-requesting a broken lock), breaks 7 (a break that
+# leaves granted locks).)
+JOB_SEEDS = [("deadlock", 1), ("deadlock", 5), ("deadlock", 8), ("deadlock", 194),
+             ("breaks", 7), ("breaks", 39), ("breaks", 58), ("breaks", 66)]
 
 
 @pytest.mark.parametrize("profile,seed", JOB_SEEDS)
@@ -165,12 +166,16 @@ def test_jobs_are_opt_in() -> None:
 #: re-sent the request (queued again, behind client 1's EX now granted), then the grant
 #: events sent 0.9 s earlier arrived and were counted, with the lease of the re-send: it
 #: believed PR held beside client 1's EX (a stale grant event overrides a newer reply).
-#: jobs 34: the operator broke client 0's PW lock while its PW -> EX conversion was queued
-#: on instance 1; the conversion's re-check re-sends `request` (G12), which re-created the
-#: broken lock there as a new waiting request: a broken lock came back (docs/protocol.md).
+#: jobs 11: client 3's PW lock was granted on instances 0 and 2 and still queued on 1 when
+#: it converted PW -> EX without a timeout: instance 1 refused (DLM_STATE, not granted
+#: there), the request to instance 0 was lost, instance 2 granted EX; the client yielded
+#: that grant (Y1) and then waited forever, never asking instances 0 and 1 again; client 1
+#: queued behind it never ended either. (jobs 71 and 100: a conversion without a timeout
+#: that never ends too, not read.)
 OPEN_JOBS = {
     ("deadlock", 14): "a stale grant event counted after a re-sent request was queued",
-    ("jobs", 34): "a queued conversion's re-check re-creates a broken lock",
+    ("jobs", 11): "a conversion without a timeout refused (DLM_STATE) on one instance and "
+                  "lost on another never ends",
 }
 
 
