@@ -1,6 +1,7 @@
 """The scheduled detector job (rules D7-D9 in docs/detector.md): `Detector` runs the steps
 of `scanning` and `graph` on a schedule, confirms a cycle before acting on it (D7),
-cancels its victim (D8), and reaps stale waiter-index entries (`reap`, D9).
+cancels its victim (D8), and reaps stale waiter-index entries (`reap`, D9). What D7 and D8
+decide from a scan is `judge`, a pure function (tests/sim runs it over simulated instances).
 
     Detector(urls, "shop", interval_s=0.5).run_forever(stop_event)
 """
