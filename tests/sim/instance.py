@@ -200,6 +200,19 @@ class SimInstance:
                 out += [int(r.status), -1 if r.gr is None else int(r.gr), r.token, r.pos,
                         r.wait_ms]
             return out
+        elif name == "break":  # (tests/sim/jobs.py: an operator's `dlm break`)
+            rep = m.break_(keys[2], a[2].decode(), a[3].decode(), now, int(a[0]),
+                           tuple(keys[3:]))
+            out = _lock_reply(rep, self._epoch())
+            for key, rname, lid, owner, gr, rq, qn in rep.broken:
+                out += [key, rname, lid.encode(), owner.encode(), -1 if gr is None else int(gr),
+                        -1 if rq is None else int(rq), qn.encode()]
+            return out
+        elif name == "scan":  # lua/scan.lua without its memo (no stamps: every key '+')
+            return self._scan(m, keys[1:], now)
+        elif name == "waiters":  # the detector's read of the waiter index (D1)
+            return [now, *[b"%s|%s" % (lid.encode(), key)
+                           for (lid, key), exp in sorted(m.windex.items()) if exp > now]]
         elif name == "init" and a[0] == b"hello":
             safe = m.epoch_safe
             return [self._epoch(), now, 0 if safe is None else max(0, safe - now), None,
@@ -207,6 +220,29 @@ class SimInstance:
         else:
             raise ValueError(f"the simulator does not model {name} {a[:1]!r}")
         return _lock_reply(rep, self._epoch())
+
+    @staticmethod
+    def _scan(m: Model, keys: list, now: int) -> list:
+        """The reply of lua/scan.lua (layout there) for `keys`, from the model: live locks
+        only, read-only (nothing purged), each present key sent in full ('+')."""
+        status, heads, body = bytearray(), [], []
+        for key in keys:
+            r = m.res.get(key)
+            if r is None:
+                status += b"-"
+                continue
+            status += b"+"
+            live = 0
+            for qn, q in ((b"G", r.g), (b"C", r.c), (b"W", r.w)):
+                for lk in q:
+                    if lk.exp > now:
+                        live += 1
+                        body += [qn, lk.id.encode(), lk.owner.encode(),
+                                 -1 if lk.gr is None else int(lk.gr),
+                                 -1 if lk.rq is None else int(lk.rq), lk.flags, lk.ticket,
+                                 lk.cticket, lk.exp, lk.parent.encode(), lk.priority]
+            heads += [b"s", live, r.name or b""]
+        return [now, bytes(status), *heads, *body]
 
     def live_locks(self, t: float) -> list[tuple[bytes, str, str]]:
         """(key, lock id, owner) of every lock whose lease has not ended at `t`."""

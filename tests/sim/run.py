@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 #: gap1: instances restart empty and one client is cut from the restarted one for 2.5 to 4
 #:     leases from the crash (past the rejoin wait and V5's window: its locks re-join
 #:     late), among partitions and pauses; half the locks held 1 to 4 leases.
+#: deadlock, breaks, jobs: the simulated jobs (tests/sim/jobs.py, docs/verification.md).
 PROFILES: dict[str, dict] = {
     "r1": dict(kinds=("convloss",), hold_after_conv=1.0),
     "slow": dict(kinds=("latency", "ipause", "cpause"), lat_dur=(1.0, 4.0),
@@ -103,6 +104,12 @@ PROFILES: dict[str, dict] = {
     "aof": dict(kinds=("aofrestart", "aofrestart", "ipause", "irestart", "cpause",
                        "partition", "latency")),
     "gap1": dict(kinds=("restartcut", "restartcut", "partition", "ipause"), hold=0.5),
+    # (tests/sim/jobs.py) deadlock: two detectors (one leads) over users that take two
+    # resources in either order and convert up, without timeouts; breaks: the default
+    # workload and an operator's `dlm break` at random times; jobs: both.
+    "deadlock": dict(jobs=("detector", "deadlocks"), resources=2, hold=0.0, idle=0.0),
+    "breaks": dict(jobs=("breaks",)),
+    "jobs": dict(jobs=("detector", "deadlocks", "breaks"), resources=2, hold=0.0, idle=0.0),
 }
 
 
