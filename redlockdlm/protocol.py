@@ -103,7 +103,10 @@ class InstanceVote:
     wait_ms: int = -1
     retry_at: float = 0.0
     epoch: str = ""
-    yielded_token: int = 0  #: the grant we gave back last (events up to it are stale)
+    #: grants with a token up to this are stale (events and replies): the grant we gave back
+    #: last (Y1), or the resource's fencing sequence in our last QUEUED reply from there
+    #: (every grant after that reply has a larger token)
+    stale_token: int = 0
     error: str = ""  #: why the last call to this instance failed (one line), for messages
     #: that failure does not heal by waiting (authentication, ACL, not Redis, TLS
     #: certificate): a wait does not go on for it (R3)
@@ -498,7 +501,7 @@ class Session:
         older waiter may already hold the instance), so counting it until the yield's reply
         comes back would let two clients each believe they hold a quorum."""
         v = lk.votes[i]
-        v.yielded_token = max(v.yielded_token, v.token)
+        v.stale_token = max(v.stale_token, v.token)
         if v.vote is Vote.GRANTED:
             # a yielded up-conversion keeps its previous mode (Y1), a new request waits
             v.vote, v.by_event = Vote.QUEUED, False
@@ -639,7 +642,7 @@ class Session:
         # believe in a lock the instance has expired. (Renewals move it forward.)
         if v.vote not in (Vote.GRANTED, Vote.QUEUED, Vote.ERROR):
             v.sent_at = sent_at
-        if st == Status.GRANTED and rep.token <= v.yielded_token:
+        if st == Status.GRANTED and rep.token <= v.stale_token:
             # The grant we gave back (Y1): this reply left the instance before our yield
             # landed (another connection); once it lands the grant is gone, as a grant
             # event not newer than the yield is stale. A grant after the yield has a newer
@@ -654,9 +657,13 @@ class Session:
                 v.forgotten = rep.forgotten
             v.vote, v.by_event, v.lapsed = Vote.GRANTED, False, False
         elif st == Status.QUEUED:
-            # The grant event may overtake the reply (two connections): a GRANTED learnt
-            # from an event newer than our last yield is a grant made after this reply.
-            if not (v.vote is Vote.GRANTED and v.by_event and v.token > v.yielded_token
+            # Events and replies travel on two connections, either may come first. A grant
+            # made after this reply has a token above the resource's fencing sequence it
+            # reports (`extra`): such a grant learnt from an event stands. A grant event not
+            # above it is older than this reply (the instance has expired that grant since,
+            # and queued a re-sent request: sim deadlock seed 14), now or when it arrives.
+            v.stale_token = max(v.stale_token, rep.extra)
+            if not (v.vote is Vote.GRANTED and v.by_event and v.token > v.stale_token
                     and v.mode == lk.rq):
                 v.vote, v.mode, v.by_event = Vote.QUEUED, rep.mode, False
                 if rep.mode is not None:
@@ -808,7 +815,7 @@ class Session:
                 # Our lease there has run out: this may be the grant of a lock the instance
                 # has expired since (we were paused, or cut off). Ask it at once instead.
                 v.lapsed, v.wait_ms = True, 0
-            elif ev.token > v.yielded_token and (v.vote is not Vote.GRANTED
+            elif ev.token > v.stale_token and (v.vote is not Vote.GRANTED
                                                  or ev.token > v.token):
                 v.vote, v.mode, v.token, v.by_event = Vote.GRANTED, ev.mode, ev.token, True
                 v.value, v.version, v.valid = ev.value, ev.version, ev.valid

@@ -104,7 +104,8 @@ class Reply:
     wait_ms: int = -1
     nblockers: int = 0
     blockers: list[tuple[str, str, int]] = field(default_factory=list)
-    extra: int = 0  #: RECOVERING: ms to wait; RELEASED: locks released
+    #: RECOVERING: ms to wait; RELEASED: locks released; QUEUED: the fencing sequence
+    extra: int = 0
     #: break (H4): (key, name, id, owner, gr, rq, queue) per lock broken, in order
     broken: list[tuple] = field(default_factory=list)
 
@@ -287,7 +288,7 @@ class Model:
         conv = lk in r.c
         q = r.c if conv else r.w
         pos = q.index(lk)
-        rep = Reply(Status.QUEUED, gr=lk.gr, token=lk.token, pos=pos)
+        rep = Reply(Status.QUEUED, gr=lk.gr, token=lk.token, pos=pos, extra=r.seq)
         # Who may be holding it up: every other granted or converting lock, and the
         # waiters ahead of it; wait_ms is the earliest lease among them (re-check time).
         ahead = [o for o in r.g + r.c if o is not lk]

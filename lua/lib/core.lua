@@ -555,7 +555,10 @@ end
 --   R_EPOCH      the instance's epoch id   R_VERSION    value block version
 --   R_MODE       granted mode or NONE      R_INVALID    0 valid, 1 invalid (V4), 2 forgotten (V5)
 --   R_TOKEN      fencing token (F1)        R_WAIT       ms to the earliest lease ahead, -1: none
---   R_POS        queue position, -1: none  R_EXTRA      RECOVERING: ms to wait; RELEASED: count
+--   R_POS        queue position, -1: none  R_EXTRA      RECOVERING: ms to wait; RELEASED: count;
+--                                                       QUEUED: the resource's fencing sequence
+--                                                       (a grant after this reply has a larger
+--                                                       token: older grant events are stale)
 --   R_NBLOCKERS  blockers found, then R_LEN + 1...: owner, id, mode of each blocker reported
 --                (BLOCKERS_REPORTED at most; break.lua puts its own tail there instead).
 -- `reply` builds the head in this order (a table constructor: no index is written there).
@@ -581,7 +584,7 @@ local function lock_state(r, lk)
   end
   local q = r[qn]
   local pos = index_of(q, lk) - 1
-  local out = reply(S_QUEUED, lk.gr, lk.tok, pos)
+  local out = reply(S_QUEUED, lk.gr, lk.tok, pos, r.s)
   local wait = nil  -- the earliest lease of a lock ahead
   for qi = 1, 3 do
     local bq, last = r[QUEUES[qi]], nil

@@ -224,9 +224,12 @@ def test_gap1_a_holder_cut_past_the_window_leaves_the_resource_unmarked() -> Non
 # breaks; docs/verification.md "Jobs". Seeds chosen where a re-introduced bug was found:
 # deadlock 1, 5, 8 (a victim outside the cycle), deadlock 194 (D3's queue-order edges
 # dropped), breaks 39, 58, 66 (R2 re-requesting a broken lock), breaks 7 (a break that
-# leaves granted locks).)
-JOB_SEEDS = [("deadlock", 1), ("deadlock", 5), ("deadlock", 8), ("deadlock", 194),
-             ("breaks", 7), ("breaks", 39), ("breaks", 58), ("breaks", 66)]
+# leaves granted locks); and deadlock 14, found on the code of the time: a grant event
+# older than a QUEUED reply counted (two holders), fixed by the fencing sequence the
+# QUEUED reply carries, `InstanceVote.stale_token`; it fails with the fix reverted.)
+JOB_SEEDS = [("deadlock", 1), ("deadlock", 5), ("deadlock", 8), ("deadlock", 14),
+             ("deadlock", 194), ("breaks", 7), ("breaks", 39), ("breaks", 58),
+             ("breaks", 66)]
 
 
 @pytest.mark.parametrize("profile,seed", JOB_SEEDS)
@@ -247,11 +250,6 @@ def test_jobs_are_opt_in() -> None:
 
 
 #: Found by the job profiles on unmodified code, open (strict xfails until fixed):
-#: deadlock 14: client 3's waiting PR request was granted on two instances while its
-#: messages were 881 ms slower; the grant expired there (its renewal arrived late), it
-#: re-sent the request (queued again, behind client 1's EX now granted), then the grant
-#: events sent 0.9 s earlier arrived and were counted, with the lease of the re-send: it
-#: believed PR held beside client 1's EX (a stale grant event overrides a newer reply).
 #: jobs 11: client 3's PW lock was granted on instances 0 and 2 and still queued on 1 when
 #: it converted PW -> EX without a timeout: instance 1 refused (DLM_STATE, not granted
 #: there), the request to instance 0 was lost, instance 2 granted EX; the client yielded
@@ -259,7 +257,6 @@ def test_jobs_are_opt_in() -> None:
 #: queued behind it never ended either. (jobs 71 and 100: a conversion without a timeout
 #: that never ends too, not read.)
 OPEN_JOBS = {
-    ("deadlock", 14): "a stale grant event counted after a re-sent request was queued",
     ("jobs", 11): "a conversion without a timeout refused (DLM_STATE) on one instance and "
                   "lost on another never ends",
 }
