@@ -480,6 +480,7 @@ class Flows:
         m, fl, down = core.start_convert(lk, mode, **flags)
         lk.deadline = None if t is None else self._now() + t
         value, version = core.convert_value(lk, down)
+        lk.cargs = (m, fl, value, version)
         cmds = [(i, core.convert_cmd(lk, m, fl, value, version, i)) for i in range(core.n)]
         lk.pending = set(range(core.n))
         try:

@@ -205,6 +205,9 @@ class LockCore:
         self.lease_ms = lease_ms
         self.ticket = session.tickets.next()
         self.cticket = 0
+        #: the conversion in progress as sent: (mode, flags, value, version), for re-sending
+        #: it where it did not take (`recheck_cmds`)
+        self.cargs: tuple[Mode, int, bytes | None, int] | None = None
         self.phase = Phase.ACQUIRING
         self.votes = [InstanceVote() for _ in range(session.n)]
         self.token = 0
@@ -942,15 +945,28 @@ class Session:
         (a dead holder never stalls the queue), a retry of an instance that failed or is
         recovering, the timeout."""
         cands = [now + self.lease_ms / 3000.0]
-        for v in lk.votes:
+        for i, v in enumerate(lk.votes):
             if v.vote is Vote.QUEUED and v.wait_ms >= 0:
                 cands.append(now + v.wait_ms / 1000.0 + 0.002)
+            if self._conversion_missing(lk, i):
+                cands.append(max(v.retry_at, now + 0.01))
             if v.vote in (Vote.ERROR, Vote.RECOVERING, Vote.UNKNOWN) or (
                     v.vote is Vote.ABSENT and lk.phase is Phase.ACQUIRING):
                 cands.append(max(v.retry_at, now + 0.01))
         if lk.deadline is not None:
             cands.append(lk.deadline)
         return min(cands)
+
+    def _conversion_missing(self, lk: LockCore, i: int) -> bool:
+        """While `lk` converts: instance i is known not to have the conversion (it failed
+        there: refused, e.g. while the lock still waited there, or no answer; or the lock
+        is granted there in a mode that is not the one asked, the conversion lost on the
+        way) and no call about it is in flight. Only re-sending the conversion can change
+        that: no event will come from there (sim `jobs` seed 11 waited for ever)."""
+        v = lk.votes[i]
+        return (lk.phase is Phase.CONVERTING and lk.cargs is not None and i not in lk.pending
+                and (v.vote in (Vote.ERROR, Vote.RECOVERING)
+                     or (v.vote is Vote.GRANTED and v.mode != lk.rq)))
 
     def recheck_cmds(self, lk: LockCore, now: float) -> list[tuple[int, tuple]]:
         """Commands to re-ask instances at a wake-up: the request is idempotent (G12), so
@@ -961,6 +977,11 @@ class Session:
         if lk.phase is Phase.ACQUIRING:
             retry += (Vote.ABSENT,)  # the instance lost our request (restart, expiry)
         for i, v in enumerate(lk.votes):
+            if self._conversion_missing(lk, i):
+                if now >= v.retry_at:  # the conversion itself, not a request (sim jobs 11)
+                    out.append((i, self.convert_cmd(lk, *lk.cargs, i)))
+                    v.retry_at = now + 0.5
+                continue
             if v.vote is Vote.QUEUED or (v.vote in retry and now >= v.retry_at):
                 out.append((i, self.request_cmd(lk)))
                 if lk.vote_validity(v, now) <= 0:
