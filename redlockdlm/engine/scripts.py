@@ -114,7 +114,7 @@ def library() -> Library:
 @cache
 def load(name: str) -> Script:
     """The EVAL form of script `name` (core.lua, the script, a call of it), and its SHA1."""
-    body = (b"local KEYS, ARGV = KEYS, ARGV\n" + _core() + b"\n" + _wrapped(name, _body(name))
+    body = (b"local KEYS, ARGV = KEYS, ARGV\nlocal register = nil\n" + _core() + b"\n" + _wrapped(name, _body(name))
             + b"return call(script_" + name.encode() + b", KEYS, ARGV)\n")
     return Script(name, body, hashlib.sha1(body).hexdigest())
 
