@@ -215,7 +215,7 @@ end
 -- `clock` returns them; read here when the clock is frozen) and the first 8 hex digits of
 -- the server's run_id, so two servers never create the same id (clients refuse two
 -- instances whose replies carry one id: one server reached by two URLs, docs/protocol.md).
--- INFO only when an epoch is created.
+-- INFO only when an epoch is created, and once per server process for E2 (epoch_load).
 local function server_run()
   return string.match(redis.call('INFO', 'server'), 'run_id:(%x%x%x%x%x%x%x%x)') or '0'
 end
