@@ -162,6 +162,9 @@ class Model:
         self.windex: dict[tuple[str, bytes], int] = {}  #: waiter index: (id, key) -> expiry
         self.epoch_safe: int | None = None  #: None: no epoch yet (E1)
         self.epoch_restarted = False  #: the epoch was created by a script, not `init fresh`
+        #: E2: the server process restarted with its data (`reload`) and no call has
+        #: committed since: the next one that does replaces the epoch, as if it were lost
+        self.reloaded = False
         #: (owner, event) in publish order, as the scripts publish them (N1-N3): ("G", id,
         #: mode, token, value, version, invalid), ("B", id, rq, ticket, other id),
         #: ("C", id, reason); `tests/engine/test_model_vs_lua.py` compares them
@@ -173,8 +176,16 @@ class Model:
         if self.epoch_safe is None:
             self.epoch_safe = now
 
+    def reload(self) -> None:
+        """E2: the server restarted with its data (AOF, RDB): what it reloaded may lack the
+        last writes before the restart, so its first call that commits opens a new epoch."""
+        self.reloaded = True
+
     def _epoch(self, now: int, rejoin_ms: int) -> int:
         """Ms still to wait before this instance may grant (0 when safe)."""
+        if self.reloaded:  # E2 (`_run` restores the flag if the call fails)
+            self.reloaded = False
+            self.epoch_safe = None
         if self.epoch_safe is None:
             self.epoch_safe = now + rejoin_ms
             self.epoch_restarted = True
@@ -308,12 +319,14 @@ class Model:
 
     def _run(self, fn, *args):
         """Run an operation atomically: on error nothing changes and nothing is published."""
-        saved = copy.deepcopy((self.res, self.windex, self.epoch_safe))
+        saved = copy.deepcopy((self.res, self.windex, self.epoch_safe, self.epoch_restarted,
+                               self.reloaded))
         ev: list = []
         try:
             out = fn(ev, *args)
         except EngineError:
-            self.res, self.windex, self.epoch_safe = saved
+            (self.res, self.windex, self.epoch_safe, self.epoch_restarted,
+             self.reloaded) = saved
             raise
         for key, r in self.res.items():
             self._finish(key, r)

@@ -53,6 +53,14 @@ local written = {}
 --     entry is used only for the same bytes and while its leases and the clock allow (see
 --     scan.lua); at most 2 x MEMO_MAX entries.
 local scan_memo = {cur = {}, old = {}, n = 0, seq = 0, base = false}
+--   run_checked (epoch_load, commit; E2): true once a call of this server process has
+--     committed with an epoch of this process (created by it, or checked against its
+--     run_id). Not a cache: a flag the library's lifetime bounds (a FUNCTION LOAD starts
+--     it over: one more INFO, the same run_id, nothing changes). `register` is a local of
+--     the Functions library only (redlockdlm/engine/scripts.py); the EVAL form declares
+--     it nil and skips the check (no state between calls: INFO on every call).
+local run_checked = false
+local FUNCTIONS = register ~= nil
 --
 -- Per call: reset by `call` before every script runs (events and windex_ops are reused
 -- only when empty), so nothing of one call reaches the next.
@@ -207,14 +215,17 @@ end
 -- `clock` returns them; read here when the clock is frozen) and the first 8 hex digits of
 -- the server's run_id, so two servers never create the same id (clients refuse two
 -- instances whose replies carry one id: one server reached by two URLs, docs/protocol.md).
--- INFO only when an epoch is created.
-local function new_epoch_id(sec, usec)
+-- INFO only when an epoch is created, and once per server process for E2 (epoch_load).
+local function server_run()
+  return string.match(redis.call('INFO', 'server'), 'run_id:(%x%x%x%x%x%x%x%x)') or '0'
+end
+
+local function new_epoch_id(sec, usec, run)
   if not sec then
     local t = redis.call('TIME')
     sec, usec = t[1] + 0, t[2] + 0  -- TIME: two strings of digits
   end
-  local run = string.match(redis.call('INFO', 'server'), 'run_id:(%x%x%x%x%x%x%x%x)') or '0'
-  return string.format('%x.%x.', sec, usec) .. run
+  return string.format('%x.%x.', sec, usec) .. (run or server_run())
 end
 
 -- E1: the epoch hash holds the instance's own rejoin wait (`rejoin`, ms), stored when the
@@ -223,11 +234,25 @@ end
 -- operator stored before (`init rejoin`). A later call with a larger rejoin_ms extends a
 -- recovery still running (a longer wait is always safe), never one that is over (clients
 -- that started since remember the stored value: raising it needs `init rejoin`).
+--
+-- E2: the first call of a server process (Functions form only) compares the run_id that
+-- created the epoch (the end of its id) with the server's own. Another one: the server
+-- restarted WITH its data (AOF, RDB, a promoted replica), which may lack the last writes
+-- before the restart (grants, renewals), so the epoch is replaced by a new one in its
+-- rejoin window exactly as if it had been lost (E1; V5 marks apply). `run_checked` is set
+-- only when such a call commits, so a call that fails leaves the check to the next one.
 local function epoch_load()
   local e = redis.call('HMGET', KEYS[1], 'id', 'safe', 'tfix', 'toff', 'rejoin')
   local sec, usec
   NOW, NOW_US, sec, usec = clock(e[3], e[4])
   local stored = e[5] and tonumber(e[5])
+  if e[1] and FUNCTIONS and not run_checked then
+    local run = server_run()
+    if string.sub(e[1], -#run - 1) ~= '.' .. run then  -- E2: restarted with its data
+      e[1] = nil
+      EPOCH = new_epoch_id(sec, usec, run)
+    end
+  end
   if e[1] then
     EPOCH, SAFE = e[1], tonumber(e[2])
     if stored then
@@ -239,7 +264,7 @@ local function epoch_load()
       end
     end
   else
-    EPOCH = new_epoch_id(sec, usec)
+    EPOCH = EPOCH or new_epoch_id(sec, usec)
     if stored and stored > REJOIN then REJOIN = stored end
     SAFE = NOW + REJOIN
     epoch_dirty = true
@@ -747,6 +772,7 @@ local function commit()
     local ev = events[i]
     redis.call('PUBLISH', CHANNEL .. ev[1], ev[2])
   end
+  run_checked = true  -- E2: this process's epoch is committed (see epoch_load)
 end
 
 -- Run `main` with errors turned into typed error replies; commit only on success.

@@ -19,6 +19,8 @@ from redlockdlm_cli.common import ExitCode, Failed, exit_for
 from redlockdlm_cli.main import cli
 
 from redlockdlm.devcluster import DevClusterError
+from redlockdlm.engine import scripts
+from redlockdlm.engine.keys import EPOCH_KEY
 from redlockdlm.engine.modes import Flag
 from redlockdlm.errors import BadArgument, Deadlock, InvalidArgument, QuorumUnavailable
 
@@ -119,6 +121,31 @@ def test_status_fails_when_reachable_instances_cannot_grant(c):
     assert r.exit_code == ExitCode.OK, r.output
     r = dlm(c, "status")
     assert r.exit_code == ExitCode.OK and "3 can grant" in r.stdout, r.output
+
+
+def test_status_names_instances_restarted_with_their_data(c):
+    """An instance restarted with its data (AOF, RDB) keeps the epoch of its previous server
+    process until the first call replaces it by a new one in its rejoin window (E2); status
+    must not count it as able to grant meanwhile. (The restart is played here by giving two
+    epochs another run_id and reloading the library, as a new process starts with it.)"""
+    c.request("a", "a1", ["R"], "EX", ticket=1)
+    for u in c.urls[:2]:
+        r = redis.Redis.from_url(u)
+        eid = r.hget(EPOCH_KEY, "id")
+        run = r.info("server")["run_id"][:8]
+        r.hset(EPOCH_KEY, "id", eid.rsplit(b".", 1)[0] + (b".11111111" if run != "11111111"
+                                                          else b".22222222"))
+        r.execute_command(*scripts.load_command())
+    r = dlm(c, "status")
+    assert r.exit_code == ExitCode.FAILED, r.output
+    err = one_line_error(r)
+    assert "restarted with its data" in err and "E2" in err, err
+    assert all(u in err for u in c.urls[:2]) and c.urls[2] not in err, err
+    c.request("b", "b1", ["R2"], "EX", ticket=2)  # (every instance: replaces their epochs)
+    doc = json.loads(dlm(c, "status", "--json").stdout)
+    assert [i["can_grant"] for i in doc["instances"]] == [False, False, True]
+    assert all(i["recovering_ms"] > 0 and "rejoin window (E1)" in i["not_granting"]
+               for i in doc["instances"][:2])
 
 
 def test_status_masks_passwords():

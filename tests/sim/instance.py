@@ -31,12 +31,14 @@ class SimModel(Model):
     a pickle of it is five to ten times cheaper and restores the same state."""
 
     def _run(self, fn, *args):  # noqa: ANN001, ANN002, ANN202 (as Model._run)
-        saved = pickle.dumps((self.res, self.windex, self.epoch_safe), -1)
+        saved = pickle.dumps((self.res, self.windex, self.epoch_safe, self.epoch_restarted,
+                              self.reloaded), -1)
         ev: list = []
         try:
             out = fn(ev, *args)
         except EngineError:
-            self.res, self.windex, self.epoch_safe = pickle.loads(saved)
+            (self.res, self.windex, self.epoch_safe, self.epoch_restarted,
+             self.reloaded) = pickle.loads(saved)
             raise
         for key, r in self.res.items():
             self._finish(key, r)
@@ -76,6 +78,10 @@ class SimInstance:
         self.sync_phase = (idx * 0.37) % 1.0
         self.next_sync = 0.0
         self.synced: bytes | None = None
+        #: E2: restarts from the AOF so far, and whether the last one's epoch is still the
+        #: reloaded one (the model replaces it at its first call that commits)
+        self.reloads = 0
+        self.reload_pending = False
 
     def enable_aof(self) -> None:
         self.synced = self._state()
@@ -96,7 +102,8 @@ class SimInstance:
     def restart_from_aof(self, crashed_at: float) -> None:
         """A restart that reloads the AOF as synced before the crash at `crashed_at`: every
         key written by the last second's calls is lost, the rest is back, the epoch key
-        included (so no rejoin wait, and clients see the same epoch: no R2)."""
+        included. A new server process (E2): its first call that commits replaces the
+        epoch (a rejoin wait, V5), and clients then see a new epoch id (R2)."""
         self._sync(crashed_at)
         m = self.model = SimModel()
         m.res, m.windex, m.epoch_safe, m.epoch_restarted, self.epoch, self.gen = (
@@ -104,6 +111,10 @@ class SimInstance:
         if m.epoch_safe is None:  # synced before its first epoch: a new one, a new id
             self.gen += 1
             self.epoch = None
+        else:
+            m.reload()
+            self.reloads += 1
+            self.reload_pending = True
 
     def clock_ms(self, t: float) -> int:
         return T0_MS + self.offset_ms + int(t * 1000.0 * self.rate)
@@ -114,10 +125,14 @@ class SimInstance:
         self.gen += 1
         self.model = SimModel()
         self.epoch = None
+        self.reload_pending = False
         if self.synced is not None:  # its AOF went with its data
             self.synced = self._state()
 
     def _epoch(self) -> bytes | None:
+        if self.reload_pending and not self.model.reloaded:  # E2: the epoch was replaced
+            self.reload_pending = False
+            self.epoch = b"i%dr%d" % (self.idx, self.reloads)  # (never reloaded from a file)
         if self.epoch is None and self.model.epoch_safe is not None:
             self.epoch = b"i%dg%d" % (self.idx, self.gen)
         return self.epoch

@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
 #:     release writes the value composed under the old token after newer writes.
 #: aof: a minority of instances run AOF `appendfsync everysec` and crash (among the default
 #:     faults) back with the state synced up to a second before: the epoch key survives,
-#:     the last second's grants and writes do not (docs/operations.md, "Persistence").
+#:     the last second's grants and writes do not, and the first call opens a new epoch
+#:     (E2; docs/operations.md, "Persistence").
 #: gap1: instances restart empty and one client is cut from the restarted one for 2.5 to 4
 #:     leases from the crash (past the rejoin wait and V5's window: its locks re-join
 #:     late), among partitions and pauses; half the locks held 1 to 4 leases.
