@@ -848,6 +848,8 @@ class AsyncRequest(RequestBase):
         try:
             return await asyncio.wait_for(asyncio.shield(self._fut), timeout)
         except asyncio.TimeoutError:
+            if self._fut.done():  # the request's own LockTimeout (a TimeoutError): as it is
+                return self._fut.result()
             raise self._still_waiting(timeout) from None
         except asyncio.CancelledError:
             await self._dlm._clean_up(self._dlm._run(self._dlm._withdraw(self)))

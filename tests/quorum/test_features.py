@@ -468,6 +468,10 @@ def test_lock_timeout_leaves_nothing(q: Quorum) -> None:
         b.lock("res", EX, timeout=0.3)
     assert 0.25 <= time.monotonic() - t0 < 3
     assert isinstance(ei.value, TimeoutError) and isinstance(ei.value, DLMError)
+    # the request's own error (withdrawn), not a wait's "still waiting" (asyncio took the
+    # request's LockTimeout, a TimeoutError, for its own wait_for timing out)
+    assert not isinstance(ei.value, StillWaiting), repr(ei.value)
+    assert "within the timeout" in str(ei.value), repr(ei.value)
     assert q.lock_ids("res") == [{la.id}] * q.n  # at once, not eventually
     la.release()
     assert q.gone("res")
