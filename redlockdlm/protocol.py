@@ -115,6 +115,10 @@ class InstanceVote:
     #: that failure was the instance's own error reply (it answered), not a lost connection
     answered: bool = False
     by_event: bool = False  #: the current GRANTED came from a pub/sub event
+    #: the current GRANTED (in the mode a conversion asks) was learnt from a renewal, which
+    #: carries no value block: it holds that mode there, but does not complete the
+    #: conversion until a reply or event brings the value (`granted` leaves it out)
+    novalue: bool = False
     granted_at: float = 0.0  #: monotonic time we learnt of the current grant
     #: our lease there ran out before we heard from it again (we were paused or cut off):
     #: the instance may have expired our lock and a re-sent request re-created it, so a
@@ -250,7 +254,7 @@ class LockCore:
         """Instances where the lock is granted (in `mode`, if given) with a valid lease."""
         return [i for i, v in enumerate(self.votes)
                 if v.vote is Vote.GRANTED and (mode is None or v.mode == mode)
-                and self.vote_validity(v, now) > 0]
+                and not v.novalue and self.vote_validity(v, now) > 0]
 
     def converting_can_queue(self) -> bool:
         """Whether the conversion going on can wait on an instance: an up or middle one
@@ -658,7 +662,7 @@ class Session:
                 v.mode, v.token = rep.mode, rep.token
                 v.value, v.version, v.valid = rep.value, rep.version, rep.valid
                 v.forgotten = rep.forgotten
-            v.vote, v.by_event, v.lapsed = Vote.GRANTED, False, False
+            v.vote, v.by_event, v.lapsed, v.novalue = Vote.GRANTED, False, False, False
         elif st == Status.QUEUED:
             # Events and replies travel on two connections, either may come first. A grant
             # made after this reply has a token above the resource's fencing sequence it
@@ -774,22 +778,31 @@ class Session:
                 # (another token than ours: a grant of the lock re-created after ours
                 # expired there, not the one we know)
                 news = v.vote is not Vote.GRANTED or v.mode != e.mode or v.token != e.token
-                if news and e.mode != Mode.NL and (
-                        lk.phase is Phase.ACQUIRING
-                        or (lk.phase is Phase.CONVERTING and e.mode == lk.rq)):
+                if news and e.mode != Mode.NL and lk.phase is Phase.ACQUIRING:
                     # A grant learnt from a renewal, before its reply or event: a renewal
                     # carries no value block, and the vote still has the one of an older
-                    # state (none, or the previous mode's). Counted now, it could complete
-                    # the lock with a stale value said valid. Keep it waiting: the grant
-                    # event, or the re-check it triggers at once (the request is
-                    # idempotent, G12, and returns the value), completes it.
-                    v.vote, v.sent_at, v.wait_ms = Vote.QUEUED, sent_at, 0
-                    v.mode = lk.mode if lk.phase is Phase.CONVERTING else None
+                    # state (none). Counted now, it could complete the lock with a stale
+                    # value said valid. Keep it waiting: the grant event, or the re-check it
+                    # triggers at once (the request is idempotent, G12, and returns the
+                    # value), completes it.
+                    v.vote, v.sent_at, v.wait_ms, v.mode = Vote.QUEUED, sent_at, 0, None
                     v.epoch = epoch
+                    continue
+                if news and e.mode != Mode.NL and (
+                        lk.phase is Phase.CONVERTING and e.mode == lk.rq):
+                    # The same for a conversion, but the instance no longer holds the old
+                    # mode: recorded as a grant in the new mode (it protects that mode
+                    # there) that does not complete the conversion (`novalue`) until the
+                    # event or the re-check brings the value. Kept as "queued in the old
+                    # mode", it made a failed conversion count the old mode held where the
+                    # new one was granted (simulator, profile cut seed 50: two holders).
+                    v.vote, v.mode, v.token, v.sent_at = Vote.GRANTED, e.mode, e.token, sent_at
+                    v.granted_at, v.novalue, v.by_event, v.epoch = now, True, False, epoch
                     continue
                 if news:
                     v.token = e.token
                     v.granted_at = now
+                    v.novalue = False
                 v.vote, v.mode, v.sent_at = Vote.GRANTED, e.mode, sent_at
             elif e.status == Status.QUEUED:
                 v.vote, v.mode, v.sent_at = Vote.QUEUED, e.mode, sent_at
@@ -821,6 +834,7 @@ class Session:
             elif ev.token > v.stale_token and (v.vote is not Vote.GRANTED
                                                  or ev.token > v.token):
                 v.vote, v.mode, v.token, v.by_event = Vote.GRANTED, ev.mode, ev.token, True
+                v.novalue = False
                 v.value, v.version, v.valid = ev.value, ev.version, ev.valid
                 v.forgotten = ev.forgotten
                 v.granted_at = now
@@ -950,6 +964,8 @@ class Session:
                 cands.append(now + v.wait_ms / 1000.0 + 0.002)
             if self._conversion_missing(lk, i):
                 cands.append(max(v.retry_at, now + 0.01))
+            if v.vote is Vote.GRANTED and v.novalue:
+                cands.append(now + 0.002)
             if v.vote in (Vote.ERROR, Vote.RECOVERING, Vote.UNKNOWN) or (
                     v.vote is Vote.ABSENT and lk.phase is Phase.ACQUIRING):
                 cands.append(max(v.retry_at, now + 0.01))
@@ -982,7 +998,8 @@ class Session:
                     out.append((i, self.convert_cmd(lk, *lk.cargs, i)))
                     v.retry_at = now + 0.5
                 continue
-            if v.vote is Vote.QUEUED or (v.vote in retry and now >= v.retry_at):
+            if (v.vote is Vote.QUEUED or (v.vote in retry and now >= v.retry_at)
+                    or (v.vote is Vote.GRANTED and v.novalue)):
                 out.append((i, self.request_cmd(lk)))
                 if lk.vote_validity(v, now) <= 0:
                     v.lapsed = True  # the request may re-create our lock there (see lapsed)

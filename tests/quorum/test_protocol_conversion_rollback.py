@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import redis
 
+from redlockdlm.engine.codec import RenewEntry
 from redlockdlm.engine.modes import COMPAT, Mode, Status
 from redlockdlm.errors import LockStateError, LockTimeout
 from redlockdlm.protocol import Phase, Session, Vote
@@ -104,3 +105,29 @@ def test_a_conversion_that_did_not_take_somewhere_is_sent_there_again() -> None:
     for i in (0, 1, 2):
         s.on_reply(lk, i, reply(Status.GRANTED, EX, 21 + i), t + 1.8, t + 1.801)
     assert s.evaluate_convert(lk, PW, t + 1.802).done and lk.mode == EX
+
+
+def test_a_conversion_learnt_from_renewals_is_not_counted_as_the_old_mode() -> None:
+    """Simulator, profile cut seed 50: CW -> PR, granted on every instance; only instance
+    2's reply came, the renewals found PR granted on 0 and 1. A renewal carries no value,
+    so it does not complete the conversion, but those instances no longer hold CW: when
+    the conversion times out, the lock must not count CW held there (it was recorded as
+    "queued in the old mode", so the holder believed CW beside another client's PR)."""
+    s = Session(3, "t", lease_ms=10_000)
+    t = 100.0
+    lk = held(s, CW, t)
+    m, flags, down = s.start_convert(lk, PR)
+    lk.cargs = (m, flags, None, 0)
+    lk.deadline = t + 0.5
+    lk.pending = {0, 1}
+    s.on_reply(lk, 2, reply(Status.GRANTED, PR, 20), t, t + 0.001)
+    batches = [b for b in s.renew_cmds(t + 0.2) if b[0] in (0, 1)]
+    for i, _, lks in batches:
+        s.on_renew_reply(i, lks, ("e", [RenewEntry(Status.GRANTED, PR, 20 + i, 0, -1)]),
+                         t + 0.2, t + 0.201)
+    assert not s.evaluate_convert(lk, CW, t + 0.202).done  # (no value yet: not complete)
+    assert s.holding(lk, t + 0.202) == 3  # PR held there, which the conversion asks
+    out = s.evaluate_convert(lk, CW, t + 0.6, timed_out=True)
+    assert isinstance(out.error, LockTimeout) and lk.mode == CW
+    assert lk.validity(t + 0.6) <= 0  # CW is held nowhere any more: not valid
+    assert sorted(i for i, _ in out.cleanup) == [0, 1, 2]  # converted back everywhere

@@ -219,6 +219,11 @@ class SimClient(Flows):
                 proc.op, proc.state = "bcast", st
                 for i, call in op.cmds:
                     self.world.net.send(self, i, [call], self._bcast_reply, st, i)
+                if op.until is not None and op.enough is not None and self.world.cfg.cut:
+                    # R3: the caller's deadline ends the round; what is not in by then
+                    # comes to `late`, as in the real drivers
+                    self.world.at(max(self.world.t, self.to_sim(op.until)), self,
+                                  self._grace, st)
                 return
             if isinstance(op, Pipeline):
                 proc.gen += 1

@@ -102,6 +102,8 @@ PROFILES: dict[str, dict] = {
                  lat_extra=(0.3, 1.5)),
     "convhold": dict(hold_after_conv=0.3),
     "latedup": dict(kinds=("latedup",)),
+    # cut: the default campaign with R3's deadline cut of rounds (Broadcast.until) modelled
+    "cut": dict(cut=True),
     "aof": dict(kinds=("aofrestart", "aofrestart", "ipause", "irestart", "cpause",
                        "partition", "latency")),
     "gap1": dict(kinds=("restartcut", "restartcut", "partition", "ipause"), hold=0.5),

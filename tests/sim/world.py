@@ -59,6 +59,10 @@ class Config:
     #: a latency spike: how long (in leases) and how much slower each way (in leases)
     lat_dur: tuple[float, float] = (0.2, 2.0)
     lat_extra: tuple[float, float] = (0.2, 1.0)
+    #: R3: a round still waiting at its caller's deadline ends there (`Broadcast.until`), as
+    #: the real drivers do (off by default for now: the pinned seeds' schedules predate it;
+    #: `PROFILES["cut"]`)
+    cut: bool = False
     #: a late duplicate ("latedup"): for how long (in leases) one client's messages are
     #: copied, and how much later (in leases) the copies reach the instances again
     echo_dur: tuple[float, float] = (0.3, 1.5)
