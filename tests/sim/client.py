@@ -140,7 +140,14 @@ class SimClient(Flows):
             for proc, gen in waiting:
                 if proc.gen == gen and proc.op == "wait":
                     proc.gen += 1
-                    self.world.soon(self, self._resume, proc, True)
+                    self.world.soon(self, self._woken, proc, proc.gen)
+
+    def _woken(self, proc: Proc, gen: int) -> None:
+        """The wake `_notify` scheduled, unless an interruption was thrown into the wait
+        meanwhile (it bumped `gen`, and the flow has taken it, maybe ended): resuming then
+        would run the flow on past its end and call its caller back twice."""
+        if proc.gen == gen:
+            self._resume(proc, True)
 
     def _start(self, flow: Flow) -> None:
         self.run(flow)

@@ -188,3 +188,14 @@ def test_the_simulated_instances_renew_a_repeated_requests_lease(waiting: bool) 
     r = m.res[key]
     assert [lk.id for lk in r.w] == (["a", "b"] if waiting else ["b"])
     assert [lk.id for lk in r.g] == (["h"] if waiting else ["a"])
+
+
+def test_an_interruption_racing_a_wake_ends_the_call_once() -> None:
+    """`--profile slow` seed 2804: a wake of a flow's Wait (the lock changed) was scheduled
+    while the client was paused, and the user's KeyboardInterrupt, due meanwhile, was
+    thrown into the same wait first; the flow ended with it, then the wake resumed the
+    ended flow, which called the user back a second time, and the user's script crashed
+    two steps later on a value meant for a sleep. A wake now checks that the wait is
+    still the one it was for (`SimClient._woken`)."""
+    res = run_seed(2804, config_for(2804, profile="slow"))
+    assert res.ops and not res.violations
