@@ -45,16 +45,17 @@ FOUND = {25: "a failed down-conversion was rolled back to the stronger mode",
 #: back to the wait queue as a new request's; client 1 was granted PW while client 3
 #: counted its conversion's replies as PW. Fixed by `LockCore.converting_can_queue`: only
 #: an up or middle conversion yields (and a reply granting no newer token than the grant
-#: yielded does not count). With the keyed draws, none of the first 1,000 seeds of
-#: today's workload (nor 300 of `--profile convhold`) finds it with the fix reverted; with
-#: V1, seed 289 of 1,000 does: client 2 converted PR -> PR while client 0's CR -> EX queued
-#: behind it, yielded on every instance on its blocking events and counted its
-#: conversion's replies as PR; client 1's PR -> CW was granted beside it. So it is pinned
-#: in FOUND (V1); core tests (fail with the fix reverted): tests/quorum/test_protocol_races.py
+#: yielded does not count). With the keyed draws and the fix reverted, 4 of the first
+#: 3,000 seeds of today's workload fail that the fixed code passes (2164, 2543, 2684,
+#: 2900; none of the first 1,000, nor 300 of `--profile convhold`), and 1 of 1,000 with V1
+#: (289, in FOUND). 2164: client 1 converted PR -> PR while client 0's PR -> PW queued
+#: behind it, yielded on its blocking events and counted its conversion's replies as PR;
+#: client 0 was granted PW. Core tests (fail with the fix reverted too):
+#: tests/quorum/test_protocol_races.py
 #: `test_a_conversion_that_cannot_queue_never_gives_its_grant_back`,
 #: `test_a_same_mode_conversion_short_of_a_quorum_keeps_its_grant`,
 #: `test_a_reply_that_overtakes_our_yield_does_not_count_the_yielded_grant`.
-FOUND_NOW: dict[int, str] = {}
+FOUND_NOW = {2164: "a conversion to the same mode yielded the lock's own grant"}
 #: Counterexamples still open (strict xfail: the test fails once they are fixed, so the seed
 #: moves to FOUND). Found as seed 4 (V1) before the network's draws were keyed by client,
 #: step and instance: instance 0 missed client 1's release of a CR lock (the reply to that
@@ -73,9 +74,25 @@ FOUND_NOW: dict[int, str] = {}
 #: client 1's next PR took instance 2's older value, the only one, as valid.
 KNOWN = {31: "a value that disappeared (G9) comes back from an instance that missed the "
              "last release, said valid"}  # (V1)
+#: 2327 and 2690 (of the first 3,000 today; two holders): a sideways conversion CW -> PR
+#: timed out, queued on instances 0 and 2 behind another CW and granted on 1. Its error
+#: put the lock back in phase HELD in CW at once (`evaluate_convert`), the queued votes
+#: counting for CW (G6), while the clean-up (a cancel where it queued) was in flight; the
+#: other CW was released, instances 0 and 2 granted the queued conversion PR before the
+#: cancel landed (CANCELGRANT, PR) and granted client 3 PR beside it: `validity` said CW
+#: on 3 instances for 50 ms, until a renewal reported PR there. Only another thread of
+#: the holder could act on it (the convert call returns after the clean-up), but
+#: `validity_ms` and `valid` say held. Closing it: keep the lock converting (what both
+#: modes cover, CR here) until `rollback_convert` has the clean-up's answers. In 2690
+#: client 2's CW -> PR had already been granted PR by instance 1 (a renewal said so; the
+#: vote stays queued until the grant's value arrives) when it timed out: that queued vote
+#: counted for CW, and clients 0 and 3 held PR there.
 KNOWN_NOW = {37: KNOWN[31], 45: "a value that disappeared (G9) comes back from an instance "
                                 "that missed the last write, kept under a lock live there "
-                                "alone, said valid"}
+                                "alone, said valid",
+             2327: "a failed sideways conversion said held in the old mode while its "
+                   "clean-up was in flight, the new mode granted meanwhile",
+             2690: "the same as 2327 (the new mode already granted, a queued vote)"}
 SEEDS = [s for s in range(60) if s not in KNOWN_NOW]
 
 
