@@ -141,8 +141,9 @@ OPEN_PROFILED: dict[tuple[str, int], str] = {}
 #: the re-send: it believed a lock the instances had already dropped. G12 now renews the
 #: lease (lua/request.lua, tests/model.py). Found as slow 52 and convhold 56 before the
 #: network's draws were keyed; with the keyed draws and the model's renewal reverted, none
-#: of the first 1,000 seeds of `slow`, `convhold` or the default campaign breaks an
-#: invariant the fixed code keeps, so no seed guards it now. Its regression tests are the
+#: of the first 3,000 seeds of `slow`, `convhold` or the default campaign breaks an
+#: invariant the fixed code keeps but the open value one (default 605, 1778, 2552, which
+#: would pass once that is closed), so no seed guards it now. Its regression tests are the
 #: rule cases `G12-retry-renews-the-lease-of-a-granted-lock` and
 #: `G12-retry-renews-the-lease-of-a-waiting-lock` (tests/engine/test_rules.py, on the
 #: script) and `test_the_simulated_instances_renew_a_repeated_requests_lease` below (the
