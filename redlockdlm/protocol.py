@@ -1060,6 +1060,13 @@ class Session:
         if not noqueue and not down:
             self._check_self_deadlock(lk, m, "conversion")
         lk.priority = prio  # (kept by the instances only if the conversion queues or is granted)
+        if {lk.mode, m} == {Mode.CW, Mode.PR}:
+            # M2: neither mode covers the other, and the instances switch one at a time
+            # (a grant of PR there lets another PR in, which CW would not): until the
+            # conversion completes, or its clean-up's answers are in (`rollback_convert`,
+            # `end_abandon`), the lock holds only what both protect, CR (simulator seed
+            # 2327: two holders while a failed CW -> PR was being cancelled)
+            lk.mode = Mode.CR
         lk.rq = m
         lk.cticket = self.tickets.next()
         lk.error = None

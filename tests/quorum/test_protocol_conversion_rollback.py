@@ -128,6 +128,40 @@ def test_a_conversion_learnt_from_renewals_is_not_counted_as_the_old_mode() -> N
     assert not s.evaluate_convert(lk, CW, t + 0.202).done  # (no value yet: not complete)
     assert s.holding(lk, t + 0.202) == 3  # PR held there, which the conversion asks
     out = s.evaluate_convert(lk, CW, t + 0.6, timed_out=True)
-    assert isinstance(out.error, LockTimeout) and lk.mode == CW
-    assert lk.validity(t + 0.6) <= 0  # CW is held nowhere any more: not valid
+    assert isinstance(out.error, LockTimeout)
+    # Until the clean-up's answers, the lock claims only what CW and PR both protect (CR),
+    # which PR covers: never CW where PR is granted
+    assert lk.mode == CR and lk.validity(t + 0.6) > 0
+    assert not any(v.vote is Vote.QUEUED and v.mode == CW for v in lk.votes)
     assert sorted(i for i, _ in out.cleanup) == [0, 1, 2]  # converted back everywhere
+    s.rollback_convert(lk, CW, {0: reply(Status.GRANTED, CW, 30), 1: reply(Status.DEADLOCK),
+                                2: reply(Status.GRANTED, CW, 32)})
+    assert lk.mode == CW and s.holding(lk, t + 0.7) == 2  # CW again where it answered so
+
+
+def test_a_sideways_conversion_claims_only_what_both_modes_protect() -> None:
+    """Simulator seed 2327: CW -> PR timed out, queued on instances 0 and 2 and granted on
+    1. While its cancels were on their way, 0 and 2 granted the conversion (PR) and then
+    another client PR beside it; the holder had gone back to CW at once, its queued votes
+    counting for CW (G6): two holders. Neither of CW and PR covers the other, so from the
+    start of such a conversion until the clean-up's answers the lock claims CR, which
+    every instance keeps whatever it did with the conversion."""
+    s = Session(3, "t", lease_ms=10_000)
+    t = 100.0
+    lk = held(s, CW, t)
+    m, flags, down = s.start_convert(lk, PR)
+    lk.cargs, lk.deadline = (m, flags, None, 0), t + 0.5
+    assert lk.mode == CR and lk.rq == PR  # (what the holder may rely on meanwhile)
+    lk.pending = set(range(3))
+    for i in (0, 2):
+        s.on_reply(lk, i, reply(Status.QUEUED, CW, 10, extra=10), t, t + 0.001)
+    s.on_reply(lk, 1, reply(Status.GRANTED, PR, 20), t, t + 0.001)
+    out = s.evaluate_convert(lk, CW, t + 0.6, timed_out=True)
+    assert isinstance(out.error, LockTimeout)
+    assert lk.mode == CR  # not CW while the cancels are on their way
+    assert COMPAT[lk.mode][PR]
+    # the answers: 0 and 2 had granted PR before the cancel (CANCELGRANT), 1 went back
+    s.rollback_convert(lk, CW, {0: reply(Status.CANCELGRANT, PR, 21),
+                                1: reply(Status.GRANTED, CW, 22),
+                                2: reply(Status.CANCELGRANT, PR, 23)})
+    assert lk.mode == CW and s.holding(lk, t + 0.7) == 1  # CW on one instance only: lost
