@@ -65,6 +65,11 @@ def _mode(m: Mode | None) -> str:
     return m.name if m is not None else "--"
 
 
+def _jmode(m: Mode | None) -> str | None:
+    """A mode in JSON: its name, or null for none (as at the top of a lock's object)."""
+    return m.name if m is not None else None
+
+
 def _lease(ms: int) -> str:
     if ms <= 0:
         return "expired"
@@ -147,8 +152,8 @@ def _lock_json(m: MergedLock) -> dict[str, Any]:
         "requested": m.requested.name if m.requested is not None else None,
         "ticket": m.ticket, "lease_left_ms": m.lease_left_ms, "token": m.token,
         "flags": _flags(v.flags), "parent": v.parent or None, "on": len(m.views),
-        "instances": {lab: {"queue": lk.queue, "granted": _mode(lk.mode),
-                            "requested": _mode(lk.requested), "lease_left_ms": lk.lease_left_ms,
+        "instances": {lab: {"queue": lk.queue, "granted": _jmode(lk.mode),
+                            "requested": _jmode(lk.requested), "lease_left_ms": lk.lease_left_ms,
                             "token": lk.token}
                       for lab, lk in m.views.items()},
     }
@@ -332,6 +337,7 @@ def graph(snap: Snapshot, g: WaitForGraph, cycles: Sequence[tuple[Cycle, Waiting
     labels = [i.label for i in snap.instances]
     if as_json:
         _emit_json({
+            "waiting_requests": snap.waiter_count,
             "instances": [{"url": i.label, "reachable": i.ok, "error": i.error,
                            "waiters": len(i.waiters)} for i in snap.instances],
             "owners": g.owners,
@@ -345,8 +351,9 @@ def graph(snap: Snapshot, g: WaitForGraph, cycles: Sequence[tuple[Cycle, Waiting
         })
         return
     n = len(snap.instances)
-    click.echo(f"{snap.waiter_count} waiting request(s) in the index of {snap.reachable}/{n} "
-               f"instance(s); {len(g.owners)} owner(s), {len(g.edges)} edge(s)")
+    click.echo(f"{snap.waiter_count} waiting request(s) ({snap.index_entries} index entries on "
+               f"{snap.reachable}/{n} instance(s)); {len(g.owners)} owner(s), "
+               f"{len(g.edges)} edge(s)")
     if g.edges:
         rows = [[e.waiter, "->", e.holder,
                  admin.show_name(g.requests[(e.key, e.lock_id)].path),

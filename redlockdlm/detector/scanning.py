@@ -90,6 +90,12 @@ class Snapshot:
 
     @property
     def waiter_count(self) -> int:
+        """Waiting requests (each counted once, however many instances index it)."""
+        return len({w for i in self.instances for w in i.waiters})
+
+    @property
+    def index_entries(self) -> int:
+        """Waiter-index entries on all instances together (a request on N instances: N)."""
         return sum(len(i.waiters) for i in self.instances)
 
     def views_of(self, key: bytes, lock_id: str) -> list[tuple[int, ScannedLock | LockView]]:

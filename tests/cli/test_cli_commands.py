@@ -222,6 +222,12 @@ def test_show_queues_value_block_and_fencing(c):
     assert [(lk["lock_id"], lk["granted"], lk["requested"]) for lk in doc["converting"]] == [
         ("b1", "NL", "EX")]
     assert [lk["lock_id"] for lk in doc["waiting"]] == ["c1"]
+    # no mode is null everywhere in JSON (it said "--" per instance, null at the top)
+    (a1,) = [lk for lk in doc["granted"] if lk["lock_id"] == "a1"]
+    assert a1["requested"] is None
+    assert {v["requested"] for v in a1["instances"].values()} == {None}
+    (c1,) = doc["waiting"]
+    assert c1["granted"] is None and {v["granted"] for v in c1["instances"].values()} == {None}
     for inst in doc["instances"]:
         assert (inst["value_hex"], inst["version"], inst["valid"]) == ("68690021", 7, True)
         assert inst["fencing_seq"] > 0
@@ -315,6 +321,9 @@ def test_graph_shows_edges_cycles_and_the_victim(c):
     assert all(len(e["instances"]) == 3 for e in doc["edges"])
     text = dlm(c, "graph").stdout
     assert "a -> b -> a" in text and "victim if it persists: b (lock b2 on R1" in text
+    # three waiting requests (a2, b2, d1), each on 3 instances: counted once each
+    assert doc["waiting_requests"] == 3
+    assert text.startswith("3 waiting request(s) (9 index entries on 3/3 instance(s))"), text
 
 
 def test_graph_without_cycles(c):
