@@ -139,6 +139,16 @@ def status(s: Settings) -> None:
                      + "; ".join(f"{lab} {why}" for lab, why in waiting.items()))
 
 
+@cli.command("namespaces")
+@connection_options
+def namespaces_cmd(s: Settings) -> None:
+    """The namespaces in use on the instances (those with resource keys: live resources
+    or tombstones, by SCAN), with the keys each instance holds. --namespace is ignored."""
+    found, outcomes = admin.namespaces(s.targets())
+    _report(outcomes, lambda: output.namespaces(found, [o.label for o in outcomes],
+                                                s.as_json))
+
+
 @cli.command("ls")
 @click.argument("prefix", nargs=-1)
 @connection_options

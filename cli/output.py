@@ -141,6 +141,21 @@ def status(outcomes: Sequence[InstanceResult[Health]], namespace: str, as_json: 
                f"{ok - len(waiting)} can grant, quorum {q}: {verdict}")
 
 
+# ----------------------------------------------------------------- dlm namespaces
+
+
+def namespaces(found: dict[str, dict[str, int]], labels: Sequence[str], as_json: bool) -> None:
+    if as_json:
+        _emit_json({"namespaces": [{"namespace": ns, "keys": per}
+                                   for ns, per in found.items()]})
+        return
+    if not found:
+        click.echo("no namespace has resource keys")
+        return
+    rows = [[ns, *[per.get(lab, 0) for lab in labels]] for ns, per in found.items()]
+    click.echo(_table(["NAMESPACE", *labels], rows))
+
+
 # ----------------------------------------------------------------- dlm ls
 
 

@@ -176,6 +176,28 @@ def not_granting(outcomes: Sequence[InstanceResult[Health]]) -> dict[str, str]:
     return out
 
 
+def namespaces(targets: Sequence[Target]) -> tuple[dict[str, dict[str, int]],
+                                                    list[InstanceResult]]:
+    """The namespaces that have resource keys (live resources or tombstones) on some
+    instance, by SCAN (for operators): namespace -> {instance label: keys}. Returns them
+    and the per-instance outcomes."""
+    def count(engine: Engine) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for key in engine.client.scan_iter(match=b"dlm:{*", count=1000):
+            ns = key[5:].split(b":", 1)[0]
+            if ns:
+                name = ns.decode("utf-8", "replace")
+                out[name] = out.get(name, 0) + 1
+        return out
+
+    outcomes = fan_out(targets, count)
+    found: dict[str, dict[str, int]] = {}
+    for o in outcomes:
+        for ns, n in (o.value or {}).items():
+            found.setdefault(ns, {})[o.label] = n
+    return dict(sorted(found.items())), outcomes
+
+
 # ----------------------------------------------------------------- merged resource views
 
 

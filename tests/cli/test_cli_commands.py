@@ -154,6 +154,23 @@ def test_status_masks_passwords():
     assert "hunter2" not in r.output and "***" in r.stdout
 
 
+# ----------------------------------------------------------------- namespaces
+
+
+def test_namespaces_lists_every_namespace_with_keys(c):
+    c.request("a", "a1", ["R1"], "EX", ticket=1)  # (namespace "t")
+    for u in c.urls[:2]:  # a second namespace on two instances only
+        redis.Redis.from_url(u).set(b"dlm:{billing:r}", b"x")
+    r = dlm(c, "namespaces", "--json")
+    assert r.exit_code == ExitCode.OK, r.output
+    doc = json.loads(r.stdout)
+    got = {d["namespace"]: d["keys"] for d in doc["namespaces"]}
+    assert got["t"] == {u: 1 for u in c.urls}
+    assert got["billing"] == {c.urls[0]: 1, c.urls[1]: 1}
+    text = dlm(c, "namespaces").stdout
+    assert text.splitlines()[0].split()[0] == "NAMESPACE" and "billing" in text
+
+
 # ----------------------------------------------------------------- ls
 
 
