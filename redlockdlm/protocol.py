@@ -128,6 +128,8 @@ class InstanceVote:
     forgotten: bool = False
     #: R2: the instance restarted empty and lost our held lock: request it again there
     rejoin: bool = False
+    #: an operator broke the lock there (`C|id|broken`): never requested there again
+    broken: bool = False
 
 
 def covers(held: Mode | None, mode: Mode | None) -> bool:
@@ -861,7 +863,13 @@ class Session:
                 lk.error = Deadlock("chosen as a deadlock victim", resource=show_name(lk.path),
                                     lock_id=lk.id)
             elif ev.reason == "broken":
-                v.vote, v.mode = Vote.ABSENT, None
+                v.vote, v.mode, v.broken = Vote.ABSENT, None, True
+                if (lk.phase is Phase.ACQUIRING and lk.error is None
+                        and sum(1 for x in lk.votes if x.broken) > self.n - self.quorum):
+                    # an operator broke the waiting request (`dlm break`): it is not sent
+                    # again (`recheck_cmds`), so no quorum can grant it any more
+                    lk.error = LockLost("the request was broken by an operator",
+                                        resource=show_name(lk.path), lock_id=lk.id)
         return out
 
     # ----------------------------------------------------------------- decisions
@@ -993,6 +1001,8 @@ class Session:
         if lk.phase is Phase.ACQUIRING:
             retry += (Vote.ABSENT,)  # the instance lost our request (restart, expiry)
         for i, v in enumerate(lk.votes):
+            if v.broken:
+                continue  # a broken lock must not come back (`dlm break`)
             if self._conversion_missing(lk, i):
                 if now >= v.retry_at:  # the conversion itself, not a request (sim jobs 11)
                     out.append((i, self.convert_cmd(lk, *lk.cargs, i)))

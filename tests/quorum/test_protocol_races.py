@@ -11,6 +11,7 @@ import redis
 
 from redlockdlm.engine.codec import Event, RenewEntry
 from redlockdlm.engine.modes import Mode, Status
+from redlockdlm.errors import LockLost
 from redlockdlm.protocol import Phase, Session, Vote
 
 from .replies import reply
@@ -193,3 +194,20 @@ def test_a_grant_event_older_than_a_queued_reply_does_not_count() -> None:
     s.on_event(1, Event("G", lk.id, EX, token=62), t + 1.5)
     s.on_reply(lk, 1, reply(Status.QUEUED, extra=60), t + 1.4, t + 1.501)
     assert s.evaluate_acquire(lk, t + 1.502).done and lk.token == 62
+
+
+def test_a_waiting_request_broken_by_an_operator_fails_and_is_not_sent_again() -> None:
+    """`dlm break` of a waiting request: each instance sends C|id|broken. The request is
+    not re-sent there (a re-check used to re-create it: a broken lock must not come back),
+    and once broken on more than N - Q instances it fails with LockLost saying so."""
+    s = Session(3, "t", lease_ms=2000)
+    t = 100.0
+    lk = acquiring(s, t)
+    for i in range(3):
+        s.on_reply(lk, i, reply(Status.QUEUED, extra=5), t, t + 0.001)
+    s.on_event(0, Event("C", lk.id, reason="broken"), t + 0.1)
+    assert all(i != 0 for i, _ in s.recheck_cmds(lk, t + 0.2))  # not re-created there
+    assert s.evaluate_acquire(lk, t + 0.2).error is None  # (one instance: still waiting)
+    s.on_event(2, Event("C", lk.id, reason="broken"), t + 0.3)
+    out = s.evaluate_acquire(lk, t + 0.3)
+    assert isinstance(out.error, LockLost) and "broken" in str(out.error)
