@@ -275,6 +275,16 @@ class AsyncDLM(Flows):
         others = [t for t in self._cleanups if t is not asyncio.current_task()]
         if others:  # clean-ups of cancelled calls still need the connections
             await asyncio.wait(others, timeout=self._cleanup_limit())
+        # R4, R3: replies still to come from stalled instances, and what they call for (a
+        # late grant of a failed request is released), before the connections close
+        loop = asyncio.get_running_loop()
+        limit = loop.time() + max(inst.timeout for inst in self._instances) + 0.5
+        while True:
+            late = [t for t in self._background
+                    if not t.done() and t is not asyncio.current_task()]
+            if not late or loop.time() >= limit:
+                break
+            await asyncio.wait(late, timeout=limit - loop.time())
         self._closed = True
         for t in self._tasks + list(self._background):
             t.cancel()

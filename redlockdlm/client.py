@@ -87,6 +87,8 @@ class DLM(Flows):
         self._cb_cond = threading.Condition()
         self._core.renew_at = self._now() + self._core.renew_interval()
         self._renewing: set[int] = set()
+        #: threads reading a stalled instance's reply (R4, R3): close() waits for them
+        self._io: set[threading.Thread] = set()
         self._sel = selectors.DefaultSelector()
         self._wake_r, self._wake_w = _socketpair()
         self._sel.register(self._wake_r, selectors.EVENT_READ, None)
@@ -182,6 +184,11 @@ class DLM(Flows):
         if self._closed:
             return
         self._run(self._close_flow(DLMError("this DLM client was closed")))
+        # R4, R3: replies still to come from stalled instances, and what they call for (a
+        # late grant of a failed request is released): before the connections close
+        limit = time.monotonic() + max(inst.timeout for inst in self._instances) + 0.5
+        for t in list(self._io):
+            t.join(max(0.0, limit - time.monotonic()))
         self._closed = True
         self._poke()
         self._thread.join(timeout=5)
@@ -541,7 +548,15 @@ class DLM(Flows):
         return raws
 
     def _spawn(self, fn: Callable[..., Any], *args: Any) -> None:
-        threading.Thread(target=fn, args=args, daemon=True, name="redlockdlm-io").start()
+        def run() -> None:
+            try:
+                fn(*args)
+            finally:
+                self._io.discard(t)
+
+        t = threading.Thread(target=run, daemon=True, name="redlockdlm-io")
+        self._io.add(t)
+        t.start()
 
     # ----------------------------------------------------------------- background thread
 

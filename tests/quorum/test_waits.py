@@ -155,6 +155,41 @@ def test_timeout_bounds_a_wait_on_instances_that_answer_nothing(q3: Quorum) -> N
     lk.release()
 
 
+def test_close_waits_for_late_replies_and_their_clean_up(q3: Quorum) -> None:
+    """A request cut at its deadline while every instance was paused leaves its replies to
+    come (R3, R4). close() waits for them (bounded by the socket timeout) and releases what
+    they granted or queued before its connections close: the instances resume while
+    close() runs, nothing of the request stays behind (its lease is 30 s), and nothing is
+    sent after close() returns."""
+    d = q3.dlm(socket_timeout=5, connect_timeout=5, lease_ms=30_000)
+    holder = q3.dlm(lease_ms=30_000)
+    held = holder.lock("res", EX, timeout=5)  # so the request queues where it lands
+    d.lock("warm", EX, timeout=5).release()
+    for s in q3.servers:
+        s.pause()
+    try:
+        err, _ = bounded(lambda: d.lock("res", EX, timeout=0.3), 20)
+        assert isinstance(err, QuorumUnavailable), repr(err)
+        timer = threading.Timer(0.5, lambda: [s.resume() for s in q3.servers])
+        timer.start()
+        _, took = bounded(d.close, 20)
+        timer.join()
+    finally:
+        for s in q3.servers:
+            s.resume()
+
+    def calls() -> int:
+        return sum(int(s.client().info("commandstats").get("cmdstat_fcall", {})
+                       .get("calls", 0)) for s in q3.servers)
+
+    after = calls()
+    assert q3.lock_ids("res") == [{held.id}] * 3  # no queued orphan of d's
+    time.sleep(0.5)
+    assert calls() == after + 3  # (the inspection above: 1 each) nothing more from d
+    assert took >= 0.4, took  # (it did wait for the instances)
+    held.release()
+
+
 def test_timeout_bounds_a_conversion_on_instances_that_answer_nothing(q3: Quorum) -> None:
     """The same for a conversion: NL -> EX with timeout=0.3 while every instance is
     paused fails (LockTimeout) well before one socket timeout, not after the
