@@ -521,6 +521,10 @@ end
 local A_N, A_S, A_VV, A_VI, A_V, A_ID, A_O, A_GR, A_F, A_T, A_E, A_TOK, A_PM, A_CT, A_PR =
   1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15
 local TOMB_LEN, LONE_LEN = 2, 15
+-- false: no fast path and no compact record written (every resource stored as a map, as
+-- before they existed). Only tests/engine/test_fastpath.py builds a library so, to check
+-- that the fast path decides as the full one does.
+local FAST = true
 
 -- A compact record has the shape above (K1: bytes we did not write may claim to be one).
 local function lone_valid(a)
@@ -552,7 +556,7 @@ end
 
 -- The compact record of a full resource table, or nil if it has no compact form.
 local function compact(r)
-  if #r.c > 0 or #r.w > 0 then return nil end
+  if not FAST or #r.c > 0 or #r.w > 0 then return nil end
   local g = r.g
   if #g == 0 then return {r.n, r.s} end  -- (commit writes it as a tombstone)
   if #g > 1 then return nil end
@@ -633,7 +637,7 @@ end
 -- hand it to `lone_put`), false when the key is absent, nil when it has the full form or
 -- this call already loaded it (the full path then; K1 errors too: `load` reports them).
 local function lone_get(key)
-  if cache[key] ~= nil then return nil end
+  if not FAST or cache[key] ~= nil then return nil end
   local a = lone and lone[key]
   if a then return a end
   local blob = get_blob(key)
@@ -900,6 +904,11 @@ local function commit()
         redis.call('SET', key, blob)  -- (no TTL while it has a lock: see below)
         now_written[key] = {blob, a, r or false}
       end
+    elseif r and #r.g == 0 and #r.c == 0 and #r.w == 0 then  -- (FAST = false: as a map)
+      local t = {n = r.n, s = r.s, vv = 0, vi = 0}
+      local blob = cmsgpack.pack(t)
+      redis.call('SET', key, blob, 'PX', TOMBSTONE_PX)
+      now_written[key] = {blob, false, t}
     elseif r then
       -- No TTL while the resource has locks, expired ones included (the next call that
       -- loads it purges them, G10; `dlm sweep` those nobody touches again): a key with a
