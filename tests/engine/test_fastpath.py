@@ -31,11 +31,12 @@ from redlockdlm.wire import script_reply
 
 T0 = 1_800_000_000_000
 EXAMPLES = int(os.environ.get("DLM_FASTPATH_EXAMPLES", "300"))
-OWNERS = ("o1", "o2")
-IDS = ("l0", "l1", "l2", "l3")
+OWNERS = ("o1", "o1", "o2")  # (weights: the same lock met again often)
+IDS = ("l0", "l0", "l0", "l1", "l2")
 ROOTS = (("A",), ("B",))
 CHILD = ("A", "x")
 PATHS = (*ROOTS, CHILD)
+PICK_PATH = ROOTS[0], ROOTS[0], ROOTS[1], CHILD
 
 
 def full_path_library() -> tuple[str, dict[str, bytes]]:
@@ -84,22 +85,22 @@ def pair(r):
 
 
 ops = st.one_of(
-    st.tuples(st.just("req"), st.sampled_from(PATHS), st.sampled_from(OWNERS),
+    st.tuples(st.just("req"), st.sampled_from(PICK_PATH), st.sampled_from(OWNERS),
               st.sampled_from(IDS), st.sampled_from([0, 1, 3, 3, 4, 5, 5]),
               st.sampled_from([0, 0, 0, 1, 2]), st.integers(0, 20),
               st.sampled_from([5000, 5000, 300, 20000]), st.booleans(),
               st.sampled_from([0, 0, 2])),
-    st.tuples(st.just("rel"), st.sampled_from(PATHS), st.sampled_from(OWNERS),
+    st.tuples(st.just("rel"), st.sampled_from(PICK_PATH), st.sampled_from(OWNERS),
               st.sampled_from(IDS), st.one_of(st.none(), st.binary(max_size=8)),
-              st.integers(0, 3), st.sampled_from([0, 0, T0 * 1000 + 5 * 10**9])),
+              st.integers(0, 3), st.sampled_from([0, T0 * 1000 + 5 * 10**9])),
     st.tuples(st.just("renew"), st.sampled_from(OWNERS),
-              st.lists(st.tuples(st.sampled_from(PATHS), st.sampled_from(IDS),
+              st.lists(st.tuples(st.sampled_from(PICK_PATH), st.sampled_from(IDS),
                                  st.sampled_from([0, 0, T0 * 1000 + 9 * 10**9])),
                        min_size=1, max_size=3),
               st.sampled_from([5000, 100, 20000])),
-    st.tuples(st.just("conv"), st.sampled_from(PATHS), st.sampled_from(OWNERS),
+    st.tuples(st.just("conv"), st.sampled_from(PICK_PATH), st.sampled_from(OWNERS),
               st.sampled_from(IDS), st.sampled_from([0, 3, 5]), st.integers(0, 20)),
-    st.tuples(st.just("cancel"), st.sampled_from(PATHS), st.sampled_from(OWNERS),
+    st.tuples(st.just("cancel"), st.sampled_from(PICK_PATH), st.sampled_from(OWNERS),
               st.sampled_from(IDS)),
     st.tuples(st.just("tick"), st.sampled_from([1, 200, 400, 6000])),
 )
@@ -164,11 +165,15 @@ def test_fast_path_decides_as_the_full_path(pair) -> None:
     SEEN.update(fast_records=0, fast_calls=0, steps=0)
 
     @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
-    @given(st.lists(ops, min_size=8, max_size=40))
-    def run(seq):
+    @given(st.booleans(), st.lists(ops, min_size=8, max_size=40))
+    def run(restarted, seq):
         for e in (fast, full):
             r.delete(*[e.key(*p) for p in PATHS], e.wkey)
         now = T0
+        if restarted:  # E1, V5: the first call creates the epoch, recovering for 5 s
+            r.delete(EPOCH_KEY)
+        else:
+            fast.init_fresh(force=True)
         fast.set_clock(frozen_ms=now)  # (one clock: the instance's)
         for op in seq:
             if op[0] == "tick":
