@@ -45,9 +45,10 @@ local valid_w, valid_ns, valid_prefix, valid_ch
 --   ep_all, ep_id, ep_safe, ep_rejoin, ep_fix, ep_off (epoch_fields): the last `all` field
 --     of the epoch hash parsed, and its parts (a pure function of that string).
 local ep_all, ep_id, ep_safe, ep_rejoin, ep_fix, ep_off
---   written (commit, load): what the last committing call wrote: key -> {blob, the table
---     packed into it}. A GET returning exactly those bytes decodes to exactly that table, so
---     the unpack is skipped; bytes that differ in any way (another writer, expiry, a flush)
+--   written (commit, load, lone_get): what the last committing call wrote: key -> {blob,
+--     the compact record packed into it or false, the resource's table or false (at least
+--     one of the two)}. A GET returning exactly those bytes decodes to exactly that, so the
+--     unpack is skipped; bytes that differ in any way (another writer, expiry, a flush)
 --     simply miss. An entry is handed over when used (the call may change the table, or
 --     fail), and the whole map is replaced by every commit: one call's keys at most.
 local written = {}
