@@ -41,7 +41,7 @@ return run(function()
     -- G9: the last lock goes, with the value block (V6's write included); F1: the floor
     local seq = a[A_S]
     if floor > seq then seq = floor end
-    lone_put(key, {a[A_N], seq})
+    lone_write(key, {a[A_N], seq})
     return reply(S_RELEASED, NONE, 0, -1, 1)
   end
 

@@ -51,7 +51,7 @@ return run(function()
       if NOW_US > tok then tok = NOW_US end
       a = {n, tok, 0, vi, false, id, owner, mode, flags, ticket, NOW + lease, tok, NONE, 0,
            priority}
-      lone_put(key, a)
+      lone_write(key, a)
       return lone_reply(a)
     elseif a and a[A_ID] == id and a[A_E] > NOW then  -- G12 on a lone lock
       if a[A_O] ~= owner then
@@ -59,7 +59,7 @@ return run(function()
       end
       if a[A_E] < NOW + lease then
         a[A_E] = NOW + lease
-        lone_put(key, a)
+        lone_write(key, a)
       end
       return lone_reply(a)
     end

@@ -73,6 +73,7 @@ local windex_ops   -- {'add', member, score} | {'rem', member}
 local events       -- {owner, message}
 local lone         -- false, or key -> compact record to write (the fast path, `lone_put`)
 local pre_key, pre_blob, pre_rec  -- the key `lone_get` read: its bytes, its compact record
+local one_key, one_rec  -- the single record a request or release writes (`lone_write`)
 
 local NL, CR, CW, PR, PW, EX = 0, 1, 2, 3, 4, 5
 local NONE = -1
@@ -666,6 +667,17 @@ local function lone_put(key, a)
   mark(key)
 end
 
+-- The write of a request or release on the fast path: its call's only write and last act
+-- (the script returns right after). `commit` writes it alone, without the bookkeeping of
+-- `lone_put` (per-call tables), unless the epoch or another key is to be written too.
+local function lone_write(key, a)
+  if one_key or lone or #dirty_order > 0 then
+    lone_put(key, a)
+  else
+    one_key, one_rec = key, a
+  end
+end
+
 local function create(key, name)
   local r = {n = name, s = 0, vv = 0, vi = 0, g = {}, c = {}, w = {}}
   cache[key] = r
@@ -865,6 +877,22 @@ local function allowed(cmd, ...)
 end
 
 local function commit()
+  if one_key then
+    local key, a = one_key, one_rec
+    one_key, one_rec = nil, nil
+    if not (epoch_dirty or EP_SYNC) and #dirty_order == 0 and #windex_ops == 0
+        and #events == 0 then  -- the one write: no ACL check needed before it (K3)
+      local blob = cmsgpack.pack(a)
+      if #a == TOMB_LEN then
+        redis.call('SET', key, blob, 'PX', TOMBSTONE_PX)  -- G9, as below
+      else
+        redis.call('SET', key, blob)
+      end
+      written = {[key] = {blob, a, false}}
+      return
+    end
+    lone_put(key, a)
+  end
   local before = epoch_dirty or EP_SYNC
   for di = 1, #dirty_order do
     local key = dirty_order[di]
@@ -1014,6 +1042,7 @@ local function call(script, keys, args)
   cache, dirty, dirty_order = {}, {}, {}
   lone = false  -- (a table once `lone_put` writes one)
   pre_key, pre_blob, pre_rec = nil, nil, nil
+  one_key, one_rec = nil, nil
   if not events or #events > 0 then events = {} end  -- (an empty one is reused)
   if not windex_ops or #windex_ops > 0 then windex_ops = {} end
   return script()
