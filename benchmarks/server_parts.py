@@ -161,6 +161,24 @@ def script_costs(c: redis.Redis, n: int, tree: Path) -> dict[str, float]:
     calls1, u1 = fcall_usec(c)
     out["script: renew 1 lock"] = (u1 - u0) / (calls1 - calls0)
     e.release(k, "owner-01", "held")
+    # renewal of many locks (the client sends calls of 256 locks), per lock; and the memory
+    # of a held lone lock's key (MEMORY USAGE: key, value and Redis's own overhead)
+    items = []
+    for j in range(256):
+        kj = e.key("bench", f"many{j}")
+        rj = e.request(kj, "owner-01", f"lock-{j:010d}", 5, ticket=j + 1, lease_ms=600000,
+                       name=e.name("bench", f"many{j}"))
+        assert rj.status == 0, rj
+        items.append((kj, f"lock-{j:010d}", rj.token))
+    calls0, u0 = fcall_usec(c)
+    for _ in range(max(1, n // 500)):
+        e.renew("owner-01", 600000, items)
+    calls1, u1 = fcall_usec(c)
+    out["script: renew 256 locks in one call, per lock"] = (u1 - u0) / (calls1 - calls0) / 256
+    out["memory of a held lone lock's key, bytes"] = sum(
+        c.memory_usage(kj, samples=0) for kj, _, _ in items) / len(items)
+    for kj, lid, _ in items:
+        e.release(kj, "owner-01", lid)
     e.close()
     return out
 
