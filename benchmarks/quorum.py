@@ -228,19 +228,33 @@ def contender(urls: list[str], ns: str, seconds: float, start_at: float, k: int,
     grant_ns, release_ns) of every acquisition (queued: not granted by its first round)."""
     out = []
     with DLM(urls, ns, lease_ms=LEASE_MS) as d:
+        # The arrival of each grant event (the breakdown of a handoff): wrapped, not changed
+        events: list[tuple[int, str]] = []
+        on_event = d._on_event
+
+        def record(i: int, ev: Any) -> None:
+            if ev.kind == "G":
+                events.append((time.monotonic_ns(), ev.lock_id))
+            on_event(i, ev)
+
+        d._on_event = record
         d.lock(f"warm-{k}", Mode.EX).release()  # connections and scripts warm
         while time.time() < start_at:
             time.sleep(0.0005)
         end = time.monotonic() + seconds
+        cpu = time.process_time()  # (this process, all its threads: the loop only)
         while time.monotonic() < end:
+            events.clear()
             req = d.enqueue("contended", Mode.EX, timeout=30)
             queued = not req.done  # not granted by its first round: it waited for a holder
             lk = req.wait()
             g = time.monotonic_ns()
+            mine = sorted(t for t, lock_id in events if lock_id == lk.id)
             r = time.monotonic_ns()
             lk.release()
-            out.append((queued, g, r))
-    q.put((k, out))
+            out.append((queued, g, r, time.monotonic_ns(), mine))
+        cpu = time.process_time() - cpu
+    q.put((k, out, cpu))
 
 
 def figure_contended(urls: list[str], workers: int, seconds: float) -> dict[str, Any]:
@@ -253,17 +267,37 @@ def figure_contended(urls: list[str], workers: int, seconds: float) -> dict[str,
     for p in procs:
         p.start()
     results = {}
+    loop_cpu = 0.0
     for _ in procs:
-        k, out = q.get(timeout=seconds + 60)
+        k, out, cpu = q.get(timeout=seconds + 60)
         results[k] = out
+        loop_cpu += cpu
     for p in procs:
         p.join(10)
     cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     worker_cpu = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
-    # (grant, release, worker, queued), in grant order (one machine's monotonic clock)
-    sections = sorted((g, r, k, w) for k, out in results.items() for w, g, r in out)
+    # (grant, release, worker, queued, release returned, grant events), in grant order (one
+    # machine's monotonic clock)
+    sections = sorted((g, r, k, w, rd, ev) for k, out in results.items()
+                      for w, g, r, rd, ev in out)
     pairs = list(zip(sections, sections[1:]))
     handoffs = [(b[0] - a[1]) / 1e9 for a, b in pairs if b[2] != a[2]]
+    # A handoff's parts: the release reaching the instances and the first grant event
+    # reaching the waiter; the quorum's last event; the waiter's thread returning from
+    # wait(); and the holder's release call. (Only handoffs the events decided.)
+    q_ = (len(urls) // 2) + 1
+    parts: dict[str, list[float]] = {"release -> first grant event": [],
+                                     "first -> quorum's grant event": [],
+                                     "quorum's event -> wait() returns": [],
+                                     "the holder's release call": []}
+    for a, b in pairs:
+        ev = b[5]
+        if b[2] == a[2] or not b[3] or len(ev) < q_ or ev[q_ - 1] > b[0]:
+            continue
+        parts["release -> first grant event"].append((ev[0] - a[1]) / 1e9)
+        parts["first -> quorum's grant event"].append((ev[q_ - 1] - ev[0]) / 1e9)
+        parts["quorum's event -> wait() returns"].append((b[0] - ev[q_ - 1]) / 1e9)
+        parts["the holder's release call"].append((a[4] - a[1]) / 1e9)
     counts = [len(results[k]) for k in range(workers)]
     span = (sections[-1][1] - sections[0][0]) / 1e9 if sections else float("nan")
     # The premise: workers contend. A request not granted by its first round waited in
@@ -272,8 +306,9 @@ def figure_contended(urls: list[str], workers: int, seconds: float) -> dict[str,
     waited = sum(1 for s in sections if s[3])
     overlaps = sum(1 for a, b in pairs if b[0] < a[1])
     return {"acq": len(sections), "rate": len(sections) / span, "handoffs": handoffs,
-            "counts": counts, "waited": waited, "overlaps": overlaps,
+            "counts": counts, "waited": waited, "overlaps": overlaps, "parts": parts,
             "cpu_per_acq": worker_cpu / max(1, len(sections)),
+            "loop_cpu_per_acq": loop_cpu / max(1, len(sections)),
             "same_worker_again": sum(1 for a, b in pairs if b[2] == a[2])}
 
 
@@ -426,14 +461,17 @@ def _print_uncontended(floor_rt: float, floor_rate: float, rows: list[tuple],
 
 
 def _print_contended(urls: list[str], args: argparse.Namespace, floor_rt: float) -> None:
+    before = script_usec(urls)
     c = figure_contended(urls, args.workers, args.seconds)
+    after = script_usec(urls)
     h = c["handoffs"]
     fair = min(c["counts"]) / max(c["counts"]) if max(c["counts"]) else 0.0
     print(f"(2) {args.workers} worker processes contending for one EX lock "
           f"({args.seconds:g} s)")
     print(f"    acquisitions: {c['acq']} ({c['rate']:,.0f}/s); per worker {c['counts']}")
     print(f"    worker CPU per acquisition (all {args.workers} processes, start-up included): "
-          f"{c['cpu_per_acq'] * 1e6:,.0f} µs")
+          f"{c['cpu_per_acq'] * 1e6:,.0f} µs; in the measured loops only: "
+          f"{c['loop_cpu_per_acq'] * 1e6:,.0f} µs")
     share = c["waited"] / max(1, c["acq"] - 1)
     premise = share >= 0.5 and not c["overlaps"]
     print(f"    premise: {c['waited']} of {c['acq']} grants ({share:.0%}) waited in the queue "
@@ -445,6 +483,16 @@ def _print_contended(urls: list[str], args: argparse.Namespace, floor_rt: float)
           f"{statistics.median(h) / floor_rt:.2f} floor RTs, p99 "
           f"{pct(h, 99) * 1e6:,.0f} µs = {pct(h, 99) / floor_rt:.2f} floor RTs")
     print(f"    same worker twice in a row: {c['same_worker_again']}")
+    n_parts = len(next(iter(c["parts"].values())))
+    print(f"    breakdown of the handoffs the grant events decided ({n_parts}), p50:")
+    for name, xs in c["parts"].items():
+        if xs:
+            m = statistics.median(xs)
+            print(f"      {name:<34} {m * 1e6:>7,.0f} µs = {m / floor_rt:5.2f} floor RTs")
+    calls = sum(a[0] - b[0] for a, b in zip(after, before))
+    usec = sum(a[1] - b[1] for a, b in zip(after, before))
+    print(f"      server time per script call meanwhile (commandstats): "
+          f"{usec / max(1, calls):.1f} µs ({calls:,} calls on {len(urls)} instances)")
     print(f"    target handoff p50 <= 3 floor RTs ({3 * floor_rt * 1e6:.0f} µs): "
           f"{verdict(statistics.median(h) <= 3 * floor_rt)}")
     print(f"    target fairness (fewest/most) >= 0.9: {fair:.2f} -> {verdict(fair >= 0.9)}")

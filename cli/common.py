@@ -32,6 +32,17 @@ class ExitCode(enum.IntEnum):
     OK = 0
     FAILED = 1
     USAGE = 2
+    #: `dlm run`: the lock was not granted (timeout, NOQUEUE, deadlock, no quorum), or was
+    #: lost while COMMAND ran and COMMAND succeeded; never COMMAND's own status (sysexits'
+    #: EX_TEMPFAIL: try again later)
+    LOCK = 75
+    #: `dlm run`: COMMAND could not be executed / was not found (the shell's codes)
+    NOT_EXECUTABLE = 126
+    NOT_FOUND = 127
+
+
+class LockFailed(Exception):
+    """`dlm run` could not hold its lock (exit 75); the message is the one line shown."""
 
 
 class Failed(Exception):
@@ -54,6 +65,8 @@ def exit_for(exc: BaseException) -> tuple[ExitCode, str]:
         return ExitCode.FAILED, "aborted"
     if isinstance(exc, KeyboardInterrupt):
         return ExitCode.FAILED, "interrupted"
+    if isinstance(exc, LockFailed):
+        return ExitCode.LOCK, _line(exc)
     if isinstance(exc, (Failed, DevClusterError, click.ClickException)):
         msg = exc.format_message() if isinstance(exc, click.ClickException) else _line(exc)
         return ExitCode.FAILED, msg

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -13,10 +14,12 @@ import click
 
 from redlockdlm import DLM, Mode
 from redlockdlm.devcluster import DevCluster
-from redlockdlm.errors import DLMError
+from redlockdlm.errors import DLMError, InvalidArgument, InvalidType
 
 from . import output
-from .common import Failed, Settings, connection_options
+from .common import ExitCode, Failed, LockFailed, Settings, connection_options
+
+NOT_FOUND, NOT_EXECUTABLE = int(ExitCode.NOT_FOUND), int(ExitCode.NOT_EXECUTABLE)
 
 MODES = [m.name for m in Mode]
 
@@ -37,10 +40,16 @@ def run(s: Settings, resource: str, command: tuple[str, ...], mode: str,
         wait_s: float | None, noqueue: bool, lease_ms: int) -> None:
     """Run COMMAND while holding RESOURCE (like flock(1) or `consul lock`).
 
-    The lease is renewed while COMMAND runs; its fencing token is in $DLM_FENCING_TOKEN (pass
-    it to what you write to). The exit status is COMMAND's. The lock is released when COMMAND
-    ends or is interrupted; if the lock is lost meanwhile, COMMAND gets SIGTERM and dlm exits
-    1 (unless COMMAND already failed). Write `dlm run RES -- cmd --its-options`."""
+    The lease is renewed while COMMAND runs. COMMAND's environment has DLM_FENCING_TOKEN
+    (pass it to what you write to), DLM_LOCK_ID, DLM_RESOURCE and DLM_MODE. The lock is
+    released when COMMAND ends or is interrupted (signals are forwarded); if the lock is
+    lost meanwhile, COMMAND gets SIGTERM. Write `dlm run RES -- cmd --its-options`.
+
+    Exit status: COMMAND's when it ran (128+N if a signal N killed it); 75 when the lock
+    was not granted (timeout, --noqueue, a deadlock, no quorum) or was lost while COMMAND
+    ran and COMMAND succeeded; 126/127 when COMMAND cannot be executed / is not found; 2
+    bad usage. With --json, a summary line (resource, mode, lock_id, token, lost,
+    exit_code) goes to stderr at the end; stdout is COMMAND's."""
     child: list[subprocess.Popen[bytes]] = []
     lost = threading.Event()
 
@@ -51,8 +60,14 @@ def run(s: Settings, resource: str, command: tuple[str, ...], mode: str,
 
     with DLM(list(s.urls), s.namespace, lease_ms=lease_ms, socket_timeout=s.timeout_s,
              connect_timeout=s.timeout_s) as dlm:
-        lock = dlm.lock(resource, Mode[mode.upper()], timeout=wait_s, noqueue=noqueue,
-                        on_lost=on_lost)
+        try:
+            lock = dlm.lock(resource, Mode[mode.upper()], timeout=wait_s, noqueue=noqueue,
+                            on_lost=on_lost)
+        except (InvalidArgument, InvalidType):
+            raise  # (bad usage: exit 2)
+        except DLMError as exc:
+            raise LockFailed(f"lock on {resource!r} not granted: "
+                             f"{type(exc).__name__}: {exc}") from exc
         env = dict(os.environ, DLM_FENCING_TOKEN=str(lock.token), DLM_LOCK_ID=lock.id,
                    DLM_RESOURCE=resource, DLM_MODE=mode.upper())
         previous = {}
@@ -67,8 +82,12 @@ def run(s: Settings, resource: str, command: tuple[str, ...], mode: str,
             try:
                 child.append(subprocess.Popen(list(command), env=env))
             except OSError as exc:
-                raise Failed(f"cannot run {command[0]!r}: {exc.strerror or exc}") from exc
-            code = child[0].wait()
+                output.error(f"cannot run {command[0]!r}: {exc.strerror or exc}", s.as_json,
+                             NOT_FOUND if isinstance(exc, FileNotFoundError)
+                             else NOT_EXECUTABLE)
+                code = -256 if isinstance(exc, FileNotFoundError) else -257
+            else:
+                code = child[0].wait()
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -76,13 +95,21 @@ def run(s: Settings, resource: str, command: tuple[str, ...], mode: str,
                 lock.release()
             except DLMError as exc:
                 output.warn(f"release of {resource!r} failed: {exc}")
+    if code == -256:
+        code = NOT_FOUND
+    elif code == -257:
+        code = NOT_EXECUTABLE
+    elif code < 0:  # killed by a signal: the shell convention
+        code = 128 - code
     if lost.is_set():
         output.warn(f"the lock on {resource!r} was lost while the command ran")
         if code == 0:
-            raise Failed(f"lock on {resource!r} lost")
-    if code < 0:  # killed by a signal: the shell convention
-        code = 128 - code
-    sys.exit(code)
+            code = ExitCode.LOCK
+    if s.as_json:
+        click.echo(json.dumps({"resource": resource, "mode": mode.upper(), "lock_id": lock.id,
+                               "token": lock.token, "lost": lost.is_set(),
+                               "exit_code": int(code)}), err=True)
+    sys.exit(int(code))
 
 
 @click.command()

@@ -57,7 +57,9 @@ class DlmGroup(click.Group):
             code = ExitCode.USAGE
         except BaseException as exc:
             code, message = exit_for(exc)
-            output.error(message)
+            argv = list(sys.argv[1:] if args is None else args)
+            mine = argv[:argv.index("--")] if "--" in argv else argv  # (not COMMAND's)
+            output.error(message, as_json="--json" in mine, code=int(code))
         if not standalone_mode:
             return int(code)
         sys.exit(int(code))
@@ -70,7 +72,8 @@ def cli() -> None:
 
     Instances come from --redis URL (repeatable) or $DLM_REDIS (comma-separated); the
     namespace from --namespace or $DLM_NAMESPACE. Exit status: 0 OK, 1 the operation
-    failed (e.g. fewer than a quorum of instances answered), 2 bad usage.
+    failed (e.g. fewer than a quorum of instances answered), 2 bad usage; `dlm run` has its
+    own (see `dlm run --help`).
     """
 
 
@@ -116,10 +119,13 @@ def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
 def status(s: Settings) -> None:
     """Health of every instance: reachability, latency, Redis version, epoch, recovery
     time left, rejoin wait, eviction policy, live locks and waiter-index entries. Exit 1
-    without a quorum, or when two URLs reach one server or an instance may evict keys."""
+    when no grant is possible now (fewer than a quorum reachable, or reachable but in
+    their rejoin window or without an epoch), or when two URLs reach one server or an
+    instance may evict keys."""
     outcomes = admin.health(s.targets())
     problems = admin.config_problems(outcomes)
-    output.status(outcomes, s.namespace, s.as_json, problems)
+    waiting = admin.not_granting(outcomes)
+    output.status(outcomes, s.namespace, s.as_json, problems, waiting)
     if problems:
         raise Failed("; ".join(problems))
     n, q = len(outcomes), admin.quorum(len(outcomes))
@@ -127,6 +133,10 @@ def status(s: Settings) -> None:
     if ok < q:
         raise Failed(f"only {ok} of {n} instances reachable (quorum {q}): "
                      + "; ".join(f"{o.label} {o.error}" for o in outcomes if not o.ok))
+    if ok - len(waiting) < q:
+        raise Failed(f"no grant possible now: {ok - len(waiting)} of {n} instances can "
+                     f"grant (quorum {q}): "
+                     + "; ".join(f"{lab} {why}" for lab, why in waiting.items()))
 
 
 @cli.command("ls")

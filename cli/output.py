@@ -36,8 +36,12 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], indent: str = 
                      for r in cells)
 
 
-def error(message: str) -> None:
-    click.echo(f"dlm: error: {message}", err=True)
+def error(message: str, as_json: bool = False, code: int = 1) -> None:
+    """The one line an error is: text, or under --json a JSON object (on stderr both)."""
+    if as_json:
+        click.echo(json.dumps({"error": message, "exit_code": code}), err=True)
+    else:
+        click.echo(f"dlm: error: {message}", err=True)
 
 
 def help_text(text: str) -> None:
@@ -87,13 +91,14 @@ def _flags(flags: int) -> list[str]:
 
 
 def status(outcomes: Sequence[InstanceResult[Health]], namespace: str, as_json: bool,
-           problems: Sequence[str] = ()) -> None:
+           problems: Sequence[str] = (), waiting: dict[str, str] | None = None) -> None:
     q = admin.quorum(len(outcomes))
     ok = sum(1 for o in outcomes if o.ok)
+    waiting = waiting or {}
     if as_json:
         _emit_json({
             "namespace": namespace, "quorum": q, "reachable": ok, "total": len(outcomes),
-            "problems": list(problems),
+            "granting": ok - len(waiting), "problems": list(problems),
             "instances": [{
                 "url": o.label, "reachable": o.ok, "error": o.error,
                 **({"latency_ms": round(o.value.latency_ms, 3),
@@ -101,7 +106,9 @@ def status(outcomes: Sequence[InstanceResult[Health]], namespace: str, as_json: 
                     "recovering_ms": o.value.recovering_ms, "resources": o.value.resources,
                     "locks": o.value.locks, "waiters": o.value.waiters,
                     "run_id": o.value.run_id, "maxmemory_policy": o.value.maxmemory_policy,
-                    "rejoin_ms": o.value.rejoin_ms} if o.ok else {}),
+                    "rejoin_ms": o.value.rejoin_ms,
+                    "can_grant": o.label not in waiting,
+                    "not_granting": waiting.get(o.label)} if o.ok else {}),
             } for o in outcomes]})
         return
     rows = []
@@ -119,11 +126,14 @@ def status(outcomes: Sequence[InstanceResult[Health]], namespace: str, as_json: 
     for o in outcomes:
         if not o.ok:
             click.echo(f"  {o.label}: {o.error}")
+    for lab, why in waiting.items():
+        click.echo(f"  {lab}: {why}")
     for p in problems:
         click.echo(f"  ERROR: {p}")
-    verdict = "ERROR" if problems else "OK" if ok >= q else "NO QUORUM"
+    verdict = ("ERROR" if problems else "NO QUORUM" if ok < q
+               else "NO GRANT POSSIBLE NOW" if ok - len(waiting) < q else "OK")
     click.echo(f"namespace {namespace}: {ok} of {len(outcomes)} instances reachable, "
-               f"quorum {q}: {verdict}")
+               f"{ok - len(waiting)} can grant, quorum {q}: {verdict}")
 
 
 # ----------------------------------------------------------------- dlm ls
@@ -383,10 +393,11 @@ def dev_started(dev: DevCluster, as_json: bool, duration_s: float | None) -> Non
     if as_json:
         _emit_json({"urls": dev.urls, "pids": dev.pids, "env": dev.env})
     else:
-        click.echo(dev.env)
+        click.echo(f"export {dev.env}")  # (a line to paste into a shell as it is)
     until = f"for {duration_s:g} s" if duration_s else "until Ctrl-C or SIGTERM"
     click.echo(f"dlm dev: {len(dev.urls)} redis-server(s) running (pids "
-               f"{', '.join(map(str, dev.pids))}) {until}; export the line above", err=True)
+               f"{', '.join(map(str, dev.pids))}) {until}; paste the line above into the "
+               "shell that runs your program (or `eval` it)", err=True)
 
 
 def dev_stopped() -> None:

@@ -153,6 +153,29 @@ def config_problems(outcomes: Sequence[InstanceResult[Health]]) -> list[str]:
     return out
 
 
+def not_granting(outcomes: Sequence[InstanceResult[Health]]) -> dict[str, str]:
+    """The reachable instances that cannot grant now, label -> why: in their rejoin window
+    (E1, with the time left), without an epoch (the first call creates one and starts
+    that window: a brand-new server is marked fresh with `dlm init --fresh` instead), or
+    restarted with their data (the epoch id ends with another server process's run_id:
+    the first call replaces it by a new epoch in that window, E2)."""
+    out = {}
+    for o in outcomes:
+        h = o.value
+        if h is None:
+            continue
+        if not h.epoch:
+            out[o.label] = ("no epoch yet: the first call starts its rejoin window (E1); "
+                            "a brand-new server: dlm init --fresh")
+        elif h.recovering_ms > 0:
+            out[o.label] = (f"in its rejoin window (E1) for {h.recovering_ms} ms more: "
+                            "grants nothing until then")
+        elif h.run_id and not h.epoch.endswith("." + h.run_id[:8]):
+            out[o.label] = ("restarted with its data (its epoch is a previous server "
+                            "process's): the first call starts a new rejoin window (E2)")
+    return out
+
+
 # ----------------------------------------------------------------- merged resource views
 
 

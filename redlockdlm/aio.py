@@ -30,7 +30,7 @@ from .connection import Pooled, open_session
 from .engine import codec
 from .engine.modes import Mode
 from .engine.scripts import packed_command
-from .errors import DLMError, LockTimeout
+from .errors import DLMError
 from .flows import Broadcast, Flow, Flows, Pipeline, Shielded, Spawn, Wait
 from .handle import LockBase, RequestBase
 from .protocol import Call, LockCore, describe
@@ -388,7 +388,8 @@ class AsyncDLM(Flows):
                     late = op.late
                     value = await self._broadcast(
                         op.cmds, enough=op.enough,
-                        late=None if late is None else self._late_runner(late))
+                        late=None if late is None else self._late_runner(late),
+                        until=op.until)
                 else:
                     value = await self._perform(op)
                 error = None
@@ -477,7 +478,8 @@ class AsyncDLM(Flows):
 
     async def _broadcast(self, cmds: Iterable[tuple[int, Call]], *,
                          enough: int | None = None,
-                         late: Callable[[int, Any], Any] | None = None) -> dict[int, Any]:
+                         late: Callable[[int, Any], Any] | None = None,
+                         until: float | None = None) -> dict[int, Any]:
         """Write every command, then read every reply (one round trip for all). Replies are
         read one after another within one deadline (`socket_timeout` + 0.5 s from the
         first read): every request is already on its way, so this costs no round trip,
@@ -487,12 +489,14 @@ class AsyncDLM(Flows):
         and the call returns once that many are in and the others have had as long again
         as those took (at least 5 ms); a stalled instance's reply goes to
         `late(instance, result)` when it comes (a background task), which must handle it
-        safely."""
+        safely. With `until` too (the loop's monotonic time: R3, the caller's deadline): it
+        returns then whatever is in; the replies not in go to `late` as a stalled
+        instance's do and are missing from the result."""
         results: dict[int, Any] = {}
         conns: list[tuple[int, Call, Any]] = []
         unsent: list[tuple[int, Call, Any]] = []
         cmds = list(cmds)
-        gather = enough is not None and len(cmds) > 1
+        gather = enough is not None and (len(cmds) > 1 or until is not None)
         for i, call in cmds:
             conn = self._instances[i].get()
             if gather and getattr(conn, "_writer", None) is None:
@@ -508,7 +512,7 @@ class AsyncDLM(Flows):
                 self._instances[i].put(conn)
                 results[i] = exc
         if gather and conns + unsent:
-            return await self._gather(conns, unsent, results, enough or 0, late)
+            return await self._gather(conns, unsent, results, enough or 0, late, until)
         if not conns:
             return results
         loop = asyncio.get_running_loop()
@@ -528,7 +532,8 @@ class AsyncDLM(Flows):
 
     async def _gather(self, conns: list[tuple[int, Call, Any]],
                       unsent: list[tuple[int, Call, Any]], results: dict[int, Any],
-                      enough: int, late: Callable[[int, Any], Any] | None) -> dict[int, Any]:
+                      enough: int, late: Callable[[int, Any], Any] | None,
+                      until: float | None = None) -> dict[int, Any]:
         """`_broadcast` with `enough`: read the replies as they come. Where every
         connection is open, this task reads them itself, woken by whichever connection has
         data (`_Wake`), as the sync client polls its sockets: no task per instance. The
@@ -541,7 +546,7 @@ class AsyncDLM(Flows):
         read (they wait in their buffers), and a parser without hiredis reads a reply that
         has begun to arrive to its end, within the instance's socket timeout."""
         if unsent:
-            return await self._gather_tasks(conns, unsent, results, enough, late)
+            return await self._gather_tasks(conns, unsent, results, enough, late, until)
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         # instance -> (call, connection, its stream, whether `_buffered_reply` parses it)
@@ -549,9 +554,11 @@ class AsyncDLM(Flows):
         for i, call, conn in conns:
             st = _stream(conn)
             if st is None:
-                return await self._gather_tasks(conns, unsent, results, enough, late)
+                return await self._gather_tasks(conns, unsent, results, enough, late, until)
             todo[i] = (call, conn, st, _parses(conn, st))
         ends = {i: t0 + self._instances[i].timeout for i in todo}
+        # (R3: the caller's deadline, on the loop's clock; the replies not in then come late)
+        cut = None if until is None else loop.time() + (until - self._now())
         grace_end: float | None = None
         try:
             while todo:
@@ -582,6 +589,8 @@ class AsyncDLM(Flows):
                 if not todo:
                     break
                 now = loop.time()
+                if cut is not None and now >= cut:
+                    break
                 if len(results) >= enough:
                     if grace_end is None:  # the others' grace: as long again as it took
                         grace_end = now + max(0.005, now - t0)
@@ -603,6 +612,8 @@ class AsyncDLM(Flows):
                     until = min(until, grace_end)
                 else:
                     need = min(need, enough - len(results))
+                if cut is not None:
+                    until = min(until, cut)
                 await _any_data([e[2] for e in todo.values()], until - now, need)
         except BaseException:  # cancelled: replies nobody will read must not stay queued
             for i, (_, conn, _, _) in todo.items():
@@ -620,11 +631,14 @@ class AsyncDLM(Flows):
     async def _gather_tasks(self, conns: list[tuple[int, Call, Any]],
                             unsent: list[tuple[int, Call, Any]], results: dict[int, Any],
                             enough: int,
-                            late: Callable[[int, Any], Any] | None) -> dict[int, Any]:
+                            late: Callable[[int, Any], Any] | None,
+                            until: float | None = None) -> dict[int, Any]:
         """`_gather` with a task per instance reading its reply (for a connection not open
         yet, the task connects and writes first)."""
         loop = asyncio.get_running_loop()
         t0 = loop.time()
+        if until is not None:  # (on the loop's clock)
+            until = t0 + (until - self._now())
         tasks = {asyncio.ensure_future(self._finish(i, conn, [call], self._instances[i].timeout)):
                  i for i, call, conn in conns}
         tasks.update({asyncio.ensure_future(self._send_finish(i, call, conn)): i
@@ -632,12 +646,18 @@ class AsyncDLM(Flows):
         waiting = set(tasks)
         try:
             while waiting and len(results) < enough:
-                done, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                left = None if until is None else until - loop.time()
+                if left is not None and left <= 0:
+                    break
+                done, waiting = await asyncio.wait(waiting, timeout=left,
+                                                   return_when=asyncio.FIRST_COMPLETED)
                 for t in done:
                     results[tasks[t]] = t.result()[0]
-            if waiting:  # the others' grace: as long again as the quorum took
-                done, waiting = await asyncio.wait(
-                    waiting, timeout=max(0.005, loop.time() - t0))
+            if waiting and len(results) >= enough:  # the others' grace: as long again
+                grace = max(0.005, loop.time() - t0)
+                if until is not None:
+                    grace = min(grace, max(0.0, until - loop.time()))
+                done, waiting = await asyncio.wait(waiting, timeout=grace)
                 for t in done:
                     results[tasks[t]] = t.result()[0]
         except BaseException:  # cancelled: no reply of this call is wanted any more
@@ -819,7 +839,7 @@ class AsyncRequest(RequestBase):
 
     async def wait(self, timeout: float | None = None) -> AsyncLock:
         """Wait until granted (the lock) or failed (its error). `timeout` bounds only this
-        wait (LockTimeout "still waiting"); the request keeps waiting, with its own
+        wait (StillWaiting, a LockTimeout); the request keeps waiting, with its own
         timeout. Cancelled from outside (`Task.cancel`, `asyncio.wait_for`, ...), the
         request is withdrawn as by `cancel()` (released if it was granted meanwhile)
         before the CancelledError propagates: it is the caller's wait that owns it."""
@@ -828,8 +848,9 @@ class AsyncRequest(RequestBase):
         try:
             return await asyncio.wait_for(asyncio.shield(self._fut), timeout)
         except asyncio.TimeoutError:
-            raise LockTimeout("still waiting", resource=self.lock.resource,
-                              lock_id=self.lock.id) from None
+            if self._fut.done():  # the request's own LockTimeout (a TimeoutError): as it is
+                return self._fut.result()
+            raise self._still_waiting(timeout) from None
         except asyncio.CancelledError:
             await self._dlm._clean_up(self._dlm._run(self._dlm._withdraw(self)))
             raise

@@ -30,7 +30,7 @@ from .connection import Instance, open_session
 from .engine import codec
 from .engine.modes import Mode
 from .engine.scripts import packed_command
-from .errors import DLMError, LockTimeout
+from .errors import DLMError
 from .flows import Broadcast, Flow, Flows, Pipeline, Shielded, Spawn, Wait
 from .handle import LockBase, RequestBase
 from .protocol import Call, LockCore, describe
@@ -244,7 +244,8 @@ class DLM(Flows):
             if isinstance(op, Broadcast):
                 late = op.late
                 return self._broadcast(op.cmds, enough=op.enough, late=None if late is None
-                                       else lambda i, res: self._run(late(i, res)))
+                                       else lambda i, res: self._run(late(i, res)),
+                                       until=op.until)
             if isinstance(op, Pipeline):
                 return self._pipeline(op.i, op.calls)
             if isinstance(op, Shielded):
@@ -373,7 +374,8 @@ class DLM(Flows):
             raise DLMError("this DLM client is closed")
 
     def _broadcast(self, cmds: Iterable[tuple[int, Call]], *, enough: int | None = None,
-                   late: Callable[[int, Any], None] | None = None) -> dict[int, Any]:
+                   late: Callable[[int, Any], None] | None = None,
+                   until: float | None = None) -> dict[int, Any]:
         """Write every command, then read the replies as they come: one round trip for all
         instances. Returns instance -> parsed reply or the exception it raised (as `settle`
         says; an instance silent for its socket timeout: redis.TimeoutError).
@@ -382,7 +384,11 @@ class DLM(Flows):
         others have had as long again as those took (at least 5 ms): a stalled instance
         then costs the caller nothing more. Its reply is read on another thread and given
         to `late(instance, result)`, which must handle it safely (a grant of a request that
-        failed meanwhile is released)."""
+        failed meanwhile is released).
+
+        With `until` too (a monotonic time: R3, the caller's deadline): return then whatever
+        is in; the replies not in are read as a stalled instance's are (to `late`) and are
+        missing from the result."""
         conns: list[tuple[int, Call, Any]] = []
         results: dict[int, Any] = {}
         for i, call in cmds:
@@ -401,7 +407,7 @@ class DLM(Flows):
                 results[i] = exc
         t0 = time.monotonic()
         try:
-            rest = self._collect(conns, t0, results, enough)
+            rest = self._collect(conns, t0, results, enough, until=until)
         except BaseException:  # interrupted: replies nobody will read
             for i, _, conn in conns:
                 if i in results or isinstance(conn, _Connecting):
@@ -415,13 +421,13 @@ class DLM(Flows):
         return results
 
     def _collect(self, entries: list[tuple[int, Call, Any]], t0: float, got: dict[int, Any],
-                 enough: int | None, each: Callable[[int, Any], None] | None = None
-                 ) -> list[tuple[int, Call, Any]]:
+                 enough: int | None, each: Callable[[int, Any], None] | None = None,
+                 until: float | None = None) -> list[tuple[int, Call, Any]]:
         """Read the replies of `entries` (instance, call, connection: written at `t0`) in
         the order they arrive, into `got` (and to `each`), until all are in, or `enough`
-        replies are in `got` and the others had their grace (see `_broadcast`). An instance
-        silent for its socket timeout from `t0` gets a redis.TimeoutError. Returns the
-        entries not read."""
+        replies are in `got` and the others had their grace (see `_broadcast`), or `until`
+        (with `enough`). An instance silent for its socket timeout from `t0` gets a
+        redis.TimeoutError. Returns the entries not read."""
         def read(e: tuple[int, Call, Any]) -> None:
             i, call, conn = e
             res = conn.result() if isinstance(conn, _Connecting) else self._finish(
@@ -445,9 +451,14 @@ class DLM(Flows):
             poll.register(fd, select.POLLIN | select.POLLPRI)
         ends = t0 + max((self._instances[e[0]].timeout for e in todo.values()), default=0.0)
         grace_end: float | None = None
+        cut = None if enough is None else until
         while todo:
             now = time.monotonic()
             until = ends
+            if cut is not None:
+                if now >= cut:
+                    break
+                until = min(until, cut)
             if enough is not None and len(got) >= enough:
                 if grace_end is None:
                     grace_end = now + max(0.005, now - t0)
@@ -726,7 +737,8 @@ class Request(RequestBase):
 
     def wait(self, timeout: float | None = None) -> Lock:
         """Block until granted (return the Lock) or failed (raise its error). A `timeout`
-        here only bounds this wait; the request itself keeps its own timeout. Interrupted
+        here only bounds this wait (StillWaiting, a LockTimeout, when it ends first); the request
+        itself keeps waiting with its own timeout. Interrupted
         (KeyboardInterrupt, or anything a signal handler raises), the request is withdrawn
         as by `cancel()` (released if granted meanwhile) before the exception propagates."""
         try:
@@ -735,8 +747,7 @@ class Request(RequestBase):
             self._dlm._finish_off(self.cancel)
             raise
         if not done:
-            raise LockTimeout("still waiting", resource=self.lock.resource,
-                              lock_id=self.lock.id)
+            raise self._still_waiting(timeout)
         if self._error is not None:
             raise self._error
         return self.lock

@@ -77,8 +77,19 @@ class UnknownLock(LockStateError):
     """No such lock (released, expired or never granted)."""
 
 
+class LockReleased(LockStateError):
+    """The lock was released by its owner (or its request withdrawn): it cannot be
+    converted any more; ask for a new lock."""
+
+
 class LockTimeout(DLMError, TimeoutError):
     """The lock was not granted within the timeout; the request was cancelled."""
+
+
+class StillWaiting(LockTimeout):
+    """`Request.wait(timeout)` ended before the request did: the request is NOT withdrawn,
+    it keeps waiting with its own timeout (`cancel()` withdraws it). The only LockTimeout
+    that leaves a request behind."""
 
 
 class NotQueued(DLMError):
@@ -207,6 +218,7 @@ __all__ = sorted(
         "InvalidType",
         "LeaseTooLong",
         "LockLost",
+        "LockReleased",
         "LockStateError",
         "LockTimeout",
         "MissingKeys",
@@ -217,6 +229,7 @@ __all__ = sorted(
         "ParentNotGranted",
         "ProtocolError",
         "QuorumUnavailable",
+        "StillWaiting",
         "UnknownLock",
         "from_script_error",
         "SCRIPT_ERRORS",

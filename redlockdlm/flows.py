@@ -70,11 +70,15 @@ class Broadcast:
     all. Result: instance -> parsed reply, or the exception that instance's call met.
     With `enough` (R4, docs/protocol.md): done once that many replies are in and the
     others had as long again (at least 5 ms); a reply that comes later is handed to the
-    flow `late(instance, result)`, run in the background."""
+    flow `late(instance, result)`, run in the background.
+    With `until` as well (the flows' clock, `Flows._now`; R3: a caller's deadline): done
+    at that time whatever is in. The replies not in yet are read in the background as
+    with `enough` (to `late`, or dropped) and are missing from the result."""
 
     cmds: Sequence[tuple[int, Call]]
     enough: int | None = None
     late: Callable[[int, Any], Flow] | None = None
+    until: float | None = None
 
 
 @dataclass(slots=True)
@@ -110,6 +114,12 @@ class Shielded:
     logged: the interruption is what the caller must see)."""
 
     flow: Flow
+
+
+#: A round cut short by a caller's deadline (`Broadcast.until`) still gets this long from
+#: its send (seconds): a timeout shorter than a round trip (0: do not wait) still asks every
+#: instance once, and a clean-up after the deadline gets as long to be confirmed.
+ROUND_FLOOR_S = 0.25
 
 
 def _interrupted(exc: BaseException) -> bool:
@@ -155,6 +165,11 @@ class Flows:
 
     def _forget(self, lk: LockCore) -> None:
         self._core.forget(lk)
+
+    def _cut(self, deadline: float | None) -> float | None:
+        """When a round sent now stops waiting for replies (`Broadcast.until`): at the
+        caller's deadline, but never sooner than `ROUND_FLOOR_S` from now (R3)."""
+        return None if deadline is None else max(deadline, self._now() + ROUND_FLOOR_S)
 
     def _new_request(self, resource: str | bytes, mode: object, *, timeout: float | None,
                      noqueue: bool, expedite: bool, no_deadlock_wait: bool,
@@ -284,7 +299,8 @@ class Flows:
             v.sent_at = sent
         try:
             results = yield Broadcast(cmds, core.quorum,
-                                      functools.partial(self._late_reply, lk, sent))
+                                      functools.partial(self._late_reply, lk, sent),
+                                      self._cut(lk.deadline))
         except BaseException as exc:
             if not _interrupted(exc):
                 raise
@@ -322,7 +338,7 @@ class Flows:
                 while lk.sends:  # a re-check in flight lands before the clean-up
                     yield Wait(lk, self._now() + 0.5)
                 try:  # (R4: a stalled instance gets it when it wakes, or by lease)
-                    yield Broadcast(out.cleanup, core.quorum)
+                    yield Broadcast(out.cleanup, core.quorum, until=self._cut(self._now()))
                 finally:
                     req._finish(out.error)
                 return
@@ -352,7 +368,8 @@ class Flows:
                 else functools.partial(self._late_convert, lk, sent, cticket))
         lk.sends += 1
         try:
-            results = yield Broadcast(cmds, min(len(cmds), core.quorum), late)
+            results = yield Broadcast(cmds, min(len(cmds), core.quorum), late,
+                                      self._cut(lk.deadline))
         finally:
             lk.sends -= 1
             self._notify(lk)
@@ -463,6 +480,7 @@ class Flows:
         m, fl, down = core.start_convert(lk, mode, **flags)
         lk.deadline = None if t is None else self._now() + t
         value, version = core.convert_value(lk, down)
+        lk.cargs = (m, fl, value, version)
         cmds = [(i, core.convert_cmd(lk, m, fl, value, version, i)) for i in range(core.n)]
         lk.pending = set(range(core.n))
         try:
@@ -500,8 +518,11 @@ class Flows:
                 if out.error is not None:
                     break
                 yield from self._send_and_feed(lk, core.recheck_cmds(lk, now), cticket)
-        if not out.keep:
-            results = yield Broadcast(out.cleanup)
+        if not out.keep:  # (bounded as the clean-up of a request: R3)
+            results = yield Broadcast(out.cleanup, len(out.cleanup),
+                                      until=self._cut(self._now()))
+            for i, _ in out.cleanup:  # sent, not answered in time: not known, as a timeout
+                results.setdefault(i, TimeoutError("no reply within the clean-up's time"))
             core.rollback_convert(lk, old, results)
             self._check_lost()  # a way back that did not go through at once
         raise out.error

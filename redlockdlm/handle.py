@@ -15,7 +15,7 @@ from typing import Any
 
 from .engine.keys import show_name
 from .engine.modes import Mode
-from .errors import DLMError, InvalidArgument, InvalidType, LockLost
+from .errors import DLMError, InvalidArgument, InvalidType, LockLost, StillWaiting
 from .protocol import LockCore, Phase
 
 
@@ -40,6 +40,15 @@ class RequestBase:
     def _set_done(self, error: DLMError | None) -> None:
         """Wake whoever waits for the request (the transport's own way)."""
         raise NotImplementedError
+
+    def _still_waiting(self, timeout: float | None) -> StillWaiting:
+        """The error of a `wait(timeout)` that ended before the request did."""
+        own = self.lock._core.deadline
+        left = ("no timeout of its own" if own is None
+                else f"its own timeout ends in {max(0.0, own - self._dlm._now()):.3g} s")
+        return StillWaiting(f"wait(timeout={timeout:g}) ended; the request is still waiting "
+                            f"({left}; cancel() withdraws it)", resource=self.lock.resource,
+                            lock_id=self.lock.id)
 
     def _finish(self, error: DLMError | None) -> None:
         """Complete the request (once; later calls change nothing) and queue `on_granted`
@@ -143,6 +152,6 @@ class LockBase:
                            lock_id=self.id)
 
     def __repr__(self) -> str:
-        return (f"<{type(self).__name__} {self.resource!r} "
-                f"{self.mode.name if self.mode else '-'} id={self.id} token={self.token} "
-                f"{self._core.phase.value}>")
+        mode = self.mode.name if self.mode is not None else "-"
+        return (f"<{type(self).__name__} {self.resource!r} {mode} id={self.id} "
+                f"token={self.token} {self._core.phase.value}>")

@@ -55,6 +55,8 @@ from .errors import (
     InvalidType,
     LeaseTooLong,
     LockLost,
+    LockReleased,
+    LockStateError,
     LockTimeout,
     NotOwner,
     NotQueued,
@@ -101,7 +103,10 @@ class InstanceVote:
     wait_ms: int = -1
     retry_at: float = 0.0
     epoch: str = ""
-    yielded_token: int = 0  #: the grant we gave back last (events up to it are stale)
+    #: grants with a token up to this are stale (events and replies): the grant we gave back
+    #: last (Y1), or the resource's fencing sequence in our last QUEUED reply from there
+    #: (every grant after that reply has a larger token)
+    stale_token: int = 0
     error: str = ""  #: why the last call to this instance failed (one line), for messages
     #: that failure does not heal by waiting (authentication, ACL, not Redis, TLS
     #: certificate): a wait does not go on for it (R3)
@@ -200,6 +205,9 @@ class LockCore:
         self.lease_ms = lease_ms
         self.ticket = session.tickets.next()
         self.cticket = 0
+        #: the conversion in progress as sent: (mode, flags, value, version), for re-sending
+        #: it where it did not take (`recheck_cmds`)
+        self.cargs: tuple[Mode, int, bytes | None, int] | None = None
         self.phase = Phase.ACQUIRING
         self.votes = [InstanceVote() for _ in range(session.n)]
         self.token = 0
@@ -496,7 +504,7 @@ class Session:
         older waiter may already hold the instance), so counting it until the yield's reply
         comes back would let two clients each believe they hold a quorum."""
         v = lk.votes[i]
-        v.yielded_token = max(v.yielded_token, v.token)
+        v.stale_token = max(v.stale_token, v.token)
         if v.vote is Vote.GRANTED:
             # a yielded up-conversion keeps its previous mode (Y1), a new request waits
             v.vote, v.by_event = Vote.QUEUED, False
@@ -637,7 +645,7 @@ class Session:
         # believe in a lock the instance has expired. (Renewals move it forward.)
         if v.vote not in (Vote.GRANTED, Vote.QUEUED, Vote.ERROR):
             v.sent_at = sent_at
-        if st == Status.GRANTED and rep.token <= v.yielded_token:
+        if st == Status.GRANTED and rep.token <= v.stale_token:
             # The grant we gave back (Y1): this reply left the instance before our yield
             # landed (another connection); once it lands the grant is gone, as a grant
             # event not newer than the yield is stale. A grant after the yield has a newer
@@ -652,9 +660,13 @@ class Session:
                 v.forgotten = rep.forgotten
             v.vote, v.by_event, v.lapsed = Vote.GRANTED, False, False
         elif st == Status.QUEUED:
-            # The grant event may overtake the reply (two connections): a GRANTED learnt
-            # from an event newer than our last yield is a grant made after this reply.
-            if not (v.vote is Vote.GRANTED and v.by_event and v.token > v.yielded_token
+            # Events and replies travel on two connections, either may come first. A grant
+            # made after this reply has a token above the resource's fencing sequence it
+            # reports (`extra`): such a grant learnt from an event stands. A grant event not
+            # above it is older than this reply (the instance has expired that grant since,
+            # and queued a re-sent request: sim deadlock seed 14), now or when it arrives.
+            v.stale_token = max(v.stale_token, rep.extra)
+            if not (v.vote is Vote.GRANTED and v.by_event and v.token > v.stale_token
                     and v.mode == lk.rq):
                 v.vote, v.mode, v.by_event = Vote.QUEUED, rep.mode, False
                 if rep.mode is not None:
@@ -806,7 +818,7 @@ class Session:
                 # Our lease there has run out: this may be the grant of a lock the instance
                 # has expired since (we were paused, or cut off). Ask it at once instead.
                 v.lapsed, v.wait_ms = True, 0
-            elif ev.token > v.yielded_token and (v.vote is not Vote.GRANTED
+            elif ev.token > v.stale_token and (v.vote is not Vote.GRANTED
                                                  or ev.token > v.token):
                 v.vote, v.mode, v.token, v.by_event = Vote.GRANTED, ev.mode, ev.token, True
                 v.value, v.version, v.valid = ev.value, ev.version, ev.valid
@@ -933,15 +945,28 @@ class Session:
         (a dead holder never stalls the queue), a retry of an instance that failed or is
         recovering, the timeout."""
         cands = [now + self.lease_ms / 3000.0]
-        for v in lk.votes:
+        for i, v in enumerate(lk.votes):
             if v.vote is Vote.QUEUED and v.wait_ms >= 0:
                 cands.append(now + v.wait_ms / 1000.0 + 0.002)
+            if self._conversion_missing(lk, i):
+                cands.append(max(v.retry_at, now + 0.01))
             if v.vote in (Vote.ERROR, Vote.RECOVERING, Vote.UNKNOWN) or (
                     v.vote is Vote.ABSENT and lk.phase is Phase.ACQUIRING):
                 cands.append(max(v.retry_at, now + 0.01))
         if lk.deadline is not None:
             cands.append(lk.deadline)
         return min(cands)
+
+    def _conversion_missing(self, lk: LockCore, i: int) -> bool:
+        """While `lk` converts: instance i is known not to have the conversion (it failed
+        there: refused, e.g. while the lock still waited there, or no answer; or the lock
+        is granted there in a mode that is not the one asked, the conversion lost on the
+        way) and no call about it is in flight. Only re-sending the conversion can change
+        that: no event will come from there (sim `jobs` seed 11 waited for ever)."""
+        v = lk.votes[i]
+        return (lk.phase is Phase.CONVERTING and lk.cargs is not None and i not in lk.pending
+                and (v.vote in (Vote.ERROR, Vote.RECOVERING)
+                     or (v.vote is Vote.GRANTED and v.mode != lk.rq)))
 
     def recheck_cmds(self, lk: LockCore, now: float) -> list[tuple[int, tuple]]:
         """Commands to re-ask instances at a wake-up: the request is idempotent (G12), so
@@ -952,6 +977,11 @@ class Session:
         if lk.phase is Phase.ACQUIRING:
             retry += (Vote.ABSENT,)  # the instance lost our request (restart, expiry)
         for i, v in enumerate(lk.votes):
+            if self._conversion_missing(lk, i):
+                if now >= v.retry_at:  # the conversion itself, not a request (sim jobs 11)
+                    out.append((i, self.convert_cmd(lk, *lk.cargs, i)))
+                    v.retry_at = now + 0.5
+                continue
             if v.vote is Vote.QUEUED or (v.vote in retry and now >= v.retry_at):
                 out.append((i, self.request_cmd(lk)))
                 if lk.vote_validity(v, now) <= 0:
@@ -1005,7 +1035,7 @@ class Session:
         m = codec.as_mode(mode)
         prio = check_priority(priority)
         if lk.phase is not Phase.HELD:
-            raise LockLost("the lock is not held", resource=show_name(lk.path), lock_id=lk.id)
+            raise self._not_held(lk)
         flags = ((Flag.NOQUEUE if noqueue else 0) | (Flag.QUECVT if quecvt else 0)
                  | (Flag.CONVDEADLK if convdeadlk else 0)
                  | (Flag.NODLCKWT if no_deadlock_wait else 0))
@@ -1019,6 +1049,23 @@ class Session:
         lk.round_done = False
         lk.phase = Phase.CONVERTING
         return m, int(flags), down
+
+    def _not_held(self, lk: LockCore) -> DLMError:
+        """Why `lk` cannot be converted now, by its state: lost (LockLost), released by
+        its owner or its request withdrawn (LockReleased), not granted yet or converting
+        already (LockStateError)."""
+        res, lid = show_name(lk.path), lk.id
+        if lk.phase is Phase.LOST:
+            return LockLost("the lock was lost", resource=res, lock_id=lid)
+        if lk.phase is Phase.RELEASED:
+            return LockReleased("the lock was released", resource=res, lock_id=lid)
+        if lk.phase is Phase.FAILED:
+            return LockReleased("the lock's request failed or was withdrawn", resource=res,
+                                lock_id=lid)
+        if lk.phase is Phase.CONVERTING:
+            return LockStateError("a conversion of this lock is in progress", resource=res,
+                                  lock_id=lid)
+        return LockStateError("the lock is not granted yet", resource=res, lock_id=lid)
 
     def convert_value(self, lk: LockCore, down: bool) -> tuple[bytes | None, int]:
         if down and lk.new_value is not None and lk.mode is not None and lk.mode >= Mode.PW:

@@ -104,7 +104,8 @@ class Reply:
     wait_ms: int = -1
     nblockers: int = 0
     blockers: list[tuple[str, str, int]] = field(default_factory=list)
-    extra: int = 0  #: RECOVERING: ms to wait; RELEASED: locks released
+    #: RECOVERING: ms to wait; RELEASED: locks released; QUEUED: the fencing sequence
+    extra: int = 0
     #: break (H4): (key, name, id, owner, gr, rq, queue) per lock broken, in order
     broken: list[tuple] = field(default_factory=list)
 
@@ -161,6 +162,9 @@ class Model:
         self.windex: dict[tuple[str, bytes], int] = {}  #: waiter index: (id, key) -> expiry
         self.epoch_safe: int | None = None  #: None: no epoch yet (E1)
         self.epoch_restarted = False  #: the epoch was created by a script, not `init fresh`
+        #: E2: the server process restarted with its data (`reload`) and no call has
+        #: committed since: the next one that does replaces the epoch, as if it were lost
+        self.reloaded = False
         #: (owner, event) in publish order, as the scripts publish them (N1-N3): ("G", id,
         #: mode, token, value, version, invalid), ("B", id, rq, ticket, other id),
         #: ("C", id, reason); `tests/engine/test_model_vs_lua.py` compares them
@@ -172,8 +176,16 @@ class Model:
         if self.epoch_safe is None:
             self.epoch_safe = now
 
+    def reload(self) -> None:
+        """E2: the server restarted with its data (AOF, RDB): what it reloaded may lack the
+        last writes before the restart, so its first call that commits opens a new epoch."""
+        self.reloaded = True
+
     def _epoch(self, now: int, rejoin_ms: int) -> int:
         """Ms still to wait before this instance may grant (0 when safe)."""
+        if self.reloaded:  # E2 (`_run` restores the flag if the call fails)
+            self.reloaded = False
+            self.epoch_safe = None
         if self.epoch_safe is None:
             self.epoch_safe = now + rejoin_ms
             self.epoch_restarted = True
@@ -287,7 +299,7 @@ class Model:
         conv = lk in r.c
         q = r.c if conv else r.w
         pos = q.index(lk)
-        rep = Reply(Status.QUEUED, gr=lk.gr, token=lk.token, pos=pos)
+        rep = Reply(Status.QUEUED, gr=lk.gr, token=lk.token, pos=pos, extra=r.seq)
         # Who may be holding it up: every other granted or converting lock, and the
         # waiters ahead of it; wait_ms is the earliest lease among them (re-check time).
         ahead = [o for o in r.g + r.c if o is not lk]
@@ -307,12 +319,14 @@ class Model:
 
     def _run(self, fn, *args):
         """Run an operation atomically: on error nothing changes and nothing is published."""
-        saved = copy.deepcopy((self.res, self.windex, self.epoch_safe))
+        saved = copy.deepcopy((self.res, self.windex, self.epoch_safe, self.epoch_restarted,
+                               self.reloaded))
         ev: list = []
         try:
             out = fn(ev, *args)
         except EngineError:
-            self.res, self.windex, self.epoch_safe = saved
+            (self.res, self.windex, self.epoch_safe, self.epoch_restarted,
+             self.reloaded) = saved
             raise
         for key, r in self.res.items():
             self._finish(key, r)

@@ -57,6 +57,14 @@ local written = {}
 --     entry is used only for the same bytes and while its leases and the clock allow (see
 --     scan.lua); at most 2 x MEMO_MAX entries.
 local scan_memo = {cur = {}, old = {}, n = 0, seq = 0, base = false}
+--   run_checked (epoch_load, commit; E2): true once a call of this server process has
+--     committed with an epoch of this process (created by it, or checked against its
+--     run_id). Not a cache: a flag the library's lifetime bounds (a FUNCTION LOAD starts
+--     it over: one more INFO, the same run_id, nothing changes). `register` is a local of
+--     the Functions library only (redlockdlm/engine/scripts.py); the EVAL form declares
+--     it nil and skips the check (no state between calls: INFO on every call).
+local run_checked = false
+local FUNCTIONS = register ~= nil
 --
 -- Per call: reset by `call` before every script runs (events and windex_ops are reused
 -- only when empty), so nothing of one call reaches the next.
@@ -216,14 +224,17 @@ end
 -- `clock` returns them; read here when the clock is frozen) and the first 8 hex digits of
 -- the server's run_id, so two servers never create the same id (clients refuse two
 -- instances whose replies carry one id: one server reached by two URLs, docs/protocol.md).
--- INFO only when an epoch is created.
-local function new_epoch_id(sec, usec)
+-- INFO only when an epoch is created, and once per server process for E2 (epoch_load).
+local function server_run()
+  return string.match(redis.call('INFO', 'server'), 'run_id:(%x%x%x%x%x%x%x%x)') or '0'
+end
+
+local function new_epoch_id(sec, usec, run)
   if not sec then
     local t = redis.call('TIME')
     sec, usec = t[1] + 0, t[2] + 0  -- TIME: two strings of digits
   end
-  local run = string.match(redis.call('INFO', 'server'), 'run_id:(%x%x%x%x%x%x%x%x)') or '0'
-  return string.format('%x.%x.', sec, usec) .. run
+  return string.format('%x.%x.', sec, usec) .. (run or server_run())
 end
 
 -- E1: the epoch hash holds the instance's own rejoin wait (`rejoin`, ms), stored when the
@@ -273,12 +284,25 @@ local function epoch_sync()
   end
 end
 
+-- E2: the first call of a server process (Functions form only) compares the run_id that
+-- created the epoch (the end of its id) with the server's own. Another one: the server
+-- restarted WITH its data (AOF, RDB, a promoted replica), which may lack the last writes
+-- before the restart (grants, renewals), so the epoch is replaced by a new one in its
+-- rejoin window exactly as if it had been lost (E1; V5 marks apply). `run_checked` is set
+-- only when such a call commits, so a call that fails leaves the check to the next one.
 local function epoch_load()
   local id, safe, fix, off, stored
   id, safe, fix, off, stored, EP_SYNC = epoch_fields()
   EP_FIX, EP_OFF = fix, off
   local sec, usec
   NOW, NOW_US, sec, usec = clock(fix, off)
+  if id and FUNCTIONS and not run_checked then
+    local run = server_run()
+    if string.sub(id, -#run - 1) ~= '.' .. run then  -- E2: restarted with its data
+      id = nil
+      EPOCH = new_epoch_id(sec, usec, run)
+    end
+  end
   if id then
     EPOCH, SAFE = id, safe
     if stored then
@@ -290,7 +314,7 @@ local function epoch_load()
       end
     end
   else
-    EPOCH = new_epoch_id(sec, usec)
+    EPOCH = EPOCH or new_epoch_id(sec, usec)
     if stored and stored > REJOIN then REJOIN = stored end
     SAFE = NOW + REJOIN
     epoch_dirty = true
@@ -732,7 +756,10 @@ end
 --   R_EPOCH      the instance's epoch id   R_VERSION    value block version
 --   R_MODE       granted mode or NONE      R_INVALID    0 valid, 1 invalid (V4), 2 forgotten (V5)
 --   R_TOKEN      fencing token (F1)        R_WAIT       ms to the earliest lease ahead, -1: none
---   R_POS        queue position, -1: none  R_EXTRA      RECOVERING: ms to wait; RELEASED: count
+--   R_POS        queue position, -1: none  R_EXTRA      RECOVERING: ms to wait; RELEASED: count;
+--                                                       QUEUED: the resource's fencing sequence
+--                                                       (a grant after this reply has a larger
+--                                                       token: older grant events are stale)
 --   R_NBLOCKERS  blockers found, then R_LEN + 1...: owner, id, mode of each blocker reported
 --                (BLOCKERS_REPORTED at most; break.lua puts its own tail there instead).
 -- `reply` builds the head in this order (a table constructor: no index is written there).
@@ -770,7 +797,7 @@ local function lock_state(r, lk)
   end
   local q = r[qn]
   local pos = index_of(q, lk) - 1
-  local out = reply(S_QUEUED, lk.gr, lk.tok, pos)
+  local out = reply(S_QUEUED, lk.gr, lk.tok, pos, r.s)
   local wait = nil  -- the earliest lease of a lock ahead
   for qi = 1, 3 do
     local bq, last = r[QUEUES[qi]], nil
@@ -889,6 +916,7 @@ local function commit()
         redis.call('SET', key, blob)
       end
       written = {[key] = {blob, a, false}}
+      run_checked = true  -- (E2, as below)
       return
     end
     lone_put(key, a)
@@ -962,6 +990,7 @@ local function commit()
     local ev = events[i]
     redis.call('PUBLISH', CHANNEL .. ev[1], ev[2])
   end
+  run_checked = true  -- E2: this process's epoch is committed (see epoch_load)
 end
 
 -- Run `main` with errors turned into typed error replies; commit only on success.

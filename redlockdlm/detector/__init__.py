@@ -40,7 +40,7 @@ from .graph import (
 )
 from .graph import _cyclic_core as _cyclic_core
 from .graph import _tarjan as _tarjan
-from .job import Detector, ReapResult, Round, Victim, reap
+from .job import Detector, Judgement, ReapResult, Round, Victim, judge, reap
 from .scanning import _FIELDS as _FIELDS
 from .scanning import InstanceScan, ScanMemo, ScannedLock, ScannedResource, Snapshot, scan
 from .scanning import _gc_paused as _gc_paused
@@ -53,6 +53,7 @@ __all__ = [
     "Edge",
     "GraphMemo",
     "InstanceScan",
+    "Judgement",
     "ScannedLock",
     "ReapResult",
     "WaitingRequest",
@@ -64,6 +65,7 @@ __all__ = [
     "WaitForGraph",
     "choose_victim",
     "find_cycles",
+    "judge",
     "reap",
     "scan",
     "wait_for_graph",

@@ -1,6 +1,7 @@
 """The scheduled detector job (rules D7-D9 in docs/detector.md): `Detector` runs the steps
 of `scanning` and `graph` on a schedule, confirms a cycle before acting on it (D7),
-cancels its victim (D8), and reaps stale waiter-index entries (`reap`, D9).
+cancels its victim (D8), and reaps stale waiter-index entries (`reap`, D9). What D7 and D8
+decide from a scan is `judge`, a pure function (tests/sim runs it over simulated instances).
 
     Detector(urls, "shop", interval_s=0.5).run_forever(stop_event)
 """
@@ -80,6 +81,48 @@ def reap(engine: Engine, *, grace_ms: int = 5_000, limit: int = 1_000) -> ReapRe
         if engine.drop_waiter(member, score):
             removed += 1
     return ReapResult(len(entries), len(purged), removed, live)
+
+
+# ----------------------------------------------------------------- D7, D8: the decision
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """What D7 and D8 decide from one scan's cycles and the cycles kept from the previous
+    scan: no I/O (`Detector` acts on it; tests/sim runs it over simulated instances)."""
+
+    confirmed: tuple[Cycle, ...] = ()  #: seen on the previous scan as well (D7)
+    #: one (request to cancel, its cycle) per confirmed cycle that has an eligible request
+    victims: tuple[tuple[WaitingRequest, Cycle], ...] = ()
+    unresolved: tuple[Cycle, ...] = ()  #: confirmed, but every request is NODLCKWT
+    first_seen: tuple[Cycle, ...] = ()  #: seen for the first time: punish nothing yet
+    #: what the next scan confirms against: the first-seen and the unresolved cycles
+    remember: tuple[Cycle, ...] = ()
+
+
+def judge(cycles: Sequence[Cycle], previous: Sequence[Cycle], snap: Snapshot) -> Judgement:
+    """D7: a cycle is confirmed when the previous scan saw a cycle whose lock pairs are
+    all still in it; one seen for the first time is only remembered. D8: the victim of a
+    confirmed cycle is chosen among the requests seen on both scans (`choose_victim`); a
+    confirmed cycle without an eligible request (every one NODLCKWT) stays remembered, so
+    a victim may appear if it grows. A victimised cycle is forgotten (its locks change)."""
+    confirmed, victims, unresolved, first_seen, remember = [], [], [], [], []
+    for cyc in cycles:
+        earlier = next((p for p in previous if p.signature <= cyc.signature), None)
+        if earlier is None:
+            first_seen.append(cyc)
+            remember.append(cyc)
+            continue
+        confirmed.append(cyc)
+        seen_twice = {(e.key, e.lock_id) for e in earlier.edges}
+        victim = choose_victim(cyc, snap, eligible=seen_twice)
+        if victim is None:
+            unresolved.append(cyc)
+            remember.append(cyc)
+            continue
+        victims.append((victim, cyc))
+    return Judgement(tuple(confirmed), tuple(victims), tuple(unresolved), tuple(first_seen),
+                     tuple(remember))
 
 
 # ----------------------------------------------------------------- the job
@@ -269,27 +312,17 @@ class Detector:
             if not inst.ok:
                 self.log.warning(_kv("unreachable", round=n, instance=inst.label,
                                      error=inst.error))
-        confirmed, victims, unresolved, first_seen, remember = [], [], [], [], []
-        for cyc in cycles:
-            earlier = next((p for p in self._previous if p.signature <= cyc.signature), None)
-            if earlier is None:
-                first_seen.append(cyc)  # D7: seen once; punish nothing yet
-                remember.append(cyc)
-                self.log.info(_kv("cycle-seen", round=n, owners=",".join(cyc.owners)))
-                continue
-            confirmed.append(cyc)
-            seen_twice = {(e.key, e.lock_id) for e in earlier.edges}
-            victim = choose_victim(cyc, snap, eligible=seen_twice)
-            if victim is None:
-                unresolved.append(cyc)
-                remember.append(cyc)  # stays confirmed: if it grows, a victim may appear
-                if cyc.signature not in self._reported:
-                    self._reported.add(cyc.signature)
-                    self.log.warning(_kv("no-victim", round=n, owners=",".join(cyc.owners),
-                                         reason="every request is NODLCKWT"))
-                continue
-            victims.append(self._cancel(n, victim, cyc))
-        self._previous = remember
+        j = judge(cycles, self._previous, snap)
+        for cyc in j.first_seen:
+            self.log.info(_kv("cycle-seen", round=n, owners=",".join(cyc.owners)))
+        for cyc in j.unresolved:
+            if cyc.signature not in self._reported:
+                self._reported.add(cyc.signature)
+                self.log.warning(_kv("no-victim", round=n, owners=",".join(cyc.owners),
+                                     reason="every request is NODLCKWT"))
+        victims = [self._cancel(n, victim, cyc) for victim, cyc in j.victims]
+        confirmed, unresolved, first_seen = j.confirmed, j.unresolved, j.first_seen
+        self._previous = list(j.remember)
         reaped: tuple[InstanceResult, ...] = ()
         if full and self.reap_every and n % self.reap_every == 0:
             reaped = tuple(self.reap())

@@ -97,7 +97,9 @@ class LockReply(NamedTuple):
     version: int
     valid: bool  #: False after a PW/EX holder expired or was broken (V4)
     wait_ms: int  #: ms until the earliest lease of a lock ahead expires; -1 if none
-    extra: int  #: RECOVERING: ms to wait; RELEASED: locks released
+    #: RECOVERING: ms to wait; RELEASED: locks released; QUEUED: the resource's fencing
+    #: sequence (a grant made after this reply has a larger token)
+    extra: int
     blockers_count: int
     blockers: tuple[Blocker, ...]
     #: V5: this instance restarted empty and may have forgotten a newer value

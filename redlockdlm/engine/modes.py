@@ -19,6 +19,14 @@ class Mode(enum.IntEnum):
     PW = 4  #: protected write (update, readers of CR allowed)
     EX = 5  #: exclusive
 
+    # Printed by name ("EX"), as users write them, not as the number an IntEnum prints;
+    # int(mode) and b"%d" % mode still give the number the scripts take.
+    def __str__(self) -> str:
+        return self.name
+
+    def __format__(self, spec: str) -> str:
+        return format(self.name, spec)
+
 
 # Rule M1. Rows: granted mode; columns: requested mode.
 #            NL     CR     CW     PR     PW     EX

@@ -113,8 +113,11 @@ def library() -> Library:
 
 @cache
 def load(name: str) -> Script:
-    """The EVAL form of script `name` (core.lua, the script, a call of it), and its SHA1."""
-    body = (b"local KEYS, ARGV = KEYS, ARGV\n" + _core() + b"\n" + _wrapped(name, _body(name))
+    """The EVAL form of script `name` (core.lua, the script, a call of it), and its SHA1.
+    `register` is nil there: core.lua tells the forms apart by it (E2 is checked by the
+    library only, which keeps state between calls)."""
+    body = (b"local KEYS, ARGV = KEYS, ARGV\nlocal register = nil\n" + _core() + b"\n"
+            + _wrapped(name, _body(name))
             + b"return call(script_" + name.encode() + b", KEYS, ARGV)\n")
     return Script(name, body, hashlib.sha1(body).hexdigest())
 

@@ -19,6 +19,8 @@ from redlockdlm_cli.common import ExitCode, Failed, exit_for
 from redlockdlm_cli.main import cli
 
 from redlockdlm.devcluster import DevClusterError
+from redlockdlm.engine import scripts
+from redlockdlm.engine.keys import EPOCH_KEY
 from redlockdlm.engine.modes import Flag
 from redlockdlm.errors import BadArgument, Deadlock, InvalidArgument, QuorumUnavailable
 
@@ -62,7 +64,7 @@ def test_status_text_and_json(c):
     c.request("b", "b1", ["R"], "EX", ticket=2)
     r = dlm(c, "status")
     assert r.exit_code == ExitCode.OK, r.output
-    assert "3 of 3 instances reachable, quorum 2: OK" in r.stdout
+    assert "3 of 3 instances reachable, 3 can grant, quorum 2: OK" in r.stdout
     r = dlm(c, "status", "--json")
     doc = json.loads(r.stdout)
     assert (doc["quorum"], doc["reachable"], doc["namespace"]) == (2, 3, "t")
@@ -81,7 +83,70 @@ def test_status_is_ok_with_a_quorum_and_fails_without(c):
     assert r.exit_code == ExitCode.FAILED
     doc = json.loads(r.stdout)
     assert [i["reachable"] for i in doc["instances"]] == [False, True, False]
+    # (under --json the error is one JSON line on stderr too)
+    (line,) = r.stderr.strip().splitlines()
+    err = json.loads(line)
+    assert err["exit_code"] == ExitCode.FAILED
+    assert "only 1 of 3 instances reachable (quorum 2)" in err["error"]
+    r = dlm(None, "status", "--redis", url, "--redis", c.urls[0], "--redis",
+            closed_port_url())
     assert "only 1 of 3 instances reachable (quorum 2)" in one_line_error(r)
+
+
+def test_status_fails_when_reachable_instances_cannot_grant(c):
+    """Two of three instances flushed (as a restart without persistence): reachable, but
+    without an epoch, then (after a request reached them) in their rejoin window (E1): no
+    grant is possible, so status must not say OK; it names them and exits 1. One is
+    enough to grant beside the intact third."""
+    for u in c.urls[:2]:
+        redis.Redis.from_url(u).flushall()
+    r = dlm(c, "status")
+    assert r.exit_code == ExitCode.FAILED, r.output
+    assert "1 can grant, quorum 2: NO GRANT POSSIBLE NOW" in r.stdout
+    err = one_line_error(r)
+    assert "no grant possible now" in err and all(u in err for u in c.urls[:2]), err
+    assert "dlm init --fresh" in err
+    c.request("a", "a1", ["R"], "EX", ticket=1)  # (every instance: starts their windows)
+    r = dlm(c, "status", "--json")
+    assert r.exit_code == ExitCode.FAILED
+    doc = json.loads(r.stdout)
+    assert doc["granting"] == 1
+    assert [i["can_grant"] for i in doc["instances"]] == [False, False, True]
+    assert all(i["recovering_ms"] > 0 and "rejoin window" in i["not_granting"]
+               for i in doc["instances"][:2])
+    # (held locks' leases run out in the window; an operator who knows these servers are
+    # new may end it: then status is OK again)
+    r = dlm(c, "init", "--fresh", "--force", "--yes", "--redis", c.urls[0], "--redis",
+            c.urls[1])
+    assert r.exit_code == ExitCode.OK, r.output
+    r = dlm(c, "status")
+    assert r.exit_code == ExitCode.OK and "3 can grant" in r.stdout, r.output
+
+
+def test_status_names_instances_restarted_with_their_data(c):
+    """An instance restarted with its data (AOF, RDB) keeps the epoch of its previous server
+    process until the first call replaces it by a new one in its rejoin window (E2); status
+    must not count it as able to grant meanwhile. (The restart is played here by giving two
+    epochs another run_id and reloading the library, as a new process starts with it.)"""
+    c.request("a", "a1", ["R"], "EX", ticket=1)
+    for u in c.urls[:2]:
+        r = redis.Redis.from_url(u)
+        eid = r.hget(EPOCH_KEY, "id")
+        run = r.info("server")["run_id"][:8]
+        new = eid.rsplit(b".", 1)[0] + (b".11111111" if run != "11111111" else b".22222222")
+        joined = r.hget(EPOCH_KEY, "all")  # (the same id in the joined field, design.md §3)
+        r.hset(EPOCH_KEY, mapping={"id": new, "all": new + joined[len(eid):]})
+        r.execute_command(*scripts.load_command())
+    r = dlm(c, "status")
+    assert r.exit_code == ExitCode.FAILED, r.output
+    err = one_line_error(r)
+    assert "restarted with its data" in err and "E2" in err, err
+    assert all(u in err for u in c.urls[:2]) and c.urls[2] not in err, err
+    c.request("b", "b1", ["R2"], "EX", ticket=2)  # (every instance: replaces their epochs)
+    doc = json.loads(dlm(c, "status", "--json").stdout)
+    assert [i["can_grant"] for i in doc["instances"]] == [False, False, True]
+    assert all(i["recovering_ms"] > 0 and "rejoin window (E1)" in i["not_granting"]
+               for i in doc["instances"][:2])
 
 
 def test_status_masks_passwords():

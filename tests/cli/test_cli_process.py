@@ -95,6 +95,7 @@ def test_dev_process_prints_env_and_stops_on_sigterm():
                             stderr=subprocess.PIPE, text=True)
     try:
         line = wait_for_line(proc.stdout, "DLM_REDIS=")
+        assert line.startswith("export DLM_REDIS="), line  # (pasted into a shell as it is)
         urls = line.strip().split("=", 1)[1].split(",")
         assert len(urls) == 3
         p = run([*PY_M, "status", "--json"], DLM_REDIS=",".join(urls))

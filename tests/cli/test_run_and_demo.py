@@ -54,7 +54,7 @@ def test_run_holds_the_lock_while_the_command_runs(cluster3):
     assert proc.stdout.readline().strip() == "in"
     r = CliRunner().invoke(cli, ["run", "--namespace", "t", "--redis", ",".join(urls),
                                  "--noqueue", "jobs/y", "--", "true"])
-    assert r.exit_code == 1 and "not granted at once" in r.output
+    assert r.exit_code == 75 and "not granted at once" in r.output  # (75: the lock, not 1)
     assert proc.wait(timeout=30) == 0
     r = CliRunner().invoke(cli, ["run", "--namespace", "t", "--redis", ",".join(urls),
                                  "--mode", "PR", "jobs/y", "--", "true"])
@@ -69,7 +69,7 @@ def test_run_bad_arguments_exit_2(cluster3):
     r = runner.invoke(cli, ["run", "--redis", urls, "r"])
     assert r.exit_code == 2
     r = runner.invoke(cli, ["run", "--redis", urls, "r", "--", "/nonexistent/cmd"])
-    assert r.exit_code == 1 and "cannot run" in r.output
+    assert r.exit_code == 127 and "cannot run" in r.output  # (the shell's "not found")
 
 
 def test_run_wait_gives_up(cluster3):
@@ -79,8 +79,33 @@ def test_run_wait_gives_up(cluster3):
         t0 = time.monotonic()
         r = CliRunner().invoke(cli, ["run", "--namespace", "t", "--redis", ",".join(urls),
                                      "--wait", "0.3", "jobs/z", "--", "true"])
-        assert r.exit_code == 1 and "within the timeout" in r.output
+        assert r.exit_code == 75 and "within the timeout" in r.output
         assert time.monotonic() - t0 < 10
+
+
+def test_run_exit_codes_tell_the_lock_from_the_command(cluster3):
+    """COMMAND's own failure (1) and the lock's (75, not granted in time) differ; the
+    environment names the lock; under --json the error and the summary are JSON lines on
+    stderr and stdout stays COMMAND's."""
+    urls = fresh(cluster3)
+    base = [*PY_M, "run", "--namespace", "t", "--redis", ",".join(urls)]
+    show = ("import os,sys; print(os.environ['DLM_LOCK_ID'], os.environ['DLM_RESOURCE'], "
+            "os.environ['DLM_MODE']); sys.exit(1)")
+    p = subprocess.run([*base, "--json", "--mode", "pr", "jobs/e", "--", sys.executable, "-c",
+                        show], env=env(), capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1, p.stderr  # COMMAND's own
+    lock_id, res, mode = p.stdout.split()
+    assert (res, mode) == ("jobs/e", "PR")
+    summary = json.loads(p.stderr.strip().splitlines()[-1])
+    assert summary == {"resource": "jobs/e", "mode": "PR", "lock_id": lock_id,
+                       "token": summary["token"], "lost": False, "exit_code": 1}
+    with DLM(urls, "t") as holder:
+        holder.lock("jobs/e", Mode.EX)
+        p = subprocess.run([*base, "--json", "--wait", "0.2", "jobs/e", "--", "true"],
+                           env=env(), capture_output=True, text=True, timeout=60)
+    assert p.returncode == 75 and p.stdout == "", (p.returncode, p.stdout)
+    err = json.loads(p.stderr.strip().splitlines()[-1])
+    assert err["exit_code"] == 75 and "not granted" in err["error"], err
 
 
 def test_demo_on_given_instances_json(cluster3):

@@ -41,7 +41,9 @@ from spec.invariants import (
     stuck_locks,
 )
 
+from redlockdlm.engine import scripts
 from redlockdlm.engine.instance import Engine
+from redlockdlm.engine.keys import EPOCH_KEY
 from redlockdlm.errors import DLMError
 
 T0 = 1_800_000_000_000
@@ -395,6 +397,24 @@ class EngineVsModel(RuleBasedStateMachine):
     def advance(self, dt):
         self.now += dt
         self.e.set_clock(frozen_ms=self.now)
+
+    @rule(go=rare)
+    def restart_with_data(self, go):
+        """E2, as a restart with the data kept would leave it: an epoch created by another
+        server process (its id ends with another run_id) and the library loaded afresh."""
+        if not go:
+            return
+        run = self.client.info("server")["run_id"][:8]
+        eid = self.client.hget(EPOCH_KEY, "id")
+        if eid is None:  # no epoch yet: the first call creates one anyway (E1)
+            return
+        other = "1" * 8 if run == "0" * 8 else "0" * 8
+        new = eid.rsplit(b".", 1)[0] + b"." + other.encode()
+        joined = self.client.hget(EPOCH_KEY, "all")  # (the same id in the joined field)
+        self.client.hset(EPOCH_KEY, mapping={"id": new} if joined is None else
+                         {"id": new, "all": new + joined[len(eid):]})
+        self.client.execute_command(*scripts.load_command())
+        self.m.reload()
 
     # ------------------------------------------------------------------ invariants
 

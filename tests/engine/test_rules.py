@@ -21,14 +21,16 @@ from typing import Any
 
 import pytest
 import redis
+from redis_harness import RedisServer
 
-from redlockdlm.engine import codec
+from redlockdlm.engine import codec, scripts
 from redlockdlm.engine.codec import Event, LockReply, LockView, ResourceView, parse_event
 from redlockdlm.engine.instance import Engine, call_script
 from redlockdlm.engine.keys import EPOCH_KEY
 from redlockdlm.engine.modes import Flag, Mode, Status
 from redlockdlm.errors import (
     BadArgument,
+    CorruptKey,
     HasChildren,
     InvalidArgument,
     InvalidType,
@@ -1036,6 +1038,65 @@ def test_e1_up_conversion_recovering(w: World) -> None:
     w.r.delete(EPOCH_KEY)  # the epoch is gone, the resource survived
     w.e.set_clock(frozen_ms=T0)
     assert C("a", EX, 2)(w).status == RECOVERING
+
+
+# ----------------------------------------------------------------------------- E2
+
+AOF_EVERYSEC = ["--appendonly", "yes", "--appendfsync", "everysec"]
+
+
+def test_e2_restart_with_data_starts_a_new_epoch_in_its_rejoin_window() -> None:
+    """An instance that restarts with its data (here its AOF, everysec) may lack the last
+    writes before the crash, so it must not grant at once: a new request is answered
+    RECOVERING for the whole rejoin wait, under a new epoch id, and the locks it reloaded
+    are still there. A first call that fails (a corrupt key) leaves the check to the next
+    call; after the wait it grants."""
+    rejoin = 5000
+    with RedisServer(AOF_EVERYSEC) as srv:
+        e = Engine(srv.client(), NS, rejoin_ms=rejoin)
+        e.init_fresh()
+        e.set_clock(frozen_ms=T0)
+        k, k2 = e.key("res"), e.key("res2")
+        held = e.request(k, "o1", "a", EX, ticket=1, lease_ms=LEASE)
+        assert held.status == GRANTED
+        srv.client().set(e.key("junk"), b"not a resource")
+        srv.restart(empty=False)
+        e = Engine(srv.client(), NS, rejoin_ms=rejoin)
+        assert e.status().epoch == held.epoch  # reloaded; nothing ran yet
+        with pytest.raises(CorruptKey):  # fails after reading the epoch: nothing written
+            e.release(e.key("junk"), "o2", "j")
+        assert e.status().epoch == held.epoch
+        rep = e.request(k2, "o2", "b", EX, ticket=3, lease_ms=LEASE)
+        assert (rep.status, rep.extra) == (RECOVERING, rejoin)
+        assert rep.epoch != held.epoch and e.status().epoch == rep.epoch
+        assert e.status().recovering_ms == rejoin
+        assert [lk.lock_id for lk in e.inspect([k])[1][0].locks] == ["a"]  # reloaded
+        e.set_clock(frozen_ms=T0 + rejoin - 1)
+        again = e.request(k2, "o2", "b", EX, ticket=3, lease_ms=LEASE)
+        assert (again.status, again.epoch) == (RECOVERING, rep.epoch)  # one new epoch
+        e.set_clock(frozen_ms=T0 + rejoin)
+        assert e.request(k2, "o2", "b", EX, ticket=3, lease_ms=LEASE).status == GRANTED
+        assert e.request(k, "o3", "c", EX, ticket=4, lease_ms=LEASE,
+                         flags=NOQUEUE).status == NOTQUEUED  # "a" still holds it
+
+
+def test_e2_a_library_reload_is_not_a_restart() -> None:
+    """FUNCTION LOAD REPLACE in the same server process (a library upgrade or reload) keeps
+    the epoch and grants at once; a restart of the process with the same data does not."""
+    with RedisServer(AOF_EVERYSEC) as srv:
+        c = srv.client()
+        e = Engine(c, NS, rejoin_ms=5000)
+        e.init_fresh()
+        e.set_clock(frozen_ms=T0)
+        first = e.request(e.key("r1"), "o1", "a", EX, ticket=1, lease_ms=LEASE)
+        assert first.status == GRANTED
+        c.execute_command(*scripts.load_command())  # fresh library state, same process
+        rep = e.request(e.key("r2"), "o1", "b", EX, ticket=2, lease_ms=LEASE)
+        assert (rep.status, rep.epoch) == (GRANTED, first.epoch)
+        srv.restart(empty=False)
+        e = Engine(srv.client(), NS, rejoin_ms=5000)
+        after = e.request(e.key("r3"), "o1", "c", EX, ticket=3, lease_ms=LEASE)
+        assert after.status == RECOVERING and after.epoch != first.epoch
 
 
 # ----------------------------------------------------------------------------- H2, H3

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,11 +20,13 @@ import time
 from pathlib import Path
 
 import pytest
+from redis_harness import Instances
 
 from redlockdlm import Mode
 from redlockdlm.errors import NotQueued
 
-from .conftest import wait_until
+from .clients import KINDS
+from .conftest import Quorum, wait_until
 
 EX = Mode.EX
 TESTS_DIR = str(Path(__file__).resolve().parents[1])
@@ -201,6 +204,54 @@ def test_restart_empty_while_held_does_not_grant_twice(ready) -> None:
     lb = req.wait(5)
     assert lb.token > la.token
     wait_until(lambda: q.granted_on(lb.id, "res") == 3, 3)
+
+
+AOF_EVERYSEC = ["--appendonly", "yes", "--appendfsync", "everysec"]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", KINDS)
+def test_restart_with_data_that_lost_a_grant_waits_its_rejoin_window(kind: str) -> None:
+    """E2: an instance restarts WITH its data (AOF everysec), but the data lacks its last
+    writes: here A's grant (the restart reloads a copy of the data taken before A locked).
+    A keeps its lock on the quorum of the two others; the restarted instance opens a new
+    epoch and grants nothing in its rejoin window (without E2 it would grant B at once: one
+    lost vote away from two holders); B gets the lock when A releases, and afterwards the
+    restarted instance takes part in grants again."""
+    lease = 800
+    with Instances(3, AOF_EVERYSEC) as inst:
+        q = Quorum(inst, kind=kind)
+        try:
+            q.init_fresh()
+            a = q.dlm(lease_ms=lease, socket_timeout=0.3)
+            a.lock("warm", EX).release()  # the library loaded everywhere
+            s = q.servers[2]
+            before = q.engine(2).status().epoch
+            saved = s.base_dir / "before-a"
+            shutil.copytree(s.data_dir, saved)  # the data as it was before A's grant
+            la = a.lock("res", EX)
+            assert q.granted_on(la.id, "res") == 3
+            s.kill()
+            shutil.rmtree(s.data_dir)
+            shutil.copytree(saved, s.data_dir)
+            s.start()
+            assert q.engine(2).status().epoch == before  # the reloaded epoch, A forgotten
+            b = q.dlm(lease_ms=lease, socket_timeout=0.3)  # connected after the restart
+            req = b.enqueue("res", EX)
+            wait_until(lambda: all(any(lv.queue == "W" for lv in locks)
+                                   for locks in q.locks("res", only=[0, 1])), 3)
+            st = q.engine(2).status()
+            assert st.epoch != before and st.recovering_ms > 0, st  # E2: a new epoch
+            assert not any(lv.queue == "G" for lv in q.locks("res", only=[2])[0]), (
+                "the restarted instance granted B inside its rejoin window")
+            time.sleep(lease * 1.5 / 1000)  # past the window
+            assert not req.done and la.valid
+            la.release()
+            lb = req.wait(5)
+            assert lb.token > la.token
+            wait_until(lambda: q.granted_on(lb.id, "res") == 3, 3)
+        finally:
+            q.close()
 
 
 # --------------------------------------------------------------------------- SIGSTOP

@@ -20,9 +20,12 @@ from redlockdlm.errors import (
     HasChildren,
     InvalidArgument,
     LockLost,
+    LockReleased,
+    LockStateError,
     LockTimeout,
     NotQueued,
     ParentNotGranted,
+    StillWaiting,
 )
 
 from .clients import stop_renewal
@@ -76,6 +79,16 @@ def test_lock_release(q: Quorum) -> None:
     assert not lk.valid
     assert q.gone("res")
     lk.release()  # a second release is a no-op
+
+
+def test_modes_and_locks_print_as_users_write_them(q3: Quorum) -> None:
+    """A mode prints by name ("EX", in str and f-strings, as in the docs and the CLI), not
+    as the number an IntEnum prints; an NL lock's repr names NL (NL is 0, which is falsy)."""
+    assert (str(EX), f"{Mode.NL}", f"{PW:>3}") == ("EX", "NL", " PW")
+    assert int(EX) == 5 and b"%d" % EX == b"5"  # (what the scripts take is unchanged)
+    lk = q3.dlm().lock("res", Mode.NL)
+    assert " NL " in repr(lk), repr(lk)
+    lk.release()
 
 
 def test_with_block_releases(q: Quorum) -> None:
@@ -389,8 +402,11 @@ def test_enqueue_on_granted_and_wait(q: Quorum) -> None:
     req = b.enqueue("res", PR, on_granted=on_granted)
     assert not req.done
     wait_until(lambda: waiting_on_all(q, req.lock.id, "res"))
-    with pytest.raises(LockTimeout):
+    with pytest.raises(StillWaiting) as ei:  # (a LockTimeout that says it is not withdrawn)
         req.wait(timeout=0.1)  # bounds this wait only; the request goes on
+    assert isinstance(ei.value, LockTimeout) and ei.value.lock_id == req.lock.id
+    assert "still waiting" in str(ei.value) and "cancel()" in str(ei.value), str(ei.value)
+    assert not req.done and waiting_on_all(q, req.lock.id, "res")
     assert not called.is_set()
     la.release()
     lb = req.wait(timeout=5)
@@ -452,6 +468,10 @@ def test_lock_timeout_leaves_nothing(q: Quorum) -> None:
         b.lock("res", EX, timeout=0.3)
     assert 0.25 <= time.monotonic() - t0 < 3
     assert isinstance(ei.value, TimeoutError) and isinstance(ei.value, DLMError)
+    # the request's own error (withdrawn), not a wait's "still waiting" (asyncio took the
+    # request's LockTimeout, a TimeoutError, for its own wait_for timing out)
+    assert not isinstance(ei.value, StillWaiting), repr(ei.value)
+    assert "within the timeout" in str(ei.value), repr(ei.value)
     assert q.lock_ids("res") == [{la.id}] * q.n  # at once, not eventually
     la.release()
     assert q.gone("res")
@@ -685,6 +705,19 @@ def test_lost_when_majority_paused(q: Quorum) -> None:
     assert other.token > lk.token
     with pytest.raises(LockLost):  # converting a lost lock is refused
         lk.convert(NL)
+
+
+def test_convert_after_release_says_released_not_lost(q3: Quorum) -> None:
+    """A lock released on purpose is not "lost": converting it raises LockReleased (a
+    LockStateError), naming the lock; the instances are not asked, nothing changes."""
+    d = q3.dlm()
+    lk = d.lock("res", EX)
+    lk.release()
+    with pytest.raises(LockReleased) as ei:
+        lk.convert(NL)
+    assert not isinstance(ei.value, LockLost) and isinstance(ei.value, LockStateError)
+    assert ei.value.lock_id == lk.id and "released" in str(ei.value)
+    assert q3.gone("res")
 
 
 def test_with_block_raises_lock_lost(q: Quorum) -> None:

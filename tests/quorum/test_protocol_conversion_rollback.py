@@ -9,13 +9,15 @@ another client held PR there.
 
 from __future__ import annotations
 
+import redis
+
 from redlockdlm.engine.modes import COMPAT, Mode, Status
-from redlockdlm.errors import LockTimeout
-from redlockdlm.protocol import Phase, Session
+from redlockdlm.errors import LockStateError, LockTimeout
+from redlockdlm.protocol import Phase, Session, Vote
 
 from .replies import reply
 
-CR, CW, PR = Mode.CR, Mode.CW, Mode.PR
+CR, CW, PR, PW, EX = Mode.CR, Mode.CW, Mode.PR, Mode.PW, Mode.EX
 
 
 def held(s: Session, mode: Mode, t: float):
@@ -75,3 +77,30 @@ def test_a_way_back_that_queues_is_not_counted_as_held() -> None:
                                 2: reply(Status.CANCELLED, PR, 10)})
     assert lk.mode == PR
     assert s.holding(lk, t + 1.2) == 2  # not instance 0: it holds CW there, not PR
+
+
+def test_a_conversion_that_did_not_take_somewhere_is_sent_there_again() -> None:
+    """Sim `jobs` seed 11: PW -> EX without a timeout. Instance 1 refused it (the lock still
+    waited there: DLM_STATE) and was then granted PW by its queue; the conversion to
+    instance 0 got no answer (lost), a renewal found PW granted there; instance 2 granted
+    EX. No event can come from 0 or 1: at the re-check the conversion itself is sent to
+    both again (a request would only report the old grant), and their grants complete it."""
+    s = Session(3, "t", lease_ms=10_000)
+    t = 100.0
+    lk = held(s, PW, t)
+    m, flags, down = s.start_convert(lk, EX)
+    lk.cargs = (m, flags, None, 0)  # (as the flow records what it sent)
+    lk.pending = set(range(3))
+    s.on_reply(lk, 1, LockStateError("lock is not granted yet"), t + 0.1, t + 0.101)
+    s.on_reply(lk, 2, reply(Status.GRANTED, EX, 20), t + 0.1, t + 0.101)
+    s.on_reply(lk, 0, redis.TimeoutError("no reply"), t + 0.1, t + 1.1)
+    for i in (0, 1):  # what later renewals report there: PW granted, no conversion
+        lk.votes[i].vote, lk.votes[i].mode = Vote.GRANTED, PW
+    out = s.evaluate_convert(lk, PW, t + 1.2)
+    assert not out.done and out.error is None
+    assert out.wake_at is not None and out.wake_at <= t + 1.2 + 0.6  # soon, not a tick
+    cmds = dict(s.recheck_cmds(lk, t + 1.8))  # (2: its split-vote yield is re-asked too)
+    assert cmds[0][0] == cmds[1][0] == "convert", cmds
+    for i in (0, 1, 2):
+        s.on_reply(lk, i, reply(Status.GRANTED, EX, 21 + i), t + 1.8, t + 1.801)
+    assert s.evaluate_convert(lk, PW, t + 1.802).done and lk.mode == EX

@@ -167,3 +167,29 @@ def test_a_reply_that_overtakes_our_yield_does_not_count_the_yielded_grant() -> 
     assert not s.evaluate_convert(lk, Mode.CR, t + 0.008).done
     s.on_reply(lk, 0, reply(Status.GRANTED, EX, 22), t + 0.009, t + 0.010)  # granted again
     assert s.evaluate_convert(lk, Mode.CR, t + 0.011).done
+
+
+def test_a_grant_event_older_than_a_queued_reply_does_not_count() -> None:
+    """Sim deadlock seed 14: granted on instances 0 and 1 (token 50) while our messages
+    were slow; the grant expired there, our re-sent request was queued again (behind a
+    holder granted meanwhile, the sequence now 60), then the grant events sent before
+    arrived. In either order the QUEUED reply wins over an event whose token is not above
+    the sequence it reports; a grant after the reply (token 61) counts."""
+    s = Session(3, "t", lease_ms=2000)
+    t = 100.0
+    lk = acquiring(s, t)
+    for i in range(3):
+        s.on_reply(lk, i, reply(Status.QUEUED, extra=40), t, t + 0.001)
+    # instance 0: the reply first, then the stale event
+    s.on_reply(lk, 0, reply(Status.QUEUED, extra=60), t + 1.0, t + 1.001)
+    s.on_event(0, Event("G", lk.id, EX, token=50), t + 1.002)
+    # instance 1: the stale event first, then the reply that says queued
+    s.on_event(1, Event("G", lk.id, EX, token=50), t + 1.0)
+    s.on_reply(lk, 1, reply(Status.QUEUED, extra=60), t + 1.0, t + 1.003)
+    assert [v.vote for v in lk.votes[:2]] == [Vote.QUEUED, Vote.QUEUED]
+    assert not s.evaluate_acquire(lk, t + 1.004).done and lk.phase is Phase.ACQUIRING
+    # later grants (tokens above 60) count, by event before or after a queued reply
+    s.on_event(0, Event("G", lk.id, EX, token=61), t + 1.5)
+    s.on_event(1, Event("G", lk.id, EX, token=62), t + 1.5)
+    s.on_reply(lk, 1, reply(Status.QUEUED, extra=60), t + 1.4, t + 1.501)
+    assert s.evaluate_acquire(lk, t + 1.502).done and lk.token == 62

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from redlockdlm import Mode
-from redlockdlm.errors import InstancesRecovering, NotQueued, QuorumUnavailable
+from redlockdlm.errors import InstancesRecovering, LockTimeout, NotQueued, QuorumUnavailable
 
 from .conftest import Quorum, wait_until
 
@@ -129,6 +129,52 @@ def test_timeout_during_a_paused_majority_names_the_silent_instances(q3: Quorum)
     assert isinstance(err, QuorumUnavailable), repr(err)
     assert 1.5 <= took < 4, took
     assert q3.urls[1] in str(err) and q3.urls[2] in str(err), str(err)
+
+
+def test_timeout_bounds_a_wait_on_instances_that_answer_nothing(q3: Quorum) -> None:
+    """Every instance paused, a socket timeout of 5 s and a request with timeout=0.3: the
+    caller gets QuorumUnavailable naming them well before one socket timeout (the round
+    and its clean-up are cut at the deadline, plus `ROUND_FLOOR_S`), not after the request
+    round and the clean-up round each waited 5 s. Resumed, the instances run the request
+    and its withdrawal, and nothing stays behind."""
+    d = q3.dlm(socket_timeout=5, connect_timeout=5)
+    d.lock("warm", EX, timeout=5).release()  # (connections open: no connect to time out)
+    for s in q3.servers:
+        s.pause()
+    try:
+        err, took = bounded(lambda: d.lock("res", EX, timeout=0.3), 20)
+    finally:
+        for s in q3.servers:
+            s.resume()
+    assert isinstance(err, QuorumUnavailable), repr(err)
+    assert 0.3 <= took < 2.0, took
+    assert all(u in str(err) for u in q3.urls), str(err)
+    wait_until(lambda: q3.gone("res"), 8)
+    lk = d.lock("res", EX, timeout=5)  # (and the client goes on working)
+    assert lk.valid
+    lk.release()
+
+
+def test_timeout_bounds_a_conversion_on_instances_that_answer_nothing(q3: Quorum) -> None:
+    """The same for a conversion: NL -> EX with timeout=0.3 while every instance is
+    paused fails (LockTimeout) well before one socket timeout, not after the
+    conversion round and its rollback each waited 5 s; resumed, the lock is not EX on
+    any instance and can be converted again."""
+    d = q3.dlm(socket_timeout=5, connect_timeout=5)
+    lk = d.lock("res", Mode.NL, timeout=5)
+    for s in q3.servers:
+        s.pause()
+    try:
+        err, took = bounded(lambda: lk.convert(EX, timeout=0.3), 20)
+    finally:
+        for s in q3.servers:
+            s.resume()
+    assert isinstance(err, LockTimeout), repr(err)
+    assert 0.3 <= took < 2.0, took
+    assert lk.mode is Mode.NL
+    other = q3.dlm()
+    held = other.lock("res", EX, timeout=5)  # (no EX left behind by the conversion)
+    held.release()
 
 
 def test_timeout_while_instances_recover_names_them(q3: Quorum) -> None:

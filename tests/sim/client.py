@@ -140,7 +140,14 @@ class SimClient(Flows):
             for proc, gen in waiting:
                 if proc.gen == gen and proc.op == "wait":
                     proc.gen += 1
-                    self.world.soon(self, self._resume, proc, True)
+                    self.world.soon(self, self._woken, proc, proc.gen)
+
+    def _woken(self, proc: Proc, gen: int) -> None:
+        """A wake by `_notify`, unless the wait ended meanwhile (an interruption thrown
+        into it between the wake and this event: resuming it again would run its caller's
+        continuation twice)."""
+        if proc.gen == gen and proc.op == "wait":
+            self._resume(proc, True)
 
     def _start(self, flow: Flow) -> None:
         self.run(flow)

@@ -31,12 +31,14 @@ class SimModel(Model):
     a pickle of it is five to ten times cheaper and restores the same state."""
 
     def _run(self, fn, *args):  # noqa: ANN001, ANN002, ANN202 (as Model._run)
-        saved = pickle.dumps((self.res, self.windex, self.epoch_safe), -1)
+        saved = pickle.dumps((self.res, self.windex, self.epoch_safe, self.epoch_restarted,
+                              self.reloaded), -1)
         ev: list = []
         try:
             out = fn(ev, *args)
         except EngineError:
-            self.res, self.windex, self.epoch_safe = pickle.loads(saved)
+            (self.res, self.windex, self.epoch_safe, self.epoch_restarted,
+             self.reloaded) = pickle.loads(saved)
             raise
         for key, r in self.res.items():
             self._finish(key, r)
@@ -70,6 +72,49 @@ class SimInstance:
         #: the observer's hook: fn(instance, key, value, version, stored) after a call
         #: that carried a value block write
         self.on_write: Any = None
+        #: AOF with `appendfsync everysec` (the "aofrestart" fault): the file is synced
+        #: every second of simulated time, at `sync_phase` past the second; `synced` is the
+        #: state as of the last sync (None: persistence off, the default)
+        self.sync_phase = (idx * 0.37) % 1.0
+        self.next_sync = 0.0
+        self.synced: bytes | None = None
+        #: E2: restarts from the AOF so far, and whether the last one's epoch is still the
+        #: reloaded one (the model replaces it at its first call that commits)
+        self.reloads = 0
+        self.reload_pending = False
+
+    def enable_aof(self) -> None:
+        self.synced = self._state()
+
+    def _state(self) -> bytes:
+        m = self.model
+        return pickle.dumps((m.res, m.windex, m.epoch_safe, m.epoch_restarted, self.epoch,
+                             self.gen), -1)
+
+    def _sync(self, t: float) -> None:
+        """Before a call at `t`: if a sync instant has passed since the last call, the
+        state now (no call ran since that instant) is what the file holds."""
+        if t >= self.next_sync:
+            self.synced = self._state()
+            k = int(t - self.sync_phase)  # the last sync instant at or before t
+            self.next_sync = k + self.sync_phase + 1.0
+
+    def restart_from_aof(self, crashed_at: float) -> None:
+        """A restart that reloads the AOF as synced before the crash at `crashed_at`: every
+        key written by the last second's calls is lost, the rest is back, the epoch key
+        included. A new server process (E2): its first call that commits replaces the
+        epoch (a rejoin wait, V5), and clients then see a new epoch id (R2)."""
+        self._sync(crashed_at)
+        m = self.model = SimModel()
+        m.res, m.windex, m.epoch_safe, m.epoch_restarted, self.epoch, self.gen = (
+            pickle.loads(self.synced))
+        if m.epoch_safe is None:  # synced before its first epoch: a new one, a new id
+            self.gen += 1
+            self.epoch = None
+        else:
+            m.reload()
+            self.reloads += 1
+            self.reload_pending = True
 
     def clock_ms(self, t: float) -> int:
         return T0_MS + self.offset_ms + int(t * 1000.0 * self.rate)
@@ -80,8 +125,14 @@ class SimInstance:
         self.gen += 1
         self.model = SimModel()
         self.epoch = None
+        self.reload_pending = False
+        if self.synced is not None:  # its AOF went with its data
+            self.synced = self._state()
 
     def _epoch(self) -> bytes | None:
+        if self.reload_pending and not self.model.reloaded:  # E2: the epoch was replaced
+            self.reload_pending = False
+            self.epoch = b"i%dr%d" % (self.idx, self.reloads)  # (never reloaded from a file)
         if self.epoch is None and self.model.epoch_safe is not None:
             self.epoch = b"i%dg%d" % (self.idx, self.gen)
         return self.epoch
@@ -89,6 +140,8 @@ class SimInstance:
     def execute(self, call: tuple, t: float) -> tuple[Any, list[tuple[str, bytes]]]:
         """Run one script call at simulated time `t`: (raw reply, events published)."""
         self.calls += 1
+        if self.synced is not None:
+            self._sync(t)
         name, keys, args = call
         m = self.model
         now = self.clock_ms(t)
@@ -162,6 +215,19 @@ class SimInstance:
                 out += [int(r.status), -1 if r.gr is None else int(r.gr), r.token, r.pos,
                         r.wait_ms]
             return out
+        elif name == "break":  # (tests/sim/jobs.py: an operator's `dlm break`)
+            rep = m.break_(keys[2], a[2].decode(), a[3].decode(), now, int(a[0]),
+                           tuple(keys[3:]))
+            out = _lock_reply(rep, self._epoch())
+            for key, rname, lid, owner, gr, rq, qn in rep.broken:
+                out += [key, rname, lid.encode(), owner.encode(), -1 if gr is None else int(gr),
+                        -1 if rq is None else int(rq), qn.encode()]
+            return out
+        elif name == "scan":  # lua/scan.lua without its memo (no stamps: every key '+')
+            return self._scan(m, keys[1:], now)
+        elif name == "waiters":  # the detector's read of the waiter index (D1)
+            return [now, *[b"%s|%s" % (lid.encode(), key)
+                           for (lid, key), exp in sorted(m.windex.items()) if exp > now]]
         elif name == "init" and a[0] == b"hello":
             safe = m.epoch_safe
             return [self._epoch(), now, 0 if safe is None else max(0, safe - now), None,
@@ -169,6 +235,29 @@ class SimInstance:
         else:
             raise ValueError(f"the simulator does not model {name} {a[:1]!r}")
         return _lock_reply(rep, self._epoch())
+
+    @staticmethod
+    def _scan(m: Model, keys: list, now: int) -> list:
+        """The reply of lua/scan.lua (layout there) for `keys`, from the model: live locks
+        only, read-only (nothing purged), each present key sent in full ('+')."""
+        status, heads, body = bytearray(), [], []
+        for key in keys:
+            r = m.res.get(key)
+            if r is None:
+                status += b"-"
+                continue
+            status += b"+"
+            live = 0
+            for qn, q in ((b"G", r.g), (b"C", r.c), (b"W", r.w)):
+                for lk in q:
+                    if lk.exp > now:
+                        live += 1
+                        body += [qn, lk.id.encode(), lk.owner.encode(),
+                                 -1 if lk.gr is None else int(lk.gr),
+                                 -1 if lk.rq is None else int(lk.rq), lk.flags, lk.ticket,
+                                 lk.cticket, lk.exp, lk.parent.encode(), lk.priority]
+            heads += [b"s", live, r.name or b""]
+        return [now, bytes(status), *heads, *body]
 
     def live_locks(self, t: float) -> list[tuple[bytes, str, str]]:
         """(key, lock id, owner) of every lock whose lease has not ended at `t`."""

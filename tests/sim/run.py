@@ -82,12 +82,35 @@ def main(argv: list[str] | None = None) -> int:
 #:     grant in a mode that does not cover the held one must not count as holding it);
 #: slow: latency spikes of 1 to 4 leases, 0.3 to 1.5 leases each way (round trips past
 #:     the lease), among instance and client pauses (V6, G12);
-#: convhold: the default faults, and 30% of converted locks held 1 to 4 leases.
+#: convhold: the default faults, and 30% of converted locks held 1 to 4 leases;
+#: latedup: every fault a late duplicate (V6, G12): the messages one client sends for 0.3
+#:     to 1.5 leases reach every instance again 1 to 3 leases later, in order, as a
+#:     retrying proxy or a client library's retry after a timeout re-sends them; a
+#:     re-sent request re-creates a lock its owner already released, and its re-sent
+#:     release writes the value composed under the old token after newer writes.
+#: aof: a minority of instances run AOF `appendfsync everysec` and crash (among the default
+#:     faults) back with the state synced up to a second before: the epoch key survives,
+#:     the last second's grants and writes do not, and the first call opens a new epoch
+#:     (E2; docs/operations.md, "Persistence").
+#: gap1: instances restart empty and one client is cut from the restarted one for 2.5 to 4
+#:     leases from the crash (past the rejoin wait and V5's window: its locks re-join
+#:     late), among partitions and pauses; half the locks held 1 to 4 leases.
+#: deadlock, breaks, jobs: the simulated jobs (tests/sim/jobs.py, docs/verification.md).
 PROFILES: dict[str, dict] = {
     "r1": dict(kinds=("convloss",), hold_after_conv=1.0),
     "slow": dict(kinds=("latency", "ipause", "cpause"), lat_dur=(1.0, 4.0),
                  lat_extra=(0.3, 1.5)),
     "convhold": dict(hold_after_conv=0.3),
+    "latedup": dict(kinds=("latedup",)),
+    "aof": dict(kinds=("aofrestart", "aofrestart", "ipause", "irestart", "cpause",
+                       "partition", "latency")),
+    "gap1": dict(kinds=("restartcut", "restartcut", "partition", "ipause"), hold=0.5),
+    # (tests/sim/jobs.py) deadlock: two detectors (one leads) over users that take two
+    # resources in either order and convert up, without timeouts; breaks: the default
+    # workload and an operator's `dlm break` at random times; jobs: both.
+    "deadlock": dict(jobs=("detector", "deadlocks"), resources=2, hold=0.0, idle=0.0),
+    "breaks": dict(jobs=("breaks",)),
+    "jobs": dict(jobs=("detector", "deadlocks", "breaks"), resources=2, hold=0.0, idle=0.0),
 }
 
 

@@ -59,6 +59,14 @@ class Config:
     #: a latency spike: how long (in leases) and how much slower each way (in leases)
     lat_dur: tuple[float, float] = (0.2, 2.0)
     lat_extra: tuple[float, float] = (0.2, 1.0)
+    #: a late duplicate ("latedup"): for how long (in leases) one client's messages are
+    #: copied, and how much later (in leases) the copies reach the instances again
+    echo_dur: tuple[float, float] = (0.3, 1.5)
+    echo_lag: tuple[float, float] = (1.0, 3.0)
+    #: simulated jobs besides the users (tests/sim/jobs.py; none by default): "detector"
+    #: (deadlock detectors, one leading), "deadlocks" (users that take two resources in
+    #: either order and convert up: real deadlocks), "breaks" (an operator's `dlm break`)
+    jobs: tuple[str, ...] = ()
 
 
 @dataclass
@@ -107,6 +115,10 @@ class Network:
         #: sends to that instance is lost; `then` (instance, seconds) cuts the client from
         #: another instance a moment later (the "convloss" fault)
         self.convloss: dict[tuple[int, int], tuple[float, tuple[int, float]]] = {}
+        #: client -> (until, lag): every message that client sends until then reaches its
+        #: instance a second time `lag` seconds later, in order, its reply read by nobody
+        #: (the "latedup" fault: a retrying proxy or client library re-sending commands)
+        self.echo: dict[int, tuple[float, float]] = {}
 
     def rng(self, c: SimClient, i: int, ev: bool = False) -> random.Random:
         """The stream of client c's messages to or from instance i in its current step."""
@@ -151,6 +163,10 @@ class Network:
             return
         if self.convloss and self._convloss(c, i, calls):
             return
+        if self.echo:
+            echo = self.echo.get(c.cid)
+            if echo is not None and echo[0] > w.t:
+                w.at(w.t + echo[1], w.instances[i], self._again, c, i, calls)
         dup = w.t < w.cfg.work_s and self.rng(c, i).random() < w.cfg.dup
         w.at(w.t + self.delay(c, i), w.instances[i], self._arrive, c, i, calls, on_reply, args,
              box, dup)
@@ -170,26 +186,7 @@ class Network:
     def _arrive(self, c: SimClient, i: int, calls: list, on_reply: Callable, args: tuple,
                 box: list, dup: bool) -> None:
         w = self.w
-        inst = w.instances[i]
-        if not inst.up:
-            results: Any = redis.ConnectionError(f"Connection refused by i{i}")
-        else:
-            raws = []
-            for call in calls:
-                raw, events = inst.execute(call, w.t)
-                raws.append(raw)
-                if w.tracing:  # every script an instance runs, and its raw answer
-                    w.note(f"i{i} <- c{c.cid} {call[0]} {call[1][2:3]!r} "
-                           f"{list(call[2][:8])!r} -> {raw!r}")
-                self._publish(i, events)
-                if dup:  # the same script again at once: its reply is read by nobody
-                    _, events = inst.execute(call, w.t)
-                    self._publish(i, events)
-                bad = inst.unprocessed(call[1])
-                if bad is not None:
-                    w.violation(f"queues not processed (G8) on instance {i} after "
-                                f"{call[0]}: {bad}")
-            results = raws
+        results = self._execute(c, i, calls, dup)
         if self.lost(c, i):
             return
 
@@ -199,6 +196,36 @@ class Network:
                 on_reply(*args, c.settle(calls, results))
 
         w.at(w.t + self.delay(c, i), c, back)
+
+    def _execute(self, c: SimClient, i: int, calls: list, dup: bool,
+                 again: bool = False) -> Any:
+        """Run `calls` on instance i (each twice if `dup`): their raw results, or the
+        connection error of an instance that is down."""
+        w = self.w
+        inst = w.instances[i]
+        if not inst.up:
+            return redis.ConnectionError(f"Connection refused by i{i}")
+        raws = []
+        for call in calls:
+            raw, events = inst.execute(call, w.t)
+            raws.append(raw)
+            if w.tracing:  # every script an instance runs, and its raw answer
+                w.note(f"i{i} <- c{c.cid}{' again' if again else ''} {call[0]} "
+                       f"{call[1][2:3]!r} {list(call[2][:8])!r} -> {raw!r}")
+            self._publish(i, events)
+            if dup:  # the same script again at once: its reply is read by nobody
+                _, events = inst.execute(call, w.t)
+                self._publish(i, events)
+            bad = inst.unprocessed(call[1])
+            if bad is not None:
+                w.violation(f"queues not processed (G8) on instance {i} after "
+                            f"{call[0]}: {bad}")
+        return raws
+
+    def _again(self, c: SimClient, i: int, calls: list) -> None:
+        """A late duplicate of a message reaches instance i: run as the original was,
+        its reply read by nobody (the client gave up on that exchange long ago)."""
+        self._execute(c, i, calls, False, again=True)
 
     def _publish(self, i: int, events: list) -> None:
         w = self.w
@@ -233,6 +260,9 @@ class World:
         self.observer = Observer(self)
         for inst in self.instances:
             inst.on_write = self.observer.written
+        if "aofrestart" in cfg.kinds:  # the minority of instances that run AOF everysec
+            for inst in self.instances[:max(1, (cfg.instances - 1) // 2)]:
+                inst.enable_aof()
         self._ids = 0
         self.schedule = schedule
         #: the fault plan: (time, kind, args) each
@@ -240,6 +270,12 @@ class World:
                                   else self._plan_faults(frng))
         for t, kind, args in self.plan:
             self.at(t, None, getattr(self, "_" + kind), *args)
+        self.user_class: type = User
+        self.jobs: list[Any] = []  #: each with start() and finish() (tests/sim/jobs.py)
+        if cfg.jobs:
+            from .jobs import install
+
+            install(self)
 
     # ----------------------------------------------------------------- scheduler
 
@@ -276,10 +312,12 @@ class World:
             for c in self.clients:
                 c.start()
             for c in self.clients:
-                u = User(self, c, None if self.schedule is None
-                         else [dict(st) for st in self.schedule.steps.get(c.cid, [])])
+                u = self.user_class(self, c, None if self.schedule is None
+                                    else [dict(st) for st in self.schedule.steps.get(c.cid, [])])
                 self.users.append(u)
                 u.start()
+            for job in self.jobs:
+                job.start()
             end = cfg.work_s + 4 * cfg.lease_ms / 1000.0 + 4.0  # every request has ended
             if cfg.hold_after_conv:
                 # a conversion begun before work_s may wait client 0's socket timeout
@@ -290,6 +328,8 @@ class World:
                 if not u.finished:
                     self.violation(f"liveness: client {u.c.cid}'s call did not end "
                                    f"({u.doing}) {end - cfg.work_s:.1f} s after the faults")
+            for job in self.jobs:
+                job.finish()
             for c in self.clients:
                 c.run(c._close_flow(DLMError("closed")),
                       lambda v, e, c=c: setattr(c, "closed", True))
@@ -342,6 +382,16 @@ class World:
                 c, d = rng.randrange(cfg.clients), rng.uniform(*cfg.lat_dur) * lease
                 extra = rng.uniform(*cfg.lat_extra) * lease
                 plan.append((t, "latency", (c, d, extra)))
+            elif kind == "aofrestart":  # one of the minority of AOF everysec instances
+                i, d = rng.randrange(max(1, (cfg.instances - 1) // 2)), rng.uniform(0.01, 0.5)
+                plan.append((t, "aofrestart", (i, d)))
+            elif kind == "restartcut":  # gap 1: an empty restart, a holder cut from it
+                i, d = rng.randrange(cfg.instances), rng.uniform(0.01, 0.5)
+                plan.append((t, "restartcut", (i, d, rng.uniform(2.5, 4.0) * lease)))
+            elif kind == "latedup":  # V6: a client's messages delivered again, later
+                c, d = rng.randrange(cfg.clients), rng.uniform(*cfg.echo_dur) * lease
+                lag = rng.uniform(*cfg.echo_lag) * lease
+                plan.append((t, "latedup", (c, d, lag)))
             elif kind == "convloss":  # R1: a conversion missed, then a cut elsewhere
                 c, i = rng.randrange(cfg.clients), rng.randrange(cfg.instances)
                 j, d = rng.randrange(cfg.instances), rng.uniform(1.0, 2.5) * lease
@@ -375,10 +425,39 @@ class World:
 
         self.at(self.t + d, None, back)
 
+    def _restartcut(self, i: int, d: float, cut: float) -> None:
+        """Instance i restarts empty, and every client holding a lock then stays cut from
+        it past the rejoin wait and V5's window (docs/protocol.md, "What is not covered":
+        their locks re-join late); the others reach it as soon as it is back."""
+        self._restart(i, d)
+        for c in self.clients:
+            if any(lk.phase in (Phase.HELD, Phase.CONVERTING)
+                   for lk in c._core.locks.values()):
+                self._partition(c.cid, [i], cut)
+
+    def _aofrestart(self, i: int, d: float) -> None:
+        inst = self.instances[i]
+        inst.up = False
+        inst.paused_until = 0.0
+        crashed_at = self.t
+        self._fault(f"instance {i} (AOF everysec) crashes, back from its AOF in "
+                    f"{d * 1000:.0f} ms")
+
+        def back() -> None:
+            inst.restart_from_aof(crashed_at)
+            inst.up = True
+
+        self.at(self.t + d, None, back)
+
     def _latency(self, c: int, d: float, extra: float) -> None:
         self.net.lag[c] = (self.t + d, extra)
         self._fault(f"client {c}'s messages {extra * 1000:.0f} ms slower each way for "
                     f"{d * 1000:.0f} ms")
+
+    def _latedup(self, c: int, d: float, lag: float) -> None:
+        self.net.echo[c] = (self.t + d, lag)
+        self._fault(f"client {c}'s messages of the next {d * 1000:.0f} ms delivered again "
+                    f"{lag * 1000:.0f} ms later")
 
     def _convloss(self, c: int, i: int, within: float, j: int, d: float) -> None:
         self.net.convloss[(c, i)] = (self.t + within, (j, d))
@@ -576,6 +655,10 @@ class Observer:
         self.writes: dict[tuple[bytes, bytes], list] = {}
         #: key -> [(time, version, value)] of each write when a quorum stored it
         self.commits: dict[bytes, list[tuple[float, int, bytes]]] = {}
+        #: lock ids left out of (1): broken by an operator (tests/sim/jobs.py; their holders
+        #: may believe them valid until they learn, docs/verification.md)
+        self.exempt: set[str] = set()
+        self.extra: list[Callable[[], None]] = []  #: the jobs' checks, after every event
 
     def written(self, inst: Any, key: bytes, value: bytes, version: int,
                 stored: bool) -> None:
@@ -641,7 +724,7 @@ class Observer:
                     continue
                 if now is None:
                     now = c._now()
-                if m is None or lk.validity(now) <= 0:
+                if m is None or lk.validity(now) <= 0 or lk.id in self.exempt:
                     continue
                 lst = held.setdefault(lk.key, [])
                 for cid, other, om in lst:
@@ -660,6 +743,8 @@ class Observer:
                     self._fencing(lk, m)
                     if ph is Phase.HELD and m is not Mode.NL:
                         self._read(c, lk)
+        for fn in self.extra:
+            fn()
 
     def _fencing(self, lk: Any, m: Mode) -> None:
         tops = self.top.setdefault(lk.key, {})
