@@ -663,7 +663,7 @@ end
 -- hand it to `lone_put`), false when the key is absent, nil when it has the full form or
 -- this call already loaded it (the full path then; K1 errors too: `load` reports them).
 local function lone_get(key)
-  if not FAST or cache[key] ~= nil then return nil end
+  if not FAST or key == nil or cache[key] ~= nil then return nil end  -- (nil: `load` says)
   local a = lone and lone[key]
   if a then return a end
   local blob = get_blob(key)
