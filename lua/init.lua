@@ -80,11 +80,13 @@ elseif cmd == 'fresh' then
     redis.call('HSET', KEYS[1], 'id', new_epoch_id(), 'safe', '0')
   end
   if rejoin then raise_rejoin(rejoin) end
+  epoch_sync()  -- (core.lua: the joined field follows)
   return status()
 elseif cmd == 'rejoin' then
   local rejoin = rejoin_arg(ARGV[2])
   if not rejoin then return redis.error_reply('DLM_BADARG rejoin must be 0..' .. MAX_REJOIN) end
   raise_rejoin(rejoin)
+  epoch_sync()
   return status()
 elseif cmd == 'hello' then
   local st = status()
@@ -99,6 +101,7 @@ elseif cmd == 'clock' then
   end
   if fix == '' then redis.call('HDEL', KEYS[1], 'tfix') else redis.call('HSET', KEYS[1], 'tfix', fix) end
   redis.call('HSET', KEYS[1], 'toff', off)
+  epoch_sync()
   return status()
 end
 return redis.error_reply('DLM_BADARG init needs status, hello, fresh, rejoin or clock')

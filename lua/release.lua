@@ -32,6 +32,19 @@ return run(function()
   end
   local key = KEYS[3]
 
+  local a = lone_get(key)  -- the fast path (core.lua): a live lone lock, found
+  if a and #a == LONE_LEN and a[A_ID] == id and a[A_E] > NOW then
+    if a[A_O] ~= owner then fail('DLM_NOTOWNER', 'lock ' .. id .. ' belongs to another owner') end
+    if write and not (a[A_GR] >= PW) then
+      fail('DLM_BADARG', 'the value block is written only releasing PW/EX (V3)')
+    end
+    -- G9: the last lock goes, with the value block (V6's write included); F1: the floor
+    local seq = a[A_S]
+    if floor > seq then seq = floor end
+    lone_write(key, {a[A_N], seq})
+    return reply(S_RELEASED, NONE, 0, -1, 1)
+  end
+
   local r = load(key)
   local qn, lk = nil, nil
   if r then qn, lk = find(r, id) end

@@ -35,38 +35,51 @@ return run(function()
     local id, floor = items[i][1], items[i][2]
     -- K1: a corrupt key fails its own lock only. `load` refuses it before caching or
     -- marking anything, so nothing of it is written (no WRONGTYPE halfway through commit).
-    local ok, r = pcall(load, key)
-    local status = nil  -- a lock that is not renewed here: CORRUPT or NOTFOUND
-    local qn, lk = nil, nil
-    if not ok then
-      local msg = r  -- (Redis hands a caught error table over as its message)
-      if type(r) == 'table' then msg = r.err end
-      if type(msg) ~= 'string' or not string.find(msg, 'DLM_CORRUPT ', 1, true) then
-        error(r, 0)
-      end
-      status = S_CORRUPT
-    else
-      if r then qn, lk = find(r, id) end
-      if not lk then status = S_NOTFOUND end
-    end
-    if status then
-      out[#out + 1] = status
-      out[#out + 1] = NONE
+    local fok, a = pcall(lone_get, key)  -- the fast path (core.lua): a live lone lock
+    if fok and a and #a == LONE_LEN and a[A_ID] == id and a[A_E] > NOW then
+      if a[A_O] ~= owner then fail('DLM_NOTOWNER', 'lock ' .. id .. ' belongs to another owner') end
+      a[A_E] = NOW + lease
+      if floor > a[A_S] then a[A_S] = floor end
+      lone_put(key, a)
+      out[#out + 1] = S_GRANTED
+      out[#out + 1] = a[A_GR]
+      out[#out + 1] = a[A_TOK]
       out[#out + 1] = 0
       out[#out + 1] = -1
-      out[#out + 1] = -1
     else
-      if lk.o ~= owner then fail('DLM_NOTOWNER', 'lock ' .. id .. ' belongs to another owner') end
-      lk.e = NOW + lease
-      if qn ~= 'g' then windex_add(key, lk) end
-      if floor > r.s then r.s = floor end
-      mark(key)
-      local st = lock_state(r, lk)
-      out[#out + 1] = st[R_STATUS]
-      out[#out + 1] = st[R_MODE]
-      out[#out + 1] = st[R_TOKEN]
-      out[#out + 1] = st[R_POS]
-      out[#out + 1] = st[R_WAIT]
+      local ok, r = pcall(load, key)
+      local status = nil  -- a lock that is not renewed here: CORRUPT or NOTFOUND
+      local qn, lk = nil, nil
+      if not ok then
+        local msg = r  -- (Redis hands a caught error table over as its message)
+        if type(r) == 'table' then msg = r.err end
+        if type(msg) ~= 'string' or not string.find(msg, 'DLM_CORRUPT ', 1, true) then
+          error(r, 0)
+        end
+        status = S_CORRUPT
+      else
+        if r then qn, lk = find(r, id) end
+        if not lk then status = S_NOTFOUND end
+      end
+      if status then
+        out[#out + 1] = status
+        out[#out + 1] = NONE
+        out[#out + 1] = 0
+        out[#out + 1] = -1
+        out[#out + 1] = -1
+      else
+        if lk.o ~= owner then fail('DLM_NOTOWNER', 'lock ' .. id .. ' belongs to another owner') end
+        lk.e = NOW + lease
+        if qn ~= 'g' then windex_add(key, lk) end
+        if floor > r.s then r.s = floor end
+        mark(key)
+        local st = lock_state(r, lk)
+        out[#out + 1] = st[R_STATUS]
+        out[#out + 1] = st[R_MODE]
+        out[#out + 1] = st[R_TOKEN]
+        out[#out + 1] = st[R_POS]
+        out[#out + 1] = st[R_WAIT]
+      end
     end
   end
   return out

@@ -35,6 +35,36 @@ return run(function()
   local wait = recovering_ms()
   if wait > 0 then return reply(S_RECOVERING, NONE, 0, -1, wait) end
 
+  if pid == '' then  -- the fast path (core.lua `lone_get`), same rules
+    local a = lone_get(key)
+    if a == false or (a and #a == TOMB_LEN) then
+      -- G1: nothing granted, converting or waiting: granted at once. From a tombstone, the
+      -- name it kept (K2: a name only where it has none) and its fencing sequence (F1).
+      local n, seq = name, 0
+      if a then
+        seq = a[A_S]
+        if a[A_N] ~= '' then n = a[A_N] end
+      end
+      local vi = 0
+      if forgets_values() then vi = VI_FORGOTTEN end  -- V5
+      local tok = seq + 1  -- F1 (`bump`)
+      if NOW_US > tok then tok = NOW_US end
+      a = {n, tok, 0, vi, false, id, owner, mode, flags, ticket, NOW + lease, tok, NONE, 0,
+           priority}
+      lone_write(key, a)
+      return lone_reply(a)
+    elseif a and a[A_ID] == id and a[A_E] > NOW then  -- G12 on a lone lock
+      if a[A_O] ~= owner then
+        fail('DLM_NOTOWNER', 'lock id ' .. id .. ' belongs to another owner')
+      end
+      if a[A_E] < NOW + lease then
+        a[A_E] = NOW + lease
+        lone_write(key, a)
+      end
+      return lone_reply(a)
+    end
+  end
+
   local pr = nil
   if pid ~= '' then pr = load(KEYS[4]) end
   local r = load(key)

@@ -79,6 +79,7 @@ for i = 2, nkeys do
     end
     if not (m and m.b == blob and m.t <= now and now < m.x) then
       local r = unpack(blob)
+      if is_table(r) and r[1] ~= nil and lone_valid(r) then r = expand(r) end  -- (core.lua)
       local d, nd, live, first = {}, 0, 0, math.huge
       for qi = 1, 3 do
         local q = r[qi == 1 and 'g' or (qi == 2 and 'c' or 'w')]

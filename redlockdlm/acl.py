@@ -37,7 +37,8 @@ from .engine.keys import EPOCH_KEY, check_namespace
 from .errors import InvalidArgument, InvalidType
 
 LIBRARY = ("fcall", "function|load", "subscribe", "unsubscribe", "ping")
-SCRIPTS = ("hmget", "hset", "hexists", "hdel", "time", "get", "set", "zadd", "zrem", "publish")
+SCRIPTS = ("hget", "hmget", "hset", "hexists", "hdel", "time", "get", "set", "zadd", "zrem",
+           "publish")
 OPERATORS = ("scan", "info", "zcard", "zrange", "zrangebyscore", "zscore", "watch", "unwatch",
              "multi", "exec", "discard")
 #: Every command a redlockdlm user needs, grouped as above.

@@ -42,9 +42,13 @@ local prio_s, prio_n  -- the last valid priority string and its value
 --     and what derives from it, a pure function of that string: namespace, key prefix,
 --     channel prefix. Each call's KEYS[2] is compared with valid_w first.
 local valid_w, valid_ns, valid_prefix, valid_ch
---   written (commit, load): what the last committing call wrote: key -> {blob, the table
---     packed into it}. A GET returning exactly those bytes decodes to exactly that table, so
---     the unpack is skipped; bytes that differ in any way (another writer, expiry, a flush)
+--   ep_all, ep_id, ep_safe, ep_rejoin, ep_fix, ep_off (epoch_fields): the last `all` field
+--     of the epoch hash parsed, and its parts (a pure function of that string).
+local ep_all, ep_id, ep_safe, ep_rejoin, ep_fix, ep_off
+--   written (commit, load, lone_get): what the last committing call wrote: key -> {blob,
+--     the compact record packed into it or false, the resource's table or false (at least
+--     one of the two)}. A GET returning exactly those bytes decodes to exactly that, so the
+--     unpack is skipped; bytes that differ in any way (another writer, expiry, a flush)
 --     simply miss. An entry is handed over when used (the call may change the table, or
 --     fail), and the whole map is replaced by every commit: one call's keys at most.
 local written = {}
@@ -66,6 +70,8 @@ local FUNCTIONS = register ~= nil
 -- only when empty), so nothing of one call reaches the next.
 local REJOIN, CHANNEL  -- ARGV[1] rejoin_ms (E1: raised to the stored wait); ARGV[2]
 local NOW, NOW_US      -- the instance clock (`clock`, read by epoch_load)
+local EP_FIX, EP_OFF  -- the test clock fields as stored (strings, or false), for commit
+local EP_SYNC         -- the `all` field to write when the hash has none (epoch_fields)
 local EPOCH, SAFE      -- the epoch id and the time it is safe (E1; epoch_load)
 local epoch_dirty = false  -- the epoch hash is written by commit
 local cache        -- key -> resource (false if absent)
@@ -73,6 +79,9 @@ local dirty        -- key -> true
 local dirty_order
 local windex_ops   -- {'add', member, score} | {'rem', member}
 local events       -- {owner, message}
+local lone         -- false, or key -> compact record to write (the fast path, `lone_put`)
+local pre_key, pre_blob, pre_rec  -- the key `lone_get` read: its bytes, its compact record
+local one_key, one_rec  -- the single record a request or release writes (`lone_write`)
 
 local NL, CR, CW, PR, PW, EX = 0, 1, 2, 3, 4, 5
 local NONE = -1
@@ -235,6 +244,46 @@ end
 -- recovery still running (a longer wait is always safe), never one that is over (clients
 -- that started since remember the stored value: raising it needs `init rejoin`).
 --
+-- The epoch hash's fields (id, safe, rejoin, tfix, toff) are also stored joined in one field,
+-- `all` = "id|safe|rejoin|tfix|toff" (absent ones empty), which every writer of the hash
+-- keeps equal to them (`commit`, `epoch_sync`): a call reads that one field and, while it
+-- is the string the previous call read, parses nothing. Without `all` (no epoch yet, or a
+-- hash written before it existed) the fields are read one by one and the call writes `all`.
+local function epoch_join(id, safe, rejoin, fix, off)
+  return id .. '|' .. safe .. '|' .. rejoin .. '|' .. (fix or '') .. '|' .. (off or '')
+end
+
+-- id, safe (number), tfix, toff (strings or false), stored rejoin (number or nil), and
+-- the `all` field to write (false when it is there).
+local function epoch_fields()
+  local all = redis.call('HGET', KEYS[1], 'all')
+  if all then
+    if all == ep_all then return ep_id, ep_safe, ep_fix, ep_off, ep_rejoin, false end
+    local id, safe, rejoin, fix, off =
+      string.match(all, '^([^|]+)|(%d+)|(%d*)|(%d*)|(%-?%d*)$')
+    if id then
+      if fix == '' then fix = false end
+      if off == '' then off = false end
+      ep_all, ep_id, ep_safe, ep_fix, ep_off, ep_rejoin =
+        all, id, tonumber(safe), fix, off, tonumber(rejoin)
+      return ep_id, ep_safe, ep_fix, ep_off, ep_rejoin, false
+    end
+  end
+  local e = redis.call('HMGET', KEYS[1], 'id', 'safe', 'tfix', 'toff', 'rejoin')
+  return e[1], e[2] and tonumber(e[2]), e[3], e[4], e[5] and tonumber(e[5]),
+    e[1] and epoch_join(e[1], e[2] or '0', e[5] or '', e[3], e[4])
+end
+
+-- (init.lua, after it changed the epoch hash: `all` follows the fields.)
+local function epoch_sync()
+  local e = redis.call('HMGET', KEYS[1], 'id', 'safe', 'rejoin', 'tfix', 'toff')
+  if e[1] then
+    redis.call('HSET', KEYS[1], 'all', epoch_join(e[1], e[2] or '0', e[3] or '', e[4], e[5]))
+  else
+    redis.call('HDEL', KEYS[1], 'all')
+  end
+end
+
 -- E2: the first call of a server process (Functions form only) compares the run_id that
 -- created the epoch (the end of its id) with the server's own. Another one: the server
 -- restarted WITH its data (AOF, RDB, a promoted replica), which may lack the last writes
@@ -242,19 +291,20 @@ end
 -- rejoin window exactly as if it had been lost (E1; V5 marks apply). `run_checked` is set
 -- only when such a call commits, so a call that fails leaves the check to the next one.
 local function epoch_load()
-  local e = redis.call('HMGET', KEYS[1], 'id', 'safe', 'tfix', 'toff', 'rejoin')
+  local id, safe, fix, off, stored
+  id, safe, fix, off, stored, EP_SYNC = epoch_fields()
+  EP_FIX, EP_OFF = fix, off
   local sec, usec
-  NOW, NOW_US, sec, usec = clock(e[3], e[4])
-  local stored = e[5] and tonumber(e[5])
-  if e[1] and FUNCTIONS and not run_checked then
+  NOW, NOW_US, sec, usec = clock(fix, off)
+  if id and FUNCTIONS and not run_checked then
     local run = server_run()
-    if string.sub(e[1], -#run - 1) ~= '.' .. run then  -- E2: restarted with its data
-      e[1] = nil
+    if string.sub(id, -#run - 1) ~= '.' .. run then  -- E2: restarted with its data
+      id = nil
       EPOCH = new_epoch_id(sec, usec, run)
     end
   end
-  if e[1] then
-    EPOCH, SAFE = e[1], tonumber(e[2])
+  if id then
+    EPOCH, SAFE = id, safe
     if stored then
       if REJOIN > stored and SAFE > NOW then
         SAFE = SAFE - stored + REJOIN  -- still recovering: wait the longer rejoin
@@ -483,10 +533,73 @@ local function get_blob(key)
   return blob
 end
 
+-- ----------------------------------------------------------------- compact records
+-- The common resources are stored in a compact form, a flat msgpack array that the fast
+-- path (request, release, renew of a lone lock) reads and writes field by field, without
+-- building the full table of `load` (docs/design.md, "Storage"):
+--   tombstone (G9):   {n, s}                    (vv = vi = 0, no value, no lock)
+--   one lock (lone):  {n, s, vv, vi, v or false, id, o, gr, f, t, e, tok, pm, ct, pr}
+-- (the fields of the map and of its lock, in this order; pr = 0 when the lock has none).
+-- Told apart by their length; both are msgpack fixarrays (first byte 0x92, 0x9f).
+-- A lone record is a resource whose only lock is granted (rq = NONE), has no parent and no
+-- children: nothing waits, converts or hangs below it. Any other resource is the msgpack
+-- map described above. `commit` picks the form; every reader accepts both (`decode`).
+local A_N, A_S, A_VV, A_VI, A_V, A_ID, A_O, A_GR, A_F, A_T, A_E, A_TOK, A_PM, A_CT, A_PR =
+  1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15
+local TOMB_LEN, LONE_LEN = 2, 15
+-- false: no fast path and no compact record written (every resource stored as a map, as
+-- before they existed). Only tests/engine/test_fastpath.py builds a library so, to check
+-- that the fast path decides as the full one does.
+local FAST = true
+
+-- A compact record has the shape above (K1: bytes we did not write may claim to be one).
+local function lone_valid(a)
+  if not is_table(a) or type(a[A_N]) ~= 'string' or type(a[A_S]) ~= 'number' then
+    return false
+  end
+  local len = #a
+  if len == TOMB_LEN then return true end
+  return len == LONE_LEN and type(a[A_VV]) == 'number'
+    and type(a[A_VI]) == 'number' and (a[A_V] == false or type(a[A_V]) == 'string')
+    and type(a[A_ID]) == 'string' and type(a[A_O]) == 'string'
+    and type(a[A_GR]) == 'number' and type(a[A_F]) == 'number'
+    and type(a[A_T]) == 'number' and type(a[A_E]) == 'number'
+    and type(a[A_TOK]) == 'number' and type(a[A_PM]) == 'number'
+    and type(a[A_CT]) == 'number' and type(a[A_PR]) == 'number'
+end
+
+-- The full table of a (valid) compact record.
+local function expand(a)
+  if #a == TOMB_LEN then return {n = a[A_N], s = a[A_S], vv = 0, vi = 0} end
+  local lk = {id = a[A_ID], o = a[A_O], gr = a[A_GR], rq = NONE, f = a[A_F], t = a[A_T],
+              ct = a[A_CT], e = a[A_E], p = '', pk = '', k = {}, tok = a[A_TOK],
+              pm = a[A_PM]}
+  if a[A_PR] ~= 0 then lk.pr = a[A_PR] end
+  local v = a[A_V]
+  if v == false then v = nil end
+  return {n = a[A_N], s = a[A_S], v = v, vv = a[A_VV], vi = a[A_VI], g = {lk}, c = {}, w = {}}
+end
+
+-- The compact record of a full resource table, or nil if it has no compact form.
+local function compact(r)
+  if not FAST or #r.c > 0 or #r.w > 0 then return nil end
+  local g = r.g
+  if #g == 0 then return {r.n, r.s} end  -- (commit writes it as a tombstone)
+  if #g > 1 then return nil end
+  local lk = g[1]
+  if lk.rq ~= NONE or lk.p ~= '' or #lk.k > 0 then return nil end
+  return {r.n, r.s, r.vv, r.vi, r.v or false, lk.id, lk.o, lk.gr, lk.f, lk.t,
+          lk.e, lk.tok, lk.pm, lk.ct, lk.pr or 0}
+end
+
 -- A resource's bytes decoded, and checked to have a resource's shape (K1: DLM_CORRUPT).
 local function decode(key, blob)
   local ok, r = pcall(cmsgpack.unpack, blob)
   if not ok then corrupt(key, 'does not decode') end
+  if is_table(r) and r[1] ~= nil then  -- a compact record
+    if not lone_valid(r) then corrupt(key, 'is not a lock resource') end
+    return expand(r)
+  end
   check_shape(key, r)
   return r
 end
@@ -496,11 +609,23 @@ local function load(key)
   if key == nil then fail('DLM_KEYS', 'a resource key is missing from KEYS') end
   local r = cache[key]
   if r == nil then
-    local blob = get_blob(key)
+    local a = lone and lone[key]  -- the fast path changed it in this call (renew)
+    local blob
+    if a then
+      lone[key] = nil
+      blob = true
+    elseif key == pre_key then  -- (lone_get read it)
+      blob, a = pre_blob, pre_rec
+      pre_key = nil
+    else
+      blob = get_blob(key)
+    end
     if blob then
       local w = written[key]
-      if w and w[1] == blob then
-        r = w[2]
+      if a then
+        r = expand(a)
+      elseif w and w[1] == blob then
+        r = w[3] or expand(w[2])
         written[key] = nil
       else
         r = decode(key, blob)
@@ -524,6 +649,57 @@ local function load(key)
   end
   if r == false then return nil end
   return r
+end
+
+-- ----------------------------------------------------------------- the fast path
+-- request, release and renew first look at their resource with `lone_get`: when it is
+-- absent, a tombstone or a lone lock (a compact record, above), what they do is decided on
+-- the record's fields alone (nothing queued: no purge beyond the lock's own expiry, no queue
+-- processing, no waiter index, no event), and `lone_put` hands the changed record to
+-- `commit`. Anything else goes to the full path (`load`), which reads the record
+-- `lone_get` already read. tests/engine/test_fastpath.py checks both paths give the same.
+
+-- The resource at `key` for the fast path: its compact record (the caller may change it and
+-- hand it to `lone_put`), false when the key is absent, nil when it has the full form or
+-- this call already loaded it (the full path then; K1 errors too: `load` reports them).
+local function lone_get(key)
+  if not FAST or key == nil or cache[key] ~= nil then return nil end  -- (nil: `load` says)
+  local a = lone and lone[key]
+  if a then return a end
+  local blob = get_blob(key)
+  pre_key, pre_blob, pre_rec = key, blob, nil
+  if not blob then return false end
+  local w = written[key]
+  if w and w[1] == blob then
+    a = w[2]
+    if not a then return nil end  -- the full form: `load` takes it from `written`
+    written[key] = nil
+  else
+    local b = string.byte(blob)
+    if b ~= 0x92 and b ~= 0x9f then return nil end
+    local ok
+    ok, a = pcall(cmsgpack.unpack, blob)
+    if not ok or not lone_valid(a) then return nil end
+  end
+  pre_rec = a
+  return a
+end
+
+local function lone_put(key, a)
+  if not lone then lone = {} end
+  lone[key] = a
+  mark(key)
+end
+
+-- The write of a request or release on the fast path: its call's only write and last act
+-- (the script returns right after). `commit` writes it alone, without the bookkeeping of
+-- `lone_put` (per-call tables), unless the epoch or another key is to be written too.
+local function lone_write(key, a)
+  if one_key or lone or #dirty_order > 0 then
+    lone_put(key, a)
+  else
+    one_key, one_rec = key, a
+  end
 end
 
 local function create(key, name)
@@ -593,6 +769,18 @@ local R_LEN = 11
 
 local function reply(status, gr, tok, pos, extra)
   return {status, EPOCH, gr or NONE, tok or 0, pos or -1, false, 0, 0, -1, extra or 0, 0}
+end
+
+-- The reply about a lone record's lock: granted (`lock_state`).
+local function lone_reply(a)
+  local gr = a[A_GR]
+  local out = reply(S_GRANTED, gr, a[A_TOK], 0)
+  if gr ~= NL then  -- V2
+    out[R_VALUE] = a[A_V]
+    out[R_VERSION] = a[A_VV]
+    out[R_INVALID] = a[A_VI]
+  end
+  return out
 end
 
 local function lock_state(r, lk)
@@ -716,10 +904,27 @@ local function allowed(cmd, ...)
 end
 
 local function commit()
-  local before = epoch_dirty
+  if one_key then
+    local key, a = one_key, one_rec
+    one_key, one_rec = nil, nil
+    if not (epoch_dirty or EP_SYNC) and #dirty_order == 0 and #windex_ops == 0
+        and #events == 0 then  -- the one write: no ACL check needed before it (K3)
+      local blob = cmsgpack.pack(a)
+      if #a == TOMB_LEN then
+        redis.call('SET', key, blob, 'PX', TOMBSTONE_PX)  -- G9, as below
+      else
+        redis.call('SET', key, blob)
+      end
+      written = {[key] = {blob, a, false}}
+      run_checked = true  -- (E2, as below)
+      return
+    end
+    lone_put(key, a)
+  end
+  local before = epoch_dirty or EP_SYNC
   for di = 1, #dirty_order do
     local key = dirty_order[di]
-    if cache[key] then
+    if cache[key] or (lone and lone[key]) then
       if before then allowed('SET', key, 'x') end
       before = true
     end
@@ -734,29 +939,42 @@ local function commit()
     for i = 1, #events do allowed('PUBLISH', CHANNEL .. events[i][1], 'x') end
   end
   if epoch_dirty then
-    redis.call('HSET', KEYS[1], 'id', EPOCH, 'safe', fmt(SAFE), 'rejoin', fmt(REJOIN))
+    local safe, rejoin = fmt(SAFE), fmt(REJOIN)
+    redis.call('HSET', KEYS[1], 'id', EPOCH, 'safe', safe, 'rejoin', rejoin,
+               'all', epoch_join(EPOCH, safe, rejoin, EP_FIX, EP_OFF))
+  elseif EP_SYNC then  -- (the fields as they are, joined)
+    redis.call('HSET', KEYS[1], 'all', EP_SYNC)
   end
   local now_written = {}
   for di = 1, #dirty_order do
     local key = dirty_order[di]
     local r = cache[key]
-    if r then
-      if #r.g == 0 and #r.c == 0 and #r.w == 0 then
-        -- G9: the resource is gone; its fencing sequence outlives it as a tombstone
-        local t = {n = r.n, s = r.s, vv = 0, vi = 0}
-        local blob = cmsgpack.pack(t)
+    local a = (lone and lone[key]) or (r and compact(r))
+    if a then
+      local blob = cmsgpack.pack(a)
+      if #a == TOMB_LEN then
+        -- G9: the resource is gone; its fencing sequence outlives it as a tombstone (and
+        -- only it: `r` may still hold the value block it had, so it is not kept)
         redis.call('SET', key, blob, 'PX', TOMBSTONE_PX)
-        now_written[key] = {blob, t}
+        now_written[key] = {blob, a, false}
       else
-        -- No TTL while the resource has locks, expired ones included (the next call that
-        -- loads it purges them, G10; `dlm sweep` those nobody touches again): a key with a
-        -- TTL is what a volatile-* maxmemory-policy may evict, and an evicted lock is a lock
-        -- granted twice while the epoch, which has no TTL, says nothing was lost
-        -- (docs/operations.md, "Memory"). Tombstones keep theirs.
-        local blob = cmsgpack.pack(r)
-        redis.call('SET', key, blob)
-        now_written[key] = {blob, r}
+        redis.call('SET', key, blob)  -- (no TTL while it has a lock: see below)
+        now_written[key] = {blob, a, r or false}
       end
+    elseif r and #r.g == 0 and #r.c == 0 and #r.w == 0 then  -- (FAST = false: as a map)
+      local t = {n = r.n, s = r.s, vv = 0, vi = 0}
+      local blob = cmsgpack.pack(t)
+      redis.call('SET', key, blob, 'PX', TOMBSTONE_PX)
+      now_written[key] = {blob, false, t}
+    elseif r then
+      -- No TTL while the resource has locks, expired ones included (the next call that
+      -- loads it purges them, G10; `dlm sweep` those nobody touches again): a key with a
+      -- TTL is what a volatile-* maxmemory-policy may evict, and an evicted lock is a lock
+      -- granted twice while the epoch, which has no TTL, says nothing was lost
+      -- (docs/operations.md, "Memory"). Tombstones keep theirs.
+      local blob = cmsgpack.pack(r)
+      redis.call('SET', key, blob)
+      now_written[key] = {blob, false, r}
     end
   end
   written = now_written
@@ -848,8 +1066,12 @@ local function call(script, keys, args)
   end
   KEYS, ARGV = keys, args
   REJOIN, CHANNEL, NOW, NOW_US, EPOCH, SAFE = nil, nil, nil, nil, nil, nil
+  EP_FIX, EP_OFF, EP_SYNC = nil, nil, false
   epoch_dirty = false
   cache, dirty, dirty_order = {}, {}, {}
+  lone = false  -- (a table once `lone_put` writes one)
+  pre_key, pre_blob, pre_rec = nil, nil, nil
+  one_key, one_rec = nil, nil
   if not events or #events > 0 then events = {} end  -- (an empty one is reused)
   if not windex_ops or #windex_ops > 0 then windex_ops = {} end
   return script()

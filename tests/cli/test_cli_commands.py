@@ -133,8 +133,9 @@ def test_status_names_instances_restarted_with_their_data(c):
         r = redis.Redis.from_url(u)
         eid = r.hget(EPOCH_KEY, "id")
         run = r.info("server")["run_id"][:8]
-        r.hset(EPOCH_KEY, "id", eid.rsplit(b".", 1)[0] + (b".11111111" if run != "11111111"
-                                                          else b".22222222"))
+        new = eid.rsplit(b".", 1)[0] + (b".11111111" if run != "11111111" else b".22222222")
+        joined = r.hget(EPOCH_KEY, "all")  # (the same id in the joined field, design.md §3)
+        r.hset(EPOCH_KEY, mapping={"id": new, "all": new + joined[len(eid):]})
         r.execute_command(*scripts.load_command())
     r = dlm(c, "status")
     assert r.exit_code == ExitCode.FAILED, r.output

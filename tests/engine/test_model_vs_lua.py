@@ -409,7 +409,10 @@ class EngineVsModel(RuleBasedStateMachine):
         if eid is None:  # no epoch yet: the first call creates one anyway (E1)
             return
         other = "1" * 8 if run == "0" * 8 else "0" * 8
-        self.client.hset(EPOCH_KEY, "id", eid.rsplit(b".", 1)[0] + b"." + other.encode())
+        new = eid.rsplit(b".", 1)[0] + b"." + other.encode()
+        joined = self.client.hget(EPOCH_KEY, "all")  # (the same id in the joined field)
+        self.client.hset(EPOCH_KEY, mapping={"id": new} if joined is None else
+                         {"id": new, "all": new + joined[len(eid):]})
         self.client.execute_command(*scripts.load_command())
         self.m.reload()
 
