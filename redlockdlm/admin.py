@@ -10,6 +10,7 @@ of failing the whole call, so an operator still sees the instances that do answe
     health(targets)                    # per instance: reachable, latency, epoch, counts
     resources(targets, prefix)         # every resource (SCAN + inspect), merged by key
     resource(targets, path)            # one resource, merged, with its divergences
+    top(targets, namespace).busiest()  # one read of every instance, busiest resources first
     break_locks(targets, path, lock_id=..., owner=...)
 """
 
