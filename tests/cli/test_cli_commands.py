@@ -603,6 +603,7 @@ def test_no_instances_is_a_usage_error():
 
 
 @pytest.mark.parametrize("cmd", [["status"], ["ls"], ["show", "R"], ["graph"],
+                                 ["graph", "--format", "dot"], ["top", "--once"],
                                  ["break", "R", "--lock", "x", "--yes"]])
 def test_an_unreachable_instance_exits_1_with_one_line(cmd):
     r = dlm(None, *cmd, "--redis", closed_port_url(), "--timeout", "0.5")
