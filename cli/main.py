@@ -9,7 +9,9 @@ through `common.exit_for`.
 from __future__ import annotations
 
 import contextlib
+import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -226,16 +228,94 @@ def break_(s: Settings, resource: tuple[str, ...], lock_id: str | None, owner: s
                                                  for o in result.failed))
 
 
+#: What `dlm graph --format svg` says where Graphviz is not installed.
+GRAPHVIZ_MISSING = ("--format svg needs Graphviz's `dot` on PATH: install Graphviz (apt "
+                    "install graphviz, brew install graphviz), or use --format dot, which "
+                    "works without it (dot -Tsvg elsewhere)")
+
+
+def _graphviz() -> str:
+    """The path of Graphviz's `dot` (Failed, saying how to get it, where it is missing)."""
+    exe = shutil.which("dot")
+    if exe is None:
+        raise Failed(GRAPHVIZ_MISSING)
+    return exe
+
+
+def _svg(exe: str, dot_text: str) -> str:
+    """SVG drawn from DOT by Graphviz's `dot` at `exe`."""
+    try:
+        p = subprocess.run([exe, "-Tsvg"], input=dot_text, capture_output=True, text=True,
+                           timeout=60)
+    except subprocess.TimeoutExpired as exc:
+        raise Failed(f"{exe} -Tsvg did not finish in {exc.timeout:g} s") from exc
+    if p.returncode != 0:
+        err = " ".join(p.stderr.split()) or f"exit status {p.returncode}"
+        raise Failed(f"{exe} -Tsvg failed: {err}")
+    return p.stdout
+
+
 @cli.command()
+@click.option("--format", "fmt", type=click.Choice(["text", "dot", "svg"]), default="text",
+              show_default=True,
+              help="text for people; dot: Graphviz DOT; svg: drawn by Graphviz's dot.")
 @connection_options
-def graph(s: Settings) -> None:
+def graph(s: Settings, fmt: str) -> None:
     """The wait-for graph between owners (from the waiter index of every instance) and
-    its cycles, each with the victim the detector would cancel if it persists."""
+    its cycles, each with the victim the detector would cancel if it persists.
+
+    --format dot prints it in Graphviz DOT (owners as nodes, edges waiter -> holder
+    labelled by resource and locks, cycle edges red and bold, each victim's owner a red
+    double octagon); --format svg draws that with Graphviz (`dot -Tsvg`), which must be
+    installed (exit 1 saying how, otherwise).
+    """
+    if s.as_json and fmt != "text":
+        raise click.UsageError(f"--json and --format {fmt}: give one",
+                               ctx=click.get_current_context())
+    exe = _graphviz() if fmt == "svg" else ""  # (missing: fail before connecting)
     snap = scan(s.targets())
     g = wait_for_graph(snap)
     cycles = [(c, choose_victim(c, snap)) for c in find_cycles(g)]
     outcomes = [admin.InstanceResult(i.label, None, i.error) for i in snap.instances]
-    _report(outcomes, lambda: output.graph(snap, g, cycles, s.as_json))
+    if fmt == "text":
+        _report(outcomes, lambda: output.graph(snap, g, cycles, s.as_json))
+        return
+    dot_text = output.graph_dot(g, cycles)
+    if fmt == "svg" and any(o.ok for o in outcomes):
+        drawn = _svg(exe, dot_text)  # (before anything is printed: a failure prints nothing)
+        _report(outcomes, lambda: output.text_out(drawn))
+        return
+    _report(outcomes, lambda: output.text_out(dot_text))
+
+
+@cli.command()
+@click.option("--interval", "interval_s", type=click.FloatRange(min=0.1), default=2.0,
+              show_default=True, metavar="SECONDS", help="Time between refreshes.")
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True,
+              metavar="N", help="Show the N busiest resources.")
+@click.option("--once", is_flag=True,
+              help="Print one frame and exit (scripts; --json implies it).")
+@connection_options
+def top(s: Settings, interval_s: float, limit: int, once: bool) -> None:
+    """The busiest resources, refreshed in place: the first view for a stuck lock.
+
+    Rows, busiest first (most requests not granted, then the longest wait, then most
+    holders): resource path, granted locks (owner:mode), converting (owner:old>new),
+    waiting (count, owner:mode), the oldest wait (from its ticket, the requester's clock),
+    the smallest lease left of a holder, DIVERGENT where instances disagree. Header:
+    namespace, time, instances reachable and recovering. Ctrl-C or SIGTERM exit 0.
+    --once (or --json) prints one frame; it exits 1 if fewer than a quorum answered.
+    """
+    targets = s.targets()
+    if once or s.as_json:
+        snap = admin.top(targets, s.namespace)
+        _report(list(snap.instances), lambda: output.top(snap, limit, s.as_json))
+        return
+    stop = threading.Event()
+    with _stop_on_signals(stop), output.top_live(limit) as show:
+        while not stop.is_set():
+            show(admin.top(targets, s.namespace))
+            stop.wait(interval_s)
 
 
 @cli.command("detector")

@@ -2,16 +2,19 @@
 
 Each command hands its result (library dataclasses) to one function here, with `as_json`.
 JSON goes to stdout as one document (the detector: one object per log line); warnings and
-the final error line go to stderr, prefixed ``dlm:``.
+the final error line go to stderr, prefixed ``dlm:``. `dlm top` is drawn with rich:
+`top` / `top_live` here print the frames that `top.frame` (a pure function) builds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import click
@@ -385,6 +388,110 @@ def graph(snap: Snapshot, g: WaitForGraph, cycles: Sequence[tuple[Cycle, Waiting
                f"{admin.show_name(v.path)}, ticket {v.ticket}"
                + (f", priority {v.priority})" if v.priority else ")"))
         click.echo(f"  {' -> '.join(c.path + c.path[:1])}   [{', '.join(c.owners)}]   {who}")
+
+
+def _dot_str(*lines: str) -> str:
+    """A DOT string literal of `lines` (shown one under another): quoted, with
+    backslashes, quotes and line ends inside each line escaped (a resource name may hold
+    any byte but NUL)."""
+    return '"' + "\\n".join(t.replace("\\", "\\\\").replace('"', '\\"')
+                            .replace("\r", "\\r").replace("\n", "\\n")
+                            for t in lines) + '"'
+
+
+def graph_dot(g: WaitForGraph, cycles: Sequence[tuple[Cycle, WaitingRequest | None]]) -> str:
+    """The wait-for graph in Graphviz DOT: one node per owner, one edge `waiter -> holder`
+    per lock pair, labelled by resource and locks. Edges inside a cycle are red and bold;
+    the owner of each cycle's victim (the request the detector cancels if the cycle
+    persists) is a red double octagon whose label names the victim lock. Pure."""
+    in_cycle = {e.ident for c, _ in cycles for e in c.edges}
+    cyclic_owners = {o for c, _ in cycles for o in c.owners}
+    victims: dict[str, list[WaitingRequest]] = {}
+    for _, v in cycles:
+        if v is not None:
+            victims.setdefault(v.owner, []).append(v)
+    victim_reqs = {(v.key, v.lock_id) for vs in victims.values() for v in vs}
+    lines = ["digraph waitfor {", "  rankdir=LR;",
+             '  node [shape=box, fontname="Helvetica"];',
+             '  edge [fontname="Helvetica", fontsize=10];']
+    for owner in g.owners:
+        attrs = []
+        if owner in victims:
+            label = [owner] + [f"victim: lock {v.lock_id} on {admin.show_name(v.path)}"
+                               for v in victims[owner]]
+            attrs += [f"label={_dot_str(*label)}", "shape=doubleoctagon", "color=red",
+                      "style=filled", 'fillcolor="#ffd6d6"', "penwidth=2"]
+        elif owner in cyclic_owners:
+            attrs += ["color=red", "penwidth=2"]
+        lines.append(f"  {_dot_str(owner)}" + (f" [{', '.join(attrs)}]" if attrs else "")
+                     + ";")
+    for e in g.edges:
+        req = g.requests[(e.key, e.lock_id)]
+        label = _dot_str(admin.show_name(req.path), f"{e.lock_id} waits for {e.blocker_id}")
+        attrs = [f"label={label}"]
+        if e.ident in in_cycle:
+            attrs += ["color=red", "fontcolor=red", "penwidth=2", "style=bold"]
+        if (e.key, e.lock_id) in victim_reqs:
+            attrs.append('taillabel="victim"')
+        lines.append(f"  {_dot_str(e.waiter)} -> {_dot_str(e.holder)} [{', '.join(attrs)}];")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def text_out(text: str) -> None:
+    """Text made elsewhere (DOT, SVG), as it is, on stdout."""
+    click.echo(text, nl=not text.endswith("\n"))
+
+
+# ----------------------------------------------------------------- dlm top
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    # Not a terminal (a pipe, a script, a test): wide lines rather than rich's 80 columns,
+    # unless COLUMNS says otherwise.
+    wide = not sys.stdout.isatty() and "COLUMNS" not in os.environ
+    return Console(file=sys.stdout, width=160 if wide else None)
+
+
+def top(snap: admin.TopSnapshot, limit: int, as_json: bool) -> None:
+    """One frame of `dlm top` (--once), or its rows as one JSON document."""
+    if as_json:
+        n = len(snap.instances)
+        _emit_json({
+            "namespace": snap.namespace, "taken_at": round(snap.taken_at, 3),
+            "reachable": snap.reachable, "total": n, "quorum": admin.quorum(n),
+            "recovering": snap.recovering,
+            "instances": [{"url": o.label, "reachable": o.ok, "error": o.error,
+                           "recovering_ms": o.value.recovering_ms if o.value else None}
+                          for o in snap.instances],
+            "resources": [{
+                "name": admin.show_name(b.resource.path),
+                "path": admin.path_list(b.resource.path),
+                "granted": [_lock_json(m) for m in b.resource.queue("G")],
+                "converting": [_lock_json(m) for m in b.resource.queue("C")],
+                "waiting": [_lock_json(m) for m in b.resource.queue("W")],
+                "not_granted": b.waiting, "oldest_wait_ms": None if b.oldest_wait_us is None
+                else b.oldest_wait_us // 1000,
+                "lease_left_ms": b.lease_left_ms, "divergent": bool(b.resource.divergences),
+            } for b in snap.busiest()[:limit]]})
+        return
+    from .top import frame
+
+    _console().print(frame(snap, limit))
+
+
+@contextlib.contextmanager
+def top_live(limit: int) -> Iterator[Callable[[admin.TopSnapshot], None]]:
+    """Redraw `dlm top` in place (rich.live): yields `show(snapshot)`; the last frame stays
+    on the terminal when it ends."""
+    from rich.live import Live
+
+    from .top import frame
+
+    with Live(console=_console(), auto_refresh=False, vertical_overflow="ellipsis") as live:
+        yield lambda snap: live.update(frame(snap, limit), refresh=True)
 
 
 # ----------------------------------------------------------------- dlm detector, dlm dev

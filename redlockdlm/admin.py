@@ -10,6 +10,7 @@ of failing the whole call, so an operator still sees the instances that do answe
     health(targets)                    # per instance: reachable, latency, epoch, counts
     resources(targets, prefix)         # every resource (SCAN + inspect), merged by key
     resource(targets, path)            # one resource, merged, with its divergences
+    top(targets, namespace).busiest()  # one read of every instance, busiest resources first
     break_locks(targets, path, lock_id=..., owner=...)
 """
 
@@ -376,6 +377,84 @@ def resource(targets: Sequence[Target], path: Sequence[str | bytes]
         merged = MergedResource(key, tuple(check_path(path)), merged.views, merged.locks,
                                 merged.divergences)
     return merged, outcomes
+
+
+# ----------------------------------------------------------------- the busiest resources
+
+
+@dataclass(frozen=True)
+class Busy:
+    """One resource's load, as `dlm top` ranks it (`busiest`)."""
+
+    resource: MergedResource
+    waiting: int  #: requests not granted yet: converting plus waiting locks
+    oldest_wait_us: int | None  #: age of the oldest of them (ticket to now); None: none
+    holders: int  #: granted locks
+    lease_left_ms: int | None  #: the smallest lease left of a holder; None: no holder
+
+    @property
+    def rank(self) -> tuple[int, int, int]:
+        """Busier sorts first: more requests not granted, then the longest wait, then
+        more holders."""
+        return (-self.waiting, -(self.oldest_wait_us or 0), -self.holders)
+
+
+def wait_age_us(lock: MergedLock, now_us: int) -> int:
+    """How long a converting or waiting lock has waited: its ticket (a conversion's
+    conversion ticket) is the requesting client's wall clock in microseconds when it asked
+    (G11), so the age is as good as the agreement of that clock with `now_us`; never
+    negative."""
+    return max(0, now_us - lock.ticket)
+
+
+def busiest(found: Sequence[MergedResource], now_us: int) -> list[Busy]:
+    """The resources ranked busiest first (`Busy.rank`, then by path), with what
+    `dlm top` shows of each. Pure: `now_us` is the wall clock the wait ages count to."""
+    out = []
+    for r in found:
+        pending = r.queue("C") + r.queue("W")
+        held = r.queue("G")
+        out.append(Busy(r, len(pending),
+                        max((wait_age_us(m, now_us) for m in pending), default=None),
+                        len(held), min((m.lease_left_ms for m in held), default=None)))
+    out.sort(key=lambda b: (b.rank, b.resource.path))
+    return out
+
+
+@dataclass(frozen=True)
+class TopSnapshot:
+    """One read of every instance for `dlm top`: what each instance said about itself and
+    every resource with a live lock, merged. `taken_at` is this machine's wall clock (s)."""
+
+    namespace: str
+    taken_at: float
+    instances: tuple[InstanceResult[InstanceStatus], ...]  #: per target, in order
+    resources: tuple[MergedResource, ...]
+
+    @property
+    def reachable(self) -> int:
+        return sum(1 for o in self.instances if o.ok)
+
+    @property
+    def recovering(self) -> list[str]:
+        """Labels of the reachable instances in their rejoin window (E1) or without an
+        epoch (their first call opens that window): they grant nothing now."""
+        return [o.label for o in self.instances
+                if o.ok and o.value is not None and (o.value.recovering_ms > 0
+                                                     or not o.value.epoch)]
+
+    def busiest(self) -> list[Busy]:
+        return busiest(self.resources, int(self.taken_at * 1_000_000))
+
+
+def top(targets: Sequence[Target], namespace: str) -> TopSnapshot:
+    """Read every instance once (SCAN + inspect, as `resources`) for `dlm top`; an
+    instance that does not answer is in `instances` with its error."""
+    taken_at = time.time()
+    found, outcomes = resources(targets)
+    states = tuple(InstanceResult(o.label, o.value[0] if o.ok else None, o.error)
+                   for o in outcomes)
+    return TopSnapshot(namespace, taken_at, states, tuple(found))
 
 
 # ----------------------------------------------------------------- break

@@ -6,8 +6,13 @@ Checks the result (JSON parsed back, text for people), the exit code (0 OK, 1 fa
 
 from __future__ import annotations
 
+import io
 import json
+import re
+import shutil
 import socket
+import time
+from collections.abc import Sequence
 
 import click
 import pytest
@@ -322,6 +327,96 @@ def test_break_usage_errors(c, args):
     one_line_error(r)
 
 
+# ----------------------------------------------------------------- top
+
+
+def busy_cluster(c: Cluster) -> None:
+    """Four resources whose busiest-first order is hot, old, conv, calm: more requests not
+    granted first (hot: 2), then among equals the longest wait (old's waiter asked 10
+    minutes ago, conv's conversion 30 s ago), then the one nobody waits for. Tickets are the
+    requesters' microsecond clocks (G11), as clients make them."""
+    now = time.time_ns() // 1000
+    c.request("k", "k1", ["calm"], "CR", ticket=now - 900_000_000)
+    c.request("g", "g1", ["conv"], "PR", ticket=now - 800_000_000)
+    c.request("h", "h1", ["conv"], "PR", ticket=now - 700_000_000)
+    c.convert("h", "h1", ["conv"], "EX", ticket=now - 30_000_000)
+    c.request("e", "e1", ["old"], "EX", ticket=now - 650_000_000)
+    c.request("f", "f1", ["old"], "PR", ticket=now - 600_000_000)
+    c.request("a", "a1", ["hot"], "PR", ticket=now - 60_000_000)
+    c.request("b", "b1", ["hot"], "EX", ticket=now - 20_000_000)
+    c.request("d", "d1", ["hot"], "EX", ticket=now - 10_000_000)
+
+
+def rows(text: str, names: Sequence[str]) -> dict[str, str]:
+    """The table line of each resource name, by its first cell."""
+    out = {}
+    for line in text.splitlines():
+        first = line.split(" ", 1)[0]
+        if first in names:
+            out[first] = line
+    return out
+
+
+def test_top_once_shows_the_busiest_resource_first(c):
+    busy_cluster(c)
+    r = dlm(c, "top", "--once")
+    assert r.exit_code == ExitCode.OK, r.output
+    out = r.stdout
+    assert "namespace t" in out and "3/3 reachable" in out and "0 recovering" in out
+    found = rows(out, ["hot", "old", "conv", "calm"])
+    assert list(found) == ["hot", "old", "conv", "calm"], out
+    hot = found["hot"].split()
+    assert hot[1] == "a:PR" and hot[2] == "-" and hot[3:6] == ["2", "b:EX", "d:EX"], out
+    assert re.fullmatch(r"2\d\.\ds", hot[6]) and re.fullmatch(r"\d+\.\ds", hot[7]), out
+    assert "f:PR" in found["old"] and re.search(r" 10m0\ds ", found["old"]), out
+    conv = found["conv"].split()
+    assert conv[1:4] == ["g:PR", "h:PR>EX", "0"], out  # (a converting lock is in C only)
+    assert found["calm"].split()[1:4] == ["k:CR", "-", "0"], out
+    r = dlm(c, "top", "--once", "--limit", "2")
+    assert list(rows(r.stdout, ["hot", "old", "conv", "calm"])) == ["hot", "old"]
+    assert "4 resource(s) with live locks, the 2 busiest shown" in r.stdout
+    doc = json.loads(dlm(c, "top", "--json").stdout)
+    assert [x["name"] for x in doc["resources"]] == ["hot", "old", "conv", "calm"]
+    assert [x["not_granted"] for x in doc["resources"]] == [2, 1, 1, 0]
+    assert 600_000 <= doc["resources"][1]["oldest_wait_ms"] < 660_000
+    assert doc["resources"][3]["oldest_wait_ms"] is None
+    assert [lk["owner"] for lk in doc["resources"][0]["waiting"]] == ["b", "d"]
+    assert (doc["reachable"], doc["total"], doc["recovering"]) == (3, 3, [])
+
+
+def test_top_frame_renders_to_a_string(c):
+    """The frame is a pure function of one snapshot: rendered twice it is the same text;
+    it names an instance that does not answer and one in its rejoin window (E1), says
+    that no grant is possible then, flags a divergent resource, and prints a name as it
+    is (no markup)."""
+    from redlockdlm_cli.top import frame
+    from rich.console import Console
+
+    from redlockdlm import admin
+
+    redis.Redis.from_url(c.urls[0]).flushall()
+    now = time.time_ns() // 1000
+    c.request("a", "a1", ["[red]x"], "EX", ticket=now - 5_000_000)  # opens 0's window
+    c.request("b", "b1", ["[red]x"], "EX", ticket=now - 3_000_000)
+    c.request("z", "z1", ["only-on-1"], "EX", ticket=now, on=[1])
+    dead = closed_port_url()
+    snap = admin.top(admin.connect([*c.urls, dead], "t", timeout_s=0.5), "t")
+
+    def render() -> str:
+        console = Console(record=True, width=150, file=io.StringIO())
+        console.print(frame(snap, limit=10))
+        return console.export_text()
+
+    text = render()
+    assert text == render()
+    assert "3/4 reachable (quorum 3), 1 recovering" in text and "NO GRANT POSSIBLE NOW" in text
+    assert dead in text and "unreachable" in text
+    assert f"{c.urls[0]}: recovering" in text
+    found = rows(text, ["[red]x", "only-on-1"])
+    assert list(found) == ["[red]x", "only-on-1"], text
+    assert "b:EX" in found["[red]x"] and "DIVERGENT" in found["only-on-1"]
+
+
 # ----------------------------------------------------------------- graph, detector
 
 
@@ -349,6 +444,97 @@ def test_graph_without_cycles(c):
     c.request("b", "b1", ["R"], "EX", ticket=2)
     r = dlm(c, "graph")
     assert r.exit_code == ExitCode.OK and "no cycles" in r.stdout
+
+
+def dot_edges(dot: str) -> dict[tuple[str, str], str]:
+    """(waiter, holder) -> the attributes of that edge line of a DOT text."""
+    out = {}
+    for m in re.finditer(r'^  "([^"]+)" -> "([^"]+)" \[(.*)\];$', dot, re.M):
+        out[(m[1], m[2])] = out.get((m[1], m[2]), "") + m[3]
+    return out
+
+
+def test_graph_dot_marks_the_cycle_and_the_victim(c):
+    deadlock(c)
+    c.request("d", "d1", ["R1"], "EX", ticket=9)  # waits, but in no cycle
+    r = dlm(c, "graph", "--format", "dot")
+    assert r.exit_code == ExitCode.OK, r.output
+    dot = r.stdout
+    assert dot.startswith("digraph ") and dot.rstrip().endswith("}")
+    assert dot.count("{") == dot.count("}") == 1
+    edges = dot_edges(dot)
+    assert set(edges) == {("a", "b"), ("b", "a"), ("d", "a"), ("d", "b")}
+    for cyc in (("a", "b"), ("b", "a")):
+        assert "color=red" in edges[cyc] and "bold" in edges[cyc], edges[cyc]
+    for out in (("d", "a"), ("d", "b")):
+        assert "red" not in edges[out] and "bold" not in edges[out], edges[out]
+    assert 'label="R2\\na2 waits for b1"' in edges[("a", "b")]
+    # the victim is b's request b2 on R1 (the youngest, as `dlm graph` says)
+    (b_node,) = re.findall(r'^  "b" \[(.*)\];$', dot, re.M)
+    assert "victim: lock b2 on R1" in b_node and "doubleoctagon" in b_node
+    assert "victim" in edges[("b", "a")] and "victim" not in edges[("a", "b")]
+    assert not re.search(r'^  "a" \[.*victim', dot, re.M)
+
+
+def test_graph_dot_quotes_names_it_cannot_print_bare(c):
+    name = 'odd "name" \\ with\nnewline'
+    c.request("a", "a1", [name], "EX", ticket=1)
+    c.request("b", "b1", [name], "EX", ticket=2)
+    dot = dlm(c, "graph", "--format", "dot").stdout
+    ((label),) = [a for a in dot_edges(dot).values()]
+    assert 'label="odd \\"name\\" \\\\ with\\nnewline\\nb1 waits for a1"' in label, dot
+    assert len(dot.strip().splitlines()) == 8  # (no raw line end inside a label)
+
+
+def test_graph_svg_without_graphviz_says_how_to_get_it(c, monkeypatch):
+    deadlock(c)
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None)
+    r = dlm(c, "graph", "--format", "svg")
+    assert r.exit_code == ExitCode.FAILED and r.stdout == ""
+    line = one_line_error(r)
+    assert "apt install graphviz" in line and "brew install graphviz" in line
+    assert "--format dot" in line
+
+
+def fake_dot(tmp_path, script: str) -> str:
+    exe = tmp_path / "dot"
+    exe.write_text("#!/bin/sh\n" + script)
+    exe.chmod(0o755)
+    return str(exe)
+
+
+def test_graph_svg_pipes_the_dot_text_through_graphviz(c, monkeypatch, tmp_path):
+    """--format svg hands the DOT text to `dot -Tsvg` and prints what it draws (a stand-in
+    `dot` that records its arguments and input); a failing `dot` is exit 1 with its
+    message, nothing on stdout."""
+    deadlock(c)
+    exe = fake_dot(tmp_path, f'echo "$@" > {tmp_path}/args; cat > {tmp_path}/input; '
+                             'echo "<svg>drawn</svg>"\n')
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: exe if name == "dot" else None)
+    r = dlm(c, "graph", "--format", "svg")
+    assert r.exit_code == ExitCode.OK, r.output
+    assert r.stdout == "<svg>drawn</svg>\n"
+    assert (tmp_path / "args").read_text().split() == ["-Tsvg"]
+    assert (tmp_path / "input").read_text() == dlm(c, "graph", "--format", "dot").stdout
+    exe = fake_dot(tmp_path, 'echo "syntax error in line 1" >&2; exit 1\n')
+    r = dlm(c, "graph", "--format", "svg")
+    assert r.exit_code == ExitCode.FAILED and r.stdout == ""
+    assert "syntax error in line 1" in one_line_error(r)
+
+
+@pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz is not installed")
+def test_graph_svg_with_graphviz(c):
+    deadlock(c)
+    r = dlm(c, "graph", "--format", "svg")
+    assert r.exit_code == ExitCode.OK, r.output
+    assert "<svg" in r.stdout and "victim: lock b2 on R1" in r.stdout
+
+
+def test_graph_json_and_a_picture_format_is_a_usage_error(c):
+    r = dlm(c, "graph", "--json", "--format", "dot")
+    assert r.exit_code == ExitCode.USAGE and r.stdout == ""
+    (line,) = r.stderr.splitlines()
+    assert "--json and --format dot" in json.loads(line)["error"]
 
 
 def test_detector_resolves_a_deadlock_in_bounded_rounds(c):
@@ -418,6 +604,7 @@ def test_no_instances_is_a_usage_error():
 
 
 @pytest.mark.parametrize("cmd", [["status"], ["ls"], ["show", "R"], ["graph"],
+                                 ["graph", "--format", "dot"], ["top", "--once"],
                                  ["break", "R", "--lock", "x", "--yes"]])
 def test_an_unreachable_instance_exits_1_with_one_line(cmd):
     r = dlm(None, *cmd, "--redis", closed_port_url(), "--timeout", "0.5")

@@ -117,3 +117,47 @@ def test_dev_process_prints_env_and_stops_on_sigterm():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_top_redraws_in_place_and_exits_0_on_ctrl_c(cluster3):
+    """`dlm top` on a terminal: frames drawn in place (the cursor moves back up over the
+    previous frame), a change shows in a later frame, and Ctrl-C (SIGINT) ends it with
+    exit 0 and the last frame left on the screen."""
+    import pty
+    import select
+
+    c = Cluster(cluster3)
+    c.request("a", "a1", ["first"], "EX", ticket=time.time_ns() // 1000)
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([*PY_M, "top", "--interval", "0.2"],
+                            env=env(DLM_REDIS=",".join(c.urls), TERM="xterm", COLUMNS="120",
+                                    LINES="40"),
+                            stdin=slave, stdout=slave, stderr=subprocess.PIPE)
+    os.close(slave)
+    seen = b""
+
+    def read_until(needle: bytes, timeout: float = 15.0) -> None:
+        nonlocal seen
+        deadline = time.monotonic() + timeout
+        while needle not in seen and time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.2)
+            if ready:
+                try:
+                    seen += os.read(master, 65536)
+                except OSError:  # the child closed the terminal
+                    break
+        assert needle in seen, seen[-2000:]
+
+    try:
+        read_until(b"first")
+        c.request("b", "b1", ["second"], "EX", ticket=time.time_ns() // 1000)
+        read_until(b"second")
+        assert b"\x1b[2K" in seen and b"\x1b[1A" in seen  # (line erased, cursor up: in place)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=10) == 0, proc.stderr.read()
+        assert proc.stderr.read() == b""
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
