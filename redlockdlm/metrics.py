@@ -259,14 +259,16 @@ try:  # (optional: opentelemetry-api)
     from opentelemetry import trace as _otel_trace
 except ImportError:  # pragma: no cover - depends on the environment
     _otel_trace = None  # type: ignore[assignment]
+#: (a proxy: it follows the tracer provider configured later, `set_tracer_provider`)
+_tracer: Any = None if _otel_trace is None else _otel_trace.get_tracer("redlockdlm")
 
 
 def start_span(op: str, path: Sequence[bytes], mode: Mode) -> Any:
     """A started span ``dlm.<op>`` for a request of `mode` on the resource `path`, or None
     when opentelemetry-api is not installed. End it with `end_span`."""
-    if _otel_trace is None:
+    if _tracer is None:
         return None
-    return _otel_trace.get_tracer("redlockdlm").start_span(
+    return _tracer.start_span(
         f"dlm.{op}", attributes={"dlm.resource": show_name(path), "dlm.mode": mode.name})
 
 

@@ -90,7 +90,7 @@ def test_spans_around_lock_waits(q3: Quorum, monkeypatch: pytest.MonkeyPatch) ->
     exporter = memory.InMemorySpanExporter()
     provider = sdk_trace.TracerProvider()
     provider.add_span_processor(export.SimpleSpanProcessor(exporter))
-    monkeypatch.setattr(metrics._otel_trace, "get_tracer", provider.get_tracer)
+    monkeypatch.setattr(metrics, "_tracer", provider.get_tracer("redlockdlm"))
     q = q3
     a, b = q.dlm(), q.dlm()
     la = a.lock("spans", "PR")
