@@ -9,6 +9,7 @@ through `common.exit_for`.
 from __future__ import annotations
 
 import contextlib
+import logging
 import shutil
 import signal
 import subprocess
@@ -22,7 +23,7 @@ from typing import Any
 
 import click
 
-from redlockdlm import DLM, admin
+from redlockdlm import DLM, admin, metrics
 from redlockdlm.detector import Detector, choose_victim, find_cycles, scan, wait_for_graph
 from redlockdlm.devcluster import DevCluster
 from redlockdlm.engine.keys import check_id, check_name
@@ -332,9 +333,15 @@ def top(s: Settings, interval_s: float, limit: int, once: bool) -> None:
 @click.option("--lease", "lease_ms", type=click.IntRange(100, 86_400_000), default=5_000,
               show_default=True, metavar="MS",
               help="Lease of the leadership lock: a dead leader is replaced within it.")
+@click.option("--metrics-port", type=click.IntRange(1, 65535), metavar="PORT",
+              help="Serve Prometheus metrics at http://ADDR:PORT/metrics (needs "
+                   "prometheus-client: pip install 'redlockdlm[metrics]').")
+@click.option("--metrics-addr", default="127.0.0.1", show_default=True, metavar="ADDR",
+              help="Address the metrics server listens on (0.0.0.0: every interface).")
 @connection_options
 def detector_cmd(s: Settings, interval_s: float, rounds: int, reap_every: int,
-                 verbose: bool, lead: bool, lease_ms: int) -> None:
+                 verbose: bool, lead: bool, lease_ms: int, metrics_port: int | None,
+                 metrics_addr: str) -> None:
     """Run the deadlock detector: scan every --interval, confirm each cycle on a second
     scan, cancel one victim per cycle (its client raises Deadlock). Logs one key=value line
     per event to stderr (--json: JSON lines). SIGTERM or SIGINT stop it after the current
@@ -342,10 +349,18 @@ def detector_cmd(s: Settings, interval_s: float, rounds: int, reap_every: int,
 
     Several detectors may run for one namespace: one leads at a time by holding the lock
     __leader__/detector of this DLM; when it dies another takes over within --lease.
+
+    With --metrics-port, the rounds, cycles, victims, waiting requests and per-instance
+    scan latency (and the leadership client's own lock metrics) are served for Prometheus;
+    the names are in docs/operations.md ("Metrics").
     """
     output.setup_logging(s.as_json, verbose)
     stop = threading.Event()
     with contextlib.ExitStack() as stack:
+        if metrics_port is not None:
+            stack.callback(metrics.serve(metrics_port, metrics_addr))
+            logging.getLogger("redlockdlm.detector").info(
+                "event=metrics url=http://%s:%d/metrics", metrics_addr, metrics_port)
         leader = None
         if lead:
             dlm = stack.enter_context(DLM(list(s.urls), s.namespace, lease_ms=lease_ms,

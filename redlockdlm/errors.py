@@ -20,7 +20,8 @@
     │   ├── DuplicateInstance               two URLs reach one Redis server
     │   ├── MixedTransport                  rediss:// (TLS) and plain redis:// URLs mixed
     │   ├── EvictionPolicy                  an instance may evict keys (maxmemory-policy)
-    │   └── LeaseTooLong                    a lease longer than an instance's rejoin wait (E1)
+    │   ├── LeaseTooLong                    a lease longer than an instance's rejoin wait (E1)
+    │   └── MetricsUnavailable              metrics asked for without prometheus-client
     ├── QuorumUnavailable (ConnectionError) fewer than a quorum of instances answered
     │   └── InstancesRecovering             too few may grant yet: rejoin window (E1)
     ├── NotFresh                            `init fresh` of an instance that is not brand-new
@@ -113,6 +114,11 @@ class ConfigurationError(DLMError):
     Raised at first contact with an instance (the constructor, or the first call of an
     AsyncDLM), or, for an instance first reached later, given as that instance's error
     (its votes never count) and logged."""
+
+
+class MetricsUnavailable(ConfigurationError):
+    """Metrics were asked for (`metrics.enable`, `dlm detector --metrics-port`) but
+    prometheus-client is not installed (the optional extra `redlockdlm[metrics]`)."""
 
 
 class DuplicateInstance(ConfigurationError):
@@ -221,6 +227,7 @@ __all__ = sorted(
         "LockReleased",
         "LockStateError",
         "LockTimeout",
+        "MetricsUnavailable",
         "MissingKeys",
         "MixedTransport",
         "NotFresh",

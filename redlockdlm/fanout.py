@@ -10,9 +10,10 @@ share to reach every instance. An instance that fails is reported as such
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 import redis
@@ -66,6 +67,8 @@ class InstanceResult(Generic[T]):
     label: str
     value: T | None = None
     error: str | None = None
+    #: how long the call took on this instance (answer or failure), in seconds
+    elapsed_s: float = field(default=0.0, compare=False)
 
     @property
     def ok(self) -> bool:
@@ -78,14 +81,16 @@ def fan_out(targets: Sequence[Target], fn: Callable[[Engine], T], *,
     failures included), the OS or the scripts become `InstanceResult.error`, anything else (a
     bug) propagates."""
     def one(t: Target) -> InstanceResult[T]:
+        t0 = time.perf_counter()
         try:
-            return InstanceResult(t.label, fn(t.engine))
+            value = fn(t.engine)
         except (redis.RedisError, OSError, DLMError) as exc:
-            return InstanceResult(t.label, None, describe(exc))
+            return InstanceResult(t.label, None, describe(exc), time.perf_counter() - t0)
         except Exception as exc:
             if from_redis_py(exc):
-                return InstanceResult(t.label, None, describe(exc))
+                return InstanceResult(t.label, None, describe(exc), time.perf_counter() - t0)
             raise
+        return InstanceResult(t.label, value, None, time.perf_counter() - t0)
 
     if len(targets) == 1:
         return [one(targets[0])]

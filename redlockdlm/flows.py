@@ -36,6 +36,7 @@ from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from . import metrics as _metrics
 from .engine import codec
 from .engine.keys import EPOCH_KEY
 from .engine.modes import Mode
@@ -226,6 +227,7 @@ class Flows:
         for lk in self._core.check_held(self._now()):
             user = lk.user
             log.warning("lock %s on %s lost: %s", lk.id, user.resource, lk.lost_reason)
+            _metrics.sink.lock_lost()
             if user._on_lost is not None:
                 self._callback(user._on_lost, user)
 
@@ -471,9 +473,12 @@ class Flows:
         raised), except a down-conversion, which stands (G4, and the error is raised:
         `Session._keep_down_conversion`). Interrupted before it returns, a conversion that
         may wait (up or sideways) is withdrawn on every instance and the lock keeps its old
-        mode; a down-conversion, which never waits (G4), is completed."""
+        mode; a down-conversion, which never waits (G4), is completed.
+        Its outcome and time from the call are reported to the metrics sink (op "convert")
+        and its trace span (`redlockdlm.metrics`)."""
         core = self._core
         t = check_timeout(timeout)
+        asked = self._now()
         while lk.repairing:  # R1, R2: a repair lands before the conversion is sent
             yield Wait(lk, self._now() + 0.5)
         old = lk.mode
@@ -483,12 +488,23 @@ class Flows:
         lk.cargs = (m, fl, value, version)
         cmds = [(i, core.convert_cmd(lk, m, fl, value, version, i)) for i in range(core.n)]
         lk.pending = set(range(core.n))
+        span = _metrics.start_span("convert", lk.path, m)
+        outcome = "cancelled"  # (interrupted, unless one of the outcomes below)
         try:
             yield from self._converting(lk, old, cmds, lk.cticket)
+            outcome = "granted"
+        except DLMError as exc:
+            outcome = _metrics.outcome_of(exc)
+            raise
         except BaseException as exc:
             if _interrupted(exc):  # nothing half-done
                 yield Shielded(self._abandon_convert(lk, old, down, cmds))
             raise
+        finally:
+            sink = _metrics.sink
+            if sink.enabled:
+                sink.request_done("convert", outcome, self._now() - asked)
+            _metrics.end_span(span, outcome)
 
     def _converting(self, lk: LockCore, old: Mode, cmds: Sequence[tuple[int, Call]],
                     cticket: int) -> Flow:
@@ -565,6 +581,10 @@ class Flows:
                 sent = self._now()
                 results = yield Pipeline(i, [cmd for _, cmd, _ in batches])
                 now = self._now()
+                sink = _metrics.sink
+                if sink.enabled:
+                    sink.renewal(core.labels[i], now - sent,
+                                 not any(isinstance(r, BaseException) for r in results))
                 for (_, _, lks), res in zip(batches, results):
                     for note in core.on_renew_reply(i, lks, res, sent, now):
                         log.warning("%s", note)  # as it happens: one line each

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from . import metrics as _metrics
 from .engine.keys import show_name
 from .engine.modes import Mode
 from .errors import DLMError, InvalidArgument, InvalidType, LockLost, StillWaiting
@@ -25,13 +26,19 @@ def lock_name(lk: LockCore) -> str:
 
 
 class RequestBase:
-    """A lock request: completes once, granted (`lock`) or failed (its error)."""
+    """A lock request: completes once, granted (`lock`) or failed (its error).
+
+    Its completion is reported to the metrics sink (`redlockdlm.metrics`: outcome, wait
+    from the request to it) and ends its trace span, the same for both clients."""
 
     def __init__(self, dlm: Any, lock: Any, on_granted: Callable[[Any], Any] | None) -> None:
         self._dlm = dlm
         self.lock = lock
         self._on_granted = on_granted
         self._error: DLMError | None = None
+        self._asked = dlm._now()  #: when it was asked for (its wait's start)
+        core = lock._core
+        self._span = _metrics.start_span("acquire", core.path, core.rq)
 
     @property
     def done(self) -> bool:
@@ -57,6 +64,11 @@ class RequestBase:
             return
         self._error = error
         self._set_done(error)
+        sink = _metrics.sink
+        if sink.enabled or self._span is not None:
+            outcome = _metrics.outcome_of(error)
+            sink.request_done("acquire", outcome, self._dlm._now() - self._asked)
+            _metrics.end_span(self._span, outcome)
         if error is None and self._on_granted is not None:
             self._dlm._callback(self._on_granted, self.lock)
 

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from .. import metrics as _metrics
 from ..engine.instance import Engine
 from ..engine.keys import parent_key, show_name
 from ..engine.modes import Status
@@ -179,14 +180,19 @@ class Detector:
     interval) a confirming round re-reads only that cycle's resources (D7), so a deadlock
     is resolved about one and a half intervals after it forms whatever the number of
     waiters, and a transient state still has half an interval to clear.
-    Every `reap_every` rounds (0: never) stale index entries are reaped (D9)."""
+    Every `reap_every` rounds (0: never) stale index entries are reaped (D9).
+    Each round is reported to `metrics` (default: the process-wide sink of
+    `redlockdlm.metrics`, which reports nothing until `metrics.enable()`): its kind and
+    duration, each instance's read latency or failure, the waiting requests and cycles of a
+    full round, the deadlocks acted upon and their victims, whether it leads."""
 
     def __init__(self, targets: Sequence[str | Engine | Target], namespace: str = "default",
                  interval_s: float = 1.0, *, leader: Callable[[], bool] | None = None,
                  confirm_after_s: float | None = None, timeout_s: float = 2.0,
                  reap_every: int = 20, reap_grace_ms: int = 5_000,
                  watch_every_s: float | None = None,
-                 logger: logging.Logger | None = None) -> None:
+                 logger: logging.Logger | None = None,
+                 metrics: _metrics.Metrics | None = None) -> None:
         if interval_s <= 0:
             raise ValueError("interval_s must be positive")
         if watch_every_s is not None and watch_every_s < 0:
@@ -210,6 +216,7 @@ class Detector:
         self.reap_every = reap_every
         self.reap_grace_ms = reap_grace_ms
         self.log = logger or log
+        self._metrics = metrics
         self.rounds = 0
         self._previous: list[Cycle] = []  # cycles of the previous scan not acted upon
         self._reported: set[frozenset] = set()  # victimless cycles already logged
@@ -218,6 +225,11 @@ class Detector:
         self._base: Snapshot | None = None  # the last full snapshot, with what watches read
         self._pool = ThreadPoolExecutor(max_workers=len(self.targets),
                                         thread_name_prefix="dlm-detector")
+
+    @property
+    def metrics(self) -> _metrics.Metrics:
+        """Where rounds are reported: the sink given, else the process-wide one."""
+        return self._metrics if self._metrics is not None else _metrics.sink
 
     # ------------------------------------------------------------- one round
 
@@ -262,6 +274,7 @@ class Detector:
             found = fan_out(self.targets, fresh, executor=self._pool)
             keys = list(dict.fromkeys(k for o in found if o.ok for k in o.value))
             if not keys:
+                self.metrics.detector_round("watch", time.perf_counter() - t0)
                 return Round(self.rounds, True, elapsed_ms=(time.perf_counter() - t0) * 1000)
             got = self._read(keys)
             read_at = time.monotonic()
@@ -283,6 +296,7 @@ class Detector:
                               by="watch"))
         self._previous.extend(pending)
         elapsed = (time.perf_counter() - t0) * 1000
+        self.metrics.detector_round("watch", elapsed / 1000)
         self.log.log(logging.INFO if pending else logging.DEBUG,
                      _kv("watch", round=self.rounds, resources=len(keys),
                          cycles=len(cycles), pending=len(pending), ms=f"{elapsed:.1f}"))
@@ -293,12 +307,16 @@ class Detector:
         t0 = time.perf_counter()
         self.rounds += 1
         n = self.rounds
+        m = self.metrics
         if self.leader is not None and not self.leader():
             if self._previous:
                 self.log.info(_kv("standby", round=n, forgotten=len(self._previous)))
             self._previous = []
             self._base = None
+            m.detector_leader(False)
+            m.detector_round("standby", time.perf_counter() - t0)
             return Round(n, False, elapsed_ms=(time.perf_counter() - t0) * 1000)
+        m.detector_leader(True)
         with _gc_paused():  # (the scan's tuples, then the graph's: see _gc_paused)
             if full:
                 snap = self._base = scan(self.targets, executor=self._pool, memo=self._memo)
@@ -309,24 +327,31 @@ class Detector:
             # (a partial read would shrink the memo to its few resources: not given it)
             cycles = find_cycles(wait_for_graph(snap, memo=self._graph if full else None))
         for inst in snap.instances:
+            m.detector_scan(inst.label, inst.elapsed_s, inst.ok)
             if not inst.ok:
                 self.log.warning(_kv("unreachable", round=n, instance=inst.label,
                                      error=inst.error))
+        if full:  # (a confirming read has no index: no waiters of its own)
+            m.detector_graph(snap.waiter_count, len(cycles))
         j = judge(cycles, self._previous, snap)
         for cyc in j.first_seen:
             self.log.info(_kv("cycle-seen", round=n, owners=",".join(cyc.owners)))
         for cyc in j.unresolved:
             if cyc.signature not in self._reported:
                 self._reported.add(cyc.signature)
+                m.detector_deadlock(0)  # (counted once, as it is logged once)
                 self.log.warning(_kv("no-victim", round=n, owners=",".join(cyc.owners),
                                      reason="every request is NODLCKWT"))
         victims = [self._cancel(n, victim, cyc) for victim, cyc in j.victims]
+        for _ in victims:
+            m.detector_deadlock(1)
         confirmed, unresolved, first_seen = j.confirmed, j.unresolved, j.first_seen
         self._previous = list(j.remember)
         reaped: tuple[InstanceResult, ...] = ()
         if full and self.reap_every and n % self.reap_every == 0:
             reaped = tuple(self.reap())
         elapsed = (time.perf_counter() - t0) * 1000
+        m.detector_round("full" if full else "confirm", elapsed / 1000)
         rnd = Round(n, True, snap, cycles=tuple(cycles), confirmed=tuple(confirmed),
                     victims=tuple(victims), unresolved=tuple(unresolved),
                     pending=tuple(first_seen), reaped=reaped, elapsed_ms=elapsed,

@@ -68,6 +68,7 @@ class InstanceScan:
     waiters: tuple[tuple[str, bytes], ...] = ()  #: (lock id, resource key)
     resources: Mapping[bytes, ScannedResource | ResourceView] = field(default_factory=dict)
     error: str | None = None  #: set if the instance did not answer
+    elapsed_s: float = field(default=0.0, compare=False)  #: how long its read took (s)
 
     @property
     def ok(self) -> bool:
@@ -303,5 +304,6 @@ def _gc_paused() -> Iterator[None]:
 
 def _snapshot(outcomes: Sequence[InstanceResult]) -> Snapshot:
     return Snapshot(tuple(
-        InstanceScan(o.label, *o.value) if o.ok else InstanceScan(o.label, error=o.error)
+        InstanceScan(o.label, *o.value, elapsed_s=o.elapsed_s) if o.ok
+        else InstanceScan(o.label, error=o.error, elapsed_s=o.elapsed_s)
         for o in outcomes))
