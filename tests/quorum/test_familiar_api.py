@@ -7,6 +7,7 @@ Over N=1,3,5 and both clients (the `q` fixture; `q3`: N=3, both clients)."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import pytest
@@ -268,3 +269,40 @@ def test_extend_refuses_a_lease_the_instances_do_not_allow(q: Quorum) -> None:
         d.mutex("S", lease_ms=5000)  # the same bound for a mutex's lease
     lk.release()
     wait_until(lambda: q.gone("R"))
+
+
+def test_a_mutex_being_acquired_elsewhere_is_not_acquired_twice(q3: Quorum) -> None:
+    """One Mutex shared by two threads (or tasks): while one waits in acquire, the other's
+    acquire raises AlreadyHeld at once; the waiter is granted once the holder lets go."""
+    a, b = q3.dlm(), q3.dlm()
+    holder = b.lock("R", EX)
+    m = a.mutex("R")
+    got: list[bool] = []
+    t = threading.Thread(target=lambda: got.append(m.acquire(timeout=10)), daemon=True)
+    t.start()
+    wait_until(lambda: sum(len(ids) for ids in q3.lock_ids("R")) > q3.n)  # it queued
+    with pytest.raises(AlreadyHeld):
+        m.acquire(blocking=False)
+    holder.release()
+    t.join(10)
+    assert got == [True] and m.owned()
+    only(q3, {m.lock.id}, "R")
+    m.release()
+
+
+def test_an_async_acquire_cancelled_while_waiting_leaves_nothing(ready) -> None:
+    q = ready(3, "async")
+    a, b = q.dlm(), q.dlm()
+    holder = b.lock("R", EX)
+    m = a.mutex("R")
+
+    async def give_up() -> None:
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(m._a.acquire(), 0.5)
+
+    a.run(give_up())
+    assert not m.owned()
+    only(q, {holder.id}, "R")  # the request was withdrawn everywhere
+    holder.release()
+    assert m.acquire(blocking=False)  # and the mutex is usable again
+    m.release()
