@@ -61,6 +61,8 @@ def test_mutex_behaves_as_a_threading_lock(q: Quorum) -> None:
     assert other.acquire(blocking=False) is True
     only(q, {other.lock.id}, "jobs/nightly")
     other.release()
+    assert m.acquire(timeout=0) is True  # free: a zero timeout still asks every instance
+    m.release()
     assert q.gone("jobs/nightly")
 
 
