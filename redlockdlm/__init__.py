@@ -10,9 +10,10 @@
                 row.value = b"v7"
 """
 
-from .aio import AsyncDLM, AsyncLock, AsyncRequest
-from .client import DLM, Lock, Request
+from .aio import AsyncDLM, AsyncLock, AsyncMutex, AsyncRequest
+from .client import DLM, Lock, Mutex, Request
 from .engine.modes import Mode
 
-__all__ = ["AsyncDLM", "AsyncLock", "AsyncRequest", "DLM", "Lock", "Mode", "Request"]
+__all__ = ["AsyncDLM", "AsyncLock", "AsyncMutex", "AsyncRequest", "DLM", "Lock", "Mode",
+           "Mutex", "Request"]
 __version__ = "0.1.0"

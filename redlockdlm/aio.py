@@ -28,12 +28,14 @@ except ImportError:  # (older redis-py: hiredis's own default)
 
 from .connection import Pooled, open_session
 from .engine import codec
+from .engine.codec import as_mode
+from .engine.keys import check_name
 from .engine.modes import Mode
 from .engine.scripts import packed_command
-from .errors import DLMError
+from .errors import DLMError, LockTimeout, NotQueued
 from .flows import Broadcast, Flow, Flows, Pipeline, Shielded, Spawn, Wait
-from .handle import LockBase, RequestBase
-from .protocol import Call, LockCore, describe
+from .handle import LockBase, MutexBase, RequestBase, check_decorated
+from .protocol import Call, LockCore, check_timeout, describe
 from .wire import Round, missing, settle
 
 log = logging.getLogger("redlockdlm")
@@ -381,6 +383,41 @@ class AsyncDLM(Flows):
             priority=priority)
         await self._run(self._request(lk, req))
         return req
+
+    def mutex(self, resource: str | bytes, mode: object = Mode.EX, *,
+              lease_ms: int | None = None, reentrant: bool = False,
+              **options: Any) -> AsyncMutex:
+        """An `AsyncMutex`: as `DLM.mutex`, with `await m.acquire(...)`,
+        `await m.release()`, `await m.locked()` and `async with m:`. Nothing is sent
+        until `acquire`; bad arguments raise InvalidArgument / InvalidType here."""
+        if self._closed:
+            raise DLMError("this AsyncDLM client is closed")
+        return AsyncMutex(self, resource, mode, lease_ms=lease_ms, reentrant=reentrant,
+                          options=options)
+
+    def locked(self, resource: str | bytes, mode: object = Mode.EX, *,
+               timeout: float | None = None, lease_ms: int | None = None,
+               **options: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """A decorator for coroutine functions: each call runs holding `resource` in
+        `mode` (as `DLM.locked`; a call cancelled while it waits or runs leaves nothing
+        behind, as `lock` and `release` guarantee). InvalidType for a plain function
+        (`DLM.locked` decorates those). The arguments are checked here."""
+        check_name(resource)
+        m = as_mode(mode)
+        check_timeout(timeout)
+        if lease_ms is not None:
+            self._core.check_lock_lease(lease_ms)
+
+        def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+            check_decorated(fn, True, "AsyncDLM")
+
+            @functools.wraps(fn)
+            async def locked_call(*args: Any, **kwargs: Any) -> Any:
+                async with await self.lock(resource, m, timeout=timeout, lease_ms=lease_ms,
+                                           **options):
+                    return await fn(*args, **kwargs)
+            return locked_call
+        return decorate
 
     # ----------------------------------------------------------------- the flow driver
 
@@ -905,6 +942,11 @@ class AsyncLock(LockBase):
         propagates (bounded by the socket timeouts)."""
         await self._dlm._run(self._dlm._release(self._core, subtree=subtree))
 
+    async def extend(self, lease_ms: int | None = None) -> None:
+        """Renew this lock now on every instance, with `lease_ms` its lease from now on
+        (rule L1); same guarantees and errors as `Lock.extend`."""
+        await self._dlm._run(self._dlm._extend(self._core, lease_ms))
+
     async def __aenter__(self) -> AsyncLock:
         return self
 
@@ -912,6 +954,56 @@ class AsyncLock(LockBase):
         lost = self._lost_before_exit()
         await self.release(subtree=True)
         self._raise_lost(lost, exc_type)
+
+
+class AsyncMutex(MutexBase):
+    """One lock as an `asyncio.Lock`-like object (`AsyncDLM.mutex`): `await acquire()`,
+    `await release()`, `await locked()`, `owned()`, `async with m:`. Its acquisitions are
+    this object's, not a task's: a second `acquire` while held raises AlreadyHeld (or,
+    made `reentrant`, counts)."""
+
+    async def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        """As `Mutex.acquire`: True once granted; False when not free now
+        (`blocking=False`) or after `timeout` seconds (-1: no limit). Cancelled while it
+        waits, the request is withdrawn everywhere (as `AsyncDLM.lock`) and the mutex is
+        left not held."""
+        kw = self._begin(blocking, timeout)
+        if kw is None:
+            return True
+        lock = None
+        try:
+            lock = await self._dlm.lock(self._resource, self._mode, **kw)
+        except (LockTimeout, NotQueued):
+            pass
+        finally:
+            granted = self._end(lock)
+        return granted
+
+    async def release(self) -> None:
+        """As `Mutex.release`: NotHeld when not held; LockLost (after releasing) when the
+        lock was lost while held. Cancelled meanwhile, the release still completes."""
+        lock = self._to_release()
+        if lock is not None:
+            lost = lock._lost_before_exit()
+            await lock.release(subtree=True)
+            lock._raise_lost(lost, None)
+
+    async def locked(self) -> bool:
+        """As `Mutex.locked`: whether some owner holds the resource in a conflicting
+        mode, as a quorum of instances answer now."""
+        return await self._dlm._run(self._dlm._probe(self._resource, self._mode))
+
+    async def __aenter__(self) -> AsyncMutex:
+        if not await self.acquire():  # (no timeout: only a withdrawn request ends so)
+            raise LockTimeout("the mutex's request was withdrawn", resource=self.resource)
+        return self
+
+    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
+        lock = self._to_release()
+        if lock is not None:
+            lost = lock._lost_before_exit()
+            await lock.release(subtree=True)
+            lock._raise_lost(lost, exc_type)
 
 
 AsyncDLM._lock_class = AsyncLock

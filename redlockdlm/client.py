@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import heapq
 import logging
 import os
@@ -28,12 +29,14 @@ from redis.exceptions import InvalidResponse, ResponseError
 
 from .connection import Instance, open_session
 from .engine import codec
+from .engine.codec import as_mode
+from .engine.keys import check_name
 from .engine.modes import Mode
 from .engine.scripts import packed_command
-from .errors import DLMError
+from .errors import DLMError, LockTimeout, NotQueued
 from .flows import Broadcast, Flow, Flows, Pipeline, Shielded, Spawn, Wait
-from .handle import LockBase, RequestBase
-from .protocol import Call, LockCore, describe
+from .handle import LockBase, MutexBase, RequestBase, check_decorated
+from .protocol import Call, LockCore, check_timeout, describe
 from .wire import Round, settle
 
 log = logging.getLogger("redlockdlm")
@@ -164,6 +167,43 @@ class DLM(Flows):
                 lease_ms=lease_ms, parent=parent, priority=priority)
             self._resume(self._request(lk, req))
         return req
+
+    def mutex(self, resource: str | bytes, mode: object = Mode.EX, *,
+              lease_ms: int | None = None, reentrant: bool = False,
+              **options: Any) -> Mutex:
+        """A `Mutex`: `resource` in `mode`, taken with `acquire(blocking, timeout)` and
+        given back with `release()`, as a `threading.Lock` (or, with `reentrant=True`, an
+        `RLock` counting this object's acquisitions). Nothing is sent until `acquire`.
+        `lease_ms` is its lock's lease; `options` go to `lock` (priority, on_lost,
+        on_blocking...). Bad arguments raise InvalidArgument / InvalidType here."""
+        self._check_open()
+        return Mutex(self, resource, mode, lease_ms=lease_ms, reentrant=reentrant,
+                     options=options)
+
+    def locked(self, resource: str | bytes, mode: object = Mode.EX, *,
+               timeout: float | None = None, lease_ms: int | None = None,
+               **options: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """A decorator: each call of the function runs holding `resource` in `mode`
+        (`lock(resource, mode, timeout=..., lease_ms=..., **options)`, released when the
+        call ends, whatever it raises). Errors of `lock` (LockTimeout, Deadlock...) reach
+        the caller and the function does not run; a lock lost during the call raises
+        LockLost after it. Plain functions only (InvalidType otherwise: `AsyncDLM.locked`
+        decorates coroutine functions). The arguments are checked here."""
+        check_name(resource)
+        m = as_mode(mode)
+        check_timeout(timeout)
+        if lease_ms is not None:
+            self._core.check_lock_lease(lease_ms)
+
+        def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+            check_decorated(fn, False, "DLM")
+
+            @functools.wraps(fn)
+            def locked_call(*args: Any, **kwargs: Any) -> Any:
+                with self.lock(resource, m, timeout=timeout, lease_ms=lease_ms, **options):
+                    return fn(*args, **kwargs)
+            return locked_call
+        return decorate
 
     def close(self) -> None:
         """Release every lock this client holds or waits for (a request still waiting
@@ -811,6 +851,15 @@ class Lock(LockBase):
         instance, on a thread of its own, before the exception propagates."""
         self._dlm._run(self._dlm._release(self._core, subtree=subtree))
 
+    def extend(self, lease_ms: int | None = None) -> None:
+        """Renew this lock now on every instance, and with `lease_ms` give it that lease
+        from now on (its renewals keep it; rule L1). Returns once a quorum renewed it.
+        The lease must be one the instances allow (E1): LeaseTooLong when longer than an
+        instance's rejoin wait, InvalidArgument beyond this client's rejoin_ms or outside
+        100..86400000, nothing changed. LockReleased / LockStateError when the lock is
+        not held; LockLost when it is no longer held on a quorum."""
+        self._dlm._run(self._dlm._extend(self._core, lease_ms))
+
     def __enter__(self) -> Lock:
         return self
 
@@ -818,6 +867,68 @@ class Lock(LockBase):
         lost = self._lost_before_exit()
         self.release(subtree=True)
         self._raise_lost(lost, exc_type)
+
+
+class Mutex(MutexBase):
+    """One lock as a `threading.Lock` (`DLM.mutex`): `acquire`, `release`, `locked`,
+    `owned`, and `with m:`. Safe to share between threads; its acquisitions are this
+    object's, not a thread's: a second `acquire` while held raises AlreadyHeld (or, made
+    `reentrant`, counts)."""
+
+    def __init__(self, dlm: DLM, resource: str | bytes, mode: object, **kw: Any) -> None:
+        super().__init__(dlm, resource, mode, **kw)
+        self._mu = threading.Lock()
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        """Take the lock: True once granted on a quorum; False when `blocking=False` and
+        it is not free now (NotQueued) or `timeout` seconds passed (-1: no limit), with
+        nothing left queued. Deadlock (G14: this DLM holds the resource in a conflicting
+        mode), QuorumUnavailable and the other errors of `DLM.lock` propagate.
+        AlreadyHeld when this mutex holds it (not reentrant) or another thread is
+        acquiring it."""
+        with self._mu:
+            kw = self._begin(blocking, timeout)
+        if kw is None:
+            return True
+        lock = None
+        try:
+            lock = self._dlm.lock(self._resource, self._mode, **kw)
+        except (LockTimeout, NotQueued):
+            pass
+        finally:
+            with self._mu:
+                granted = self._end(lock)
+        return granted
+
+    def release(self) -> None:
+        """Give the lock back (a reentrant mutex: when its last acquisition is released).
+        NotHeld when the mutex does not hold it (nothing sent). If the lock was lost
+        while held, it is released and LockLost raised: what it protected was not."""
+        with self._mu:
+            lock = self._to_release()
+        if lock is not None:
+            lost = lock._lost_before_exit()
+            lock.release(subtree=True)
+            lock._raise_lost(lost, None)
+
+    def locked(self) -> bool:
+        """True when some owner (this one included) holds the resource in a mode this
+        mutex's mode conflicts with, as a quorum of instances answer now (a snapshot;
+        QuorumUnavailable when too few answer)."""
+        return self._dlm._run(self._dlm._probe(self._resource, self._mode))
+
+    def __enter__(self) -> Mutex:
+        if not self.acquire():  # (no timeout: only a withdrawn request ends so)
+            raise LockTimeout("the mutex's request was withdrawn", resource=self.resource)
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        with self._mu:
+            lock = self._to_release()
+        if lock is not None:
+            lost = lock._lost_before_exit()
+            lock.release(subtree=True)
+            lock._raise_lost(lost, exc_type)
 
 
 def _socketpair():

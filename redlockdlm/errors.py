@@ -10,7 +10,9 @@
     ├── NotOwner (PermissionError)          the lock belongs to another owner (DLM_NOTOWNER)
     ├── LockStateError                      the call does not fit the lock's state (DLM_STATE)
     │   ├── HasChildren                     release of a lock with children (DLM_HASCHILDREN)
-    │   └── UnknownLock                     no such lock
+    │   ├── UnknownLock                     no such lock
+    │   ├── NotHeld (RuntimeError)          release of a Mutex that holds nothing
+    │   └── AlreadyHeld                     acquire of a Mutex that holds (not reentrant)
     ├── LockTimeout (TimeoutError)          not granted within the timeout
     ├── NotQueued                           NOQUEUE request that could not be granted at once
     ├── Deadlock                            chosen as a deadlock victim, or conversion deadlock
@@ -76,6 +78,18 @@ class HasChildren(LockStateError):
 
 class UnknownLock(LockStateError):
     """No such lock (released, expired or never granted)."""
+
+
+class NotHeld(LockStateError, RuntimeError):
+    """`Mutex.release()` of a mutex that holds nothing (never acquired, released already,
+    or its acquisition failed): nothing was sent. A RuntimeError, as `threading.Lock`
+    raises for the same mistake."""
+
+
+class AlreadyHeld(LockStateError):
+    """`Mutex.acquire()` of a mutex that holds its lock, or is acquiring it on another
+    thread or task, and is not reentrant: nothing was sent. (A second `DLM.lock` of a
+    resource its owner holds in a conflicting mode is a self-deadlock: `Deadlock`, G14.)"""
 
 
 class LockReleased(LockStateError):
@@ -211,6 +225,7 @@ def from_script_error(message: str, **context: str | None) -> DLMError:
 
 __all__ = sorted(
     [
+        "AlreadyHeld",
         "BadArgument",
         "ConfigurationError",
         "CorruptKey",
@@ -231,6 +246,7 @@ __all__ = sorted(
         "MissingKeys",
         "MixedTransport",
         "NotFresh",
+        "NotHeld",
         "NotOwner",
         "NotQueued",
         "ParentNotGranted",

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import time
 from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass
@@ -38,13 +39,14 @@ from typing import Any
 
 from . import metrics as _metrics
 from .engine import codec
-from .engine.keys import EPOCH_KEY
-from .engine.modes import Mode
+from .engine.keys import EPOCH_KEY, check_name, resource_key, show_name
+from .engine.modes import COMPAT, Mode
 from .errors import (
     ConfigurationError,
     DLMError,
     HasChildren,
     InvalidType,
+    LockLost,
     LockTimeout,
     QuorumUnavailable,
 )
@@ -569,6 +571,80 @@ class Flows:
             cmds = core.abandon_convert_cmds(lk, old, down, sent, first=False)
         core.end_abandon(lk, old)
         self._notify(lk)
+
+    def _extend(self, lk: LockCore, lease_ms: int | None) -> Flow:
+        """Renew `lk` now on every instance, with the lease `lease_ms` from here on (None:
+        its lease as it is; L1). Done once a quorum answered (R4; a later reply is recorded
+        as it comes). Raises LockReleased / LockStateError when the lock is not held,
+        LockLost when it is no longer held on a quorum afterwards; a lease refused by
+        `Session.check_lock_lease` changes nothing."""
+        core = self._core
+        if lk.phase not in (Phase.HELD, Phase.CONVERTING):
+            raise core._not_held(lk)
+        lease = lk.lease_ms if lease_ms is None else core.check_lock_lease(lease_ms)
+        while lk.repairing:  # R1, R2: a repair lands first
+            yield Wait(lk, self._now() + 0.5)
+        if lk.phase not in (Phase.HELD, Phase.CONVERTING):
+            raise core._not_held(lk)
+        now = self._now()
+        core.change_lease(lk, lease, now)
+        if core.renew_at > now + lease / 3000.0:  # a shorter lease: an earlier tick
+            core.renew_at = now + lease / 3000.0
+            self._wake_renewer()
+        cmds = core.renew_lock_cmds(lk)
+        # (a call timed at the change's own instant counts the shorter lease, L1; this
+        # one carries the new lease, so it is timed after the change, by one tick of the
+        # clock's float if the clock did not move)
+        sent = max(self._now(), math.nextafter(now, math.inf))
+
+        def late(i: int, res: Any) -> Flow:
+            for note in core.on_renew_reply(i, [lk], res, sent, self._now()):
+                log.warning("%s", note)
+            self._notify(lk)
+            return
+            yield  # (a flow)
+
+        if cmds:
+            results = yield Broadcast(cmds, min(len(cmds), core.quorum), late)
+            for i, res in results.items():
+                for note in core.on_renew_reply(i, [lk], res, sent, self._now()):
+                    log.warning("%s", note)
+        self._notify(lk)
+        self._check_lost()
+        if lk.phase not in (Phase.HELD, Phase.CONVERTING) or (
+                core.holding(lk, self._now()) < core.quorum):
+            why = lk.lost_reason or "not renewed on a quorum of instances"
+            raise LockLost(f"the lock could not be extended: {why}", resource=lk.user.resource,
+                           lock_id=lk.id)
+
+    def _probe(self, resource: str | bytes, mode: Mode) -> Flow:
+        """Whether some owner (this one included) holds `resource` (a root resource) in
+        a mode that `mode` cannot be granted beside: True when an instance of those that
+        answered (a quorum at least; else QuorumUnavailable) shows such a grant with its
+        lease still running. A read, changing nothing: a snapshot, stale at once."""
+        core = self._core
+        key = resource_key(core.ns, (check_name(resource),))
+        call = command("inspect", [EPOCH_KEY, key], [])
+        results = yield Broadcast([(i, call) for i in range(core.n) if i not in core.refused],
+                                  core.quorum)
+        answered, conflict = 0, False
+        for res in results.values():
+            if isinstance(res, BaseException):
+                continue
+            try:
+                _, (view,) = codec.parse_inspect([key], res)
+            except DLMError:
+                continue
+            answered += 1
+            if view is not None and any(
+                    lv.queue in ("G", "C") and lv.mode is not None and lv.lease_left_ms > 0
+                    and not COMPAT[lv.mode][mode] for lv in view.locks):
+                conflict = True
+        if answered < core.quorum:
+            raise QuorumUnavailable(f"only {answered} of {core.n} instances answered "
+                                    f"(a quorum is {core.quorum})", resource=show_name(
+                                        (check_name(resource),)))
+        return conflict
 
     def _renew_instance(self, i: int,
                         batches: Sequence[tuple[int, Call, list[LockCore]]]) -> Flow:

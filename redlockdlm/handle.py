@@ -9,15 +9,25 @@ once and the two cannot drift apart.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import time
 from collections.abc import Callable
 from typing import Any
 
 from . import metrics as _metrics
-from .engine.keys import show_name
+from .engine import codec
+from .engine.keys import check_name, show_name
 from .engine.modes import Mode
-from .errors import DLMError, InvalidArgument, InvalidType, LockLost, StillWaiting
-from .protocol import LockCore, Phase
+from .errors import (
+    AlreadyHeld,
+    DLMError,
+    InvalidArgument,
+    InvalidType,
+    LockLost,
+    NotHeld,
+    StillWaiting,
+)
+from .protocol import LockCore, Phase, check_timeout
 
 
 def lock_name(lk: LockCore) -> str:
@@ -167,3 +177,113 @@ class LockBase:
         mode = self.mode.name if self.mode is not None else "-"
         return (f"<{type(self).__name__} {self.resource!r} {mode} id={self.id} "
                 f"token={self.token} {self._core.phase.value}>")
+
+
+class MutexBase:
+    """The state of a `Mutex` / `AsyncMutex` (`DLM.mutex`): one lock of `resource` in
+    `mode`, taken and given back with the `threading.Lock` vocabulary. Each client adds
+    only the calls that wait (`acquire`, `release`, `locked`, the context manager)."""
+
+    def __init__(self, dlm: Any, resource: str | bytes, mode: object, *,
+                 lease_ms: int | None, reentrant: bool, options: dict[str, Any]) -> None:
+        check_name(resource)
+        self._mode = codec.as_mode(mode)
+        if lease_ms is not None:
+            lease_ms = dlm._core.check_lock_lease(lease_ms)
+        if not isinstance(reentrant, bool):
+            raise InvalidType("reentrant must be a bool")
+        for name in ("timeout", "noqueue", "parent"):
+            if name in options:
+                raise InvalidArgument(f"{name}= is not a Mutex option: acquire(blocking, "
+                                      "timeout) says how long to wait")
+        self._dlm = dlm
+        self._resource = resource
+        self._lease_ms = lease_ms
+        self._reentrant = reentrant
+        self._options = options
+        self._lock: Any = None
+        self._depth = 0  #: acquisitions not released yet (more than 1: reentrant only)
+        self._acquiring = False
+
+    @property
+    def resource(self) -> str:
+        return show_name((check_name(self._resource),))
+
+    @property
+    def mode(self) -> Mode:
+        return self._mode
+
+    @property
+    def lock(self) -> Any:
+        """The Lock held (its token, value block, `extend`...), or None when not held."""
+        return self._lock
+
+    def owned(self) -> bool:
+        """True while this mutex holds its lock, valid on a quorum (a lost lock: False)."""
+        return self._lock is not None and self._lock.valid
+
+    def _begin(self, blocking: object, timeout: object) -> dict[str, Any] | None:
+        """Check an `acquire` (typed errors, nothing sent). None: a reentrant acquisition
+        counted, nothing to send; else the `lock()` arguments, and the mutex is marked
+        acquiring until `_end`."""
+        if not isinstance(blocking, bool):
+            raise InvalidType("blocking must be a bool")
+        if timeout == -1 and not isinstance(timeout, bool):
+            t = None
+        elif not blocking:
+            raise InvalidArgument("a non-blocking acquire takes no timeout")
+        else:
+            t = check_timeout(timeout)
+        if self._acquiring:
+            raise AlreadyHeld("this mutex is being acquired (by another thread or task)",
+                              resource=self.resource)
+        if self._lock is not None:
+            if not self._reentrant:
+                raise AlreadyHeld("this mutex holds its lock already and is not reentrant "
+                                  "(release() first, or create it with reentrant=True)",
+                                  resource=self.resource, lock_id=self._lock.id)
+            self._lock._raise_lost(self._lock._lost_before_exit(), None)
+            self._depth += 1
+            return None
+        self._acquiring = True
+        return dict(self._options, timeout=t, noqueue=not blocking, lease_ms=self._lease_ms)
+
+    def _end(self, lock: Any) -> bool:
+        """The acquisition is over: granted (`lock`) or not (None)."""
+        self._acquiring = False
+        if lock is None:
+            return False
+        self._lock, self._depth = lock, 1
+        return True
+
+    def _to_release(self) -> Any:
+        """Count a `release`; the Lock to release when it was the last acquisition, else
+        None. NotHeld (nothing sent) when the mutex holds nothing."""
+        if self._lock is None:
+            raise NotHeld("release() of a mutex that does not hold its lock",
+                          resource=self.resource)
+        self._depth -= 1
+        if self._depth > 0:
+            return None
+        lock, self._lock = self._lock, None
+        return lock
+
+    def __repr__(self) -> str:
+        state = f"held x{self._depth}" if self._lock is not None else "not held"
+        return f"<{type(self).__name__} {self.resource!r} {self._mode.name} {state}>"
+
+
+def check_decorated(fn: object, coroutine: bool, client: str) -> None:
+    """`locked(...)` decorates a plain function (DLM) or a coroutine function
+    (AsyncDLM); anything else is InvalidType (a generator would run after the lock is
+    released)."""
+    if not callable(fn):
+        raise InvalidType("locked(...) decorates a function")
+    if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+        raise InvalidType("locked(...) cannot decorate a generator: its body would run "
+                          "after the lock is released; lock inside it instead")
+    if inspect.iscoroutinefunction(fn) != coroutine:
+        other = ("AsyncDLM.locked for coroutine functions" if not coroutine
+                 else "DLM.locked for plain functions")
+        raise InvalidType(f"{client}.locked decorates "
+                          f"{'coroutine' if coroutine else 'plain'} functions; use {other}")

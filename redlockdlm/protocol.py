@@ -209,6 +209,9 @@ class LockCore:
         #: P1: of the request, then of the latest conversion (the detector's victim, D8)
         self.priority = priority
         self.lease_ms = lease_ms
+        #: lease changes (`Session.change_lease`): (monotonic time, lease before it), oldest
+        #: first; a vote counts the lease its call carried (`lease_at`), not today's
+        self.lease_changes: list[tuple[float, int]] = []
         self.ticket = session.tickets.next()
         self.cticket = 0
         #: the conversion in progress as sent: (mode, flags, value, version), for re-sending
@@ -246,11 +249,28 @@ class LockCore:
 
     # ----------------------------------------------------------------- reading the votes
 
-    def drift_s(self) -> float:
-        return (self.lease_ms * DRIFT_FACTOR + DRIFT_MIN_MS) / 1000.0
+    def drift_s(self, lease_ms: int | None = None) -> float:
+        lease = self.lease_ms if lease_ms is None else lease_ms
+        return (lease * DRIFT_FACTOR + DRIFT_MIN_MS) / 1000.0
+
+    def lease_at(self, sent_at: float) -> int:
+        """The lease (ms) a call about this lock sent at `sent_at` carried: the lease in
+        force then (L1). Calls are built and timed in one step of the client, and a lease
+        changes in a step of its own, so a call sent before a change carried the old lease
+        and one sent after it the new; a call timed at the very instant of a change counts
+        the shorter of the two."""
+        for k, (at, before) in enumerate(self.lease_changes):
+            if sent_at < at:
+                return before
+            if sent_at == at:
+                after = (self.lease_changes[k + 1][1] if k + 1 < len(self.lease_changes)
+                         else self.lease_ms)
+                return min(before, after)
+        return self.lease_ms
 
     def vote_validity(self, v: InstanceVote, now: float) -> float:
-        return v.sent_at + self.lease_ms / 1000.0 - self.drift_s() - now
+        lease = self.lease_at(v.sent_at) if self.lease_changes else self.lease_ms
+        return v.sent_at + lease / 1000.0 - self.drift_s(lease) - now
 
     def granted(self, now: float, mode: Mode | None = None) -> list[int]:
         """Instances where the lock is granted (in `mode`, if given) with a valid lease."""
@@ -572,15 +592,7 @@ class Session:
             raise InvalidArgument("expedite is only for NL requests (G3)")
         flags = ((Flag.NOQUEUE if noqueue else 0) | (Flag.EXPEDITE if expedite else 0)
                  | (Flag.NODLCKWT if no_deadlock_wait else 0))
-        lease = self.lease_ms if lease_ms is None else check_lease(lease_ms)
-        for i, stored in enumerate(self.stored_rejoin):
-            if stored is not None and lease > stored:
-                raise self.lease_too_long(i, lease)  # E1: that instance's own wait
-        if lease > self.rejoin_ms:
-            # E1: a restarted instance waits rejoin_ms before granting; a longer lease
-            # could still be counted by its holder after that
-            raise InvalidArgument(f"a lock's lease ({lease} ms) may not exceed the client's "
-                                  f"rejoin_ms ({self.rejoin_ms} ms); raise rejoin_ms")
+        lease = self.lease_ms if lease_ms is None else self.check_lock_lease(lease_ms)
         lk = LockCore(self, path, m, int(flags), lease, parent,
                       check_id("lock id", lock_id) if lock_id else new_id(), prio)
         if not noqueue:
@@ -594,6 +606,43 @@ class Session:
         if parent is not None:
             parent.children.append(lk)
         return lk
+
+    def check_lock_lease(self, lease_ms: object) -> int:
+        """A lease one lock may have (E1): an int of 100..86400000 ms (InvalidType,
+        InvalidArgument), no longer than the rejoin wait any instance stores (LeaseTooLong)
+        nor than this client's `rejoin_ms` (InvalidArgument)."""
+        lease = check_lease(lease_ms)
+        for i, stored in enumerate(self.stored_rejoin):
+            if stored is not None and lease > stored:
+                raise self.lease_too_long(i, lease)  # E1: that instance's own wait
+        if lease > self.rejoin_ms:
+            # E1: a restarted instance waits rejoin_ms before granting; a longer lease
+            # could still be counted by its holder after that
+            raise InvalidArgument(f"a lock's lease ({lease} ms) may not exceed the client's "
+                                  f"rejoin_ms ({self.rejoin_ms} ms); raise rejoin_ms")
+        return lease
+
+    def change_lease(self, lk: LockCore, lease_ms: int, now: float) -> None:
+        """From `now` on, calls about `lk` carry the lease `lease_ms` (already checked by
+        `check_lock_lease`); the votes of calls sent before keep counting the lease those
+        carried (L1, `LockCore.lease_at`)."""
+        if lease_ms == lk.lease_ms:
+            return
+        longest = max([lk.lease_ms, *(b for _, b in lk.lease_changes)]) / 1000.0
+        # a change older than every lease it could apply to no longer matters: a call
+        # sent before it has run out whatever lease it carried
+        lk.lease_changes = [(at, b) for at, b in lk.lease_changes if at + longest >= now]
+        lk.lease_changes.append((now, lk.lease_ms))
+        lk.lease_ms = lease_ms
+
+    def renew_lock_cmds(self, lk: LockCore) -> list[tuple[int, tuple]]:
+        """A renewal of `lk` alone, with its lease, for every instance where it is live
+        (as `renew_cmds` chooses them)."""
+        return [(i, command("renew", self._keys(lk.key), codec.renew_args(
+                    self.rejoin_ms, self.chan_prefix, self.owner, lk.lease_ms,
+                    [(lk.id, lk.token)])))
+                for i in range(self.n) if i not in self.refused
+                and lk.votes[i].vote in (Vote.GRANTED, Vote.QUEUED, Vote.ERROR)]
 
     def _check_self_deadlock(self, lk: LockCore, mode: Mode, what: str) -> None:
         """G14: a queueing request or up-conversion of this owner on a resource where the

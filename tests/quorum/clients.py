@@ -106,6 +106,9 @@ class AioDLM:
     def enqueue(self, resource: Any, mode: Any = "EX", **kw: Any) -> AioRequest:
         return AioRequest(self, self.run(self.adlm.enqueue(resource, mode, **self._kw(kw))))
 
+    def mutex(self, resource: Any, mode: Any = "EX", **kw: Any) -> AioMutex:
+        return AioMutex(self, self.adlm.mutex(resource, mode, **self._kw(kw)))
+
     def close(self) -> None:
         self.run(self.adlm.close())
 
@@ -172,6 +175,9 @@ class AioLock:
     def release(self, **kw: Any) -> None:
         self._d.run(self._a.release(**kw))
 
+    def extend(self, lease_ms: int | None = None) -> None:
+        self._d.run(self._a.extend(lease_ms))
+
     def __enter__(self) -> AioLock:
         return self
 
@@ -180,6 +186,37 @@ class AioLock:
 
     def __repr__(self) -> str:
         return f"<AioLock {self._a!r}>"
+
+
+class AioMutex:
+    """Blocking facade over `redlockdlm.aio.AsyncMutex` with `Mutex`'s API."""
+
+    def __init__(self, dlm: AioDLM, amutex: Any) -> None:
+        self._d = dlm
+        self._a = amutex
+
+    @property
+    def lock(self) -> AioLock | None:
+        return None if self._a.lock is None else self._d._wrap(self._a.lock)
+
+    def owned(self) -> bool:
+        return self._a.owned()
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        return self._d.run(self._a.acquire(blocking, timeout))
+
+    def release(self) -> None:
+        self._d.run(self._a.release())
+
+    def locked(self) -> bool:
+        return self._d.run(self._a.locked())
+
+    def __enter__(self) -> AioMutex:
+        self._d.run(self._a.__aenter__())
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._d.run(self._a.__aexit__(*exc))
 
 
 def make_client(kind: str, urls: list[str], namespace: str, **kw: Any) -> Any:
