@@ -18,6 +18,8 @@ if __package__ in (None, ""):  # `python tests/sim/run.py`
         os.path.abspath(__file__)))))
     __package__ = "tests.sim"  # noqa: A001
 
+from redlockdlm.engine.modes import Mode  # noqa: E402
+
 from .world import Config, run_seed  # noqa: E402
 
 
@@ -96,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 #:     leases from the crash (past the rejoin wait and V5's window: its locks re-join
 #:     late), among partitions and pauses; half the locks held 1 to 4 leases.
 #: deadlock, breaks, jobs: the simulated jobs (tests/sim/jobs.py, docs/verification.md).
+_WRITERS = (Mode.CR, Mode.CR, Mode.PR, Mode.PW, Mode.PW, Mode.EX)
 PROFILES: dict[str, dict] = {
     "r1": dict(kinds=("convloss",), hold_after_conv=1.0),
     "slow": dict(kinds=("latency", "ipause", "cpause"), lat_dur=(1.0, 4.0),
@@ -107,6 +110,10 @@ PROFILES: dict[str, dict] = {
     "aof": dict(kinds=("aofrestart", "aofrestart", "ipause", "irestart", "cpause",
                        "partition", "latency")),
     "gap1": dict(kinds=("restartcut", "restartcut", "partition", "ipause"), hold=0.5),
+    "relloss": dict(kinds=("relloss",), faults=3, idle=0.3, modes=_WRITERS, resources=1,
+                    clients=3, work_s=10.0, relloss_cut=(1.5, 3.0)),
+    "rejoin": dict(kinds=("rejoinread",), faults=2, hold=0.3, modes=_WRITERS, resources=1,
+                   clients=3, work_s=10.0),
     # (tests/sim/jobs.py) deadlock: two detectors (one leads) over users that take two
     # resources in either order and convert up, without timeouts; breaks: the default
     # workload and an operator's `dlm break` at random times; jobs: both.
