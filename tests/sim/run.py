@@ -97,6 +97,17 @@ def main(argv: list[str] | None = None) -> int:
 #: gap1: instances restart empty and one client is cut from the restarted one for 2.5 to 4
 #:     leases from the crash (past the rejoin wait and V5's window: its locks re-join
 #:     late), among partitions and pauses; half the locks held 1 to 4 leases.
+#: relloss: every fault a release that writes nothing lost on one instance (its lock stays
+#:     there, stale) and every client cut from that instance for 1.5 to 3 leases, past the
+#:     stale lock's lease, while the others go on; one resource, three clients, more
+#:     writers, users idle more often, 10 s of work: the first call after the cut purges the
+#:     stale lock there and must drop the older value with it (G13).
+#: rejoin: every fault the next writer's lock never reaching a minority of instances (they
+#:     keep the older value), instance r of the bare quorum that stores its write
+#:     restarting empty 0.3 s after that release, and 1 to 2 leases later every client cut
+#:     from the rest of that quorum for 0.5 to 1.2 leases: a reader's quorum is r and the
+#:     instances that missed the write; locks held across the restart re-join r (R2) and
+#:     V5 marks its value forgotten. One resource, three clients, more writers, 10 s.
 #: deadlock, breaks, jobs: the simulated jobs (tests/sim/jobs.py, docs/verification.md).
 _WRITERS = (Mode.CR, Mode.CR, Mode.PR, Mode.PW, Mode.PW, Mode.EX)
 PROFILES: dict[str, dict] = {
