@@ -136,9 +136,13 @@ def covers(held: Mode | None, mode: Mode | None) -> bool:
     """True if a grant in `held` excludes at least every mode `mode` excludes (EX covers
     everything, every mode covers NL): an instance granting us `held` protects a holder
     of `mode` there."""
-    if held is None or mode is None:
-        return False
-    return all(COMPAT[held][x] <= COMPAT[mode][x] for x in Mode)
+    return (held, mode) in _COVERS
+
+
+#: every (held, mode) pair where `held` covers `mode` (computed once: `covers` runs for
+#: every vote whenever a lock's validity is read)
+_COVERS = frozenset((a, b) for a in Mode for b in Mode
+                    if all(COMPAT[a][x] <= COMPAT[b][x] for x in Mode))
 
 
 def new_id() -> str:

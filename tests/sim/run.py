@@ -18,6 +18,8 @@ if __package__ in (None, ""):  # `python tests/sim/run.py`
         os.path.abspath(__file__)))))
     __package__ = "tests.sim"  # noqa: A001
 
+from redlockdlm.engine.modes import Mode  # noqa: E402
+
 from .world import Config, run_seed  # noqa: E402
 
 
@@ -95,7 +97,19 @@ def main(argv: list[str] | None = None) -> int:
 #: gap1: instances restart empty and one client is cut from the restarted one for 2.5 to 4
 #:     leases from the crash (past the rejoin wait and V5's window: its locks re-join
 #:     late), among partitions and pauses; half the locks held 1 to 4 leases.
+#: relloss: every fault a release that writes nothing lost on one instance (its lock stays
+#:     there, stale) and every client cut from that instance for 1.5 to 3 leases, past the
+#:     stale lock's lease, while the others go on; one resource, three clients, more
+#:     writers, users idle more often, 10 s of work: the first call after the cut purges the
+#:     stale lock there and must drop the older value with it (G13).
+#: rejoin: every fault the next writer's lock never reaching a minority of instances (they
+#:     keep the older value), instance r of the bare quorum that stores its write
+#:     restarting empty 0.3 s after that release, and 1 to 2 leases later every client cut
+#:     from the rest of that quorum for 0.5 to 1.2 leases: a reader's quorum is r and the
+#:     instances that missed the write; locks held across the restart re-join r (R2) and
+#:     V5 marks its value forgotten. One resource, three clients, more writers, 10 s.
 #: deadlock, breaks, jobs: the simulated jobs (tests/sim/jobs.py, docs/verification.md).
+_WRITERS = (Mode.CR, Mode.CR, Mode.PR, Mode.PW, Mode.PW, Mode.EX)
 PROFILES: dict[str, dict] = {
     "r1": dict(kinds=("convloss",), hold_after_conv=1.0),
     "slow": dict(kinds=("latency", "ipause", "cpause"), lat_dur=(1.0, 4.0),
@@ -107,6 +121,10 @@ PROFILES: dict[str, dict] = {
     "aof": dict(kinds=("aofrestart", "aofrestart", "ipause", "irestart", "cpause",
                        "partition", "latency")),
     "gap1": dict(kinds=("restartcut", "restartcut", "partition", "ipause"), hold=0.5),
+    "relloss": dict(kinds=("relloss",), faults=3, idle=0.3, modes=_WRITERS, resources=1,
+                    clients=3, work_s=10.0, relloss_cut=(1.5, 3.0)),
+    "rejoin": dict(kinds=("rejoinread",), faults=2, hold=0.3, modes=_WRITERS, resources=1,
+                   clients=3, work_s=10.0),
     # (tests/sim/jobs.py) deadlock: two detectors (one leads) over users that take two
     # resources in either order and convert up, without timeouts; breaks: the default
     # workload and an operator's `dlm break` at random times; jobs: both.

@@ -71,6 +71,12 @@ class Config:
     #: (deadlock detectors, one leading), "deadlocks" (users that take two resources in
     #: either order and convert up: real deadlocks), "breaks" (an operator's `dlm break`)
     jobs: tuple[str, ...] = ()
+    #: the modes users draw for requests and conversions (None: NL, CR, CW, PR twice, PW,
+    #: EX twice; a profile may draw more writers)
+    modes: tuple[Mode, ...] | None = None
+    #: "relloss": how long (in leases) every client stays cut from the instance that
+    #: missed a release (past that lock's lease there)
+    relloss_cut: tuple[float, float] = (1.2, 2.0)
 
 
 @dataclass
@@ -123,6 +129,15 @@ class Network:
         #: instance a second time `lag` seconds later, in order, its reply read by nobody
         #: (the "latedup" fault: a retrying proxy or client library re-sending commands)
         self.echo: dict[int, tuple[float, float]] = {}
+        #: instance -> (until, seconds): the next release that writes no value and reaches
+        #: that instance is lost there (its lock stays, stale), then every client is cut
+        #: from it for `seconds`, past that lock's lease (the "relloss" fault: G13)
+        self.relloss: dict[int, tuple[float, float]] = {}
+        #: (until, i, miss, other, gap, d): the next release that writes a value is lost
+        #: on the instances `miss`; instance i restarts empty just after it landed, and
+        #: `gap` later every client is cut from `other` for `d` (the "rejoinread" fault)
+        self.writemiss: tuple | None = None
+        self._writemiss_id: bytes | None = None  #: the writer's lock it hit
 
     def rng(self, c: SimClient, i: int, ev: bool = False) -> random.Random:
         """The stream of client c's messages to or from instance i in its current step."""
@@ -167,6 +182,10 @@ class Network:
             return
         if self.convloss and self._convloss(c, i, calls):
             return
+        if self.relloss and self._relloss(c, i, calls):
+            return
+        if self.writemiss is not None and self._writemiss(c, i, calls):
+            return
         if self.echo:
             echo = self.echo.get(c.cid)
             if echo is not None and echo[0] > w.t:
@@ -186,6 +205,61 @@ class Network:
         if j != i:
             w.at(w.t + 0.3, None, w._partition, c.cid, [j], d)
         return True
+
+    def _relloss(self, c: SimClient, i: int, calls: list) -> bool:
+        hit = self.relloss.get(i)
+        if hit is None or hit[0] <= self.w.t:
+            return False
+        # (a release that writes nothing, of a lock granted there in a mode that writes
+        # nothing: an expired writer's lock would mark the value invalid, V4)
+        res = self.w.instances[i].model.res
+        if not any(call[0] == "release" and call[2][5] != b"1" and any(
+                lk.id == call[2][3].decode() and lk.gr is not None and lk.gr < Mode.PW
+                for lk in getattr(res.get(call[1][2]), "g", ())) for call in calls):
+            return False
+        del self.relloss[i]
+        w = self.w
+        w._fault(f"client {c.cid}'s release to instance {i} lost; every client cut from it "
+                 f"for {hit[1] * 1000:.0f} ms")
+        for other in w.clients:
+            w._partition(other.cid, [i], hit[1])
+        return True
+
+    def _writemiss(self, c: SimClient, i: int, calls: list) -> bool:
+        """The "rejoinread" fault: the calls of the next writer's lock (a request in PW or
+        EX) never reach the instances `miss` (they keep the older value); once that lock
+        releases with a write that is stored (another lock keeps the resource alive on
+        instance r), r restarts empty and, `gap` later, every client is cut from `other`.
+        A writer whose release writes nothing is forgotten, the next one taken."""
+        until, r, miss, other, gap, d = self.writemiss
+        w = self.w
+        if 0 <= until <= w.t and self._writemiss_id is None:
+            self.writemiss = None
+            return False
+        call = calls[0]
+        if call[0] not in ("request", "convert", "release", "cancel"):
+            return False
+        lid = call[2][3]
+        if self._writemiss_id is None:
+            if call[0] != "request" or int(call[2][4]) < Mode.PW:
+                return False
+            self._writemiss_id = lid
+            w._fault(f"client {c.cid}'s lock {lid.decode()} never reaches instances {miss}")
+        elif lid != self._writemiss_id:
+            return False
+        if call[0] == "release" and i == min(set(range(len(w.instances))) - set(miss)):
+            res = w.instances[r].model.res.get(call[1][2])
+            if call[2][5] != b"1" or res is None or sum(
+                    len(q) for q in (res.g, res.c, res.w)) < 2:
+                self._writemiss_id = None  # (no write stored: wait for the next writer)
+                return i in miss
+            self.writemiss = (-1.0, r, miss, other, gap, d)  # (done once r restarts)
+            w._fault(f"its release writes; instance {r} restarts empty after it")
+            w.at(w.t + 0.3, None, w._restart, r, 0.05)
+            w.at(w.t + 0.3, None, setattr, self, "writemiss", None)
+            for other_c in w.clients:
+                w.at(w.t + 0.35 + gap, None, w._partition, other_c.cid, other, d)
+        return i in miss
 
     def _arrive(self, c: SimClient, i: int, calls: list, on_reply: Callable, args: tuple,
                 box: list, dup: bool) -> None:
@@ -400,6 +474,18 @@ class World:
                 c, i = rng.randrange(cfg.clients), rng.randrange(cfg.instances)
                 j, d = rng.randrange(cfg.instances), rng.uniform(1.0, 2.5) * lease
                 plan.append((t, "convloss", (c, i, 2.0 * lease, j, d)))
+            elif kind == "relloss":  # G13: a write's release lost on one instance, idle there
+                i, d = rng.randrange(cfg.instances), rng.uniform(*cfg.relloss_cut) * lease
+                plan.append((t, "relloss", (i, 2.0 * lease, d)))
+            elif kind == "rejoinread":  # R2 + V5: a write missed, a restart, a reader
+                order = rng.sample(range(cfg.instances), cfg.instances)
+                q = cfg.instances // 2 + 1
+                k = cfg.instances - q + 1  # (i and the N - Q instances that miss: a quorum)
+                i, miss, other = order[0], order[1:k], order[k:]
+                t = rng.uniform(0.2, cfg.work_s / 2)  # (readers come after the restart)
+                plan.append((t, "rejoinread", (i, sorted(miss), sorted(other), 4.0 * lease,
+                                               rng.uniform(1.0, 2.0) * lease,
+                                               rng.uniform(0.5, 1.2) * lease)))
             else:
                 c, d = rng.randrange(cfg.clients), rng.uniform(0.05, 2.0 * lease)
                 k = rng.randint(1, cfg.instances)
@@ -467,6 +553,25 @@ class World:
         self.net.convloss[(c, i)] = (self.t + within, (j, d))
         self._fault(f"client {c}'s next conversion to instance {i} (within "
                     f"{within * 1000:.0f} ms) will be lost")
+
+    def _relloss(self, i: int, within: float, d: float) -> None:
+        self.net.relloss[i] = (self.t + within, d)
+        self._fault(f"the next release that writes nothing, to instance {i} (within "
+                    f"{within * 1000:.0f} ms), will be lost")
+
+    def _rejoinread(self, i: int, miss: list[int], other: list[int], within: float,
+                    gap: float, d: float) -> None:
+        """R2 and V5's schedule: the next writer's lock (requested within `within`) never
+        reaches `miss`, so only i and `other` (a bare quorum) store its write; instance i
+        (not in `miss`) restarts empty 0.3 s after that release and forgets it; the locks
+        held across the
+        restart re-join it (R2); `gap` after its restart every client is cut from `other`
+        for `d`, so a reader's quorum is i (a forgotten value block, V5) and `miss` (the
+        older value)."""
+        self.net.writemiss = (self.t + within, i, miss, other, gap, d)
+        self.net._writemiss_id = None
+        self._fault(f"the next writer (within {within * 1000:.0f} ms) will miss instances "
+                    f"{miss}; then instance {i} restarts")
 
     def _partition(self, c: int, cut: list[int], d: float) -> None:
         for i in cut:
@@ -544,7 +649,8 @@ class User:
         and recorded in `steps` (a list of dicts); given `steps` (a shrunk schedule), the
         user replays them instead, and stops when they are used up."""
         w, c, rng, cfg = self.w, self.c, self.rng, self.w.cfg
-        modes = (Mode.NL, Mode.CR, Mode.CW, Mode.PR, Mode.PR, Mode.PW, Mode.EX, Mode.EX)
+        modes = cfg.modes or (Mode.NL, Mode.CR, Mode.CW, Mode.PR, Mode.PR, Mode.PW, Mode.EX,
+                              Mode.EX)
         maybe = lambda: (rng.uniform(0.0, 0.3) if rng.random() < cfg.interrupt else None)  # noqa: E731
         lease = cfg.lease_ms / 1000.0
         replay = self.steps is not None
