@@ -28,14 +28,12 @@ except ImportError:  # (older redis-py: hiredis's own default)
 
 from .connection import Pooled, open_session
 from .engine import codec
-from .engine.codec import as_mode
-from .engine.keys import check_name
 from .engine.modes import Mode
 from .engine.scripts import packed_command
 from .errors import DLMError, LockTimeout, NotQueued
 from .flows import Broadcast, Flow, Flows, Pipeline, Shielded, Spawn, Wait
-from .handle import LockBase, MutexBase, RequestBase, check_decorated
-from .protocol import Call, LockCore, check_timeout, describe
+from .handle import LockBase, MutexBase, RequestBase, check_decorated, check_locked_args
+from .protocol import Call, LockCore, describe
 from .wire import Round, missing, settle
 
 log = logging.getLogger("redlockdlm")
@@ -402,11 +400,7 @@ class AsyncDLM(Flows):
         `mode` (as `DLM.locked`; a call cancelled while it waits or runs leaves nothing
         behind, as `lock` and `release` guarantee). InvalidType for a plain function
         (`DLM.locked` decorates those). The arguments are checked here."""
-        check_name(resource)
-        m = as_mode(mode)
-        check_timeout(timeout)
-        if lease_ms is not None:
-            self._core.check_lock_lease(lease_ms)
+        m = check_locked_args(self._core, resource, mode, timeout, lease_ms)
 
         def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
             check_decorated(fn, True, "AsyncDLM")

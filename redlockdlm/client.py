@@ -29,14 +29,12 @@ from redis.exceptions import InvalidResponse, ResponseError
 
 from .connection import Instance, open_session
 from .engine import codec
-from .engine.codec import as_mode
-from .engine.keys import check_name
 from .engine.modes import Mode
 from .engine.scripts import packed_command
 from .errors import DLMError, LockTimeout, NotQueued
 from .flows import Broadcast, Flow, Flows, Pipeline, Shielded, Spawn, Wait
-from .handle import LockBase, MutexBase, RequestBase, check_decorated
-from .protocol import Call, LockCore, check_timeout, describe
+from .handle import LockBase, MutexBase, RequestBase, check_decorated, check_locked_args
+from .protocol import Call, LockCore, describe
 from .wire import Round, settle
 
 log = logging.getLogger("redlockdlm")
@@ -189,11 +187,7 @@ class DLM(Flows):
         the caller and the function does not run; a lock lost during the call raises
         LockLost after it. Plain functions only (InvalidType otherwise: `AsyncDLM.locked`
         decorates coroutine functions). The arguments are checked here."""
-        check_name(resource)
-        m = as_mode(mode)
-        check_timeout(timeout)
-        if lease_ms is not None:
-            self._core.check_lock_lease(lease_ms)
+        m = check_locked_args(self._core, resource, mode, timeout, lease_ms)
 
         def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
             check_decorated(fn, False, "DLM")

@@ -273,6 +273,18 @@ class MutexBase:
         return f"<{type(self).__name__} {self.resource!r} {self._mode.name} {state}>"
 
 
+def check_locked_args(core: Any, resource: str | bytes, mode: object,
+                      timeout: float | None, lease_ms: int | None) -> Mode:
+    """The arguments of `locked(...)`, checked when decorating (typed errors, nothing
+    sent): the mode to lock in."""
+    check_name(resource)
+    m = codec.as_mode(mode)
+    check_timeout(timeout)
+    if lease_ms is not None:
+        core.check_lock_lease(lease_ms)
+    return m
+
+
 def check_decorated(fn: object, coroutine: bool, client: str) -> None:
     """`locked(...)` decorates a plain function (DLM) or a coroutine function
     (AsyncDLM); anything else is InvalidType (a generator would run after the lock is
