@@ -379,26 +379,8 @@ class DeadlockUser(User):
 
 def _deadlock_script(u: Any) -> Generator:
     w, c, rng, cfg = u.w, u.c, u.rng, u.w.cfg
-    replay = u.steps is not None
-    steps = u.steps if replay else u.recorded
     modes = (Mode.PR, Mode.PW, Mode.EX, Mode.EX, Mode.CW)
-    k = 0
-    while w.t < cfg.work_s:
-        if replay:
-            if k == len(steps):
-                break
-            st = steps[k]
-        else:
-            st = {"n": k}
-            steps.append(st)
-        w.net.step[c.cid] = st["n"]
-        k += 1
-
-        def draw(key: str, fn: Any, st: dict = st) -> Any:
-            if key not in st:
-                st[key] = fn()
-            return st[key]
-
+    for draw in u.step_records():
         yield ("sleep", draw("pause", lambda: rng.uniform(0.0, 0.1)))
         names = draw("res", lambda: rng.sample([f"r{i}" for i in range(cfg.resources)], 2))
         held = []

@@ -12,7 +12,7 @@ from __future__ import annotations
 import heapq
 import logging
 import random
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -644,22 +644,19 @@ class User:
         o = self.w.res.outcomes
         o[what] = o.get(what, 0) + 1
 
-    def script(self) -> Generator:
-        """The user's steps, one lock each. Every random choice of a step is drawn once
-        and recorded in `steps` (a list of dicts); given `steps` (a shrunk schedule), the
-        user replays them instead, and stops when they are used up."""
-        w, c, rng, cfg = self.w, self.c, self.rng, self.w.cfg
-        modes = cfg.modes or (Mode.NL, Mode.CR, Mode.CW, Mode.PR, Mode.PR, Mode.PW, Mode.EX,
-                              Mode.EX)
-        maybe = lambda: (rng.uniform(0.0, 0.3) if rng.random() < cfg.interrupt else None)  # noqa: E731
-        lease = cfg.lease_ms / 1000.0
+    def step_records(self) -> Iterator[Callable[[str, Callable[[], Any]], Any]]:
+        """The user's steps while the workload runs, each a dict of its random choices:
+        replayed from `steps` (a shrunk schedule; they end when used up), else drawn and
+        recorded in `recorded`. Yields for each its `draw(key, fn)`: the step's value of
+        `key`, drawn with `fn` and recorded the first time."""
+        w, c, cfg = self.w, self.c, self.w.cfg
         replay = self.steps is not None
         steps = self.steps if replay else self.recorded
         k = 0
         while w.t < cfg.work_s:
             if replay:
                 if k == len(steps):
-                    break
+                    return
                 st = steps[k]
             else:
                 st = {"n": k}
@@ -672,6 +669,17 @@ class User:
                     st[key] = fn()
                 return st[key]
 
+            yield draw
+
+    def script(self) -> Generator:
+        """The user's steps, one lock each (`step_records`: every random choice of a step
+        is drawn once and recorded, or replayed from a shrunk schedule)."""
+        w, c, rng, cfg = self.w, self.c, self.rng, self.w.cfg
+        modes = cfg.modes or (Mode.NL, Mode.CR, Mode.CW, Mode.PR, Mode.PR, Mode.PW, Mode.EX,
+                              Mode.EX)
+        maybe = lambda: (rng.uniform(0.0, 0.3) if rng.random() < cfg.interrupt else None)  # noqa: E731
+        lease = cfg.lease_ms / 1000.0
+        for draw in self.step_records():
             yield ("sleep", draw("pause", lambda: rng.uniform(0.0, 0.05)))
             idle = draw("idle", lambda: rng.uniform(1.0, 2.5) * lease
                         if cfg.idle and rng.random() < cfg.idle else 0.0)
