@@ -114,7 +114,7 @@ def status(outcomes: Sequence[InstanceResult[Health]], namespace: str, as_json: 
                     "recovering_ms": o.value.recovering_ms, "resources": o.value.resources,
                     "locks": o.value.locks, "waiters": o.value.waiters,
                     "run_id": o.value.run_id, "maxmemory_policy": o.value.maxmemory_policy,
-                    "rejoin_ms": o.value.rejoin_ms,
+                    "rejoin_ms": o.value.rejoin_ms, "persistence": o.value.persistence,
                     "can_grant": o.label not in waiting,
                     "not_granting": waiting.get(o.label)} if o.ok else {}),
             } for o in outcomes]})
@@ -123,14 +123,15 @@ def status(outcomes: Sequence[InstanceResult[Health]], namespace: str, as_json: 
     for o in outcomes:
         h = o.value
         if h is None:
-            rows.append([o.label, "no", "-", "-", "-", "-", "-", "-", "-", "-"])
+            rows.append([o.label, "no", "-", "-", "-", "-", "-", "-", "-", "-", "-"])
         else:
             rows.append([o.label, "yes", f"{h.latency_ms:.2f}", h.redis_version,
                          h.epoch or "(none)", h.recovering_ms,
                          "-" if h.rejoin_ms is None else h.rejoin_ms,
-                         h.maxmemory_policy or "?", h.locks, h.waiters])
+                         h.maxmemory_policy or "?", h.persistence, h.locks, h.waiters])
     click.echo(_table(["INSTANCE", "REACHABLE", "LATENCY_MS", "REDIS", "EPOCH",
-                       "RECOVERING_MS", "REJOIN_MS", "EVICTION", "LOCKS", "WAITERS"], rows))
+                       "RECOVERING_MS", "REJOIN_MS", "EVICTION", "PERSISTENCE", "LOCKS",
+                       "WAITERS"], rows))
     for o in outcomes:
         if not o.ok:
             click.echo(f"  {o.label}: {o.error}")
