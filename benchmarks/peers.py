@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from quorum import AioRunner, Floor, interleaved, pct  # noqa: E402
+from quorum import AioRunner, Floor, pct, timed_loop  # noqa: E402
 from redis_harness import Instances  # noqa: E402
 
 from redlockdlm import DLM, Mode  # noqa: E402
@@ -170,6 +170,17 @@ class Locker:
     def pair(self, name: str) -> None:
         self.release(self.acquire(name)[0])
 
+    async def apair(self, name: str) -> None:
+        """An asyncio library's acquire + release, awaited in its own loop."""
+        if self.lib == "redlockdlm-async":
+            lk = await self.d.lock(name, Mode.EX, timeout=60)
+            await lk.release()
+        elif self.lib == "aioredlock":
+            lk = await self.d.lock(name, lock_timeout=LEASE_S)
+            await self.d.unlock(lk)
+        else:
+            raise ValueError(self.lib)
+
     def close(self) -> None:
         if self.lib == "redlockdlm":
             self.d.close()
@@ -188,12 +199,34 @@ def libraries() -> list[str]:
 # --------------------------------------------------------------------------- (1)
 
 def figure_uncontended(urls: list[str], ns: str, seconds: float) -> tuple[float, dict]:
+    """Pairs of every library in interleaved slices. An asyncio library's pairs run in a
+    loop inside its event loop (a slice is one `run`), as an application's would: a hop
+    from this thread into the loop per call would cost it two thread switches a pair."""
     floor = Floor(urls)
     lockers = {lib: Locker(lib, urls, ns) for lib in libraries()}
-    steps: dict[str, Any] = {"floor": floor.round}
+    slices, warm = 6, 0.3
+    res: dict[str, list[float]] = {"floor": [], **{lib: [] for lib in lockers}}
+
+    def measure(lib: str, lk: Locker, span: float) -> list[float]:
+        name = f"uncontended-{lib}"
+        if lk.loop is None:
+            return timed_loop(lambda: lk.pair(name), span)
+
+        async def pairs() -> list[float]:
+            lat = []
+            end = time.perf_counter() + span
+            while (t0 := time.perf_counter()) < end:
+                await lk.apair(name)
+                lat.append(time.perf_counter() - t0)
+            return lat
+        return lk.loop.run(pairs())
+
     for lib, lk in lockers.items():
-        steps[lib] = (lambda lk=lk, lib=lib: lk.pair(f"uncontended-{lib}"))
-    res = interleaved(steps, seconds, slices=6)
+        measure(lib, lk, warm)
+    for _ in range(slices):
+        res["floor"] += timed_loop(floor.round, seconds / slices)
+        for lib, lk in lockers.items():
+            res[lib] += measure(lib, lk, seconds / slices)
     for lk in lockers.values():
         lk.close()
     floor.close()
