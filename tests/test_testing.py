@@ -176,3 +176,25 @@ def test_an_example_runs_on_fake_instances():
         proc = subprocess.run([sys.executable, str(root / "examples" / "hierarchical_db.py")],
                               env=env, capture_output=True, text=True, timeout=60, cwd=root)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("blob", [b"\xc1garbage", b"\x93\x01\x02\x03"])
+def test_a_damaged_resource_key_is_corrupt_on_the_fakes_too(dlm_fake, dlm_fake_cluster, blob):
+    """Bytes that are not MessagePack, and MessagePack that is not a resource (an array of
+    three numbers), are both refused by every instance's scripts as corrupt (rule K1,
+    DLM_CORRUPT; the quorum client names the key), and nothing is written over them."""
+    from redlockdlm.engine.keys import check_namespace, resource_key
+    from redlockdlm.errors import QuorumUnavailable
+
+    key = resource_key(check_namespace("test"), [b"damaged"])
+    raws = [inst.client() for inst in dlm_fake_cluster.instances]
+    try:
+        for raw in raws:
+            raw.set(key, blob)
+        with pytest.raises(QuorumUnavailable) as ei:
+            dlm_fake.lock("damaged", Mode.EX, timeout=1.0)
+        assert f"3 reported resource key {key.decode()} corrupt" in str(ei.value)
+        assert [raw.get(key) for raw in raws] == [blob] * 3
+    finally:
+        for raw in raws:
+            raw.close()
