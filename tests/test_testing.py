@@ -198,3 +198,29 @@ def test_a_damaged_resource_key_is_corrupt_on_the_fakes_too(dlm_fake, dlm_fake_c
     finally:
         for raw in raws:
             raw.close()
+
+
+def test_fake_instances_give_functions_cmsgpack_in_the_messagepack_format():
+    """Any function loaded on a fake instance has `cmsgpack`, writing the MessagePack
+    formats of the specification (fixarray, fixmap, fixstr, negative fixint, uint16,
+    float64, true) as Redis's cmsgpack chooses them (a 1..n table is an array, the empty
+    table too), and reading them back."""
+    lib = (b"#!lua name=probe\n"
+           b"redis.register_function('probe_pack', function(keys, args) return {"
+           b"cmsgpack.pack({1, 2, 3}), cmsgpack.pack({a = 1}), cmsgpack.pack(-1),"
+           b"cmsgpack.pack(300), cmsgpack.pack(1.5), cmsgpack.pack('x'),"
+           b"cmsgpack.pack(true), cmsgpack.pack({}), cmsgpack.pack(1, 'x')} end)\n"
+           b"redis.register_function('probe_unpack', function(keys, args)"
+           b" local t = cmsgpack.unpack(args[1]) return {#t, t[1], t[2], t[3].k} end)\n")
+    with FakeCluster(1) as cluster:
+        raw = cluster.instances[0].client()
+        try:
+            raw.function_load(lib)
+            assert raw.fcall("probe_pack", 0) == [
+                b"\x93\x01\x02\x03", b"\x81\xa1a\x01", b"\xff", b"\xcd\x01\x2c",
+                b"\xcb\x3f\xf8\x00\x00\x00\x00\x00\x00", b"\xa1x", b"\xc3", b"\x90",
+                b"\x01\xa1x"]
+            assert raw.fcall("probe_unpack", 0, b"\x93\xcd\x01\x2c\xa1y\x81\xa1k\xd0\x85") == [
+                3, 300, b"y", -123]
+        finally:
+            raw.close()
