@@ -23,7 +23,8 @@
     │   ├── MixedTransport                  rediss:// (TLS) and plain redis:// URLs mixed
     │   ├── EvictionPolicy                  an instance may evict keys (maxmemory-policy)
     │   ├── LeaseTooLong                    a lease longer than an instance's rejoin wait (E1)
-    │   └── MetricsUnavailable              metrics asked for without prometheus-client
+    │   ├── MetricsUnavailable              metrics asked for without prometheus-client
+    │   └── FakesUnavailable                redlockdlm.testing without fakeredis/lupa
     ├── QuorumUnavailable (ConnectionError) fewer than a quorum of instances answered
     │   └── InstancesRecovering             too few may grant yet: rejoin window (E1)
     ├── NotFresh                            `init fresh` of an instance that is not brand-new
@@ -133,6 +134,12 @@ class ConfigurationError(DLMError):
 class MetricsUnavailable(ConfigurationError):
     """Metrics were asked for (`metrics.enable`, `dlm detector --metrics-port`) but
     prometheus-client is not installed (the optional extra `redlockdlm[metrics]`)."""
+
+
+class FakesUnavailable(ConfigurationError):
+    """`redlockdlm.testing` was asked for in-process fake instances but fakeredis (with
+    its Lua extra, `lupa`) is not installed, or is a version whose Lua runtime it cannot
+    complete (install `redlockdlm[testing]`)."""
 
 
 class DuplicateInstance(ConfigurationError):

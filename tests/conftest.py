@@ -26,6 +26,16 @@ if _TESTS_DIR not in sys.path:
 from redis_harness import Instances, RedisServer  # noqa: E402
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """The fixtures of redlockdlm.testing (tests/test_testing.py) come from the `pytest11`
+    entry point of an installed redlockdlm; a checkout whose .venv predates that entry point
+    (setup.sh not run again) gets them here instead."""
+    if not config.pluginmanager.has_plugin("redlockdlm"):
+        from redlockdlm import pytest_plugin
+
+        config.pluginmanager.register(pytest_plugin, "redlockdlm-fixtures")
+
+
 @pytest.fixture
 def redis_server() -> Iterator[RedisServer]:
     with RedisServer() as server:
