@@ -477,3 +477,18 @@ class Instances:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def wait_for_line(stream, needle: str, timeout: float = 10.0) -> str:
+    """The first line of a process's `stream` containing `needle` (readline blocks: bounded
+    by the test's timeout when the process hangs)."""
+    deadline = time.monotonic() + timeout
+    seen = []
+    while time.monotonic() < deadline:
+        line = stream.readline()
+        if not line:
+            break
+        seen.append(line)
+        if needle in line:
+            return line
+    raise AssertionError(f"{needle!r} not seen in {seen!r}")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import redis
 from deadlocks import Cluster
-from redis_harness import free_port, no_retry
+from redis_harness import free_port, no_retry, wait_for_line
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -51,18 +51,6 @@ def test_entry_point_unreachable_and_usage_exit_codes():
     p = run([str(DLM), "show", "--redis", "redis://127.0.0.1:1"])
     assert p.returncode == 2 and len(p.stderr.splitlines()) == 1
 
-
-def wait_for_line(stream, needle: str, timeout: float = 10.0) -> str:
-    deadline = time.monotonic() + timeout
-    seen = []
-    while time.monotonic() < deadline:
-        line = stream.readline()
-        if not line:
-            break
-        seen.append(line)
-        if needle in line:
-            return line
-    raise AssertionError(f"{needle!r} not seen in {seen!r}")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from deadlocks import Cluster
-from redis_harness import free_port
+from redis_harness import free_port, wait_for_line
 
 pytest.importorskip("prometheus_client")
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
@@ -35,20 +35,6 @@ def env(**extra: str) -> dict[str, str]:
     e.update(extra)
     return e
 
-
-def wait_for_line(stream, needle: str, timeout: float = 10.0) -> str:
-    """The first line of `stream` containing `needle` (readline blocks: bounded by the
-    test's timeout when the process hangs)."""
-    deadline = time.monotonic() + timeout
-    seen = []
-    while time.monotonic() < deadline:
-        line = stream.readline()
-        if not line:
-            break
-        seen.append(line)
-        if needle in line:
-            return line
-    raise AssertionError(f"{needle!r} not seen in {seen!r}")
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
