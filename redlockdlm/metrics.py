@@ -91,9 +91,10 @@ class Metrics:
     def detector_scan(self, instance: str, seconds: float, ok: bool) -> None:
         """One instance's read in a detector round took `seconds`; `ok`: it answered."""
 
-    def detector_graph(self, waiting: int, cycles: int) -> None:
+    def detector_graph(self, waiting: int, cycles: int, longest: int = 0) -> None:
         """A full round saw `waiting` waiting requests (each once, however many instances
-        index it) and `cycles` cycles in the wait-for graph."""
+        index it), `cycles` cycles in the wait-for graph, and `longest` requests waiting on
+        the resource with the longest queue."""
 
     def detector_deadlock(self, victims: int) -> None:
         """A deadlock (a confirmed cycle) was acted upon: `victims` requests cancelled
@@ -149,6 +150,10 @@ class PrometheusMetrics(Metrics):
         self._cycles = pc.Gauge(
             "dlm_detector_cycles", "Cycles in the wait-for graph of the last full round",
             registry=reg)
+        self._longest = pc.Gauge(
+            "dlm_detector_longest_queue",
+            "Waiting requests of the resource with the longest queue, at the last full round",
+            registry=reg)
         self._deadlocks = pc.Counter(
             "dlm_detector_deadlocks", "Deadlocks (confirmed cycles) acted upon", registry=reg)
         self._victims = pc.Counter("dlm_detector_victims",
@@ -197,9 +202,10 @@ class PrometheusMetrics(Metrics):
         else:
             errors.inc()
 
-    def detector_graph(self, waiting: int, cycles: int) -> None:
+    def detector_graph(self, waiting: int, cycles: int, longest: int = 0) -> None:
         self._waiting.set(waiting)
         self._cycles.set(cycles)
+        self._longest.set(longest)
 
     def detector_deadlock(self, victims: int) -> None:
         self._deadlocks.inc()

@@ -332,7 +332,7 @@ class Detector:
                 self.log.warning(_kv("unreachable", round=n, instance=inst.label,
                                      error=inst.error))
         if full:  # (a confirming read has no index: no waiters of its own)
-            m.detector_graph(snap.waiter_count, len(cycles))
+            m.detector_graph(snap.waiter_count, len(cycles), snap.longest_queue)
         j = judge(cycles, self._previous, snap)
         for cyc in j.first_seen:
             self.log.info(_kv("cycle-seen", round=n, owners=",".join(cyc.owners)))

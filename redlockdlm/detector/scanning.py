@@ -95,6 +95,15 @@ class Snapshot:
         return len({w for i in self.instances for w in i.waiters})
 
     @property
+    def longest_queue(self) -> int:
+        """Waiting requests of the resource that has the most (each counted once)."""
+        per: dict[bytes, set[str]] = {}
+        for i in self.instances:
+            for lock_id, key in i.waiters:
+                per.setdefault(key, set()).add(lock_id)
+        return max((len(ids) for ids in per.values()), default=0)
+
+    @property
     def index_entries(self) -> int:
         """Waiter-index entries on all instances together (a request on N instances: N)."""
         return sum(len(i.waiters) for i in self.instances)

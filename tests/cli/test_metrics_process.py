@@ -126,6 +126,7 @@ def test_detector_and_client_metrics_over_http(cluster3):
         assert value(got, "dlm_detector_victims_total") == 1
         assert value(got, "dlm_detector_leader") == 1
         assert value(got, "dlm_detector_cycles") == 0
+        assert value(got, "dlm_detector_longest_queue") == 1  # (that one request's queue)
         assert value(got, "dlm_detector_rounds_total", kind="full") >= 2
         assert value(got, "dlm_detector_rounds_total", kind="confirm") >= 1
         scans = per_instance(got, "dlm_detector_scan_seconds_count")

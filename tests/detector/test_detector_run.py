@@ -159,6 +159,7 @@ def test_a_long_wait_behind_a_live_holder_is_no_deadlock(c):
             assert rnd.cycles == () and rnd.victims == ()
             # two waiting requests (b1, c1), each in the index of 3 instances
             assert (rnd.snapshot.waiter_count, rnd.snapshot.index_entries) == (2, 6)
+            assert rnd.snapshot.longest_queue == 2  # (both wait on R)
     assert c.queues(("R",), "b1") == ["W"] * 3
 
 
