@@ -976,11 +976,15 @@ class AsyncMutex(MutexBase):
     async def release(self) -> None:
         """As `Mutex.release`: NotHeld when not held; LockLost (after releasing) when the
         lock was lost while held. Cancelled meanwhile, the release still completes."""
+        await self._give_back(None)
+
+    async def _give_back(self, exc_type: object) -> None:
+        """`release`, and `__aexit__` (which passes the exception leaving its block)."""
         lock = self._to_release()
         if lock is not None:
             lost = lock._lost_before_exit()
             await lock.release(subtree=True)
-            lock._raise_lost(lost, None)
+            lock._raise_lost(lost, exc_type)
 
     async def locked(self) -> bool:
         """As `Mutex.locked`: whether some owner holds the resource in a conflicting
@@ -993,11 +997,7 @@ class AsyncMutex(MutexBase):
         return self
 
     async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
-        lock = self._to_release()
-        if lock is not None:
-            lost = lock._lost_before_exit()
-            await lock.release(subtree=True)
-            lock._raise_lost(lost, exc_type)
+        await self._give_back(exc_type)
 
 
 AsyncDLM._lock_class = AsyncLock

@@ -898,12 +898,16 @@ class Mutex(MutexBase):
         """Give the lock back (a reentrant mutex: when its last acquisition is released).
         NotHeld when the mutex does not hold it (nothing sent). If the lock was lost
         while held, it is released and LockLost raised: what it protected was not."""
+        self._give_back(None)
+
+    def _give_back(self, exc_type: object) -> None:
+        """`release`, and `__exit__` (which passes the exception leaving its block)."""
         with self._mu:
             lock = self._to_release()
         if lock is not None:
             lost = lock._lost_before_exit()
             lock.release(subtree=True)
-            lock._raise_lost(lost, None)
+            lock._raise_lost(lost, exc_type)
 
     def locked(self) -> bool:
         """True when some owner (this one included) holds the resource in a mode this
@@ -917,12 +921,7 @@ class Mutex(MutexBase):
         return self
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        with self._mu:
-            lock = self._to_release()
-        if lock is not None:
-            lost = lock._lost_before_exit()
-            lock.release(subtree=True)
-            lock._raise_lost(lost, exc_type)
+        self._give_back(exc_type)
 
 
 def _socketpair():
