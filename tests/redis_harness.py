@@ -492,3 +492,11 @@ def wait_for_line(stream, needle: str, timeout: float = 10.0) -> str:
         if needle in line:
             return line
     raise AssertionError(f"{needle!r} not seen in {seen!r}")
+
+
+def dlm_env(**extra: str) -> dict[str, str]:
+    """This process's environment without any DLM_* variable (a `dlm` process a test starts
+    sees only what the test gives it), plus `extra`."""
+    e = {k: v for k, v in os.environ.items() if not k.startswith("DLM_")}
+    e.update(extra)
+    return e

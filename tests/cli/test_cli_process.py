@@ -3,6 +3,7 @@ and graceful stops of the long-running commands on SIGTERM / SIGINT."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 import redis
 from deadlocks import Cluster
-from redis_harness import free_port, no_retry, wait_for_line
+from redis_harness import dlm_env, free_port, no_retry, wait_for_line
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -23,11 +24,8 @@ DLM = Path(sys.executable).parent / "dlm"
 PY_M = [sys.executable, "-m", "redlockdlm_cli"]
 
 
-def env(**extra: str) -> dict[str, str]:
-    e = {k: v for k, v in os.environ.items() if not k.startswith("DLM_")}
-    e["DLM_NAMESPACE"] = "t"
-    e.update(extra)
-    return e
+#: the environment of a `dlm` process: none of this one's DLM_* variables, namespace "t"
+env = functools.partial(dlm_env, DLM_NAMESPACE="t")
 
 
 def run(cmd: list[str], **extra: str) -> subprocess.CompletedProcess[str]:

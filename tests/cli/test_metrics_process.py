@@ -5,7 +5,7 @@ and the clear error when prometheus-client is missing."""
 
 from __future__ import annotations
 
-import os
+import functools
 import subprocess
 import sys
 import time
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from deadlocks import Cluster
-from redis_harness import free_port, wait_for_line
+from redis_harness import dlm_env, free_port, wait_for_line
 
 pytest.importorskip("prometheus_client")
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
@@ -29,11 +29,8 @@ CLIENT = Path(__file__).with_name("metrics_client.py")
 PY_M = [sys.executable, "-m", "redlockdlm_cli"]
 
 
-def env(**extra: str) -> dict[str, str]:
-    e = {k: v for k, v in os.environ.items() if not k.startswith("DLM_")}
-    e["DLM_NAMESPACE"] = "t"
-    e.update(extra)
-    return e
+#: the environment of a `dlm` process: none of this one's DLM_* variables, namespace "t"
+env = functools.partial(dlm_env, DLM_NAMESPACE="t")
 
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]

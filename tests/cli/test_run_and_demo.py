@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -11,6 +10,7 @@ import time
 
 import pytest
 from click.testing import CliRunner
+from redis_harness import dlm_env as env
 from redlockdlm_cli.main import cli
 
 from redlockdlm import DLM, Mode
@@ -25,11 +25,6 @@ def fresh(cluster, namespace: str = "t") -> list[str]:
         Engine(server.client(), namespace).init_fresh()
     return list(cluster.urls)
 
-
-def env(**extra: str) -> dict[str, str]:
-    e = {k: v for k, v in os.environ.items() if not k.startswith("DLM_")}
-    e.update(extra)
-    return e
 
 
 def test_run_passes_token_and_exit_code(cluster3):
