@@ -315,13 +315,16 @@ def figure_contended(urls: list[str], workers: int, seconds: float) -> dict[str,
 # --------------------------------------------------------------------------- (3)
 
 
-def script_usec(urls: list[str]) -> list[tuple[int, int]]:
-    """(calls, usec) of FCALL (the DLM's scripts) on each server so far."""
+def script_usec(urls: list[str]) -> list[tuple[int, int, int]]:
+    """(calls, usec) of FCALL (the DLM's scripts) on each server so far, and the events
+    they published (PUBLISH, counted by commandstats inside scripts too)."""
     out = []
     for u in urls:
         c = redis.Redis.from_url(u)
-        st = c.info("commandstats").get("cmdstat_fcall", {})
-        out.append((int(st.get("calls", 0)), int(st.get("usec", 0))))
+        stats = c.info("commandstats")
+        st = stats.get("cmdstat_fcall", {})
+        pub = stats.get("cmdstat_publish", {})
+        out.append((int(st.get("calls", 0)), int(st.get("usec", 0)), int(pub.get("calls", 0))))
         c.close()
     return out
 
@@ -493,6 +496,9 @@ def _print_contended(urls: list[str], args: argparse.Namespace, floor_rt: float)
     usec = sum(a[1] - b[1] for a, b in zip(after, before))
     print(f"      server time per script call meanwhile (commandstats): "
           f"{usec / max(1, calls):.1f} µs ({calls:,} calls on {len(urls)} instances)")
+    pubs = sum(a[2] - b[2] for a, b in zip(after, before))
+    print(f"      events published per acquisition (all instances): "
+          f"{pubs / max(1, c['acq']):.2f} ({pubs:,})")
     print(f"    target handoff p50 <= 3 floor RTs ({3 * floor_rt * 1e6:.0f} µs): "
           f"{verdict(statistics.median(h) <= 3 * floor_rt)}")
     print(f"    target fairness (fewest/most) >= 0.9: {fair:.2f} -> {verdict(fair >= 0.9)}")

@@ -3,7 +3,7 @@
 -- KEYS[1] epoch hash, KEYS[2] waiter index, KEYS[3] resource
 -- ARGV[1] rejoin_ms        ARGV[2] channel prefix
 -- ARGV[3] owner            ARGV[4] lock id          ARGV[5] new mode 0..5
--- ARGV[6] flags (NOQUEUE=1 QUECVT=4 CONVDEADLK=8 NODLCKWT=16)
+-- ARGV[6] flags (NOQUEUE=1 QUECVT=4 CONVDEADLK=8 NODLCKWT=16 BLKAST=64)
 -- ARGV[7] conversion ticket (client µs clock)       ARGV[8] lease ms
 -- ARGV[9] 1 to write the value block (down from PW/EX only), else 0
 -- ARGV[10] value bytes     ARGV[11] value version   ARGV[12] value size limit (V1)
@@ -13,7 +13,8 @@
 -- Reply: lock reply; status GRANTED, QUEUED (converting), NOTQUEUED, DEADLOCK (G7; the lock
 -- keeps its mode), RECOVERING (E1, up-conversions only), NOTFOUND. Errors: DLM_BADARG, DLM_NOTOWNER, DLM_STATE (the lock is
 -- waiting or already converting).
--- Events: G to locks granted by queue processing, B to holders blocking a queued conversion.
+-- Events: G to locks granted by queue processing, B to holders blocking a queued conversion
+-- that read it (N1: BLKAST, or a younger ticket).
 
 return run(function()
   local owner = arg_id(ARGV[3], 'owner')

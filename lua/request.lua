@@ -4,14 +4,15 @@
 -- KEYS[4] parent's resource (only read when ARGV[9] names a parent; pass KEYS[3] otherwise)
 -- ARGV[1] rejoin_ms        ARGV[2] channel prefix
 -- ARGV[3] owner            ARGV[4] lock id (client-chosen, the same on every instance)
--- ARGV[5] mode 0..5        ARGV[6] flags (NOQUEUE=1 EXPEDITE=2 NODLCKWT=16)
+-- ARGV[5] mode 0..5        ARGV[6] flags (NOQUEUE=1 EXPEDITE=2 NODLCKWT=16 BLKAST=64)
 -- ARGV[7] ticket (client µs clock; queue order on every instance)
 -- ARGV[8] lease ms         ARGV[9] parent lock id or ''   ARGV[10] display name
 -- ARGV[11] priority (P1: a signed 32-bit int; absent: 0)
 --
 -- Reply: the lock reply of core.lua `reply`: status GRANTED, QUEUED, NOTQUEUED, RECOVERING
 -- (extra = ms to wait), NOPARENT. Errors: DLM_BADARG, DLM_NOTOWNER (id used by another owner).
--- Events: G to locks granted by queue processing, B to holders blocking a queued request.
+-- Events: G to locks granted by queue processing, B to holders blocking a queued request
+-- that read it (N1: BLKAST, or a younger ticket).
 
 return run(function()
   local owner = arg_id(ARGV[3], 'owner')

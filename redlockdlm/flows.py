@@ -192,7 +192,7 @@ class Flows:
         lk = core.new_lock(resource, mode, parent=parent._core if parent else None,
                            noqueue=noqueue, expedite=expedite,
                            no_deadlock_wait=no_deadlock_wait, lease_ms=lease_ms,
-                           priority=priority)
+                           priority=priority, blocking=on_blocking is not None)
         now = self._now()
         if t is not None:
             lk.deadline = now + t

@@ -582,7 +582,11 @@ class Session:
     def new_lock(self, name: str | bytes, mode: object, *, parent: LockCore | None = None,
                  noqueue: bool = False, expedite: bool = False, no_deadlock_wait: bool = False,
                  lease_ms: int | None = None, lock_id: str | None = None,
-                 priority: int = 0) -> LockCore:
+                 priority: int = 0, blocking: bool = False) -> LockCore:
+        """A new lock (not sent yet). `blocking`: the caller reads its blocking
+        notifications (an `on_blocking` callback): its requests and conversions carry
+        BLKAST, so the instances send it every blocking event (N1); without it they send
+        only those the split-vote yield reads (an older ticket queued behind it)."""
         m = codec.as_mode(mode)
         prio = check_priority(priority)
         raw = check_name(name)
@@ -595,7 +599,7 @@ class Session:
         if expedite and m != Mode.NL:
             raise InvalidArgument("expedite is only for NL requests (G3)")
         flags = ((Flag.NOQUEUE if noqueue else 0) | (Flag.EXPEDITE if expedite else 0)
-                 | (Flag.NODLCKWT if no_deadlock_wait else 0))
+                 | (Flag.NODLCKWT if no_deadlock_wait else 0) | (Flag.BLKAST if blocking else 0))
         lease = self.lease_ms if lease_ms is None else self.check_lock_lease(lease_ms)
         lk = LockCore(self, path, m, int(flags), lease, parent,
                       check_id("lock id", lock_id) if lock_id else new_id(), prio)
@@ -1118,7 +1122,8 @@ class Session:
             raise self._not_held(lk)
         flags = ((Flag.NOQUEUE if noqueue else 0) | (Flag.QUECVT if quecvt else 0)
                  | (Flag.CONVDEADLK if convdeadlk else 0)
-                 | (Flag.NODLCKWT if no_deadlock_wait else 0))
+                 | (Flag.NODLCKWT if no_deadlock_wait else 0)
+                 | (lk.flags & Flag.BLKAST))  # (a conversion stores its flags: N1 kept)
         down = is_down_conversion(lk.mode, m)
         if not noqueue and not down:
             self._check_self_deadlock(lk, m, "conversion")

@@ -283,11 +283,15 @@ class Model:
         q.insert(i, lk)
 
     def _blocking(self, r: Resource, lk: Lock, ev: list) -> None:
-        """N1: tell holders whose granted mode blocks the queued request."""
+        """N1: tell holders whose granted mode blocks the queued request, those that read
+        it: a holder that asked (BLKAST), or one whose ticket or conversion ticket is
+        younger than the queued request's (the split-vote yield reads it, Y1)."""
         ticket = lk.cticket if lk.gr is not None else lk.ticket
         for q in (r.g, r.c):
             for o in q:
-                if o is not lk and not COMPAT[o.gr][lk.rq]:
+                if (o is not lk and not COMPAT[o.gr][lk.rq]
+                        and (ticket < o.ticket or ticket < o.cticket
+                             or o.flags & Flag.BLKAST)):
                     ev.append((o.owner, ("B", o.id, lk.rq, ticket, lk.id)))
 
     def _state(self, r: Resource, lk: Lock, now: int) -> Reply:

@@ -98,8 +98,9 @@ local COMPAT = {
 }
 
 local F_NOQUEUE, F_EXPEDITE, F_QUECVT, F_CONVDEADLK, F_NODLCKWT, F_SUBTREE = 1, 2, 4, 8, 16, 32
-local REQUEST_FLAGS = F_NOQUEUE + F_EXPEDITE + F_NODLCKWT
-local CONVERT_FLAGS = F_NOQUEUE + F_QUECVT + F_CONVDEADLK + F_NODLCKWT
+local F_BLKAST = 64  -- N1: the lock's owner reads its blocking events (an `on_blocking`)
+local REQUEST_FLAGS = F_NOQUEUE + F_EXPEDITE + F_NODLCKWT + F_BLKAST
+local CONVERT_FLAGS = F_NOQUEUE + F_QUECVT + F_CONVDEADLK + F_NODLCKWT + F_BLKAST
 local RELEASE_FLAGS = F_SUBTREE
 
 local S_GRANTED, S_QUEUED, S_NOTQUEUED, S_DEADLOCK, S_RECOVERING = 0, 1, 2, 3, 4
@@ -735,7 +736,11 @@ local function insert(q, lk, conv)
   table.insert(q, i, lk)
 end
 
--- N1: tell the holders whose granted mode blocks a queued request.
+-- N1: tell the holders whose granted mode blocks a queued request, those that read it:
+-- a holder whose flags ask for blocking events (BLKAST: its owner has an `on_blocking`),
+-- and one whose own ticket or conversion ticket is younger than the queued one (the
+-- client reads that event to give back a grant split between instances, Y1). Nobody
+-- else reads it, so it is not published.
 local function blocking(r, lk)
   local ticket = lk.t
   if lk.gr ~= NONE then ticket = lk.ct end
@@ -743,7 +748,8 @@ local function blocking(r, lk)
     local q = r[QUEUES[qi]]
     for i = 1, #q do
       local o = q[i]
-      if o ~= lk and not COMPAT[o.gr][lk.rq] then
+      if o ~= lk and not COMPAT[o.gr][lk.rq]
+          and (ticket < o.t or ticket < o.ct or has(o.f, F_BLKAST)) then
         emit(o.o, 'B|' .. o.id .. '|' .. lk.rq .. '|' .. fmt(ticket) .. '|' .. lk.id)
       end
     end

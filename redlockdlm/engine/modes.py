@@ -62,10 +62,14 @@ class Flag(enum.IntFlag):
     CONVDEADLK = 8  #: G7: demote to NL instead of failing a conversion deadlock
     NODLCKWT = 16  #: the deadlock detector never picks this request as a victim
     SUBTREE = 32  #: H3: release the whole subtree
+    #: N1: the owner reads this lock's blocking events (it has an `on_blocking` callback);
+    #: without it a holder gets one only when the queued request's ticket is older than
+    #: its own (the split-vote yield, Y1)
+    BLKAST = 64
 
 
-REQUEST_FLAGS = Flag.NOQUEUE | Flag.EXPEDITE | Flag.NODLCKWT
-CONVERT_FLAGS = Flag.NOQUEUE | Flag.QUECVT | Flag.CONVDEADLK | Flag.NODLCKWT
+REQUEST_FLAGS = Flag.NOQUEUE | Flag.EXPEDITE | Flag.NODLCKWT | Flag.BLKAST
+CONVERT_FLAGS = Flag.NOQUEUE | Flag.QUECVT | Flag.CONVDEADLK | Flag.NODLCKWT | Flag.BLKAST
 RELEASE_FLAGS = Flag.SUBTREE
 
 #: P1: a request's priority for the detector's choice of a deadlock victim (D8: the lowest

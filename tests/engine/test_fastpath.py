@@ -87,7 +87,7 @@ def pair(r):
 ops = st.one_of(
     st.tuples(st.just("req"), st.sampled_from(PICK_PATH), st.sampled_from(OWNERS),
               st.sampled_from(IDS), st.sampled_from([0, 1, 3, 3, 4, 5, 5]),
-              st.sampled_from([0, 0, 0, 1, 2]), st.integers(0, 20),
+              st.sampled_from([0, 0, 0, 1, 2, 64]), st.integers(0, 20),
               st.sampled_from([5000, 5000, 300, 20000]), st.booleans(),
               st.sampled_from([0, 0, 2])),
     st.tuples(st.just("rel"), st.sampled_from(PICK_PATH), st.sampled_from(OWNERS),

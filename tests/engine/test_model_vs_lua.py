@@ -205,11 +205,12 @@ class EngineVsModel(RuleBasedStateMachine):
 
     @rule(res=st.sampled_from([0, 0, 0, 1, 1, 2, 3, 4, 5]), owner=st.sampled_from(OWNERS),
           mode=modes, noqueue=rare, expedite=rare, ticket=tickets, lease=leases,
-          parent_pick=st.integers(0, 50), retry=st.integers(0, 6), priority=priorities)
+          parent_pick=st.integers(0, 50), retry=st.integers(0, 6), priority=priorities,
+          blkast=st.booleans())
     def request(self, res, owner, mode, noqueue, expedite, ticket, lease, parent_pick, retry,
-                priority):
+                priority, blkast):
         path, ppath = RESOURCES[res]
-        flags = (1 if noqueue else 0) | (2 if expedite else 0)
+        flags = (1 if noqueue else 0) | (2 if expedite else 0) | (64 if blkast else 0)  # N1
         if retry == 0 and self.locks:  # G12: a retried id, maybe from another owner
             lid = sorted(self.locks)[parent_pick % len(self.locks)]
             path = self.locks[lid][0]
@@ -240,7 +241,7 @@ class EngineVsModel(RuleBasedStateMachine):
             self.locks[lid] = (path, owner, pid)
 
     @rule(pick=st.integers(0, 100), other_owner=st.integers(0, 9), mode=up_modes,
-          flags=st.sampled_from([0, 0, 4, 4, 8, 12, 1, 16]), ticket=tickets, lease=leases,
+          flags=st.sampled_from([0, 0, 4, 4, 8, 12, 1, 16, 64, 68]), ticket=tickets, lease=leases,
           value=st.one_of(st.none(), st.none(), st.none(), values), version=st.integers(0, 9),
           floor=floors, priority=priorities)
     def convert(self, pick, other_owner, mode, flags, ticket, lease, value, version, floor,
@@ -261,7 +262,7 @@ class EngineVsModel(RuleBasedStateMachine):
                                    value, version, 64, floor, priority),
         ),)
 
-    @rule(pick=st.integers(0, 100), mode=up_modes, flags=st.sampled_from([0, 4, 8, 12]),
+    @rule(pick=st.integers(0, 100), mode=up_modes, flags=st.sampled_from([0, 4, 8, 12, 64]),
           ticket=tickets, priority=priorities)
     def convert_a_granted_lock(self, pick, mode, flags, ticket, priority):
         """Conversions of granted locks by their owner, often upwards: fills the
@@ -280,7 +281,7 @@ class EngineVsModel(RuleBasedStateMachine):
                                    REJOIN, priority=priority),
         ),)
 
-    @rule(pick=st.integers(0, 100), flags=st.sampled_from([0, 4, 8]), ticket=tickets)
+    @rule(pick=st.integers(0, 100), flags=st.sampled_from([0, 4, 8, 64]), ticket=tickets)
     def convert_middle(self, pick, flags, ticket):
         """M2: the middle conversions CW->PR and PR->CW (neither up nor down: both can let
         a queued request through, G8) of a granted CW or PR lock."""

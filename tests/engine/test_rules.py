@@ -45,6 +45,7 @@ DEADLOCK, RECOVERING, NOPARENT = Status.DEADLOCK, Status.RECOVERING, Status.NOPA
 NOTFOUND, RELEASED, CANCELLED, CANCELGRANT = (Status.NOTFOUND, Status.RELEASED,
                                               Status.CANCELLED, Status.CANCELGRANT)
 NOQUEUE, EXPEDITE, QUECVT, CONVDEADLK = Flag.NOQUEUE, Flag.EXPEDITE, Flag.QUECVT, Flag.CONVDEADLK
+BLKAST = Flag.BLKAST
 
 NS = "t"
 T0 = 1_000_000  # ms: the frozen script clock; grants take tokens max(seq + 1, T0 * 1000)
@@ -1472,7 +1473,8 @@ def test_v5_granted_event_carries_the_mark(wr: World) -> None:
 
 
 def test_n1_blocking_event_to_each_incompatible_holder(w: World, ev: Events) -> None:
-    run(w, [R("a", PR, 1), R("b", CR, 2), R("n", NL, 3)])
+    run(w, [R("a", PR, 1, flags=BLKAST), R("b", CR, 2, flags=BLKAST),
+            R("n", NL, 3, flags=BLKAST)])
     ev.drain()
     R("x", EX, 77)(w)
     got = sorted((o, e.kind, e.lock_id, e.mode, e.ticket, e.other) for o, e in ev.drain())
@@ -1481,11 +1483,54 @@ def test_n1_blocking_event_to_each_incompatible_holder(w: World, ev: Events) -> 
 
 def test_n1_blocking_event_for_queued_conversion_carries_conversion_ticket(
         w: World, ev: Events) -> None:
-    run(w, [R("a", PR, 1), R("b", CR, 2), R("c", PR, 3), R("n", NL, 4)])
+    run(w, [R("a", PR, 1, flags=BLKAST), R("b", CR, 2), R("c", PR, 3, flags=BLKAST),
+            R("n", NL, 4, flags=BLKAST)])
     ev.drain()
     assert C("b", PW, 55)(w).status == QUEUED
     got = sorted((o, e.lock_id, e.mode, e.ticket, e.other) for o, e in ev.drain())
     assert got == [("oa", "a", PW, 55, "b"), ("oc", "c", PW, 55, "b")]
+
+
+def test_n1_no_blocking_event_to_a_holder_that_did_not_ask(w: World, ev: Events) -> None:
+    # a and c hold without BLKAST, older than the request: nobody reads their event
+    run(w, [R("a", PR, 1), R("b", CR, 2, flags=BLKAST), R("c", PR, 3)])
+    ev.drain()
+    assert R("x", EX, 77)(w).status == QUEUED
+    got = [(o, e.lock_id) for o, e in ev.drain()]
+    assert got == [("ob", "b")]
+
+
+def test_n1_blocking_event_to_a_younger_holder_that_did_not_ask(w: World, ev: Events) -> None:
+    # Y1: a holder granted at a younger ticket than a request queued behind it reads the
+    # event to give back a grant split between instances, whether it asked or not
+    run(w, [R("a", EX, 50)])
+    ev.drain()
+    assert R("x", PR, 10)(w).status == QUEUED
+    got = [(o, e.kind, e.lock_id, e.mode, e.ticket, e.other) for o, e in ev.drain()]
+    assert got == [("oa", "B", "a", PR, 10, "x")]
+
+
+def test_n1_blocking_event_to_a_younger_conversion_that_did_not_ask(
+        w: World, ev: Events) -> None:
+    # a's up-conversion granted at conversion ticket 60 (G5): a conversion queued at 55
+    # behind it tells it, as a new request's older ticket would (Y1)
+    run(w, [R("a", CR, 1), R("b", CR, 2), R("c", CR, 3)])
+    assert C("a", PR, 60)(w).status == GRANTED
+    assert C("c", PR, 70)(w).status == GRANTED
+    ev.drain()
+    assert C("b", EX, 65)(w).status == QUEUED
+    got = [(o, e.lock_id, e.mode, e.ticket) for o, e in ev.drain()]
+    assert got == [("oc", "c", EX, 65)]
+
+
+def test_n1_a_conversion_keeps_blkast_only_if_it_carries_it(w: World, ev: Events) -> None:
+    # the flags of a conversion granted or queued are the lock's from then on (as NODLCKWT)
+    run(w, [R("a", CR, 1, flags=BLKAST), R("b", CR, 2, flags=BLKAST)])
+    assert C("a", PR, 3)(w).status == GRANTED
+    assert C("b", PR, 4, flags=BLKAST)(w).status == GRANTED
+    ev.drain()
+    assert R("x", EX, 77)(w).status == QUEUED
+    assert [(o, e.lock_id) for o, e in ev.drain()] == [("ob", "b")]
 
 
 @pytest.mark.parametrize("setup,act", [

@@ -217,8 +217,8 @@ ID = Slot(V_IDS, H_IDS)
 OPT_ID = Slot(st.one_of(st.just(b""), V_IDS), H_IDS)
 MODE = Slot(st.sampled_from([b"0", b"1", b"2", b"3", b"4", b"5"]),
             st.sampled_from([b"6", b"-1", b"EX", b"", b"05", b"5 ", b"1.0", b"5\x00"]))
-FLAGS = Slot(st.sampled_from([b"0", b"0", b"1", b"2", b"4", b"8", b"16", b"32"]),
-             st.one_of(st.sampled_from([b"255", b"256", b"3", b"64", b"-1"]), H_NUMBERS))
+FLAGS = Slot(st.sampled_from([b"0", b"0", b"1", b"2", b"4", b"8", b"16", b"32", b"64"]),
+             st.one_of(st.sampled_from([b"255", b"256", b"3", b"128", b"-1"]), H_NUMBERS))
 NUMBER = Slot(st.integers(0, 2**52).map(_num), H_NUMBERS)
 LEASE_MS = Slot(st.integers(1, 300_000).map(_num), st.one_of(H_NUMBERS, st.just(b"0")))
 VBMAX = Slot(st.sampled_from([b"64", b"0", b"65536"]), st.sampled_from([b"65537", b"-1", b""]))

@@ -118,6 +118,7 @@ class SimClient(Flows):
         self.loop_gen = 0
         self.next_contact = 0.0
         self.callbacks = 0
+        self.blocked = 0  #: on_blocking calls (N1)
 
     # ----------------------------------------------------------------- clock
 
@@ -314,9 +315,15 @@ class SimClient(Flows):
         self.world.at(self.to_sim(self._now() + wait) + 1e-9, self, self._tick, gen)
 
     def new_request(self, resource: str, mode: object, timeout: float) -> tuple[LockCore, Any]:
+        asks = self.world.cfg.on_blocking
+        notified = asks == "all" or (asks == "even" and self.cid % 2 == 0)
         return self._new_request(resource, mode, timeout=timeout, noqueue=False,
                                  expedite=False, no_deadlock_wait=False, value_block=True,
-                                 on_granted=None, on_blocking=None, on_lost=None,
-                                 lease_ms=None, parent=None, priority=0)
+                                 on_granted=None, on_blocking=self._blocked if notified else None,
+                                 on_lost=None, lease_ms=None, parent=None, priority=0)
+
+    def _blocked(self, mode: Any) -> None:
+        """The users' `on_blocking` (N1): counted, nothing else (users hold as they planned)."""
+        self.blocked += 1
 
 

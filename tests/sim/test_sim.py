@@ -34,9 +34,10 @@ def v1(seed: int) -> Config:
 #: one reply dropped) had 2 answers and timed out; the rollback converted back up to PR
 #: and counted it while client 1 was granted EX beside the NL. Core tests (fail with the
 #: fix reverted too): tests/quorum/test_protocol_conversion_rollback.py.
-#: 289: see FOUND_NOW (seed 80's cause, re-found with V1).
+#: 652: see FOUND_NOW (seed 80's cause, re-found with V1 since blocking events go only to
+#: holders that read them, N1; 289 before).
 FOUND = {25: "a failed down-conversion was rolled back to the stronger mode",
-         289: "a conversion to the same mode yielded the lock's own grant"}  # (V1)
+         652: "a conversion to the same mode yielded the lock's own grant"}  # (V1)
 #: 80 (today's workload): client 3 held PW on every instance and converted PW -> PW; client
 #: 1's older NL -> PW conversion queued behind it and sent client 3 blocking events. Client
 #: 3 took them for a split vote between conversions (a vote granted in PW, the mode it
@@ -48,9 +49,15 @@ FOUND = {25: "a failed down-conversion was rolled back to the stronger mode",
 #: yielded does not count). With the keyed draws and the fix reverted, 4 of the first
 #: 3,000 seeds of today's workload fail that the fixed code passes (2164, 2543, 2684,
 #: 2900; none of the first 1,000, nor 300 of `--profile convhold`), and 1 of 1,000 with V1
-#: (289, in FOUND). 2164: client 1 converted PR -> PR while client 0's PR -> PW queued
-#: behind it, yielded on its blocking events and counted its conversion's replies as PR;
-#: client 0 was granted PW. Core tests (fail with the fix reverted too):
+#: (289). 2164: client 1 converted PR -> PR while client 0's PR -> PW queued behind it,
+#: yielded on its blocking events and counted its conversion's replies as PR; client 0 was
+#: granted PW. Since blocking events go only to holders that read them (N1: BLKAST, the
+#: simulated users of even client ids, or a younger ticket), 2164, 2900 and V1's 289 no
+#: longer meet the defect; 2543 and 2684 still fail with it reverted (two holders), and 1
+#: of the first 1,000 with V1: 652 (client 1's PR -> PR conversion yielded on instance 3
+#: on the blocking event of its own older re-sent request, the grant there sent back to
+#: the wait queue; a reader took the older value there as valid). Core tests (fail with the
+#: fix reverted too):
 #: tests/quorum/test_protocol_races.py
 #: `test_a_conversion_that_cannot_queue_never_gives_its_grant_back`,
 #: `test_a_same_mode_conversion_short_of_a_quorum_keeps_its_grant`,
@@ -67,7 +74,7 @@ FOUND = {25: "a failed down-conversion was rolled back to the stronger mode",
 #: (or its clean-up's) are in, the lock claims CR, which both modes cover
 #: (`Session.start_convert`); and a grant learnt from a renewal is recorded as a grant
 #: (`InstanceVote.novalue`). Both fail with the two reverted.
-FOUND_NOW = {2164: "a conversion to the same mode yielded the lock's own grant",
+FOUND_NOW = {2543: "a conversion to the same mode yielded the lock's own grant",
              2327: "a failed sideways conversion said held in the old mode while its "
                    "clean-up was in flight, the new mode granted meanwhile",
              2690: "the same as 2327 (the new mode already granted, learnt from a renewal)"}

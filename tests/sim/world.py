@@ -77,6 +77,10 @@ class Config:
     #: "relloss": how long (in leases) every client stays cut from the instance that
     #: missed a release (past that lock's lease there)
     relloss_cut: tuple[float, float] = (1.2, 2.0)
+    #: whose locks have an `on_blocking` callback (their requests and conversions carry
+    #: BLKAST, so their holders get every blocking event, N1): "even" client ids, "all",
+    #: "none" (the others get only those the split-vote yield reads)
+    on_blocking: str = "even"
 
 
 @dataclass
