@@ -17,8 +17,10 @@ from urllib.parse import urlsplit
 import redis
 from redis.driver_info import DriverInfo
 
+from .engine.scripts import command
 from .errors import InvalidArgument, InvalidType, MixedTransport
-from .protocol import Session
+from .protocol import Call, Session
+from .wire import Round, settle
 
 #: an idle connection is checked for a close by its peer before reuse once idle this long
 CHECK_IDLE_S = 0.05
@@ -129,6 +131,13 @@ class Pooled:
         self.timeout = socket_timeout
         self.client = self.client_class(connection_pool=self.pool)
         self._idle: list[Any] = []
+        #: what `cluster_client` needs to reach the member as a cluster (URL, options)
+        self._how = (url, dict(options, socket_timeout=socket_timeout,
+                               socket_connect_timeout=connect_timeout))
+        #: the member's kind, once found at first contact (`cluster_enabled`): a
+        #: `redis.RedisCluster` (or its asyncio twin) for a cluster member, None otherwise
+        self.cluster: Any = None
+        self.detected = False  #: the kind is known (standalone until found otherwise)
 
     def get(self) -> Any:
         """A connection of our own; a new one connects on its first command. An idle
@@ -163,6 +172,104 @@ class Pooled:
         self._idle.append((conn, time.monotonic()))
 
 
+def cluster_enabled(info: dict[Any, Any]) -> bool:
+    """True if `INFO cluster` says the server is a node of a Redis Cluster."""
+    for k, v in info.items():
+        if (k.decode() if isinstance(k, bytes) else k) == "cluster_enabled":
+            return str(v.decode() if isinstance(v, bytes) else v) == "1"
+    return False
+
+
+def cluster_client(cluster_class: Any, how: tuple[str, dict[str, Any]]) -> Any:
+    """A `cluster_class` (redis.RedisCluster or redis.asyncio.RedisCluster) for the member
+    at URL `how[0]` with the member's options `how[1]`: the node of the URL is where it
+    learns the cluster's slots; it routes each call to the slot's primary and follows
+    MOVED / ASK and a failover. The same timeouts as a standalone member. InvalidArgument for
+    what a cluster refuses (a database other than 0), InvalidType for an unknown option."""
+    url, options = how
+    options = {k: v for k, v in options.items() if k != "driver_info"}
+    try:
+        return cluster_class.from_url(url, **options)
+    except TypeError as exc:
+        raise InvalidType(f"bad connection option for the cluster at {_mask(url)}: {exc}"
+                          ) from None
+    except ValueError as exc:
+        raise InvalidArgument(f"bad redis URL or option for the cluster at {_mask(url)}: "
+                              f"{exc}") from None
+
+
+def node_ids(nodes: dict[Any, Any]) -> list[str]:
+    """The node ids in a parsed `CLUSTER NODES` reply (redis-py's dict per address)."""
+    out = []
+    for v in nodes.values():
+        nid = v.get("node_id") if isinstance(v, dict) else None
+        if nid:
+            out.append(nid.decode() if isinstance(nid, bytes) else str(nid))
+    return out
+
+
+def cluster_round(rc: Any, calls: Sequence[Call], url: str) -> list[Any]:
+    """Run `calls` (already in the member's per-slot layout, `Session.member_call`) on the
+    cluster `rc` (a blocking redis.RedisCluster), one after another, each routed to its
+    slot's primary by redis-py (MOVED, ASK, a failover handled there); the library loaded
+    on that primary where it is missing (`wire.Round`). One result per call, as `settle`
+    gives it; a failure to reach the shard is that call's result."""
+    out = []
+    for call in calls:
+        try:
+            raws = _cluster_call(rc, call)
+        except Exception as exc:  # noqa: BLE001 - unreachable, cluster down, not Redis...
+            out.append(exc)
+            continue
+        out.append(settle(call, raws, url))
+    return out
+
+
+async def acluster_round(rc: Any, calls: Sequence[Call], url: str) -> list[Any]:
+    """`cluster_round` on a `redis.asyncio.RedisCluster`."""
+    out = []
+    for call in calls:
+        try:
+            rnd = Round([call])
+            cmds = rnd.feed([await _aone(rc, command(*call), call)])
+            while cmds:
+                cmds = rnd.feed([await _aone(rc, c, call) for c in cmds])
+        except Exception as exc:  # noqa: BLE001 - unreachable, cluster down, not Redis...
+            out.append(exc)
+            continue
+        out.append(settle(call, rnd.raws[0], url))
+    return out
+
+
+async def _aone(rc: Any, cmd: tuple, call: Call) -> Any:
+    try:
+        if cmd[0] == "FUNCTION":
+            return await rc.execute_command(
+                *cmd, target_nodes=rc.get_node_from_key(call[1][0]))
+        return await rc.execute_command(*cmd)
+    except redis.ResponseError as exc:
+        return exc
+
+
+def _cluster_call(rc: Any, call: Call) -> Any:
+    rnd = Round([call])
+    cmds = rnd.feed([_one(rc, command(*call), call)])
+    while cmds:
+        cmds = rnd.feed([_one(rc, c, call) for c in cmds])
+    return rnd.raws[0]
+
+
+def _one(rc: Any, cmd: tuple, call: Call) -> Any:
+    """One command on the cluster, an error reply as its ResponseError. The library load
+    goes to the primary of `call`'s slot (the one that lacks it)."""
+    try:
+        if cmd[0] == "FUNCTION":
+            return rc.execute_command(*cmd, target_nodes=rc.get_node_from_key(call[1][0]))
+        return rc.execute_command(*cmd)
+    except redis.ResponseError as exc:
+        return exc
+
+
 class Instance(Pooled):
     """One Redis instance: a pool for commands and a pub/sub connection for events."""
 
@@ -171,12 +278,35 @@ class Instance(Pooled):
         super().__init__(url, socket_timeout=socket_timeout, connect_timeout=connect_timeout,
                          **options)
         self.pubsub: redis.client.PubSub | None = None
+        #: a cluster member's shard subscriptions (`client._Shards`) and their sockets
+        self.shards: Any = None
+        self.shard_socks: set[Any] = set()
         self.warned = False  #: a failed subscription was logged as a warning already
         self.sock: Any = None  #: the pub/sub socket registered in the selector
+
+    def detect(self) -> list[str] | None:
+        """First contact: find the member's kind (`INFO cluster`). A cluster member gets its
+        `redis.RedisCluster` (`cluster`); returns its node ids (None: a standalone server).
+        Raises what reaching it raised (unreachable, authentication...): tried again later."""
+        info = self.client.info("cluster")
+        if cluster_enabled(info):
+            rc = cluster_client(redis.RedisCluster, self._how)
+            try:
+                ids = node_ids(rc.cluster_nodes())
+            except BaseException:
+                rc.close()
+                raise
+            self.cluster = rc
+            self.detected = True
+            return ids
+        self.detected = True
+        return None
 
     def close(self) -> None:
         while self._idle:
             self._idle.pop()[0].disconnect()
+        if self.cluster is not None:
+            self.cluster.close()
 
 
 def check_transports(urls: Sequence[str]) -> None:

@@ -76,7 +76,7 @@ RENEW_CHUNK = 256
 HELLO_SLOT = 0
 #: Scripts whose KEYS[1], KEYS[2] are the epoch and the waiter index and ARGV[2] the channel
 #: prefix, with the resource key (the slot of the call) at KEYS[3]
-_SLOTTED = frozenset(("request", "convert", "release", "cancel", "yield", "renew", "break"))
+SLOTTED_SCRIPTS = frozenset(("request", "convert", "release", "cancel", "yield", "renew", "break"))
 
 
 class Vote(enum.Enum):
@@ -513,7 +513,7 @@ class Session:
         if not self.clustered[i]:
             return call
         name, keys, args = call
-        if name in _SLOTTED:
+        if name in SLOTTED_SCRIPTS:
             s = key_slot(keys[2])
             keys = [epoch_key(s), slot_waiters_key(self.ns, s), *keys[2:]]
             args = [args[0], slot_channel_prefix(self.ns, s), *args[2:]]
