@@ -71,6 +71,14 @@ class Members:
                     c.execute_command(*load_command())
                     c.execute_command(*command("init", [epoch_key()], [b"fresh", b""]))
 
+    def need_cluster_votes(self) -> None:
+        """Stop one standalone member, if any: a quorum then needs a cluster member's vote
+        (with 2 standalone + 1 cluster, the two standalone servers alone are a quorum)."""
+        for m in self.members:
+            if not isinstance(m, RedisClusterServer):
+                m.kill()
+                return
+
     def raw(self, i: int) -> Any:
         """A raw client of member i (redis.RedisCluster for a cluster member)."""
         m = self.members[i]

@@ -34,6 +34,7 @@ def names_on_every_shard(cluster, k: int = 2) -> list[str]:
 def test_ex_exclusion_across_shards(members: Members) -> None:
     names = names_on_every_shard(members.clusters[0], 3)
     members.fresh(names)
+    members.need_cluster_votes()
     a, b = members.dlm(), members.dlm()
     holders: dict[str, int] = {n: 0 for n in names}
     overlap: list[str] = []
@@ -66,6 +67,7 @@ def test_ex_exclusion_across_shards(members: Members) -> None:
 
 def test_waiter_granted_by_event_fast(members: Members) -> None:
     members.fresh(["w"])
+    members.need_cluster_votes()
     a, b = members.dlm(lease_ms=10_000), members.dlm(lease_ms=10_000)
     la = a.lock("w", "EX")
     req = b.enqueue("w", "EX", timeout=8)
@@ -83,6 +85,7 @@ def test_waiter_granted_by_event_fast(members: Members) -> None:
 
 def test_conversions(members: Members) -> None:
     members.fresh(["cv"])
+    members.need_cluster_votes()
     a, b = members.dlm(), members.dlm()
     la = a.lock("cv", "PR")
     lb = b.lock("cv", "PR")
@@ -111,6 +114,7 @@ def test_conversions(members: Members) -> None:
 
 def test_hierarchy_parent_and_child(members: Members) -> None:
     members.fresh(["tree"])
+    members.need_cluster_votes()
     a, b = members.dlm(), members.dlm()
     pa = a.lock("tree", "CR")
     ca = pa.lock("leaf", "EX")
@@ -129,6 +133,7 @@ def test_hierarchy_parent_and_child(members: Members) -> None:
 def test_value_blocks_and_tokens(members: Members) -> None:
     names = names_on_every_shard(members.clusters[0], 1)
     members.fresh(names)
+    members.need_cluster_votes()
     a, b = members.dlm(), members.dlm()
     for n in names:
         keep = a.lock(n, "NL")  # the resource, and its value block, live while locked
@@ -148,6 +153,7 @@ def test_value_blocks_and_tokens(members: Members) -> None:
 def test_renewal_keeps_locks_past_their_lease(members: Members) -> None:
     names = names_on_every_shard(members.clusters[0], 1)
     members.fresh(names)
+    members.need_cluster_votes()
     a = members.dlm(lease_ms=600, rejoin_ms=600)
     b = members.dlm(lease_ms=600, rejoin_ms=600)
     locks = [a.lock(n, "EX") for n in names]
