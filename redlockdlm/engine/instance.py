@@ -387,8 +387,8 @@ class Engine:
         again, up to BREAK_TRIES times."""
         if not lock_id and not owner:
             raise InvalidArgument("break needs a lock id or an owner")
-        args = codec.break_args(self.rejoin_ms, self.chan, lock_id, owner)
         (key,) = _keys([key])
+        args = codec.break_args(self.rejoin_ms, self._chan(key), lock_id, owner)
         for attempt in range(BREAK_TRIES):
             keys = self.break_keys(key, lock_id=lock_id, owner=owner)
             try:
