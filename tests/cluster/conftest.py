@@ -17,12 +17,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from quorum.clients import make_client
 from redis_harness import RedisClusterServer, RedisServer
 
 from redlockdlm.engine.keys import check_namespace, epoch_key, key_slot, resource_key
 from redlockdlm.engine.scripts import command, load_command
-
-from quorum.clients import make_client
 
 NS = "ct"
 
