@@ -209,3 +209,59 @@ def test_duplicate_cluster_member_refused(members: Members) -> None:
     with pytest.raises(DuplicateInstance):
         d = make_client(members.kind, urls, NS, socket_timeout=1.0, connect_timeout=1.0)
         members.dlms.append(d)
+
+
+def _migrate_slot(rc, slot: int, src: int, dst: int) -> None:
+    """Move `slot` with its keys from node `src` to node `dst` of cluster `rc`, as
+    `redis-cli --cluster reshard` does (IMPORTING/MIGRATING, MIGRATE, SETSLOT NODE)."""
+    s, d = (rc.nodes[i].client() for i in (src, dst))
+    d_id = d.execute_command("CLUSTER", "MYID")
+    s_id = s.execute_command("CLUSTER", "MYID")
+    d.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", s_id)
+    s.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", d_id)
+    keys = s.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1000)
+    if keys:
+        s.execute_command("MIGRATE", "127.0.0.1", rc.nodes[dst].port, "", 0, 5000, "KEYS",
+                          *keys)
+    for c in (d, s):
+        c.execute_command("CLUSTER", "SETSLOT", slot, "NODE", d_id)
+
+
+def test_resharding_keeps_a_lock_or_reports_it_lost(members: Members) -> None:
+    """The slot of a held lock moves to another primary on EVERY cluster member: the lock
+    is kept, or reported lost (on_lost, `valid` false) before another owner can hold it;
+    never silently lost. The waiter that gets it afterwards is granted (its subscription
+    and calls follow the slot)."""
+    if len(members.clusters) < 3:
+        pytest.skip("the slot moves on every member: the layout of three clusters")
+    n = "moved"
+    s = slot_of(n)
+    members.fresh([n])
+    lost: list[object] = []
+    a = members.dlm(lease_ms=1000, rejoin_ms=1000)
+    b = members.dlm(lease_ms=1000, rejoin_ms=1000)
+    lk = a.lock(n, "EX", on_lost=lost.append)
+    moves = [(rc, rc.node_of_slot(s), (rc.node_of_slot(s) + 1) % len(rc)) for rc in
+             members.clusters]
+    try:
+        for rc, src, dst in moves:
+            _migrate_slot(rc, s, src, dst)
+        end = time.monotonic() + 3.5  # several leases and renewals
+        while time.monotonic() < end:
+            try:
+                other = b.lock(n, "EX", noqueue=True)
+            except NotQueued:
+                time.sleep(0.05)
+                continue
+            # another owner holds it: `a` must have been told its lock is gone
+            assert lost and not lk.valid, "lock lost silently: two EX holders"
+            other.release()
+            break
+        assert lk.valid or lost, "the lock is neither held nor reported lost"
+        if lk.valid:
+            req = b.enqueue(n, "EX", timeout=8)
+            lk.release()
+            req.wait(8).release()
+    finally:
+        for rc, src, dst in moves:
+            _migrate_slot(rc, s, dst, src)
