@@ -30,8 +30,7 @@ from .connection import (
     Pooled,
     acluster_round,
     cluster_client,
-    cluster_enabled,
-    node_ids,
+    cluster_node_ids,
     open_session,
 )
 from .engine import codec
@@ -212,19 +211,22 @@ class _Instance(Pooled):
     async def detect(self) -> list[str] | None:
         """`Instance.detect` with redis.asyncio: a cluster member gets its
         `redis.asyncio.RedisCluster`; its node ids, or None for a standalone server."""
-        info = await self.client.info("cluster")
-        if cluster_enabled(info):
+        try:
+            slots = await self.client.execute_command("CLUSTER", "SLOTS")
+        except aredis.ResponseError as exc:
+            slots = exc
+        ids = cluster_node_ids(slots)
+        if ids is not None:
             rc = cluster_client(aredis.RedisCluster, self._how)
             try:
                 await rc.initialize()
-                ids = node_ids(await rc.cluster_nodes())
             except BaseException:
                 with contextlib.suppress(Exception):
                     await rc.aclose()
                 raise
             self.cluster = rc
         self.detected = True
-        return None if self.cluster is None else ids
+        return ids
 
     async def close(self) -> None:
         while self._idle:

@@ -174,12 +174,26 @@ class Pooled:
         self._idle.append((conn, time.monotonic()))
 
 
-def cluster_enabled(info: dict[Any, Any]) -> bool:
-    """True if `INFO cluster` says the server is a node of a Redis Cluster."""
-    for k, v in info.items():
-        if (k.decode() if isinstance(k, bytes) else k) == "cluster_enabled":
-            return str(v.decode() if isinstance(v, bytes) else v) == "1"
-    return False
+#: what a standalone server answers to CLUSTER SLOTS
+_NOT_CLUSTER = "cluster support disabled"
+
+
+def cluster_node_ids(slots: object) -> list[str] | None:
+    """The node ids in a `CLUSTER SLOTS` reply (every node serving a slot range, primaries
+    and replicas), or None if the reply is the error of a server that is not a cluster
+    node. `CLUSTER SLOTS` rather than `INFO cluster`: the least-privilege ACL (`dlm acl`)
+    allows it, as redis-py's cluster client needs it anyway. Any other error is raised."""
+    if isinstance(slots, redis.ResponseError):
+        if _NOT_CLUSTER in str(slots) or isinstance(slots, redis.exceptions.NoPermissionError):
+            return None  # (refused by the ACL: used as a standalone server)
+        raise slots
+    out = []
+    for rng in slots:  # type: ignore[attr-defined]
+        for node in rng[2:]:
+            if len(node) > 2 and node[2]:
+                nid = node[2]
+                out.append(nid.decode() if isinstance(nid, bytes) else str(nid))
+    return out
 
 
 def cluster_client(cluster_class: Any, how: tuple[str, dict[str, Any]]) -> Any:
@@ -209,16 +223,6 @@ def cluster_client(cluster_class: Any, how: tuple[str, dict[str, Any]]) -> Any:
     except ValueError as exc:
         raise InvalidArgument(f"bad redis URL or option for the cluster at {_mask(url)}: "
                               f"{exc}") from None
-
-
-def node_ids(nodes: dict[Any, Any]) -> list[str]:
-    """The node ids in a parsed `CLUSTER NODES` reply (redis-py's dict per address)."""
-    out = []
-    for v in nodes.values():
-        nid = v.get("node_id") if isinstance(v, dict) else None
-        if nid:
-            out.append(nid.decode() if isinstance(nid, bytes) else str(nid))
-    return out
 
 
 def cluster_round(rc: Any, calls: Sequence[Call], url: str) -> list[Any]:
@@ -298,22 +302,19 @@ class Instance(Pooled):
         self.sock: Any = None  #: the pub/sub socket registered in the selector
 
     def detect(self) -> list[str] | None:
-        """First contact: find the member's kind (`INFO cluster`). A cluster member gets its
-        `redis.RedisCluster` (`cluster`); returns its node ids (None: a standalone server).
-        Raises what reaching it raised (unreachable, authentication...): tried again later."""
-        info = self.client.info("cluster")
-        if cluster_enabled(info):
-            rc = cluster_client(redis.RedisCluster, self._how)
-            try:
-                ids = node_ids(rc.cluster_nodes())
-            except BaseException:
-                rc.close()
-                raise
-            self.cluster = rc
-            self.detected = True
-            return ids
+        """First contact: find the member's kind (`CLUSTER SLOTS`). A cluster member gets
+        its `redis.RedisCluster` (`cluster`); returns its node ids (None: a standalone
+        server). Raises what reaching it raised (unreachable, authentication...): tried
+        again later."""
+        try:
+            slots = self.client.execute_command("CLUSTER", "SLOTS")
+        except redis.ResponseError as exc:
+            slots = exc
+        ids = cluster_node_ids(slots)
+        if ids is not None:
+            self.cluster = cluster_client(redis.RedisCluster, self._how)
         self.detected = True
-        return None
+        return ids
 
     def close(self) -> None:
         while self._idle:

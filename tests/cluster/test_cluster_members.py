@@ -267,3 +267,29 @@ def test_resharding_keeps_a_lock_or_reports_it_lost(members: Members) -> None:
     finally:
         for rc, src, dst in moves:
             _migrate_slot(rc, s, dst, src)
+
+
+def test_least_privilege_user_on_cluster_members(members: Members) -> None:
+    """The rule `dlm acl` prints is enough for a client whose members are clusters: finding
+    the member's kind, routing, shard subscriptions and grant events, renewals."""
+    from redlockdlm.acl import rule_args
+
+    args = rule_args("dlmc", "pw-c")
+    for m in members.members:
+        for node in getattr(m, "nodes", [m]):
+            with node.client() as c:
+                c.execute_command("ACL", "SETUSER", *args)
+    urls = [u.replace("redis://", "redis://dlmc:pw-c@") for u in members.urls]
+    members.fresh(["acl"])
+    from quorum.clients import make_client
+
+    a = make_client(members.kind, urls, NS, socket_timeout=1.0, connect_timeout=1.0)
+    b = make_client(members.kind, urls, NS, socket_timeout=1.0, connect_timeout=1.0)
+    members.dlms += [a, b]
+    la = a.lock("acl", "EX", timeout=5)
+    req = b.enqueue("acl", "EX", timeout=8)
+    time.sleep(0.2)
+    t0 = time.monotonic()
+    la.release()
+    req.wait(8).release()
+    assert time.monotonic() - t0 < 0.3  # granted by its event
