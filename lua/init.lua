@@ -1,6 +1,6 @@
 -- init.lua: instance epoch administration (rule E1).
 --
--- KEYS[1] epoch hash
+-- KEYS[1] epoch hash (`dlm:epoch`; on a Redis Cluster member, one slot's: H2c)
 -- ARGV[1] 'status'  -> {epoch id or nil, now ms, recovering ms, rejoin ms or nil}
 --         'fresh' [ARGV[2] rejoin ms or ''] [ARGV[3] 'force'] -> create the epoch already
 --                      safe, for an instance known to be new (development clusters, tests),
@@ -49,8 +49,8 @@ local function raise_rejoin(rejoin)
   end
 end
 
-if KEYS[1] ~= 'dlm:epoch' or #KEYS ~= 1 then  -- K1: our epoch hash only
-  return redis.error_reply('DLM_KEYS init takes one key, dlm:epoch')
+if not h2c.epoch_ok(KEYS[1]) or #KEYS ~= 1 then  -- K1: our epoch hash only (core.lua, H2c)
+  return redis.error_reply('DLM_KEYS init takes one key, ' .. h2c.epoch_form())
 end
 local cmd = ARGV[1]
 if cmd == 'status' then

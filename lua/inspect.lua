@@ -1,6 +1,7 @@
 -- inspect.lua: read-only view of resources, for the CLI, the detector and the tests.
 --
--- KEYS[1] epoch hash, KEYS[2..] resource keys
+-- KEYS[1] epoch hash, KEYS[2..] resource keys (on a Redis Cluster member: the epoch hash of
+--   their slot, H2c)
 -- ARGV: none
 --
 -- Nothing is purged or written: expired locks show a negative lease. A key that holds no
@@ -11,8 +12,8 @@
 --    token, previous mode, priority, kid key, kid id, kid key, kid id, ...}; modes are -1
 --    when none.
 
-if KEYS[1] ~= 'dlm:epoch' then  -- K1: read our keys only
-  return redis.error_reply('DLM_KEYS KEYS[1] must be dlm:epoch')
+if not h2c.epoch_ok(KEYS[1]) then  -- K1: read our keys only (core.lua: the layout, H2c)
+  return redis.error_reply('DLM_KEYS KEYS[1] must be ' .. h2c.epoch_form())
 end
 for i = 2, #KEYS do
   if string.sub(KEYS[i], 1, 5) ~= 'dlm:{' then

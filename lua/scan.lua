@@ -2,7 +2,8 @@
 -- only what the wait-for graph needs, as ONE flat array (no nested tables: each one costs
 -- the server a table and the client a list; inspect.lua is the full view).
 --
--- KEYS[1] epoch hash, KEYS[2..] resource keys (K1: as inspect, `dlm:{...` keys only)
+-- KEYS[1] epoch hash, KEYS[2..] resource keys (K1: as inspect, `dlm:{...` keys only; on a
+--   Redis Cluster member the epoch hash of their slot, H2c)
 -- ARGV[i] for KEYS[i + 1], optional: the stamp of that resource the caller holds from an
 --         earlier scan of this instance ('' or absent: none)
 --
@@ -34,8 +35,8 @@
 -- matches only what it was given for exactly these bytes. Memory: at most 2 x MEMO_MAX
 -- entries (two generations; an entry used moves to the current one).
 
-if KEYS[1] ~= 'dlm:epoch' then  -- K1: read our keys only
-  return redis.error_reply('DLM_KEYS KEYS[1] must be dlm:epoch')
+if not h2c.epoch_ok(KEYS[1]) then  -- K1: read our keys only (core.lua: the layout, H2c)
+  return redis.error_reply('DLM_KEYS KEYS[1] must be ' .. h2c.epoch_form())
 end
 local nkeys = #KEYS
 for i = 2, nkeys do

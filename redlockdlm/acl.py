@@ -2,15 +2,21 @@
 
 What the rule allows, and why:
 
-* keys ``dlm:*`` (or, per namespace, ``dlm:epoch``, ``dlm:{<ns>:*`` and
-  ``dlm:<ns>:waiters``): the epoch hash, the resource keys and the waiter index;
-* channels ``dlm:*:ch:*`` (or ``dlm:<ns>:ch:*``): each owner's event channel;
+* keys ``dlm:*`` (or, per namespace, ``dlm:epoch``, ``dlm:epoch:{*``, ``dlm:{<ns>:*``,
+  ``dlm:<ns>:waiters`` and ``dlm:<ns>:waiters:{*``): the epoch hash, the resource keys and
+  the waiter index, on a Redis Cluster member one epoch hash and one waiter index per hash
+  slot (rule H2c);
+* channels ``dlm:*:ch:*`` (or ``dlm:<ns>:ch:*``): each owner's event channel (on a cluster
+  member the shard channels ``dlm:<ns>:ch:{<slot tag>}:<owner>``);
 * commands, in three groups (`COMMANDS`):
 
   - the library: FCALL of the Functions library and FUNCTION LOAD when an instance lacks
-    it (after a restart or FUNCTION FLUSH); SUBSCRIBE and UNSUBSCRIBE for events, PING;
+    it (after a restart or FUNCTION FLUSH); SUBSCRIBE and UNSUBSCRIBE for events
+    (SSUBSCRIBE and SUNSUBSCRIBE on a Redis Cluster member), PING; on a cluster member
+    CLUSTER SLOTS and COMMAND, which redis-py's cluster client reads to route commands;
   - the scripts' own calls, which Redis checks against the CALLER's ACL: HMGET HSET HEXISTS
-    HDEL TIME GET SET ZADD ZREM PUBLISH;
+    HDEL TIME GET SET ZADD ZREM PUBLISH, SPUBLISH on a cluster member, INFO (the server's
+    run_id for E2, whether it is a cluster member);
   - the operators' tools (`dlm status/ls/show/graph`, the detector): SCAN (resource
     listing, never on a hot path), INFO (version), ZCARD ZRANGE ZRANGEBYSCORE ZSCORE (the
     waiter index), WATCH UNWATCH MULTI EXEC DISCARD (the detector removes a stale index
@@ -36,9 +42,10 @@ import secrets
 from .engine.keys import EPOCH_KEY, check_namespace
 from .errors import InvalidArgument, InvalidType
 
-LIBRARY = ("fcall", "function|load", "subscribe", "unsubscribe", "ping")
+LIBRARY = ("fcall", "function|load", "subscribe", "unsubscribe", "ping", "ssubscribe",
+           "sunsubscribe", "cluster|slots", "command")
 SCRIPTS = ("hget", "hmget", "hset", "hexists", "hdel", "time", "get", "set", "zadd", "zrem",
-           "publish")
+           "publish", "spublish")
 OPERATORS = ("scan", "info", "zcard", "zrange", "zrangebyscore", "zscore", "watch", "unwatch",
              "multi", "exec", "discard")
 #: Every command a redlockdlm user needs, grouped as above.
@@ -53,7 +60,9 @@ def keys_and_channels(namespace: str | None = None) -> list[str]:
     if namespace is None:
         return ["~dlm:*", "&dlm:*:ch:*"]
     ns = check_namespace(namespace).decode()
-    return [f"~{EPOCH_KEY.decode()}", f"~dlm:{{{ns}:*", f"~dlm:{ns}:waiters", f"&dlm:{ns}:ch:*"]
+    epoch = EPOCH_KEY.decode()
+    return [f"~{epoch}", f"~{epoch}:{{*", f"~dlm:{{{ns}:*", f"~dlm:{ns}:waiters",
+            f"~dlm:{ns}:waiters:{{*", f"&dlm:{ns}:ch:*"]
 
 
 def commands(*, function_load: bool = True) -> list[str]:

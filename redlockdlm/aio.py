@@ -26,14 +26,21 @@ try:  # what redis-py's hiredis reader answers when a reply is not all there yet
 except ImportError:  # (older redis-py: hiredis's own default)
     _NOT_ENOUGH = False
 
-from .connection import Pooled, open_session
+from .connection import (
+    Pooled,
+    acluster_round,
+    cluster_client,
+    cluster_node_ids,
+    open_session,
+)
 from .engine import codec
+from .engine.keys import key_slot
 from .engine.modes import Mode
 from .engine.scripts import packed_command
 from .errors import DLMError, LockTimeout, NotQueued
 from .flows import Broadcast, Flow, Flows, Pipeline, Shielded, Spawn, Wait
 from .handle import LockBase, MutexBase, RequestBase, check_decorated, check_locked_args
-from .protocol import Call, LockCore, describe
+from .protocol import SLOTTED_SCRIPTS, Call, LockCore, describe
 from .wire import Round, missing, settle
 
 log = logging.getLogger("redlockdlm")
@@ -198,12 +205,118 @@ class _Instance(Pooled):
     def drop(conn: Any) -> None:
         asyncio.ensure_future(conn.disconnect(nowait=True))
 
+    #: a cluster member's shard subscriptions (`_Shards`)
+    shards: Any = None
+
+    async def detect(self) -> list[str] | None:
+        """`Instance.detect` with redis.asyncio: a cluster member gets its
+        `redis.asyncio.RedisCluster`; its node ids, or None for a standalone server."""
+        try:
+            slots = await self.client.execute_command("CLUSTER", "SLOTS")
+        except aredis.ResponseError as exc:
+            slots = exc
+        ids = cluster_node_ids(slots)
+        if ids is not None:
+            rc = cluster_client(aredis.RedisCluster, self._how)
+            try:
+                await rc.initialize()
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await rc.aclose()
+                raise
+            self.cluster = rc
+        self.detected = True
+        return ids
+
     async def close(self) -> None:
         while self._idle:
             with contextlib.suppress(Exception):
                 await self._idle.pop()[0].disconnect()
         with contextlib.suppress(Exception):
             await self.pool.disconnect()
+        if self.shards is not None:
+            with contextlib.suppress(Exception):
+                await self.shards.ps.aclose()
+        if self.cluster is not None:
+            with contextlib.suppress(Exception):
+                await self.cluster.aclose()
+
+
+#: shard channels (hash slots) a cluster member keeps subscribed when no lock uses them
+MAX_SLOT_SUBS = 1024
+#: how long the reader of a cluster member's events waits on its shards per read (s)
+SHARD_READ_S = 0.05
+#: the longest wait for a subscription's confirmation before the call goes without it (s)
+SUBSCRIBE_WAIT_S = 0.5
+
+
+class _Shards:
+    """`client._Shards` for asyncio: this owner's shard channel per hash slot used on a
+    cluster member. The subscriber (a flow's task) and the reader (`AsyncDLM._events`)
+    take `lock` in turn; the reader waits `SHARD_READ_S` at most per read, so a
+    subscription waits that long at most for its turn."""
+
+    def __init__(self, rc: Any, timeout: float) -> None:
+        self.rc = rc
+        self.ps = rc.pubsub()
+        self.lock = asyncio.Lock()
+        self.slots: set[int] = set()
+        self.timeout = min(timeout, SUBSCRIBE_WAIT_S)
+        #: slot -> monotonic time before which a failed subscription is not tried again
+        self.retry_at: dict[int, float] = {}
+
+    async def subscribe(self, slot: int, channel: bytes,
+                        deliver: Callable[[codec.Event], None]) -> None:
+        loop = asyncio.get_running_loop()
+        if loop.time() < self.retry_at.get(slot, 0.0):
+            return  # (failed a moment ago: the call goes without it, as then)
+        try:
+            await self._subscribe(slot, channel, deliver)
+        except BaseException:
+            self.retry_at[slot] = loop.time() + 1.0
+            raise
+
+    async def _subscribe(self, slot: int, channel: bytes,
+                         deliver: Callable[[codec.Event], None]) -> None:
+        async with self.lock:
+            if slot in self.slots:
+                return
+            await self.ps.ssubscribe(channel)
+            node = self.rc.get_node_from_key(channel)
+            loop = asyncio.get_running_loop()
+            end = loop.time() + self.timeout
+            while loop.time() < end:
+                msg = await self.ps.get_sharded_message(
+                    timeout=min(0.05, max(0.0, end - loop.time())), target_node=node)
+                if msg is None:
+                    continue
+                if msg["type"] == "ssubscribe" and msg["channel"] == channel:
+                    self.slots.add(slot)
+                    return
+                self.handle(msg, deliver)
+            raise RedisTimeoutError(f"no SSUBSCRIBE confirmation for {channel!r}")
+
+    async def read(self, deliver: Callable[[codec.Event], None]) -> None:
+        async with self.lock:
+            if not self.slots:
+                msg = None
+            else:
+                msg = await self.ps.get_sharded_message(timeout=SHARD_READ_S)
+            while msg is not None:
+                self.handle(msg, deliver)
+                msg = await self.ps.get_sharded_message(timeout=0.0)
+        if not self.slots:
+            await asyncio.sleep(SHARD_READ_S)
+
+    @staticmethod
+    def handle(msg: dict[str, Any], deliver: Callable[[codec.Event], None]) -> None:
+        if msg.get("type") == "smessage":
+            try:
+                ev = codec.parse_event(msg["data"])
+            except (ValueError, DLMError) as exc:
+                log.info("garbled event ignored: %s", describe(exc))
+                return
+            deliver(ev)
 
 
 class AsyncDLM(Flows):
@@ -246,7 +359,8 @@ class AsyncDLM(Flows):
         """First contact with every instance (once; raises the ConfigurationError found),
         then the event and renewal tasks."""
         if not self._contacted:
-            errors = await self._run(self._first_contact(range(len(self._instances))))
+            errors = await self._detect(range(len(self._instances)))
+            errors += await self._run(self._first_contact(range(len(self._instances))))
             if errors:
                 raise errors[0]
             self._contacted = True
@@ -517,6 +631,52 @@ class AsyncDLM(Flows):
 
     # ----------------------------------------------------------------- I/O
 
+    async def _detect(self, which: Iterable[int]) -> list[DLMError]:
+        """`DLM._detect`: the kind of each member of `which` not known yet that answers."""
+        todo = [i for i in which if not self._instances[i].detected
+                and i not in self._core.refused]
+        if not todo:
+            return []
+        found = await asyncio.gather(*[self._instances[i].detect() for i in todo],
+                                     return_exceptions=True)
+        errors: list[DLMError] = []
+        for i, ids in zip(todo, found):
+            if isinstance(ids, BaseException):
+                if not isinstance(ids, Exception):
+                    raise ids
+                log.info("instance %s: kind not known yet: %s", self._instances[i].url,
+                         describe(ids))
+                continue
+            if ids is None:
+                continue
+            inst = self._instances[i]
+            err = self._core.note_cluster(i, ids)
+            if err is not None:
+                errors.append(err)
+                continue
+            inst.shards = _Shards(inst.cluster, inst.timeout)
+        return errors
+
+    async def _subscribe_slot(self, i: int, call: Call) -> None:
+        """`DLM._subscribe_slot`: this owner's shard channel of the call's slot on cluster
+        member i, subscribed (confirmed) before the call is sent."""
+        shards = self._instances[i].shards
+        if shards is None or call.name not in SLOTTED_SCRIPTS:
+            return
+        slot = key_slot(call[1][2])
+        if slot in shards.slots:
+            return
+        try:
+            await shards.subscribe(slot, self._core.slot_channel(slot),
+                                   functools.partial(self._on_event, i))
+        except Exception as exc:  # noqa: BLE001 - the shard unreachable...: re-checks
+            log.info("instance %s: no event subscription for slot %d yet: %s",
+                     self._instances[i].url, slot, describe(exc))
+
+    async def _cluster_call(self, i: int, call: Call) -> list[Any]:
+        inst = self._instances[i]
+        return await acluster_round(inst.cluster, [call], inst.url)
+
     async def _broadcast(self, cmds: Iterable[tuple[int, Call]], *,
                          enough: int | None = None,
                          late: Callable[[int, Any], Any] | None = None,
@@ -537,7 +697,16 @@ class AsyncDLM(Flows):
         conns: list[tuple[int, Call, Any]] = []
         unsent: list[tuple[int, Call, Any]] = []
         cmds = list(cmds)
-        gather = enough is not None and (len(cmds) > 1 or until is not None)
+        slotted = [(i, call) for i, call in cmds if self._instances[i].cluster is not None]
+        if slotted:  # cluster members: a task per call (`_gather_tasks`)
+            cmds = [(i, call) for i, call in cmds if self._instances[i].cluster is None]
+            if enough is None:
+                enough = len(cmds) + len(slotted)
+            for i, call in slotted:
+                call = self._core.member_call(i, call)
+                await self._subscribe_slot(i, call)
+                unsent.append((i, call, None))
+        gather = enough is not None and (len(cmds) > 1 or until is not None or bool(unsent))
         for i, call in cmds:
             conn = self._instances[i].get()
             if gather and getattr(conn, "_writer", None) is None:
@@ -711,6 +880,8 @@ class AsyncDLM(Flows):
         return results
 
     async def _send_finish(self, i: int, call: Call, conn: Any) -> list[Any]:
+        if conn is None:  # a cluster member
+            return await self._cluster_call(i, call)
         try:
             await _send(conn, packed_command(*call))
         except Exception as exc:  # noqa: BLE001 - unreachable, refused, not Redis...
@@ -736,7 +907,13 @@ class AsyncDLM(Flows):
     async def _pipeline(self, i: int, calls: Sequence[Call]) -> list[Any]:
         """Send every call to instance `i` in one write and read their replies: one round
         trip however many calls (`DLM._pipeline`, with the same results)."""
-        conn = self._instances[i].get()
+        inst = self._instances[i]
+        if inst.cluster is not None:
+            calls = [self._core.member_call(i, c) for c in calls]
+            for c in calls:
+                await self._subscribe_slot(i, c)
+            return await acluster_round(inst.cluster, calls, inst.url)
+        conn = inst.get()
         try:
             await self._write(conn, [packed_command(*c) for c in calls])
         except Exception as exc:  # noqa: BLE001 - unreachable, refused, not Redis...
@@ -802,10 +979,21 @@ class AsyncDLM(Flows):
         inst = self._instances[i]
         warned = False
         while not self._closed:
-            for err in await self._run(self._first_contact([i])):  # reached at last
+            for err in (await self._detect([i])  # reached at last
+                        + await self._run(self._first_contact([i]))):
                 log.error("instance refused, its votes never count: %s", err)
             if i in self._core.refused:
                 return  # its votes never count: no events either
+            if inst.shards is not None:
+                try:
+                    await inst.shards.read(functools.partial(self._on_event, i))
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - every shard lost, garbled...
+                    log.info("instance %s: event connection lost: %s", inst.url,
+                             describe(exc))
+                    await asyncio.sleep(0.5)
+                continue
             ps = inst.client.pubsub(ignore_subscribe_messages=True)
             try:
                 await ps.subscribe(self._core.channel)

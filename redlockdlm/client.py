@@ -27,14 +27,15 @@ from typing import Any
 import redis
 from redis.exceptions import InvalidResponse, ResponseError
 
-from .connection import Instance, open_session
+from .connection import Instance, cluster_round, open_session
 from .engine import codec
+from .engine.keys import key_slot, slot_tag
 from .engine.modes import Mode
 from .engine.scripts import packed_command
 from .errors import DLMError, LockTimeout, NotQueued
 from .flows import Broadcast, Flow, Flows, Pipeline, Shielded, Spawn, Wait
 from .handle import LockBase, MutexBase, RequestBase, check_decorated, check_locked_args
-from .protocol import Call, LockCore, describe
+from .protocol import SLOTTED_SCRIPTS, Call, LockCore, describe
 from .wire import Round, settle
 
 log = logging.getLogger("redlockdlm")
@@ -73,7 +74,9 @@ class DLM(Flows):
         #: the state lock: held while a flow runs, released during its operations
         self._mu = threading.Lock()
         self._timeout = max(socket_timeout, connect_timeout)
-        errors = self._run(self._first_contact(range(len(self._instances))))
+        self._sel = selectors.DefaultSelector()
+        errors = self._detect(range(len(self._instances)))
+        errors += self._run(self._first_contact(range(len(self._instances))))
         if errors:
             for inst in self._instances:
                 inst.close()
@@ -90,7 +93,6 @@ class DLM(Flows):
         self._renewing: set[int] = set()
         #: threads reading a stalled instance's reply (R4, R3): close() waits for them
         self._io: set[threading.Thread] = set()
-        self._sel = selectors.DefaultSelector()
         self._wake_r, self._wake_w = _socketpair()
         self._sel.register(self._wake_r, selectors.EVENT_READ, None)
         for i, inst in enumerate(self._instances):
@@ -233,6 +235,8 @@ class DLM(Flows):
             try:
                 if inst.pubsub is not None:
                     inst.pubsub.close()
+                if inst.shards is not None:
+                    inst.shards.close()
             except Exception:  # noqa: BLE001 - closing anyway
                 pass
             inst.close()
@@ -433,7 +437,13 @@ class DLM(Flows):
         conns: list[tuple[int, Call, Any]] = []
         results: dict[int, Any] = {}
         for i, call in cmds:
-            conn = self._instances[i].get()
+            inst = self._instances[i]
+            if inst.cluster is not None:  # a cluster member: a thread per call
+                call = self._core.member_call(i, call)
+                self._subscribe_slot(i, call)
+                conns.append((i, call, _ClusterCall(self, i, call)))
+                continue
+            conn = inst.get()
             if conn._sock is None:
                 # Connecting waits for the handshake's replies (HELLO...): a stalled
                 # instance would hold up the others' writes, so it goes on its own thread
@@ -530,8 +540,15 @@ class DLM(Flows):
 
     def _pipeline(self, i: int, calls: Sequence[Call]) -> list[Any]:
         """Send every call to instance `i` in one write and read their replies: one round
-        trip however many calls. One result per call, as `settle` gives it."""
-        conn = self._instances[i].get()
+        trip however many calls. One result per call, as `settle` gives it. (A cluster
+        member: one call after another, each on its slot's primary.)"""
+        inst = self._instances[i]
+        if inst.cluster is not None:
+            calls = [self._core.member_call(i, c) for c in calls]
+            for c in calls:
+                self._subscribe_slot(i, c)
+            return cluster_round(inst.cluster, calls, inst.url)
+        conn = inst.get()
         try:
             self._write(conn, [packed_command(*c) for c in calls])
         except Exception as exc:  # noqa: BLE001 - unreachable, refused, not Redis...
@@ -594,7 +611,89 @@ class DLM(Flows):
 
     # ----------------------------------------------------------------- background thread
 
+    def _detect(self, which: Iterable[int]) -> list[DLMError]:
+        """First contact, before `init hello`: the kind of each member of `which` not known
+        yet that answers (`Instance.detect`, in parallel). A cluster member gets its cluster
+        client and its shard subscriptions; one that shares a node with another member's
+        cluster is refused (DuplicateInstance, returned). A member that does not answer is
+        used as a standalone server until it does (its calls fail as they would)."""
+        todo = [i for i in which if not self._instances[i].detected
+                and i not in self._core.refused]
+        if not todo:
+            return []
+        found: dict[int, Any] = {}
+
+        def one(i: int) -> None:
+            try:
+                found[i] = self._instances[i].detect()
+            except Exception as exc:  # noqa: BLE001 - unreachable, refused, not Redis...
+                log.info("instance %s: kind not known yet: %s", self._instances[i].url,
+                         describe(exc))
+
+        threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in todo]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        errors: list[DLMError] = []
+        with self._mu:
+            for i, ids in sorted(found.items()):
+                if ids is None:
+                    continue
+                inst = self._instances[i]
+                err = self._core.note_cluster(i, ids)
+                if err is not None:
+                    errors.append(err)
+                    continue
+                if inst.pubsub is not None:  # (a standalone subscription made meanwhile)
+                    with contextlib.suppress(Exception):
+                        inst.pubsub.close()
+                    inst.pubsub = None
+                    self._watch(i, inst)
+                inst.shards = _Shards(inst.cluster, self._timeout)
+        return errors
+
+    def _subscribe_slot(self, i: int, call: Call) -> None:
+        """Before a call about a hash slot of cluster member i: this owner's shard channel
+        of that slot is subscribed there (confirmed), so no grant event is missed; if that
+        fails, the call goes anyway (the re-check finds the grant)."""
+        shards = self._instances[i].shards
+        if shards is None or call.name not in SLOTTED_SCRIPTS:
+            return
+        slot = key_slot(call[1][2])
+        if slot in shards.slots:
+            return
+        def deliver(ev: codec.Event) -> None:
+            with self._mu:
+                self._on_event(i, ev)
+
+        core = self._core
+        try:
+            shards.subscribe(slot, core.slot_channel(slot), deliver,
+                             lambda: {lk.slot for lk in list(core.locks.values())})
+        except Exception as exc:  # noqa: BLE001 - the shard unreachable...: re-checks
+            log.info("instance %s: no event subscription for slot %d yet: %s",
+                     self._instances[i].url, slot, describe(exc))
+        self._poke()  # the event thread watches the shard's socket
+
+    def _watch_shards(self, i: int, inst: Instance) -> None:
+        """(Event thread.) Keep the selector on the sockets of the member's shard
+        subscriptions (one per primary; redis-py replaces them on a reconnect, and moves a
+        channel to the slot's new primary after a migration or failover)."""
+        now = inst.shards.sockets()
+        for sock in inst.shard_socks - now:
+            with contextlib.suppress(KeyError, ValueError):
+                self._sel.unregister(sock)
+        for sock in now - inst.shard_socks:
+            try:
+                self._sel.register(sock, selectors.EVENT_READ, i)
+            except (KeyError, ValueError, OSError):
+                now.discard(sock)
+        inst.shard_socks = now
+
     def _subscribe(self, i: int, inst: Instance) -> None:
+        if inst.cluster is not None:
+            return  # (shard channels: `_subscribe_slot`)
         ps = None
         try:
             ps = inst.client.pubsub(ignore_subscribe_messages=True)
@@ -659,11 +758,15 @@ class DLM(Flows):
             now = self._now()
             if now >= next_resub:
                 next_resub = now + 1.0
-                for err in self._run(self._first_contact(range(self._core.n))):
+                errors = self._detect(range(self._core.n))
+                for err in errors + self._run(self._first_contact(range(self._core.n))):
                     log.error("instance refused, its votes never count: %s", err)
                 for i, inst in enumerate(self._instances):
                     if inst.pubsub is None and i not in self._core.refused:
                         self._subscribe(i, inst)
+            for i, inst in enumerate(self._instances):
+                if inst.shards is not None:
+                    self._watch_shards(i, inst)
             with self._mu:
                 self._resume_parked()
                 if self._renewal_due():
@@ -672,6 +775,17 @@ class DLM(Flows):
 
     def _drain(self, i: int) -> None:
         inst = self._instances[i]
+        if inst.shards is not None:
+            def deliver(ev: codec.Event) -> None:
+                with self._mu:
+                    self._on_event(i, ev)
+            try:
+                inst.shards.drain(deliver)
+            except Exception as exc:  # noqa: BLE001 - every shard lost, a garbled event...
+                log.log(logging.INFO, "instance %s: event connection lost: %s", inst.url,
+                        describe(exc))
+            self._watch_shards(i, inst)
+            return
         ps = inst.pubsub
         if ps is None:
             return
@@ -720,6 +834,108 @@ class DLM(Flows):
 
     # ----------------------------------------------------------------- release / convert
 
+#: shard channels (hash slots) a cluster member keeps subscribed when no lock uses them
+MAX_SLOT_SUBS = 1024
+#: the longest wait for a subscription's confirmation before the call goes without it (s)
+SUBSCRIBE_WAIT_S = 0.5
+
+
+class _Shards:
+    """A cluster member's event subscriptions: this owner's shard channel for each hash
+    slot the client has used there (SSUBSCRIBE on the slot's primary; redis-py's
+    `ClusterPubSub` reconnects and follows a slot to its new primary). A slot stays
+    subscribed while the client lives, up to `MAX_SLOT_SUBS` slots: beyond that, the slots
+    no lock of the client uses any more are unsubscribed. `lock` serializes the
+    subscriber (a flow's thread) and the reader (the event thread)."""
+
+    def __init__(self, rc: Any, timeout: float) -> None:
+        self.rc = rc
+        self.ps = rc.pubsub()
+        self.lock = threading.Lock()
+        self.slots: set[int] = set()
+        self.timeout = min(timeout, SUBSCRIBE_WAIT_S)
+        #: slot -> monotonic time before which a failed subscription is not tried again
+        self.retry_at: dict[int, float] = {}
+
+    def subscribe(self, slot: int, channel: bytes, deliver: Callable[[codec.Event], None],
+                  in_use: Callable[[], set[int]]) -> None:
+        """SSUBSCRIBE `channel` (of `slot`) and wait for its confirmation (events read
+        meanwhile go to `deliver`), bounded by the socket timeout and `SUBSCRIBE_WAIT_S`;
+        after a failure the slot is not tried again for a second."""
+        if time.monotonic() < self.retry_at.get(slot, 0.0):
+            return  # (failed a moment ago: the call goes without it, as then)
+        with self.lock:
+            if slot in self.slots:
+                return
+            try:
+                self._subscribe(slot, channel, deliver, in_use)
+            except BaseException:
+                self.retry_at[slot] = time.monotonic() + 1.0
+                raise
+
+    def _subscribe(self, slot: int, channel: bytes, deliver: Callable[[codec.Event], None],
+                   in_use: Callable[[], set[int]]) -> None:
+        if len(self.slots) >= MAX_SLOT_SUBS:
+            used = in_use()
+            drop = [s for s in self.slots if s not in used]
+            if drop:
+                prefix = channel[:channel.index(b"{")]
+                owner = channel[channel.index(b"}:") + 2:]
+                self.ps.sunsubscribe(*[prefix + b"{" + slot_tag(s) + b"}:" + owner
+                                       for s in drop])
+                self.slots.difference_update(drop)
+        self.ps.ssubscribe(channel)
+        node = self.rc.get_node_from_key(channel)
+        end = time.monotonic() + self.timeout
+        while time.monotonic() < end:
+            msg = self.ps.get_sharded_message(
+                timeout=min(0.05, max(0.0, end - time.monotonic())), target_node=node)
+            if msg is None:
+                continue
+            if msg["type"] == "ssubscribe" and msg["channel"] == channel:
+                self.slots.add(slot)
+                break
+            self._handle(msg, deliver)
+        else:
+            raise redis.TimeoutError(f"no SSUBSCRIBE confirmation for {channel!r}")
+        self._read(deliver)
+
+    def drain(self, deliver: Callable[[codec.Event], None]) -> None:
+        """Deliver the events that came (none waited for)."""
+        with self.lock:
+            self._read(deliver)
+
+    def _read(self, deliver: Callable[[codec.Event], None]) -> None:
+        while True:
+            msg = self.ps.get_sharded_message(timeout=0.0)
+            if msg is None:
+                return
+            self._handle(msg, deliver)
+
+    @staticmethod
+    def _handle(msg: dict[str, Any], deliver: Callable[[codec.Event], None]) -> None:
+        if msg.get("type") == "smessage":
+            try:
+                ev = codec.parse_event(msg["data"])
+            except (ValueError, DLMError) as exc:
+                log.info("garbled event ignored: %s", describe(exc))
+                return
+            deliver(ev)
+
+    def sockets(self) -> set[Any]:
+        out = set()
+        for ps in list(self.ps.node_pubsub_mapping.values()):
+            conn = ps.connection
+            sock = conn._sock if conn is not None else None
+            if sock is not None:
+                out.add(sock)
+        return out
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.ps.close()
+
+
 class _Waker:
     """What wakes a flow waiting on one lock: a caller's thread sleeps on `cond`; a
     background flow parks in `parked` (no thread) until `DLM._notify` or its time."""
@@ -767,6 +983,22 @@ class _Connecting:
         os.close(self.fd)
         os.close(self._wfd)
         return self._box[0]
+
+
+class _ClusterCall(_Connecting):
+    """One call to a cluster member, on a thread of its own: redis-py's cluster client
+    routes it to its slot's primary (MOVED, ASK, a failover handled there) and blocks
+    until it is done; `fd` turns readable then, for `DLM._collect`."""
+
+    def __init__(self, dlm: DLM, i: int, call: Call) -> None:
+        super().__init__(dlm, i, call, None)
+
+    def _run(self, dlm: DLM, i: int, call: Call, conn: Any) -> None:
+        inst = dlm._instances[i]
+        try:
+            self._box.append(cluster_round(inst.cluster, [call], inst.url)[0])
+        finally:
+            os.write(self._wfd, b"x")
 
 
 

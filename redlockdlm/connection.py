@@ -15,10 +15,14 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import redis
+from redis.backoff import NoBackoff
 from redis.driver_info import DriverInfo
+from redis.retry import Retry
 
+from .engine.scripts import command
 from .errors import InvalidArgument, InvalidType, MixedTransport
-from .protocol import Session
+from .protocol import Call, Session
+from .wire import Round, settle
 
 #: an idle connection is checked for a close by its peer before reuse once idle this long
 CHECK_IDLE_S = 0.05
@@ -129,6 +133,13 @@ class Pooled:
         self.timeout = socket_timeout
         self.client = self.client_class(connection_pool=self.pool)
         self._idle: list[Any] = []
+        #: what `cluster_client` needs to reach the member as a cluster (URL, options)
+        self._how = (url, dict(options, socket_timeout=socket_timeout,
+                               socket_connect_timeout=connect_timeout))
+        #: the member's kind, once found at first contact (`cluster_enabled`): a
+        #: `redis.RedisCluster` (or its asyncio twin) for a cluster member, None otherwise
+        self.cluster: Any = None
+        self.detected = False  #: the kind is known (standalone until found otherwise)
 
     def get(self) -> Any:
         """A connection of our own; a new one connects on its first command. An idle
@@ -163,6 +174,119 @@ class Pooled:
         self._idle.append((conn, time.monotonic()))
 
 
+#: what a standalone server answers to CLUSTER SLOTS
+_NOT_CLUSTER = "cluster support disabled"
+
+
+def cluster_node_ids(slots: object) -> list[str] | None:
+    """The node ids in a `CLUSTER SLOTS` reply (every node serving a slot range, primaries
+    and replicas), or None if the reply is the error of a server that is not a cluster
+    node. `CLUSTER SLOTS` rather than `INFO cluster`: the least-privilege ACL (`dlm acl`)
+    allows it, as redis-py's cluster client needs it anyway. Any other error is raised."""
+    if isinstance(slots, redis.ResponseError):
+        if _NOT_CLUSTER in str(slots) or isinstance(slots, redis.exceptions.NoPermissionError):
+            return None  # (refused by the ACL: used as a standalone server)
+        raise slots
+    out = []
+    for rng in slots:  # type: ignore[attr-defined]
+        for node in rng[2:]:
+            if len(node) > 2 and node[2]:
+                nid = node[2]
+                out.append(nid.decode() if isinstance(nid, bytes) else str(nid))
+    return out
+
+
+def cluster_client(cluster_class: Any, how: tuple[str, dict[str, Any]]) -> Any:
+    """A `cluster_class` (redis.RedisCluster or redis.asyncio.RedisCluster) for the member
+    at URL `how[0]` with the member's options `how[1]`: the node of the URL is where it
+    learns the cluster's slots; it routes each call to the slot's primary and follows
+    MOVED / ASK and a failover. The same timeouts as a standalone member. InvalidArgument for
+    what a cluster refuses (a database other than 0), InvalidType for an unknown option."""
+    url, options = how
+    options = {k: v for k, v in options.items() if k != "driver_info"}
+    # One retry without backoff (redis-py's default backs off over several seconds): the
+    # slot map refreshed once after a failed call, which follows a failover that happened;
+    # a shard that stays down then fails its call within the timeouts, and the protocol
+    # asks again (R3) instead of a call blocking the others.
+    if "retry" not in options:
+        if cluster_class.__module__.startswith("redis.asyncio"):
+            from redis.asyncio.retry import Retry as AsyncRetry
+
+            options["retry"] = AsyncRetry(NoBackoff(), 1)
+        else:
+            options["retry"] = Retry(NoBackoff(), 1)
+    try:
+        return cluster_class.from_url(url, **options)
+    except TypeError as exc:
+        raise InvalidType(f"bad connection option for the cluster at {_mask(url)}: {exc}"
+                          ) from None
+    except ValueError as exc:
+        raise InvalidArgument(f"bad redis URL or option for the cluster at {_mask(url)}: "
+                              f"{exc}") from None
+
+
+def cluster_round(rc: Any, calls: Sequence[Call], url: str) -> list[Any]:
+    """Run `calls` (already in the member's per-slot layout, `Session.member_call`) on the
+    cluster `rc` (a blocking redis.RedisCluster), one after another, each routed to its
+    slot's primary by redis-py (MOVED, ASK, a failover handled there); the library loaded
+    on that primary where it is missing (`wire.Round`). One result per call, as `settle`
+    gives it; a failure to reach the shard is that call's result."""
+    out = []
+    for call in calls:
+        try:
+            raws = _cluster_call(rc, call)
+        except Exception as exc:  # noqa: BLE001 - unreachable, cluster down, not Redis...
+            out.append(exc)
+            continue
+        out.append(settle(call, raws, url))
+    return out
+
+
+async def acluster_round(rc: Any, calls: Sequence[Call], url: str) -> list[Any]:
+    """`cluster_round` on a `redis.asyncio.RedisCluster`."""
+    out = []
+    for call in calls:
+        try:
+            rnd = Round([call])
+            cmds = rnd.feed([await _aone(rc, command(*call), call)])
+            while cmds:
+                cmds = rnd.feed([await _aone(rc, c, call) for c in cmds])
+        except Exception as exc:  # noqa: BLE001 - unreachable, cluster down, not Redis...
+            out.append(exc)
+            continue
+        out.append(settle(call, rnd.raws[0], url))
+    return out
+
+
+async def _aone(rc: Any, cmd: tuple, call: Call) -> Any:
+    try:
+        if cmd[0] == "FUNCTION":
+            return await rc.execute_command(
+                *cmd, target_nodes=rc.get_node_from_key(call[1][0]))
+        return await rc.execute_command(*cmd)
+    except redis.ResponseError as exc:
+        return exc
+
+
+def _cluster_call(rc: Any, call: Call) -> Any:
+    rnd = Round([call])
+    cmds = rnd.feed([_one(rc, command(*call), call)])
+    while cmds:
+        cmds = rnd.feed([_one(rc, c, call) for c in cmds])
+    return rnd.raws[0]
+
+
+def _one(rc: Any, cmd: tuple, call: Call) -> Any:
+    """One command on the cluster, an error reply as its ResponseError. The library load
+    goes to the primary of `call`'s slot (the one that lacks it)."""
+    try:
+        if cmd[0] == "FUNCTION":
+            return rc.execute_command(*cmd, target_nodes=rc.get_node_from_key(call[1][0]))
+        return rc.execute_command(*cmd)
+    except redis.ResponseError as exc:
+        return exc
+
+
 class Instance(Pooled):
     """One Redis instance: a pool for commands and a pub/sub connection for events."""
 
@@ -171,12 +295,32 @@ class Instance(Pooled):
         super().__init__(url, socket_timeout=socket_timeout, connect_timeout=connect_timeout,
                          **options)
         self.pubsub: redis.client.PubSub | None = None
+        #: a cluster member's shard subscriptions (`client._Shards`) and their sockets
+        self.shards: Any = None
+        self.shard_socks: set[Any] = set()
         self.warned = False  #: a failed subscription was logged as a warning already
         self.sock: Any = None  #: the pub/sub socket registered in the selector
+
+    def detect(self) -> list[str] | None:
+        """First contact: find the member's kind (`CLUSTER SLOTS`). A cluster member gets
+        its `redis.RedisCluster` (`cluster`); returns its node ids (None: a standalone
+        server). Raises what reaching it raised (unreachable, authentication...): tried
+        again later."""
+        try:
+            slots = self.client.execute_command("CLUSTER", "SLOTS")
+        except redis.ResponseError as exc:
+            slots = exc
+        ids = cluster_node_ids(slots)
+        if ids is not None:
+            self.cluster = cluster_client(redis.RedisCluster, self._how)
+        self.detected = True
+        return ids
 
     def close(self) -> None:
         while self._idle:
             self._idle.pop()[0].disconnect()
+        if self.cluster is not None:
+            self.cluster.close()
 
 
 def check_transports(urls: Sequence[str]) -> None:

@@ -30,8 +30,12 @@ from .engine.keys import (
     check_name,
     check_namespace,
     display_name,
+    epoch_key,
+    key_slot,
     resource_key,
     show_name,
+    slot_channel_prefix,
+    slot_waiters_key,
     waiters_key,
 )
 from .engine.modes import (
@@ -68,6 +72,11 @@ DRIFT_FACTOR = 0.01  #: Redlock: clock drift allowance per ms of lease
 DRIFT_MIN_MS = 2
 #: Locks per renew call: ~10 ms of script time each, so no instance is held for long
 RENEW_CHUNK = 256
+#: The hash slot whose epoch a cluster member's first contact (`init hello`) reads
+HELLO_SLOT = 0
+#: Scripts whose KEYS[1], KEYS[2] are the epoch and the waiter index and ARGV[2] the channel
+#: prefix, with the resource key (the slot of the call) at KEYS[3]
+SLOTTED_SCRIPTS = frozenset(("request", "convert", "release", "cancel", "yield", "renew", "break"))
 
 
 class Vote(enum.Enum):
@@ -204,6 +213,7 @@ class LockCore:
         self.id = lock_id
         self.path = path
         self.key = resource_key(session.ns, path)
+        self._slot: int | None = None
         self.name = display_name(path)
         self.parent = parent
         self.children: list[LockCore] = []
@@ -250,6 +260,15 @@ class LockCore:
         self.user: Any = None
         self.request: Any = None
         self.waker: Any = None
+
+    @property
+    def slot(self) -> int:
+        """The Redis Cluster hash slot of the lock's tree (H2: one slot per tree), where its
+        keys, epoch, waiter index and event channel live on a cluster member."""
+        s = self._slot
+        if s is None:
+            s = self._slot = key_slot(self.key)
+        return s
 
     # ----------------------------------------------------------------- reading the votes
 
@@ -393,6 +412,13 @@ class Session:
         self.refused: dict[int, ConfigurationError] = {}
         #: the epoch id each instance's replies carry (a duplicate's is another's)
         self.epochs: list[str] = [""] * n
+        #: member i is a Redis Cluster (`note_cluster`): its epoch, waiter index and event
+        #: channels are per hash slot (H2c), so are its epochs (`slot_epochs`)
+        self.clustered: list[bool] = [False] * n
+        #: a cluster member's epoch per hash slot, as its replies carried it last
+        self.slot_epochs: list[dict[int, str]] = [{} for _ in range(n)]
+        #: a cluster member's node ids (every node of its cluster), for duplicates
+        self.node_ids: list[frozenset[str] | None] = [None] * n
         #: refuse an instance whose epoch is another's (`note_epoch`); the clients turn it
         #: on (epoch ids made by the scripts are unique per server; hand-fed replies in
         #: protocol tests share one)
@@ -424,7 +450,7 @@ class Session:
                     f"{hello.run_id[:12]}...): one server would cast two votes of the quorum; "
                     "give each instance once", instance=label))
         if hello.epoch is not None:
-            err = self.note_epoch(i, hello.epoch)
+            err = self.note_epoch(i, hello.epoch, HELLO_SLOT)
             if err is not None:
                 return err
         policy = hello.maxmemory_policy or "noeviction"
@@ -462,11 +488,56 @@ class Session:
             f"`dlm rejoin-wait {lease}` (before starting clients with longer leases) or "
             "use a shorter lease", lease_ms=lease, rejoin_ms=rejoin, instance=self.labels[i])
 
-    def note_epoch(self, i: int, epoch: str) -> ConfigurationError | None:
-        """Instance i's replies carry `epoch`. The same epoch as another instance's is the
-        same keyspace of one server (epoch ids hold the server's run_id): its votes stop
+    def note_cluster(self, i: int, node_ids: Sequence[str]) -> ConfigurationError | None:
+        """Member i is a Redis Cluster whose nodes have `node_ids` (found at first contact):
+        from now on its commands use the per-slot layout (`member_call`) and its epochs are
+        per hash slot (E1, E2, R2 per member and slot). A cluster that shares a node with
+        another member's is the same cluster reached twice (one URL per node, say): refused
+        as DuplicateInstance, as two URLs of one standalone server are."""
+        ids = frozenset(node_ids)
+        self.clustered[i] = True
+        self.node_ids[i] = ids
+        for j, other in enumerate(self.node_ids):
+            if j != i and other and ids & other and j not in self.refused:
+                return self.refuse(i, DuplicateInstance(
+                    f"{self.labels[i]} and {self.labels[j]} are the same Redis Cluster (node "
+                    f"{sorted(ids & other)[0][:12]}... is in both): one cluster would cast two "
+                    "votes of the quorum; give each cluster once", instance=self.labels[i]))
+        return self.refused.get(i)
+
+    def member_call(self, i: int, call: Call) -> Call:
+        """`call` (built in the standalone layout) as member i takes it: unchanged on a
+        standalone member; on a cluster member with the epoch, waiter index and channel
+        prefix of the hash slot of its resource keys (H2c: every script touches ONE slot),
+        the first contact reading slot `HELLO_SLOT`'s epoch."""
+        if not self.clustered[i]:
+            return call
+        name, keys, args = call
+        if name in SLOTTED_SCRIPTS:
+            s = key_slot(keys[2])
+            keys = [epoch_key(s), slot_waiters_key(self.ns, s), *keys[2:]]
+            args = [args[0], slot_channel_prefix(self.ns, s), *args[2:]]
+        elif name == "inspect":
+            keys = [epoch_key(key_slot(keys[1])), *keys[1:]]
+        elif name == "init":
+            keys = [epoch_key(HELLO_SLOT)]
+        return Call(name, keys, args)
+
+    def slot_channel(self, slot: int) -> bytes:
+        """This owner's shard channel for hash slot `slot` of a cluster member (SSUBSCRIBE)."""
+        return slot_channel_prefix(self.ns, slot) + self.owner.encode()
+
+    def _epoch_known(self, i: int, slot: int) -> str:
+        return self.slot_epochs[i].get(slot, "") if self.clustered[i] else self.epochs[i]
+
+    def note_epoch(self, i: int, epoch: str, slot: int | None = None) -> ConfigurationError | None:
+        """Instance i's replies carry `epoch` (on a cluster member: the epoch of hash slot
+        `slot`). The same epoch as another instance's (of the same slot) is the same
+        keyspace of one server (epoch ids hold the server's run_id): its votes stop
         counting, whenever this is found (also for an instance first reached after
         construction), so that server never gives two votes."""
+        if slot is not None and self.clustered[i]:
+            return self._note_slot_epoch(i, epoch, slot)
         if epoch == self.epochs[i] or not epoch:
             return self.refused.get(i)
         self.epochs[i] = epoch
@@ -476,6 +547,21 @@ class Session:
                     f"{self.labels[i]} and {self.labels[j]} answer with the same instance "
                     f"epoch {epoch}: they are one Redis server (one keyspace), which would "
                     "cast two votes of the quorum; give each instance once",
+                    instance=self.labels[i]))
+        return self.refused.get(i)
+
+    def _note_slot_epoch(self, i: int, epoch: str, slot: int) -> ConfigurationError | None:
+        known = self.slot_epochs[i]
+        if epoch == known.get(slot) or not epoch:
+            return self.refused.get(i)
+        known[slot] = epoch
+        for j in range(self.n) if self.distinct_epochs else ():
+            if (j != i and self.clustered[j] and j not in self.refused
+                    and self.slot_epochs[j].get(slot) == epoch):
+                return self.refuse(i, DuplicateInstance(
+                    f"{self.labels[i]} and {self.labels[j]} answer with the same epoch "
+                    f"{epoch} for hash slot {slot}: they are one Redis Cluster, which would "
+                    "cast two votes of the quorum; give each cluster once",
                     instance=self.labels[i]))
         return self.refused.get(i)
 
@@ -556,12 +642,14 @@ class Session:
         for ~0.5 s)."""
         out = []
         for i in range(self.n) if instances is None else instances:
-            groups: dict[int, list[LockCore]] = {}
+            # (a cluster member: one call per hash slot, each script touches one slot)
+            slotted = self.clustered[i]
+            groups: dict[tuple[int, int], list[LockCore]] = {}
             for lk in self.locks.values():
                 if (lk.phase in (Phase.ACQUIRING, Phase.HELD, Phase.CONVERTING)
                         and lk.votes[i].vote in (Vote.GRANTED, Vote.QUEUED, Vote.ERROR)):
-                    groups.setdefault(lk.lease_ms, []).append(lk)
-            for lease, group in sorted(groups.items()):
+                    groups.setdefault((lk.slot if slotted else 0, lk.lease_ms), []).append(lk)
+            for (_, lease), group in sorted(groups.items()):
                 for at in range(0, len(group), RENEW_CHUNK):
                     lks = group[at:at + RENEW_CHUNK]
                     cmd = command("renew", self._keys(*[lk.key for lk in lks]),
@@ -693,8 +781,9 @@ class Session:
             return
         lk.pending.discard(i)
         rep: LockReply = reply  # type: ignore[assignment]
-        if (rep.epoch != self.epochs[i] or i in self.refused) and self.note_epoch(
-                i, rep.epoch) is not None:
+        slot = lk.slot if self.clustered[i] else None
+        if (rep.epoch != (self.epochs[i] if slot is None else self._epoch_known(i, slot))
+                or i in self.refused) and self.note_epoch(i, rep.epoch, slot) is not None:
             v.vote, v.mode, v.error = Vote.ERROR, None, str(self.refused[i])
             v.retry_at = now + 1.0
             return
@@ -814,8 +903,9 @@ class Session:
                 # a granted vote keeps its old lease and simply runs out if this persists
             return notes
         epoch, entries = reply  # type: ignore[misc]
-        if (epoch != self.epochs[i] or i in self.refused) and self.note_epoch(
-                i, epoch) is not None:
+        slot = lks[0].slot if self.clustered[i] and lks else None
+        if (epoch != (self.epochs[i] if slot is None else self._epoch_known(i, slot))
+                or i in self.refused) and self.note_epoch(i, epoch, slot) is not None:
             return  # (`refuse` dropped its votes)
         for lk, e in zip(lks, entries):
             v = lk.votes[i]

@@ -8,6 +8,10 @@ See ``redis_harness.py`` for the harness itself. Fixtures:
 - ``instances3`` / ``instances5``: 3 or 5 servers per module; ``cluster3`` / ``cluster5``
   heal (resume / restart) and FLUSHALL them before each test and return the Instances.
 - ``make_instances``: factory ``make_instances(n, extra_args=())`` torn down after the test.
+- ``cluster_member``: one Redis Cluster of 3 primaries (a quorum member that is a cluster)
+  per module; ``redis_cluster`` restarts any node a test killed, FLUSHALLs it before each
+  test and returns the RedisClusterServer. ``make_cluster``: factory
+  ``make_cluster(n_primaries=3)`` torn down after the test.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ _TESTS_DIR = str(Path(__file__).resolve().parent)
 if _TESTS_DIR not in sys.path:
     sys.path.insert(0, _TESTS_DIR)
 
-from redis_harness import Instances, RedisServer  # noqa: E402
+from redis_harness import Instances, RedisClusterServer, RedisServer  # noqa: E402
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -93,3 +97,29 @@ def make_instances() -> Iterator[Callable[..., Instances]]:
     yield _make
     for inst in created:
         inst.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster_member() -> Iterator[RedisClusterServer]:
+    with RedisClusterServer(3) as rc:
+        yield rc
+
+
+@pytest.fixture
+def redis_cluster(cluster_member: RedisClusterServer) -> RedisClusterServer:
+    cluster_member.reset()
+    return cluster_member
+
+
+@pytest.fixture
+def make_cluster() -> Iterator[Callable[..., RedisClusterServer]]:
+    created: list[RedisClusterServer] = []
+
+    def _make(n: int = 3, **kwargs: object) -> RedisClusterServer:
+        rc = RedisClusterServer(n, **kwargs)  # type: ignore[arg-type]
+        created.append(rc)
+        return rc
+
+    yield _make
+    for rc in created:
+        rc.stop()

@@ -39,6 +39,7 @@ from redis.retry import Retry
 __all__ = [
     "HOST",
     "Instances",
+    "RedisClusterServer",
     "RedisServer",
     "RedisServerError",
     "find_redis_server",
@@ -500,3 +501,180 @@ def dlm_env(**extra: str) -> dict[str, str]:
     e = {k: v for k, v in os.environ.items() if not k.startswith("DLM_")}
     e.update(extra)
     return e
+
+
+# --------------------------------------------------------------------------- Redis Cluster
+
+
+class RedisClusterServer:
+    """A Redis Cluster of ``n`` primaries (no replicas) on 127.0.0.1: ONE quorum member.
+
+    Each node is a :class:`RedisServer` with ``--cluster-enabled yes``, its bus on a port of
+    its own (``--cluster-port``, Redis >= 7.0) and its ``nodes.conf`` outside its data dir,
+    so that :meth:`restart_node_empty` brings a node back on the same ports with an empty
+    data set but the same node id and the same slots (a primary without persistence that
+    crashed). The slots are split in ``n`` contiguous ranges (CLUSTER ADDSLOTSRANGE), the
+    nodes joined by CLUSTER MEET, and the constructor returns when every node reports
+    ``cluster_state:ok`` and knows every node (bounded by ``timeout``)::
+
+        with RedisClusterServer(3) as rc:
+            rc.client()                 # a redis.RedisCluster
+            rc.node_of_slot(1234)       # the index of the node serving that slot
+            rc.restart_node_empty(1)
+    """
+
+    SLOTS = 16384
+
+    def __init__(self, n: int = 3, *, node_timeout_ms: int = 2000,
+                 timeout: float = 20.0) -> None:
+        if n < 1:
+            raise ValueError("need at least one node")
+        self.timeout = timeout
+        self.nodes: list[RedisServer] = []
+        self.ranges: list[tuple[int, int]] = []
+        per = self.SLOTS // n
+        try:
+            for i in range(n):
+                node = RedisServer(start=False)
+                node.extra_args = [
+                    "--cluster-enabled", "yes",
+                    "--cluster-config-file", str(node.base_dir / "nodes.conf"),
+                    "--cluster-port", str(free_port()),
+                    "--cluster-node-timeout", str(node_timeout_ms),
+                ]
+                self.nodes.append(node)
+                node.start()
+                lo = i * per
+                hi = self.SLOTS - 1 if i == n - 1 else lo + per - 1
+                self.ranges.append((lo, hi))
+            for node, (lo, hi) in zip(self.nodes, self.ranges):
+                with contextlib.closing(self._raw(node)) as c:
+                    c.execute_command("CLUSTER", "ADDSLOTSRANGE", lo, hi)
+            with contextlib.closing(self._raw(self.nodes[0])) as c:
+                for node in self.nodes[1:]:
+                    c.execute_command("CLUSTER", "MEET", HOST, node.port,
+                                      self._bus_port(node))
+            self.wait_ok()
+        except BaseException:
+            self.stop()
+            raise
+        self._clients: list[redis.RedisCluster] = []
+
+    @staticmethod
+    def _bus_port(node: RedisServer) -> int:
+        return int(node.extra_args[node.extra_args.index("--cluster-port") + 1])
+
+    @staticmethod
+    def _raw(node: RedisServer) -> redis.Redis:
+        return redis.Redis(host=HOST, port=node.port, socket_connect_timeout=2.0,
+                           socket_timeout=10.0, retry=no_retry())
+
+    @property
+    def url(self) -> str:
+        """The member's URL: any node's address (the first one's)."""
+        return self.nodes[0].url
+
+    @property
+    def startup_nodes(self) -> list[tuple[str, int]]:
+        return [(HOST, n.port) for n in self.nodes]
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def __repr__(self) -> str:
+        return f"<RedisClusterServer {[n.url for n in self.nodes]}>"
+
+    def node_of_slot(self, slot: int) -> int:
+        """The index of the node whose range holds `slot` (as created; nothing reshards)."""
+        for i, (lo, hi) in enumerate(self.ranges):
+            if lo <= slot <= hi:
+                return i
+        raise ValueError(f"no node serves slot {slot}")
+
+    def wait_ok(self, timeout: float | None = None) -> None:
+        """Until every running node says ``cluster_state:ok`` (every slot served by a node
+        it does not consider failed), knows all the nodes and counts them all as serving
+        slots; RedisServerError after `timeout` seconds."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        want = len(self.nodes)
+        while True:
+            ok = True
+            for node in self.nodes:
+                if not node.running:
+                    continue
+                try:
+                    with contextlib.closing(self._raw(node)) as c:
+                        info = c.execute_command("CLUSTER", "INFO")
+                except (redis.exceptions.RedisError, OSError):
+                    ok = False
+                    break
+                if isinstance(info, dict):
+                    info = "".join(f"{k}:{v}\r\n" for k, v in info.items()).encode()
+                if (b"cluster_state:ok" not in info
+                        or f"cluster_known_nodes:{want}\r".encode() not in info
+                        or f"cluster_size:{want}\r".encode() not in info):
+                    ok = False
+                    break
+            if ok:
+                return
+            if time.monotonic() > deadline:
+                raise RedisServerError(f"{self!r} did not reach cluster_state:ok")
+            time.sleep(0.05)
+
+    def client(self, **kwargs: Any) -> redis.RedisCluster:
+        """A ``redis.RedisCluster`` on these nodes (bytes replies, timeouts as
+        :meth:`RedisServer.client`); keywords override."""
+        opts: dict[str, Any] = {
+            "startup_nodes": [redis.cluster.ClusterNode(h, p) for h, p in self.startup_nodes],
+            "decode_responses": False,
+            "socket_connect_timeout": 2.0,
+            "socket_timeout": 10.0,
+        }
+        opts.update(kwargs)
+        c = redis.RedisCluster(**opts)
+        self._clients.append(c)
+        return c
+
+    def flushall(self) -> None:
+        """FLUSHALL and FUNCTION FLUSH every node (a fresh member for the next test)."""
+        for node in self.nodes:
+            with contextlib.closing(self._raw(node)) as c:
+                c.flushall()
+
+    def reset(self) -> None:
+        """Start any node a test left dead, wait for the cluster, then FLUSHALL it."""
+        started = False
+        for node in self.nodes:
+            if node.paused:
+                node.resume()
+            if not node.running:
+                node.start()
+                started = True
+        if started:
+            self.wait_ok()
+        self.flushall()
+
+    def kill_node(self, i: int) -> None:
+        """SIGKILL node `i` (its slots are then served by nobody)."""
+        self.nodes[i].kill()
+
+    def restart_node_empty(self, i: int) -> None:
+        """SIGKILL node `i`, wipe its data, start it on the same ports: it rejoins as the
+        same node (its nodes.conf is kept) serving the same slots, with nothing in them.
+        Returns when the cluster is ok again."""
+        self.nodes[i].restart(empty=True)
+        self.wait_ok()
+
+    def stop(self) -> None:
+        for c in getattr(self, "_clients", ()):
+            with contextlib.suppress(Exception):
+                c.close()
+        for node in self.nodes:
+            with contextlib.suppress(Exception):
+                node.stop()
+
+    def __enter__(self) -> RedisClusterServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -130,3 +130,23 @@ def test_r_fixture_is_flushed(r: redis.Redis) -> None:
 
 def test_r_fixture_is_flushed_again(r: redis.Redis) -> None:
     assert r.dbsize() == 0
+
+
+def test_cluster_member_spreads_slots_and_restarts_a_node_empty(make_cluster) -> None:
+    rc = make_cluster(3)
+    c = rc.client()
+    keys = [b"k%d" % i for i in range(30)]
+    for k in keys:
+        c.set(k, b"v")
+    served = {rc.node_of_slot(c.keyslot(k)) for k in keys}
+    assert served == {0, 1, 2}  # three primaries, each with a third of the slots
+    victim = rc.node_of_slot(c.keyslot(b"k0"))
+    pid = rc.nodes[victim].pid
+    rc.restart_node_empty(victim)
+    assert rc.nodes[victim].pid != pid
+    c2 = rc.client()
+    for k in keys:  # the restarted node serves its slots again, with nothing in them
+        want = None if rc.node_of_slot(c2.keyslot(k)) == victim else b"v"
+        assert c2.get(k) == want
+    rc.stop()
+    assert not any(n.running for n in rc.nodes)

@@ -7,6 +7,10 @@
 --   KEYS[3]  the resource key            msgpack blob, see `load`
 --   ARGV[1]  rejoin_ms                   E1: how long a new epoch stays recovering
 --   ARGV[2]  channel prefix              events go to ARGV[2] .. owner
+-- On a Redis Cluster member (H2c) the epoch hash, the waiter index and the channel prefix are
+-- those of the resource's hash slot: `dlm:epoch:{T}`, `dlm:<ns>:waiters:{T}` and
+-- `dlm:<ns>:ch:{T}:` with one slot tag T (redlockdlm/engine/keys.py `slot_tag`), and events go
+-- out by SPUBLISH (sharded pub/sub). Each server accepts only its own layout (check_keys).
 --
 -- Nothing is written until `commit()`: every check that can fail runs first, so an error
 -- reply (bad input, wrong owner, ...) leaves the database exactly as it was.
@@ -39,8 +43,9 @@ local redis, cmsgpack, string, table, math, type, tonumber, tostring, pcall, err
 local int_s, int_n, id_s = {}, {}, {}  -- what -> last valid string (and its number)
 local prio_s, prio_n  -- the last valid priority string and its value
 --   valid_w, valid_ns, valid_prefix, valid_ch (check_keys): the last waiter index found valid
---     and what derives from it, a pure function of that string: namespace, key prefix,
---     channel prefix. Each call's KEYS[2] is compared with valid_w first.
+--     and what derives from it, a pure function of that string (and h2c.e, below):
+--     namespace, key prefix, channel prefix. Each call's KEYS[1] and KEYS[2] are compared
+--     with h2c.e and valid_w first.
 local valid_w, valid_ns, valid_prefix, valid_ch
 --   ep_all, ep_id, ep_safe, ep_rejoin, ep_fix, ep_off (epoch_fields): the last `all` field
 --     of the epoch hash parsed, and its parts (a pure function of that string).
@@ -65,6 +70,20 @@ local scan_memo = {cur = {}, old = {}, n = 0, seq = 0, base = false}
 --     it nil and skips the check (no state between calls: INFO on every call).
 local run_checked = false
 local FUNCTIONS = register ~= nil
+--   h2c: the Redis Cluster layout (H2c), one table (a Functions library has at most 200
+--     locals, all but taken):
+--     .cluster (h2c.on): whether this server is a Redis Cluster member (`INFO cluster`),
+--       nil until the first call asks. `cluster-enabled` cannot change while the server
+--       runs, and a restart starts the library over. (EVAL form: asked on every call.)
+--     .e, .pub (check_keys): the epoch key that goes with valid_w, and the command that
+--       publishes events: PUBLISH, or SPUBLISH on a cluster member (the shard channel of
+--       the slot: Redis refuses a channel of another slot in a script).
+--     .run, .run_ok (epoch_load; E2 on a cluster member): the server's run_id (its first 8
+--       hex digits, read once: the process cannot change it) and the last epoch id found
+--       to end with it (a pure function of that string). On a cluster each slot's epoch can
+--       come from another process (a slot migrated here from another shard, a replica
+--       promoted), so the check holds on every call, not once per library.
+local h2c = {}
 --
 -- Per call: reset by `call` before every script runs (events and windex_ops are reused
 -- only when empty), so nothing of one call reaches the next.
@@ -230,6 +249,31 @@ local function server_run()
   return string.match(redis.call('INFO', 'server'), 'run_id:(%x%x%x%x%x%x%x%x)') or '0'
 end
 
+-- H2c: is this server a Redis Cluster member? Asked once per library (every call in EVAL form).
+function h2c.on()
+  local c = h2c.cluster
+  if c == nil then
+    c = string.find(redis.call('INFO', 'cluster'), 'cluster_enabled:1', 1, true) ~= nil
+    h2c.cluster = c
+  end
+  return c
+end
+
+-- K1, H2c: is `k` the epoch hash of this server's layout? (`dlm:epoch` on a standalone
+-- server, `dlm:epoch:{<digits>}` on a cluster member; Redis itself refuses keys of other
+-- slots.) And the layout's name of it, for error replies.
+function h2c.epoch_ok(k)
+  if h2c.on() then
+    return type(k) == 'string' and #k <= 24 and string.find(k, '^dlm:epoch:{%d+}$') ~= nil
+  end
+  return k == 'dlm:epoch'
+end
+
+function h2c.epoch_form()
+  if h2c.cluster then return 'dlm:epoch:{<slot tag>} (a Redis Cluster member)' end
+  return 'dlm:epoch'
+end
+
 local function new_epoch_id(sec, usec, run)
   if not sec then
     local t = redis.call('TIME')
@@ -297,11 +341,24 @@ local function epoch_load()
   EP_FIX, EP_OFF = fix, off
   local sec, usec
   NOW, NOW_US, sec, usec = clock(fix, off)
-  if id and FUNCTIONS and not run_checked then
+  local cluster = h2c.cluster
+  if id and not cluster and FUNCTIONS and not run_checked then
     local run = server_run()
     if string.sub(id, -#run - 1) ~= '.' .. run then  -- E2: restarted with its data
       id = nil
       EPOCH = new_epoch_id(sec, usec, run)
+    end
+  elseif id and cluster and id ~= h2c.run_ok then  -- E2, per slot (see h2c.run)
+    local run = h2c.run
+    if not run then
+      run = server_run()
+      if FUNCTIONS then h2c.run = run end
+    end
+    if string.sub(id, -#run - 1) ~= '.' .. run then  -- another process made this epoch
+      id = nil
+      EPOCH = new_epoch_id(sec, usec, run)
+    elseif FUNCTIONS then
+      h2c.run_ok = id
     end
   end
   if id then
@@ -942,7 +999,7 @@ local function commit()
     end
     if za then allowed('ZADD', KEYS[2], '0', 'x') end
     if zr then allowed('ZREM', KEYS[2], 'x') end
-    for i = 1, #events do allowed('PUBLISH', CHANNEL .. events[i][1], 'x') end
+    for i = 1, #events do allowed(h2c.pub, CHANNEL .. events[i][1], 'x') end
   end
   if epoch_dirty then
     local safe, rejoin = fmt(SAFE), fmt(REJOIN)
@@ -994,7 +1051,7 @@ local function commit()
   end
   for i = 1, #events do
     local ev = events[i]
-    redis.call('PUBLISH', CHANNEL .. ev[1], ev[2])
+    redis.call(h2c.pub, CHANNEL .. ev[1], ev[2])
   end
   run_checked = true  -- E2: this process's epoch is committed (see epoch_load)
 end
@@ -1003,16 +1060,35 @@ end
 -- K1, hostile input: every key must be ours and of ONE namespace (KEYS[2] names it), and the
 -- channel prefix that namespace's, so no call touches another namespace, publishes outside
 -- it, or uses the epoch hash or the waiter index as a resource (a WRONGTYPE error in the
--- middle of `commit` would leave a partial write).
+-- middle of `commit` would leave a partial write). H2c: a server accepts only its own layout;
+-- on a cluster member the epoch hash, the waiter index and the channel prefix must carry the
+-- same slot tag (Redis refuses declared keys of two slots, CROSSSLOT, and a script's SPUBLISH
+-- on a channel of another slot, which would come after the writes: the equal tags rule it
+-- out before anything is written).
 local function check_keys()
-  if KEYS[1] ~= 'dlm:epoch' then fail('DLM_KEYS', 'KEYS[1] must be dlm:epoch') end
-  local w = KEYS[2]
-  if w ~= valid_w then
-    local ns = w and #w <= 76 and string.match(w, '^dlm:([%w_%.%-]+):waiters$')
-    if not ns then
-      fail('DLM_KEYS', 'KEYS[2] must be the waiter index dlm:<namespace>:waiters')
+  local e, w = KEYS[1], KEYS[2]
+  if e ~= h2c.e or w ~= valid_w then
+    local ns, tag, wtag
+    if h2c.on() then
+      tag = type(e) == 'string' and #e <= 24 and string.match(e, '^dlm:epoch:{(%d+)}$')
+      if not tag then fail('DLM_KEYS', 'KEYS[1] must be ' .. h2c.epoch_form()) end
+      if type(w) == 'string' and #w <= 100 then
+        ns, wtag = string.match(w, '^dlm:([%w_%.%-]+):waiters:{(%d+)}$')
+      end
+      if not ns or #ns > 64 or wtag ~= tag then
+        fail('DLM_KEYS', 'KEYS[2] must be the waiter index dlm:<namespace>:waiters:{' .. tag
+          .. '} of the slot of KEYS[1] (a Redis Cluster member)')
+      end
+      valid_ch, h2c.pub = 'dlm:' .. ns .. ':ch:{' .. tag .. '}:', 'SPUBLISH'
+    else
+      if e ~= 'dlm:epoch' then fail('DLM_KEYS', 'KEYS[1] must be dlm:epoch') end
+      ns = w and #w <= 76 and string.match(w, '^dlm:([%w_%.%-]+):waiters$')
+      if not ns then
+        fail('DLM_KEYS', 'KEYS[2] must be the waiter index dlm:<namespace>:waiters')
+      end
+      valid_ch, h2c.pub = 'dlm:' .. ns .. ':ch:', 'PUBLISH'
     end
-    valid_w, valid_ns, valid_prefix, valid_ch = w, ns, 'dlm:{' .. ns .. ':', 'dlm:' .. ns .. ':ch:'
+    h2c.e, valid_w, valid_ns, valid_prefix = e, w, ns, 'dlm:{' .. ns .. ':'
   end
   local prefix = valid_prefix
   local n = #prefix

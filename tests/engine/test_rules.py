@@ -1121,15 +1121,9 @@ def test_h2_same_child_name_under_two_parents_is_two_resources(w: World) -> None
     assert [lk.kids for lk in w.view(ROOT).locks] == [((k1, "c1"),)]
 
 
-CROSSSLOT_BUG = ("known limitation (docs/operations.md): every mutating script declares "
-                 "EPOCH_KEY 'dlm:epoch' and the waiter "
-                 "index 'dlm:<ns>:waiters' beside the tree's 'dlm:{<ns>:<root>}' keys; they hash "
-                 "to other slots, so on a Redis Cluster member (docs/design.md §3) every call "
-                 "fails with CROSSSLOT")
-
-
-@pytest.mark.xfail(strict=True, reason=CROSSSLOT_BUG)
 def test_h2_scripts_run_on_a_redis_cluster_member() -> None:
+    """H2c: on a Redis Cluster member every script touches the keys of one hash slot (the
+    epoch hash and waiter index of the tree's slot), so no call fails with CROSSSLOT."""
     from redis_harness import RedisServer  # tests/ is on sys.path (conftest)
 
     with RedisServer(["--cluster-enabled", "yes"]) as srv:
@@ -1139,6 +1133,7 @@ def test_h2_scripts_run_on_a_redis_cluster_member() -> None:
         while b"cluster_state:ok" not in c.execute_command("CLUSTER", "INFO"):
             assert time.monotonic() < deadline, "cluster did not become ok"
             time.sleep(0.02)
+        c = redis.RedisCluster(host=srv.host, port=srv.port)
         e = Engine(c, NS)
         e.init_fresh()
         k = e.key(*ROOT)

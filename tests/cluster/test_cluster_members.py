@@ -1,0 +1,295 @@
+"""The quorum clients with Redis Cluster members (issue 13): the DLM rules hold when a
+member is a 3-primary cluster, alone (three cluster members) or mixed with standalone
+servers, for the sync and the asyncio client. What is checked is what a user sees: two
+holders in conflicting modes are never observed, a waiter is granted by its event, tokens
+grow, renewals keep a lock, a shard restarted empty costs only that member's vote on its
+slots."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from redlockdlm.engine.keys import check_namespace, resource_key
+from redlockdlm.errors import DuplicateInstance, LockTimeout, NotQueued, QuorumUnavailable
+
+from .conftest import NS, Members, slot_of
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def names_on_every_shard(cluster, k: int = 2) -> list[str]:
+    """Root resource names whose slots cover every primary of `cluster`, `k` per primary."""
+    per: dict[int, list[str]] = {}
+    j = 0
+    while any(len(per.get(n, [])) < k for n in range(len(cluster))):
+        name = f"r{j}"
+        per.setdefault(cluster.node_of_slot(slot_of(name)), []).append(name)
+        j += 1
+    return [n for lst in per.values() for n in lst[:k]]
+
+
+def test_ex_exclusion_across_shards(members: Members) -> None:
+    names = names_on_every_shard(members.clusters[0], 3)
+    members.fresh(names)
+    members.need_cluster_votes()
+    a, b = members.dlm(), members.dlm()
+    holders: dict[str, int] = {n: 0 for n in names}
+    overlap: list[str] = []
+    errors: list[BaseException] = []
+    mu = threading.Lock()
+
+    def worker(d) -> None:
+        try:
+            for _ in range(3):
+                for n in names:
+                    with d.lock(n, "EX", timeout=10):
+                        with mu:
+                            holders[n] += 1
+                            if holders[n] > 1:
+                                overlap.append(n)
+                        time.sleep(0.001)
+                        with mu:
+                            holders[n] -= 1
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    ts = [threading.Thread(target=worker, args=(d,)) for d in (a, b)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(60)
+    assert not errors, errors
+    assert not overlap, f"two EX holders at once on {overlap}"
+
+
+def test_waiter_granted_by_event_fast(members: Members) -> None:
+    members.fresh(["w"])
+    members.need_cluster_votes()
+    a, b = members.dlm(lease_ms=10_000), members.dlm(lease_ms=10_000)
+    la = a.lock("w", "EX")
+    req = b.enqueue("w", "EX", timeout=8)
+    time.sleep(0.3)  # b is queued on every member
+    assert not req.done
+    t0 = time.monotonic()
+    la.release()
+    lb = req.wait(8)
+    took = time.monotonic() - t0
+    # polling would wake at a third of the 10 s lease: the grant event must do it
+    assert took < 0.3, f"granted {took:.3f} s after the release"
+    assert lb.token > la.token
+    lb.release()
+
+
+def test_conversions(members: Members) -> None:
+    members.fresh(["cv"])
+    members.need_cluster_votes()
+    a, b = members.dlm(), members.dlm()
+    assert not a.mutex("cv", "EX").locked()  # (inspect, in each member's layout)
+    la = a.lock("cv", "PR")
+    lb = b.lock("cv", "PR")
+    assert a.mutex("cv", "EX").locked() and not a.mutex("cv", "PR").locked()
+    with pytest.raises((LockTimeout, NotQueued)):
+        la.convert("EX", timeout=0.3)
+    assert la.mode.name == "PR"
+    done = threading.Event()
+
+    def up() -> None:
+        la.convert("EX", timeout=8)
+        done.set()
+
+    t = threading.Thread(target=up)
+    t.start()
+    time.sleep(0.2)
+    assert not done.is_set()
+    lb.release()
+    t.join(8)
+    assert done.is_set() and la.mode.name == "EX"
+    with pytest.raises(NotQueued):
+        b.lock("cv", "PR", noqueue=True)
+    la.convert("NL")
+    b.lock("cv", "PR", timeout=5).release()
+    la.release()
+
+
+def test_hierarchy_parent_and_child(members: Members) -> None:
+    members.fresh(["tree"])
+    members.need_cluster_votes()
+    a, b = members.dlm(), members.dlm()
+    pa = a.lock("tree", "CR")
+    ca = pa.lock("leaf", "EX")
+    pb = b.lock("tree", "CR")
+    with pytest.raises(NotQueued):
+        pb.lock("leaf", "EX", noqueue=True)
+    req = pb.enqueue("leaf", "EX", timeout=8)
+    ca.release()
+    cb = req.wait(8)
+    assert cb.token > ca.token
+    cb.release()
+    pb.release()
+    pa.release()
+
+
+def test_value_blocks_and_tokens(members: Members) -> None:
+    names = names_on_every_shard(members.clusters[0], 1)
+    members.fresh(names)
+    members.need_cluster_votes()
+    a, b = members.dlm(), members.dlm()
+    for n in names:
+        keep = a.lock(n, "NL")  # the resource, and its value block, live while locked
+        last = 0
+        for k in range(4):
+            d = (a, b)[k % 2]
+            lk = d.lock(n, "EX", timeout=5)
+            assert lk.token > last, "fencing tokens must increase"
+            last = lk.token
+            if k:
+                assert lk.value == f"v{k - 1}".encode() and lk.value_valid
+            lk.value = f"v{k}".encode()
+            lk.release()
+        keep.release()
+
+
+def test_renewal_keeps_locks_past_their_lease(members: Members) -> None:
+    names = names_on_every_shard(members.clusters[0], 1)
+    members.fresh(names)
+    members.need_cluster_votes()
+    a = members.dlm(lease_ms=600, rejoin_ms=600)
+    b = members.dlm(lease_ms=600, rejoin_ms=600)
+    locks = [a.lock(n, "EX") for n in names]
+    time.sleep(2.0)  # more than three leases
+    for lk in locks:
+        assert lk.valid
+    for n in names:
+        with pytest.raises(NotQueued):
+            b.lock(n, "EX", noqueue=True)
+    for lk in locks:
+        lk.release()
+
+
+def test_shard_restarted_empty_costs_that_members_vote_only(members: Members) -> None:
+    rc = members.clusters[0]
+    ci = members.members.index(rc)
+    names = names_on_every_shard(rc, 1)
+    members.fresh(names)
+    a = members.dlm(lease_ms=1000, rejoin_ms=1000)
+    b = members.dlm(lease_ms=1000, rejoin_ms=1000)
+    locks = {n: a.lock(n, "EX") for n in names}
+    hit = names[0]
+    node = rc.node_of_slot(slot_of(hit))
+    key = resource_key(check_namespace(NS), (hit.encode(),))
+    raw = members.raw(ci)
+    assert raw.exists(key)
+    rc.restart_node_empty(node)
+    assert not raw.exists(key)  # the member forgot the lock on that slot
+    # held on the other members; never granted to another owner meanwhile
+    end = time.monotonic() + 3.0
+    while time.monotonic() < end:
+        for n in names:
+            with pytest.raises(NotQueued):
+                b.lock(n, "EX", noqueue=True)
+        time.sleep(0.1)
+    for n, lk in locks.items():
+        assert lk.valid, f"{n} lost"
+    # R2: after the slot's rejoin window the member holds it again
+    deadline = time.monotonic() + 5
+    while not raw.exists(key):
+        assert time.monotonic() < deadline, "the lock did not rejoin the restarted shard"
+        time.sleep(0.05)
+    for lk in locks.values():
+        lk.release()
+
+
+def test_duplicate_cluster_member_refused(members: Members) -> None:
+    rc = members.clusters[0]
+    urls = members.urls
+    urls[urls.index(rc.url) - 1] = rc.nodes[1].url  # a node of the same cluster, again
+    from quorum.clients import make_client
+
+    with pytest.raises(DuplicateInstance):
+        d = make_client(members.kind, urls, NS, socket_timeout=1.0, connect_timeout=1.0)
+        members.dlms.append(d)
+
+
+def _migrate_slot(rc, slot: int, src: int, dst: int) -> None:
+    """Move `slot` with its keys from node `src` to node `dst` of cluster `rc`, as
+    `redis-cli --cluster reshard` does (IMPORTING/MIGRATING, MIGRATE, SETSLOT NODE)."""
+    s, d = (rc.nodes[i].client() for i in (src, dst))
+    d_id = d.execute_command("CLUSTER", "MYID")
+    s_id = s.execute_command("CLUSTER", "MYID")
+    d.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", s_id)
+    s.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", d_id)
+    keys = s.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1000)
+    if keys:
+        s.execute_command("MIGRATE", "127.0.0.1", rc.nodes[dst].port, "", 0, 5000, "KEYS",
+                          *keys)
+    for c in (d, s):
+        c.execute_command("CLUSTER", "SETSLOT", slot, "NODE", d_id)
+
+
+def test_resharding_keeps_a_lock_or_reports_it_lost(members: Members) -> None:
+    """The slot of a held lock moves to another primary on EVERY cluster member: the lock
+    is kept, or reported lost (on_lost, `valid` false) before another owner can hold it;
+    never silently lost. The waiter that gets it afterwards is granted (its subscription
+    and calls follow the slot)."""
+    if len(members.clusters) < 3:
+        pytest.skip("the slot moves on every member: the layout of three clusters")
+    n = "moved"
+    s = slot_of(n)
+    members.fresh([n])
+    lost: list[object] = []
+    a = members.dlm(lease_ms=1000, rejoin_ms=1000)
+    b = members.dlm(lease_ms=1000, rejoin_ms=1000)
+    lk = a.lock(n, "EX", on_lost=lost.append)
+    moves = [(rc, rc.node_of_slot(s), (rc.node_of_slot(s) + 1) % len(rc)) for rc in
+             members.clusters]
+    try:
+        for rc, src, dst in moves:
+            _migrate_slot(rc, s, src, dst)
+        end = time.monotonic() + 3.5  # several leases and renewals
+        while time.monotonic() < end:
+            try:
+                other = b.lock(n, "EX", noqueue=True)
+            except (NotQueued, QuorumUnavailable):  # (the new epochs' rejoin window, E2)
+                time.sleep(0.05)
+                continue
+            # another owner holds it: `a` must have been told its lock is gone
+            assert lost and not lk.valid, "lock lost silently: two EX holders"
+            other.release()
+            break
+        assert lk.valid or lost, "the lock is neither held nor reported lost"
+        if lk.valid:
+            req = b.enqueue(n, "EX", timeout=8)
+            lk.release()
+            req.wait(8).release()
+    finally:
+        for rc, src, dst in moves:
+            _migrate_slot(rc, s, dst, src)
+
+
+def test_least_privilege_user_on_cluster_members(members: Members) -> None:
+    """The rule `dlm acl` prints is enough for a client whose members are clusters: finding
+    the member's kind, routing, shard subscriptions and grant events, renewals."""
+    from redlockdlm.acl import rule_args
+
+    args = rule_args("dlmc", "pw-c")
+    for m in members.members:
+        for node in getattr(m, "nodes", [m]):
+            with node.client() as c:
+                c.execute_command("ACL", "SETUSER", *args)
+    urls = [u.replace("redis://", "redis://dlmc:pw-c@") for u in members.urls]
+    members.fresh(["acl"])
+    from quorum.clients import make_client
+
+    a = make_client(members.kind, urls, NS, socket_timeout=1.0, connect_timeout=1.0)
+    b = make_client(members.kind, urls, NS, socket_timeout=1.0, connect_timeout=1.0)
+    members.dlms += [a, b]
+    la = a.lock("acl", "EX", timeout=5)
+    req = b.enqueue("acl", "EX", timeout=8)
+    time.sleep(0.2)
+    t0 = time.monotonic()
+    la.release()
+    req.wait(8).release()
+    assert time.monotonic() - t0 < 0.3  # granted by its event
