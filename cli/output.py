@@ -115,6 +115,9 @@ def status(outcomes: Sequence[InstanceResult[Health]], namespace: str, as_json: 
                     "locks": o.value.locks, "waiters": o.value.waiters,
                     "run_id": o.value.run_id, "maxmemory_policy": o.value.maxmemory_policy,
                     "rejoin_ms": o.value.rejoin_ms, "persistence": o.value.persistence,
+                    "shards": [{"node": sh.node, "slots": [list(r) for r in sh.slots],
+                                "keys": sh.keys, "waiters": sh.waiters}
+                               for sh in o.value.shards],
                     "can_grant": o.label not in waiting,
                     "not_granting": waiting.get(o.label)} if o.ok else {}),
             } for o in outcomes]})
@@ -132,6 +135,11 @@ def status(outcomes: Sequence[InstanceResult[Health]], namespace: str, as_json: 
     click.echo(_table(["INSTANCE", "REACHABLE", "LATENCY_MS", "REDIS", "EPOCH",
                        "RECOVERING_MS", "REJOIN_MS", "EVICTION", "PERSISTENCE", "LOCKS",
                        "WAITERS"], rows))
+    for o in outcomes:
+        for sh in o.value.shards if o.value else ():
+            slots = ",".join(f"{a}-{b}" for a, b in sh.slots)
+            click.echo(f"  {o.label} shard {sh.node}: slots {slots}, {sh.keys} keys, "
+                       f"{sh.waiters} waiters")
     for o in outcomes:
         if not o.ok:
             click.echo(f"  {o.label}: {o.error}")

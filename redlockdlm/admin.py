@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from .engine.codec import BreakReply, BrokenLock, InstanceStatus, LockView, ResourceView
-from .engine.instance import Engine
+from .engine.instance import Engine, Shard
 from .engine.keys import check_id, check_name
 from .engine.keys import parent_key as parent_key  # (re-exported: the detector uses it)
 from .engine.keys import show_name as show_name  # (re-exported: the CLI uses it)
@@ -68,6 +68,9 @@ class Health:
     rejoin_ms: int | None = None  #: the rejoin wait the instance stores (E1); None: none
     #: what a restart keeps (`persistence`): "aof" or "no aof"
     persistence: str = "?"
+    #: a Redis Cluster member's primaries (H2c; the epoch fields above are slot 0's);
+    #: () for a standalone server
+    shards: tuple[Shard, ...] = ()
 
 
 def _scan_resources(engine: Engine) -> tuple[InstanceStatus, list[ResourceView]]:
@@ -78,7 +81,7 @@ def _scan_resources(engine: Engine) -> tuple[InstanceStatus, list[ResourceView]]
         st, batch = engine.inspect(keys[i:i + INSPECT_BATCH])
         views.extend(v for v in batch if v is not None)
     if st is None:
-        st = engine.status()
+        st = engine.status(0 if engine.cluster else None)
     return st, views
 
 
@@ -100,14 +103,19 @@ def _health(engine: Engine) -> Health:
     engine.client.ping()
     latency = (time.perf_counter() - t0) * 1000
     version = str(engine.client.info("server").get("redis_version", "?"))
-    hello = engine.hello()
+    slot = 0 if engine.cluster else None  # (a cluster member: slot 0's epoch, and shards)
+    hello = engine.hello(slot)
     st, views = _scan_resources(engine)
+    if engine.cluster:
+        st = engine.status(slot)
     live = [_live(v) for v in views]
+    shards = tuple(engine.shards())
+    waiters = (sum(s.waiters for s in shards) if engine.cluster
+               else int(engine.client.zcard(engine.wkey)))
     return Health(latency, version, st.epoch, st.now_ms, st.recovering_ms,
                   sum(1 for lks in live if lks), sum(len(lks) for lks in live),
-                  int(engine.client.zcard(engine.wkey)), hello.run_id,
-                  hello.maxmemory_policy, hello.rejoin_ms,
-                  persistence(engine.client.info("persistence")))
+                  waiters, hello.run_id, hello.maxmemory_policy, hello.rejoin_ms,
+                  persistence(engine.client.info("persistence")), shards)
 
 
 def health(targets: Sequence[Target]) -> list[InstanceResult[Health]]:

@@ -12,6 +12,7 @@ import functools
 import os
 import weakref
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -218,6 +219,16 @@ def _keys(keys: object) -> list[bytes]:
         if not isinstance(k, bytes):
             raise InvalidType(f"a resource key must be bytes (Engine.key), not {type(k).__name__}")
     return keys
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One primary of a Redis Cluster member (`Engine.shards`, `dlm status`)."""
+
+    node: str  #: host:port
+    slots: tuple[tuple[int, int], ...]  #: the slot ranges it serves, first..last
+    keys: int  #: DBSIZE: every key it holds (resources, tombstones, epochs, indexes)
+    waiters: int  #: entries of its slots' waiter indexes of this namespace
 
 
 class Engine:
@@ -620,6 +631,36 @@ class Engine:
             calls.append(([epoch_key(slots.pop()), *chunk], list(args)))
         for keys, args in calls:
             yield call_cluster_script(self.client, "scan", keys, args)
+
+    def shards(self) -> list[Shard]:
+        """The primaries of a Redis Cluster member as the client sees them (CLUSTER SLOTS):
+        address, slot ranges, DBSIZE and this namespace's waiter-index entries (SCAN and
+        ZCARD per primary); [] on a standalone server."""
+        if not self.cluster:
+            return []
+        client = self.client
+        ranges: dict[str, list[list[int]]] = {}
+        nodes = {}
+        for slot in range(SLOTS):
+            node = client.nodes_manager.get_node_from_slot(slot)
+            nodes[node.name] = node
+            rs = ranges.setdefault(node.name, [])
+            if rs and rs[-1][1] == slot - 1:
+                rs[-1][1] = slot
+            else:
+                rs.append([slot, slot])
+        out = []
+        for name, node in nodes.items():
+            conn = client.get_redis_connection(node)
+            idx = list(conn.scan_iter(match=self.wkey + b":{*", count=1000, _type="zset"))
+            pipe = conn.pipeline(transaction=False)
+            pipe.dbsize()
+            for k in idx:
+                pipe.zcard(k)
+            got = pipe.execute()
+            out.append(Shard(name, tuple((a, b) for a, b in ranges[name]), int(got[0]),
+                             sum(int(n) for n in got[1:])))
+        return out
 
     def resource_keys(self, count: int = 1000) -> list[bytes]:
         """Resource keys of this namespace by SCAN (for operators; never on a hot path;

@@ -347,3 +347,33 @@ def test_d1_waiters_of_every_shard_are_read(redis_cluster: RedisClusterServer) -
     m, score = e.waiters()[0]
     assert e.drop_waiter(m, score) and m not in [x for x, _ in e.waiters()]
     assert sorted(e.resource_keys()) == sorted(keys)
+
+
+# ----------------------------------------------------------------- dlm status: the shards
+
+
+def test_status_shows_each_shard_of_a_cluster_member(redis_cluster: RedisClusterServer) -> None:
+    from redlockdlm import admin
+
+    rc = redis_cluster
+    e = Engine(rc.client(), NS)
+    e.init_fresh()
+    keys = [e.key(f"s{i}") for i in range(12)]
+    for i, k in enumerate(keys):
+        e.request(k, "holder", f"h{i}", EX, ticket=1, lease_ms=LEASE)
+        e.request(k, "waiter", f"w{i}", EX, ticket=2, lease_ms=LEASE)
+    (out,) = admin.health([admin.Target(rc.url, e)])
+    h = out.value
+    assert out.ok and h is not None, out.error
+    assert sorted(sh.node for sh in h.shards) == sorted(f"127.0.0.1:{n.port}"
+                                                         for n in rc.nodes)
+    by_node = {sh.node: sh for sh in h.shards}
+    for node, (lo, hi) in zip(rc.nodes, rc.ranges):
+        sh = by_node[f"127.0.0.1:{node.port}"]
+        assert sh.slots == ((lo, hi),)
+        mine = [k for k in keys if rc.node_of_slot(e.slot_of(k)) == rc.nodes.index(node)]
+        assert sh.waiters == len(mine)
+        assert sh.keys >= len(mine)
+    assert (h.locks, h.waiters, h.resources) == (24, 12, 12)
+    assert h.epoch == e.status(0).epoch and h.recovering_ms == 0
+    assert h.redis_version.startswith("7.")
