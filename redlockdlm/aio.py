@@ -244,6 +244,8 @@ class _Instance(Pooled):
 MAX_SLOT_SUBS = 1024
 #: how long the reader of a cluster member's events waits on its shards per read (s)
 SHARD_READ_S = 0.05
+#: the longest wait for a subscription's confirmation before the call goes without it (s)
+SUBSCRIBE_WAIT_S = 0.5
 
 
 class _Shards:
@@ -257,10 +259,23 @@ class _Shards:
         self.ps = rc.pubsub()
         self.lock = asyncio.Lock()
         self.slots: set[int] = set()
-        self.timeout = timeout
+        self.timeout = min(timeout, SUBSCRIBE_WAIT_S)
+        #: slot -> monotonic time before which a failed subscription is not tried again
+        self.retry_at: dict[int, float] = {}
 
     async def subscribe(self, slot: int, channel: bytes,
                         deliver: Callable[[codec.Event], None]) -> None:
+        loop = asyncio.get_running_loop()
+        if loop.time() < self.retry_at.get(slot, 0.0):
+            return  # (failed a moment ago: the call goes without it, as then)
+        try:
+            await self._subscribe(slot, channel, deliver)
+        except BaseException:
+            self.retry_at[slot] = loop.time() + 1.0
+            raise
+
+    async def _subscribe(self, slot: int, channel: bytes,
+                         deliver: Callable[[codec.Event], None]) -> None:
         async with self.lock:
             if slot in self.slots:
                 return

@@ -836,6 +836,8 @@ class DLM(Flows):
 
 #: shard channels (hash slots) a cluster member keeps subscribed when no lock uses them
 MAX_SLOT_SUBS = 1024
+#: the longest wait for a subscription's confirmation before the call goes without it (s)
+SUBSCRIBE_WAIT_S = 0.5
 
 
 class _Shards:
@@ -851,39 +853,52 @@ class _Shards:
         self.ps = rc.pubsub()
         self.lock = threading.Lock()
         self.slots: set[int] = set()
-        self.timeout = timeout
+        self.timeout = min(timeout, SUBSCRIBE_WAIT_S)
+        #: slot -> monotonic time before which a failed subscription is not tried again
+        self.retry_at: dict[int, float] = {}
 
     def subscribe(self, slot: int, channel: bytes, deliver: Callable[[codec.Event], None],
                   in_use: Callable[[], set[int]]) -> None:
         """SSUBSCRIBE `channel` (of `slot`) and wait for its confirmation (events read
-        meanwhile go to `deliver`), bounded by the socket timeout."""
+        meanwhile go to `deliver`), bounded by the socket timeout and `SUBSCRIBE_WAIT_S`;
+        after a failure the slot is not tried again for a second."""
+        if time.monotonic() < self.retry_at.get(slot, 0.0):
+            return  # (failed a moment ago: the call goes without it, as then)
         with self.lock:
             if slot in self.slots:
                 return
-            if len(self.slots) >= MAX_SLOT_SUBS:
-                used = in_use()
-                drop = [s for s in self.slots if s not in used]
-                if drop:
-                    prefix = channel[:channel.index(b"{")]
-                    owner = channel[channel.index(b"}:") + 2:]
-                    self.ps.sunsubscribe(*[prefix + b"{" + slot_tag(s) + b"}:" + owner
-                                           for s in drop])
-                    self.slots.difference_update(drop)
-            self.ps.ssubscribe(channel)
-            node = self.rc.get_node_from_key(channel)
-            end = time.monotonic() + self.timeout
-            while time.monotonic() < end:
-                msg = self.ps.get_sharded_message(
-                    timeout=min(0.05, max(0.0, end - time.monotonic())), target_node=node)
-                if msg is None:
-                    continue
-                if msg["type"] == "ssubscribe" and msg["channel"] == channel:
-                    self.slots.add(slot)
-                    break
-                self._handle(msg, deliver)
-            else:
-                raise redis.TimeoutError(f"no SSUBSCRIBE confirmation for {channel!r}")
-            self._read(deliver)
+            try:
+                self._subscribe(slot, channel, deliver, in_use)
+            except BaseException:
+                self.retry_at[slot] = time.monotonic() + 1.0
+                raise
+
+    def _subscribe(self, slot: int, channel: bytes, deliver: Callable[[codec.Event], None],
+                   in_use: Callable[[], set[int]]) -> None:
+        if len(self.slots) >= MAX_SLOT_SUBS:
+            used = in_use()
+            drop = [s for s in self.slots if s not in used]
+            if drop:
+                prefix = channel[:channel.index(b"{")]
+                owner = channel[channel.index(b"}:") + 2:]
+                self.ps.sunsubscribe(*[prefix + b"{" + slot_tag(s) + b"}:" + owner
+                                       for s in drop])
+                self.slots.difference_update(drop)
+        self.ps.ssubscribe(channel)
+        node = self.rc.get_node_from_key(channel)
+        end = time.monotonic() + self.timeout
+        while time.monotonic() < end:
+            msg = self.ps.get_sharded_message(
+                timeout=min(0.05, max(0.0, end - time.monotonic())), target_node=node)
+            if msg is None:
+                continue
+            if msg["type"] == "ssubscribe" and msg["channel"] == channel:
+                self.slots.add(slot)
+                break
+            self._handle(msg, deliver)
+        else:
+            raise redis.TimeoutError(f"no SSUBSCRIBE confirmation for {channel!r}")
+        self._read(deliver)
 
     def drain(self, deliver: Callable[[codec.Event], None]) -> None:
         """Deliver the events that came (none waited for)."""

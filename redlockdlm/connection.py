@@ -15,7 +15,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import redis
+from redis.backoff import NoBackoff
 from redis.driver_info import DriverInfo
+from redis.retry import Retry
 
 from .engine.scripts import command
 from .errors import InvalidArgument, InvalidType, MixedTransport
@@ -188,6 +190,17 @@ def cluster_client(cluster_class: Any, how: tuple[str, dict[str, Any]]) -> Any:
     what a cluster refuses (a database other than 0), InvalidType for an unknown option."""
     url, options = how
     options = {k: v for k, v in options.items() if k != "driver_info"}
+    # One retry without backoff (redis-py's default backs off over several seconds): the
+    # slot map refreshed once after a failed call, which follows a failover that happened;
+    # a shard that stays down then fails its call within the timeouts, and the protocol
+    # asks again (R3) instead of a call blocking the others.
+    if "retry" not in options:
+        if cluster_class.__module__.startswith("redis.asyncio"):
+            from redis.asyncio.retry import Retry as AsyncRetry
+
+            options["retry"] = AsyncRetry(NoBackoff(), 1)
+        else:
+            options["retry"] = Retry(NoBackoff(), 1)
     try:
         return cluster_class.from_url(url, **options)
     except TypeError as exc:
