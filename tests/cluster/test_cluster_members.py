@@ -87,8 +87,10 @@ def test_conversions(members: Members) -> None:
     members.fresh(["cv"])
     members.need_cluster_votes()
     a, b = members.dlm(), members.dlm()
+    assert not a.mutex("cv", "EX").locked()  # (inspect, in each member's layout)
     la = a.lock("cv", "PR")
     lb = b.lock("cv", "PR")
+    assert a.mutex("cv", "EX").locked() and not a.mutex("cv", "PR").locked()
     with pytest.raises((LockTimeout, NotQueued)):
         la.convert("EX", timeout=0.3)
     assert la.mode.name == "PR"
