@@ -99,6 +99,12 @@ def _cluster_each(client: redis.RedisCluster, cmds: Sequence[tuple]) -> list:
     return out
 
 
+#: error replies of a call sent to a node that no longer serves its slot (or not yet, or
+#: not now): sent again through the cluster client, which follows the cluster's map
+_REROUTE = (redis.exceptions.MovedError, redis.exceptions.AskError,
+            redis.exceptions.TryAgainError, redis.exceptions.ClusterDownError)
+
+
 def _pipelined(client: redis.Redis, cmds: Sequence[tuple]) -> list:
     """The replies of `cmds` sent in one pipeline, error replies as values (a network
     error raises)."""
@@ -670,8 +676,29 @@ class Engine:
                 raise InvalidArgument("on a Redis Cluster member a scan chunk holds the keys "
                                       "of one hash slot")
             calls.append(([epoch_key(slots.pop()), *chunk], list(args)))
-        for keys, args in calls:
-            yield call_cluster_script(self.client, "scan", keys, args)
+        # One pipeline per primary (the slot map as the client knows it), as on a
+        # standalone server; a call that met a slot moved, or a primary that failed,
+        # goes again alone through the cluster client (which follows MOVED / ASK).
+        client = self.client
+        owners: dict[str, tuple[object, list[int]]] = {}
+        for n, (keys, _) in enumerate(calls):
+            node = client.nodes_manager.get_node_from_slot(key_slot(keys[0]))
+            owners.setdefault(node.name, (node, []))[1].append(n)
+        raws: list = [None] * len(calls)
+        for node, idx in owners.values():
+            part = [("scan", calls[n][0], calls[n][1]) for n in idx]
+            pipelined = functools.partial(_pipelined, client.get_redis_connection(node))
+            try:
+                got = Round(part).drive(pipelined([command(*c) for c in part]), pipelined)
+            except (redis.ConnectionError, redis.TimeoutError):
+                continue  # (each call of it goes alone below)
+            for n, raw in zip(idx, got):
+                raws[n] = raw
+        for (keys, args), raw in zip(calls, raws):
+            if raw is None or isinstance(raw, _REROUTE):
+                yield call_cluster_script(client, "scan", keys, args)
+            else:
+                yield script_reply(raw)
 
     def shards(self) -> list[Shard]:
         """The primaries of a Redis Cluster member as the client sees them (CLUSTER SLOTS):
