@@ -116,7 +116,10 @@ def status(outcomes: Sequence[InstanceResult[Health]], namespace: str, as_json: 
                     "run_id": o.value.run_id, "maxmemory_policy": o.value.maxmemory_policy,
                     "rejoin_ms": o.value.rejoin_ms, "persistence": o.value.persistence,
                     "shards": [{"node": sh.node, "slots": [list(r) for r in sh.slots],
-                                "keys": sh.keys, "waiters": sh.waiters}
+                                "keys": sh.keys, "waiters": sh.waiters,
+                                **({"run_id": sh.status.run_id, "epoch": sh.status.epoch,
+                                    "recovering_ms": sh.status.recovering_ms}
+                                   if sh.status is not None else {})}
                                for sh in o.value.shards],
                     "can_grant": o.label not in waiting,
                     "not_granting": waiting.get(o.label)} if o.ok else {}),
@@ -138,8 +141,12 @@ def status(outcomes: Sequence[InstanceResult[Health]], namespace: str, as_json: 
     for o in outcomes:
         for sh in o.value.shards if o.value else ():
             slots = ",".join(f"{a}-{b}" for a, b in sh.slots)
+            st = sh.status
+            epoch = "" if st is None else (
+                f", epoch {st.epoch or '(none)'}"
+                + (f" recovering {st.recovering_ms} ms" if st.recovering_ms > 0 else ""))
             click.echo(f"  {o.label} shard {sh.node}: slots {slots}, {sh.keys} keys, "
-                       f"{sh.waiters} waiters")
+                       f"{sh.waiters} waiters{epoch}")
     for o in outcomes:
         if not o.ok:
             click.echo(f"  {o.label}: {o.error}")

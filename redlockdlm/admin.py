@@ -123,15 +123,24 @@ def health(targets: Sequence[Target]) -> list[InstanceResult[Health]]:
 
 
 def _sweep(engine: Engine) -> int:
-    st = engine.status()
-    if st.epoch is None:
-        return 0  # nothing to sweep (and no epoch to create by a purge)
-    if st.rejoin_ms is not None:
-        engine.rejoin_ms = max(engine.rejoin_ms, st.rejoin_ms)
     _, views = _scan_resources(engine)
-    done = 0
+    # By epoch (one on a standalone server; one per hash slot on a Redis Cluster member,
+    # H2c): where none exists there is nothing to sweep, and no epoch to create by a purge
+    # (it would open a rejoin window, E1).
+    by_slot: dict[int | None, list[ResourceView]] = {}
     for v in views:
         if v.locks and not _live(v):
+            by_slot.setdefault(engine.slot_of(v.key), []).append(v)
+    if not engine.cluster:
+        by_slot.setdefault(None, [])
+    done = 0
+    for slot, stale in by_slot.items():
+        st = engine.status(slot)
+        if st.epoch is None or not stale:
+            continue
+        if st.rejoin_ms is not None:
+            engine.rejoin_ms = max(engine.rejoin_ms, st.rejoin_ms)
+        for v in stale:
             # any mutating call purges a resource's expired locks (G10) and rewrites it,
             # as a tombstone with a TTL when none is left (G9): a cancel of no lock does
             engine.cancel(v.key, "dlm-sweep", "sweep")
@@ -179,22 +188,40 @@ def not_granting(outcomes: Sequence[InstanceResult[Health]]) -> dict[str, str]:
     (E1, with the time left), without an epoch (the first call creates one and starts
     that window: a brand-new server is marked fresh with `dlm init --fresh` instead), or
     restarted with their data (the epoch id ends with another server process's run_id:
-    the first call replaces it by a new epoch in that window, E2)."""
+    the first call replaces it by a new epoch in that window, E2). A Redis Cluster member
+    (H2c) is judged by each shard (the first slot of each: slot 0 is one): one shard that
+    cannot grant (a primary restarted empty is in its slots' rejoin window) costs the
+    member its vote on the resources of that shard's slots, so the member is listed,
+    with the shards and why."""
     out = {}
     for o in outcomes:
         h = o.value
         if h is None:
             continue
-        if not h.epoch:
-            out[o.label] = ("no epoch yet: the first call starts its rejoin window (E1); "
-                            "a brand-new server: dlm init --fresh")
-        elif h.recovering_ms > 0:
-            out[o.label] = (f"in its rejoin window (E1) for {h.recovering_ms} ms more: "
-                            "grants nothing until then")
-        elif h.run_id and not h.epoch.endswith("." + h.run_id[:8]):
-            out[o.label] = ("restarted with its data (its epoch is a previous server "
-                            "process's): the first call starts a new rejoin window (E2)")
+        if not h.shards:
+            why = _why_not(h.epoch, h.recovering_ms, h.run_id)
+        else:  # (slot 0 is the first slot of its shard)
+            why = "; ".join(f"shard {sh.node} (slot {sh.slots[0][0]}): {w}"
+                            for sh in h.shards if sh.status is not None and (w := _why_not(
+                                sh.status.epoch, sh.status.recovering_ms, sh.status.run_id)))
+        if why:
+            out[o.label] = why
     return out
+
+
+def _why_not(epoch: str | None, recovering_ms: int, run_id: str | None) -> str | None:
+    """Why one epoch (an instance's, or a hash slot's of a cluster member) cannot grant
+    now, or None."""
+    if not epoch:
+        return ("no epoch yet: the first call starts its rejoin window (E1); "
+                "a brand-new server: dlm init --fresh")
+    if recovering_ms > 0:
+        return (f"in its rejoin window (E1) for {recovering_ms} ms more: "
+                "grants nothing until then")
+    if run_id and not epoch.endswith("." + run_id[:8]):
+        return ("restarted with its data (its epoch is a previous server "
+                "process's): the first call starts a new rejoin window (E2)")
+    return None
 
 
 def namespaces(targets: Sequence[Target]) -> tuple[dict[str, dict[str, int]],
@@ -204,7 +231,7 @@ def namespaces(targets: Sequence[Target]) -> tuple[dict[str, dict[str, int]],
     and the per-instance outcomes."""
     def count(engine: Engine) -> dict[str, int]:
         out: dict[str, int] = {}
-        for key in engine.client.scan_iter(match=b"dlm:{*", count=1000):
+        for key in engine.scan_keys(b"dlm:{*"):
             ns = key[5:].split(b":", 1)[0]
             if ns:
                 name = ns.decode("utf-8", "replace")
@@ -389,7 +416,7 @@ def resource(targets: Sequence[Target], path: Sequence[str | bytes]
              ) -> tuple[MergedResource, list[InstanceResult]]:
     """One resource merged over the instances that answered (inspect reads, purges nothing:
     locks whose lease ran out are left out of `locks`)."""
-    key = targets[0].engine.key(*check_path(path))
+    key = targets[0].key(*check_path(path))
     outcomes = fan_out(targets, lambda e: e.inspect([key])[1][0])
     views = {o.label: o.value for o in outcomes if o.ok}
     merged = merge(key, views)
@@ -575,6 +602,6 @@ def break_locks(targets: Sequence[Target], path: Sequence[str | bytes], *, lock_
     if owner:
         check_id("owner", owner)
     parts = check_path(path)
-    key = targets[0].engine.key(*parts)
+    key = targets[0].key(*parts)
     outcomes = fan_out(targets, lambda e: e.break_(key, lock_id=lock_id, owner=owner))
     return BreakResult(key, tuple(parts), outcomes)

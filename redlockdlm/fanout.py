@@ -10,6 +10,7 @@ share to reach every instance. An instance that fails is reported as such
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -20,40 +21,98 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from .connection import Instance
+from .connection import Instance, cluster_client, cluster_enabled
 from .engine.instance import Engine
+from .engine.keys import check_name, check_namespace, resource_key
 from .errors import DLMError, InvalidArgument
 from .protocol import describe, from_redis_py
 
 T = TypeVar("T")
 
 
-
-@dataclass(frozen=True)
 class Target:
-    """One instance as operators see it: a display label (password masked) and its Engine."""
+    """One instance as operators see it: a display label (password masked) and its Engine.
 
-    label: str
-    engine: Engine
+    A Target made by `connect` learns the instance's kind at its first use (`engine`): the
+    server at the URL is asked `INFO cluster`; a node of a Redis Cluster (a quorum member
+    that is a cluster, H2c) gets an Engine over a `redis.RedisCluster` (every shard, each
+    call routed to its slot's primary), a standalone server an Engine over a `redis.Redis`.
+    Until the server has answered once, `engine` raises what reaching it raised (in
+    `fan_out`: that instance's error) and asks again at the next use, so a long-running
+    detector reaches a member that was down at its start as what it is."""
+
+    __slots__ = ("label", "ns", "_engine", "_open", "_lock")
+
+    def __init__(self, label: str, engine: Engine | None = None, *,
+                 open_: Callable[[], Engine] | None = None, namespace: str = "default"
+                 ) -> None:
+        if (engine is None) == (open_ is None):
+            raise InvalidArgument("a Target needs an Engine or a way to open one")
+        self.label = label
+        self.ns = engine.ns if engine is not None else check_namespace(namespace)
+        self._engine = engine
+        self._open = open_
+        self._lock = threading.Lock()
+
+    @property
+    def engine(self) -> Engine:
+        """The instance's Engine, opened (and its kind found) at the first use."""
+        engine = self._engine
+        if engine is None:
+            with self._lock:
+                engine = self._engine
+                if engine is None:
+                    assert self._open is not None
+                    engine = self._engine = self._open()
+        return engine
+
+    def key(self, *path: str | bytes) -> bytes:
+        """The key of resource `path` (root first) in this namespace: sends nothing."""
+        return resource_key(self.ns, [check_name(p) for p in path])
+
+    def __repr__(self) -> str:
+        return f"Target({self.label!r})"
+
+
+def _opener(inst: Instance, url: str, namespace: str, timeout_s: float
+            ) -> Callable[[], Engine]:
+    def open_() -> Engine:
+        if cluster_enabled(inst.client.info("cluster")):
+            # (one retry without backoff: the slot map is refreshed once after a MOVED or
+            # a failover; a shard that stays down fails within the timeouts)
+            rc = cluster_client(redis.RedisCluster, (url, {
+                "socket_timeout": timeout_s, "socket_connect_timeout": timeout_s,
+                "retry": Retry(NoBackoff(), 1)}))
+            inst.pool.disconnect()
+            return Engine(rc, namespace)
+        return Engine(inst.client, namespace)
+    return open_
 
 
 def connect(urls: Sequence[str], namespace: str = "default", *,
             timeout_s: float = 2.0) -> list[Target]:
-    """An Engine per URL. Nothing is sent yet; a malformed URL or namespace raises
-    InvalidArgument. Connections fail fast: `timeout_s` to connect and per reply, and no
-    retries, so an unreachable instance costs one timeout, not a backoff schedule."""
+    """A Target per URL. Nothing is sent yet (each instance's kind, standalone or Redis
+    Cluster, is found at its first use: `Target.engine`); a malformed URL or namespace
+    raises InvalidArgument. Connections fail fast: `timeout_s` to connect and per reply,
+    and no retries (a cluster member: one, to follow a slot that moved), so an unreachable
+    instance costs one timeout, not a backoff schedule."""
     if not urls:
         raise InvalidArgument("no instances: give at least one redis:// URL")
+    check_namespace(namespace)
     out = []
     for url in urls:
         inst = Instance(url, socket_timeout=timeout_s, connect_timeout=timeout_s,
                         retry=Retry(NoBackoff(), 0))
-        out.append(Target(inst.url, Engine(inst.client, namespace)))
+        out.append(Target(inst.url, open_=_opener(inst, url, namespace, timeout_s),
+                          namespace=namespace))
     return out
 
 
 def label_of(engine: Engine) -> str:
     """A display label for an Engine built elsewhere (tests, embedding programs)."""
+    if engine.cluster:
+        nodes = list(engine.client.nodes_manager.startup_nodes)
+        return f"redis://{nodes[0] if nodes else '?'} (cluster)"
     kw = engine.client.connection_pool.connection_kwargs
     if "path" in kw:
         return f"unix://{kw['path']}"

@@ -59,8 +59,7 @@ def reap(engine: Engine, *, grace_ms: int = 5_000, limit: int = 1_000) -> ReapRe
     purge also drops its index entry, and the cancel itself then finds nothing, NOTFOUND);
     if the lock or the whole resource is gone, the entry is removed with ZREM, unless it was
     re-added meanwhile. A lock whose lease is still running is never touched."""
-    now = engine.status().now_ms
-    raw = engine.stale_waiters(now - grace_ms, limit)
+    raw = engine.expired_waiters(grace_ms, limit)
     if not raw:
         return ReapResult()
     entries = [(member, score, *_split_member(member)) for member, score in raw]
@@ -264,8 +263,7 @@ class Detector:
         memo = self._memo
 
         def fresh(e: Engine) -> list[bytes]:
-            now = e.status().now_ms
-            members = set(e.live_waiters(now))
+            members = set(e.live_waiters_now()[1])
             new = members - memo.members.get(e, set())
             memo.members[e] = members
             return [m.partition(b"|")[2] for m in new]

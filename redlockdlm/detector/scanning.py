@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 from ..engine.codec import LockView, ResourceView
 from ..engine.instance import Engine
+from ..engine.keys import key_slot
 from ..engine.modes import Mode
 from ..errors import ProtocolError
 from ..fanout import InstanceResult, Target, fan_out, label_of
@@ -247,7 +248,8 @@ def _read_resources(engine: Engine, keys: list[bytes], held: Held | None = None,
     all sent in one pipeline. With `held` (what earlier scans of this instance decoded),
     the script is sent its stamps and decodes only what changed (D1); what it read is
     recorded in `keep` (stamps and resources of every key read, unchanged ones included)."""
-    chunks = [keys[i:i + SCAN_CHUNK] for i in range(0, len(keys), SCAN_CHUNK)]
+    chunks = [part[i:i + SCAN_CHUNK] for part in _by_slot(engine, keys)
+              for i in range(0, len(part), SCAN_CHUNK)]
     none = (b"",)
     calls = [[] if not held else [held.get(k, none)[0] for k in chunk] for chunk in chunks]
     out: dict[bytes, ScannedResource] = {}
@@ -262,12 +264,23 @@ def _read_resources(engine: Engine, keys: list[bytes], held: Held | None = None,
     return out
 
 
+def _by_slot(engine: Engine, keys: list[bytes]) -> list[list[bytes]]:
+    """`keys` as one list on a standalone server; on a Redis Cluster member one list per
+    hash slot (a `scan` call runs on one slot's primary, with that slot's epoch: H2c)."""
+    if not engine.cluster:
+        return [keys]
+    parts: dict[int, list[bytes]] = {}
+    for k in keys:
+        parts.setdefault(key_slot(k), []).append(k)
+    return list(parts.values())
+
+
 def _scan_one(engine: Engine, memo: ScanMemo | None = None) -> tuple[int, tuple, dict]:
-    # The index is scored by lease expiry on the instance's own clock (test clocks
-    # included), so "still alive" is asked of that clock, not ours. (Members only: scores
-    # would cost more to convert than the whole read.)
-    now = engine.status().now_ms
-    members = engine.live_waiters(now)
+    # The index is scored by lease expiry on the clock of the server that holds it (test
+    # clocks included; each shard's own on a cluster member), so "still alive" is asked
+    # of that clock, not ours. (Members only: scores would cost more to convert than the
+    # whole read.)
+    now, members = engine.live_waiters_now()
     waiters = _split_members(members)
     keys = list(dict.fromkeys(key for _, key in waiters))  # a resource is read once
     if memo is None:
@@ -283,7 +296,10 @@ def scan(engines: Sequence[Engine | Target], *, executor: Executor | None = None
          memo: ScanMemo | None = None) -> Snapshot:
     """D1: read every instance's waiter index (entries whose lease has not run out on that
     instance's clock), then read the distinct resources it names (lua/scan.lua: live locks
-    only), in chunks sent in one pipeline per instance. Never KEYS or SCAN. Instances are
+    only), in chunks sent in one pipeline per instance. Never KEYS or SCAN on a standalone
+    server. A Redis Cluster member (H2c): every shard's index (found by SCAN for index keys
+    on each primary), each judged by that shard's own clock, and chunks of one hash slot
+    each, sent to the slot's primary. Instances are
     read in parallel; one that fails shows as an `InstanceScan` with `error`. With `memo`
     (kept from scan to scan), only the resources that changed since are decoded and sent:
     the snapshot is the same, cheaper."""

@@ -99,6 +99,12 @@ def _cluster_each(client: redis.RedisCluster, cmds: Sequence[tuple]) -> list:
     return out
 
 
+#: error replies of a call sent to a node that no longer serves its slot (or not yet, or
+#: not now): sent again through the cluster client, which follows the cluster's map
+_REROUTE = (redis.exceptions.MovedError, redis.exceptions.AskError,
+            redis.exceptions.TryAgainError, redis.exceptions.ClusterDownError)
+
+
 def _pipelined(client: redis.Redis, cmds: Sequence[tuple]) -> list:
     """The replies of `cmds` sent in one pipeline, error replies as values (a network
     error raises)."""
@@ -229,6 +235,10 @@ class Shard:
     slots: tuple[tuple[int, int], ...]  #: the slot ranges it serves, first..last
     keys: int  #: DBSIZE: every key it holds (resources, tombstones, epochs, indexes)
     waiters: int  #: entries of its slots' waiter indexes of this namespace
+    #: `Engine.hello` of its first slot, answered by this primary: its run_id and eviction
+    #: policy, and that slot's epoch and recovery (E1, E2 are per slot; a primary
+    #: restarted empty lost the epochs of all its slots at once)
+    status: InstanceStatus | None = None
 
 
 class Engine:
@@ -545,6 +555,20 @@ class Engine:
             if found:
                 yield conn, found
 
+    def _clocked_indexes(self) -> Iterator[tuple[redis.Redis, list[bytes], int]]:
+        """`_waiter_indexes` with the clock (ms) each part is to be read by: the index is
+        scored by lease expiry on the clock of the server that holds it. A standalone
+        server: its clock (`status().now_ms`, asked even when the index is empty). A Redis
+        Cluster member: every primary is a server of its own, with its own clock: the
+        clock of the slot of the first index found on it (`status(slot)`, answered by that
+        primary; its scripts read that same TIME for every slot it serves, a test clock
+        set on every slot alike included)."""
+        if not self.cluster:
+            yield self.client, [self.wkey], self.status().now_ms
+            return
+        for conn, keys in self._waiter_indexes():
+            yield conn, keys, self.status(key_slot(keys[0])).now_ms
+
     @staticmethod
     def _each(conn: redis.Redis, keys: list[bytes], method: str, *args, **kwargs) -> list:
         pipe = conn.pipeline(transaction=False)
@@ -561,20 +585,43 @@ class Engine:
     def live_waiters(self, now_ms: int) -> list[bytes]:
         """The members of the waiter index whose lease expires after `now_ms` (this
         instance's clock, `status().now_ms`): its live entries (docs/detector.md D1).
-        Members only: their scores would cost more to convert than the whole read."""
+        Members only: their scores would cost more to convert than the whole read. (On a
+        Redis Cluster member every shard has its own clock: `live_waiters_now`.)"""
         if not self.cluster:
             return self.client.zrangebyscore(self.wkey, f"({now_ms}", "+inf")
         return [x for conn, keys in self._waiter_indexes()
                 for x in self._each(conn, keys, "zrangebyscore", f"({now_ms}", "+inf")]
 
+    def live_waiters_now(self) -> tuple[int, list[bytes]]:
+        """D1: the live entries of the waiter index, each judged by the clock of the server
+        that holds it (`_clocked_indexes`), and a clock of the instance (ms): a standalone
+        server's, or on a Redis Cluster member the earliest of its primaries' clocks read
+        (slot 0's when no primary has an index)."""
+        out: list[bytes] = []
+        clocks = []
+        for conn, keys, now in self._clocked_indexes():
+            clocks.append(now)
+            out.extend(self._each(conn, keys, "zrangebyscore", f"({now}", "+inf"))
+        return (min(clocks) if clocks else self.status(0).now_ms), out
+
     def stale_waiters(self, until_ms: int, limit: int) -> list[tuple[bytes, float]]:
         """Up to `limit` waiter-index entries whose lease expired at or before `until_ms`
-        (instance clock): (member, lease expiry ms), oldest first (docs/detector.md D9)."""
+        (instance clock): (member, lease expiry ms), oldest first (docs/detector.md D9).
+        (On a Redis Cluster member every shard has its own clock: `expired_waiters`.)"""
         if not self.cluster:
             return self.client.zrangebyscore(self.wkey, "-inf", until_ms, withscores=True,
                                              start=0, num=limit)
         found = [x for conn, keys in self._waiter_indexes()
                  for x in self._each(conn, keys, "zrangebyscore", "-inf", until_ms,
+                                     withscores=True, start=0, num=limit)]
+        return sorted(found, key=lambda x: x[1])[:limit]
+
+    def expired_waiters(self, grace_ms: int, limit: int) -> list[tuple[bytes, float]]:
+        """D9: up to `limit` waiter-index entries whose lease ran out more than `grace_ms`
+        ago on the clock of the server that holds them (`_clocked_indexes`: each shard's
+        own on a Redis Cluster member): (member, lease expiry ms), oldest first."""
+        found = [x for conn, keys, now in self._clocked_indexes()
+                 for x in self._each(conn, keys, "zrangebyscore", "-inf", now - grace_ms,
                                      withscores=True, start=0, num=limit)]
         return sorted(found, key=lambda x: x[1])[:limit]
 
@@ -629,13 +676,34 @@ class Engine:
                 raise InvalidArgument("on a Redis Cluster member a scan chunk holds the keys "
                                       "of one hash slot")
             calls.append(([epoch_key(slots.pop()), *chunk], list(args)))
-        for keys, args in calls:
-            yield call_cluster_script(self.client, "scan", keys, args)
+        # One pipeline per primary (the slot map as the client knows it), as on a
+        # standalone server; a call that met a slot moved, or a primary that failed,
+        # goes again alone through the cluster client (which follows MOVED / ASK).
+        client = self.client
+        owners: dict[str, tuple[object, list[int]]] = {}
+        for n, (keys, _) in enumerate(calls):
+            node = client.nodes_manager.get_node_from_slot(key_slot(keys[0]))
+            owners.setdefault(node.name, (node, []))[1].append(n)
+        raws: list = [None] * len(calls)
+        for node, idx in owners.values():
+            part = [("scan", calls[n][0], calls[n][1]) for n in idx]
+            pipelined = functools.partial(_pipelined, client.get_redis_connection(node))
+            try:
+                got = Round(part).drive(pipelined([command(*c) for c in part]), pipelined)
+            except (redis.ConnectionError, redis.TimeoutError):
+                continue  # (each call of it goes alone below)
+            for n, raw in zip(idx, got):
+                raws[n] = raw
+        for (keys, args), raw in zip(calls, raws):
+            if raw is None or isinstance(raw, _REROUTE):
+                yield call_cluster_script(client, "scan", keys, args)
+            else:
+                yield script_reply(raw)
 
     def shards(self) -> list[Shard]:
         """The primaries of a Redis Cluster member as the client sees them (CLUSTER SLOTS):
-        address, slot ranges, DBSIZE and this namespace's waiter-index entries (SCAN and
-        ZCARD per primary); [] on a standalone server."""
+        address, slot ranges, DBSIZE, this namespace's waiter-index entries (SCAN and
+        ZCARD per primary) and the hello of its first slot; [] on a standalone server."""
         if not self.cluster:
             return []
         client = self.client
@@ -659,15 +727,20 @@ class Engine:
                 pipe.zcard(k)
             got = pipe.execute()
             out.append(Shard(name, tuple((a, b) for a, b in ranges[name]), int(got[0]),
-                             sum(int(n) for n in got[1:])))
+                             sum(int(n) for n in got[1:]), self.hello(ranges[name][0][0])))
         return out
 
     def resource_keys(self, count: int = 1000) -> list[bytes]:
         """Resource keys of this namespace by SCAN (for operators; never on a hot path;
         every primary of a Redis Cluster member)."""
-        match = b"dlm:{" + self.ns + b":*"
-        if self.cluster:
-            return [k for node in self.client.get_primaries()
-                    for k in self.client.get_redis_connection(node).scan_iter(
-                        match=match, count=count)]
-        return list(self.client.scan_iter(match=match, count=count))
+        return list(self.scan_keys(b"dlm:{" + self.ns + b":*", count))
+
+    def scan_keys(self, match: bytes, count: int = 1000) -> Iterator[bytes]:
+        """The keys matching glob `match`, by SCAN (for operators; never on a hot path): of
+        the server, or of every primary of a Redis Cluster member."""
+        if not self.cluster:
+            yield from self.client.scan_iter(match=match, count=count)
+            return
+        for node in self.client.get_primaries():
+            yield from self.client.get_redis_connection(node).scan_iter(match=match,
+                                                                        count=count)
