@@ -267,7 +267,10 @@ class Routes:
         new one, with the member's options, connects on its first command."""
         idle = self._idle.get(node.name)
         while idle:
-            conn, since = idle.pop()
+            try:
+                conn, since = idle.pop()
+            except IndexError:  # (another thread took the last one)
+                break
             if time.monotonic() - since < CHECK_IDLE_S or not Pooled.stale(conn):
                 return conn
             conn.disconnect()
