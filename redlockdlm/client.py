@@ -27,7 +27,7 @@ from typing import Any
 import redis
 from redis.exceptions import InvalidResponse, ResponseError
 
-from .connection import Instance, cluster_round, open_session
+from .connection import REROUTE, Instance, cluster_round, open_session
 from .engine import codec
 from .engine.keys import key_slot, slot_tag
 from .engine.modes import Mode
@@ -438,12 +438,16 @@ class DLM(Flows):
         results: dict[int, Any] = {}
         for i, call in cmds:
             inst = self._instances[i]
-            if inst.cluster is not None:  # a cluster member: a thread per call
+            if inst.cluster is not None:  # a cluster member: on its slot's primary
                 call = self._core.member_call(i, call)
                 self._subscribe_slot(i, call)
-                conns.append((i, call, _ClusterCall(self, i, call)))
-                continue
-            conn = inst.get()
+                node = inst.routes.node(call)
+                if node is None:  # (no route: through the cluster client)
+                    conns.append((i, call, _ClusterCall(self, i, call)))
+                    continue
+                conn = inst.routes.get(node)
+            else:
+                conn = inst.get()
             if conn._sock is None:
                 # Connecting waits for the handshake's replies (HELLO...): a stalled
                 # instance would hold up the others' writes, so it goes on its own thread
@@ -455,7 +459,10 @@ class DLM(Flows):
             except Exception as exc:  # noqa: BLE001 - unreachable, refused, not Redis...
                 conn.disconnect()
                 self._instances[i].put(conn)
-                results[i] = exc
+                if _reroute(conn, exc):
+                    conns.append((i, call, _ClusterCall(self, i, call)))
+                else:
+                    results[i] = exc
         t0 = time.monotonic()
         try:
             rest = self._collect(conns, t0, results, enough, until=until)
@@ -479,16 +486,22 @@ class DLM(Flows):
         replies are in `got` and the others had their grace (see `_broadcast`), or `until`
         (with `enough`). An instance silent for its socket timeout from `t0` gets a
         redis.TimeoutError. Returns the entries not read."""
+        todo: dict[int, tuple[int, Call, Any]] = {}
+        poll = select.poll()
+
         def read(e: tuple[int, Call, Any]) -> None:
             i, call, conn = e
             res = conn.result() if isinstance(conn, _Connecting) else self._finish(
                 i, conn, [call])[0]
+            if res is _REROUTED:  # a cluster member's slot elsewhere: through redis-py
+                again = _ClusterCall(self, i, call)
+                todo[again.fd] = (i, call, again)
+                poll.register(again.fd, select.POLLIN | select.POLLPRI)
+                return
             got[i] = res
             if each is not None:
                 each(i, res)
 
-        todo: dict[int, tuple[int, Call, Any]] = {}
-        poll = select.poll()
         for e in entries:
             conn = e[2]
             if isinstance(conn, _Connecting):
@@ -531,6 +544,8 @@ class DLM(Flows):
                     i, _, conn = e
                     conn.disconnect()  # its reply, if any, must not reach the next command
                     self._instances[i].put(conn)
+                    if getattr(conn, "dlm_node", None) is not None:  # (a failover?)
+                        self._instances[i].routes.refresh()
                     res = redis.TimeoutError(f"Timeout reading from {self._instances[i].url}")
                     got[i] = res
                     if each is not None:
@@ -541,13 +556,13 @@ class DLM(Flows):
     def _pipeline(self, i: int, calls: Sequence[Call]) -> list[Any]:
         """Send every call to instance `i` in one write and read their replies: one round
         trip however many calls. One result per call, as `settle` gives it. (A cluster
-        member: one call after another, each on its slot's primary.)"""
+        member: one such round per primary, `_cluster_pipeline`.)"""
         inst = self._instances[i]
         if inst.cluster is not None:
             calls = [self._core.member_call(i, c) for c in calls]
             for c in calls:
                 self._subscribe_slot(i, c)
-            return cluster_round(inst.cluster, calls, inst.url)
+            return self._cluster_pipeline(i, calls)
         conn = inst.get()
         try:
             self._write(conn, [packed_command(*c) for c in calls])
@@ -557,12 +572,52 @@ class DLM(Flows):
             return [exc] * len(calls)
         return self._finish(i, conn, calls)
 
+    def _cluster_pipeline(self, i: int, calls: Sequence[Call]) -> list[Any]:
+        """`_pipeline` on cluster member i (`calls` in its layout): the calls of each
+        primary (by the slot map) written in one write to it, every primary's before any
+        reply is read, so a stalled primary costs one socket timeout, whatever the number
+        of its slots. A call met by MOVED / ASK / TRYAGAIN / CLUSTERDOWN, refused by its
+        primary's address, or without a route, goes again through the cluster client."""
+        inst = self._instances[i]
+        routes = inst.routes
+        out: list[Any] = [_REROUTED] * len(calls)
+        groups: dict[str, tuple[Any, list[int]]] = {}
+        for k, c in enumerate(calls):
+            node = routes.node(c)
+            if node is not None:
+                groups.setdefault(node.name, (node, []))[1].append(k)
+        written: list[tuple[Any, list[int]]] = []
+        for node, idx in groups.values():
+            conn = routes.get(node)
+            try:
+                self._write(conn, [packed_command(*calls[k]) for k in idx])
+            except Exception as exc:  # noqa: BLE001 - unreachable, refused, stalled...
+                conn.disconnect()
+                inst.put(conn)
+                if not _reroute(conn, exc):
+                    for k in idx:
+                        out[k] = exc
+                continue
+            written.append((conn, idx))
+        for conn, idx in written:
+            for k, res in zip(idx, self._finish(i, conn, [calls[k] for k in idx])):
+                out[k] = res
+        again = [k for k, res in enumerate(out) if res is _REROUTED]
+        if again:
+            for k, res in zip(again, cluster_round(inst.cluster, [calls[k] for k in again],
+                                                   inst.url)):
+                out[k] = res
+        return out
+
     def _finish(self, i: int, conn: Any, calls: Sequence[Call]) -> list[Any]:
         """Read the replies of `calls`, already written on `conn` to instance `i`, and
         settle them (`wire.Round`: calls that met a missing library, restarted empty or
         flushed, did nothing and are sent again after loading it, or in the `EVAL` form if
         the load is refused). A network error is every call's result and closes the connection. The
-        connection goes back to the instance."""
+        connection goes back to the instance. On a cluster primary's connection (`Routes`),
+        a call that did nothing there (a `REROUTE` reply) is `_REROUTED`, to go again
+        through the cluster client; a network error (the call may have run) stays the
+        call's result, as on a standalone member, and refreshes the slot map."""
         inst = self._instances[i]
         try:
             rnd = Round(calls)
@@ -570,9 +625,14 @@ class DLM(Flows):
             while cmds:
                 self._write(conn, conn.pack_commands(cmds))
                 cmds = rnd.feed(self._replies(conn, len(cmds)))
+            if getattr(conn, "dlm_node", None) is not None:
+                return [_REROUTED if isinstance(r, REROUTE) else settle(c, r, inst.url)
+                        for c, r in zip(calls, rnd.raws)]
             return [settle(c, r, inst.url) for c, r in zip(calls, rnd.raws)]
         except Exception as exc:  # noqa: BLE001 - unreachable, timed out, not Redis...
             conn.disconnect()
+            if getattr(conn, "dlm_node", None) is not None:  # (a failover? the map again)
+                inst.routes.refresh()
             return [exc] * len(calls)
         except BaseException:  # interrupted (KeyboardInterrupt): replies nobody will read
             with contextlib.suppress(Exception):
@@ -834,6 +894,23 @@ class DLM(Flows):
 
     # ----------------------------------------------------------------- release / convert
 
+#: the result of a call to a cluster primary that did nothing there (`REROUTE` replies, the
+#: primary's address refused): it goes again through the cluster client (`_ClusterCall`)
+_REROUTED = object()
+
+
+def _reroute(conn: Any, exc: BaseException) -> bool:
+    """True if `exc`, raised connecting or writing on `conn` (nothing read yet), means a
+    call on a cluster primary's connection of our own (`Routes`) did not reach it and can
+    go through the cluster client: the address refused, the connection lost; not a
+    timeout (the call's time is spent)."""
+    if getattr(conn, "dlm_node", None) is None:
+        return False
+    if isinstance(exc, (redis.TimeoutError, TimeoutError)):
+        return False
+    return isinstance(exc, (redis.ConnectionError, OSError))
+
+
 #: shard channels (hash slots) a cluster member keeps subscribed when no lock uses them
 MAX_SLOT_SUBS = 1024
 #: the longest wait for a subscription's confirmation before the call goes without it (s)
@@ -974,7 +1051,7 @@ class _Connecting:
         except Exception as exc:  # noqa: BLE001 - unreachable, refused, not Redis...
             conn.disconnect()
             dlm._instances[i].put(conn)
-            self._box.append(exc)
+            self._box.append(_REROUTED if _reroute(conn, exc) else exc)
         else:
             self._box.append(dlm._finish(i, conn, [call])[0])
         os.write(self._wfd, b"x")
@@ -986,9 +1063,11 @@ class _Connecting:
 
 
 class _ClusterCall(_Connecting):
-    """One call to a cluster member, on a thread of its own: redis-py's cluster client
-    routes it to its slot's primary (MOVED, ASK, a failover handled there) and blocks
-    until it is done; `fd` turns readable then, for `DLM._collect`."""
+    """One call to a cluster member through redis-py's cluster client, on a thread of its
+    own (what the fast path, `Routes`, could not deliver: a call met by MOVED / ASK, a
+    primary's address refused, a slot not in the map): redis-py routes it to its slot's
+    primary (MOVED, ASK, a failover handled there, its map updated) and blocks until it is
+    done; `fd` turns readable then, for `DLM._collect`."""
 
     def __init__(self, dlm: DLM, i: int, call: Call) -> None:
         super().__init__(dlm, i, call, None)

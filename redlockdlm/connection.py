@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import select
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -19,6 +20,7 @@ from redis.backoff import NoBackoff
 from redis.driver_info import DriverInfo
 from redis.retry import Retry
 
+from .engine.keys import key_slot
 from .engine.scripts import command
 from .errors import InvalidArgument, InvalidType, MixedTransport
 from .protocol import Call, Session
@@ -225,6 +227,85 @@ def cluster_client(cluster_class: Any, how: tuple[str, dict[str, Any]]) -> Any:
                               f"{exc}") from None
 
 
+#: error replies of a call sent to a node that does not serve its slot (any more, or not
+#: yet, or not now): the call did nothing there, and goes again through redis-py's cluster
+#: client, which follows the cluster's map (and updates the one `Routes` reads)
+REROUTE = (redis.exceptions.MovedError, redis.exceptions.AskError,
+           redis.exceptions.TryAgainError, redis.exceptions.ClusterDownError)
+
+#: the least time between two refreshes of a cluster member's slot map after a timeout (s)
+REFRESH_EVERY_S = 1.0
+
+
+class Routes:
+    """The fast path to a cluster member: connections of our own to each primary, a call
+    written on the connection of its slot's primary as a standalone member's call is
+    (`get`, `put`; no thread, no redis-py bookkeeping per call). The slot map is the
+    cluster client's (`redis.RedisCluster.nodes_manager`, read from CLUSTER SLOTS and
+    updated on every MOVED that client follows), so the fast path learns a moved slot as
+    soon as a call rerouted through it (`REROUTE`) has. A slot the map does not cover, or a
+    call with no key, has no route (`node` None): it goes through the cluster client."""
+
+    def __init__(self, rc: Any) -> None:
+        self.rc = rc
+        self._idle: dict[str, list[tuple[Any, float]]] = {}
+        self._refreshing = False
+        self._refreshed = 0.0
+
+    def node(self, call: Call) -> Any:
+        """The primary of `call`'s hash slot as the map says, or None (no route)."""
+        keys = call[1]
+        if not keys:
+            return None
+        try:
+            return self.rc.nodes_manager.get_node_from_slot(key_slot(keys[0]))
+        except (redis.exceptions.SlotNotCoveredError, KeyError):
+            return None
+
+    def get(self, node: Any) -> Any:
+        """A connection of our own to `node` (idle ones checked as `Pooled.get` does); a
+        new one, with the member's options, connects on its first command."""
+        idle = self._idle.get(node.name)
+        while idle:
+            try:
+                conn, since = idle.pop()
+            except IndexError:  # (another thread took the last one)
+                break
+            if time.monotonic() - since < CHECK_IDLE_S or not Pooled.stale(conn):
+                return conn
+            conn.disconnect()
+        conn = self.rc.get_redis_connection(node).connection_pool.make_connection()
+        conn.dlm_node = node.name  # (where `put` brings it back)
+        return conn
+
+    def put(self, conn: Any) -> None:
+        self._idle.setdefault(conn.dlm_node, []).append((conn, time.monotonic()))
+
+    def refresh(self) -> None:
+        """Read the cluster's slot map again, on a thread of its own (at most once per
+        `REFRESH_EVERY_S`): after a primary timed out, a failover may have moved its slots,
+        and nothing else would tell the map (a MOVED needs an answer)."""
+        now = time.monotonic()
+        if self._refreshing or now - self._refreshed < REFRESH_EVERY_S:
+            return
+        self._refreshing, self._refreshed = True, now
+
+        def run() -> None:
+            try:
+                self.rc.nodes_manager.initialize()
+            except Exception:  # noqa: BLE001 - the cluster unreachable: the next timeout
+                pass
+            finally:
+                self._refreshing = False
+
+        threading.Thread(target=run, daemon=True, name="redlockdlm-slots").start()
+
+    def close(self) -> None:
+        for idle in self._idle.values():
+            while idle:
+                idle.pop()[0].disconnect()
+
+
 def cluster_round(rc: Any, calls: Sequence[Call], url: str) -> list[Any]:
     """Run `calls` (already in the member's per-slot layout, `Session.member_call`) on the
     cluster `rc` (a blocking redis.RedisCluster), one after another, each routed to its
@@ -300,6 +381,8 @@ class Instance(Pooled):
         self.shard_socks: set[Any] = set()
         self.warned = False  #: a failed subscription was logged as a warning already
         self.sock: Any = None  #: the pub/sub socket registered in the selector
+        #: a cluster member's own connections to its primaries (`Routes`)
+        self.routes: Routes | None = None
 
     def detect(self) -> list[str] | None:
         """First contact: find the member's kind (`CLUSTER SLOTS`). A cluster member gets
@@ -312,13 +395,23 @@ class Instance(Pooled):
             slots = exc
         ids = cluster_node_ids(slots)
         if ids is not None:
-            self.cluster = cluster_client(redis.RedisCluster, self._how)
+            rc = cluster_client(redis.RedisCluster, self._how)
+            self.routes = Routes(rc)
+            self.cluster = rc
         self.detected = True
         return ids
+
+    def put(self, conn: Any) -> None:
+        if getattr(conn, "dlm_node", None) is not None:  # (a cluster primary's: `Routes`)
+            self.routes.put(conn)
+        else:
+            super().put(conn)
 
     def close(self) -> None:
         while self._idle:
             self._idle.pop()[0].disconnect()
+        if self.routes is not None:
+            self.routes.close()
         if self.cluster is not None:
             self.cluster.close()
 

@@ -21,7 +21,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from .connection import Instance, cluster_client, cluster_enabled
+from .connection import Instance, cluster_client, cluster_node_ids
 from .engine.instance import Engine
 from .engine.keys import check_name, check_namespace, resource_key
 from .errors import DLMError, InvalidArgument
@@ -77,7 +77,11 @@ class Target:
 def _opener(inst: Instance, url: str, namespace: str, timeout_s: float
             ) -> Callable[[], Engine]:
     def open_() -> Engine:
-        if cluster_enabled(inst.client.info("cluster")):
+        try:  # (CLUSTER SLOTS, as the clients ask: `dlm acl`'s rule allows it)
+            slots = inst.client.execute_command("CLUSTER", "SLOTS")
+        except redis.ResponseError as exc:
+            slots = exc
+        if cluster_node_ids(slots) is not None:
             # (one retry without backoff: the slot map is refreshed once after a MOVED or
             # a failover; a shard that stays down fails within the timeouts)
             rc = cluster_client(redis.RedisCluster, (url, {
