@@ -751,6 +751,18 @@ class RedisClusterServer:
                     raise RedisServerError(f"shard {i}'s replica did not catch up")
                 time.sleep(0.01)
 
+    def cut_replica(self, i: int) -> None:
+        """Shard `i`'s replica stops receiving writes: it is paused (SIGSTOP) and the
+        primary closes its replication link (CLIENT KILL TYPE replica), so nothing written
+        after this reaches it, not even from a socket buffer. :meth:`failover` resumes
+        it; :meth:`reset` reconnects it."""
+        replica = self.replicas[i]
+        if replica is None:
+            raise RedisServerError(f"shard {i} of {self!r} has no replica")
+        replica.pause()
+        with contextlib.closing(self._raw(self.nodes[i])) as c:
+            c.execute_command("CLIENT", "KILL", "TYPE", "replica")
+
     def failover(self, i: int, *, timeout: float | None = None) -> float:
         """Shard `i`'s primary crashes (SIGKILL) and its replica takes over (CLUSTER
         FAILOVER TAKEOVER: no vote of the other primaries, as an operator forces it when
