@@ -113,17 +113,20 @@ def test_failover_to_stale_replicas_reports_the_lock_lost_before_another_holds_i
         rc.synced(i)  # the replicas have the slot's (fresh) epoch...
         rc.cut_replica(i)  # ...and nothing after it
     lost: list[object] = []
-    a = members.dlm(lease_ms=LEASE, rejoin_ms=LEASE)
-    b = members.dlm(lease_ms=LEASE, rejoin_ms=LEASE)
+    lease = 3 * LEASE  # (renewals a second apart: the contender asks first)
+    a = members.dlm(lease_ms=lease, rejoin_ms=lease)
     lk = a.lock(n, "EX", on_lost=lost.append)
     for rc, i in zip(clusters, shard):
         rc.failover(i)
+    # (a client started now reaches the promoted nodes at once; one that knew the old
+    # primaries finds them unreachable for about a second first)
+    b = members.dlm(lease_ms=lease, rejoin_ms=lease)
     raw = [members.raw(k) for k in (1, 2)]
     key = resource_key(check_namespace(NS), (n.encode(),))
     assert not any(r.exists(key) for r in raw), "the replicas had the lock"
     t0 = time.monotonic()
     while True:
-        assert time.monotonic() - t0 < 6 * LEASE / 1000, "never granted to another owner"
+        assert time.monotonic() - t0 < 3 * lease / 1000, "never granted to another owner"
         try:
             other = b.lock(n, "EX", noqueue=True)
         except (NotQueued, QuorumUnavailable):
@@ -132,7 +135,7 @@ def test_failover_to_stale_replicas_reports_the_lock_lost_before_another_holds_i
         assert lost and not lk.valid, "the lock was lost silently: two EX holders"
         other.release()
         break
-    assert lost == [lk] or len(lost) == 1
+    assert len(lost) == 1, "the loss is reported once"
 
 
 def test_detector_scans_the_promoted_node(layout: list[Any]) -> None:
