@@ -507,58 +507,100 @@ def dlm_env(**extra: str) -> dict[str, str]:
 
 
 class RedisClusterServer:
-    """A Redis Cluster of ``n`` primaries (no replicas) on 127.0.0.1: ONE quorum member.
+    """A Redis Cluster of ``n`` primaries on 127.0.0.1, each with ``replicas`` replicas (0 or
+    1): ONE quorum member.
 
     Each node is a :class:`RedisServer` with ``--cluster-enabled yes``, its bus on a port of
     its own (``--cluster-port``, Redis >= 7.0) and its ``nodes.conf`` outside its data dir,
     so that :meth:`restart_node_empty` brings a node back on the same ports with an empty
     data set but the same node id and the same slots (a primary without persistence that
-    crashed). The slots are split in ``n`` contiguous ranges (CLUSTER ADDSLOTSRANGE), the
-    nodes joined by CLUSTER MEET, and the constructor returns when every node reports
-    ``cluster_state:ok`` and knows every node (bounded by ``timeout``)::
+    crashed). The slots are split in ``n`` contiguous ranges (CLUSTER ADDSLOTSRANGE), one
+    per *shard*, the nodes joined by CLUSTER MEET, each replica attached to its shard's
+    primary by CLUSTER REPLICATE, and the constructor returns when every node reports
+    ``cluster_state:ok`` and knows every node and every replica's link is up (bounded by
+    ``timeout``)::
 
-        with RedisClusterServer(3) as rc:
+        with RedisClusterServer(3, replicas=1) as rc:
             rc.client()                 # a redis.RedisCluster
-            rc.node_of_slot(1234)       # the index of the node serving that slot
+            rc.node_of_slot(1234)       # the shard (index) serving that slot
+            rc.nodes[i], rc.replicas[i] # shard i's primary and its replica (or None)
+            rc.failover(1)              # shard 1's primary killed, its replica promoted
             rc.restart_node_empty(1)
+
+    ``nodes[i]`` is always shard i's current primary: :meth:`failover` swaps it with
+    ``replicas[i]``, and :meth:`reset` restarts the old primary, which rejoins as the new
+    primary's replica.
     """
 
     SLOTS = 16384
 
-    def __init__(self, n: int = 3, *, node_timeout_ms: int = 2000,
+    def __init__(self, n: int = 3, *, replicas: int = 0, node_timeout_ms: int = 2000,
                  timeout: float = 20.0) -> None:
         if n < 1:
             raise ValueError("need at least one node")
+        if replicas not in (0, 1):
+            raise ValueError("replicas is 0 or 1")
         self.timeout = timeout
+        self.node_timeout_ms = node_timeout_ms
         self.nodes: list[RedisServer] = []
+        self.replicas: list[RedisServer | None] = [None] * n
         self.ranges: list[tuple[int, int]] = []
         per = self.SLOTS // n
         try:
             for i in range(n):
-                node = RedisServer(start=False)
-                node.extra_args = [
-                    "--cluster-enabled", "yes",
-                    "--cluster-config-file", str(node.base_dir / "nodes.conf"),
-                    "--cluster-port", str(free_port()),
-                    "--cluster-node-timeout", str(node_timeout_ms),
-                ]
-                self.nodes.append(node)
-                node.start()
+                self.nodes.append(self._new_node())
                 lo = i * per
                 hi = self.SLOTS - 1 if i == n - 1 else lo + per - 1
                 self.ranges.append((lo, hi))
+            if replicas:
+                self.replicas = [self._new_node() for _ in range(n)]
             for node, (lo, hi) in zip(self.nodes, self.ranges):
                 with contextlib.closing(self._raw(node)) as c:
                     c.execute_command("CLUSTER", "ADDSLOTSRANGE", lo, hi)
             with contextlib.closing(self._raw(self.nodes[0])) as c:
-                for node in self.nodes[1:]:
+                for node in self._all()[1:]:
                     c.execute_command("CLUSTER", "MEET", HOST, node.port,
                                       self._bus_port(node))
+            for primary, replica in zip(self.nodes, self.replicas):
+                if replica is not None:
+                    self._replicate(replica, primary)
             self.wait_ok()
         except BaseException:
             self.stop()
             raise
         self._clients: list[redis.RedisCluster] = []
+
+    def _new_node(self) -> RedisServer:
+        node = RedisServer(start=False)
+        node.extra_args = [
+            "--cluster-enabled", "yes",
+            "--cluster-config-file", str(node.base_dir / "nodes.conf"),
+            "--cluster-port", str(free_port()),
+            "--cluster-node-timeout", str(self.node_timeout_ms),
+            "--repl-diskless-sync-delay", "0",  # (a replica's full sync starts at once)
+        ]
+        node.start()
+        return node
+
+    def _all(self) -> list[RedisServer]:
+        """Every node: the primaries, then the replicas."""
+        return self.nodes + [r for r in self.replicas if r is not None]
+
+    def _replicate(self, replica: RedisServer, primary: RedisServer) -> None:
+        """CLUSTER REPLICATE `primary` on `replica`, once the replica has learnt of it by
+        gossip (it answers "Unknown node" before)."""
+        with contextlib.closing(self._raw(primary)) as c:
+            pid = c.execute_command("CLUSTER", "MYID")
+        deadline = time.monotonic() + self.timeout
+        with contextlib.closing(self._raw(replica)) as c:
+            while True:
+                try:
+                    c.execute_command("CLUSTER", "REPLICATE", pid)
+                    return
+                except redis.exceptions.ResponseError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
 
     @staticmethod
     def _bus_port(node: RedisServer) -> int:
@@ -571,7 +613,7 @@ class RedisClusterServer:
 
     @property
     def url(self) -> str:
-        """The member's URL: any node's address (the first one's)."""
+        """The member's URL: any node's address (shard 0's primary's)."""
         return self.nodes[0].url
 
     @property
@@ -591,30 +633,51 @@ class RedisClusterServer:
                 return i
         raise ValueError(f"no node serves slot {slot}")
 
+    @staticmethod
+    def _cluster_info(c: redis.Redis) -> bytes:
+        info = c.execute_command("CLUSTER", "INFO")
+        if isinstance(info, dict):
+            info = "".join(f"{k}:{v}\r\n" for k, v in info.items()).encode()
+        return info if isinstance(info, bytes) else str(info).encode()
+
+    def _node_ok(self, node: RedisServer, shard: int, replica: bool) -> bool:
+        """`node` says cluster_state:ok, knows every node, counts every shard as serving
+        slots and sees shard `shard`'s range served by that shard's current primary; a
+        replica also has its link to that primary up."""
+        want_known = len(self._all())
+        try:
+            with contextlib.closing(self._raw(node)) as c:
+                info = self._cluster_info(c)
+                if (b"cluster_state:ok" not in info
+                        or f"cluster_known_nodes:{want_known}\r".encode() not in info
+                        or f"cluster_size:{len(self.nodes)}\r".encode() not in info):
+                    return False
+                for (lo, _), primary in zip(self.ranges, self.nodes):
+                    owners = [r for r in c.execute_command("CLUSTER", "SLOTS")
+                              if int(r[0]) <= lo <= int(r[1])]
+                    if not owners or int(owners[0][2][1]) != primary.port:
+                        return False
+                if replica:
+                    rep = c.info("replication")
+                    if (rep.get("role") != "slave" or rep.get("master_link_status") != "up"
+                            or int(rep.get("master_port", 0)) != self.nodes[shard].port):
+                        return False
+        except (redis.exceptions.RedisError, OSError, IndexError, ValueError):
+            return False
+        return True
+
     def wait_ok(self, timeout: float | None = None) -> None:
         """Until every running node says ``cluster_state:ok`` (every slot served by a node
-        it does not consider failed), knows all the nodes and counts them all as serving
-        slots; RedisServerError after `timeout` seconds."""
+        it does not consider failed), knows all the nodes, counts every shard as serving
+        slots and maps each shard's slots to its current primary (``nodes[i]``), and every
+        running replica's link to its primary is up (a full sync done);
+        RedisServerError after `timeout` seconds."""
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        want = len(self.nodes)
         while True:
-            ok = True
-            for node in self.nodes:
-                if not node.running:
-                    continue
-                try:
-                    with contextlib.closing(self._raw(node)) as c:
-                        info = c.execute_command("CLUSTER", "INFO")
-                except (redis.exceptions.RedisError, OSError):
-                    ok = False
-                    break
-                if isinstance(info, dict):
-                    info = "".join(f"{k}:{v}\r\n" for k, v in info.items()).encode()
-                if (b"cluster_state:ok" not in info
-                        or f"cluster_known_nodes:{want}\r".encode() not in info
-                        or f"cluster_size:{want}\r".encode() not in info):
-                    ok = False
-                    break
+            ok = all(self._node_ok(node, i, False)
+                     for i, node in enumerate(self.nodes) if node.running) and all(
+                self._node_ok(node, i, True)
+                for i, node in enumerate(self.replicas) if node is not None and node.running)
             if ok:
                 return
             if time.monotonic() > deadline:
@@ -636,26 +699,29 @@ class RedisClusterServer:
         return c
 
     def flushall(self) -> None:
-        """FLUSHALL and FUNCTION FLUSH every node (a fresh member for the next test)."""
+        """FLUSHALL every primary (the replicas follow): a fresh member for the next test."""
         for node in self.nodes:
             with contextlib.closing(self._raw(node)) as c:
                 c.flushall()
 
     def reset(self) -> None:
-        """Start any node a test left dead, wait for the cluster, then FLUSHALL it."""
+        """Start any node a test left dead or paused (a primary that failed over rejoins as
+        its shard's replica), wait for the cluster and the replicas' links, then FLUSHALL
+        it."""
         started = False
-        for node in self.nodes:
+        for node in self._all():
             if node.paused:
                 node.resume()
             if not node.running:
                 node.start()
                 started = True
-        if started:
+        if started or any(r is not None for r in self.replicas):
             self.wait_ok()
         self.flushall()
 
     def kill_node(self, i: int) -> None:
-        """SIGKILL node `i` (its slots are then served by nobody)."""
+        """SIGKILL shard `i`'s primary (its slots are then served by nobody, until a
+        failover)."""
         self.nodes[i].kill()
 
     def restart_node_empty(self, i: int) -> None:
@@ -665,11 +731,66 @@ class RedisClusterServer:
         self.nodes[i].restart(empty=True)
         self.wait_ok()
 
+    def synced(self, i: int, timeout: float = 5.0) -> None:
+        """Until shard `i`'s replica has every write its primary had when called (the
+        replica's acknowledged offset reaches the primary's); RedisServerError after
+        `timeout` seconds."""
+        replica = self.replicas[i]
+        if replica is None:
+            raise RedisServerError(f"shard {i} of {self!r} has no replica")
+        with contextlib.closing(self._raw(self.nodes[i])) as c:
+            want = int(c.info("replication")["master_repl_offset"])
+            deadline = time.monotonic() + timeout
+            while True:
+                acked = [int(v["offset"]) for k, v in c.info("replication").items()
+                         if k.startswith("slave") and isinstance(v, dict)
+                         and int(v["port"]) == replica.port]
+                if acked and acked[0] >= want:
+                    return
+                if time.monotonic() > deadline:
+                    raise RedisServerError(f"shard {i}'s replica did not catch up")
+                time.sleep(0.01)
+
+    def cut_replica(self, i: int) -> None:
+        """Shard `i`'s replica stops receiving writes: it is paused (SIGSTOP) and the
+        primary closes its replication link (CLIENT KILL TYPE replica), so nothing written
+        after this reaches it, not even from a socket buffer. :meth:`failover` resumes
+        it; :meth:`reset` reconnects it."""
+        replica = self.replicas[i]
+        if replica is None:
+            raise RedisServerError(f"shard {i} of {self!r} has no replica")
+        replica.pause()
+        with contextlib.closing(self._raw(self.nodes[i])) as c:
+            c.execute_command("CLIENT", "KILL", "TYPE", "replica")
+
+    def failover(self, i: int, *, timeout: float | None = None) -> float:
+        """Shard `i`'s primary crashes (SIGKILL) and its replica takes over (CLUSTER
+        FAILOVER TAKEOVER: no vote of the other primaries, as an operator forces it when
+        the primary is gone). The replica keeps what it had received: writes it had not
+        are lost, as in a real failover. Afterwards ``nodes[i]`` is the promoted node and
+        ``replicas[i]`` the dead old primary (:meth:`reset` restarts it as a replica).
+        Returns when every running node maps the shard's slots to the promoted node and
+        says ``cluster_state:ok`` (a redis-py cluster client is then redirected there by
+        MOVED, or finds it when it re-reads the topology); the seconds that took, from the
+        kill. Bounded by `timeout` (default: the cluster's)."""
+        old, new = self.nodes[i], self.replicas[i]
+        if new is None or not new.running:
+            raise RedisServerError(f"shard {i} of {self!r} has no running replica")
+        t0 = time.monotonic()
+        old.kill()
+        if new.paused:
+            new.resume()
+        with contextlib.closing(self._raw(new)) as c:
+            c.execute_command("CLUSTER", "FAILOVER", "TAKEOVER")
+        self.nodes[i], self.replicas[i] = new, old
+        self.wait_ok(timeout)
+        return time.monotonic() - t0
+
     def stop(self) -> None:
         for c in getattr(self, "_clients", ()):
             with contextlib.suppress(Exception):
                 c.close()
-        for node in self.nodes:
+        for node in self._all():
             with contextlib.suppress(Exception):
                 node.stop()
 

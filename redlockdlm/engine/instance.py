@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import redis
@@ -549,11 +549,30 @@ class Engine:
             yield self.client, [self.wkey]
             return
         match = self.wkey + b":{*"
-        for node in self.client.get_primaries():
-            conn = self.client.get_redis_connection(node)
-            found = list(conn.scan_iter(match=match, count=1000, _type="zset"))
-            if found:
-                yield conn, found
+        yield from self._per_primary(
+            lambda conn: list(conn.scan_iter(match=match, count=1000, _type="zset")))
+
+    def _per_primary(self, read: Callable[[redis.Redis], list[bytes]]
+                     ) -> list[tuple[redis.Redis, list[bytes]]]:
+        """(connection, what `read` found there) for every primary of this Redis Cluster
+        member that found something. A primary that does not answer may have failed over
+        since the cluster client read the topology (the connections are the primaries'
+        own, so redis-py does not notice): the topology is read again and the walk starts
+        over, once; a second failure is raised."""
+        for attempt in (0, 1):
+            try:
+                out = []
+                for node in self.client.get_primaries():
+                    conn = self.client.get_redis_connection(node)
+                    found = read(conn)
+                    if found:
+                        out.append((conn, found))
+                return out
+            except (RedisConnectionError, RedisTimeoutError):
+                if attempt:
+                    raise
+                self.client.nodes_manager.initialize()
+        raise AssertionError("unreachable")
 
     def _clocked_indexes(self) -> Iterator[tuple[redis.Redis, list[bytes], int]]:
         """`_waiter_indexes` with the clock (ms) each part is to be read by: the index is

@@ -62,7 +62,7 @@ class Members:
         for m in self.members:
             if isinstance(m, RedisClusterServer):
                 c = m.client()
-                c.execute_command(*load_command(), target_nodes=c.ALL_NODES)
+                c.execute_command(*load_command(), target_nodes=c.PRIMARIES)
                 for s in sorted({slot_of(n) for n in names}):
                     c.execute_command(*command("init", [epoch_key(s)], [b"fresh", b""]))
             else:

@@ -1,0 +1,196 @@
+"""A shard's primary failing over to its replica, on quorum members that are Redis Clusters
+(issue 13, rules H2c, E2 per slot, R2). The members: one standalone server and two
+3-primary clusters with one replica per primary, shared by the module (each test resets
+them: the old primaries restarted as replicas, everything flushed).
+
+What users must see: a failover is a restart *with* data of that slot (the promoted node may
+lack the last writes), so the slot gets a new epoch in its rejoin window (E2) and the lock
+keeps that member's vote only if the replica had it; the lock is kept while a quorum holds
+it and is reported lost (`on_lost`, `valid` false) before any other owner can hold it,
+never silently; requests reach the promoted node (redis-py's cluster client follows the
+topology) once the slot's rejoin window is over; the deadlock detector keeps scanning every
+shard, the promoted one included.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from deadlocks import LEASE_MS
+from redis_harness import RedisClusterServer, RedisServer
+
+from redlockdlm import admin
+from redlockdlm.detector import Detector
+from redlockdlm.engine.instance import Engine
+from redlockdlm.engine.keys import check_namespace, resource_key
+from redlockdlm.engine.modes import Status
+from redlockdlm.errors import NotQueued, QuorumUnavailable
+
+from .conftest import NS, Members, slot_of
+
+pytestmark = pytest.mark.timeout(60)
+
+LEASE = 1000  # ms: leases and rejoin waits of the clients (renewed every third of it)
+
+
+@pytest.fixture(scope="module")
+def layout() -> Iterator[list[Any]]:
+    """S0 (a standalone server), C1 and C2 (3 primaries + 3 replicas each)."""
+    with contextlib.ExitStack() as stack:
+        server = RedisServer()
+        stack.callback(server.stop)
+        yield [server, *(stack.enter_context(RedisClusterServer(3, replicas=1))
+                         for _ in range(2))]
+
+
+def granted_on(rc: RedisClusterServer, name: str) -> set[str]:
+    """The lock ids granted on `name` by cluster member `rc` (as its current primary of
+    the name's slot says; an inspect there, read-only)."""
+    e = Engine(rc.client(), NS)
+    _, (view,) = e.inspect([resource_key(check_namespace(NS), (name.encode(),))])
+    return set() if view is None else {lk.lock_id for lk in view.locks if lk.queue == "G"}
+
+
+def until(cond: Any, timeout: float, what: str) -> float:
+    """Seconds until `cond()` holds, polled every 20 ms; fails after `timeout`."""
+    t0 = time.monotonic()
+    while not cond():
+        assert time.monotonic() - t0 < timeout, what
+        time.sleep(0.02)
+    return time.monotonic() - t0
+
+
+def test_failover_on_one_member_keeps_the_lock_and_the_promoted_node_grants(
+        members: Members) -> None:
+    """The held lock's shard fails over on C1 (the replica had the lock): the lock stays
+    valid (S0 and C2 are a quorum), no other owner gets it meanwhile, the promoted node
+    holds it again once its new epoch (E2) is safe, and after the release another
+    client's request is granted there (with S0 down, C1's vote is needed)."""
+    n = "held"
+    members.fresh([n])
+    c1 = members.members[1]
+    shard = c1.node_of_slot(slot_of(n))
+    lost: list[object] = []
+    a = members.dlm(lease_ms=LEASE, rejoin_ms=LEASE)
+    b = members.dlm(lease_ms=LEASE, rejoin_ms=LEASE)
+    lk = a.lock(n, "EX", on_lost=lost.append)
+    assert granted_on(c1, n) == {lk.id}
+    c1.synced(shard)
+    c1.failover(shard)
+    end = time.monotonic() + 2.5 * LEASE / 1000  # past the rejoin window, several renewals
+    while time.monotonic() < end:
+        with pytest.raises((NotQueued, QuorumUnavailable)):
+            b.lock(n, "EX", noqueue=True)
+        assert lk.valid and not lost, "the lock was lost while S0 and C2 held it"
+        time.sleep(0.05)
+    until(lambda: granted_on(c1, n) == {lk.id}, 3, "the promoted node does not hold it")
+    lk.release()
+    members.members[0].kill()  # a quorum is now C1 and C2: the promoted node must grant
+    lb = b.lock(n, "EX", timeout=5)
+    assert lb.token > lk.token
+    assert granted_on(c1, n) == {lb.id}
+    lb.release()
+    assert not lost
+
+
+def test_failover_to_stale_replicas_reports_the_lock_lost_before_another_holds_it(
+        members: Members) -> None:
+    """The replicas of the lock's shard on C1 and C2 miss the grant (they were stopped
+    while it was made) and take over: the lock is gone from two of three members. Their
+    slot's epochs were made by the old primaries, so each gets a new epoch in its rejoin
+    window (E2 per slot) and grants nothing before the holder's lease there has run out:
+    the holder is told it lost the lock (on_lost, `valid` false) before another client can
+    hold it, and that client gets it afterwards."""
+    n = "stale"
+    members.fresh([n])
+    clusters = members.clusters
+    shard = [rc.node_of_slot(slot_of(n)) for rc in clusters]
+    for rc, i in zip(clusters, shard):
+        rc.synced(i)  # the replicas have the slot's (fresh) epoch...
+        rc.cut_replica(i)  # ...and nothing after it
+    lost: list[object] = []
+    lease = 3 * LEASE  # (renewals a second apart: the contender asks first)
+    a = members.dlm(lease_ms=lease, rejoin_ms=lease)
+    lk = a.lock(n, "EX", on_lost=lost.append)
+    for rc, i in zip(clusters, shard):
+        rc.failover(i)
+    # (a client started now reaches the promoted nodes at once; one that knew the old
+    # primaries finds them unreachable for about a second first)
+    b = members.dlm(lease_ms=lease, rejoin_ms=lease)
+    raw = [members.raw(k) for k in (1, 2)]
+    key = resource_key(check_namespace(NS), (n.encode(),))
+    assert not any(r.exists(key) for r in raw), "the replicas had the lock"
+    t0 = time.monotonic()
+    while True:
+        assert time.monotonic() - t0 < 3 * lease / 1000, "never granted to another owner"
+        try:
+            other = b.lock(n, "EX", noqueue=True)
+        except (NotQueued, QuorumUnavailable):
+            time.sleep(0.01)
+            continue
+        assert lost and not lk.valid, "the lock was lost silently: two EX holders"
+        other.release()
+        break
+    assert len(lost) == 1, "the loss is reported once"
+
+
+def test_detector_scans_the_promoted_node(layout: list[Any]) -> None:
+    """A detector that read the members before the failover scans them after it: the
+    cross-shard deadlock whose waiters are on the promoted node (they replicated) is seen
+    there and broken on every member, the promoted node included."""
+    server, *clusters = layout
+    for rc in clusters:
+        rc.reset()
+    if not server.running:
+        server.start()
+    server.flushall()
+    engines = [Engine(server.client(), NS), *(Engine(rc.client(), NS) for rc in clusters)]
+    for e in engines:
+        e.init_fresh()
+    c1 = clusters[0]
+    r1, r2 = [], []
+    for j in range(500):  # two roots on different shards of both clusters
+        name = f"D{j}"
+        if not r1:
+            r1.append(name)
+        elif all(rc.node_of_slot(slot_of(name)) != rc.node_of_slot(slot_of(r1[0]))
+                 for rc in clusters):
+            r2.append(name)
+            break
+    (n1,), (n2,) = r1, r2
+
+    def request(owner: str, lock_id: str, name: str, ticket: int) -> list[Status]:
+        return [e.request(e.key(name), owner, lock_id, "EX", ticket=ticket,
+                          lease_ms=LEASE_MS, name=e.name(name)).status for e in engines]
+
+    def queued(lock_id: str, name: str) -> list[bool]:
+        out = []
+        for e in engines:
+            _, (view,) = e.inspect([e.key(name)])
+            out.append(view is not None and any(x.lock_id == lock_id for x in view.locks))
+        return out
+
+    with Detector(admin.connect([server.url] + [rc.url for rc in clusters], NS,
+                                timeout_s=2.0), NS, 0.05, reap_every=0) as det:
+        before = det.run_once()
+        assert [i.error for i in before.snapshot.instances] == [None] * 3
+        request("a", "a1", n1, 1)
+        request("b", "b1", n2, 2)
+        assert request("a", "a2", n2, 3) == [Status.QUEUED] * 3
+        assert request("b", "b2", n1, 4) == [Status.QUEUED] * 3
+        shard = c1.node_of_slot(slot_of(n1))
+        c1.synced(shard)
+        c1.failover(shard)  # b2 waits on the promoted node now
+        first = det.run_once()  # (its cluster client still knows the old primary)
+        assert [i.error for i in first.snapshot.instances] == [None] * 3
+        assert [{w for w, _ in i.waiters} for i in first.snapshot.instances] == [
+            {"a2", "b2"}] * 3
+        assert len(first.cycles) == 1
+        (victim,) = det.run_once().victims
+        assert victim.cancelled_on == 3
+        assert queued(victim.request.lock_id, n1 if victim.request.owner == "b" else n2) \
+            == [False] * 3
