@@ -262,8 +262,9 @@ def test_a_missing_script_permission_is_a_clear_error(acl3: Instances, missing: 
 
 @pytest.mark.parametrize("missing", ["publish", "zadd"])
 def test_a_refused_write_leaves_nothing_behind(acl3: Instances, missing: str) -> None:
-    """K3: the waiter's request needs ZADD (the index) and PUBLISH (the blocking event);
-    refused, it fails with DLM_NOPERM and writes nothing, not even the resource."""
+    """K3: the waiter's request needs ZADD (the index) and PUBLISH (the blocking event to a
+    holder that asked for them, N1); refused, it fails with DLM_NOPERM and writes nothing,
+    not even the resource."""
     args, password = the_rule()
     set_user(acl3, args)
     engines = user_engines(acl3, password)
@@ -271,7 +272,7 @@ def test_a_refused_write_leaves_nothing_behind(acl3: Instances, missing: str) ->
         e.init_fresh()
     urls = user_urls(acl3, password)
     with DLM(urls, NS) as a, DLM(urls, NS) as b:
-        held = a.lock("orders", Mode.EX, timeout=5)
+        held = a.lock("orders", Mode.EX, timeout=5, on_blocking=lambda mode: None)
         before = [c.get(engines[0].key("orders")) for c in admin(acl3)]
         set_user(acl3, without(args, missing))
         with pytest.raises(QuorumUnavailable) as ei:
