@@ -105,7 +105,8 @@ def run_server(cluster: bool, n: int, slots: int, keep: str | None,
                     if b"cluster_state:ok" in raw.execute_command("CLUSTER", "INFO"):
                         break
                     time.sleep(0.1)
-                client: redis.Redis | redis.RedisCluster = redis.RedisCluster(host="127.0.0.1", port=port)
+                client: redis.Redis | redis.RedisCluster = redis.RedisCluster(
+                    host="127.0.0.1", port=port)
             else:
                 client = raw
             raw.function_load(LIB, replace=True)
