@@ -269,6 +269,79 @@ def test_resharding_keeps_a_lock_or_reports_it_lost(members: Members) -> None:
             _migrate_slot(rc, s, dst, src)
 
 
+def test_resharding_with_a_queue_grants_the_waiter_after_the_holder(
+        members: Members) -> None:
+    """A slot moves (IMPORTING/MIGRATING, MIGRATE, SETSLOT NODE) on every cluster member
+    while a holder holds its lock AND a waiter is queued on it. Throughout, never two EX
+    holders: the waiter is granted only once the holder is told it lost the lock, or after
+    the holder's release. The waiter's queue entry moved with the slot: `dlm show` and the
+    deadlock detector read it on the new primaries (the per-slot waiter index went along),
+    and the holder's release grants the waiter promptly (well before the re-check at a
+    third of its lease), with a larger fencing token."""
+    from redlockdlm import admin
+    from redlockdlm.detector import Detector
+
+    n = "movedq"
+    s = slot_of(n)
+    members.fresh([n])
+    members.need_cluster_votes()
+    lease = 3000  # ms: a waiter re-checks at a third of it (1 s) without its grant event
+    lost: list[object] = []
+    a = members.dlm(lease_ms=lease, rejoin_ms=lease)
+    b = members.dlm(lease_ms=lease, rejoin_ms=lease)
+    lk = a.lock(n, "EX", on_lost=lost.append)
+    req = b.enqueue(n, "EX", timeout=20)
+    time.sleep(0.3)  # b is queued on every member
+    assert not req.done
+    moves = [(rc, rc.node_of_slot(s), (rc.node_of_slot(s) + 1) % len(rc)) for rc in
+             members.clusters]
+    live = [m.url for m in members.members if getattr(m, "running", True)]
+    targets = admin.connect(live, NS, timeout_s=2.0)
+    moved = []
+    try:
+        for rc, src, dst in moves:
+            _migrate_slot(rc, s, src, dst)
+            moved.append((rc, src, dst))
+        # several renewals of both clients, the new epochs' rejoin window (E2) included
+        end = time.monotonic() + 3.5
+        while time.monotonic() < end:
+            if req.done:  # the waiter holds it: the holder must have been told
+                assert lost and not lk.valid, "two EX holders after the slot moved"
+            time.sleep(0.02)
+        assert lk.valid or lost, "the lock is neither held nor reported lost"
+        if not lk.valid:  # lost (reported): the waiter gets it, and nobody else holds it
+            req.wait(10).release()
+            return
+        assert not req.done, "the waiter was granted while the holder holds the lock"
+
+        # `dlm show`: the holder granted and the waiter queued, on every member
+        merged, outcomes = admin.resource(targets, [n])
+        assert all(o.ok for o in outcomes), [o.error for o in outcomes]
+        assert [m.owner for m in merged.queue("G")] == [a.owner]
+        assert [m.owner for m in merged.queue("W")] == [b.owner]
+        assert merged.present_on == len(targets)
+        assert not merged.divergences, merged.divergences
+        # the detector: b's request is a waiter on every member (the per-slot index moved)
+        with Detector(admin.connect(live, NS, timeout_s=2.0), NS, 0.05,
+                      reap_every=0) as det:
+            snap = det.run_once().snapshot
+        assert [i.error for i in snap.instances] == [None] * len(targets)
+        for inst in snap.instances:
+            assert any(key.endswith(n.encode() + b"}") for _, key in inst.waiters), \
+                (inst.label, inst.waiters)
+
+        t0 = time.monotonic()
+        lk.release()
+        lb = req.wait(10)
+        took = time.monotonic() - t0
+        assert lb.token > lk.token
+        assert took < 0.6, f"granted {took:.3f} s after the release"
+        lb.release()
+    finally:
+        for rc, src, dst in moved:
+            _migrate_slot(rc, s, dst, src)
+
+
 def test_least_privilege_user_on_cluster_members(members: Members) -> None:
     """The rule `dlm acl` prints is enough for a client whose members are clusters: finding
     the member's kind, routing, shard subscriptions and grant events, renewals."""
