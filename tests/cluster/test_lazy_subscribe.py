@@ -3,7 +3,8 @@ shard channel is subscribed only when the client reads its events. What is check
 the nodes and a user see: an uncontended lock and release over many slots makes no
 SSUBSCRIBE; a waiter is still granted by its event, also when the grant is published
 between its QUEUED reply and its subscription; an `on_blocking` holder still gets its
-blocking notification; a conversion that queues is granted by its event."""
+blocking notification; a conversion that queues is granted by its event; a held lock broken
+by an operator learns it by its next renewal."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from redis_harness import RedisClusterServer
 
 from redlockdlm import client as sync_client
 
-from .conftest import Members
+from .conftest import NS, Members
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -158,3 +159,19 @@ def test_queued_conversion_granted_by_its_event(members: Members) -> None:
     assert not errors, errors
     assert done and done[0] - t0 < 0.3, "the conversion was not granted by its event"
     lb.release()
+
+
+def test_broken_holder_learns_it_by_its_next_renewal(members: Members) -> None:
+    """A held lock without on_blocking reads no event (N4): an operator's break reaches it
+    by the next renewal, within a third of its lease, and it is reported lost then."""
+    from redlockdlm import admin
+
+    members.fresh(["brk"])
+    d = members.dlm(lease_ms=3_000)
+    lost = threading.Event()
+    lk = d.lock("brk", "EX", on_lost=lambda _lock: lost.set())
+    t0 = time.monotonic()
+    admin.break_locks(admin.connect(members.urls, NS), ["brk"], lock_id=lk.id)
+    assert lost.wait(1.0 + 0.5), "the broken holder was not reported lost by its renewal"
+    assert time.monotonic() - t0 < 1.5
+    assert not lk.valid
