@@ -956,11 +956,11 @@ SUBSCRIBE_WAIT_S = 0.5
 
 class _Shards:
     """A cluster member's event subscriptions: this owner's shard channel for each hash
-    slot the client has used there (SSUBSCRIBE on the slot's primary; redis-py's
-    `ClusterPubSub` reconnects and follows a slot to its new primary). A slot stays
-    subscribed while the client lives, up to `MAX_SLOT_SUBS` slots: beyond that, the slots
-    no lock of the client uses any more are unsubscribed. `lock` serializes the
-    subscriber (a flow's thread) and the reader (the event thread)."""
+    slot where a lock of the client read events there (N4: an `on_blocking` lock, a lock
+    that waited; SSUBSCRIBE on the slot's primary; redis-py's `ClusterPubSub` reconnects
+    and follows a slot to its new primary). A slot stays subscribed up to `MAX_SLOT_SUBS`
+    slots: beyond that, the slots of no lock that reads events now are unsubscribed.
+    `lock` serializes the subscriber (a flow's thread) and the reader (the event thread)."""
 
     def __init__(self, rc: Any, timeout: float) -> None:
         self.rc = rc
