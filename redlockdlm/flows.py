@@ -184,17 +184,19 @@ class Flows:
     def _listen(self, lk: LockCore) -> Flow:
         """Before `lk` waits (N4): it reads events from now on; where its slot's channel
         is not subscribed yet, subscribe it, then re-check the lock there, so that a grant
-        published between the reply and the subscription is not missed."""
+        published between the reply and the subscription is not missed. True if it
+        subscribed (the lock's state may have changed meanwhile)."""
         lk.waits = True
         gaps = self._event_gaps(lk)
         if not gaps:
-            return
+            return False
         lk.listening.update(gaps)  # (tried once per wait: a failure is left to re-checks)
         got = yield Subscribe(lk, gaps)
         if got and lk.phase in (Phase.ACQUIRING, Phase.CONVERTING):
             yield from self._send_and_feed(
                 lk, self._core.recheck_cmds(lk, self._now(), only=got),
                 lk.cticket if lk.phase is Phase.CONVERTING else None)
+        return True
 
     # ----------------------------------------------------------------- shared, no I/O
 
@@ -389,8 +391,7 @@ class Flows:
                 lk.waits = True  # (a split vote's yields: the lock waits, N4)
                 yield from self._send_and_feed(lk, out.actions)
                 continue
-            if self._event_gaps(lk) or not lk.waits:
-                yield from self._listen(lk)
+            if (not lk.waits or self._event_gaps(lk)) and (yield from self._listen(lk)):
                 continue  # (re-evaluated: the subscription or its re-check may settle it)
             if not (yield Wait(lk, out.wake_at)):
                 now = self._now()
@@ -570,8 +571,7 @@ class Flows:
                 lk.waits = True  # (a split vote's yields or re-sends: the lock waits, N4)
                 yield from self._send_and_feed(lk, out.actions, cticket)
                 continue
-            if self._event_gaps(lk) or not lk.waits:
-                yield from self._listen(lk)
+            if (not lk.waits or self._event_gaps(lk)) and (yield from self._listen(lk)):
                 continue  # (re-evaluated: the subscription or its re-check may settle it)
             until = out.wake_at if out.wake_at is not None else now + 0.5
             if lk.deadline is not None:
