@@ -335,7 +335,11 @@ class _Instance(Pooled):
 
 #: shard channels (hash slots) a cluster member keeps subscribed when no lock uses them
 MAX_SLOT_SUBS = 1024
-#: how long the reader of a cluster member's events waits on its shards per read (s)
+#: the longest the reader of a cluster member's events waits on its shards' sockets
+#: before it reads them anyway (s): a broken connection shows at once (its end, an error)
+IDLE_READ_S = 30.0
+#: how long it waits per read when a shard's connection is not open (being reconnected by
+#: redis-py), or not one whose arrival of data it can wait for (s)
 SHARD_READ_S = 0.05
 #: the longest wait for a subscription's confirmation before the call goes without it (s)
 SUBSCRIBE_WAIT_S = 0.5
@@ -343,9 +347,12 @@ SUBSCRIBE_WAIT_S = 0.5
 
 class _Shards:
     """`client._Shards` for asyncio: this owner's shard channel per hash slot used on a
-    cluster member. The subscriber (a flow's task) and the reader (`AsyncDLM._events`)
-    take `lock` in turn; the reader waits `SHARD_READ_S` at most per read, so a
-    subscription waits that long at most for its turn."""
+    cluster member (redis-py's cluster pub/sub: SSUBSCRIBE on the slot's primary, a
+    reconnect and a slot's move to a new primary followed there). The subscriber (a flow's
+    task) and the reader (`AsyncDLM._events`) take `lock` in turn. The reader waits,
+    holding it, until one of the shards' sockets has data (its end, an error) or a
+    subscriber `poke`s it: an idle client does not wake, however many members and slots;
+    a subscriber waits for its turn no longer than the reader takes to let go."""
 
     def __init__(self, rc: Any, timeout: float) -> None:
         self.rc = rc
@@ -355,49 +362,101 @@ class _Shards:
         self.timeout = min(timeout, SUBSCRIBE_WAIT_S)
         #: slot -> monotonic time before which a failed subscription is not tried again
         self.retry_at: dict[int, float] = {}
+        self._wake: _Wake | None = None  #: the reader's wait, while it waits
+        self._wanted = 0  #: subscribers waiting for `lock`
+
+    def poke(self) -> None:
+        """End the reader's wait now (a subscriber wants `lock`)."""
+        if self._wake is not None:
+            self._wake.fire()
 
     async def subscribe(self, slot: int, channel: bytes,
                         deliver: Callable[[codec.Event], None]) -> None:
+        """SSUBSCRIBE `channel` (of `slot`) and wait for its confirmation (events read
+        meanwhile go to `deliver`), bounded by the socket timeout and `SUBSCRIBE_WAIT_S`;
+        after a failure the slot is not tried again for a second."""
         loop = asyncio.get_running_loop()
         if loop.time() < self.retry_at.get(slot, 0.0):
             return  # (failed a moment ago: the call goes without it, as then)
+        self._wanted += 1
+        self.poke()
         try:
-            await self._subscribe(slot, channel, deliver)
+            async with self.lock:
+                if slot in self.slots:
+                    return
+                await self._subscribe(slot, channel, deliver)
         except BaseException:
             self.retry_at[slot] = loop.time() + 1.0
             raise
+        finally:
+            self._wanted -= 1
 
     async def _subscribe(self, slot: int, channel: bytes,
                          deliver: Callable[[codec.Event], None]) -> None:
-        async with self.lock:
-            if slot in self.slots:
+        await self.ps.ssubscribe(channel)
+        node = self.rc.get_node_from_key(channel)
+        loop = asyncio.get_running_loop()
+        end = loop.time() + self.timeout
+        while loop.time() < end:
+            msg = await self.ps.get_sharded_message(
+                timeout=min(0.05, max(0.0, end - loop.time())), target_node=node)
+            if msg is None:
+                continue
+            if msg["type"] == "ssubscribe" and msg["channel"] == channel:
+                self.slots.add(slot)
+                await self._drain(deliver)  # (what came with it: the reader waits on sockets)
                 return
-            await self.ps.ssubscribe(channel)
-            node = self.rc.get_node_from_key(channel)
-            loop = asyncio.get_running_loop()
-            end = loop.time() + self.timeout
-            while loop.time() < end:
-                msg = await self.ps.get_sharded_message(
-                    timeout=min(0.05, max(0.0, end - loop.time())), target_node=node)
-                if msg is None:
-                    continue
-                if msg["type"] == "ssubscribe" and msg["channel"] == channel:
-                    self.slots.add(slot)
-                    return
-                self.handle(msg, deliver)
-            raise RedisTimeoutError(f"no SSUBSCRIBE confirmation for {channel!r}")
+            self.handle(msg, deliver)
+        raise RedisTimeoutError(f"no SSUBSCRIBE confirmation for {channel!r}")
 
     async def read(self, deliver: Callable[[codec.Event], None]) -> None:
+        """Deliver the events that came, then wait (holding `lock`) until a shard's
+        socket has data, its end or an error, or a subscriber wants the lock, or
+        `IDLE_READ_S`; `SHARD_READ_S` where a shard's connection cannot be waited on."""
         async with self.lock:
-            if not self.slots:
-                msg = None
-            else:
-                msg = await self.ps.get_sharded_message(timeout=SHARD_READ_S)
-            while msg is not None:
-                self.handle(msg, deliver)
-                msg = await self.ps.get_sharded_message(timeout=0.0)
-        if not self.slots:
-            await asyncio.sleep(SHARD_READ_S)
+            await self._drain(deliver)
+            if self._wanted:
+                return
+            streams, others = self._streams()
+            if any(_readable(st) for st in streams):
+                return
+            loop = asyncio.get_running_loop()
+            fut: asyncio.Future[None] = loop.create_future()
+            self._wake = wake = _Wake(fut, 1)
+            for st in streams:
+                st._waiter = wake  # type: ignore[attr-defined]
+            timer = loop.call_later(SHARD_READ_S if others else IDLE_READ_S, wake.fire)
+            try:
+                await fut
+            finally:
+                timer.cancel()
+                self._wake = None
+                for st in streams:
+                    if st._waiter is wake:  # type: ignore[attr-defined]
+                        st._waiter = None  # type: ignore[attr-defined]
+
+    def _streams(self) -> tuple[list[asyncio.StreamReader], bool]:
+        """The StreamReaders of the shards' open connections, and whether some shard
+        subscribed to a channel has none that can be waited on (not open now)."""
+        streams, others = [], False
+        for ps in list(self.ps.node_pubsub_mapping.values()):
+            conn = ps.connection
+            st = _stream(conn) if conn is not None else None
+            if st is not None:
+                streams.append(st)
+            elif ps.shard_channels:
+                others = True
+        return streams, others
+
+    async def _drain(self, deliver: Callable[[codec.Event], None]) -> None:
+        """Deliver the events that came, none waited for."""
+        if not self.ps.node_pubsub_mapping:
+            return
+        while True:
+            msg = await self.ps.get_sharded_message(timeout=0.0)
+            if msg is None:
+                return
+            self.handle(msg, deliver)
 
     @staticmethod
     def handle(msg: dict[str, Any], deliver: Callable[[codec.Event], None]) -> None:
