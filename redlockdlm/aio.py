@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
@@ -27,7 +28,11 @@ except ImportError:  # (older redis-py: hiredis's own default)
     _NOT_ENOUGH = False
 
 from .connection import (
+    CHECK_IDLE_S,
+    REFRESH_EVERY_S,
+    REROUTE,
     Pooled,
+    Routes,
     acluster_round,
     cluster_client,
     cluster_node_ids,
@@ -186,6 +191,81 @@ async def _any_data(streams: Sequence[asyncio.StreamReader], timeout: float,
                 st._waiter = None  # type: ignore[attr-defined]
 
 
+class _Routes(Routes):
+    """`connection.Routes` for asyncio: connections of our own (redis.asyncio, with the
+    member's options as redis-py's cluster client keeps them per node) to each primary of
+    a cluster member, a call written on the one of its slot's primary as a standalone
+    member's call is (no task, no redis-py bookkeeping per call). The slot map is the
+    `redis.asyncio.RedisCluster`'s, which every call it reroutes corrects."""
+
+    def __init__(self, rc: Any) -> None:
+        super().__init__(rc)
+        self._refresh_task: asyncio.Future[None] | None = None
+
+    def get(self, node: Any) -> Any:
+        """A connection of our own to `node` (idle ones checked as `_Instance.get` does);
+        a new one connects on its first command."""
+        idle = self._idle.get(node.name)
+        while idle:
+            conn, since = idle.pop()
+            if time.monotonic() - since < CHECK_IDLE_S or not _Instance.stale(conn):
+                return conn
+            _Instance.drop(conn)
+        conn = node.connection_class(**node.connection_kwargs)
+        conn.dlm_node = node.name  # (where `put` brings it back)
+        return conn
+
+    def refresh(self) -> None:
+        """Read the slot map again, in a task of its own (at most once per
+        `REFRESH_EVERY_S`): after a primary timed out, a failover may have moved its
+        slots, and nothing else would tell the map (a MOVED needs an answer)."""
+        now = time.monotonic()
+        if self._refreshing or now - self._refreshed < REFRESH_EVERY_S:
+            return
+        self._refreshing, self._refreshed = True, now
+
+        async def run() -> None:
+            try:
+                await self.rc.nodes_manager.initialize()
+            except Exception:  # noqa: BLE001 - the cluster unreachable: the next timeout
+                pass
+            finally:
+                self._refreshing = False
+
+        self._refresh_task = asyncio.ensure_future(run())
+
+    async def aclose(self) -> None:
+        if self._refresh_task is not None and not self._refresh_task.done():
+            self._refresh_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._refresh_task
+        for idle in self._idle.values():
+            while idle:
+                with contextlib.suppress(Exception):
+                    await idle.pop()[0].disconnect()
+
+
+#: the result of a call on a cluster primary's connection of our own that did nothing
+#: there (a `REROUTE` reply; the primary's address refused): it goes again through the
+#: cluster client
+_REROUTED = object()
+
+
+def _routed(conn: Any) -> bool:
+    """True for a cluster primary's connection of our own (`_Routes`)."""
+    return getattr(conn, "dlm_node", None) is not None
+
+
+def _reroute(conn: Any, exc: BaseException) -> bool:
+    """True if `exc`, raised connecting or writing on `conn` (nothing read yet), means a
+    call on a cluster primary's connection of our own did not reach it and can go through
+    the cluster client: the address refused, the connection lost; not a timeout (the
+    call's time is spent, and it may have been written)."""
+    if not _routed(conn) or isinstance(exc, (RedisTimeoutError, TimeoutError)):
+        return False
+    return isinstance(exc, (RedisConnectionError, OSError))
+
+
 class _Instance(Pooled):
     """One Redis instance, with redis.asyncio's pool and client."""
 
@@ -207,6 +287,8 @@ class _Instance(Pooled):
 
     #: a cluster member's shard subscriptions (`_Shards`)
     shards: Any = None
+    #: a cluster member's own connections to its primaries (`_Routes`)
+    routes: Any = None
 
     async def detect(self) -> list[str] | None:
         """`Instance.detect` with redis.asyncio: a cluster member gets its
@@ -224,9 +306,16 @@ class _Instance(Pooled):
                 with contextlib.suppress(Exception):
                     await rc.aclose()
                 raise
+            self.routes = _Routes(rc)
             self.cluster = rc
         self.detected = True
         return ids
+
+    def put(self, conn: Any) -> None:
+        if getattr(conn, "dlm_node", None) is not None:  # (a cluster primary's: `_Routes`)
+            self.routes.put(conn)
+        else:
+            super().put(conn)
 
     async def close(self) -> None:
         while self._idle:
@@ -234,6 +323,8 @@ class _Instance(Pooled):
                 await self._idle.pop()[0].disconnect()
         with contextlib.suppress(Exception):
             await self.pool.disconnect()
+        if self.routes is not None:
+            await self.routes.aclose()
         if self.shards is not None:
             with contextlib.suppress(Exception):
                 await self.shards.ps.aclose()
@@ -244,7 +335,11 @@ class _Instance(Pooled):
 
 #: shard channels (hash slots) a cluster member keeps subscribed when no lock uses them
 MAX_SLOT_SUBS = 1024
-#: how long the reader of a cluster member's events waits on its shards per read (s)
+#: the longest the reader of a cluster member's events waits on its shards' sockets
+#: before it reads them anyway (s): a broken connection shows at once (its end, an error)
+IDLE_READ_S = 30.0
+#: how long it waits per read when a shard's connection is not open (being reconnected by
+#: redis-py), or not one whose arrival of data it can wait for (s)
 SHARD_READ_S = 0.05
 #: the longest wait for a subscription's confirmation before the call goes without it (s)
 SUBSCRIBE_WAIT_S = 0.5
@@ -252,9 +347,12 @@ SUBSCRIBE_WAIT_S = 0.5
 
 class _Shards:
     """`client._Shards` for asyncio: this owner's shard channel per hash slot used on a
-    cluster member. The subscriber (a flow's task) and the reader (`AsyncDLM._events`)
-    take `lock` in turn; the reader waits `SHARD_READ_S` at most per read, so a
-    subscription waits that long at most for its turn."""
+    cluster member (redis-py's cluster pub/sub: SSUBSCRIBE on the slot's primary, a
+    reconnect and a slot's move to a new primary followed there). The subscriber (a flow's
+    task) and the reader (`AsyncDLM._events`) take `lock` in turn. The reader waits,
+    holding it, until one of the shards' sockets has data (its end, an error) or a
+    subscriber `poke`s it: an idle client does not wake, however many members and slots;
+    a subscriber waits for its turn no longer than the reader takes to let go."""
 
     def __init__(self, rc: Any, timeout: float) -> None:
         self.rc = rc
@@ -264,49 +362,101 @@ class _Shards:
         self.timeout = min(timeout, SUBSCRIBE_WAIT_S)
         #: slot -> monotonic time before which a failed subscription is not tried again
         self.retry_at: dict[int, float] = {}
+        self._wake: _Wake | None = None  #: the reader's wait, while it waits
+        self._wanted = 0  #: subscribers waiting for `lock`
+
+    def poke(self) -> None:
+        """End the reader's wait now (a subscriber wants `lock`)."""
+        if self._wake is not None:
+            self._wake.fire()
 
     async def subscribe(self, slot: int, channel: bytes,
                         deliver: Callable[[codec.Event], None]) -> None:
+        """SSUBSCRIBE `channel` (of `slot`) and wait for its confirmation (events read
+        meanwhile go to `deliver`), bounded by the socket timeout and `SUBSCRIBE_WAIT_S`;
+        after a failure the slot is not tried again for a second."""
         loop = asyncio.get_running_loop()
         if loop.time() < self.retry_at.get(slot, 0.0):
             return  # (failed a moment ago: the call goes without it, as then)
+        self._wanted += 1
+        self.poke()
         try:
-            await self._subscribe(slot, channel, deliver)
+            async with self.lock:
+                if slot in self.slots:
+                    return
+                await self._subscribe(slot, channel, deliver)
         except BaseException:
             self.retry_at[slot] = loop.time() + 1.0
             raise
+        finally:
+            self._wanted -= 1
 
     async def _subscribe(self, slot: int, channel: bytes,
                          deliver: Callable[[codec.Event], None]) -> None:
-        async with self.lock:
-            if slot in self.slots:
+        await self.ps.ssubscribe(channel)
+        node = self.rc.get_node_from_key(channel)
+        loop = asyncio.get_running_loop()
+        end = loop.time() + self.timeout
+        while loop.time() < end:
+            msg = await self.ps.get_sharded_message(
+                timeout=min(0.05, max(0.0, end - loop.time())), target_node=node)
+            if msg is None:
+                continue
+            if msg["type"] == "ssubscribe" and msg["channel"] == channel:
+                self.slots.add(slot)
+                await self._drain(deliver)  # (what came with it: the reader waits on sockets)
                 return
-            await self.ps.ssubscribe(channel)
-            node = self.rc.get_node_from_key(channel)
-            loop = asyncio.get_running_loop()
-            end = loop.time() + self.timeout
-            while loop.time() < end:
-                msg = await self.ps.get_sharded_message(
-                    timeout=min(0.05, max(0.0, end - loop.time())), target_node=node)
-                if msg is None:
-                    continue
-                if msg["type"] == "ssubscribe" and msg["channel"] == channel:
-                    self.slots.add(slot)
-                    return
-                self.handle(msg, deliver)
-            raise RedisTimeoutError(f"no SSUBSCRIBE confirmation for {channel!r}")
+            self.handle(msg, deliver)
+        raise RedisTimeoutError(f"no SSUBSCRIBE confirmation for {channel!r}")
 
     async def read(self, deliver: Callable[[codec.Event], None]) -> None:
+        """Deliver the events that came, then wait (holding `lock`) until a shard's
+        socket has data, its end or an error, or a subscriber wants the lock, or
+        `IDLE_READ_S`; `SHARD_READ_S` where a shard's connection cannot be waited on."""
         async with self.lock:
-            if not self.slots:
-                msg = None
-            else:
-                msg = await self.ps.get_sharded_message(timeout=SHARD_READ_S)
-            while msg is not None:
-                self.handle(msg, deliver)
-                msg = await self.ps.get_sharded_message(timeout=0.0)
-        if not self.slots:
-            await asyncio.sleep(SHARD_READ_S)
+            await self._drain(deliver)
+            if self._wanted:
+                return
+            streams, others = self._streams()
+            if any(_readable(st) for st in streams):
+                return
+            loop = asyncio.get_running_loop()
+            fut: asyncio.Future[None] = loop.create_future()
+            self._wake = wake = _Wake(fut, 1)
+            for st in streams:
+                st._waiter = wake  # type: ignore[attr-defined]
+            timer = loop.call_later(SHARD_READ_S if others else IDLE_READ_S, wake.fire)
+            try:
+                await fut
+            finally:
+                timer.cancel()
+                self._wake = None
+                for st in streams:
+                    if st._waiter is wake:  # type: ignore[attr-defined]
+                        st._waiter = None  # type: ignore[attr-defined]
+
+    def _streams(self) -> tuple[list[asyncio.StreamReader], bool]:
+        """The StreamReaders of the shards' open connections, and whether some shard
+        subscribed to a channel has none that can be waited on (not open now)."""
+        streams, others = [], False
+        for ps in list(self.ps.node_pubsub_mapping.values()):
+            conn = ps.connection
+            st = _stream(conn) if conn is not None else None
+            if st is not None:
+                streams.append(st)
+            elif ps.shard_channels:
+                others = True
+        return streams, others
+
+    async def _drain(self, deliver: Callable[[codec.Event], None]) -> None:
+        """Deliver the events that came, none waited for."""
+        if not self.ps.node_pubsub_mapping:
+            return
+        while True:
+            msg = await self.ps.get_sharded_message(timeout=0.0)
+            if msg is None:
+                return
+            self.handle(msg, deliver)
 
     @staticmethod
     def handle(msg: dict[str, Any], deliver: Callable[[codec.Event], None]) -> None:
@@ -696,19 +846,30 @@ class AsyncDLM(Flows):
         results: dict[int, Any] = {}
         conns: list[tuple[int, Call, Any]] = []
         unsent: list[tuple[int, Call, Any]] = []
+        #: cluster members' calls that go through the cluster client (no route, refused)
+        rerouted: list[tuple[int, Call]] = []
         cmds = list(cmds)
-        slotted = [(i, call) for i, call in cmds if self._instances[i].cluster is not None]
-        if slotted:  # cluster members: a task per call (`_gather_tasks`)
-            cmds = [(i, call) for i, call in cmds if self._instances[i].cluster is None]
-            if enough is None:
-                enough = len(cmds) + len(slotted)
-            for i, call in slotted:
-                call = self._core.member_call(i, call)
-                await self._subscribe_slot(i, call)
-                unsent.append((i, call, None))
-        gather = enough is not None and (len(cmds) > 1 or until is not None or bool(unsent))
+        if any(self._instances[i].cluster is not None for i, _ in cmds):
+            # a cluster member's call in its per-slot layout, the slot's channel subscribed
+            # (confirmed) before any call is written
+            laid = []
+            for i, call in cmds:
+                if self._instances[i].cluster is not None:
+                    call = self._core.member_call(i, call)
+                    await self._subscribe_slot(i, call)
+                laid.append((i, call))
+            cmds = laid
+        gather = enough is not None and (len(cmds) > 1 or until is not None)
         for i, call in cmds:
-            conn = self._instances[i].get()
+            inst = self._instances[i]
+            if inst.routes is not None:  # a cluster member: on its slot's primary
+                node = inst.routes.node(call)
+                if node is None:
+                    rerouted.append((i, call))
+                    continue
+                conn = inst.routes.get(node)
+            else:
+                conn = inst.get()
             if gather and getattr(conn, "_writer", None) is None:
                 # connecting waits for the handshake's replies: a stalled instance would
                 # hold up the others' writes, so its task connects and writes too
@@ -719,10 +880,19 @@ class AsyncDLM(Flows):
                 conns.append((i, call, conn))
             except Exception as exc:  # noqa: BLE001 - unreachable, refused, not Redis...
                 await conn.disconnect()
-                self._instances[i].put(conn)
-                results[i] = exc
-        if gather and conns + unsent:
-            return await self._gather(conns, unsent, results, enough or 0, late, until)
+                inst.put(conn)
+                if _reroute(conn, exc):
+                    rerouted.append((i, call))
+                else:
+                    results[i] = exc
+        if rerouted:  # (read as they come, with the cluster client's tasks)
+            gather = True
+            if enough is None:
+                enough = len(cmds)
+        if gather:
+            unsent += [(i, call, None) for i, call in rerouted]  # (a task each)
+            if conns + unsent:
+                return await self._gather(conns, unsent, results, enough or 0, late, until)
         if not conns:
             return results
         loop = asyncio.get_running_loop()
@@ -787,11 +957,15 @@ class AsyncDLM(Flows):
                         with contextlib.suppress(Exception):
                             await conn.disconnect()
                         self._instances[i].put(conn)
+                        if _routed(conn):  # (a failover? the map again; not resent)
+                            self._instances[i].routes.refresh()
                         continue
                     if raw is _NOT_YET:  # a part of it came: wait for the rest
                         continue
                     del todo[i]
-                    if missing(raw):  # the library is missing there: load, send again
+                    if missing(raw) or (isinstance(raw, REROUTE) and _routed(conn)):
+                        # the library is missing there: load, send again; or a cluster
+                        # member's slot is not on that node: through the cluster client
                         results[i] = (await self._finish(i, conn, [call], first=[raw]))[0]
                     else:  # (what `_finish` does with a reply that ends the round)
                         results[i] = settle(call, raw, self._instances[i].url)
@@ -815,6 +989,8 @@ class AsyncDLM(Flows):
                         with contextlib.suppress(Exception):
                             await conn.disconnect()
                         self._instances[i].put(conn)
+                        if _routed(conn):  # (a failover? the map again)
+                            self._instances[i].routes.refresh()
                     continue
                 # woken once the quorum can be complete, or (in the grace) all are in
                 need = len(todo)
@@ -880,13 +1056,15 @@ class AsyncDLM(Flows):
         return results
 
     async def _send_finish(self, i: int, call: Call, conn: Any) -> list[Any]:
-        if conn is None:  # a cluster member
+        if conn is None:  # a cluster member's call through the cluster client
             return await self._cluster_call(i, call)
         try:
             await _send(conn, packed_command(*call))
         except Exception as exc:  # noqa: BLE001 - unreachable, refused, not Redis...
             await conn.disconnect()
             self._instances[i].put(conn)
+            if _reroute(conn, exc):
+                return await self._cluster_call(i, call)
             return [exc]
         except BaseException:
             with contextlib.suppress(Exception):
@@ -912,7 +1090,7 @@ class AsyncDLM(Flows):
             calls = [self._core.member_call(i, c) for c in calls]
             for c in calls:
                 await self._subscribe_slot(i, c)
-            return await acluster_round(inst.cluster, calls, inst.url)
+            return await self._cluster_pipeline(i, calls)
         conn = inst.get()
         try:
             await self._write(conn, [packed_command(*c) for c in calls])
@@ -922,6 +1100,53 @@ class AsyncDLM(Flows):
             return [exc] * len(calls)
         return await self._finish(i, conn, calls)
 
+    async def _cluster_pipeline(self, i: int, calls: Sequence[Call]) -> list[Any]:
+        """`_pipeline` on cluster member i (`calls` in its layout): the calls of each
+        primary (by the slot map) in one write to it, every primary's before any reply is
+        read, so a stalled primary costs one socket timeout whatever the number of its
+        slots. A call without a route, or whose primary's address refused it, goes
+        afterwards through the cluster client (as one met by MOVED..., `_finish`)."""
+        inst = self._instances[i]
+        routes = inst.routes
+        out: list[Any] = [_REROUTED] * len(calls)
+        groups: dict[str, tuple[Any, list[int]]] = {}
+        for k, c in enumerate(calls):
+            node = routes.node(c)
+            if node is not None:
+                groups.setdefault(node.name, (node, []))[1].append(k)
+        written: list[tuple[Any, list[int]]] = []
+        try:
+            for node, idx in groups.values():
+                conn = routes.get(node)
+                try:
+                    await self._write(conn, [packed_command(*calls[k]) for k in idx])
+                except Exception as exc:  # noqa: BLE001 - unreachable, refused, stalled...
+                    await conn.disconnect()
+                    inst.put(conn)
+                    if not _reroute(conn, exc):
+                        for k in idx:
+                            out[k] = exc
+                    continue
+                written.append((conn, idx))
+            while written:
+                conn, idx = written[0]
+                res = await self._finish(i, conn, [calls[k] for k in idx])
+                written.pop(0)
+                for k, r in zip(idx, res):
+                    out[k] = r
+        except BaseException:  # cancelled: replies nobody will read must not stay queued
+            for conn, _ in written[1:]:
+                with contextlib.suppress(Exception):
+                    await conn.disconnect(nowait=True)
+                inst.put(conn)
+            raise
+        again = [k for k, r in enumerate(out) if r is _REROUTED]
+        if again:
+            for k, r in zip(again, await acluster_round(inst.cluster, [calls[k] for k in again],
+                                                        inst.url)):
+                out[k] = r
+        return out
+
     async def _finish(self, i: int, conn: Any, calls: Sequence[Call],
                       first_timeout: float | None = None,
                       first: list[Any] | None = None) -> list[Any]:
@@ -929,6 +1154,7 @@ class AsyncDLM(Flows):
         connection back. `first_timeout` bounds the wait for the first reply; `first`: the
         replies of `calls`, where they were read already (`_gather`)."""
         inst = self._instances[i]
+        routed = _routed(conn)
         try:
             rnd = Round(calls)
             if first is None:
@@ -937,9 +1163,12 @@ class AsyncDLM(Flows):
             while cmds:
                 await self._write(conn, conn.pack_commands(cmds))
                 cmds = rnd.feed(await self._replies(conn, len(cmds)))
-            return [settle(c, r, inst.url) for c, r in zip(calls, rnd.raws)]
+            out = [_REROUTED if routed and isinstance(r, REROUTE) else settle(c, r, inst.url)
+                   for c, r in zip(calls, rnd.raws)]
         except Exception as exc:  # noqa: BLE001 - unreachable, timed out, not Redis...
             await conn.disconnect()
+            if routed:  # (a failover? the map again; the call may have run: not resent)
+                inst.routes.refresh()
             return [exc] * len(calls)
         except BaseException:  # cancelled: replies nobody will read
             with contextlib.suppress(Exception):
@@ -947,6 +1176,12 @@ class AsyncDLM(Flows):
             raise
         finally:
             inst.put(conn)
+        again = [k for k, r in enumerate(out) if r is _REROUTED]
+        if again:  # did nothing on that node: through the cluster client, which follows
+            for k, r in zip(again, await acluster_round(inst.cluster, [calls[k] for k in again],
+                                                        inst.url)):
+                out[k] = r
+        return out
 
     @staticmethod
     async def _write(conn: Any, chunks: Sequence[bytes]) -> None:

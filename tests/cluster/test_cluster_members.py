@@ -319,14 +319,25 @@ def test_resharding_with_a_queue_grants_the_waiter_after_the_holder(
         assert all(o.ok for o in outcomes), [o.error for o in outcomes]
         assert [m.owner for m in merged.queue("G")] == [a.owner]
         assert [m.owner for m in merged.queue("W")] == [b.owner]
-        assert merged.present_on == len(targets)
-        assert not merged.divergences, merged.divergences
+        # A member whose new epoch (E2) made the holder's renewal see its vote lost may lack
+        # the holder's lock for a while (R2: it re-joins after the rejoin wait); the holder
+        # still holds a quorum (it is valid), so at most N - Q members lack it, and nothing
+        # else may differ.
+        quorum = len(targets) // 2 + 1
+        assert merged.present_on >= quorum, merged.present_on
+        absent = [d for d in merged.divergences if d.startswith(f"lock {lk.id} ")
+                  and " absent on " in d]
+        assert len(absent) <= len(targets) - quorum, merged.divergences
+        assert set(merged.divergences) == set(absent), merged.divergences
         # the detector: b's request is a waiter on every member (the per-slot index moved)
         with Detector(admin.connect(live, NS, timeout_s=2.0), NS, 0.05,
                       reap_every=0) as det:
             snap = det.run_once().snapshot
         assert [i.error for i in snap.instances] == [None] * len(targets)
+        lacking = {u for d in absent for u in d.split(" absent on ", 1)[1].split(", ")}
         for inst in snap.instances:
+            if inst.label in lacking:  # (b may hold that member's vote: a minority)
+                continue
             assert any(key.endswith(n.encode() + b"}") for _, key in inst.waiters), \
                 (inst.label, inst.waiters)
 

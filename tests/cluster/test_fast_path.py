@@ -1,11 +1,12 @@
-"""The sync client's fast path to Redis Cluster members (issue 13): a call goes on a
-connection of the client's own to its slot's primary, found in the slot map, as a
-standalone member's call goes; what that path cannot deliver goes through redis-py's
+"""The clients' fast path to Redis Cluster members (issue 13), sync and asyncio: a call
+goes on a connection of the client's own to its slot's primary, found in the slot map, as
+a standalone member's call goes; what that path cannot deliver goes through redis-py's
 cluster client. What a user sees: a slot moved while the client's map is stale still gets
 its calls (MOVED followed) and the lock stays correct; a map that names an address where
 nothing listens falls back to the cluster client; a stalled primary costs a renewal round
 one socket timeout, however many of its slots hold locks; the common case does not go
-through the cluster client at all."""
+through the cluster client at all; an idle asyncio client does not wake to read its shard
+subscriptions, and still gets its events at once."""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ import contextlib
 import socket
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
+from redis.asyncio.cluster import ClusterNode as AsyncClusterNode
 from redis.cluster import PRIMARY, ClusterNode
 from redis_harness import RedisClusterServer
 
@@ -34,18 +37,24 @@ def clusters() -> Iterator[list[RedisClusterServer]]:
                for _ in range(3)]
 
 
-@pytest.fixture
-def m(clusters: list[RedisClusterServer]) -> Iterator[Members]:
-    mm = Members(clusters, "sync")
+@pytest.fixture(params=["sync", "async"])
+def m(clusters: list[RedisClusterServer], request: pytest.FixtureRequest) -> Iterator[Members]:
+    mm = Members(clusters, request.param)
     mm.reset()
     yield mm
     mm.close()
 
 
+def _inner(d: Any) -> Any:
+    """The DLM, or the AsyncDLM behind the asyncio facade."""
+    return getattr(d, "adlm", d)
+
+
 def _count_cluster_client_calls(d) -> list[int]:
-    """Count the commands the client sends through redis-py's cluster clients."""
+    """Count the commands the client sends through redis-py's cluster clients (the
+    asyncio client's count when they are called, before they are awaited)."""
     n = [0]
-    for inst in d._instances:
+    for inst in _inner(d)._instances:
         rc = inst.cluster
         orig = rc.execute_command
 
@@ -119,12 +128,17 @@ def test_a_route_to_nowhere_falls_back_to_the_cluster_client(m: Members) -> None
     m.fresh([n])
     d = m.dlm()
     d.lock(n, "EX", timeout=5).release()
-    for inst in d._instances:
-        inst.cluster.nodes_manager.slots_cache[s] = [
-            ClusterNode("127.0.0.1", _free_port(), PRIMARY)]
+    for inst in _inner(d)._instances:
+        cache = inst.cluster.nodes_manager.slots_cache
+        if m.kind == "sync":
+            cache[s] = [ClusterNode("127.0.0.1", _free_port(), PRIMARY)]
+        else:
+            kw = {k: v for k, v in cache[s][0].connection_kwargs.items()
+                  if k not in ("host", "port")}
+            cache[s] = [AsyncClusterNode("127.0.0.1", _free_port(), PRIMARY, **kw)]
     with d.lock(n, "EX", timeout=3) as lk:
         assert lk.valid
-    for inst, rc in zip(d._instances, m.clusters):
+    for inst, rc in zip(_inner(d)._instances, m.clusters):
         node = inst.cluster.nodes_manager.get_node_from_slot(s)
         assert node.port == rc.nodes[rc.node_of_slot(s)].port
 
@@ -146,7 +160,8 @@ def test_a_stalled_primary_costs_a_renewal_one_timeout(m: Members) -> None:
     locks = [d.lock(x, "EX", timeout=5) for x in names]
     rounds: list[float] = []
     started: list[float] = []
-    orig = d._pipeline
+    inner = _inner(d)
+    orig = inner._pipeline
 
     def timed(i, calls):
         t0, stalled = time.monotonic(), rc.nodes[0].paused
@@ -158,7 +173,17 @@ def test_a_stalled_primary_costs_a_renewal_one_timeout(m: Members) -> None:
             if i == 0 and stalled:
                 rounds.append(time.monotonic() - t0)
 
-    d._pipeline = timed
+    async def atimed(i, calls):
+        t0, stalled = time.monotonic(), rc.nodes[0].paused
+        if i == 0 and stalled:
+            started.append(t0)
+        try:
+            return await orig(i, calls)
+        finally:
+            if i == 0 and stalled:
+                rounds.append(time.monotonic() - t0)
+
+    inner._pipeline = timed if m.kind == "sync" else atimed
     rc.nodes[0].pause()
     try:
         end = time.monotonic() + 3  # a tick each second; the old way took 6 x 0.3 s
@@ -174,3 +199,45 @@ def test_a_stalled_primary_costs_a_renewal_one_timeout(m: Members) -> None:
     assert all(lk.valid for lk in locks)
     for lk in locks:
         lk.release()
+
+
+def test_an_idle_async_client_does_not_wake_for_its_shards(m: Members) -> None:
+    """An AsyncDLM whose shard subscriptions are open on three cluster members, idle for a
+    second, reads none of them (it waits on their sockets: before, it polled each member's
+    shards 20 times a second); a holder's release then still reaches a waiter at once by
+    its event (lease 10 s: a missed event would be found only by a re-check seconds
+    later)."""
+    if m.kind == "sync":
+        pytest.skip("the sync client's event thread waits on its sockets (selectors)")
+    names = ["idle0", "idle1", "idle2"]
+    m.fresh(names)
+    a, b = m.dlm(), m.dlm()
+    for x in names:
+        a.lock(x, "EX", timeout=5).release()
+        b.lock(x, "EX", timeout=5).release()
+    reads = [0]
+
+    def count(ps: Any) -> None:
+        orig = ps.get_sharded_message
+
+        def counted(*args: Any, **kw: Any) -> Any:
+            reads[0] += 1
+            return orig(*args, **kw)
+
+        ps.get_sharded_message = counted
+
+    for inst in _inner(b)._instances:
+        assert inst.shards is not None and inst.shards.slots
+        count(inst.shards.ps)
+    time.sleep(0.2)  # (the reads that were due)
+    reads[0] = 0
+    time.sleep(1.0)
+    assert reads[0] <= 3, f"{reads[0]} reads of idle shard subscriptions in 1 s"
+    held = a.lock("idle1", "EX", timeout=5)
+    req = b.enqueue("idle1", "EX", timeout=8)
+    time.sleep(0.2)
+    t0 = time.monotonic()
+    held.release()
+    got = req.wait(8)
+    assert time.monotonic() - t0 < 1.0, "the waiter was not woken by its event"
+    got.release()
