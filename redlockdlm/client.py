@@ -33,9 +33,9 @@ from .engine.keys import key_slot, slot_tag
 from .engine.modes import Mode
 from .engine.scripts import packed_command
 from .errors import DLMError, LockTimeout, NotQueued
-from .flows import Broadcast, Flow, Flows, Pipeline, Shielded, Spawn, Wait
+from .flows import Broadcast, Flow, Flows, Pipeline, Shielded, Spawn, Subscribe, Wait
 from .handle import LockBase, MutexBase, RequestBase, check_decorated, check_locked_args
-from .protocol import SLOTTED_SCRIPTS, Call, LockCore, describe
+from .protocol import Call, LockCore, Vote, describe
 from .wire import Round, settle
 
 log = logging.getLogger("redlockdlm")
@@ -296,6 +296,8 @@ class DLM(Flows):
             if isinstance(op, Shielded):
                 self._finish_off(self._run, op.flow)
                 return None
+            if isinstance(op, Subscribe):
+                return self._subscribe_members(op.lk, op.members)
             raise TypeError(f"not an operation: {op!r}")
         finally:
             self._mu.acquire()
@@ -714,15 +716,28 @@ class DLM(Flows):
         return errors
 
     def _subscribe_slot(self, i: int, call: Call) -> None:
-        """Before a call about a hash slot of cluster member i: this owner's shard channel
-        of that slot is subscribed there (confirmed), so no grant event is missed; if that
-        fails, the call goes anyway (the re-check finds the grant)."""
+        """Before a call about a hash slot of cluster member i, for a lock that reads
+        events at that point (`Session.reads_events`: an `on_blocking` lock, a waiting one;
+        N4): this owner's shard channel of that slot is subscribed there (confirmed), so
+        none of its events is missed; if that fails, the call goes anyway (the re-check
+        finds the grant). Any other call goes unsubscribed: a lock granted at once never
+        reads an event, and one that queues subscribes then (`_event_gaps`)."""
         shards = self._instances[i].shards
-        if shards is None or call.name not in SLOTTED_SCRIPTS:
+        if shards is None or call.name not in _EVENT_CALLS:
+            return
+        lk = self._core.locks.get(call[2][3].decode())
+        if lk is None or not self._core.reads_events(lk):
             return
         slot = key_slot(call[1][2])
-        if slot in shards.slots:
-            return
+        if slot not in shards.slots:
+            self._subscribe_to(i, slot)
+
+    def _subscribe_to(self, i: int, slot: int) -> bool:
+        """Subscribe this owner's shard channel of `slot` on cluster member i and wait for
+        the confirmation (bounded: `_Shards.subscribe`). True if it is subscribed now."""
+        shards = self._instances[i].shards
+        if shards is None:
+            return False
         def deliver(ev: codec.Event) -> None:
             with self._mu:
                 self._on_event(i, ev)
@@ -730,11 +745,31 @@ class DLM(Flows):
         core = self._core
         try:
             shards.subscribe(slot, core.slot_channel(slot), deliver,
-                             lambda: {lk.slot for lk in list(core.locks.values())})
+                             lambda: {lk.slot for lk in list(core.locks.values())
+                                      if core.reads_events(lk)})
         except Exception as exc:  # noqa: BLE001 - the shard unreachable...: re-checks
             log.info("instance %s: no event subscription for slot %d yet: %s",
                      self._instances[i].url, slot, describe(exc))
         self._poke()  # the event thread watches the shard's socket
+        return slot in shards.slots
+
+    def _event_gaps(self, lk: LockCore) -> list[int]:
+        """(State lock held.) The cluster members where `lk` is queued or granted while it
+        waits, whose slot channel is not subscribed yet and not tried in this wait."""
+        out = []
+        for i, inst in enumerate(self._instances):
+            shards = inst.shards
+            if (shards is None or i in lk.listening or i in self._core.refused
+                    or lk.votes[i].vote not in (Vote.QUEUED, Vote.GRANTED)):
+                continue
+            if lk.slot not in shards.slots:
+                out.append(i)
+        return out
+
+    def _subscribe_members(self, lk: LockCore, members: Sequence[int]) -> list[int]:
+        """`Subscribe`: `lk`'s slot on each of `members` (state lock released), one after
+        the other; the members where it is subscribed now."""
+        return [i for i in members if self._subscribe_to(i, lk.slot)]
 
     def _watch_shards(self, i: int, inst: Instance) -> None:
         """(Event thread.) Keep the selector on the sockets of the member's shard
@@ -911,7 +946,9 @@ def _reroute(conn: Any, exc: BaseException) -> bool:
     return isinstance(exc, (redis.ConnectionError, OSError))
 
 
-#: shard channels (hash slots) a cluster member keeps subscribed when no lock uses them
+#: calls about one lock (its id their 4th argument) that may need its slot subscribed first
+_EVENT_CALLS = frozenset(("request", "convert", "yield", "cancel"))
+#: shard channels (hash slots) a cluster member keeps subscribed when no lock reads them
 MAX_SLOT_SUBS = 1024
 #: the longest wait for a subscription's confirmation before the call goes without it (s)
 SUBSCRIBE_WAIT_S = 0.5
@@ -919,11 +956,11 @@ SUBSCRIBE_WAIT_S = 0.5
 
 class _Shards:
     """A cluster member's event subscriptions: this owner's shard channel for each hash
-    slot the client has used there (SSUBSCRIBE on the slot's primary; redis-py's
-    `ClusterPubSub` reconnects and follows a slot to its new primary). A slot stays
-    subscribed while the client lives, up to `MAX_SLOT_SUBS` slots: beyond that, the slots
-    no lock of the client uses any more are unsubscribed. `lock` serializes the
-    subscriber (a flow's thread) and the reader (the event thread)."""
+    slot where a lock of the client read events there (N4: an `on_blocking` lock, a lock
+    that waited; SSUBSCRIBE on the slot's primary; redis-py's `ClusterPubSub` reconnects
+    and follows a slot to its new primary). A slot stays subscribed up to `MAX_SLOT_SUBS`
+    slots: beyond that, the slots of no lock that reads events now are unsubscribed.
+    `lock` serializes the subscriber (a flow's thread) and the reader (the event thread)."""
 
     def __init__(self, rc: Any, timeout: float) -> None:
         self.rc = rc

@@ -111,6 +111,16 @@ class Spawn:
 
 
 @dataclass(slots=True)
+class Subscribe:
+    """Subscribe the shard channel of `lk`'s slot on each cluster member of `members`
+    and wait for the confirmations (N4: a lock that waits reads its events). Result: the
+    members where it is subscribed now (those that failed are left to the re-checks)."""
+
+    lk: LockCore
+    members: Sequence[int]
+
+
+@dataclass(slots=True)
 class Shielded:
     """Run `flow` (a clean-up after an interruption) to its end even if the caller is
     interrupted again, bounded by the socket timeouts. Result: None (what it raises is
@@ -163,6 +173,30 @@ class Flows:
     def _wake_renewer(self) -> None:
         """The renewal time (`Session.renew_at`) moved earlier."""
         raise NotImplementedError
+
+    def _event_gaps(self, lk: LockCore) -> list[int]:
+        """The members where `lk`, which reads events now (`Session.reads_events`), is
+        not subscribed to them yet and where its state can change by an event: a `Subscribe`
+        to send before waiting. A transport that subscribes everything before the first
+        call (standalone members, the asyncio client) has none."""
+        return []
+
+    def _listen(self, lk: LockCore) -> Flow:
+        """Before `lk` waits (N4): it reads events from now on; where its slot's channel
+        is not subscribed yet, subscribe it, then re-check the lock there, so that a grant
+        published between the reply and the subscription is not missed. True if it
+        subscribed (the lock's state may have changed meanwhile)."""
+        lk.waits = True
+        gaps = self._event_gaps(lk)
+        if not gaps:
+            return False
+        lk.listening.update(gaps)  # (tried once per wait: a failure is left to re-checks)
+        got = yield Subscribe(lk, gaps)
+        if got and lk.phase in (Phase.ACQUIRING, Phase.CONVERTING):
+            yield from self._send_and_feed(
+                lk, self._core.recheck_cmds(lk, self._now(), only=got),
+                lk.cticket if lk.phase is Phase.CONVERTING else None)
+        return True
 
     # ----------------------------------------------------------------- shared, no I/O
 
@@ -330,6 +364,13 @@ class Flows:
         send what it asks, wait for a change or the time it names, re-ask the instances
         then. A failure is cleaned up on a quorum of instances before the request
         completes: a LockTimeout or NotQueued leaves nothing behind."""
+        try:
+            yield from self._acquiring(lk, req)
+        finally:
+            lk.waits = False  # (granted, failed or withdrawn: no events read for this wait)
+            lk.listening.clear()
+
+    def _acquiring(self, lk: LockCore, req: Any) -> Flow:
         core = self._core
         while lk.phase is Phase.ACQUIRING:
             out = core.evaluate_acquire(lk, self._now())
@@ -347,8 +388,11 @@ class Flows:
                     req._finish(out.error)
                 return
             if out.actions:
+                lk.waits = True  # (a split vote's yields: the lock waits, N4)
                 yield from self._send_and_feed(lk, out.actions)
                 continue
+            if (not lk.waits or self._event_gaps(lk)) and (yield from self._listen(lk)):
+                continue  # (re-evaluated: the subscription or its re-check may settle it)
             if not (yield Wait(lk, out.wake_at)):
                 now = self._now()
                 if lk.phase is Phase.ACQUIRING and not (
@@ -503,6 +547,8 @@ class Flows:
                 yield Shielded(self._abandon_convert(lk, old, down, cmds))
             raise
         finally:
+            lk.waits = False  # (the conversion's wait is over: N4)
+            lk.listening.clear()
             sink = _metrics.sink
             if sink.enabled:
                 sink.request_done("convert", outcome, self._now() - asked)
@@ -522,8 +568,11 @@ class Flows:
             if out.error is not None:
                 break
             if out.actions:
+                lk.waits = True  # (a split vote's yields or re-sends: the lock waits, N4)
                 yield from self._send_and_feed(lk, out.actions, cticket)
                 continue
+            if (not lk.waits or self._event_gaps(lk)) and (yield from self._listen(lk)):
+                continue  # (re-evaluated: the subscription or its re-check may settle it)
             until = out.wake_at if out.wake_at is not None else now + 0.5
             if lk.deadline is not None:
                 until = min(until, lk.deadline)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import enum
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -260,6 +260,12 @@ class LockCore:
         self.user: Any = None
         self.request: Any = None
         self.waker: Any = None
+        #: the lock waits (its request or conversion was not settled by its first round):
+        #: it reads grant events until it is granted or fails (`Session.reads_events`)
+        self.waits = False
+        #: cluster members where the transport subscribed (or tried) the lock's slot for
+        #: this wait (`flows.Flows._event_gaps`)
+        self.listening: set[int] = set()
 
     @property
     def slot(self) -> int:
@@ -522,6 +528,19 @@ class Session:
         elif name == "init":
             keys = [epoch_key(HELLO_SLOT)]
         return Call(name, keys, args)
+
+    def reads_events(self, lk: LockCore) -> bool:
+        """Whether `lk` reads events now, so that on a cluster member its slot's shard
+        channel must be subscribed (N4): a lock with `on_blocking` (BLKAST) from its first
+        call to its release; any other lock only while it waits (`LockCore.waits`: a grant,
+        a split-vote blocking event, a deadlock or break notice of its wait). A lock that
+        is granted at once, or only held, reads none: a break of it is learnt at the next
+        renewal."""
+        if lk.phase not in (Phase.ACQUIRING, Phase.HELD, Phase.CONVERTING):
+            return False
+        if lk.flags & Flag.BLKAST:
+            return True
+        return lk.waits and lk.phase is not Phase.HELD
 
     def slot_channel(self, slot: int) -> bytes:
         """This owner's shard channel for hash slot `slot` of a cluster member (SSUBSCRIBE)."""
@@ -1139,15 +1158,20 @@ class Session:
                 and (v.vote in (Vote.ERROR, Vote.RECOVERING)
                      or (v.vote is Vote.GRANTED and v.mode != lk.rq)))
 
-    def recheck_cmds(self, lk: LockCore, now: float) -> list[tuple[int, tuple]]:
+    def recheck_cmds(self, lk: LockCore, now: float, only: Iterable[int] | None = None
+                     ) -> list[tuple[int, tuple]]:
         """Commands to re-ask instances at a wake-up: the request is idempotent (G12), so
         re-sending it returns the current state and lets the instance purge expired
-        blockers; instances that failed or were recovering get it again too."""
+        blockers; instances that failed or were recovering get it again too. With `only`:
+        those instances alone (a slot subscribed after the lock queued there, N4)."""
         out = []
         retry = (Vote.ERROR, Vote.RECOVERING)
         if lk.phase is Phase.ACQUIRING:
             retry += (Vote.ABSENT,)  # the instance lost our request (restart, expiry)
+        which = None if only is None else set(only)
         for i, v in enumerate(lk.votes):
+            if which is not None and i not in which:
+                continue
             if v.broken:
                 continue  # a broken lock must not come back (`dlm break`)
             if self._conversion_missing(lk, i):
