@@ -36,6 +36,7 @@ from .connection import (
     acluster_round,
     cluster_client,
     cluster_node_ids,
+    deliver_shard_message,
     open_session,
 )
 from .engine import codec
@@ -458,15 +459,7 @@ class _Shards:
                 return
             self.handle(msg, deliver)
 
-    @staticmethod
-    def handle(msg: dict[str, Any], deliver: Callable[[codec.Event], None]) -> None:
-        if msg.get("type") == "smessage":
-            try:
-                ev = codec.parse_event(msg["data"])
-            except (ValueError, DLMError) as exc:
-                log.info("garbled event ignored: %s", describe(exc))
-                return
-            deliver(ev)
+    handle = staticmethod(deliver_shard_message)
 
 
 class AsyncDLM(Flows):

@@ -27,7 +27,7 @@ from typing import Any
 import redis
 from redis.exceptions import InvalidResponse, ResponseError
 
-from .connection import REROUTE, Instance, cluster_round, open_session
+from .connection import REROUTE, Instance, cluster_round, deliver_shard_message, open_session
 from .engine import codec
 from .engine.keys import key_slot, slot_tag
 from .engine.modes import Mode
@@ -1026,15 +1026,7 @@ class _Shards:
                 return
             self._handle(msg, deliver)
 
-    @staticmethod
-    def _handle(msg: dict[str, Any], deliver: Callable[[codec.Event], None]) -> None:
-        if msg.get("type") == "smessage":
-            try:
-                ev = codec.parse_event(msg["data"])
-            except (ValueError, DLMError) as exc:
-                log.info("garbled event ignored: %s", describe(exc))
-                return
-            deliver(ev)
+    _handle = staticmethod(deliver_shard_message)
 
     def sockets(self) -> set[Any]:
         out = set()

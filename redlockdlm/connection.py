@@ -8,6 +8,7 @@ mistake in a URL or connection option is a typed error raised before anything co
 from __future__ import annotations
 
 import functools
+import logging
 import select
 import threading
 import time
@@ -20,11 +21,14 @@ from redis.backoff import NoBackoff
 from redis.driver_info import DriverInfo
 from redis.retry import Retry
 
+from .engine import codec
 from .engine.keys import key_slot
 from .engine.scripts import command
-from .errors import InvalidArgument, InvalidType, MixedTransport
-from .protocol import Call, Session
+from .errors import DLMError, InvalidArgument, InvalidType, MixedTransport
+from .protocol import Call, Session, describe
 from .wire import Round, settle
+
+_log = logging.getLogger("redlockdlm")
 
 #: an idle connection is checked for a close by its peer before reuse once idle this long
 CHECK_IDLE_S = 0.05
@@ -451,3 +455,16 @@ def open_session(instance_cls: Any, urls: Sequence[str] | str, namespace: str, *
                               connect_timeout=connect_timeout, **redis_options) for u in urls]
     core.labels = [inst.url for inst in instances]
     return core, instances
+
+
+def deliver_shard_message(msg: dict[str, Any], deliver: Any) -> None:
+    """One message read from a shard channel subscription (both clients): an event of
+    ours (`smessage`) goes to `deliver`; a garbled one is logged and dropped; subscription
+    confirmations and anything else are ignored."""
+    if msg.get("type") == "smessage":
+        try:
+            ev = codec.parse_event(msg["data"])
+        except (ValueError, DLMError) as exc:
+            _log.info("garbled event ignored: %s", describe(exc))
+            return
+        deliver(ev)

@@ -719,6 +719,22 @@ class RedisClusterServer:
             self.wait_ok()
         self.flushall()
 
+    def migrate_slot(self, slot: int, src: int, dst: int) -> None:
+        """Move `slot` with its keys from node `src` to node `dst`, as `redis-cli --cluster
+        reshard` does (IMPORTING/MIGRATING, MIGRATE, SETSLOT NODE on both)."""
+        s, d = (self._raw(self.nodes[i]) for i in (src, dst))
+        with contextlib.closing(s), contextlib.closing(d):
+            d_id = d.execute_command("CLUSTER", "MYID")
+            s_id = s.execute_command("CLUSTER", "MYID")
+            d.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", s_id)
+            s.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", d_id)
+            keys = s.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1000)
+            if keys:
+                s.execute_command("MIGRATE", HOST, self.nodes[dst].port, "", 0, 5000, "KEYS",
+                                  *keys)
+            for c in (d, s):
+                c.execute_command("CLUSTER", "SETSLOT", slot, "NODE", d_id)
+
     def kill_node(self, i: int) -> None:
         """SIGKILL shard `i`'s primary (its slots are then served by nobody, until a
         failover)."""

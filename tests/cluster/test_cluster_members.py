@@ -213,20 +213,6 @@ def test_duplicate_cluster_member_refused(members: Members) -> None:
         members.dlms.append(d)
 
 
-def _migrate_slot(rc, slot: int, src: int, dst: int) -> None:
-    """Move `slot` with its keys from node `src` to node `dst` of cluster `rc`, as
-    `redis-cli --cluster reshard` does (IMPORTING/MIGRATING, MIGRATE, SETSLOT NODE)."""
-    s, d = (rc.nodes[i].client() for i in (src, dst))
-    d_id = d.execute_command("CLUSTER", "MYID")
-    s_id = s.execute_command("CLUSTER", "MYID")
-    d.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", s_id)
-    s.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", d_id)
-    keys = s.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1000)
-    if keys:
-        s.execute_command("MIGRATE", "127.0.0.1", rc.nodes[dst].port, "", 0, 5000, "KEYS",
-                          *keys)
-    for c in (d, s):
-        c.execute_command("CLUSTER", "SETSLOT", slot, "NODE", d_id)
 
 
 def test_resharding_keeps_a_lock_or_reports_it_lost(members: Members) -> None:
@@ -247,7 +233,7 @@ def test_resharding_keeps_a_lock_or_reports_it_lost(members: Members) -> None:
              members.clusters]
     try:
         for rc, src, dst in moves:
-            _migrate_slot(rc, s, src, dst)
+            rc.migrate_slot(s, src, dst)
         end = time.monotonic() + 3.5  # several leases and renewals
         while time.monotonic() < end:
             try:
@@ -266,7 +252,7 @@ def test_resharding_keeps_a_lock_or_reports_it_lost(members: Members) -> None:
             req.wait(8).release()
     finally:
         for rc, src, dst in moves:
-            _migrate_slot(rc, s, dst, src)
+            rc.migrate_slot(s, dst, src)
 
 
 def test_resharding_with_a_queue_grants_the_waiter_after_the_holder(
@@ -300,7 +286,7 @@ def test_resharding_with_a_queue_grants_the_waiter_after_the_holder(
     moved = []
     try:
         for rc, src, dst in moves:
-            _migrate_slot(rc, s, src, dst)
+            rc.migrate_slot(s, src, dst)
             moved.append((rc, src, dst))
         # several renewals of both clients, the new epochs' rejoin window (E2) included
         end = time.monotonic() + 3.5
@@ -350,7 +336,7 @@ def test_resharding_with_a_queue_grants_the_waiter_after_the_holder(
         lb.release()
     finally:
         for rc, src, dst in moved:
-            _migrate_slot(rc, s, dst, src)
+            rc.migrate_slot(s, dst, src)
 
 
 def test_least_privilege_user_on_cluster_members(members: Members) -> None:

@@ -24,7 +24,6 @@ from redis_harness import RedisClusterServer
 from redlockdlm.errors import NotQueued
 
 from .conftest import Members, slot_of
-from .test_cluster_members import _migrate_slot
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -94,7 +93,7 @@ def test_moved_after_resharding_is_followed_and_the_lock_stays_correct(m: Member
              for rc in m.clusters]
     try:
         for rc, src, dst in moves:
-            _migrate_slot(rc, s, src, dst)
+            rc.migrate_slot(s, src, dst)
         # (the new primaries see epochs of another process: E2, a rejoin window to wait)
         lk = a.lock(n, "EX", timeout=8)
         assert lk.valid
@@ -110,7 +109,7 @@ def test_moved_after_resharding_is_followed_and_the_lock_stays_correct(m: Member
         assert calls[0] == 0, "the map did not learn the slot's new primary"
     finally:
         for rc, src, dst in moves:
-            _migrate_slot(rc, s, dst, src)
+            rc.migrate_slot(s, dst, src)
 
 
 def _free_port() -> int:

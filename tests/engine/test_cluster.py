@@ -213,19 +213,6 @@ def test_e1_a_primary_restarted_empty_recovers_its_slots_only(
     assert rep.status == QUEUED and rep.epoch == before[b]  # the lock held there stands
 
 
-def _migrate_slot(rc: RedisClusterServer, slot: int, src: int, dst: int) -> None:
-    """Move `slot` with its keys from node `src` to node `dst` (as redis-cli --cluster
-    reshard does: IMPORTING/MIGRATING, MIGRATE, SETSLOT NODE on both)."""
-    s, d = (rc.nodes[i].client() for i in (src, dst))
-    d_id = d.execute_command("CLUSTER", "MYID")
-    s_id = s.execute_command("CLUSTER", "MYID")
-    d.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", s_id)
-    s.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", d_id)
-    keys = s.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1000)
-    if keys:
-        s.execute_command("MIGRATE", "127.0.0.1", rc.nodes[dst].port, "", 0, 5000, "KEYS", *keys)
-    for c in (d, s):
-        c.execute_command("CLUSTER", "SETSLOT", slot, "NODE", d_id)
 
 
 def test_e2_a_slot_migrated_to_another_shard_gets_a_new_epoch(
@@ -243,7 +230,7 @@ def test_e2_a_slot_migrated_to_another_shard_gets_a_new_epoch(
     assert e.request(b, "o1", "warm", PR, ticket=1, lease_ms=LEASE).status == GRANTED
     old = e.status(e.slot_of(a)).epoch
     try:
-        _migrate_slot(rc, e.slot_of(a), src, dst)
+        rc.migrate_slot(e.slot_of(a), src, dst)
         e2 = Engine(rc.client(), NS, rejoin_ms=60_000)
         assert e2.client.get_node_from_key(a).port == rc.nodes[dst].port
         rep = e2.request(a, "o2", "x", EX, ticket=2, lease_ms=LEASE)
@@ -252,7 +239,7 @@ def test_e2_a_slot_migrated_to_another_shard_gets_a_new_epoch(
         # the destination's own slots are untouched
         assert e2.request(b, "o2", "y", PR, ticket=3, lease_ms=LEASE).status == GRANTED
     finally:
-        _migrate_slot(rc, e.slot_of(a), dst, src)  # (the module's cluster as created)
+        rc.migrate_slot(e.slot_of(a), dst, src)  # (the module's cluster as created)
 
 
 # ----------------------------------------------------------------- K1: each server its layout
