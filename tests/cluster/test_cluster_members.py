@@ -300,32 +300,40 @@ def test_resharding_with_a_queue_grants_the_waiter_after_the_holder(
             return
         assert not req.done, "the waiter was granted while the holder holds the lock"
 
-        # `dlm show`: the holder granted and the waiter queued, on every member
-        merged, outcomes = admin.resource(targets, [n])
-        assert all(o.ok for o in outcomes), [o.error for o in outcomes]
-        assert [m.owner for m in merged.queue("G")] == [a.owner]
-        assert [m.owner for m in merged.queue("W")] == [b.owner]
-        # A member whose new epoch (E2) made the holder's renewal see its vote lost may lack
-        # the holder's lock for a while (R2: it re-joins after the rejoin wait); the holder
-        # still holds a quorum (it is valid), so at most N - Q members lack it, and nothing
-        # else may differ.
+        # `dlm show`: the holder granted and the waiter queued. The slot's new epoch (E2)
+        # costs each client its entries on a member for a while: the holder's renewal sees
+        # its vote lost there (R2, it re-joins after the rejoin wait) and the waiter's
+        # re-check re-queues it. So, within a few re-check periods: the holder granted and
+        # the waiter queued on a quorum each, and nothing else differs between members.
         quorum = len(targets) // 2 + 1
-        assert merged.present_on >= quorum, merged.present_on
-        absent = [d for d in merged.divergences if d.startswith(f"lock {lk.id} ")
-                  and " absent on " in d]
-        assert len(absent) <= len(targets) - quorum, merged.divergences
-        assert set(merged.divergences) == set(absent), merged.divergences
-        # the detector: b's request is a waiter on every member (the per-slot index moved)
+        mine = (f"({a.owner}) absent on ", f"({b.owner}) absent on ")
+        deadline = time.monotonic() + 4.0
+        while True:
+            merged, outcomes = admin.resource(targets, [n])
+            assert all(o.ok for o in outcomes), [o.error for o in outcomes]
+            assert [m.owner for m in merged.queue("G")] in ([a.owner], [a.owner, b.owner]), \
+                merged  # (b granted on a minority only: the loop above found no two holders)
+            absent = {who: [d.split(" absent on ", 1)[1].split(", ")
+                            for d in merged.divergences if who in d] for who in mine}
+            others = [d for d in merged.divergences if not any(w in d for w in mine)]
+            lacking_a = {u for us in absent[mine[0]] for u in us}
+            lacking_b = {u for us in absent[mine[1]] for u in us}
+            settled = ([m.owner for m in merged.queue("W")] == [b.owner] and not others
+                       and len(lacking_a) <= len(targets) - quorum
+                       and len(lacking_b) <= len(targets) - quorum)
+            if settled or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert settled, merged
+        # the detector: b's request is a waiter on every member that has it queued (the
+        # per-slot index went along with the slot, or was written again by the re-queue)
         with Detector(admin.connect(live, NS, timeout_s=2.0), NS, 0.05,
                       reap_every=0) as det:
             snap = det.run_once().snapshot
         assert [i.error for i in snap.instances] == [None] * len(targets)
-        lacking = {u for d in absent for u in d.split(" absent on ", 1)[1].split(", ")}
-        for inst in snap.instances:
-            if inst.label in lacking:  # (b may hold that member's vote: a minority)
-                continue
-            assert any(key.endswith(n.encode() + b"}") for _, key in inst.waiters), \
-                (inst.label, inst.waiters)
+        seen = sum(1 for inst in snap.instances
+                   if any(key.endswith(n.encode() + b"}") for _, key in inst.waiters))
+        assert seen >= quorum, [(i.label, i.waiters) for i in snap.instances]
 
         t0 = time.monotonic()
         lk.release()
