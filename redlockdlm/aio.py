@@ -37,16 +37,18 @@ from .connection import (
     cluster_client,
     cluster_node_ids,
     deliver_shard_message,
+    event_gaps,
+    event_slot,
+    event_slots,
     open_session,
 )
 from .engine import codec
-from .engine.keys import key_slot
 from .engine.modes import Mode
 from .engine.scripts import packed_command
 from .errors import DLMError, LockTimeout, NotQueued
-from .flows import Broadcast, Flow, Flows, Pipeline, Shielded, Spawn, Wait
+from .flows import Broadcast, Flow, Flows, Pipeline, Shielded, Spawn, Subscribe, Wait
 from .handle import LockBase, MutexBase, RequestBase, check_decorated, check_locked_args
-from .protocol import SLOTTED_SCRIPTS, Call, LockCore, describe
+from .protocol import Call, LockCore, describe
 from .wire import Round, missing, settle
 
 log = logging.getLogger("redlockdlm")
@@ -334,7 +336,7 @@ class _Instance(Pooled):
                 await self.cluster.aclose()
 
 
-#: shard channels (hash slots) a cluster member keeps subscribed when no lock uses them
+#: shard channels (hash slots) a cluster member keeps subscribed when no lock reads them
 MAX_SLOT_SUBS = 1024
 #: the longest the reader of a cluster member's events waits on its shards' sockets
 #: before it reads them anyway (s): a broken connection shows at once (its end, an error)
@@ -347,13 +349,16 @@ SUBSCRIBE_WAIT_S = 0.5
 
 
 class _Shards:
-    """`client._Shards` for asyncio: this owner's shard channel per hash slot used on a
-    cluster member (redis-py's cluster pub/sub: SSUBSCRIBE on the slot's primary, a
-    reconnect and a slot's move to a new primary followed there). The subscriber (a flow's
-    task) and the reader (`AsyncDLM._events`) take `lock` in turn. The reader waits,
-    holding it, until one of the shards' sockets has data (its end, an error) or a
-    subscriber `poke`s it: an idle client does not wake, however many members and slots;
-    a subscriber waits for its turn no longer than the reader takes to let go."""
+    """`client._Shards` for asyncio: this owner's shard channel for each hash slot where a
+    lock of the client read events on a cluster member (N4: an `on_blocking` lock, a lock
+    that waited; redis-py's cluster pub/sub: SSUBSCRIBE on the slot's primary, a reconnect
+    and a slot's move to a new primary followed there). A slot stays subscribed up to
+    `MAX_SLOT_SUBS` slots: beyond that, the slots of no lock that reads events now are
+    unsubscribed. The subscriber (a flow's task) and the reader (`AsyncDLM._events`) take
+    `lock` in turn. The reader waits, holding it, until one of the shards' sockets has
+    data (its end, an error) or a subscriber `poke`s it: an idle client does not wake,
+    however many members and slots; a subscriber waits for its turn no longer than the
+    reader takes to let go."""
 
     def __init__(self, rc: Any, timeout: float) -> None:
         self.rc = rc
@@ -371,11 +376,14 @@ class _Shards:
         if self._wake is not None:
             self._wake.fire()
 
-    async def subscribe(self, slot: int, channel: bytes,
-                        deliver: Callable[[codec.Event], None]) -> None:
-        """SSUBSCRIBE `channel` (of `slot`) and wait for its confirmation (events read
-        meanwhile go to `deliver`), bounded by the socket timeout and `SUBSCRIBE_WAIT_S`;
-        after a failure the slot is not tried again for a second."""
+    async def subscribe(self, slot: int, channel_of: Callable[[int], bytes],
+                        deliver: Callable[[codec.Event], None],
+                        in_use: Callable[[], set[int]]) -> None:
+        """SSUBSCRIBE this owner's channel of `slot` (`channel_of(slot)`) and wait for its
+        confirmation (events read meanwhile go to `deliver`), bounded by the socket timeout
+        and `SUBSCRIBE_WAIT_S`; after a failure the slot is not tried again for a second.
+        With `MAX_SLOT_SUBS` slots subscribed already, those not in `in_use()` (the slots
+        of the locks that read events now) are unsubscribed first."""
         loop = asyncio.get_running_loop()
         if loop.time() < self.retry_at.get(slot, 0.0):
             return  # (failed a moment ago: the call goes without it, as then)
@@ -385,15 +393,23 @@ class _Shards:
             async with self.lock:
                 if slot in self.slots:
                     return
-                await self._subscribe(slot, channel, deliver)
+                await self._subscribe(slot, channel_of, deliver, in_use)
         except BaseException:
             self.retry_at[slot] = loop.time() + 1.0
             raise
         finally:
             self._wanted -= 1
 
-    async def _subscribe(self, slot: int, channel: bytes,
-                         deliver: Callable[[codec.Event], None]) -> None:
+    async def _subscribe(self, slot: int, channel_of: Callable[[int], bytes],
+                         deliver: Callable[[codec.Event], None],
+                         in_use: Callable[[], set[int]]) -> None:
+        if len(self.slots) >= MAX_SLOT_SUBS:
+            used = in_use()
+            drop = [s for s in self.slots if s not in used]
+            if drop:
+                await self.ps.sunsubscribe(*[channel_of(s) for s in drop])
+                self.slots.difference_update(drop)
+        channel = channel_of(slot)
         await self.ps.ssubscribe(channel)
         node = self.rc.get_node_from_key(channel)
         loop = asyncio.get_running_loop()
@@ -716,6 +732,8 @@ class AsyncDLM(Flows):
         if isinstance(op, Shielded):
             await self._clean_up(self._run(op.flow))
             return None
+        if isinstance(op, Subscribe):
+            return await self._subscribe_members(op.lk, op.members)
         raise TypeError(f"not an operation: {op!r}")
 
     async def _wait(self, lk: LockCore, until: float | None) -> bool:
@@ -801,20 +819,42 @@ class AsyncDLM(Flows):
         return errors
 
     async def _subscribe_slot(self, i: int, call: Call) -> None:
-        """`DLM._subscribe_slot`: this owner's shard channel of the call's slot on cluster
-        member i, subscribed (confirmed) before the call is sent."""
+        """`DLM._subscribe_slot`: before a call about a hash slot of cluster member i, for
+        a lock that reads events at that point (`Session.reads_events`: an `on_blocking`
+        lock, a waiting one; N4), this owner's shard channel of that slot subscribed there
+        (confirmed); if that fails, the call goes anyway (the re-check finds the grant).
+        Any other call goes unsubscribed: a lock granted at once never reads an event, and
+        one that queues subscribes then (`_event_gaps`)."""
         shards = self._instances[i].shards
-        if shards is None or call.name not in SLOTTED_SCRIPTS:
-            return
-        slot = key_slot(call[1][2])
-        if slot in shards.slots:
-            return
+        slot = None if shards is None else event_slot(self._core, shards.slots, call)
+        if slot is not None:
+            await self._subscribe_to(i, slot)
+
+    async def _subscribe_to(self, i: int, slot: int) -> bool:
+        """Subscribe this owner's shard channel of `slot` on cluster member i and wait for
+        the confirmation (bounded: `_Shards.subscribe`). True if it is subscribed now."""
+        shards = self._instances[i].shards
+        if shards is None:
+            return False
+        core = self._core
         try:
-            await shards.subscribe(slot, self._core.slot_channel(slot),
-                                   functools.partial(self._on_event, i))
+            await shards.subscribe(slot, core.slot_channel, functools.partial(self._on_event, i),
+                                   lambda: event_slots(core))
         except Exception as exc:  # noqa: BLE001 - the shard unreachable...: re-checks
             log.info("instance %s: no event subscription for slot %d yet: %s",
                      self._instances[i].url, slot, describe(exc))
+        return slot in shards.slots
+
+    def _event_gaps(self, lk: LockCore) -> list[int]:
+        """The cluster members where `lk` is queued or granted while it waits, whose slot
+        channel is not subscribed yet and not tried in this wait (`connection.event_gaps`)."""
+        return event_gaps(self._core, self._instances, lk)
+
+    async def _subscribe_members(self, lk: LockCore, members: Sequence[int]) -> list[int]:
+        """`Subscribe`: `lk`'s slot on each of `members`, all at once (each member's own
+        subscription and confirmation); the members where it is subscribed now."""
+        got = await asyncio.gather(*[self._subscribe_to(i, lk.slot) for i in members])
+        return [i for i, ok in zip(members, got) if ok]
 
     async def _cluster_call(self, i: int, call: Call) -> list[Any]:
         inst = self._instances[i]

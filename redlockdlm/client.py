@@ -27,15 +27,24 @@ from typing import Any
 import redis
 from redis.exceptions import InvalidResponse, ResponseError
 
-from .connection import REROUTE, Instance, cluster_round, deliver_shard_message, open_session
+from .connection import (
+    REROUTE,
+    Instance,
+    cluster_round,
+    deliver_shard_message,
+    event_gaps,
+    event_slot,
+    event_slots,
+    open_session,
+)
 from .engine import codec
-from .engine.keys import key_slot, slot_tag
+from .engine.keys import slot_tag
 from .engine.modes import Mode
 from .engine.scripts import packed_command
 from .errors import DLMError, LockTimeout, NotQueued
 from .flows import Broadcast, Flow, Flows, Pipeline, Shielded, Spawn, Subscribe, Wait
 from .handle import LockBase, MutexBase, RequestBase, check_decorated, check_locked_args
-from .protocol import Call, LockCore, Vote, describe
+from .protocol import Call, LockCore, describe
 from .wire import Round, settle
 
 log = logging.getLogger("redlockdlm")
@@ -723,13 +732,8 @@ class DLM(Flows):
         finds the grant). Any other call goes unsubscribed: a lock granted at once never
         reads an event, and one that queues subscribes then (`_event_gaps`)."""
         shards = self._instances[i].shards
-        if shards is None or call.name not in _EVENT_CALLS:
-            return
-        lk = self._core.locks.get(call[2][3].decode())
-        if lk is None or not self._core.reads_events(lk):
-            return
-        slot = key_slot(call[1][2])
-        if slot not in shards.slots:
+        slot = None if shards is None else event_slot(self._core, shards.slots, call)
+        if slot is not None:
             self._subscribe_to(i, slot)
 
     def _subscribe_to(self, i: int, slot: int) -> bool:
@@ -745,8 +749,7 @@ class DLM(Flows):
         core = self._core
         try:
             shards.subscribe(slot, core.slot_channel(slot), deliver,
-                             lambda: {lk.slot for lk in list(core.locks.values())
-                                      if core.reads_events(lk)})
+                             lambda: event_slots(core))
         except Exception as exc:  # noqa: BLE001 - the shard unreachable...: re-checks
             log.info("instance %s: no event subscription for slot %d yet: %s",
                      self._instances[i].url, slot, describe(exc))
@@ -756,15 +759,7 @@ class DLM(Flows):
     def _event_gaps(self, lk: LockCore) -> list[int]:
         """(State lock held.) The cluster members where `lk` is queued or granted while it
         waits, whose slot channel is not subscribed yet and not tried in this wait."""
-        out = []
-        for i, inst in enumerate(self._instances):
-            shards = inst.shards
-            if (shards is None or i in lk.listening or i in self._core.refused
-                    or lk.votes[i].vote not in (Vote.QUEUED, Vote.GRANTED)):
-                continue
-            if lk.slot not in shards.slots:
-                out.append(i)
-        return out
+        return event_gaps(self._core, self._instances, lk)
 
     def _subscribe_members(self, lk: LockCore, members: Sequence[int]) -> list[int]:
         """`Subscribe`: `lk`'s slot on each of `members` (state lock released), one after
@@ -946,8 +941,6 @@ def _reroute(conn: Any, exc: BaseException) -> bool:
     return isinstance(exc, (redis.ConnectionError, OSError))
 
 
-#: calls about one lock (its id their 4th argument) that may need its slot subscribed first
-_EVENT_CALLS = frozenset(("request", "convert", "yield", "cancel"))
 #: shard channels (hash slots) a cluster member keeps subscribed when no lock reads them
 MAX_SLOT_SUBS = 1024
 #: the longest wait for a subscription's confirmation before the call goes without it (s)

@@ -25,7 +25,7 @@ from .engine import codec
 from .engine.keys import key_slot
 from .engine.scripts import command
 from .errors import DLMError, InvalidArgument, InvalidType, MixedTransport
-from .protocol import Call, Session, describe
+from .protocol import Call, LockCore, Session, Vote, describe
 from .wire import Round, settle
 
 _log = logging.getLogger("redlockdlm")
@@ -468,3 +468,44 @@ def deliver_shard_message(msg: dict[str, Any], deliver: Any) -> None:
             _log.info("garbled event ignored: %s", describe(exc))
             return
         deliver(ev)
+
+
+#: calls about one lock (its id their 4th argument) that may need its slot subscribed first
+EVENT_CALLS = frozenset(("request", "convert", "yield", "cancel"))
+
+
+def event_slot(core: Session, subscribed: set[int], call: Call) -> int | None:
+    """N4, before `call` (in a cluster member's layout) goes to a cluster member whose
+    subscribed slots are `subscribed` (both clients): the hash slot whose shard channel
+    must be subscribed first, if the call is about a lock that reads events now
+    (`Session.reads_events`: an `on_blocking` lock, a waiting one) and its slot is not
+    subscribed yet; otherwise None (a lock granted at once never reads an event, and one
+    that queues subscribes then: `event_gaps`)."""
+    if call.name not in EVENT_CALLS:
+        return None
+    lk = core.locks.get(call[2][3].decode())
+    if lk is None or not core.reads_events(lk):
+        return None
+    slot = key_slot(call[1][2])
+    return None if slot in subscribed else slot
+
+
+def event_gaps(core: Session, instances: Sequence[Any], lk: LockCore) -> list[int]:
+    """N4 (both clients): the cluster members where `lk`, which waits, is queued or granted
+    and whose shard channel of its slot is neither subscribed nor tried in this wait
+    (`LockCore.listening`): where a `flows.Subscribe` must go before it waits."""
+    out = []
+    for i, inst in enumerate(instances):
+        shards = inst.shards
+        if (shards is None or i in lk.listening or i in core.refused
+                or lk.votes[i].vote not in (Vote.QUEUED, Vote.GRANTED)):
+            continue
+        if lk.slot not in shards.slots:
+            out.append(i)
+    return out
+
+
+def event_slots(core: Session) -> set[int]:
+    """The hash slots of the locks that read events now (N4): a cluster member's slots
+    that must stay subscribed when it prunes the others past `MAX_SLOT_SUBS`."""
+    return {lk.slot for lk in list(core.locks.values()) if core.reads_events(lk)}

@@ -177,8 +177,8 @@ class Flows:
     def _event_gaps(self, lk: LockCore) -> list[int]:
         """The members where `lk`, which reads events now (`Session.reads_events`), is
         not subscribed to them yet and where its state can change by an event: a `Subscribe`
-        to send before waiting. A transport that subscribes everything before the first
-        call (standalone members, the asyncio client) has none."""
+        to send before waiting. A transport whose channel is subscribed before the
+        first call (standalone members, the simulator) has none."""
         return []
 
     def _listen(self, lk: LockCore) -> Flow:

@@ -211,9 +211,9 @@ def test_an_idle_async_client_does_not_wake_for_its_shards(m: Members) -> None:
     names = ["idle0", "idle1", "idle2"]
     m.fresh(names)
     a, b = m.dlm(), m.dlm()
-    for x in names:
+    for x in names:  # (b's with on_blocking: their slots subscribed, N4, and left so)
         a.lock(x, "EX", timeout=5).release()
-        b.lock(x, "EX", timeout=5).release()
+        b.lock(x, "EX", timeout=5, on_blocking=lambda mode: None).release()
     reads = [0]
 
     def count(ps: Any) -> None:

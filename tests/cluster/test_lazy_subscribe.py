@@ -1,13 +1,16 @@
-"""Shard subscriptions of the sync client on Redis Cluster members (N4, issue 13): a slot's
-shard channel is subscribed only when the client reads its events. What is checked is what
+"""Shard subscriptions on Redis Cluster members (N4, issue 13), for both clients (the sync
+DLM and AsyncDLM behind its blocking facade): a slot's shard channel is subscribed only when
+the client reads its events. What is checked is what
 the nodes and a user see: an uncontended lock and release over many slots makes no
 SSUBSCRIBE; a waiter is still granted by its event, also when the grant is published
 between its QUEUED reply and its subscription; an `on_blocking` holder still gets its
 blocking notification; a conversion that queues is granted by its event; a held lock broken
-by an operator learns it by its next renewal."""
+by an operator learns it by its next renewal; past the limit of subscribed slots, those of
+no lock that reads events are unsubscribed."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import threading
 import time
@@ -17,7 +20,9 @@ from typing import Any
 import pytest
 from redis_harness import RedisClusterServer
 
+from redlockdlm import aio
 from redlockdlm import client as sync_client
+from redlockdlm.protocol import Vote
 
 from .conftest import NS, Members
 
@@ -26,15 +31,14 @@ pytestmark = pytest.mark.timeout(90)
 
 @pytest.fixture(scope="module")
 def layout() -> Iterator[list[Any]]:
-    """Three members, each a 3-primary cluster (the asyncio client subscribes before every
-    call: these tests are about the sync client)."""
+    """Three members, each a 3-primary cluster."""
     with contextlib.ExitStack() as stack:
         yield [stack.enter_context(RedisClusterServer(3)) for _ in range(3)]
 
 
-@pytest.fixture
-def members(layout: list[Any]) -> Iterator[Members]:
-    m = Members(layout, "sync")
+@pytest.fixture(params=["sync", "async"])
+def members(layout: list[Any], request: pytest.FixtureRequest) -> Iterator[Members]:
+    m = Members(layout, request.param)
     m.reset()
     yield m
     m.close()
@@ -48,6 +52,11 @@ def ssubscribes(members: Members) -> int:
             with contextlib.closing(node.client()) as c:
                 total += c.info("commandstats").get("cmdstat_ssubscribe", {}).get("calls", 0)
     return total
+
+
+def _module(members: Members) -> Any:
+    """The module of the client under test (its `_Shards`, its `MAX_SLOT_SUBS`)."""
+    return aio if members.kind == "async" else sync_client
 
 
 def subscribers(members: Members, d: Any, name: str) -> list[int]:
@@ -104,19 +113,35 @@ def test_grant_published_before_the_subscription_is_not_missed(
     a, b = members.dlm(lease_ms=10_000), members.dlm(lease_ms=10_000)
     la = a.lock("gap", "EX")
     released: list[float] = []
-    real = sync_client._Shards.subscribe
+    queued_first: list[bool] = []  # (b's request queued when it first subscribes)
+    shards = _module(members)._Shards
+    real = shards.subscribe
 
-    def late_subscribe(self: Any, *args: Any, **kw: Any) -> None:
+    def first_subscription() -> None:
         if not released:  # (only b subscribes: a's lock never waits)
+            queued_first.append(any(v.vote is Vote.QUEUED for lk in list(b._core.locks.values())
+                                    for v in lk.votes))
             la.release()
             released.append(time.monotonic())
+
+    def late_subscribe(self: Any, *args: Any, **kw: Any) -> None:
+        if not released:
+            first_subscription()
             time.sleep(0.1)  # the grant events are published now, unsubscribed
         real(self, *args, **kw)
 
-    monkeypatch.setattr(sync_client._Shards, "subscribe", late_subscribe)
+    async def alate_subscribe(self: Any, *args: Any, **kw: Any) -> None:
+        if not released:
+            first_subscription()  # (a's facade: its own loop; b's loop waits meanwhile)
+            await asyncio.sleep(0.1)  # the grant events are published now, unsubscribed
+        await real(self, *args, **kw)
+
+    monkeypatch.setattr(shards, "subscribe",
+                        alate_subscribe if members.kind == "async" else late_subscribe)
     req = b.enqueue("gap", "EX", timeout=8)
     lb = req.wait(8)
     assert released, "the waiter never subscribed"
+    assert queued_first == [True], "the waiter subscribed before its request was queued"
     took = time.monotonic() - released[0]
     # without the re-check, the lease's third (3.3 s) would be the first look
     assert took < 1.0, f"granted {took:.3f} s after the release"
@@ -128,6 +153,7 @@ def test_on_blocking_fires_on_cluster_members(members: Members) -> None:
     a, b = members.dlm(lease_ms=10_000), members.dlm(lease_ms=10_000)
     got = threading.Event()
     la = a.lock("blk", "EX", on_blocking=lambda mode: got.set())
+    assert subscribers(members, a, "blk") == [1, 1, 1]  # BLKAST: from its first call
     req = b.enqueue("blk", "PR", timeout=8)
     assert got.wait(1.0), "the holder's on_blocking never ran"
     la.release()
@@ -139,6 +165,7 @@ def test_queued_conversion_granted_by_its_event(members: Members) -> None:
     a, b = members.dlm(lease_ms=10_000), members.dlm(lease_ms=10_000)
     la = a.lock("cq", "PR")
     lb = b.lock("cq", "PR")
+    assert subscribers(members, b, "cq") == [0, 0, 0]  # granted at once: reads no event
     done: list[float] = []
     errors: list[BaseException] = []
 
@@ -153,6 +180,7 @@ def test_queued_conversion_granted_by_its_event(members: Members) -> None:
     t.start()
     time.sleep(0.3)  # the conversion waits behind a's PR on every member
     assert not done and not errors
+    assert subscribers(members, b, "cq") == [1, 1, 1]
     t0 = time.monotonic()
     la.release()
     t.join(9)
@@ -170,8 +198,38 @@ def test_broken_holder_learns_it_by_its_next_renewal(members: Members) -> None:
     d = members.dlm(lease_ms=3_000)
     lost = threading.Event()
     lk = d.lock("brk", "EX", on_lost=lambda _lock: lost.set())
+    assert subscribers(members, d, "brk") == [0, 0, 0]  # held, without on_blocking
     t0 = time.monotonic()
     admin.break_locks(admin.connect(members.urls, NS), ["brk"], lock_id=lk.id)
     assert lost.wait(1.0 + 0.5), "the broken holder was not reported lost by its renewal"
     assert time.monotonic() - t0 < 1.5
     assert not lk.valid
+
+
+def test_unused_slots_unsubscribed_past_the_limit(members: Members,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slot stays subscribed after its lock is released, up to the limit of subscribed
+    slots per member; the next slot subscribed past it unsubscribes those of no lock that
+    reads events now, and keeps the slot of an `on_blocking` lock still held."""
+    from .conftest import slot_of
+
+    names = ["p0", "p1", "p2", "p3"]
+    assert len({slot_of(n) for n in names}) == 4
+    members.fresh(names)
+    monkeypatch.setattr(_module(members), "MAX_SLOT_SUBS", 3)
+    d = members.dlm(lease_ms=10_000)
+    keep = d.lock("p0", "EX", on_blocking=lambda mode: None)  # reads events while held
+    for n in ("p1", "p2"):
+        d.lock(n, "EX", on_blocking=lambda mode: None).release()
+    assert subscribers(members, d, "p1") == [1, 1, 1]  # (under the limit: kept)
+    last = d.lock("p3", "EX", on_blocking=lambda mode: None)  # the 4th slot: past it
+    end = time.monotonic() + 2.0
+    while time.monotonic() < end and (subscribers(members, d, "p1") != [0, 0, 0]
+                                      or subscribers(members, d, "p2") != [0, 0, 0]):
+        time.sleep(0.05)  # (the SUNSUBSCRIBE is not waited for)
+    assert subscribers(members, d, "p1") == [0, 0, 0]
+    assert subscribers(members, d, "p2") == [0, 0, 0]
+    assert subscribers(members, d, "p0") == [1, 1, 1]
+    assert subscribers(members, d, "p3") == [1, 1, 1]
+    keep.release()
+    last.release()
