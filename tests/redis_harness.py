@@ -734,6 +734,37 @@ class RedisClusterServer:
                                   *keys)
             for c in (d, s):
                 c.execute_command("CLUSTER", "SETSLOT", slot, "NODE", d_id)
+        # as redis-cli does, tell the other primaries too, then wait until every running
+        # node maps the slot to `dst`: a node that learns it only by gossip would answer
+        # CLUSTER SLOTS with the old owner meanwhile, and a client re-reading the topology
+        # there would go back to it (CI saw this)
+        for i, node in enumerate(self.nodes):
+            if i not in (src, dst) and node.running and not node.paused:
+                with contextlib.closing(self._raw(node)) as c:
+                    c.execute_command("CLUSTER", "SETSLOT", slot, "NODE", d_id)
+        self._wait_slot_owner(slot, self.nodes[dst].port)
+
+    def _wait_slot_owner(self, slot: int, port: int, timeout: float = 10.0) -> None:
+        """Until every running node's CLUSTER SLOTS maps `slot` to the node on `port`;
+        RedisServerError after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            agreed = True
+            for node in self._all():
+                if node is None or not node.running or node.paused:
+                    continue
+                with contextlib.closing(self._raw(node)) as c:
+                    owners = [int(r[2][1]) for r in c.execute_command("CLUSTER", "SLOTS")
+                              if int(r[0]) <= slot <= int(r[1])]
+                if owners != [port]:
+                    agreed = False
+                    break
+            if agreed:
+                return
+            if time.monotonic() > deadline:
+                raise RedisServerError(f"the nodes of {self!r} do not agree that slot "
+                                       f"{slot} is served on port {port}")
+            time.sleep(0.02)
 
     def kill_node(self, i: int) -> None:
         """SIGKILL shard `i`'s primary (its slots are then served by nobody, until a
