@@ -1142,14 +1142,9 @@ class AsyncDLM(Flows):
         inst = self._instances[i]
         routes = inst.routes
         out: list[Any] = [_REROUTED] * len(calls)
-        groups: dict[str, tuple[Any, list[int]]] = {}
-        for k, c in enumerate(calls):
-            node = routes.node(c)
-            if node is not None:
-                groups.setdefault(node.name, (node, []))[1].append(k)
         written: list[tuple[Any, list[int]]] = []
         try:
-            for node, idx in groups.values():
+            for node, idx in routes.by_primary(calls):
                 conn = routes.get(node)
                 try:
                     await self._write(conn, [packed_command(*calls[k]) for k in idx])

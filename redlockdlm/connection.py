@@ -266,6 +266,16 @@ class Routes:
         except (redis.exceptions.SlotNotCoveredError, KeyError):
             return None
 
+    def by_primary(self, calls: Sequence[Call]) -> list[tuple[Any, list[int]]]:
+        """The indexes of `calls` grouped by their slot's primary (`node`), each primary
+        with its calls in order; a call with no route is in no group."""
+        groups: dict[str, tuple[Any, list[int]]] = {}
+        for k, c in enumerate(calls):
+            node = self.node(c)
+            if node is not None:
+                groups.setdefault(node.name, (node, []))[1].append(k)
+        return list(groups.values())
+
     def get(self, node: Any) -> Any:
         """A connection of our own to `node` (idle ones checked as `Pooled.get` does); a
         new one, with the member's options, connects on its first command."""

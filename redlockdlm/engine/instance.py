@@ -13,6 +13,7 @@ import os
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -55,15 +56,23 @@ def call_script(client: redis.Redis, name: str, keys: Sequence[bytes], args: Seq
         keys = list(keys)
     if type(args) is not list:
         args = list(args)
+    if link is not None:
+        send = functools.partial(link.execute, packed_command(name, keys, args))
+    else:
+        send = functools.partial(client.execute_command, *command(name, keys, args))
+    return _settle(name, keys, args, send, functools.partial(_pipelined, client))
+
+
+def _settle(name: str, keys: list, args: list, send: Callable[[], Any],
+            again: Callable[[Sequence[tuple]], list]) -> Any:
+    """The reply of script call `name` whose first attempt `send` makes (an error reply
+    as a value), settled by `wire.Round` with `again` sending what it needs (FUNCTION
+    LOAD, the call again, EVAL), DLM_ errors mapped: the tail both call paths share."""
     try:
-        if link is not None:
-            first = link.execute(packed_command(name, keys, args))
-        else:
-            first = client.execute_command(*command(name, keys, args))
+        first = send()
     except ResponseError as exc:
         first = exc
-    rnd = Round([(name, keys, args)])
-    return script_reply(rnd.drive([first], functools.partial(_pipelined, client))[0])
+    return script_reply(Round([(name, keys, args)]).drive([first], again)[0])
 
 
 def call_cluster_script(client: redis.RedisCluster, name: str, keys: Sequence[bytes],
@@ -75,12 +84,9 @@ def call_cluster_script(client: redis.RedisCluster, name: str, keys: Sequence[by
     gets it: FUNCTION LOAD goes to every primary (idempotent; the node an ASK redirection
     names may not be the slot's owner in the client's map), then the call is sent again."""
     keys, args = list(keys), list(args)
-    try:
-        first = client.execute_command(*command(name, keys, args))
-    except ResponseError as exc:
-        first = exc
-    rnd = Round([(name, keys, args)])
-    return script_reply(rnd.drive([first], functools.partial(_cluster_each, client))[0])
+    return _settle(name, keys, args,
+                   functools.partial(client.execute_command, *command(name, keys, args)),
+                   functools.partial(_cluster_each, client))
 
 
 def _cluster_each(client: redis.RedisCluster, cmds: Sequence[tuple]) -> list:
