@@ -47,6 +47,11 @@ from .handle import LockBase, MutexBase, RequestBase, check_decorated, check_loc
 from .protocol import Call, LockCore, describe
 from .wire import Round, settle
 
+try:  # what redis-py's hiredis reader answers when a reply is not all there yet
+    from redis._parsers.hiredis import NOT_ENOUGH_DATA as _NOT_ENOUGH
+except ImportError:  # (older redis-py: hiredis's own default)
+    _NOT_ENOUGH = False
+
 log = logging.getLogger("redlockdlm")
 
 #: An instance that fails these ways counts as unreachable (InvalidResponse: it is not Redis)
@@ -95,6 +100,8 @@ class DLM(Flows):
         #: background flows parked in a Wait: woken ones, and the times of the others
         self._ready: collections.deque[_Parked] = collections.deque()
         self._timers: list[tuple[float, int, _Parked]] = []
+        #: the latest time the event thread wakes at (set with the state lock held)
+        self._wakes_by = 0.0
         self._seq = 0
         self._callbacks: list[tuple[Callable[..., Any], tuple]] = []
         self._cb_cond = threading.Condition()
@@ -368,7 +375,8 @@ class DLM(Flows):
                 if op.until is not None:
                     self._seq += 1
                     heapq.heappush(self._timers, (op.until, self._seq, entry))
-                    if threading.current_thread() is not self._thread:
+                    if (op.until < self._wakes_by  # (else the event thread is up by then)
+                            and threading.current_thread() is not self._thread):
                         self._poke()
                 return
             threading.Thread(target=self._background_io, args=(flow, op), daemon=True,
@@ -822,14 +830,25 @@ class DLM(Flows):
             pass
 
 
+    def _plan_wake(self) -> float:
+        """(Event thread, state lock held.) How long the event thread may sleep: until the
+        renewal, the first parked flow's time, or half a second, whichever comes first
+        (none if a woken flow is ready). The time it wakes by is `_wakes_by`: a flow parked
+        with a later time needs no poke (`_step_background`)."""
+        now = self._now()
+        until = min(now + 0.5, self._core.renew_at)
+        if self._timers:
+            until = min(until, self._timers[0][0])
+        if self._ready:
+            until = now
+        self._wakes_by = until
+        return max(0.0, until - now)
+
     def _loop(self) -> None:
         next_resub = 0.0
+        with self._mu:
+            timeout = self._plan_wake()
         while not self._closed:
-            now = self._now()
-            until = self._core.renew_at
-            if self._timers:
-                until = min(until, self._timers[0][0])
-            timeout = 0.0 if self._ready else max(0.0, min(until - now, 0.5))
             for key, _ in self._sel.select(timeout):
                 if key.data is None:
                     try:
@@ -857,6 +876,7 @@ class DLM(Flows):
                 if self._renewal_due():
                     self._renew_tick()
                 self._check_lost()  # also when every instance stalls and no reply comes
+                timeout = self._plan_wake()
 
     def _drain(self, i: int) -> None:
         inst = self._instances[i]
@@ -875,14 +895,15 @@ class DLM(Flows):
         if ps is None:
             return
         try:
-            while True:
-                msg = ps.get_message(timeout=0.0)
-                if msg is None:
-                    break
-                if msg.get("type") == "message":
-                    ev = codec.parse_event(msg["data"])
-                    with self._mu:
-                        self._on_event(i, ev)
+            if not self._read_events(i, ps):
+                while True:
+                    msg = ps.get_message(timeout=0.0)
+                    if msg is None:
+                        break
+                    if msg.get("type") == "message":
+                        ev = codec.parse_event(msg["data"])
+                        with self._mu:
+                            self._on_event(i, ev)
             self._watch(i, inst)  # a reconnect inside get_message changed the socket
         except Exception as exc:  # noqa: BLE001 - lost, not Redis, a garbled event...
             loud = not isinstance(exc, (*_NET_ERRORS, ValueError, DLMError)) and not inst.warned
@@ -896,6 +917,36 @@ class DLM(Flows):
             inst.pubsub = None
             self._watch(i, inst)
 
+
+    def _read_events(self, i: int, ps: Any) -> bool:
+        """(Event thread, `ps`'s socket readable.) Deliver the events of instance i that
+        came whole, read straight from the connection's hiredis parser: one `recv` of what
+        the socket holds, then every complete message parsed from it, no poll before or
+        after (what `PubSub.get_message` does for each message costs two polls and its
+        retry, health-check and metrics layers: a third of a contended acquisition's
+        event-thread CPU). What came of a message only in part stays in the parser, and
+        the selector reports the socket again when the rest comes. False when this path
+        cannot read the connection (no hiredis parser, the connection closed or broken):
+        `PubSub.get_message` reads it then, and reconnects it as it always did."""
+        conn = ps.connection
+        reader = _event_reader(conn)
+        if reader is None:
+            return False
+        try:
+            conn._parser.read_from_socket()
+        except (redis.ConnectionError, redis.TimeoutError, OSError):
+            conn.disconnect()  # (`get_message` reconnects it and subscribes again)
+            return False
+        while True:
+            raw = reader.gets()
+            if raw is _NOT_ENOUGH:
+                return True
+            if (isinstance(raw, list) and len(raw) == 3
+                    and raw[0] in (b"message", "message")):
+                ev = codec.parse_event(raw[2])
+                with self._mu:
+                    self._on_event(i, ev)
+            # (anything else: a subscription's confirmation, a PONG, an error reply)
 
     # ----------------------------------------------------------------- callbacks
 
@@ -1250,6 +1301,20 @@ class Mutex(MutexBase):
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         self._give_back(exc_type)
+
+
+def _event_reader(conn: Any) -> Any:
+    """The hiredis reader of pub/sub connection `conn`, if `DLM._read_events` can read
+    the connection through it (connected, parsed by redis-py's hiredis parser), else
+    None."""
+    if conn is None or conn._sock is None:
+        return None
+    parser = conn._parser
+    reader = getattr(parser, "_reader", None)
+    if reader is None or not hasattr(parser, "read_from_socket") or not hasattr(
+            reader, "gets"):
+        return None
+    return reader
 
 
 def _socketpair():
