@@ -640,48 +640,57 @@ class RedisClusterServer:
             info = "".join(f"{k}:{v}\r\n" for k, v in info.items()).encode()
         return info if isinstance(info, bytes) else str(info).encode()
 
-    def _node_ok(self, node: RedisServer, shard: int, replica: bool) -> bool:
-        """`node` says cluster_state:ok, knows every node, counts every shard as serving
-        slots and sees shard `shard`'s range served by that shard's current primary; a
-        replica also has its link to that primary up."""
+    def _node_ok(self, node: RedisServer, shard: int, replica: bool) -> str | None:
+        """None if `node` says cluster_state:ok, knows every node, counts every shard as
+        serving slots and sees each shard's range served by that shard's current primary
+        (a replica also has its link to shard `shard`'s primary up); else what is not so."""
         want_known = len(self._all())
         try:
             with contextlib.closing(self._raw(node)) as c:
                 info = self._cluster_info(c)
-                if (b"cluster_state:ok" not in info
-                        or f"cluster_known_nodes:{want_known}\r".encode() not in info
-                        or f"cluster_size:{len(self.nodes)}\r".encode() not in info):
-                    return False
+                for want in (b"cluster_state:ok\r", f"cluster_known_nodes:{want_known}\r".encode(),
+                             f"cluster_size:{len(self.nodes)}\r".encode()):
+                    if want not in info:
+                        return f"{node.port}: no {want.decode().strip()} in CLUSTER INFO"
+                slots = c.execute_command("CLUSTER", "SLOTS")
                 for (lo, _), primary in zip(self.ranges, self.nodes):
-                    owners = [r for r in c.execute_command("CLUSTER", "SLOTS")
-                              if int(r[0]) <= lo <= int(r[1])]
-                    if not owners or int(owners[0][2][1]) != primary.port:
-                        return False
+                    owners = [int(r[2][1]) for r in slots if int(r[0]) <= lo <= int(r[1])]
+                    if owners != [primary.port]:
+                        return f"{node.port}: slot {lo} served by {owners}, not {primary.port}"
                 if replica:
                     rep = c.info("replication")
                     if (rep.get("role") != "slave" or rep.get("master_link_status") != "up"
                             or int(rep.get("master_port", 0)) != self.nodes[shard].port):
-                        return False
-        except (redis.exceptions.RedisError, OSError, IndexError, ValueError):
-            return False
-        return True
+                        return (f"{node.port}: role {rep.get('role')}, link "
+                                f"{rep.get('master_link_status')} to {rep.get('master_port')}"
+                                f", not up to {self.nodes[shard].port}")
+        except (redis.exceptions.RedisError, OSError, IndexError, ValueError) as exc:
+            return f"{node.port}: {exc!r}"
+        return None
+
+    def _not_ok(self) -> str | None:
+        """What `wait_ok` still waits for (the first node not ok), or None."""
+        for i, node in enumerate(self.nodes):
+            if node.running and (why := self._node_ok(node, i, False)):
+                return why
+        for i, node in enumerate(self.replicas):
+            if node is not None and node.running and (why := self._node_ok(node, i, True)):
+                return why
+        return None
 
     def wait_ok(self, timeout: float | None = None) -> None:
         """Until every running node says ``cluster_state:ok`` (every slot served by a node
         it does not consider failed), knows all the nodes, counts every shard as serving
         slots and maps each shard's slots to its current primary (``nodes[i]``), and every
         running replica's link to its primary is up (a full sync done);
-        RedisServerError after `timeout` seconds."""
+        RedisServerError after `timeout` seconds, saying what was still not so."""
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         while True:
-            ok = all(self._node_ok(node, i, False)
-                     for i, node in enumerate(self.nodes) if node.running) and all(
-                self._node_ok(node, i, True)
-                for i, node in enumerate(self.replicas) if node is not None and node.running)
-            if ok:
+            why = self._not_ok()
+            if why is None:
                 return
             if time.monotonic() > deadline:
-                raise RedisServerError(f"{self!r} did not reach cluster_state:ok")
+                raise RedisServerError(f"{self!r} did not reach cluster_state:ok ({why})")
             time.sleep(0.05)
 
     def client(self, **kwargs: Any) -> redis.RedisCluster:
@@ -829,6 +838,16 @@ class RedisClusterServer:
             new.resume()
         with contextlib.closing(self._raw(new)) as c:
             c.execute_command("CLUSTER", "FAILOVER", "TAKEOVER")
+            # TAKEOVER is carried out later, in the node's cron; under load it has been
+            # seen not to happen: ask again while the node is still a replica
+            deadline = time.monotonic() + 5.0
+            while c.info("replication").get("role") != "master":
+                if time.monotonic() > t0 + self.timeout:
+                    raise RedisServerError(f"{new!r} did not take over shard {i}")
+                if time.monotonic() > deadline:
+                    c.execute_command("CLUSTER", "FAILOVER", "TAKEOVER")
+                    deadline = time.monotonic() + 5.0
+                time.sleep(0.02)
         self.nodes[i], self.replicas[i] = new, old
         self.wait_ok(timeout)
         return time.monotonic() - t0
