@@ -766,6 +766,8 @@ class Engine:
         if not self.cluster:
             yield from self.client.scan_iter(match=match, count=count)
             return
-        for node in self.client.get_primaries():
-            yield from self.client.get_redis_connection(node).scan_iter(match=match,
-                                                                        count=count)
+        # (a primary that fails over since the topology was read: read again, as the
+        # detector's scans do)
+        for _, keys in self._per_primary(
+                lambda conn: list(conn.scan_iter(match=match, count=count))):
+            yield from keys

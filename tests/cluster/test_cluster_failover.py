@@ -196,3 +196,31 @@ def test_detector_scans_the_promoted_node(layout: list[Any]) -> None:
         assert victim.cancelled_on == 3
         assert queued(victim.request.lock_id, n1 if victim.request.owner == "b" else n2) \
             == [False] * 3
+
+
+def test_operator_scan_reaches_the_promoted_node(layout: list[Any]) -> None:
+    """`dlm namespaces` (SCAN of every primary) from targets that read the topology before
+    a failover: the dead primary is not scanned, the promoted one is, and its keys count
+    (an operator's read re-reads the topology as the detector's does, not an error)."""
+    server, *clusters = layout
+    for rc in clusters:
+        rc.reset()
+    if not server.running:
+        server.start()
+    server.flushall()
+    c1 = clusters[0]
+    for e in [Engine(server.client(), NS), *(Engine(rc.client(), NS) for rc in clusters)]:
+        e.init_fresh()
+        for j in range(3):
+            e.request(e.key(f"ns{j}"), "a", f"a{j}", "EX", ticket=j + 1,
+                      lease_ms=LEASE_MS, name=e.name(f"ns{j}"))
+    targets = admin.connect([server.url] + [rc.url for rc in clusters], NS, timeout_s=2.0)
+    found, outcomes = admin.namespaces(targets)
+    assert [o.error for o in outcomes] == [None] * 3 and found[NS] == {
+        o.label: 3 for o in outcomes}
+    shard = c1.node_of_slot(slot_of("ns0"))
+    c1.synced(shard)
+    c1.failover(shard)
+    found, outcomes = admin.namespaces(targets)
+    assert [o.error for o in outcomes] == [None] * 3
+    assert found[NS] == {o.label: 3 for o in outcomes}
