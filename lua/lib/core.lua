@@ -57,6 +57,15 @@ local ep_all, ep_id, ep_safe, ep_rejoin, ep_fix, ep_off
 --     simply miss. An entry is handed over when used (the call may change the table, or
 --     fail), and the whole map is replaced by every commit: one call's keys at most.
 local written = {}
+--   lk[enc.KEY] (commit, `enc.lock`): a lock table's own msgpack bytes and the fields they
+--     were packed from, {bytes, gr, rq, e, tok, f, ct, pm, pr, k, id, o, t, p, pk}, kept in
+--     the table itself (under a key no decoded lock can have: a table) and so as long as
+--     `written` keeps the resource. A lock whose fields are all still those (its `k` the
+--     same empty list) packs to exactly those bytes, so they are reused: a commit packs
+--     only the locks its call changed or added (docs/design.md, "Storage"). Never written:
+--     `enc.lock` packs a lock without it. enc.parts: the pieces of the last resource
+--     `enc.resource` assembled (reused: entries past its count are stale).
+local enc = {KEY = {}, parts = {}}
 --   scan_memo (lua/scan.lua): the resources scan decoded: {cur = {}, old = {}, n = entries
 --     in cur, seq = stamps issued, base = the library's load time on this instance}. An
 --     entry is used only for the same bytes and while its leases and the clock allow (see
@@ -682,22 +691,22 @@ local function load(key)
       local w = written[key]
       if a then
         r = expand(a)
-      elseif w and w[1] == blob then
+      elseif w and w[1] == blob then  -- (its locks have their `k`: `commit` wrote it)
         r = w[3] or expand(w[2])
         written[key] = nil
       else
         r = decode(key, blob)
+        for qi = 1, 3 do
+          local q = r[QUEUES[qi]]
+          for i = 1, q and #q or 0 do
+            local lk = q[i]
+            if not lk.k then lk.k = {} end
+          end
+        end
       end
       r.g = r.g or {}
       r.c = r.c or {}
       r.w = r.w or {}
-      for qi = 1, 3 do
-        local q = r[QUEUES[qi]]
-        for i = 1, #q do
-          local lk = q[i]
-          if not lk.k then lk.k = {} end
-        end
-      end
       cache[key] = r
       purge(key, r)
     else
@@ -786,11 +795,12 @@ local function ticket_less(a, b, conv)
   return a.id < b.id
 end
 
--- G11: queues are kept in (ticket, id) order.
+-- G11: queues are kept in (ticket, id) order: `lk` goes after the last lock that is not
+-- after it (searched from the tail, where a new request's ticket, the newest, goes).
 local function insert(q, lk, conv)
-  local i = 1
-  while i <= #q and not ticket_less(lk, q[i], conv) do i = i + 1 end
-  table.insert(q, i, lk)
+  local i = #q
+  while i > 0 and ticket_less(lk, q[i], conv) do i = i - 1 end
+  table.insert(q, i + 1, lk)
 end
 
 -- N1: tell the holders whose granted mode blocks a queued request, those that read it:
@@ -966,6 +976,75 @@ local function allowed(cmd, ...)
   end
 end
 
+-- The bytes of lock `lk` (cmsgpack.pack(lk) of its fields): those it keeps when every
+-- field is the one they were packed from, else packed now and kept with the fields, when
+-- it has no children (a list changed in place, unlike the fields).
+function enc.lock(lk)
+  local K = enc.KEY
+  local m = lk[K]
+  local k = lk.k
+  if m and m[2] == lk.gr and m[3] == lk.rq and m[4] == lk.e and m[5] == lk.tok
+      and m[6] == lk.f and m[7] == lk.ct and m[8] == lk.pm and m[9] == lk.pr
+      and m[10] == k and #k == 0 and m[11] == lk.id and m[12] == lk.o and m[13] == lk.t
+      and m[14] == lk.p and m[15] == lk.pk then
+    return m[1]
+  end
+  lk[K] = nil
+  local b = cmsgpack.pack(lk)
+  if #k == 0 then
+    lk[K] = {b, lk.gr, lk.rq, lk.e, lk.tok, lk.f, lk.ct, lk.pm, lk.pr, k, lk.id, lk.o, lk.t,
+             lk.p, lk.pk}
+  end
+  return b
+end
+
+-- msgpack's array header for n elements (as cmsgpack writes it).
+function enc.array(n)
+  if n < 16 then return string.char(0x90 + n) end
+  if n < 65536 then return string.char(0xdc, (n - n % 256) / 256, n % 256) end
+  local b = {0xdd}
+  for i = 4, 2, -1 do
+    b[i + 1] = n % 256
+    n = (n - b[i + 1]) / 256
+  end
+  b[2] = n
+  return string.char(b[1], b[2], b[3], b[4], b[5])
+end
+
+enc.QKEYS = {'\161g', '\161c', '\161w'}  -- the msgpack strings 'g', 'c', 'w'
+
+-- The msgpack map of resource `r` (what cmsgpack.pack(r) decodes to: the same fields,
+-- perhaps in another order): the map of its other fields, packed, with the queues
+-- appended lock by lock (`enc.lock`).
+function enc.resource(r)
+  local g, c, w = r.g, r.c, r.w
+  r.g, r.c, r.w = nil, nil, nil
+  local head = cmsgpack.pack(r)
+  r.g, r.c, r.w = g, c, w
+  local b = string.byte(head)
+  local parts, n = enc.parts, 2
+  if not b or b < 0x81 or b > 0x8c then  -- (fields we never write: packed as they are)
+    local K = enc.KEY
+    for qi = 1, 3 do
+      local q = r[QUEUES[qi]]
+      for i = 1, #q do q[i][K] = nil end
+    end
+    return cmsgpack.pack(r)
+  end
+  parts[1], parts[2] = string.char(b + 3), string.sub(head, 2)  -- (3 more fields)
+  for qi = 1, 3 do
+    local q = r[QUEUES[qi]]
+    local len = #q
+    parts[n + 1], parts[n + 2] = enc.QKEYS[qi], enc.array(len)
+    n = n + 2
+    for i = 1, len do
+      n = n + 1
+      parts[n] = enc.lock(q[i])
+    end
+  end
+  return table.concat(parts, '', 1, n)
+end
+
 local function commit()
   if one_key then
     local key, a = one_key, one_rec
@@ -1035,7 +1114,7 @@ local function commit()
       -- TTL is what a volatile-* maxmemory-policy may evict, and an evicted lock is a lock
       -- granted twice while the epoch, which has no TTL, says nothing was lost
       -- (docs/operations.md, "Memory"). Tombstones keep theirs.
-      local blob = cmsgpack.pack(r)
+      local blob = enc.resource(r)
       redis.call('SET', key, blob)
       now_written[key] = {blob, false, r}
     end
