@@ -946,7 +946,9 @@ class DLM(Flows):
                 ev = codec.parse_event(raw[2])
                 with self._mu:
                     self._on_event(i, ev)
-            # (anything else: a subscription's confirmation, a PONG, an error reply)
+            elif isinstance(raw, Exception):  # an error reply (a SUBSCRIBE the ACL
+                raise raw  # refuses...): raised, as `get_message` raises it, to `_drain`
+            # (anything else: a subscription's confirmation, a PONG)
 
     # ----------------------------------------------------------------- callbacks
 
