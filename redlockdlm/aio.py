@@ -89,6 +89,10 @@ def _stream(conn: Any) -> asyncio.StreamReader | None:
 
 
 _streams_checked = False
+try:  # what a redis-py parser with hiredis parses with
+    from hiredis import Reader as _HiredisReader
+except ImportError:
+    _HiredisReader = None
 _NOT_YET = object()  #: `_buffered_reply`: not all of the reply came yet
 
 
@@ -96,9 +100,8 @@ def _parses(conn: Any, stream: asyncio.StreamReader) -> bool:
     """True if `conn` parses with hiredis from `stream`, so that `_buffered_reply` can take
     a reply that came whole without waiting for one that did not."""
     parser = getattr(conn, "_parser", None)
-    reader = getattr(parser, "_reader", None)
-    return (getattr(parser, "_stream", None) is stream and hasattr(reader, "gets")
-            and hasattr(reader, "feed"))
+    return (getattr(parser, "_stream", None) is stream
+            and type(getattr(parser, "_reader", None)) is _HiredisReader)
 
 
 async def _buffered_reply(conn: Any, stream: asyncio.StreamReader) -> Any:
@@ -107,6 +110,10 @@ async def _buffered_reply(conn: Any, stream: asyncio.StreamReader) -> Any:
     never waited for. An error reply is returned as its ResponseError; a closed or broken
     connection, or bytes that are not Redis, raise (as redis-py's `read_response`)."""
     raw = _take(conn._parser._reader, stream)
+    if type(raw) is list:  # (the common case, a script's reply: one test)
+        if raw and isinstance(raw[0], RedisConnectionError):
+            raise raw[0]
+        return raw
     push = getattr(conn._parser, "_hiredis_PushNotificationType", None)
     while push is not None and isinstance(raw, push):  # (RESP3 push: not the reply)
         await conn._parser.handle_push_response(raw)
@@ -893,6 +900,7 @@ class AsyncDLM(Flows):
                 laid.append((i, call))
             cmds = laid
         gather = enough is not None and (len(cmds) > 1 or until is not None)
+        packed: tuple[Call | None, bytes] = (None, b"")  # (the same call to several: once)
         for i, call in cmds:
             inst = self._instances[i]
             if inst.routes is not None:  # a cluster member: on its slot's primary
@@ -908,8 +916,10 @@ class AsyncDLM(Flows):
                 # hold up the others' writes, so its task connects and writes too
                 unsent.append((i, call, conn))
                 continue
+            if packed[0] is not call:
+                packed = (call, packed_command(*call))
             try:
-                await _send(conn, packed_command(*call))
+                await _send(conn, packed[1])
                 conns.append((i, call, conn))
             except Exception as exc:  # noqa: BLE001 - unreachable, refused, not Redis...
                 await conn.disconnect()
@@ -975,7 +985,8 @@ class AsyncDLM(Flows):
         grace_end: float | None = None
         try:
             while todo:
-                for i in [i for i, e in todo.items() if _readable(e[2])]:
+                for i in [i for i, e in todo.items()  # (`_readable`, inline)
+                          if e[2]._buffer or e[2]._eof or e[2]._exception is not None]:
                     call, conn, st, parses = todo[i]
                     if not parses:  # a reply read as redis-py reads it
                         del todo[i]
@@ -996,7 +1007,8 @@ class AsyncDLM(Flows):
                     if raw is _NOT_YET:  # a part of it came: wait for the rest
                         continue
                     del todo[i]
-                    if missing(raw) or (isinstance(raw, REROUTE) and _routed(conn)):
+                    if isinstance(raw, BaseException) and (
+                            missing(raw) or (isinstance(raw, REROUTE) and _routed(conn))):
                         # the library is missing there: load, send again; or a cluster
                         # member's slot is not on that node: through the cluster client
                         results[i] = (await self._finish(i, conn, [call], first=[raw]))[0]

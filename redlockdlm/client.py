@@ -89,6 +89,8 @@ class DLM(Flows):
         self._mu = threading.Lock()
         self._timeout = max(socket_timeout, connect_timeout)
         self._sel = selectors.DefaultSelector()
+        #: poll objects of finished rounds, nothing registered (`_collect` takes one)
+        self._polls: list[Any] = []
         errors = self._detect(range(len(self._instances)))
         errors += self._run(self._first_contact(range(len(self._instances))))
         if errors:
@@ -295,14 +297,15 @@ class DLM(Flows):
 
     def _perform(self, op: Any) -> Any:
         """One operation of a flow, state lock held (released while it does I/O)."""
-        if isinstance(op, Wait):
+        kind = type(op)  # (the operations are final classes)
+        if kind is Wait:
             return self._wait(op.lk, op.until)
-        if isinstance(op, Spawn):
+        if kind is Spawn:
             self._start(op.flow)
             return None
         self._mu.release()
         try:
-            if isinstance(op, Broadcast):
+            if kind is Broadcast:
                 late = op.late
                 return self._broadcast(op.cmds, enough=op.enough, late=None if late is None
                                        else lambda i, res: self._run(late(i, res)),
@@ -455,6 +458,7 @@ class DLM(Flows):
         missing from the result."""
         conns: list[tuple[int, Call, Any]] = []
         results: dict[int, Any] = {}
+        packed: tuple[Call | None, bytes] = (None, b"")  # (the same call to several: once)
         for i, call in cmds:
             inst = self._instances[i]
             if inst.cluster is not None:  # a cluster member: on its slot's primary
@@ -472,8 +476,10 @@ class DLM(Flows):
                 # instance would hold up the others' writes, so it goes on its own thread
                 conns.append((i, call, _Connecting(self, i, call, conn)))
                 continue
+            if packed[0] is not call:
+                packed = (call, packed_command(*call))
             try:
-                self._write(conn, (packed_command(*call),))
+                self._write(conn, (packed[1],))
                 conns.append((i, call, conn))
             except Exception as exc:  # noqa: BLE001 - unreachable, refused, not Redis...
                 conn.disconnect()
@@ -506,33 +512,41 @@ class DLM(Flows):
         (with `enough`). An instance silent for its socket timeout from `t0` gets a
         redis.TimeoutError. Returns the entries not read."""
         todo: dict[int, tuple[int, Call, Any]] = {}
-        poll = select.poll()
+        try:
+            poll = self._polls.pop()
+        except IndexError:
+            poll = select.poll()
+        inbound = select.POLLIN | select.POLLPRI
+        instances = self._instances
 
         def read(e: tuple[int, Call, Any]) -> None:
             i, call, conn = e
-            res = conn.result() if isinstance(conn, _Connecting) else self._finish(
+            res = conn.result() if type(conn) in _THREADED else self._finish(
                 i, conn, [call])[0]
             if res is _REROUTED:  # a cluster member's slot elsewhere: through redis-py
                 again = _ClusterCall(self, i, call)
                 todo[again.fd] = (i, call, again)
-                poll.register(again.fd, select.POLLIN | select.POLLPRI)
+                poll.register(again.fd, inbound)
                 return
             got[i] = res
             if each is not None:
                 each(i, res)
 
+        longest = 0.0
         for e in entries:
             conn = e[2]
-            if isinstance(conn, _Connecting):
+            if type(conn) in _THREADED:
                 fd = conn.fd
-            elif conn._sock is None:  # (the read fails at once)
-                read(e)
-                continue
             else:
-                fd = conn._sock.fileno()
+                sock = conn._sock
+                if sock is None:  # (the read fails at once)
+                    read(e)
+                    continue
+                fd = sock.fileno()
+            longest = max(longest, instances[e[0]].timeout)
             todo[fd] = e
-            poll.register(fd, select.POLLIN | select.POLLPRI)
-        ends = t0 + max((self._instances[e[0]].timeout for e in todo.values()), default=0.0)
+            poll.register(fd, inbound)
+        ends = t0 + longest
         grace_end: float | None = None
         cut = None if enough is None else until
         while todo:
@@ -556,20 +570,23 @@ class DLM(Flows):
                     read(e)
             if not events and time.monotonic() >= ends:
                 for fd, e in list(todo.items()):
-                    if isinstance(e[2], _Connecting):
+                    if type(e[2]) in _THREADED:
                         continue  # bounded by its own connect and socket timeouts
                     del todo[fd]
                     poll.unregister(fd)
                     i, _, conn = e
                     conn.disconnect()  # its reply, if any, must not reach the next command
-                    self._instances[i].put(conn)
+                    instances[i].put(conn)
                     if getattr(conn, "dlm_node", None) is not None:  # (a failover?)
-                        self._instances[i].routes.refresh()
-                    res = redis.TimeoutError(f"Timeout reading from {self._instances[i].url}")
+                        instances[i].routes.refresh()
+                    res = redis.TimeoutError(f"Timeout reading from {instances[i].url}")
                     got[i] = res
                     if each is not None:
                         each(i, res)
                 ends = time.monotonic() + 0.1  # (only threads of connections left)
+        for fd in todo:  # (read later, or by another thread: the poll goes back empty)
+            poll.unregister(fd)
+        self._polls.append(poll)
         return list(todo.values())
 
     def _pipeline(self, i: int, calls: Sequence[Call]) -> list[Any]:
@@ -657,20 +674,74 @@ class DLM(Flows):
 
     @staticmethod
     def _write(conn: Any, chunks: Sequence[bytes]) -> None:
-        """One write of packed commands (the one place a round trip starts)."""
-        conn.send_packed_command(chunks)
+        """One write of packed commands (the one place a round trip starts). On an open
+        connection of ours that redis-py would write as is (`direct_io`): the socket's own
+        `sendall`, a failure raised as `send_packed_command` raises it (the connection
+        closed, a timeout as redis.TimeoutError, another OSError as redis.ConnectionError),
+        without its layers (health check, str test, debug log); otherwise through it."""
+        sock = conn._sock
+        if sock is None or not getattr(conn, "dlm_direct", False):
+            conn.send_packed_command(chunks)
+            return
+        try:
+            for chunk in chunks:
+                sock.sendall(chunk)
+        except BaseException as exc:  # (what send_packed_command does: never reused)
+            conn.disconnect()
+            err = _write_error(exc)
+            if err is exc:
+                raise
+            raise err from exc
 
     @staticmethod
     def _replies(conn: Any, n: int) -> list[Any]:
         """The next `n` replies on `conn`, an error reply as its ResponseError; a network
-        error propagates (the connection is then unusable)."""
+        error propagates (the connection is then unusable).
+
+        On a connection of ours that redis-py reads with hiredis (`direct_io`), straight
+        from its hiredis reader: `recv` (redis-py's `read_from_socket`) only when no whole
+        reply is buffered, which is what `read_response` does minus its layers per reply.
+        Failures are what it makes of them: a timeout is redis.TimeoutError ("Timeout
+        reading from host:port"), a reset or a close by the server (a reply cut in the
+        middle included) redis.ConnectionError, garbage InvalidResponse, a ConnectionError
+        reply (LOADING...) raised; each closes the connection, so no byte of a reply
+        nobody read reaches the next command. A push message (RESP3) goes to redis-py's
+        handler, as there."""
+        parser = conn._parser
+        reader = getattr(parser, "_reader", None) if getattr(conn, "dlm_direct", False) \
+            else None
         raws: list[Any] = []
-        for _ in range(n):
-            try:
-                raws.append(conn.read_response())
-            except ResponseError as exc:
-                raws.append(exc)
-        return raws
+        if reader is None:
+            for _ in range(n):
+                try:
+                    raws.append(conn.read_response())
+                except ResponseError as exc:
+                    raws.append(exc)
+            return raws
+        try:
+            while True:
+                raw = reader.gets()
+                if raw is _NOT_ENOUGH:
+                    parser.read_from_socket()
+                    continue
+                if type(raw) is list:
+                    if raw and isinstance(raw[0], redis.ConnectionError):
+                        raise raw[0]
+                elif not _plain_reply(parser, raw):
+                    continue
+                raws.append(raw)
+                if len(raws) == n:
+                    return raws
+        except (redis.TimeoutError, TimeoutError):
+            conn.disconnect()
+            raise redis.TimeoutError(f"Timeout reading from {conn._host_error()}") from None
+        except OSError as exc:
+            conn.disconnect()
+            raise redis.ConnectionError(
+                f"Error while reading from {conn._host_error()} : {exc.args}") from exc
+        except BaseException:
+            conn.disconnect()
+            raise
 
     def _spawn(self, fn: Callable[..., Any], *args: Any) -> None:
         def run() -> None:
@@ -975,6 +1046,34 @@ class DLM(Flows):
 #: the result of a call to a cluster primary that did nothing there (`REROUTE` replies, the
 #: primary's address refused): it goes again through the cluster client (`_ClusterCall`)
 _REROUTED = object()
+
+
+def _write_error(exc: BaseException) -> BaseException:
+    """What redis-py's `send_packed_command` raises for `exc`, raised by `sendall`."""
+    if isinstance(exc, TimeoutError):  # (socket.timeout)
+        if exc.errno is not None:  # ETIMEDOUT from the OS: the connection is dead
+            return redis.ConnectionError(
+                f"Error {exc.errno} while writing to socket. {exc.strerror}.")
+        return redis.TimeoutError("Timeout writing to socket")
+    if isinstance(exc, OSError):
+        errno, msg = ("UNKNOWN", exc.args[0]) if len(exc.args) == 1 else exc.args[:2]
+        return redis.ConnectionError(f"Error {errno} while writing to socket. {msg}.")
+    return exc
+
+
+def _plain_reply(parser: Any, raw: Any) -> bool:
+    """(`DLM._replies`, a reply that is not a list.) False for a push message, handled by
+    redis-py's parser as `read_response` handles it; a ConnectionError reply raised; True
+    for any other reply (an error reply as its ResponseError)."""
+    push = getattr(parser, "_hiredis_PushNotificationType", None)
+    if push is not None and isinstance(raw, push):
+        parser.handle_push_response(raw)
+        return False
+    if isinstance(raw, redis.ConnectionError):
+        raise raw
+    if isinstance(raw, list) and raw and isinstance(raw[0], redis.ConnectionError):
+        raise raw[0]
+    return True
 
 
 def _reroute(conn: Any, exc: BaseException) -> bool:
@@ -1327,6 +1426,9 @@ def _socketpair():
     b.setblocking(False)
     return a, b
 
+
+#: what `DLM._collect` reads through a thread of its own (`result()`, `fd`)
+_THREADED = (_Connecting, _ClusterCall)
 
 DLM._lock_class = Lock
 DLM._request_class = Request

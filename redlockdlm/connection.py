@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 import redis
 from redis.backoff import NoBackoff
+from redis.connection import AbstractConnection
 from redis.driver_info import DriverInfo
 from redis.retry import Retry
 
@@ -27,6 +28,11 @@ from .engine.scripts import command
 from .errors import DLMError, InvalidArgument, InvalidType, MixedTransport
 from .protocol import Call, LockCore, Session, Vote, describe
 from .wire import Round, settle
+
+try:  # redis-py's parser with hiredis (the one `direct_io` reads through)
+    from redis._parsers.hiredis import _HiredisParser
+except ImportError:  # (older redis-py)
+    _HiredisParser = None
 
 _log = logging.getLogger("redlockdlm")
 
@@ -159,7 +165,16 @@ class Pooled:
             if time.monotonic() - since < CHECK_IDLE_S or not self.stale(conn):
                 return conn
             self.drop(conn)
-        return self.pool.make_connection()
+        conn = self.pool.make_connection()
+        conn.dlm_node = None  # (not a cluster primary's: `Routes`)
+        conn.dlm_direct = self.direct(conn)
+        return conn
+
+    @staticmethod
+    def direct(conn: Any) -> bool:
+        """True if the client may move `conn`'s bytes itself (`direct_io`); the asyncio
+        client's never."""
+        return False
 
     @staticmethod
     def stale(conn: Any) -> bool:
@@ -290,6 +305,7 @@ class Routes:
             conn.disconnect()
         conn = self.rc.get_redis_connection(node).connection_pool.make_connection()
         conn.dlm_node = node.name  # (where `put` brings it back)
+        conn.dlm_direct = direct_io(conn)
         return conn
 
     def put(self, conn: Any) -> None:
@@ -382,8 +398,22 @@ def _one(rc: Any, cmd: tuple, call: Call) -> Any:
         return exc
 
 
+def direct_io(conn: Any) -> bool:
+    """True if the sync client may write commands on redis-py connection `conn` with the
+    socket's own `sendall` and read replies straight from its hiredis reader (`client.
+    _write`, `client._replies`), doing what `send_packed_command` / `read_response` do
+    for it: a plain redis-py connection class (TCP, TLS, unix) parsed by hiredis, no
+    health check to run before a command. Anything else goes through redis-py."""
+    return (_HiredisParser is not None and type(conn._parser) is _HiredisParser
+            and type(conn).read_response is AbstractConnection.read_response
+            and type(conn).send_packed_command is AbstractConnection.send_packed_command
+            and not conn.health_check_interval)
+
+
 class Instance(Pooled):
     """One Redis instance: a pool for commands and a pub/sub connection for events."""
+
+    direct = staticmethod(direct_io)
 
     def __init__(self, url: str, *, socket_timeout: float, connect_timeout: float,
                  **options: Any) -> None:

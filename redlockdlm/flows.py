@@ -330,7 +330,8 @@ class Flows:
         (in the background once it must wait). Interrupted while the request is on its
         way, it is withdrawn from every instance before the interruption propagates."""
         core = self._core
-        cmds = [(i, core.request_cmd(lk)) for i in range(core.n)]
+        cmd = core.request_cmd(lk)  # (the same for every instance: packed once)
+        cmds = [(i, cmd) for i in range(core.n)]
         lk.pending = set(range(core.n))
         sent = self._now()
         for v in lk.votes:
@@ -346,8 +347,7 @@ class Flows:
             # request, so each instance runs it after the request
             self._forget(lk)
             lk.phase = Phase.FAILED
-            yield Shielded(self._send([(i, core.release_cmd(lk, i=i))
-                                       for i in range(core.n)]))
+            yield Shielded(self._send(core.release_cmds(lk)))
             raise
         try:
             for i, res in results.items():
@@ -490,7 +490,7 @@ class Flows:
         self._notify(lk)  # an acquisition of it stops
         while lk.sends:  # a re-check in flight lands before the release, never after
             yield Wait(lk, self._now() + 0.5)
-        cmds = [(i, core.release_cmd(lk, subtree=subtree, i=i)) for i in range(core.n)]
+        cmds = core.release_cmds(lk, subtree)
         results = yield Broadcast(cmds, core.quorum)
         errors = [r for r in results.values()
                   if isinstance(r, DLMError) and not isinstance(r, QuorumUnavailable)]

@@ -617,16 +617,36 @@ class Session:
         """The release for instance i. The value block goes only where our vote is granted
         in PW/EX: elsewhere the lock may still wait (V3 would refuse the write), and a
         quorum of granted instances is where readers look."""
-        v = lk.votes[i] if i is not None else None
-        write = (lk.new_value is not None and lk.mode is not None and lk.mode >= Mode.PW
-                 and (v is None or (v.vote is Vote.GRANTED and v.mode is not None
-                                    and v.mode >= Mode.PW)))
+        write = self._release_writes(lk, i)
         pkey = lk.parent.key if lk.parent else lk.key
         kids = sorted({d.key for d in descendants(lk)})
         return command("release", self._keys(lk.key, pkey, *kids), codec.release_args(
             self.rejoin_ms, self.chan_prefix, self.owner, lk.id,
             int(Flag.SUBTREE) if subtree else 0, lk.new_value if write else None,
             lk.next_version(), self.vbmax, lk.token))
+
+    @staticmethod
+    def _release_writes(lk: LockCore, i: int | None) -> bool:
+        """True if the release for instance i (None: any) carries the value block."""
+        if lk.new_value is None or lk.mode is None or lk.mode < Mode.PW:
+            return False
+        if i is None:
+            return True
+        v = lk.votes[i]
+        return v.vote is Vote.GRANTED and v.mode is not None and v.mode >= Mode.PW
+
+    def release_cmds(self, lk: LockCore, subtree: bool = False) -> list[tuple[int, tuple]]:
+        """(instance, `release_cmd`) for every instance, built once per form (with the
+        value block or without): the instances that get the same call share it."""
+        forms: dict[bool, tuple] = {}
+        out = []
+        for i in range(self.n):
+            write = self._release_writes(lk, i)
+            cmd = forms.get(write)
+            if cmd is None:
+                cmd = forms[write] = self.release_cmd(lk, subtree, i)
+            out.append((i, cmd))
+        return out
 
     def cancel_cmd(self, lk: LockCore) -> tuple:
         pkey = lk.parent.key if lk.parent else lk.key
@@ -1222,7 +1242,7 @@ class Session:
     def _fail(self, lk: LockCore, err: DLMError) -> Outcome:
         lk.phase = Phase.FAILED
         lk.error = err
-        return Outcome(error=err, cleanup=[(i, self.release_cmd(lk, i=i)) for i in range(self.n)])
+        return Outcome(error=err, cleanup=self.release_cmds(lk))
 
     # conversions ------------------------------------------------------------
 

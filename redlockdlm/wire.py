@@ -29,8 +29,8 @@ _LOCK_REPLY_SCRIPTS = {"request", "convert", "release", "cancel", "yield", "brea
 def missing(raw: Any) -> bool:
     """True if the reply `raw` (an error reply as its exception) says the call did nothing
     because the instance lacks the library (or, for EVALSHA, the script)."""
-    return isinstance(raw, NoScriptError) or (isinstance(raw, ResponseError)
-                                              and is_missing(raw))
+    return isinstance(raw, ResponseError) and (isinstance(raw, NoScriptError)
+                                               or is_missing(raw))
 
 
 class Round:
@@ -59,9 +59,12 @@ class Round:
         step = self._step
         self._step += 1
         if step == 0:
-            self.raws = list(replies)
-            self._again = [k for k, r in enumerate(self.raws) if missing(r)]
-            return [load_command()] if self._again else None
+            self.raws = raws = list(replies)
+            for k, r in enumerate(raws):
+                if missing(r):
+                    self._again = [k for k, r in enumerate(raws) if missing(r)]
+                    return [load_command()]
+            return None
         if step == 1:
             form = fallback if isinstance(replies[0], ResponseError) else command
             return [form(*self.calls[k]) for k in self._again]
@@ -101,13 +104,13 @@ def settle(call: Call, raw: Any, url: str) -> Any:
     the exception to record for that instance (a `DLM_*` script error typed, anything else
     from Redis a `ProtocolError`, a call still missing its library after the load a
     `ProtocolError`, a network error or unparsable reply as it is)."""
-    if missing(raw):
-        return ProtocolError("script missing after a load", instance=url)
-    if isinstance(raw, ResponseError):
-        msg = str(raw)
-        return (from_script_error(msg, instance=url) if msg.startswith("DLM_")
-                else ProtocolError(msg, instance=url))
-    if isinstance(raw, BaseException):
+    if isinstance(raw, BaseException):  # (one test for the common case, a reply)
+        if missing(raw):
+            return ProtocolError("script missing after a load", instance=url)
+        if isinstance(raw, ResponseError):
+            msg = str(raw)
+            return (from_script_error(msg, instance=url) if msg.startswith("DLM_")
+                    else ProtocolError(msg, instance=url))
         return raw
     try:
         return parse(call, raw)
