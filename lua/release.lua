@@ -42,7 +42,7 @@ return run(function()
     local seq = a[A_S]
     if floor > seq then seq = floor end
     lone_write(key, {a[A_N], seq})
-    return reply(S_RELEASED, NONE, 0, -1, 1)
+    return short(S_RELEASED, 1)
   end
 
   local r = load(key)
@@ -54,7 +54,7 @@ return run(function()
       if floor > r.s then r.s = floor end
       mark(key)
     end
-    return reply(S_NOTFOUND)
+    return short(S_NOTFOUND)
   end
   if lk.o ~= owner then fail('DLM_NOTOWNER', 'lock ' .. id .. ' belongs to another owner') end
   if write and not (lk.gr >= PW) then
@@ -64,5 +64,5 @@ return run(function()
   if write and version >= r.vv then r.v, r.vv, r.vi = value, version, 0 end  -- V6
   if floor > r.s then r.s = floor end
   remove_lock(key, r, qn, lk, true)
-  return reply(S_RELEASED, NONE, 0, -1, n + 1)
+  return short(S_RELEASED, n + 1)
 end)

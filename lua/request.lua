@@ -34,7 +34,7 @@ return run(function()
   local key = KEYS[3]
 
   local wait = recovering_ms()
-  if wait > 0 then return reply(S_RECOVERING, NONE, 0, -1, wait) end
+  if wait > 0 then return short(S_RECOVERING, wait) end
 
   if pid == '' then  -- the fast path (core.lua `lone_get`), same rules
     local a = lone_get(key)
@@ -90,7 +90,7 @@ return run(function()
       local _, p = find(pr, pid)
       plk = p
     end
-    if not plk or plk.o ~= owner or plk.gr == NONE then return reply(S_NOPARENT) end
+    if not plk or plk.o ~= owner or plk.gr == NONE then return short(S_NOPARENT) end
   end
   if not r then r = create(key, name) end
   if #r.g == 0 and #r.c == 0 and #r.w == 0 and forgets_values() then  -- V5
@@ -108,7 +108,7 @@ return run(function()
     r.g[#r.g + 1] = lk
     mark(key)
   elseif has(flags, F_NOQUEUE) then  -- G2
-    return reply(S_NOTQUEUED)
+    return short(S_NOTQUEUED)
   else
     insert(r.w, lk, false)  -- G11
     windex_add(key, lk)
