@@ -1,8 +1,9 @@
 -- release.lua: release a lock, granted or waiting (rules G8, G9, H3, V1, V3, V6, F1).
 --
 -- KEYS[1] epoch hash, KEYS[2] waiter index, KEYS[3] resource,
--- KEYS[4] parent's resource (pass KEYS[3] if the lock has no parent),
--- KEYS[5..] the resource keys of every descendant (H3: all must be declared)
+-- KEYS[4] parent's resource (KEYS[3] if the lock has no parent; absent when it has neither
+--         parent nor descendants), KEYS[5..] the resource keys of every descendant (H3:
+--         all must be declared)
 -- ARGV[1] rejoin_ms        ARGV[2] channel prefix
 -- ARGV[3] owner            ARGV[4] lock id          ARGV[5] flags (SUBTREE=32)
 -- ARGV[6] 1 to write the value block (PW/EX holders only), else 0

@@ -1,13 +1,14 @@
 -- request.lua: a new lock request (rules G1-G3, G10-G12, H1, N1, F1, E1, V5).
 --
 -- KEYS[1] epoch hash, KEYS[2] waiter index, KEYS[3] resource,
--- KEYS[4] parent's resource (only read when ARGV[9] names a parent; pass KEYS[3] otherwise)
+-- KEYS[4] parent's resource (only read when ARGV[9] names a parent; absent otherwise, or
+--         KEYS[3])
 -- ARGV[1] rejoin_ms        ARGV[2] channel prefix
 -- ARGV[3] owner            ARGV[4] lock id (client-chosen, the same on every instance)
 -- ARGV[5] mode 0..5        ARGV[6] flags (NOQUEUE=1 EXPEDITE=2 NODLCKWT=16 BLKAST=64)
 -- ARGV[7] ticket (client µs clock; queue order on every instance)
 -- ARGV[8] lease ms         ARGV[9] parent lock id or ''   ARGV[10] display name
--- ARGV[11] priority (P1: a signed 32-bit int; absent: 0)
+-- ARGV[11] priority (P1: a signed 32-bit int; absent: 0, as clients send a 0)
 --
 -- Reply: the lock reply of core.lua `reply`: status GRANTED, QUEUED, NOTQUEUED, RECOVERING
 -- (extra = ms to wait), NOPARENT. Errors: DLM_BADARG, DLM_NOTOWNER (id used by another owner).

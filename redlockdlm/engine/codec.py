@@ -340,15 +340,20 @@ def request_args(rejoin_ms: int, chan: bytes, owner: str, lock_id: str, mode: in
             and type(ticket) is int and type(lease_ms) is int and type(flags) is int
             and type(priority) is int and type(mode) in _INTS):
         try:
-            return [b"%d" % rejoin_ms, chan, owner.encode(), lock_id.encode(), b"%d" % mode,
-                    b"%d" % flags, b"%d" % ticket, b"%d" % lease_ms, parent_id.encode(), name,
-                    b"%d" % priority]
+            out = [b"%d" % rejoin_ms, chan, owner.encode(), lock_id.encode(), b"%d" % mode,
+                   b"%d" % flags, b"%d" % ticket, b"%d" % lease_ms, parent_id.encode(), name]
+            if priority:  # (P1: an absent priority is 0; one argument less to send and read)
+                out.append(b"%d" % priority)
+            return out
         except UnicodeEncodeError:
             pass
-    return [_s(rejoin_ms, "rejoin_ms"), _b(chan, "channel prefix"), _t(owner, "owner"),
-            _t(lock_id, "lock id"), _s(mode, "mode"), _s(flags, "flags"), _s(ticket, "ticket"),
-            _s(lease_ms, "lease_ms"), _t(parent_id, "parent id"), _b(name, "resource name"),
-            _s(priority, "priority")]
+    out = [_s(rejoin_ms, "rejoin_ms"), _b(chan, "channel prefix"), _t(owner, "owner"),
+           _t(lock_id, "lock id"), _s(mode, "mode"), _s(flags, "flags"), _s(ticket, "ticket"),
+           _s(lease_ms, "lease_ms"), _t(parent_id, "parent id"), _b(name, "resource name")]
+    p = _s(priority, "priority")
+    if p != b"0":
+        out.append(p)
+    return out
 
 
 def convert_args(rejoin_ms: int, chan: bytes, owner: str, lock_id: str, mode: int, flags: int,

@@ -369,6 +369,8 @@ def test_the_common_outcomes_answer_a_short_lock_reply(w_engine) -> None:
                                            "", b"short"))
     assert len(g) == 7 and g[4] == b"v1"
     full(g, Status.GRANTED, Mode.PR, g[3], 0, b"v1", 3, 0, 0)
+    _, entries = e.renew("o1", LEASE, [(k, "b", 0)])  # (renew reads the grant's short form)
+    assert (entries[0].status, entries[0].position, entries[0].wait_ms) == (Status.GRANTED, 0, -1)
     nf = call("release", codec.release_args(30_000, e.chan, "o1", "zz", 0, None, 0, 64, 0))
     assert len(nf) == 3
     full(nf, Status.NOTFOUND, -1, 0, -1, None, 0, 0, 0)
