@@ -39,7 +39,7 @@ return run(function()
   local r = load(key)
   local qn, lk = nil, nil
   if r then qn, lk = find(r, id) end
-  if not lk then return reply(S_NOTFOUND) end
+  if not lk then return short(S_NOTFOUND) end
   if lk.o ~= owner then fail('DLM_NOTOWNER', 'lock ' .. id .. ' belongs to another owner') end
   if qn == 'w' then fail('DLM_STATE', 'lock ' .. id .. ' is not granted yet') end
   if qn == 'c' then fail('DLM_STATE', 'lock ' .. id .. ' is already converting') end
@@ -77,7 +77,7 @@ return run(function()
     process(key, r)
     return lock_state(r, lk)
   end
-  if has(flags, F_NOQUEUE) then return reply(S_NOTQUEUED) end  -- G2
+  if has(flags, F_NOQUEUE) then return short(S_NOTQUEUED) end  -- G2
   local old_rq, old_ct, old_f, old_pr = lk.rq, lk.ct, lk.f, lk.pr
   lk.rq, lk.ct, lk.f, lk.pr = mode, cticket, flags, pr  -- (P1)
   local trial = {}

@@ -1,8 +1,9 @@
 -- release.lua: release a lock, granted or waiting (rules G8, G9, H3, V1, V3, V6, F1).
 --
 -- KEYS[1] epoch hash, KEYS[2] waiter index, KEYS[3] resource,
--- KEYS[4] parent's resource (pass KEYS[3] if the lock has no parent),
--- KEYS[5..] the resource keys of every descendant (H3: all must be declared)
+-- KEYS[4] parent's resource (KEYS[3] if the lock has no parent; absent when it has neither
+--         parent nor descendants), KEYS[5..] the resource keys of every descendant (H3:
+--         all must be declared)
 -- ARGV[1] rejoin_ms        ARGV[2] channel prefix
 -- ARGV[3] owner            ARGV[4] lock id          ARGV[5] flags (SUBTREE=32)
 -- ARGV[6] 1 to write the value block (PW/EX holders only), else 0
@@ -42,7 +43,7 @@ return run(function()
     local seq = a[A_S]
     if floor > seq then seq = floor end
     lone_write(key, {a[A_N], seq})
-    return reply(S_RELEASED, NONE, 0, -1, 1)
+    return short(S_RELEASED, 1)
   end
 
   local r = load(key)
@@ -54,7 +55,7 @@ return run(function()
       if floor > r.s then r.s = floor end
       mark(key)
     end
-    return reply(S_NOTFOUND)
+    return short(S_NOTFOUND)
   end
   if lk.o ~= owner then fail('DLM_NOTOWNER', 'lock ' .. id .. ' belongs to another owner') end
   if write and not (lk.gr >= PW) then
@@ -64,5 +65,5 @@ return run(function()
   if write and version >= r.vv then r.v, r.vv, r.vi = value, version, 0 end  -- V6
   if floor > r.s then r.s = floor end
   remove_lock(key, r, qn, lk, true)
-  return reply(S_RELEASED, NONE, 0, -1, n + 1)
+  return short(S_RELEASED, n + 1)
 end)

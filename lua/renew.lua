@@ -77,8 +77,13 @@ return run(function()
         out[#out + 1] = st[R_STATUS]
         out[#out + 1] = st[R_MODE]
         out[#out + 1] = st[R_TOKEN]
-        out[#out + 1] = st[R_POS]
-        out[#out + 1] = st[R_WAIT]
+        if st[R_STATUS] == S_GRANTED then  -- (its short form: position 0, no wait)
+          out[#out + 1] = 0
+          out[#out + 1] = -1
+        else
+          out[#out + 1] = st[R_POS]
+          out[#out + 1] = st[R_WAIT]
+        end
       end
     end
   end

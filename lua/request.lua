@@ -1,13 +1,14 @@
 -- request.lua: a new lock request (rules G1-G3, G10-G12, H1, N1, F1, E1, V5).
 --
 -- KEYS[1] epoch hash, KEYS[2] waiter index, KEYS[3] resource,
--- KEYS[4] parent's resource (only read when ARGV[9] names a parent; pass KEYS[3] otherwise)
+-- KEYS[4] parent's resource (only read when ARGV[9] names a parent; absent otherwise, or
+--         KEYS[3])
 -- ARGV[1] rejoin_ms        ARGV[2] channel prefix
 -- ARGV[3] owner            ARGV[4] lock id (client-chosen, the same on every instance)
 -- ARGV[5] mode 0..5        ARGV[6] flags (NOQUEUE=1 EXPEDITE=2 NODLCKWT=16 BLKAST=64)
 -- ARGV[7] ticket (client µs clock; queue order on every instance)
 -- ARGV[8] lease ms         ARGV[9] parent lock id or ''   ARGV[10] display name
--- ARGV[11] priority (P1: a signed 32-bit int; absent: 0)
+-- ARGV[11] priority (P1: a signed 32-bit int; absent: 0, as clients send a 0)
 --
 -- Reply: the lock reply of core.lua `reply`: status GRANTED, QUEUED, NOTQUEUED, RECOVERING
 -- (extra = ms to wait), NOPARENT. Errors: DLM_BADARG, DLM_NOTOWNER (id used by another owner).
@@ -34,7 +35,7 @@ return run(function()
   local key = KEYS[3]
 
   local wait = recovering_ms()
-  if wait > 0 then return reply(S_RECOVERING, NONE, 0, -1, wait) end
+  if wait > 0 then return short(S_RECOVERING, wait) end
 
   if pid == '' then  -- the fast path (core.lua `lone_get`), same rules
     local a = lone_get(key)
@@ -90,7 +91,7 @@ return run(function()
       local _, p = find(pr, pid)
       plk = p
     end
-    if not plk or plk.o ~= owner or plk.gr == NONE then return reply(S_NOPARENT) end
+    if not plk or plk.o ~= owner or plk.gr == NONE then return short(S_NOPARENT) end
   end
   if not r then r = create(key, name) end
   if #r.g == 0 and #r.c == 0 and #r.w == 0 and forgets_values() then  -- V5
@@ -108,7 +109,7 @@ return run(function()
     r.g[#r.g + 1] = lk
     mark(key)
   elseif has(flags, F_NOQUEUE) then  -- G2
-    return reply(S_NOTQUEUED)
+    return short(S_NOTQUEUED)
   else
     insert(r.w, lk, false)  -- G11
     windex_add(key, lk)

@@ -16,7 +16,7 @@ return run(function()
   local r = load(key)
   local qn, lk = nil, nil
   if r then qn, lk = find(r, id) end
-  if not lk then return reply(S_NOTFOUND) end
+  if not lk then return short(S_NOTFOUND) end
   if lk.o ~= owner then fail('DLM_NOTOWNER', 'lock ' .. id .. ' belongs to another owner') end
   if qn == 'g' then
     remove_from(r.g, lk)

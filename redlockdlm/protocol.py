@@ -598,8 +598,10 @@ class Session:
         return [EPOCH_KEY, self.wkey, *keys]
 
     def request_cmd(self, lk: LockCore) -> tuple:
-        pkey = lk.parent.key if lk.parent else lk.key
-        return command("request", self._keys(lk.key, pkey), codec.request_args(
+        # (KEYS[4], the parent's resource, only where there is a parent: one key less to send
+        # and for the script to read in the common case)
+        keys = self._keys(lk.key, lk.parent.key) if lk.parent else self._keys(lk.key)
+        return command("request", keys, codec.request_args(
             self.rejoin_ms, self.chan_prefix, self.owner, lk.id, lk.rq, lk.flags, lk.ticket,
             lk.lease_ms, lk.parent.id if lk.parent else "", lk.name, lk.priority))
 
@@ -618,9 +620,10 @@ class Session:
         in PW/EX: elsewhere the lock may still wait (V3 would refuse the write), and a
         quorum of granted instances is where readers look."""
         write = self._release_writes(lk, i)
-        pkey = lk.parent.key if lk.parent else lk.key
         kids = sorted({d.key for d in descendants(lk)})
-        return command("release", self._keys(lk.key, pkey, *kids), codec.release_args(
+        keys = (self._keys(lk.key, lk.parent.key if lk.parent else lk.key, *kids)
+                if lk.parent or kids else self._keys(lk.key))
+        return command("release", keys, codec.release_args(
             self.rejoin_ms, self.chan_prefix, self.owner, lk.id,
             int(Flag.SUBTREE) if subtree else 0, lk.new_value if write else None,
             lk.next_version(), self.vbmax, lk.token))

@@ -836,6 +836,13 @@ end
 --   R_NBLOCKERS  blockers found, then R_LEN + 1...: owner, id, mode of each blocker reported
 --                (BLOCKERS_REPORTED at most; break.lua puts its own tail there instead).
 -- `reply` builds the head in this order (a table constructor: no index is written there).
+-- The common outcomes have short forms, without a tail, told apart by their length (each
+-- element of a reply costs the server a conversion; docs/protocol.md, "Lock reply"):
+--   3 fields  {status, epoch, extra}: mode NONE, token 0, position -1 and every other field
+--             its default (`short`: RELEASED, NOTFOUND, RECOVERING, NOTQUEUED, NOPARENT);
+--   4 fields  {status, epoch, mode, token}: granted (position 0), no value block to report
+--             (none, version 0, valid: an NL grant, or a resource without a value);
+--   7 fields  {status, epoch, mode, token, value, version, invalid}: granted, with them.
 local R_STATUS, R_EPOCH, R_MODE, R_TOKEN, R_POS = 1, 2, 3, 4, 5
 local R_VALUE, R_VERSION, R_INVALID, R_WAIT, R_EXTRA, R_NBLOCKERS = 6, 7, 8, 9, 10, 11
 local R_LEN = 11
@@ -844,30 +851,28 @@ local function reply(status, gr, tok, pos, extra)
   return {status, EPOCH, gr or NONE, tok or 0, pos or -1, false, 0, 0, -1, extra or 0, 0}
 end
 
+-- The 3-field form: `reply(status, NONE, 0, -1, extra)` said shorter.
+local function short(status, extra)
+  return {status, EPOCH, extra or 0}
+end
+
+-- The reply of a grant (V2: the value block unless NL), in the 4- or 7-field form.
+local function granted_reply(gr, tok, v, vv, vi)
+  if gr == NL or (not v and vv == 0 and vi == 0) then
+    return {S_GRANTED, EPOCH, gr, tok}
+  end
+  return {S_GRANTED, EPOCH, gr, tok, v or false, vv, vi}
+end
+
 -- The reply about a lone record's lock: granted (`lock_state`).
 local function lone_reply(a)
-  local gr = a[A_GR]
-  local out = reply(S_GRANTED, gr, a[A_TOK], 0)
-  if gr ~= NL then  -- V2
-    out[R_VALUE] = a[A_V]
-    out[R_VERSION] = a[A_VV]
-    out[R_INVALID] = a[A_VI]
-  end
-  return out
+  return granted_reply(a[A_GR], a[A_TOK], a[A_V], a[A_VV], a[A_VI])
 end
 
 local function lock_state(r, lk)
   local qn = nil
   if index_of(r.g, lk) then qn = 'g' elseif index_of(r.c, lk) then qn = 'c' else qn = 'w' end
-  if qn == 'g' then
-    local out = reply(S_GRANTED, lk.gr, lk.tok, 0)
-    if lk.gr ~= NL then  -- V2
-      out[R_VALUE] = r.v or false
-      out[R_VERSION] = r.vv
-      out[R_INVALID] = r.vi
-    end
-    return out
-  end
+  if qn == 'g' then return granted_reply(lk.gr, lk.tok, r.v, r.vv, r.vi) end
   local q = r[qn]
   local pos = index_of(q, lk) - 1
   local out = reply(S_QUEUED, lk.gr, lk.tok, pos, r.s)

@@ -117,15 +117,39 @@ _new = tuple.__new__
 # R_LEN, beside `reply`): _LOCK_REPLY_LEN head fields, unpacked below in that order (status,
 # epoch, mode, token, position, value, version, invalid, wait_ms, extra, nblockers), then
 # _BLOCKER_FIELDS per blocker reported (owner, id, mode) or, after a break, _BROKEN_FIELDS
-# per lock broken (lua/break.lua).
+# per lock broken (lua/break.lua). The short forms of the common outcomes (`short`,
+# `granted_reply` there), told apart by their length, leave the other fields at their
+# defaults: 3 = (status, epoch, extra); 4 = (status, epoch, mode, token), granted at
+# position 0 without a value block; 7 = the 4 and (value, version, invalid).
 _LOCK_REPLY_LEN = 11  # R_LEN
 _BLOCKER_FIELDS = 3
 _BROKEN_FIELDS = 7
 
 
+def _short_reply(raw: list) -> LockReply:
+    n = len(raw)
+    if n == 4:
+        status, epoch, mode, token = raw
+        value, version, invalid, position, extra = None, 0, 0, 0, 0
+    elif n == 3:
+        status, epoch, extra = raw
+        mode, token, value, version, invalid, position = NONE, 0, None, 0, 0, -1
+    elif n == 7:
+        status, epoch, mode, token, value, version, invalid = raw
+        position, extra = 0, 0
+    else:
+        raise ValueError(f"a lock reply of {n} fields")
+    return _new(LockReply, (
+        _STATUS[int(status)], epoch.decode() if type(epoch) is bytes else str(epoch),
+        _MODE_OR_NONE[int(mode)], int(token), position, value, int(version),
+        not int(invalid), -1, int(extra), 0, (), invalid == 2 or invalid == b"2"))
+
+
 def parse_lock_reply(raw: list) -> LockReply:
     try:
-        if len(raw) == _LOCK_REPLY_LEN:  # the common case: no blockers
+        if len(raw) < _LOCK_REPLY_LEN:  # a short form (the fast path's)
+            return _short_reply(raw)
+        if len(raw) == _LOCK_REPLY_LEN:  # no blockers
             (status, epoch, mode, token, position, value, version, invalid, wait_ms, extra,
              nblockers) = raw
             blockers: tuple[Blocker, ...] = ()
@@ -316,15 +340,20 @@ def request_args(rejoin_ms: int, chan: bytes, owner: str, lock_id: str, mode: in
             and type(ticket) is int and type(lease_ms) is int and type(flags) is int
             and type(priority) is int and type(mode) in _INTS):
         try:
-            return [b"%d" % rejoin_ms, chan, owner.encode(), lock_id.encode(), b"%d" % mode,
-                    b"%d" % flags, b"%d" % ticket, b"%d" % lease_ms, parent_id.encode(), name,
-                    b"%d" % priority]
+            out = [b"%d" % rejoin_ms, chan, owner.encode(), lock_id.encode(), b"%d" % mode,
+                   b"%d" % flags, b"%d" % ticket, b"%d" % lease_ms, parent_id.encode(), name]
+            if priority:  # (P1: an absent priority is 0; one argument less to send and read)
+                out.append(b"%d" % priority)
+            return out
         except UnicodeEncodeError:
             pass
-    return [_s(rejoin_ms, "rejoin_ms"), _b(chan, "channel prefix"), _t(owner, "owner"),
-            _t(lock_id, "lock id"), _s(mode, "mode"), _s(flags, "flags"), _s(ticket, "ticket"),
-            _s(lease_ms, "lease_ms"), _t(parent_id, "parent id"), _b(name, "resource name"),
-            _s(priority, "priority")]
+    out = [_s(rejoin_ms, "rejoin_ms"), _b(chan, "channel prefix"), _t(owner, "owner"),
+           _t(lock_id, "lock id"), _s(mode, "mode"), _s(flags, "flags"), _s(ticket, "ticket"),
+           _s(lease_ms, "lease_ms"), _t(parent_id, "parent id"), _b(name, "resource name")]
+    p = _s(priority, "priority")
+    if p != b"0":
+        out.append(p)
+    return out
 
 
 def convert_args(rejoin_ms: int, chan: bytes, owner: str, lock_id: str, mode: int, flags: int,

@@ -334,7 +334,7 @@ class Engine:
                 lease_ms: int, flags: int = 0, name: bytes = b"", parent_key: bytes | None = None,
                 parent_id: str = "", priority: int = 0) -> LockReply:
         m = codec.as_mode(mode)
-        raw = self._call("request", [key, parent_key or key], codec.request_args(
+        raw = self._call("request", [key, parent_key] if parent_key else [key], codec.request_args(
             self.rejoin_ms, self._chan(key), owner, lock_id, m, flags, ticket, lease_ms,
             parent_id, name, priority))
         return codec.parse_lock_reply(raw)
@@ -353,7 +353,8 @@ class Engine:
                 value: bytes | None = None, version: int = 0, floor: int = 0) -> LockReply:
         flags = Flag.SUBTREE if subtree else 0
         kids = [] if type(child_keys) is tuple and not child_keys else _keys(child_keys)
-        raw = self._call("release", [key, parent_key or key, *kids], codec.release_args(
+        keys = [key, parent_key or key, *kids] if parent_key or kids else [key]
+        raw = self._call("release", keys, codec.release_args(
             self.rejoin_ms, self._chan(key), owner, lock_id, int(flags), value, version,
             self.vbmax, floor))
         return codec.parse_lock_reply(raw)

@@ -581,6 +581,7 @@ def unchanged(cid: str, act: Op, expect: object, *, xfail: str | None = None):
 
 def _raw_request(w: World, i: int, v: bytes, lid: str = "new") -> Any:
     a = codec.request_args(30_000, w.e.chan, "onew", lid, EX, 0, 9, LEASE, "", b"res")
+    a += [b"0"] * (11 - len(a))  # (a priority of 0 is not sent: ARGV[11] set here)
     a[i] = v
     return w.raw("request", [w.key(), w.key()], a)
 

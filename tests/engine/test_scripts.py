@@ -329,3 +329,50 @@ def test_round_resends_only_the_calls_that_met_a_missing_library() -> None:
         assert rnd.raws == [b"first", b"kept", gone]
     done = Round(calls)
     assert done.feed([b"a", ResponseError("DLM_BADARG x"), b"c"]) is None  # nothing to resend
+
+
+def test_the_common_outcomes_answer_a_short_lock_reply(w_engine) -> None:
+    """docs/protocol.md, "Lock reply": a grant without a value block to report answers 4
+    fields, a grant with one 7, a release or NOTFOUND 3; each parses to what the 11-field
+    layout with the omitted fields at their defaults parses to."""
+    c, e = w_engine
+    k = e.key("short")
+    keys = [EPOCH_KEY, e.wkey, k, k]
+
+    def call(name: str, args: list) -> list:
+        return call_script(c, name, keys, args)
+
+    def full(raw: list, status: int, mode: int, token: int, pos: int, value, version: int,
+             invalid: int, extra: int) -> None:
+        assert codec.parse_lock_reply(raw) == codec.parse_lock_reply(
+            [status, raw[1], mode, token, pos, value, version, invalid, -1, extra, 0])
+
+    g = call("request", codec.request_args(30_000, e.chan, "o1", "a", Mode.PW, 0, 1, LEASE,
+                                           "", b"short"))
+    assert len(g) == 4 and g[0] == Status.GRANTED  # (the fast path: a lone lock)
+    full(g, Status.GRANTED, Mode.PW, g[3], 0, None, 0, 0, 0)
+    rel = call("release", codec.release_args(30_000, e.chan, "o1", "a", 0, b"v0", 2, 64, 0))
+    assert len(rel) == 3
+    full(rel, Status.RELEASED, -1, 0, -1, None, 0, 0, 1)
+    keep = call("request", codec.request_args(30_000, e.chan, "o1", "k", Mode.NL, 0, 2, LEASE,
+                                              "", b"short"))
+    assert len(keep) == 4
+    full(keep, Status.GRANTED, Mode.NL, keep[3], 0, None, 0, 0, 0)
+    g = call("request", codec.request_args(30_000, e.chan, "o1", "a", Mode.PW, 0, 3, LEASE,
+                                           "", b"short"))
+    assert len(g) == 4  # (the full path: no value block yet)
+    full(g, Status.GRANTED, Mode.PW, g[3], 0, None, 0, 0, 0)
+    rel = call("release", codec.release_args(30_000, e.chan, "o1", "a", 0, b"v1", 3, 64, 0))
+    assert len(rel) == 3
+    full(rel, Status.RELEASED, -1, 0, -1, None, 0, 0, 1)
+    g = call("request", codec.request_args(30_000, e.chan, "o1", "b", Mode.PR, 0, 4, LEASE,
+                                           "", b"short"))
+    assert len(g) == 7 and g[4] == b"v1"
+    full(g, Status.GRANTED, Mode.PR, g[3], 0, b"v1", 3, 0, 0)
+    _, entries = e.renew("o1", LEASE, [(k, "b", 0)])  # (renew reads the grant's short form)
+    assert (entries[0].status, entries[0].position, entries[0].wait_ms) == (Status.GRANTED, 0, -1)
+    nf = call("release", codec.release_args(30_000, e.chan, "o1", "zz", 0, None, 0, 64, 0))
+    assert len(nf) == 3
+    full(nf, Status.NOTFOUND, -1, 0, -1, None, 0, 0, 0)
+    with pytest.raises(Exception, match="unexpected lock reply"):
+        codec.parse_lock_reply([0, b"e", 1, 2, 3])

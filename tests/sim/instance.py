@@ -192,7 +192,7 @@ class SimInstance:
             pid = a[8].decode()
             rep = m.request(keys[2], a[9], a[2].decode(), a[3].decode(), int(a[4]), int(a[5]),
                             int(a[6]), int(a[7]), now, int(a[0]),
-                            keys[3] if pid else b"", pid, int(a[10]))
+                            keys[3] if pid else b"", pid, int(a[10]) if len(a) > 10 else 0)
         elif name == "convert":
             rep = m.convert(keys[2], a[2].decode(), a[3].decode(), int(a[4]), int(a[5]),
                             int(a[6]), int(a[7]), now, int(a[0]),
@@ -200,7 +200,8 @@ class SimInstance:
                             int(a[12]), int(a[13]))
         elif name == "release":
             rep = m.release(keys[2], a[2].decode(), a[3].decode(), int(a[4]), now, int(a[0]),
-                            keys[3], tuple(keys[4:]), a[6] if a[5] == b"1" else None,
+                            keys[3] if len(keys) > 3 else keys[2], tuple(keys[4:]),
+                            a[6] if a[5] == b"1" else None,
                             int(a[7]), int(a[8]), int(a[9]))
         elif name == "cancel":
             rep = m.cancel(keys[2], a[2].decode(), a[3].decode(), now, int(a[0]),
