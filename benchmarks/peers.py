@@ -1,7 +1,7 @@
 """redlockdlm beside the Python Redlock libraries, in one run, on the same servers.
 
     pip install -e '.[bench]'      # redlock-py 1.0.8, aioredlock 0.7.3, pottery 3.0.1
-    python benchmarks/peers.py [--seconds S] [--workers W] [--instances N] [--only 1,2]
+    python benchmarks/peers.py [--seconds S] [--workers W] [--instances N] [--only 1,2] [--whatif]
 
 It starts its own N redis-servers on free loopback ports (tests/redis_harness.py), marks
 them fresh for redlockdlm (E1) and stops them, by their pids, at the end. A library that is
@@ -19,6 +19,11 @@ reply is read (one floor round trip).
       Premise, printed per row: the workers contend (the share of acquisitions that did not
       succeed at their first attempt) and no two holds overlap (mutual exclusion as one
       machine's monotonic clock sees it).
+
+  --whatif adds to (1) our sync client against our library with its request and release
+      scripts replaced by a peer's (SET PX; GET, compare, DEL), on the same servers: whether
+      the server's cost of our scripts explains the gap (premise checked: every call ran
+      the replaced code; the real library is put back).
 
 It prints the figures and the ratios to the best peer row; it asserts nothing.
 """
@@ -198,7 +203,8 @@ def libraries() -> list[str]:
 
 # --------------------------------------------------------------------------- (1)
 
-def figure_uncontended(urls: list[str], ns: str, seconds: float) -> tuple[float, dict]:
+def figure_uncontended(urls: list[str], ns: str, seconds: float,
+                       whatif: WhatIf | None = None) -> tuple[float, dict]:
     """Pairs of every library in interleaved slices. An asyncio library's pairs run in a
     loop inside its event loop (a slice is one `run`), as an application's would: a hop
     from this thread into the loop per call would cost it two thread switches a pair."""
@@ -223,14 +229,96 @@ def figure_uncontended(urls: list[str], ns: str, seconds: float) -> tuple[float,
 
     for lib, lk in lockers.items():
         measure(lib, lk, warm)
+    if whatif is not None:
+        res["redlockdlm, what-if"] = []
     for _ in range(slices):
         res["floor"] += timed_loop(floor.round, seconds / slices)
         for lib, lk in lockers.items():
             res[lib] += measure(lib, lk, seconds / slices)
+        if whatif is not None:
+            res["redlockdlm, what-if"] += whatif.measure(seconds / slices)
     for lk in lockers.values():
         lk.close()
+    if whatif is not None:
+        whatif.close()
     floor.close()
     return statistics.median(res.pop("floor")), res
+
+
+# ------------------------------------------------------------------- (1) what-if
+
+#: a marker in the what-if library's source (FUNCTION LIST tells it is loaded)
+WHATIF_MARK = b"-- peers.py what-if: request and release as cheap as a Redlock peer"
+
+
+def whatif_source(epoch: str) -> bytes:
+    """Our library with `request` and `release` replaced by scripts as cheap as a Redlock
+    peer's (SET PX; GET, compare, DEL), answering the short lock replies of a grant and a
+    release with this instance's `epoch`; every other function is the real one."""
+    from redlockdlm.engine.scripts import library
+
+    lib = library()
+    src = lib.source
+    fns = {n: lib.functions[n].decode() for n in ("request", "release")}
+    for n, body in (
+            ("request", "local r = whatif_r or the_globals() whatif_r = r "
+                        "r.call('SET', keys[3], args[4], 'PX', args[8]) "
+                        "return {0, EPOCH, args[5] + 0, 1}"),
+            ("release", "local r = whatif_r or the_globals() whatif_r = r "
+                        "if r.call('GET', keys[3]) == args[4] then "
+                        "r.call('DEL', keys[3]) end return {7, EPOCH, 1}")):
+        real = (f"register('{fns[n]}', function(keys, args) "
+                f"return call(script_{n}, keys, args) end)\n").encode()
+        if real not in src:
+            raise RuntimeError(f"the library registers {n} otherwise: update whatif_source")
+        src = src.replace(real, (f"register('{fns[n]}', function(keys, args) "
+                                 f"{body.replace('EPOCH', repr(epoch))} end)\n").encode())
+    # (`redis` is a local of core.lua bound by the first real call: the what-if code
+    # binds its own once, `the_globals()` returning the global `redis` first)
+    head = b"local KEYS, ARGV\n"
+    if head not in src:
+        raise RuntimeError("the library's header changed: update whatif_source")
+    src = src.replace(head, head + b"local whatif_r\n", 1)
+    return src + WHATIF_MARK + b"\n"
+
+
+class WhatIf:
+    """Our sync client's pairs against the what-if library (`whatif_source`) on every
+    instance, in slices interleaved with the others': what redlockdlm's client would do if
+    our scripts cost what a peer's do. Premise, checked after each slice: every request and
+    release ran the what-if code (FCALLs counted on each instance, the marker loaded).
+    The real library is put back after each slice."""
+
+    def __init__(self, inst: Any, urls: list[str], ns: str) -> None:
+        from redlockdlm.engine.scripts import library
+
+        self.clients = [s.client() for s in inst]
+        self.real = library().source
+        self.sources = [whatif_source(Engine(c, ns).status().epoch or "")
+                        for c in self.clients]
+        self.lk = Locker("redlockdlm", urls, ns)
+
+    def measure(self, span: float) -> list[float]:
+        for c, src in zip(self.clients, self.sources):
+            c.execute_command("FUNCTION", "LOAD", "REPLACE", src)
+        try:
+            timed_loop(lambda: self.lk.pair("whatif"), min(0.05, span))
+            for c in self.clients:
+                c.config_resetstat()
+            lat = timed_loop(lambda: self.lk.pair("whatif"), span)
+            for c in self.clients:
+                calls = c.info("commandstats").get("cmdstat_fcall", {}).get("calls", 0)
+                code = c.execute_command("FUNCTION", "LIST", "WITHCODE")
+                if calls != 2 * len(lat) or WHATIF_MARK not in repr(code).encode():
+                    raise RuntimeError(f"what-if premise failed: {calls} FCALLs for "
+                                       f"{len(lat)} pairs, or the library was replaced")
+        finally:
+            for c in self.clients:
+                c.execute_command("FUNCTION", "LOAD", "REPLACE", self.real)
+        return lat
+
+    def close(self) -> None:
+        self.lk.close()
 
 
 # --------------------------------------------------------------------------- (2)
@@ -298,6 +386,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=8, help="contending processes (2)")
     ap.add_argument("--instances", type=int, default=3, help="N (odd)")
     ap.add_argument("--only", default="1,2", help="the figures to measure: 1, 2 or 1,2")
+    ap.add_argument("--whatif", action="store_true",
+                    help="also (1) with our request/release scripts as cheap as a peer's "
+                         "(SET PX / GET+DEL): does the server's cost explain the gap?")
     args = ap.parse_args(argv)
     only = {f.strip() for f in args.only.split(",")}
     if not only <= {"1", "2"}:
@@ -315,7 +406,9 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             print(f"not installed, left out: {', '.join(missing)} (pip install -e '.[bench]')")
         print()
-        floor_rt, res = figure_uncontended(urls, ns, args.seconds if "1" in only else 0.3)
+        whatif = WhatIf(inst, urls, ns) if args.whatif and "1" in only else None
+        floor_rt, res = figure_uncontended(urls, ns, args.seconds if "1" in only else 0.3,
+                                           whatif)
         if "1" in only:
             print_uncontended(floor_rt, res)
         if "2" in only:
@@ -336,8 +429,11 @@ def print_uncontended(floor_rt: float, res: dict[str, list[float]]) -> None:
     peers = {lib: r for lib, r in rate.items() if not lib.startswith("redlockdlm")}
     if peers:
         best = max(peers, key=peers.get)
-        for ours in ("redlockdlm", "redlockdlm-async"):
+        for ours in [lib for lib in rate if lib.startswith("redlockdlm")]:
             print(f"    {ours} / best peer ({best}): {rate[ours] / peers[best]:.2f}")
+    if "redlockdlm, what-if" in rate:
+        print("    (what-if: our sync client, its request and release scripts replaced by a "
+              "peer's SET PX / GET+DEL, in slices interleaved with the others)")
     print()
 
 
