@@ -36,7 +36,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from redis_harness import Instances  # noqa: E402
 
 from redlockdlm import AsyncDLM, Mode  # noqa: E402
-from redlockdlm.engine.instance import Engine  # noqa: E402
 from redlockdlm.errors import DLMError, LockTimeout  # noqa: E402
 
 NS = "load"
@@ -251,8 +250,7 @@ def main() -> None:
     ap.add_argument("--soak", type=float, default=0.0, metavar="SECONDS")
     args = ap.parse_args()
     with Instances(3, extra_args=["--maxclients", "20000"]) as inst:
-        for s in inst.servers:
-            Engine(s.client(), NS).init_fresh()
+        inst.init_fresh(NS)
         print(f"redis-server x3 on {', '.join(inst.urls)}; python {sys.version.split()[0]}, "
               f"{os.cpu_count()} cores")
         floor = floor_rtt(inst.servers)

@@ -396,8 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     missing = [v for m, v in PEERS.items() if not have(m)]
     ns = f"peers-{os.getpid()}"
     with Instances(args.instances) as inst:
-        for s in inst:
-            Engine(s.client(), ns).init_fresh()  # our own brand-new servers (E1)
+        inst.init_fresh(ns)  # our own brand-new servers (E1)
         urls = inst.urls
         info = inst[0].client().info("server")
         print(f"{args.instances} x redis-server {info['redis_version']} on loopback; python "

@@ -45,7 +45,6 @@ sys.path.insert(0, str(ROOT / "tests"))
 from redis_harness import Instances  # noqa: E402
 
 from redlockdlm import DLM, Mode  # noqa: E402
-from redlockdlm.engine.instance import Engine  # noqa: E402
 
 NAMESPACE = f"qbench-{os.getpid()}"
 LEASE_MS = 30_000
@@ -420,8 +419,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--only takes figure numbers 1, 2, 3, not {args.only!r}")
 
     with Instances(args.instances) as inst:
-        for s in inst:
-            Engine(s.client(), NAMESPACE).init_fresh()  # our own brand-new servers (E1)
+        inst.init_fresh(NAMESPACE)  # our own brand-new servers (E1)
         urls = inst.urls
         info = inst[0].client().info("server")
         print(f"{args.instances} x redis-server {info['redis_version']} on loopback "

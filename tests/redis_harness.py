@@ -450,6 +450,14 @@ class Instances:
     def clients(self, **kwargs: Any) -> list[redis.Redis]:
         return [s.client(**kwargs) for s in self.servers]
 
+    def init_fresh(self, namespace: str) -> None:
+        """Mark every server brand new for redlockdlm's `namespace` (E1: a server that never
+        granted a lock has no rejoin window to wait out)."""
+        from redlockdlm.engine.instance import Engine  # (the rest of the harness needs none)
+
+        for s in self.servers:
+            Engine(s.client(), namespace).init_fresh()
+
     def __len__(self) -> int:
         return len(self.servers)
 

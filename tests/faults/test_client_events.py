@@ -29,8 +29,7 @@ NS = "ev"
 @pytest.fixture
 def inst():
     with Instances(3) as i:
-        for s in i:
-            Engine(s.client(), NS).init_fresh()
+        i.init_fresh(NS)
         yield i
 
 

@@ -16,7 +16,6 @@ from quorum.clients import KINDS, make_client
 from redis_harness import Instances
 
 from redlockdlm.engine.codec import LockReply
-from redlockdlm.engine.instance import Engine
 from redlockdlm.engine.modes import Mode, Status
 from redlockdlm.errors import LockLost, QuorumUnavailable
 from redlockdlm.protocol import Phase, Session
@@ -52,8 +51,7 @@ def test_protocol_core() -> None:
 @pytest.mark.parametrize("kind", KINDS)
 def test_conversion_without_timeout_returns_when_the_lock_is_lost(kind: str) -> None:
     with Instances(3) as inst:
-        for s in inst:
-            Engine(s.client(), NS).init_fresh()
+        inst.init_fresh(NS)
         other = make_client(kind, inst.urls, NS, lease_ms=5000)
         d = make_client(kind, inst.urls, NS, lease_ms=600, socket_timeout=0.2,
                         connect_timeout=0.2)

@@ -28,8 +28,7 @@ NS = "smc"
 
 def test_missed_down_conversion_is_repaired() -> None:
     with Instances(3) as inst:
-        for s in inst:
-            Engine(s.client(), NS).init_fresh()
+        inst.init_fresh(NS)
         hub = ProxyHub()
         ps = hub.proxy_set([s.port for s in inst], "holder")
         d = DLM(ps.urls, NS, lease_ms=900, socket_timeout=0.3, connect_timeout=0.3)

@@ -36,7 +36,6 @@ import pytest
 from redis_harness import Instances
 
 from redlockdlm import DLM
-from redlockdlm.engine.instance import Engine
 
 from .proxy import ProxyHub
 
@@ -48,8 +47,7 @@ LEASE_MS = 500  # also the rejoin delay of a restarted instance
 def test_write_survives_sequential_restarts_of_different_instances() -> None:
     with Instances(3) as inst:
         a, b, c = inst.servers
-        for s in inst:
-            Engine(s.client(), NS).init_fresh()
+        inst.init_fresh(NS)
         opts = dict(lease_ms=LEASE_MS, socket_timeout=0.3, connect_timeout=0.3)
         keeper_client, anchor_client, writer, reader = (
             DLM(inst.urls, NS, **opts) for _ in range(4))
@@ -89,8 +87,7 @@ def test_write_on_a_bare_quorum_then_a_restart_reads_not_valid() -> None:
     marked the value forgotten (V5), so the reader is told the value may be stale."""
     with Instances(3) as inst:
         a, b, c = inst.servers
-        for s in inst:
-            Engine(s.client(), NS).init_fresh()
+        inst.init_fresh(NS)
         hub = ProxyHub()
         kp = hub.proxy_set([s.port for s in inst], "keeper")
         opts = dict(lease_ms=LEASE_MS, socket_timeout=0.3, connect_timeout=0.3)

@@ -19,7 +19,6 @@ import pytest
 from redis_harness import Instances
 
 from redlockdlm import DLM
-from redlockdlm.engine.instance import Engine
 
 from .proxy import ProxyHub
 
@@ -30,8 +29,7 @@ LEASE_MS = 600
 
 def test_value_that_disappeared_does_not_come_back() -> None:
     with Instances(3) as inst:
-        for s in inst:
-            Engine(s.client(), NS).init_fresh()
+        inst.init_fresh(NS)
         hub = ProxyHub()
         kp = hub.proxy_set([s.port for s in inst], "keeper")
         wp = hub.proxy_set([s.port for s in inst], "writer2")

@@ -16,7 +16,6 @@ import pytest
 from redis_harness import Instances
 
 from redlockdlm import DLM
-from redlockdlm.engine.instance import Engine
 
 pytestmark = pytest.mark.timeout(60)
 NS = "evthread"
@@ -25,8 +24,7 @@ NS = "evthread"
 @pytest.fixture
 def inst():
     with Instances(3) as i:
-        for s in i:
-            Engine(s.client(), NS).init_fresh()
+        i.init_fresh(NS)
         yield i
 
 
