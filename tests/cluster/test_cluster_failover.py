@@ -145,11 +145,7 @@ def test_detector_scans_the_promoted_node(layout: list[Any]) -> None:
     cross-shard deadlock whose waiters are on the promoted node (they replicated) is seen
     there and broken on every member, the promoted node included."""
     server, *clusters = layout
-    for rc in clusters:
-        rc.reset()
-    if not server.running:
-        server.start()
-    server.flushall()
+    Members(layout, "sync").reset()
     engines = [Engine(server.client(), NS), *(Engine(rc.client(), NS) for rc in clusters)]
     for e in engines:
         e.init_fresh()
@@ -203,11 +199,7 @@ def test_operator_scan_reaches_the_promoted_node(layout: list[Any]) -> None:
     a failover: the dead primary is not scanned, the promoted one is, and its keys count
     (an operator's read re-reads the topology as the detector's does, not an error)."""
     server, *clusters = layout
-    for rc in clusters:
-        rc.reset()
-    if not server.running:
-        server.start()
-    server.flushall()
+    Members(layout, "sync").reset()
     c1 = clusters[0]
     for e in [Engine(server.client(), NS), *(Engine(rc.client(), NS) for rc in clusters)]:
         e.init_fresh()
