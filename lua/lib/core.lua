@@ -730,8 +730,16 @@ end
 function wq.at(W, o)
   local ok, nx, lk = pcall(cmsgpack.unpack_one, W.b, o)
   if not ok or not wq.ok(lk) then corrupt(W.key, 'has a malformed wait queue') end
-  if not lk.k then lk.k = {} end
+  local k = lk.k
+  if not k then
+    k = {}
+    lk.k = k
+  end
   if nx < 0 then nx = #W.b end
+  if #k == 0 then  -- its stored bytes, for `enc.lock` to reuse while its fields are these
+    lk[enc.KEY] = {string.sub(W.b, o + 1, nx), lk.gr, lk.rq, lk.e, lk.tok, lk.f, lk.ct, lk.pm,
+                   lk.pr, k, lk.id, lk.o, lk.t, lk.p, lk.pk}
+  end
   return lk, nx
 end
 
