@@ -39,7 +39,6 @@ return run(function()
   local r = load(key)
   local n = 0
   if r then
-    wq.list(r)  -- (every lock is looked at: the wait queue as a list, core.lua)
     local matched = {}
     for qi = 1, 3 do
       local qn = QUEUES[qi]

@@ -31,7 +31,6 @@ for i = 2, #KEYS do
     out[#out + 1] = false
   else
     local r = decode(KEYS[i], blob)
-    if r.w == false then wq.list(r) end  -- (the wait queue's bytes decoded, core.lua)
     local res = {r.n or '', r.s or 0, r.v or false, r.vv or 0, r.vi or 0}
     for _, qn in ipairs({'g', 'c', 'w'}) do
       for _, lk in ipairs(r[qn] or {}) do

@@ -94,7 +94,7 @@ return run(function()
     if not plk or plk.o ~= owner or plk.gr == NONE then return short(S_NOPARENT) end
   end
   if not r then r = create(key, name) end
-  if #r.g == 0 and #r.c == 0 and wq.n(r) == 0 and forgets_values() then  -- V5
+  if #r.g == 0 and #r.c == 0 and #r.w == 0 and forgets_values() then  -- V5
     r.vi = VI_FORGOTTEN
   end
   local pk = ''
@@ -103,7 +103,7 @@ return run(function()
               e = NOW + lease, p = pid, pk = pk, k = {}, tok = 0, pm = NONE}
   if priority ~= 0 then lk.pr = priority end  -- P1
   if has(flags, F_EXPEDITE)  -- G3
-      or (#r.c == 0 and wq.n(r) == 0 and compatible_with_granted(r, lk, mode)) then  -- G1
+      or (#r.c == 0 and #r.w == 0 and compatible_with_granted(r, lk, mode)) then  -- G1
     lk.gr, lk.rq = mode, NONE
     lk.tok = bump(r)
     r.g[#r.g + 1] = lk
@@ -111,7 +111,7 @@ return run(function()
   elseif has(flags, F_NOQUEUE) then  -- G2
     return short(S_NOTQUEUED)
   else
-    wq.join(r, lk)  -- G11 (core.lua: at the tail without reading the queue)
+    insert(r.w, lk, false)  -- G11
     windex_add(key, lk)
     mark(key)
     process(key, r)

@@ -84,10 +84,6 @@ for i = 2, nkeys do
       local d, nd, live, first = {}, 0, 0, math.huge
       for qi = 1, 3 do
         local q = r[qi == 1 and 'g' or (qi == 2 and 'c' or 'w')]
-        if type(q) == 'string' then  -- the wait queue as bytes (core.lua `wq`)
-          wq.open(key, r)
-          q = wq.list(r)
-        end
         if q then
           local letter = qi == 1 and 'G' or (qi == 2 and 'C' or 'W')
           for j = 1, #q do

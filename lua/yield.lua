@@ -25,7 +25,7 @@ return run(function()
       insert(r.c, lk, true)
     else
       lk.rq, lk.gr = lk.gr, NONE
-      wq.join(r, lk)  -- (G11, as `insert`)
+      insert(r.w, lk, false)
     end
     windex_add(key, lk)
     mark(key)

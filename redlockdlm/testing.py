@@ -172,17 +172,6 @@ class _MsgPack:
             raise ValueError("cmsgpack.unpack: empty string")
         return values[0] if len(values) == 1 else tuple(values)
 
-    def unpack_one(self, blob: Any, offset: Any = 0) -> tuple[int, Any]:
-        """`cmsgpack.unpack_one(bytes, offset)`: the object at byte `offset` (0-based) and
-        the offset after it, -1 at the end of the bytes (the wait queue's reader, core.lua)."""
-        if not isinstance(blob, bytes):
-            raise ValueError("cmsgpack.unpack_one: the argument must be a string")
-        start = int(offset or 0)
-        if start < 0 or start >= len(blob):
-            raise ValueError("cmsgpack.unpack_one: offset out of range")
-        v, pos = self._unpack(blob, start)
-        return (-1 if pos >= len(blob) else pos), v
-
     def _take(self, blob: bytes, pos: int, n: int) -> tuple[bytes, int]:
         end = pos + n
         if end > len(blob):
@@ -248,7 +237,7 @@ class _MsgPack:
 # engine fakeredis creates for it (`FunctionsEngine._lua`, whose `end_load` holds the table
 # of globals a function sees, `run_globals`, and `redis` there a read-only view of the API).
 _COMPLETE = """
-function(engine, pack, unpack, info, unpack_one)
+function(engine, pack, unpack, info)
   local run_globals
   local i = 1
   while true do
@@ -279,7 +268,6 @@ function(engine, pack, unpack, info, unpack_one)
   local msgpack = {
     pack = function(...) return pack(...) end,
     unpack = function(blob) return unpack(blob) end,
-    unpack_one = function(blob, offset) return unpack_one(blob, offset) end,
   }
   run_globals.cmsgpack = setmetatable({}, {
     __index = msgpack,
@@ -330,7 +318,7 @@ class FakeInstance:
             runtime = getattr(engine, "runtime", None)
             codec = _MsgPack(runtime, lua)
             ok = runtime is not None and runtime.eval(_COMPLETE)(
-                engine._lua, codec.pack, codec.unpack, self.info, codec.unpack_one)
+                engine._lua, codec.pack, codec.unpack, self.info)
         except Exception as exc:  # noqa: BLE001  (any shape this fakeredis has)
             self._tcp.server_close()
             raise FakesUnavailable(f"fakeredis {fakeredis.__version__}: its Lua runtime could "

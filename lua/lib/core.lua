@@ -93,9 +93,6 @@ local FUNCTIONS = register ~= nil
 --       come from another process (a slot migrated here from another shard, a replica
 --       promoted), so the check holds on every call, not once per library.
 local h2c = {}
---   wq: the functions of the wait queue kept as bytes (below, before `load`; a table for
---     the same reason as h2c). Nothing of a call.
-local wq = {}
 --
 -- Per call: reset by `call` before every script runs (events and windex_ops are reused
 -- only when empty), so nothing of one call reaches the next.
@@ -507,10 +504,10 @@ local function process(key, r)
       end
     end
   end
-  while #r.c == 0 and wq.n(r) > 0 do
-    local lk = r.w and r.w[1] or wq.head(r)
+  while #r.c == 0 and #r.w > 0 do
+    local lk = r.w[1]
     if not compatible_with_granted(r, lk, lk.rq) then break end
-    if r.w then table.remove(r.w, 1) else wq.pop(r) end
+    table.remove(r.w, 1)
     lk.gr, lk.rq = lk.rq, NONE
     lk.tok = bump(r)
     r.g[#r.g + 1] = lk
@@ -535,9 +532,6 @@ local function purge(key, r)
   for qi = 1, 3 do
     local qn = QUEUES[qi]
     local q = r[qn]
-    if q == false then  -- the wait queue as bytes: read only if a waiter may have expired
-      q = wq.earliest(r) <= NOW and wq.list(r) or {}
-    end
     local n = #q
     local first = 1  -- the first expired lock; the queue is rebuilt only if there is one
     while first <= n and q[first].e > NOW do first = first + 1 end
@@ -559,7 +553,7 @@ local function purge(key, r)
   end
   if removed then
     mark(key)
-    if #r.g == 0 and #r.c == 0 and wq.n(r) == 0 then
+    if #r.g == 0 and #r.c == 0 and #r.w == 0 then
       r.v, r.vv, r.vi = nil, 0, 0
     end
   end
@@ -582,7 +576,7 @@ local function check_shape(key, r)
   if not is_table(r) or type(r.s) ~= 'number' then corrupt(key, 'is not a lock resource') end
   for qi = 1, 3 do
     local q = r[QUEUES[qi]]
-    if q ~= nil and not (qi == 3 and type(q) == 'string') then  -- (wq.open: the bytes)
+    if q ~= nil then
       if not is_table(q) then corrupt(key, 'has a malformed queue') end
       for i = 1, #q do
         local lk = q[i]
@@ -655,7 +649,7 @@ end
 
 -- The compact record of a full resource table, or nil if it has no compact form.
 local function compact(r)
-  if not FAST or #r.c > 0 or wq.n(r) > 0 then return nil end
+  if not FAST or #r.c > 0 or #r.w > 0 then return nil end
   local g = r.g
   if #g == 0 then return {r.n, r.s} end  -- (commit writes it as a tombstone)
   if #g > 1 then return nil end
@@ -674,246 +668,7 @@ local function decode(key, blob)
     return expand(r)
   end
   check_shape(key, r)
-  wq.open(key, r)
   return r
-end
-
--- ----------------------------------------------------------------- the wait queue
--- A resource's wait queue is stored apart from its granted and converting locks: the map's
--- field `w` holds the waiters' own msgpack encodings one after the other, in queue order
--- (G11), as one string, and `wx` = {count, earliest lease expiry, 1 if the expiries never
--- decrease from head to tail else 0, the tail's ticket, id and expiry} (docs/design.md,
--- "Storage"); both absent when nothing waits. So the common calls never decode the waiters
--- behind the head: a request that joins at the tail (its ticket the newest: the common
--- case) appends its bytes, a release grants from the head (`cmsgpack.unpack_one`), purge
--- (G10) reads the earliest expiry, a queued reply (`lock_state`) its position and wait.
--- Anything else (a waiter found by id: cancel, renew, a retried request; a middle
--- insertion; an expired or unknown earliest lease) reads the whole list (`wq.list`) and
--- goes on as before. A resource written before (`w` a list of locks) loads as that list.
---
--- In memory: r.w is the list of waiters, or false while the queue is bytes; then r.W =
--- {b = the stored bytes, o = the offset (0-based) of the first not granted, h = that
--- waiter decoded or nil, hn = the offset after it, t = {waiters this call appended},
--- n = count of all, m = the earliest expiry among those in `b` from `o` (false: unknown),
--- mono = expiries never decrease along the queue, tt, ti, te = the tail's ticket, id,
--- expiry, key}.
-function wq.n(r)
-  local q = r.w
-  if q then return #q end
-  return r.W.n
-end
-
-function wq.ok(lk)
-  return is_table(lk) and type(lk.id) == 'string' and type(lk.o) == 'string'
-    and type(lk.gr) == 'number' and type(lk.e) == 'number' and type(lk.t) == 'number'
-end
-
--- K1: a decoded map whose `w` is bytes needs a well-formed `wx` (check_shape did the rest).
-function wq.open(key, r)
-  local b, x = r.w, r.wx
-  r.wx = nil
-  if type(b) ~= 'string' then
-    if x ~= nil then corrupt(key, 'has a malformed wait queue') end
-    return
-  end
-  if not is_table(x) or type(x[1]) ~= 'number' or x[1] < 1 or type(x[2]) ~= 'number'
-      or (x[3] ~= 0 and x[3] ~= 1) or type(x[4]) ~= 'number' or type(x[5]) ~= 'string'
-      or type(x[6]) ~= 'number' or #b == 0 then
-    corrupt(key, 'has a malformed wait queue')
-  end
-  r.w = false
-  r.W = {b = b, o = 0, t = {}, n = x[1], m = x[2], mono = x[3] == 1, tt = x[4], ti = x[5],
-         te = x[6], key = key}
-end
-
--- The stored waiter at offset o, and the offset after it (K1: DLM_CORRUPT).
-function wq.at(W, o)
-  local ok, nx, lk = pcall(cmsgpack.unpack_one, W.b, o)
-  if not ok or not wq.ok(lk) then corrupt(W.key, 'has a malformed wait queue') end
-  local k = lk.k
-  if not k then
-    k = {}
-    lk.k = k
-  end
-  if nx < 0 then nx = #W.b end
-  if #k == 0 then  -- its stored bytes, for `enc.lock` to reuse while its fields are these
-    lk[enc.KEY] = {string.sub(W.b, o + 1, nx), lk.gr, lk.rq, lk.e, lk.tok, lk.f, lk.ct, lk.pm,
-                   lk.pr, k, lk.id, lk.o, lk.t, lk.p, lk.pk}
-  end
-  return lk, nx
-end
-
-function wq.stored(W)  -- waiters left in the bytes
-  return W.h ~= nil or W.o < #W.b
-end
-
--- The first waiter (the queue as bytes, n > 0).
-function wq.head(r)
-  local W = r.W
-  local h = W.h
-  if h then return h end
-  if W.o < #W.b then
-    W.h, W.hn = wq.at(W, W.o)
-    return W.h
-  end
-  h = W.t[1]
-  if not h then corrupt(W.key, 'has a malformed wait queue') end
-  return h
-end
-
--- Remove the first waiter (`wq.head` returned it).
-function wq.pop(r)
-  local W = r.W
-  local h = W.h
-  W.n = W.n - 1
-  if not h then
-    table.remove(W.t, 1)
-    return
-  end
-  W.o, W.h = W.hn, nil
-  if W.m and h.e <= W.m then  -- it had the earliest lease: the next one has it if ordered
-    if not W.mono then
-      W.m = false
-    elseif W.o < #W.b then
-      W.m = wq.head(r).e
-    end
-  end
-end
-
--- The earliest lease of the queue as bytes (math.huge if none).
-function wq.earliest(r)
-  local W = r.W
-  local m = math.huge
-  if wq.stored(W) then
-    m = W.m
-    if not m then return -math.huge end  -- (unknown: the caller reads the list)
-  end
-  local t = W.t
-  for i = 1, #t do
-    if t[i].e < m then m = t[i].e end
-  end
-  return m
-end
-
--- Can lock `id` be a waiter? (False: certainly not. The stored bytes hold the bytes of
--- its id field if it waits there; bytes elsewhere may match too: the caller reads the list.)
-function wq.has(r, id)
-  local W = r.W
-  local t = W.t
-  for i = 1, #t do
-    if t[i].id == id then return true end
-  end
-  if not wq.stored(W) then return false end
-  local n = #id
-  local hdr = n < 32 and string.char(0xa0 + n) or string.char(0xd9, n)
-  return string.find(W.b, '\162id' .. hdr .. id, W.o + 1, true) ~= nil
-end
-
--- The list of waiters: the queue decoded (r.w from now on).
-function wq.list(r)
-  local q = r.w
-  if q then return q end
-  local W = r.W
-  q = {}
-  local n, o = 0, W.o
-  if W.h then
-    q[1], n, o = W.h, 1, W.hn
-  end
-  local len = #W.b
-  while o < len do
-    n = n + 1
-    q[n], o = wq.at(W, o)
-  end
-  local t = W.t
-  for i = 1, #t do q[n + i] = t[i] end
-  if n + #t ~= W.n then corrupt(W.key, 'has a malformed wait queue') end
-  r.w, r.W = q, nil
-  return q
-end
-
--- G11: a new waiter goes after the last that is not after it, in ticket order; at the tail
--- (the newest ticket) without reading the queue.
-function wq.join(r, lk)
-  local W = r.W
-  if r.w or (W.n > 0 and (lk.t < W.tt or (lk.t == W.tt and lk.id < W.ti))) then
-    local q = wq.list(r)
-    local i = #q
-    while i > 0 and (lk.t < q[i].t or (lk.t == q[i].t and lk.id < q[i].id)) do i = i - 1 end
-    table.insert(q, i + 1, lk)  -- (as `insert`)
-    return
-  end
-  local t = W.t
-  t[#t + 1] = lk
-  if W.n == 0 then
-    W.mono = true
-  elseif lk.e < W.te then
-    W.mono = false
-  end
-  W.n, W.tt, W.ti, W.te = W.n + 1, lk.t, lk.id, lk.e
-end
-
--- `lock_state` of waiter lk in the queue as bytes: true, its position and the earliest
--- lease of the waiters ahead (nil if none) when lk is one this call appended and that is
--- known; else false (the queue is read as a list).
-function wq.ahead(r, lk)
-  local W = r.W
-  local t = W.t
-  for j = 1, #t do
-    if t[j] == lk then
-      local wait = nil
-      if wq.stored(W) then
-        wait = W.m
-        if not wait then break end
-      end
-      for i = 1, j - 1 do
-        if wait == nil or t[i].e < wait then wait = t[i].e end
-      end
-      return true, W.n - #t + j - 1, wait
-    end
-  end
-  wq.list(r)
-  return false
-end
-
--- The bytes of the wait queue and its summary `wx` (nil when empty), for `enc.resource`;
--- the queue stays in memory as those bytes (the table may live on in `written`).
-function wq.encode(r, key)
-  local W = r.W
-  local b, x
-  if W and wq.stored(W) and not W.m then
-    wq.list(r)
-    W = nil
-  end
-  if not W then
-    local q = r.w
-    local n = #q
-    if n == 0 then return nil end
-    local parts, m, mono = {}, math.huge, true
-    for i = 1, n do
-      local lk = q[i]
-      parts[i] = enc.lock(lk)
-      if lk.e < m then m = lk.e end
-      if i > 1 and lk.e < q[i - 1].e then mono = false end
-    end
-    local tl = q[n]
-    b, x = table.concat(parts), {n, m, mono and 1 or 0, tl.t, tl.id, tl.e}
-  else
-    if W.n == 0 then
-      r.w, r.W = {}, nil
-      return nil
-    end
-    local parts, m = {string.sub(W.b, W.o + 1)}, math.huge
-    if wq.stored(W) then m = W.m end
-    local t = W.t
-    for i = 1, #t do
-      parts[i + 1] = enc.lock(t[i])
-      if t[i].e < m then m = t[i].e end
-    end
-    b, x = table.concat(parts), {W.n, m, W.mono and 1 or 0, W.tt, W.ti, W.te}
-  end
-  r.w, r.W = false, {b = b, o = 0, t = {}, n = x[1], m = x[2], mono = x[3] == 1, tt = x[4],
-                     ti = x[5], te = x[6], key = key}
-  return b, x
 end
 
 -- Load a resource (nil if absent), purging expired locks first (G10).
@@ -943,7 +698,7 @@ local function load(key)
         r = decode(key, blob)
         for qi = 1, 3 do
           local q = r[QUEUES[qi]]
-          for i = 1, q and #q or 0 do  -- (the wait queue as bytes: false, wq.open)
+          for i = 1, q and #q or 0 do
             local lk = q[i]
             if not lk.k then lk.k = {} end
           end
@@ -951,7 +706,7 @@ local function load(key)
       end
       r.g = r.g or {}
       r.c = r.c or {}
-      if r.w == nil then r.w = {} end  -- (false: as bytes, wq.open)
+      r.w = r.w or {}
       cache[key] = r
       purge(key, r)
     else
@@ -1025,7 +780,6 @@ local function find(r, id)
   for qi = 1, 3 do
     local qn = QUEUES[qi]
     local q = r[qn]
-    if q == false then q = wq.has(r, id) and wq.list(r) or {} end
     for i = 1, #q do
       local lk = q[i]
       if lk.id == id then return qn, lk end
@@ -1119,16 +873,13 @@ local function lock_state(r, lk)
   local qn = nil
   if index_of(r.g, lk) then qn = 'g' elseif index_of(r.c, lk) then qn = 'c' else qn = 'w' end
   if qn == 'g' then return granted_reply(lk.gr, lk.tok, r.v, r.vv, r.vi) end
-  local wait = nil  -- the earliest lease of a lock ahead
-  local pos, lazy = nil, false
-  if r[qn] == false then  -- the wait queue as bytes: lk is a waiter this call appended
-    lazy, pos, wait = wq.ahead(r, lk)
-  end
-  if not lazy then pos = index_of(r[qn], lk) - 1 end
+  local q = r[qn]
+  local pos = index_of(q, lk) - 1
   local out = reply(S_QUEUED, lk.gr, lk.tok, pos, r.s)
+  local wait = nil  -- the earliest lease of a lock ahead
   for qi = 1, 3 do
     local bq, last = r[QUEUES[qi]], nil
-    if qi < 3 then last = #bq elseif qn == 'w' and not lazy then last = pos else last = 0 end
+    if qi < 3 then last = #bq elseif qn == 'w' then last = pos else last = 0 end
     for i = 1, last do
       local o = bq[i]
       if o ~= lk and (wait == nil or o.e < wait) then wait = o.e end
@@ -1270,26 +1021,23 @@ enc.QKEYS = {'\161g', '\161c', '\161w'}  -- the msgpack strings 'g', 'c', 'w'
 -- The msgpack map of resource `r` (what cmsgpack.pack(r) decodes to: the same fields,
 -- perhaps in another order): the map of its other fields, packed, with the queues
 -- appended lock by lock (`enc.lock`).
-function enc.resource(r, key)
-  local wb, wx = wq.encode(r, key)
-  local g, c, w, W = r.g, r.c, r.w, r.W
-  r.g, r.c, r.w, r.W = nil, nil, nil, nil
+function enc.resource(r)
+  local g, c, w = r.g, r.c, r.w
+  r.g, r.c, r.w = nil, nil, nil
   local head = cmsgpack.pack(r)
-  r.g, r.c, r.w, r.W = g, c, w, W
+  r.g, r.c, r.w = g, c, w
   local b = string.byte(head)
   local parts, n = enc.parts, 2
-  local more = wb and 4 or 2
-  if not b or b < 0x81 or b > 0x8f - more then  -- (fields we never write: packed as they are)
+  if not b or b < 0x81 or b > 0x8c then  -- (fields we never write: packed as they are)
     local K = enc.KEY
-    r.w, r.W = wq.list(r), nil
     for qi = 1, 3 do
       local q = r[QUEUES[qi]]
       for i = 1, #q do q[i][K] = nil end
     end
     return cmsgpack.pack(r)
   end
-  parts[1], parts[2] = string.char(b + more), string.sub(head, 2)
-  for qi = 1, 2 do
+  parts[1], parts[2] = string.char(b + 3), string.sub(head, 2)  -- (3 more fields)
+  for qi = 1, 3 do
     local q = r[QUEUES[qi]]
     local len = #q
     parts[n + 1], parts[n + 2] = enc.QKEYS[qi], enc.array(len)
@@ -1298,23 +1046,6 @@ function enc.resource(r, key)
       n = n + 1
       parts[n] = enc.lock(q[i])
     end
-  end
-  if wb then  -- the wait queue: its bytes as a msgpack string, and `wx` (wq.encode)
-    local len = #wb
-    local hdr
-    if len < 32 then
-      hdr = string.char(0xa0 + len)
-    elseif len < 256 then
-      hdr = string.char(0xd9, len)
-    elseif len < 65536 then
-      hdr = string.char(0xda, (len - len % 256) / 256, len % 256)
-    else
-      hdr = enc.array(len)
-      hdr = '\219' .. string.sub(hdr, 2)  -- (the 4-byte length of 0xdd, for 0xdb)
-    end
-    parts[n + 1], parts[n + 2], parts[n + 3] = '\161w', hdr, wb
-    parts[n + 4], parts[n + 5] = '\162wx', cmsgpack.pack(wx)
-    n = n + 5
   end
   return table.concat(parts, '', 1, n)
 end
@@ -1377,7 +1108,7 @@ local function commit()
         redis.call('SET', key, blob)  -- (no TTL while it has a lock: see below)
         now_written[key] = {blob, a, r or false}
       end
-    elseif r and #r.g == 0 and #r.c == 0 and wq.n(r) == 0 then  -- (FAST = false: as a map)
+    elseif r and #r.g == 0 and #r.c == 0 and #r.w == 0 then  -- (FAST = false: as a map)
       local t = {n = r.n, s = r.s, vv = 0, vi = 0}
       local blob = cmsgpack.pack(t)
       redis.call('SET', key, blob, 'PX', TOMBSTONE_PX)
@@ -1388,7 +1119,7 @@ local function commit()
       -- TTL is what a volatile-* maxmemory-policy may evict, and an evicted lock is a lock
       -- granted twice while the epoch, which has no TTL, says nothing was lost
       -- (docs/operations.md, "Memory"). Tombstones keep theirs.
-      local blob = enc.resource(r, key)
+      local blob = enc.resource(r)
       redis.call('SET', key, blob)
       now_written[key] = {blob, false, r}
     end
