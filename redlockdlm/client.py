@@ -327,19 +327,24 @@ class DLM(Flows):
         timeout = None if until is None else until - self._now()
         if timeout is not None and timeout <= 0:
             return False
-        return self._waker(lk).cond.wait(timeout)
+        w = self._waker(lk)
+        cond = w.cond
+        if cond is None:
+            cond = w.cond = threading.Condition(self._mu)
+        return cond.wait(timeout)
 
     def _waker(self, lk: LockCore) -> _Waker:
         w = lk.waker
         if w is None:
-            w = lk.waker = _Waker(self._mu)
+            w = lk.waker = _Waker()
         return w
 
     def _notify(self, lk: LockCore) -> None:
         w = lk.waker
         if w is None:
             return
-        w.cond.notify_all()
+        if w.cond is not None:  # (a caller's thread has waited on it)
+            w.cond.notify_all()
         if w.parked:  # background flows waiting on it: the event thread resumes them
             for entry in w.parked:
                 entry.woken = True
@@ -651,8 +656,14 @@ class DLM(Flows):
         call's result, as on a standalone member, and refreshes the slot map."""
         inst = self._instances[i]
         try:
+            replies = self._replies(conn, len(calls))
+            if len(replies) == 1 and not isinstance(replies[0], BaseException) and getattr(
+                    conn, "dlm_node", None) is None:
+                # (the common case, one call answered: no `Round` to drive, as it only
+                # acts on an error reply)
+                return [settle(calls[0], replies[0], inst.url)]
             rnd = Round(calls)
-            cmds = rnd.feed(self._replies(conn, len(calls)))
+            cmds = rnd.feed(replies)
             while cmds:
                 self._write(conn, conn.pack_commands(cmds))
                 cmds = rnd.feed(self._replies(conn, len(cmds)))
@@ -1183,13 +1194,15 @@ class _Shards:
 
 
 class _Waker:
-    """What wakes a flow waiting on one lock: a caller's thread sleeps on `cond`; a
-    background flow parks in `parked` (no thread) until `DLM._notify` or its time."""
+    """What wakes a flow waiting on one lock: a caller's thread sleeps on `cond` (made
+    when one first does, on the state lock: a lock whose only waiter is a parked
+    background flow, as a queued request's, needs none); a background flow parks in
+    `parked` (no thread) until `DLM._notify` or its time."""
 
     __slots__ = ("cond", "parked")
 
-    def __init__(self, mu: threading.Lock) -> None:
-        self.cond = threading.Condition(mu)
+    def __init__(self) -> None:
+        self.cond: threading.Condition | None = None
         self.parked: list[_Parked] = []
 
 
