@@ -19,6 +19,7 @@ import logging
 import os
 import select
 import selectors
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -51,6 +52,9 @@ try:  # what redis-py's hiredis reader answers when a reply is not all there yet
     from redis._parsers.hiredis import NOT_ENOUGH_DATA as _NOT_ENOUGH
 except ImportError:  # (older redis-py: hiredis's own default)
     _NOT_ENOUGH = False
+
+#: what redis-py raises when a read finds the connection closed by the server
+_CLOSED_BY_SERVER = "Connection closed by server."
 
 log = logging.getLogger("redlockdlm")
 
@@ -327,19 +331,24 @@ class DLM(Flows):
         timeout = None if until is None else until - self._now()
         if timeout is not None and timeout <= 0:
             return False
-        return self._waker(lk).cond.wait(timeout)
+        w = self._waker(lk)
+        cond = w.cond
+        if cond is None:
+            cond = w.cond = threading.Condition(self._mu)
+        return cond.wait(timeout)
 
     def _waker(self, lk: LockCore) -> _Waker:
         w = lk.waker
         if w is None:
-            w = lk.waker = _Waker(self._mu)
+            w = lk.waker = _Waker()
         return w
 
     def _notify(self, lk: LockCore) -> None:
         w = lk.waker
         if w is None:
             return
-        w.cond.notify_all()
+        if w.cond is not None:  # (a caller's thread has waited on it)
+            w.cond.notify_all()
         if w.parked:  # background flows waiting on it: the event thread resumes them
             for entry in w.parked:
                 entry.woken = True
@@ -651,8 +660,14 @@ class DLM(Flows):
         call's result, as on a standalone member, and refreshes the slot map."""
         inst = self._instances[i]
         try:
+            replies = self._replies(conn, len(calls))
+            if len(replies) == 1 and not isinstance(replies[0], BaseException) and getattr(
+                    conn, "dlm_node", None) is None:
+                # (the common case, one call answered: no `Round` to drive, as it only
+                # acts on an error reply)
+                return [settle(calls[0], replies[0], inst.url)]
             rnd = Round(calls)
-            cmds = rnd.feed(self._replies(conn, len(calls)))
+            cmds = rnd.feed(replies)
             while cmds:
                 self._write(conn, conn.pack_commands(cmds))
                 cmds = rnd.feed(self._replies(conn, len(cmds)))
@@ -685,7 +700,7 @@ class DLM(Flows):
             return
         try:
             for chunk in chunks:
-                sock.sendall(chunk)
+                _send(sock, chunk)
         except BaseException as exc:  # (what send_packed_command does: never reused)
             conn.disconnect()
             err = _write_error(exc)
@@ -722,7 +737,7 @@ class DLM(Flows):
             while True:
                 raw = reader.gets()
                 if raw is _NOT_ENOUGH:
-                    parser.read_from_socket()
+                    _fill(parser)
                     continue
                 if type(raw) is list:
                     if raw and isinstance(raw[0], redis.ConnectionError):
@@ -1004,7 +1019,7 @@ class DLM(Flows):
         if reader is None:
             return False
         try:
-            conn._parser.read_from_socket()
+            _fill(conn._parser)
         except (redis.ConnectionError, redis.TimeoutError, OSError):
             conn.disconnect()  # (`get_message` reconnects it and subscribes again)
             return False
@@ -1046,6 +1061,47 @@ class DLM(Flows):
 #: the result of a call to a cluster primary that did nothing there (`REROUTE` replies, the
 #: primary's address refused): it goes again through the cluster client (`_ClusterCall`)
 _REROUTED = object()
+
+
+def _send(sock: Any, data: bytes) -> None:
+    """`sock.sendall(data)` without the `poll` CPython runs before each send on a socket
+    with a timeout (its file descriptor is non-blocking then): one `write`, the GIL given
+    up once instead of twice. A plain socket only (a TLS one writes through its `ssl`
+    layer); what the buffer cannot take now (a full send buffer: `BlockingIOError`, or a
+    part) goes by `sendall`, within the socket's timeout as before. A failure is the
+    `OSError` `sendall` raises for it (EPIPE, ECONNRESET, EBADF once closed)."""
+    if type(sock) is not socket.socket:
+        sock.sendall(data)
+        return
+    try:
+        n = os.write(sock.fileno(), data)
+    except BlockingIOError:
+        n = 0
+    if n < len(data):
+        sock.sendall(memoryview(data)[n:])
+
+
+def _fill(parser: Any) -> None:
+    """`parser.read_from_socket()` (redis-py's hiredis parser: one `recv` into its buffer,
+    fed to its reader) without the `poll` CPython runs first on a socket with a timeout:
+    one `readv` into the same buffer when bytes are there (the poll of `DLM._collect` or
+    the event thread's selector said so). When none are (`BlockingIOError`), on a TLS
+    socket, or on a parser without that buffer, `read_from_socket` itself: it waits
+    within the socket's timeout and raises what it raises. A close by the server is its
+    ConnectionError; a reset the `OSError` its `recv_into` raises."""
+    sock = parser._sock
+    buf = getattr(parser, "_buffer", None)
+    if type(sock) is socket.socket and type(buf) is bytearray:
+        try:
+            n = os.readv(sock.fileno(), (buf,))
+        except BlockingIOError:
+            pass
+        else:
+            if n == 0:
+                raise redis.ConnectionError(_CLOSED_BY_SERVER)
+            parser._reader.feed(buf, 0, n)
+            return
+    parser.read_from_socket()
 
 
 def _write_error(exc: BaseException) -> BaseException:
@@ -1183,13 +1239,15 @@ class _Shards:
 
 
 class _Waker:
-    """What wakes a flow waiting on one lock: a caller's thread sleeps on `cond`; a
-    background flow parks in `parked` (no thread) until `DLM._notify` or its time."""
+    """What wakes a flow waiting on one lock: a caller's thread sleeps on `cond` (made
+    when one first does, on the state lock: a lock whose only waiter is a parked
+    background flow, as a queued request's, needs none); a background flow parks in
+    `parked` (no thread) until `DLM._notify` or its time."""
 
     __slots__ = ("cond", "parked")
 
-    def __init__(self, mu: threading.Lock) -> None:
-        self.cond = threading.Condition(mu)
+    def __init__(self) -> None:
+        self.cond: threading.Condition | None = None
         self.parked: list[_Parked] = []
 
 
