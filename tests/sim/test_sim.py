@@ -33,7 +33,10 @@ def v1(seed: int) -> Config:
 #: fail, the first 25: client 0's PR -> NL (5 instances: one paused, one without the lock,
 #: one reply dropped) had 2 answers and timed out; the rollback converted back up to PR
 #: and counted it while client 1 was granted EX beside the NL. Core tests (fail with the
-#: fix reverted too): tests/quorum/test_protocol_conversion_rollback.py.
+#: fix reverted too): tests/quorum/test_protocol_conversion_rollback.py. Re-checked since
+#: blocking events go only to holders that read them (N1): 25 still fails with the fix
+#: reverted (`_keep_down_conversion` skipped, the old `rollback_convert`): client 1's EX
+#: beside client 0's PR.
 #: 652: see FOUND_NOW (seed 80's cause, re-found with V1 since blocking events go only to
 #: holders that read them, N1; 289 before).
 FOUND = {25: "a failed down-conversion was rolled back to the stronger mode",
@@ -173,6 +176,8 @@ FOUND_PROFILED = {
     # lock up to 4 leases more; the liveness check came first. The check now allows for
     # both when a profile holds after conversions (world.py). Found as 117; with that
     # allowance removed, r1 12, 173, 216, 260 and 267 of the first 300 fail (117 no more).
+    # Re-checked since N1: 12 still fails with the allowance removed (client 0's call,
+    # holding after its conversion, had not ended).
     ("r1", 12): "liveness bound too short for a socket timeout then a hold (artefact)",
 }
 
@@ -345,7 +350,13 @@ def test_open_counterexamples_of_jobs(profile: str, seed: int) -> None:
 #: learnt there from renewals and recorded as "queued in the old mode"; at its timeout the
 #: holder counted CW held there beside another client's PR. Fixed by `InstanceVote.novalue`
 #: (a grant learnt from a renewal holds the new mode without completing the conversion);
-#: fails with the fix reverted.
+#: it failed with that fix reverted then.
+#: Since 2327's fix (a conversion between CW and PR claims CR until its answers are in,
+#: `Session.start_convert`), either fix alone keeps 50: it fails (two holders, client 1's
+#: PR beside client 0's CW) with both reverted, not with `novalue` alone (re-checked since
+#: blocking events go only to holders that read them, N1). With `novalue` alone reverted
+#: (a renewal's grant "queued in the old mode" again), none of the first 4,000 `cut` seeds
+#: breaks an invariant the fixed code keeps, so 50 stays, guarding the two together.
 FOUND_CUT = {50: "a conversion learnt from renewals counted as the old mode"}
 
 
@@ -353,6 +364,23 @@ FOUND_CUT = {50: "a conversion learnt from renewals counted as the old mode"}
 def test_rounds_cut_at_the_deadline_keep_every_invariant(seed: int) -> None:
     res = run_seed(seed, config_for(seed, profile="cut"))
     assert not res.violations, f"`python -m tests.sim --profile cut --replay {seed}`"
+
+
+#: Found on unmodified code by that search (the only seed of `cut` 0..3,999 with two
+#: holders; the others fail on the open value case of KNOWN), open, a strict xfail until
+#: fixed. 1261 (read only in outline): client 1's sideways PR -> CW conversion queued on
+#: four instances and timed out; its clean-up (cancels, a conversion back to PR, then CR
+#: on four instances) was under way, client 1's messages 609 ms slower from 0.41 s, when
+#: at 0.547 s the convert call ended with LockTimeout and the lock counted PR while client
+#: 0 held PW, granted meanwhile (`python -m tests.sim --profile cut --replay 1261`).
+OPEN_CUT = {1261: "a failed sideways conversion's lock counted PR beside another's PW"}
+
+
+@pytest.mark.parametrize("seed", [
+    pytest.param(s, marks=pytest.mark.xfail(strict=True, reason=why))
+    for s, why in sorted(OPEN_CUT.items())])
+def test_open_counterexamples_of_the_deadline_cut(seed: int) -> None:
+    assert not run_seed(seed, config_for(seed, profile="cut")).violations
 
 
 @pytest.mark.parametrize("waiting", [False, True], ids=["granted", "waiting"])
@@ -385,7 +413,9 @@ def test_an_interruption_racing_a_wake_ends_the_call_once() -> None:
     thrown into the same wait first; the flow ended with it, then the wake resumed the
     ended flow, which called the user back a second time, and the user's script crashed
     two steps later on a value meant for a sleep. A wake now checks that the wait is
-    still the one it was for (`SimClient._woken`)."""
+    still the one it was for (`SimClient._woken`). Re-checked since blocking events go only
+    to holders that read them (N1): with `_woken` reverted, 2804 still crashes the user
+    script (a TypeError)."""
     res = run_seed(2804, config_for(2804, profile="slow"))
     assert res.ops and not res.violations
 
@@ -409,7 +439,9 @@ G13_FOUND = {("relloss", s): "a purge that removed the last lock kept the value 
 #: committed), 7 of the first 100 seeds break the value invariant and pass without them
 #: (16, 25, 26, 34, 47, 91, 98); with V5's reading alone reverted the same 7; with R2
 #: alone reverted, 47 (a reader after V5's window, the resource kept on the restarted
-#: instance only by a re-joined holder).
+#: instance only by a re-joined holder). Re-checked since blocking events go only to
+#: holders that read them (N1): 16 and 26 still fail with V5's reading reverted (alone or
+#: with R2's re-join), 47 with R2's re-join alone (and with V5's reading).
 R2V5_FOUND = {("rejoin", s): "a forgotten value block (V5) read as valid" for s in (16, 26)}
 R2V5_FOUND[("rejoin", 47)] = ("a holder not re-joined (R2): the reader after V5's window "
                               "created the resource afresh, unmarked")
