@@ -533,6 +533,7 @@ class RedisClusterServer:
             rc.node_of_slot(1234)       # the shard (index) serving that slot
             rc.nodes[i], rc.replicas[i] # shard i's primary and its replica (or None)
             rc.failover(1)              # shard 1's primary killed, its replica promoted
+            rc.crash_primary(1)         # the same by the cluster's own vote (automatic)
             rc.restart_node_empty(1)
 
     ``nodes[i]`` is always shard i's current primary: :meth:`failover` swaps it with
@@ -577,6 +578,8 @@ class RedisClusterServer:
             self.stop()
             raise
         self._clients: list[redis.RedisCluster] = []
+        #: seconds from the kill to the promotion, in the last :meth:`crash_primary`
+        self.promoted_s: float | None = None
 
     def _new_node(self) -> RedisServer:
         node = RedisServer(start=False)
@@ -858,6 +861,34 @@ class RedisClusterServer:
                 time.sleep(0.02)
         self.nodes[i], self.replicas[i] = new, old
         self.wait_ok(timeout)
+        return time.monotonic() - t0
+
+    def crash_primary(self, i: int, *, timeout: float | None = None) -> float:
+        """Shard `i`'s primary crashes (SIGKILL) and the cluster fails it over by itself,
+        as in production: the other primaries flag it failed after ``cluster-node-timeout``
+        (``node_timeout_ms``), its replica wins their vote and is promoted (no operator's
+        CLUSTER FAILOVER). As :meth:`failover`, the replica keeps what it had received,
+        ``nodes[i]`` becomes the promoted node and ``replicas[i]`` the dead old primary.
+        Returns when every running node maps the shard's slots to the promoted node and
+        says ``cluster_state:ok``: the seconds from the kill (``promoted_s``: the seconds
+        until the replica said it was a primary). RedisServerError after `timeout` seconds
+        (default: the cluster's), saying what was not so; if the replica was not promoted
+        by then, ``nodes[i]`` is still the dead primary."""
+        old, new = self.nodes[i], self.replicas[i]
+        if new is None or not new.running or new.paused:
+            raise RedisServerError(f"shard {i} of {self!r} has no running replica")
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        t0 = time.monotonic()
+        old.kill()
+        with contextlib.closing(self._raw(new)) as c:
+            while c.info("replication").get("role") != "master":
+                if time.monotonic() > deadline:
+                    raise RedisServerError(f"{new!r} was not promoted for shard {i} "
+                                           f"({self._not_ok()})")
+                time.sleep(0.02)
+        self.promoted_s = time.monotonic() - t0
+        self.nodes[i], self.replicas[i] = new, old
+        self.wait_ok(max(0.0, deadline - time.monotonic()))
         return time.monotonic() - t0
 
     def stop(self) -> None:

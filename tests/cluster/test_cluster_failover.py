@@ -9,21 +9,26 @@ keeps that member's vote only if the replica had it; the lock is kept while a qu
 it and is reported lost (`on_lost`, `valid` false) before any other owner can hold it,
 never silently; requests reach the promoted node (redis-py's cluster client follows the
 topology) once the slot's rejoin window is over; the deadlock detector keeps scanning every
-shard, the promoted one included.
+shard, the promoted one included. `failover` forces the promotion (TAKEOVER, milliseconds);
+`crash_primary` lets the cluster do it by itself (after cluster-node-timeout, seconds), as
+production does: one test, with the sync client, measures what that costs.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import redis
 from deadlocks import LEASE_MS
 from redis_harness import RedisClusterServer, RedisServer
 
 from redlockdlm import admin
+from redlockdlm.connection import cluster_client
 from redlockdlm.detector import Detector
 from redlockdlm.engine.instance import Engine
 from redlockdlm.engine.keys import check_namespace, resource_key
@@ -93,6 +98,105 @@ def test_failover_on_one_member_keeps_the_lock_and_the_promoted_node_grants(
     lk.release()
     members.members[0].kill()  # a quorum is now C1 and C2: the promoted node must grant
     lb = b.lock(n, "EX", timeout=5)
+    assert lb.token > lk.token
+    assert granted_on(c1, n) == {lb.id}
+    lb.release()
+    assert not lost
+
+
+@pytest.fixture
+def sync_members(layout: list[Any]) -> Iterator[Members]:
+    """The module's members with the sync client (the automatic failover is slow: once)."""
+    m = Members(layout, "sync")
+    m.reset()
+    yield m
+    m.close()
+
+
+def test_automatic_failover_keeps_the_lock_and_the_promoted_node_grants(
+        sync_members: Members) -> None:
+    """What users get in production: the held lock's shard primary on C1 crashes and the
+    cluster promotes its replica by itself (`crash_primary`: detection after
+    cluster-node-timeout, then the replicas' election; nobody forces a TAKEOVER). While
+    that happens (seconds, not milliseconds), the lock stays valid (S0 and C2 are a
+    quorum; the replica had it), `on_lost` never runs, and a second client asking for it
+    without queueing is refused every time. After the promotion and the slot's rejoin
+    window (E2) the holder's own renewals put the lock back on the promoted node (a client
+    that knew the old primary must find the new one: MOVED, a refused address rerouted
+    through redis-py's cluster client, the slot map re-read); after the release, with S0
+    down, another client's request is granted there. Prints the measured times."""
+    members = sync_members
+    n = "auto"
+    members.fresh([n])
+    c1 = members.members[1]
+    shard = c1.node_of_slot(slot_of(n))
+    lost: list[object] = []
+    lease = 2 * LEASE  # (as the TAKEOVER test: a loaded 2-core machine's late renewal)
+    a = members.dlm(lease_ms=lease, rejoin_ms=lease)
+    b = members.dlm(lease_ms=lease, rejoin_ms=lease)
+    lk = a.lock(n, "EX", on_lost=lost.append)
+    # a client as the lock client's: it read the topology before the crash, one retry
+    probe_rc = cluster_client(redis.RedisCluster, (c1.url, {
+        "socket_timeout": 1.0, "socket_connect_timeout": 1.0}))
+    members.dlms.append(probe_rc)  # (closed at teardown with the clients)
+    probe = Engine(probe_rc, NS)
+    key = resource_key(check_namespace(NS), (n.encode(),))
+
+    def probe_granted(since: float) -> set[str] | None:
+        """The lock ids granted on `n` as read by `probe` whose lease there ends later than
+        `since` + the lease (renewed after `since`: a time.monotonic()); None if the call
+        failed."""
+        try:
+            _, (view,) = probe.inspect([key])
+        except (redis.exceptions.RedisError, OSError):
+            return None
+        end = (since - time.monotonic()) * 1000 + lease
+        return set() if view is None else {
+            x.lock_id for x in view.locks if x.queue == "G" and x.lease_left_ms > end}
+
+    assert probe_granted(time.monotonic() - lease / 1000) == {lk.id}
+    c1.synced(shard)
+    refused = 0
+    first_ok = regranted = None
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        t0 = time.monotonic()
+        old = c1.nodes[shard]
+        crash = pool.submit(c1.crash_primary, shard, timeout=20.0)
+        until(lambda: not old.running, 5, "the primary was not killed")
+        while regranted is None:
+            # (bounded: the promotion, then the rejoin window and a renewal, with margin)
+            assert not crash.done() or time.monotonic() - t0 < crash.result() + (
+                2 * lease / 1000 + 2), "the promoted node never held the lock again"
+            with pytest.raises((NotQueued, QuorumUnavailable)):
+                b.lock(n, "EX", noqueue=True)
+            refused += 1
+            assert lk.valid and not lost, "the lock was lost while S0 and C2 held it"
+            seen = probe_granted(t0)  # (the lock renewed on the promoted node)
+            if seen is not None and first_ok is None:
+                first_ok = time.monotonic() - t0
+            if seen == {lk.id} and crash.done():
+                crash.result()  # (a failed promotion fails the test here)
+                regranted = time.monotonic() - t0
+            time.sleep(0.05)
+        agreed = crash.result()
+    promoted = c1.promoted_s
+    # (nothing served the slot between the kill and the promotion: the first call that
+    # succeeded reached the promoted node)
+    assert first_ok is not None and promoted is not None and first_ok >= promoted
+    assert granted_on(c1, n) == {lk.id}
+    # E2 per slot: the promoted node made a new epoch for the slot at its first call and
+    # renewed nothing in that rejoin window (the replica may lack the last writes)
+    assert regranted >= promoted + lease / 1000 - 0.05, "renewed in the rejoin window"
+    print(f"\nautomatic failover, cluster-node-timeout {c1.node_timeout_ms} ms, lease "
+          f"{lease} ms: promoted {promoted:.2f} s, every node agrees {agreed:.2f} s, first "
+          f"call on the promoted node {first_ok:.2f} s, lock held there again "
+          f"{regranted:.2f} s after the kill; {refused} noqueue requests refused")
+    lk.release()
+    members.members[0].kill()  # a quorum is now C1 and C2: the promoted node must grant
+    t1 = time.monotonic()
+    lb = b.lock(n, "EX", timeout=5)
+    print(f"another client granted with C1's vote {time.monotonic() - t1:.2f} s after "
+          f"the release")
     assert lb.token > lk.token
     assert granted_on(c1, n) == {lb.id}
     lb.release()
