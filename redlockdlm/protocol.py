@@ -246,6 +246,11 @@ class LockCore:
         self.pending: set[int] = set()  #: instances whose answer to this round is awaited
         #: instances where a repair (R1) is in flight; a conversion waits for it to land
         self.repairing: set[int] = set()
+        #: a failed conversion's clean-up is in flight (from `evaluate_convert`'s error to
+        #: `rollback_convert` / `end_abandon`): the lock is back in phase HELD, but what
+        #: each instance holds is not decided yet, and `mode` may be the sideways claim
+        #: (CR), not a mode the lock was converted to; no repair (R1, R2) is sent meanwhile
+        self.unwinding = False
         #: (value, version) of this grant's last write by a down-conversion, for R1
         self.written: tuple[bytes, int] | None = None
         #: commands about this lock in flight (`flows.Flows._send_and_feed`): a withdrawal
@@ -1357,6 +1362,7 @@ class Session:
             # counts only what the instances answer).
             lk.phase = Phase.LOST if lost else Phase.HELD
             lk.rq = old
+            lk.unwinding = True  # (until `rollback_convert`: no repair meanwhile, R1)
             out = Outcome(error=err)
             for i, v in enumerate(lk.votes):
                 if v.vote is Vote.QUEUED:
@@ -1418,6 +1424,7 @@ class Session:
                 v.vote, v.mode = Vote.ABSENT, None
         lk.rq = old
         lk.mode = old
+        lk.unwinding = False
         if lk.phase is not Phase.LOST:
             lk.phase = Phase.HELD
 
@@ -1478,6 +1485,7 @@ class Session:
         lk.mode = old
         lk.error = None
         lk.pending.clear()
+        lk.unwinding = False
         if lk.phase is not Phase.LOST:
             lk.phase = Phase.HELD
 
@@ -1491,7 +1499,8 @@ class Session:
 
     def _rejoin_due(self, lk: LockCore, i: int, now: float) -> bool:
         v = lk.votes[i]
-        return (lk.phase is Phase.HELD and v.rejoin and i not in lk.repairing
+        return (lk.phase is Phase.HELD and not lk.unwinding and v.rejoin
+                and i not in lk.repairing
                 and v.vote in self._REJOIN_FROM and now >= v.retry_at)
 
     def repairs_due(self, i: int, now: float) -> bool:
@@ -1516,8 +1525,9 @@ class Session:
         out = []
         for lk in self.locks.values():
             v = lk.votes[i]
-            if (lk.phase is Phase.HELD and lk.mode is not None and i not in lk.repairing
-                    and v.vote is Vote.GRANTED and v.mode is not None and v.mode != lk.mode
+            if (lk.phase is Phase.HELD and not lk.unwinding and lk.mode is not None
+                    and i not in lk.repairing and v.vote is Vote.GRANTED
+                    and v.mode is not None and v.mode != lk.mode
                     and is_down_conversion(v.mode, lk.mode)):
                 value, version = lk.written if lk.written else (None, 0)
                 lk.repairing.add(i)

@@ -165,3 +165,41 @@ def test_a_sideways_conversion_claims_only_what_both_modes_protect() -> None:
                                 1: reply(Status.GRANTED, CW, 22),
                                 2: reply(Status.CANCELGRANT, PR, 23)})
     assert lk.mode == CW and s.holding(lk, t + 0.7) == 1  # CW on one instance only: lost
+
+
+def test_no_repair_takes_a_failed_sideways_conversion_down_to_its_claim() -> None:
+    """Simulator, profile cut seed 1261: PR -> CW timed out, queued on instances 0 and 1,
+    granted CW on 2. While its clean-up (cancels, a conversion back to PR) was in flight the
+    lock was back in phase HELD claiming CR (the mode both protect), and a renewal found PR
+    granted on 0 and 1 (the cancels had landed): R1 took that for a down-conversion to CR
+    that had not arrived and sent it there. The instances then held CR, another client got
+    PW beside it, and the clean-up's answers (PR, from before the repair) made the holder
+    count PR again: two holders. CR is a claim, not a mode the lock was converted to: no
+    repair is sent until the clean-up's answers are in, and the lock keeps PR."""
+    s = Session(3, "t", lease_ms=10_000)
+    t = 100.0
+    lk = held(s, PR, t)
+    m, flags, down = s.start_convert(lk, CW)
+    lk.cargs, lk.deadline = (m, flags, None, 0), t + 0.5
+    lk.pending = set(range(3))
+    for i in (0, 1):
+        s.on_reply(lk, i, reply(Status.QUEUED, PR, 10, extra=10), t, t + 0.001)
+    s.on_reply(lk, 2, reply(Status.GRANTED, CW, 20), t, t + 0.001)
+    out = s.evaluate_convert(lk, PR, t + 0.6, timed_out=True)
+    assert isinstance(out.error, LockTimeout)
+    assert lk.mode == CR and lk.phase is Phase.HELD  # the claim while the clean-up runs
+    batches = [b for b in s.renew_cmds(t + 0.7) if b[0] in (0, 1)]
+    assert batches
+    for i, _, lks in batches:  # the cancels landed: PR granted there again
+        s.on_renew_reply(i, lks, ("e", [RenewEntry(Status.GRANTED, PR, 10, 0, -1)]),
+                         t + 0.7, t + 0.701)
+        assert s.repair_cmds(i, t + 0.701) == []  # not a conversion down to CR
+    assert not lk.repairing
+    s.rollback_convert(lk, PR, {0: reply(Status.CANCELLED, PR, 10),
+                                1: reply(Status.CANCELLED, PR, 10),
+                                2: reply(Status.GRANTED, PR, 30)})
+    assert lk.mode == PR and s.holding(lk, t + 0.8) == 3
+    assert not lk.unwinding
+    # from here on R1 repairs as before: a stronger grant than PR is taken down to it
+    lk.votes[0].mode = EX
+    assert [c[1][0] for c in s.repair_cmds(0, t + 0.8)] == ["convert"]
