@@ -1125,9 +1125,10 @@ def test_h2_same_child_name_under_two_parents_is_two_resources(w: World) -> None
 def test_h2_scripts_run_on_a_redis_cluster_member() -> None:
     """H2c: on a Redis Cluster member every script touches the keys of one hash slot (the
     epoch hash and waiter index of the tree's slot), so no call fails with CROSSSLOT."""
-    from redis_harness import RedisServer  # tests/ is on sys.path (conftest)
+    from redis_harness import RedisServer, free_port  # tests/ is on sys.path (conftest)
 
-    with RedisServer(["--cluster-enabled", "yes"]) as srv:
+    # (a bus port of its own: the default, port + 10000, does not exist above 55535)
+    with RedisServer(["--cluster-enabled", "yes", "--cluster-port", str(free_port())]) as srv:
         c = srv.client()
         c.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
         deadline = time.monotonic() + 5
