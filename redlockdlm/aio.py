@@ -41,6 +41,8 @@ from .connection import (
     event_slot,
     event_slots,
     open_session,
+    reroute,
+    routed,
 )
 from .engine import codec
 from .engine.modes import Mode
@@ -261,21 +263,6 @@ class _Routes(Routes):
 _REROUTED = object()
 
 
-def _routed(conn: Any) -> bool:
-    """True for a cluster primary's connection of our own (`_Routes`)."""
-    return getattr(conn, "dlm_node", None) is not None
-
-
-def _reroute(conn: Any, exc: BaseException) -> bool:
-    """True if `exc`, raised connecting or writing on `conn` (nothing read yet), means a
-    call on a cluster primary's connection of our own did not reach it and can go through
-    the cluster client: the address refused, the connection lost; not a timeout (the
-    call's time is spent, and it may have been written)."""
-    if not _routed(conn) or isinstance(exc, (RedisTimeoutError, TimeoutError)):
-        return False
-    return isinstance(exc, (RedisConnectionError, OSError))
-
-
 class _Instance(Pooled):
     """One Redis instance, with redis.asyncio's pool and client."""
 
@@ -297,8 +284,6 @@ class _Instance(Pooled):
 
     #: a cluster member's shard subscriptions (`_Shards`)
     shards: Any = None
-    #: a cluster member's own connections to its primaries (`_Routes`)
-    routes: Any = None
 
     async def detect(self) -> list[str] | None:
         """`Instance.detect` with redis.asyncio: a cluster member gets its
@@ -320,12 +305,6 @@ class _Instance(Pooled):
             self.cluster = rc
         self.detected = True
         return ids
-
-    def put(self, conn: Any) -> None:
-        if getattr(conn, "dlm_node", None) is not None:  # (a cluster primary's: `_Routes`)
-            self.routes.put(conn)
-        else:
-            super().put(conn)
 
     async def close(self) -> None:
         while self._idle:
@@ -924,7 +903,7 @@ class AsyncDLM(Flows):
             except Exception as exc:  # noqa: BLE001 - unreachable, refused, not Redis...
                 await conn.disconnect()
                 inst.put(conn)
-                if _reroute(conn, exc):
+                if reroute(conn, exc):
                     rerouted.append((i, call))
                 else:
                     results[i] = exc
@@ -1001,14 +980,14 @@ class AsyncDLM(Flows):
                         with contextlib.suppress(Exception):
                             await conn.disconnect()
                         self._instances[i].put(conn)
-                        if _routed(conn):  # (a failover? the map again; not resent)
+                        if routed(conn):  # (a failover? the map again; not resent)
                             self._instances[i].routes.refresh()
                         continue
                     if raw is _NOT_YET:  # a part of it came: wait for the rest
                         continue
                     del todo[i]
                     if isinstance(raw, BaseException) and (
-                            missing(raw) or (isinstance(raw, REROUTE) and _routed(conn))):
+                            missing(raw) or (isinstance(raw, REROUTE) and routed(conn))):
                         # the library is missing there: load, send again; or a cluster
                         # member's slot is not on that node: through the cluster client
                         results[i] = (await self._finish(i, conn, [call], first=[raw]))[0]
@@ -1034,7 +1013,7 @@ class AsyncDLM(Flows):
                         with contextlib.suppress(Exception):
                             await conn.disconnect()
                         self._instances[i].put(conn)
-                        if _routed(conn):  # (a failover? the map again)
+                        if routed(conn):  # (a failover? the map again)
                             self._instances[i].routes.refresh()
                     continue
                 # woken once the quorum can be complete, or (in the grace) all are in
@@ -1108,7 +1087,7 @@ class AsyncDLM(Flows):
         except Exception as exc:  # noqa: BLE001 - unreachable, refused, not Redis...
             await conn.disconnect()
             self._instances[i].put(conn)
-            if _reroute(conn, exc):
+            if reroute(conn, exc):
                 return await self._cluster_call(i, call)
             return [exc]
         except BaseException:
@@ -1163,7 +1142,7 @@ class AsyncDLM(Flows):
                 except Exception as exc:  # noqa: BLE001 - unreachable, refused, stalled...
                     await conn.disconnect()
                     inst.put(conn)
-                    if not _reroute(conn, exc):
+                    if not reroute(conn, exc):
                         for k in idx:
                             out[k] = exc
                     continue
@@ -1194,7 +1173,7 @@ class AsyncDLM(Flows):
         connection back. `first_timeout` bounds the wait for the first reply; `first`: the
         replies of `calls`, where they were read already (`_gather`)."""
         inst = self._instances[i]
-        routed = _routed(conn)
+        ours = routed(conn)
         try:
             rnd = Round(calls)
             if first is None:
@@ -1203,11 +1182,11 @@ class AsyncDLM(Flows):
             while cmds:
                 await self._write(conn, conn.pack_commands(cmds))
                 cmds = rnd.feed(await self._replies(conn, len(cmds)))
-            out = [_REROUTED if routed and isinstance(r, REROUTE) else settle(c, r, inst.url)
+            out = [_REROUTED if ours and isinstance(r, REROUTE) else settle(c, r, inst.url)
                    for c, r in zip(calls, rnd.raws)]
         except Exception as exc:  # noqa: BLE001 - unreachable, timed out, not Redis...
             await conn.disconnect()
-            if routed:  # (a failover? the map again; the call may have run: not resent)
+            if ours:  # (a failover? the map again; the call may have run: not resent)
                 inst.routes.refresh()
             return [exc] * len(calls)
         except BaseException:  # cancelled: replies nobody will read

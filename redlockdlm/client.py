@@ -37,6 +37,8 @@ from .connection import (
     event_slot,
     event_slots,
     open_session,
+    reroute,
+    routed,
 )
 from .engine import codec
 from .engine.keys import slot_tag
@@ -493,7 +495,7 @@ class DLM(Flows):
             except Exception as exc:  # noqa: BLE001 - unreachable, refused, not Redis...
                 conn.disconnect()
                 self._instances[i].put(conn)
-                if _reroute(conn, exc):
+                if reroute(conn, exc):
                     conns.append((i, call, _ClusterCall(self, i, call)))
                 else:
                     results[i] = exc
@@ -586,7 +588,7 @@ class DLM(Flows):
                     i, _, conn = e
                     conn.disconnect()  # its reply, if any, must not reach the next command
                     instances[i].put(conn)
-                    if getattr(conn, "dlm_node", None) is not None:  # (a failover?)
+                    if routed(conn):  # (a failover?)
                         instances[i].routes.refresh()
                     res = redis.TimeoutError(f"Timeout reading from {instances[i].url}")
                     got[i] = res
@@ -634,7 +636,7 @@ class DLM(Flows):
             except Exception as exc:  # noqa: BLE001 - unreachable, refused, stalled...
                 conn.disconnect()
                 inst.put(conn)
-                if not _reroute(conn, exc):
+                if not reroute(conn, exc):
                     for k in idx:
                         out[k] = exc
                 continue
@@ -661,8 +663,7 @@ class DLM(Flows):
         inst = self._instances[i]
         try:
             replies = self._replies(conn, len(calls))
-            if len(replies) == 1 and not isinstance(replies[0], BaseException) and getattr(
-                    conn, "dlm_node", None) is None:
+            if len(replies) == 1 and not isinstance(replies[0], BaseException) and not routed(conn):
                 # (the common case, one call answered: no `Round` to drive, as it only
                 # acts on an error reply)
                 return [settle(calls[0], replies[0], inst.url)]
@@ -671,13 +672,13 @@ class DLM(Flows):
             while cmds:
                 self._write(conn, conn.pack_commands(cmds))
                 cmds = rnd.feed(self._replies(conn, len(cmds)))
-            if getattr(conn, "dlm_node", None) is not None:
+            if routed(conn):
                 return [_REROUTED if isinstance(r, REROUTE) else settle(c, r, inst.url)
                         for c, r in zip(calls, rnd.raws)]
             return [settle(c, r, inst.url) for c, r in zip(calls, rnd.raws)]
         except Exception as exc:  # noqa: BLE001 - unreachable, timed out, not Redis...
             conn.disconnect()
-            if getattr(conn, "dlm_node", None) is not None:  # (a failover? the map again)
+            if routed(conn):  # (a failover? the map again)
                 inst.routes.refresh()
             return [exc] * len(calls)
         except BaseException:  # interrupted (KeyboardInterrupt): replies nobody will read
@@ -1132,18 +1133,6 @@ def _plain_reply(parser: Any, raw: Any) -> bool:
     return True
 
 
-def _reroute(conn: Any, exc: BaseException) -> bool:
-    """True if `exc`, raised connecting or writing on `conn` (nothing read yet), means a
-    call on a cluster primary's connection of our own (`Routes`) did not reach it and can
-    go through the cluster client: the address refused, the connection lost; not a
-    timeout (the call's time is spent)."""
-    if getattr(conn, "dlm_node", None) is None:
-        return False
-    if isinstance(exc, (redis.TimeoutError, TimeoutError)):
-        return False
-    return isinstance(exc, (redis.ConnectionError, OSError))
-
-
 #: shard channels (hash slots) a cluster member keeps subscribed when no lock reads them
 MAX_SLOT_SUBS = 1024
 #: the longest wait for a subscription's confirmation before the call goes without it (s)
@@ -1278,7 +1267,7 @@ class _Connecting:
         except Exception as exc:  # noqa: BLE001 - unreachable, refused, not Redis...
             conn.disconnect()
             dlm._instances[i].put(conn)
-            self._box.append(_REROUTED if _reroute(conn, exc) else exc)
+            self._box.append(_REROUTED if reroute(conn, exc) else exc)
         else:
             self._box.append(dlm._finish(i, conn, [call])[0])
         os.write(self._wfd, b"x")

@@ -191,8 +191,14 @@ class Pooled:
     def drop(conn: Any) -> None:
         conn.disconnect()
 
+    #: a cluster member's own connections to its primaries (`Routes`), else None
+    routes: Any = None
+
     def put(self, conn: Any) -> None:
-        self._idle.append((conn, time.monotonic()))
+        if routed(conn):  # (a cluster primary's: back to `Routes`)
+            self.routes.put(conn)
+        else:
+            self._idle.append((conn, time.monotonic()))
 
 
 #: what a standalone server answers to CLUSTER SLOTS
@@ -254,6 +260,21 @@ REROUTE = (redis.exceptions.MovedError, redis.exceptions.AskError,
 
 #: the least time between two refreshes of a cluster member's slot map after a timeout (s)
 REFRESH_EVERY_S = 1.0
+
+
+def routed(conn: Any) -> bool:
+    """True for a cluster primary's connection of our own (`Routes.get` tags it)."""
+    return getattr(conn, "dlm_node", None) is not None
+
+
+def reroute(conn: Any, exc: BaseException) -> bool:
+    """True if `exc`, raised connecting or writing on `conn` (nothing read yet), means a
+    call on a cluster primary's connection of our own (`Routes`) did not reach it and can
+    go through the cluster client: the address refused, the connection lost; not a
+    timeout (the call's time is spent, and it may have been written)."""
+    if not routed(conn) or isinstance(exc, (redis.TimeoutError, TimeoutError)):
+        return False
+    return isinstance(exc, (redis.ConnectionError, OSError))
 
 
 class Routes:
@@ -444,12 +465,6 @@ class Instance(Pooled):
             self.cluster = rc
         self.detected = True
         return ids
-
-    def put(self, conn: Any) -> None:
-        if getattr(conn, "dlm_node", None) is not None:  # (a cluster primary's: `Routes`)
-            self.routes.put(conn)
-        else:
-            super().put(conn)
 
     def close(self) -> None:
         while self._idle:
