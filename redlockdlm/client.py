@@ -1128,8 +1128,6 @@ def _plain_reply(parser: Any, raw: Any) -> bool:
         return False
     if isinstance(raw, redis.ConnectionError):
         raise raw
-    if isinstance(raw, list) and raw and isinstance(raw[0], redis.ConnectionError):
-        raise raw[0]
     return True
 
 
