@@ -533,6 +533,11 @@ class Flows:
         value, version = core.convert_value(lk, down)
         lk.cargs = (m, fl, value, version)
         cmds = [(i, core.convert_cmd(lk, m, fl, value, version, i)) for i in range(core.n)]
+        if down and value is None:  # V7: complete a write that missed some instances
+            for k, (i, _) in enumerate(cmds):
+                fix, fix_version = core.stored_value(lk, i, new=False)
+                if fix is not None:
+                    cmds[k] = (i, core.convert_cmd(lk, m, fl, fix, fix_version, i))
         lk.pending = set(range(core.n))
         span = _metrics.start_span("convert", lk.path, m)
         outcome = "cancelled"  # (interrupted, unless one of the outcomes below)

@@ -366,6 +366,22 @@ class LockCore:
         self.mode = mode
         if mode != Mode.NL:
             top = max(self.votes[i].version for i in gi)
+            # V5: an instance of the quorum restarted empty and may have held a newer
+            # value than any the others have
+            forgotten = any(self.votes[i].forgotten for i in gi)
+            if self.written is not None and self.written[1] > top:
+                # V7: this grant's own last write (a down-conversion from PW/EX) is newer
+                # than anything the quorum reports: the write reached only instances
+                # outside it (the others were not held in PW/EX, or their call failed and
+                # one still holds the stronger mode with the older value). A later
+                # conflicting writer would have a larger version, on a quorum this one
+                # meets; so the own write is the latest. Not valid where an instance of
+                # the quorum says its (older) value is not: a PW/EX holder after this
+                # write may have expired there (V4), where the write did not arrive.
+                self.value, self.version = self.written
+                self.value_valid = not forgotten and all(self.votes[i].valid for i in gi)
+                self.new_value = None
+                return
             at_top = [self.votes[i] for i in gi if self.votes[i].version == top]
             self.version = top
             self.value = at_top[0].value
@@ -375,9 +391,7 @@ class LockCore:
             # cannot be told, so the value is not valid (V4) until the next write (top+1).
             self.value_valid = (all(v.valid for v in at_top)
                                 and all(v.value == self.value for v in at_top)
-                                # V5: an instance of the quorum restarted empty and may
-                                # have held a newer value than any the others have
-                                and not any(self.votes[i].forgotten for i in gi))
+                                and not forgotten)
         self.new_value = None
 
 
@@ -621,39 +635,55 @@ class Session:
             self.rejoin_ms, self.chan_prefix, self.owner, lk.id, mode, flags, lk.cticket,
             lk.lease_ms, value, version, self.vbmax, lk.token, lk.priority))
 
-    def release_cmd(self, lk: LockCore, subtree: bool = False, i: int | None = None) -> tuple:
-        """The release for instance i. The value block goes only where our vote is granted
-        in PW/EX: elsewhere the lock may still wait (V3 would refuse the write), and a
-        quorum of granted instances is where readers look."""
-        write = self._release_writes(lk, i)
+    def release_cmd(self, lk: LockCore, subtree: bool = False, i: int | None = None,
+                    store: tuple[bytes | None, int] | None = None) -> tuple:
+        """The release for instance i (None: any instance where the lock is granted in
+        PW/EX), writing `store` (value, version), by default `stored_value(lk, i)`."""
+        value, version = self.stored_value(lk, i) if store is None else store
         kids = sorted({d.key for d in descendants(lk)})
         keys = (self._keys(lk.key, lk.parent.key if lk.parent else lk.key, *kids)
                 if lk.parent or kids else self._keys(lk.key))
         return command("release", keys, codec.release_args(
             self.rejoin_ms, self.chan_prefix, self.owner, lk.id,
-            int(Flag.SUBTREE) if subtree else 0, lk.new_value if write else None,
-            lk.next_version(), self.vbmax, lk.token))
+            int(Flag.SUBTREE) if subtree else 0, value,
+            version if value is not None else lk.next_version(), self.vbmax, lk.token))
 
     @staticmethod
-    def _release_writes(lk: LockCore, i: int | None) -> bool:
-        """True if the release for instance i (None: any) carries the value block."""
-        if lk.new_value is None or lk.mode is None or lk.mode < Mode.PW:
-            return False
-        if i is None:
-            return True
-        v = lk.votes[i]
-        return v.vote is Vote.GRANTED and v.mode is not None and v.mode >= Mode.PW
+    def stored_value(lk: LockCore, i: int | None, new: bool = True) -> tuple[bytes | None, int]:
+        """What a release or down-conversion of `lk` from PW/EX writes on instance i (None:
+        any instance where the lock is granted in PW/EX): (value, version), or (None, 0).
+
+        * V3: the holder's new value (`new`), only where our vote is granted in PW/EX:
+          elsewhere the lock may still wait (V3 would refuse the write), and a quorum of
+          granted instances is where readers look.
+        * V7, without a new value: where our vote is granted in PW/EX and its grant
+          reported an older version than the valid value the lock holds, that value at its
+          own version. A write that reached only a minority (one instance of a quorum held
+          in PW/EX missed it) is then completed by the next holder that reads it, before
+          the lock lets go of the instances that lack it (docs/protocol.md)."""
+        if lk.mode is None or lk.mode < Mode.PW:
+            return None, 0
+        v = lk.votes[i] if i is not None else None
+        if v is not None and not (v.vote is Vote.GRANTED and v.mode is not None
+                                  and v.mode >= Mode.PW):
+            return None, 0
+        if new and lk.new_value is not None:
+            return lk.new_value, lk.next_version()
+        if (v is not None and lk.value is not None and lk.value_valid
+                and v.version < lk.version):
+            return lk.value, lk.version
+        return None, 0
 
     def release_cmds(self, lk: LockCore, subtree: bool = False) -> list[tuple[int, tuple]]:
-        """(instance, `release_cmd`) for every instance, built once per form (with the
-        value block or without): the instances that get the same call share it."""
-        forms: dict[bool, tuple] = {}
+        """(instance, `release_cmd`) for every instance, built once per form (the value
+        block it writes, if any): the instances that get the same call share it."""
+        forms: dict[tuple[bytes | None, int], tuple] = {}
         out = []
         for i in range(self.n):
-            write = self._release_writes(lk, i)
-            cmd = forms.get(write)
+            store = self.stored_value(lk, i)
+            cmd = forms.get(store)
             if cmd is None:
-                cmd = forms[write] = self.release_cmd(lk, subtree, i)
+                cmd = forms[store] = self.release_cmd(lk, subtree, i, store)
             out.append((i, cmd))
         return out
 

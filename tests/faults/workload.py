@@ -324,6 +324,8 @@ class Observer:
                         f"was refused by the storage yet its lock was still valid afterwards")
             lvb_checked, lvb_invalid, v = self._check_values()
             violations += v
+            if violations and os.environ.get("DLM_FAULT_DUMP"):
+                self._dump(os.environ["DLM_FAULT_DUMP"])
             return {
                 "sections": len(self.sections),
                 "held_intervals": intervals,
@@ -402,6 +404,23 @@ class Observer:
             if t >= b:
                 return True
         return t >= b
+
+    def _dump(self, path: str) -> None:
+        """Debugging (DLM_FAULT_DUMP=file, with DLM_FAULT_DEBUG=1): every resource's
+        sections and value writes in time order, with the votes each one saw."""
+        with open(path, "w") as f:
+            for res, secs in self.by_res.items():
+                rows: list[tuple[int, str]] = []
+                for s in secs:
+                    rows.append((s.t_req, f"req  {s.sid} {s.worker} {NAMES[s.mode]} {s.origin} "
+                                          f"tok {s.token} ret +{(s.t_ret - s.t_req) // 1000} us "
+                                          f"read {s.read} {self.debug.get(s.sid, '')}"))
+                for w in self.lvb[res]:
+                    rows.append((w.t_intent, f"lvb  {w.sid} {w.value!r} ok {w.ok} done "
+                                             f"{w.t_done} {self.debug.get(w.sid + '.lvb', '')}"))
+                f.write(f"== {res}\n")
+                for t, line in sorted(rows):
+                    f.write(f"{t} {line}\n")
 
     def _check_values(self) -> tuple[int, int, list[str]]:
         out: list[str] = []
@@ -611,6 +630,9 @@ class _Worker:
         finally:
             if new is not None:
                 self.call("lvb_done", sid, now_ns(), ok)
+                if self.cfg.get("debug_votes"):
+                    self.call("debug", f"{sid}.lvb", f"wrote {new!r}: " + str([
+                        (v.vote.value, v.mode, v.version, v.value) for v in lk._core.votes]))
 
     def convert(self, lk: Any, to: int) -> tuple[bool, int, int]:
         """Convert; (converted, t_req, t_ret). A refused conversion keeps the old mode."""

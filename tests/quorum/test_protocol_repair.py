@@ -282,3 +282,54 @@ def test_v5_a_forgotten_vote_in_the_quorum_makes_the_value_not_valid(
         s.on_reply(lk, 2, reply(Status.QUEUED), t, t)
     assert s.evaluate_acquire(lk, t).done
     assert (lk.value, lk.version, lk.value_valid) == (b"v1", 8, valid)
+
+
+def ex_reply(version: int, value: bytes | None, valid: bool = True) -> LockReply:
+    return LockReply(status=Status.GRANTED, epoch="e", mode=EX, token=30, position=0,
+                     value=value, version=version, valid=valid, wait_ms=-1, extra=0,
+                     blockers_count=0, blockers=())
+
+
+def up_again(s: Session, lk, t: float, replies: dict[int, LockReply]) -> None:
+    """Convert `lk` up to EX; the instances in `replies` answer, the others stay silent."""
+    s.start_convert(lk, EX)
+    lk.pending = set(range(s.n))
+    for i, rep in replies.items():
+        s.on_reply(lk, i, rep, t, t)
+    assert s.evaluate_convert(lk, NL, t).done
+
+
+@pytest.mark.parametrize("valid_there,valid", [
+    pytest.param(True, True, id="V7-own-write-read-back-valid"),
+    pytest.param(False, False, id="V7-own-write-not-valid-where-the-quorum-says-not-valid"),
+])
+def test_v7_a_conversion_never_reads_older_than_its_own_write(valid_there: bool,
+                                                             valid: bool) -> None:
+    """EX -> NL wrote v2 (its call to instance 2 failed: 2 keeps EX and v1); NL -> EX
+    again, granted first by instances 1 and 2, which both report v1."""
+    s = Session(3, "t", lease_ms=3000)
+    lk = held(s, EX, 100.0)
+    convert_missing_one(s, lk, NL, 100.5, value=b"v2")
+    v2 = lk.written[1]
+    up_again(s, lk, 101.0, {1: ex_reply(8, b"v1", valid_there), 2: ex_reply(8, b"v1")})
+    assert (lk.value, lk.version, lk.value_valid) == (b"v2", v2, valid)
+    assert lk.written is None
+
+
+def test_v7_a_holder_without_a_new_value_completes_the_value_it_holds() -> None:
+    """The release (or a down-conversion) of that EX writes v2 at its own version where
+    the grant reported v1, and nothing where it reported v2 or holds less than PW."""
+    s = Session(3, "t", lease_ms=3000)
+    lk = held(s, EX, 100.0)
+    convert_missing_one(s, lk, NL, 100.5, value=b"v2")
+    v2 = lk.written[1]
+    up_again(s, lk, 101.0, {0: ex_reply(v2, b"v2"), 1: ex_reply(8, b"v1"),
+                            2: ex_reply(8, b"v1")})
+    lk.votes[2].mode = NL  # (as if a renewal had found the lock held there in NL)
+    assert [s.stored_value(lk, i) for i in range(3)] == [(None, 0), (b"v2", v2), (None, 0)]
+    cmds = dict(s.release_cmds(lk))
+    assert cmds[0] == cmds[2] != cmds[1]
+    lk.new_value = b"v3"  # a new value goes where the lock is granted PW/EX, as before
+    assert [s.stored_value(lk, i)[0] for i in range(3)] == [b"v3", b"v3", None]
+    lk.new_value, lk.value_valid = None, False  # a value not known valid is not spread
+    assert [s.stored_value(lk, i) for i in range(3)] == [(None, 0)] * 3
