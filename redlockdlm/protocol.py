@@ -253,6 +253,9 @@ class LockCore:
         self.unwinding = False
         #: (value, version) of this grant's last write by a down-conversion, for R1
         self.written: tuple[bytes, int] | None = None
+        #: that down-conversion returned without an error (V7 reads the write back as
+        #: valid only then: otherwise it may be stored nowhere)
+        self.written_ok = False
         #: commands about this lock in flight (`flows.Flows._send_and_feed`): a withdrawal
         #: or release waits for them, so none lands after it
         self.sends = 0
@@ -379,7 +382,8 @@ class LockCore:
                 # the quorum says its (older) value is not: a PW/EX holder after this
                 # write may have expired there (V4), where the write did not arrive.
                 self.value, self.version = self.written
-                self.value_valid = not forgotten and all(self.votes[i].valid for i in gi)
+                self.value_valid = (self.written_ok and not forgotten
+                                    and all(self.votes[i].valid for i in gi))
                 self.new_value = None
                 return
             at_top = [self.votes[i] for i in gi if self.votes[i].version == top]
@@ -1353,6 +1357,7 @@ class Session:
             lk.written = ((new_value, version)
                           if wrote and old >= Mode.PW and is_down_conversion(old, lk.rq)
                           else None)
+            lk.written_ok = True
             lk.phase = Phase.HELD
             return Outcome(done=True)
         # Reported lost meanwhile (too few instances kept it): nothing renews it any more, so
@@ -1421,6 +1426,7 @@ class Session:
         new = lk.rq
         if lk.new_value is not None and old >= Mode.PW:  # the write it carried (R1 resends)
             lk.written = (lk.new_value, lk.next_version())
+            lk.written_ok = False  # (not known to be stored anywhere: V7 reads it not valid)
             if new != Mode.NL:
                 lk.value, lk.version = lk.written
                 lk.value_valid = True

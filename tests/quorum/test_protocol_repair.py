@@ -333,3 +333,20 @@ def test_v7_a_holder_without_a_new_value_completes_the_value_it_holds() -> None:
     assert [s.stored_value(lk, i)[0] for i in range(3)] == [b"v3", b"v3", None]
     lk.new_value, lk.value_valid = None, False  # a value not known valid is not spread
     assert [s.stored_value(lk, i) for i in range(3)] == [(None, 0)] * 3
+
+
+def test_v7_a_write_its_caller_was_told_may_have_failed_is_read_back_not_valid() -> None:
+    """EX -> NL writing v2 reached instance 0 only before its timeout: it stands (G4) and
+    its caller gets an error, so v2 may be stored nowhere a reader looks. NL -> EX again,
+    granted by 1 and 2 (v1): the holder gets its own v2, but not valid (simulator, profile
+    vminor seed 69: the write had reached no instance at all)."""
+    s = Session(3, "t", lease_ms=3000)
+    lk = held(s, EX, 100.0)
+    lk.new_value = b"v2"
+    m, _, down = s.start_convert(lk, NL)
+    lk.pending = set(range(3))
+    s.on_reply(lk, 0, reply(Status.GRANTED, NL, 10), 100.5, 100.5)
+    out = s.evaluate_convert(lk, EX, 100.6, timed_out=True)
+    assert out.error is not None and out.keep and lk.mode == NL
+    up_again(s, lk, 101.0, {1: ex_reply(8, b"v1"), 2: ex_reply(8, b"v1")})
+    assert (lk.value, lk.value_valid) == (b"v2", False)

@@ -108,8 +108,16 @@ def main(argv: list[str] | None = None) -> int:
 #:     from the rest of that quorum for 0.5 to 1.2 leases: a reader's quorum is r and the
 #:     instances that missed the write; locks held across the restart re-join r (R2) and
 #:     V5 marks its value forgotten. One resource, three clients, more writers, 10 s.
+#: vminor: every fault a write that reaches a minority (V7): a client's up-conversion to
+#:     PW/EX never reaches N - Q instances (it holds PW/EX on a bare quorum), the same
+#:     lock's next down-conversion that writes a value is lost on one instance q of that
+#:     quorum (q keeps the stronger mode and the older value), and every client is then
+#:     cut from the rest; locks convert up to three times, down-conversions from PW/EX
+#:     write, half the releases do not, and a write whose call returned without an error
+#:     counts as committed (the user's view) even where no quorum stores it.
 #: deadlock, breaks, jobs: the simulated jobs (tests/sim/jobs.py, docs/verification.md).
 _WRITERS = (Mode.CR, Mode.CR, Mode.PR, Mode.PW, Mode.PW, Mode.EX)
+_VMINOR = (Mode.NL, Mode.NL, Mode.CR, Mode.PR, Mode.PW, Mode.EX, Mode.EX)
 PROFILES: dict[str, dict] = {
     "r1": dict(kinds=("convloss",), hold_after_conv=1.0),
     "slow": dict(kinds=("latency", "ipause", "cpause"), lat_dur=(1.0, 4.0),
@@ -123,6 +131,9 @@ PROFILES: dict[str, dict] = {
     "gap1": dict(kinds=("restartcut", "restartcut", "partition", "ipause"), hold=0.5),
     "relloss": dict(kinds=("relloss",), faults=3, idle=0.3, modes=_WRITERS, resources=1,
                     clients=3, work_s=10.0, relloss_cut=(1.5, 3.0)),
+    "vminor": dict(kinds=("vminor",), faults=3, chain=3, down_writes=True,
+                   release_writes=0.5, returned_commits=True, modes=_VMINOR, resources=1,
+                   clients=3, work_s=10.0),
     "rejoin": dict(kinds=("rejoinread",), faults=2, hold=0.3, modes=_WRITERS, resources=1,
                    clients=3, work_s=10.0),
     # (tests/sim/jobs.py) deadlock: two detectors (one leads) over users that take two

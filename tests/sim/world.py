@@ -19,7 +19,7 @@ from typing import Any
 import redis
 
 from redlockdlm import protocol
-from redlockdlm.engine.modes import COMPAT, Mode
+from redlockdlm.engine.modes import COMPAT, Mode, is_down_conversion
 from redlockdlm.errors import DLMError
 from redlockdlm.protocol import Phase, covers
 
@@ -77,6 +77,16 @@ class Config:
     #: "relloss": how long (in leases) every client stays cut from the instance that
     #: missed a release (past that lock's lease there)
     relloss_cut: tuple[float, float] = (1.2, 2.0)
+    #: conversions per lock, at most (each after the first drawn with probability 0.7)
+    chain: int = 1
+    #: a down-conversion from PW/EX writes the value block (V3; only releases otherwise)
+    down_writes: bool = False
+    #: how often a release from PW/EX writes the value block
+    release_writes: float = 1.0
+    #: a write whose release or down-conversion returned without an error is committed
+    #: (the user's view, as the fault suite's observer has it) even where no quorum
+    #: stores it; otherwise only once a quorum stores it
+    returned_commits: bool = False
     #: whose locks have an `on_blocking` callback (their requests and conversions carry
     #: BLKAST, so their holders get every blocking event, N1): "even" client ids, "all",
     #: "none" (the others get only those the split-vote yield reads)
@@ -141,6 +151,11 @@ class Network:
         #: on the instances `miss`; instance i restarts empty just after it landed, and
         #: `gap` later every client is cut from `other` for `d` (the "rejoinread" fault)
         self.writemiss: tuple | None = None
+        #: [until, client, miss, q, rest, d, lock id, stage]: that client's next
+        #: up-conversion to PW/EX never reaches `miss`; the same lock's next down-conversion
+        #: that writes a value is lost on q; then every client is cut from `rest` for d
+        #: (the "vminor" fault: V7)
+        self.vminor: list | None = None
         self._writemiss_id: bytes | None = None  #: the writer's lock it hit
 
     def rng(self, c: SimClient, i: int, ev: bool = False) -> random.Random:
@@ -190,6 +205,8 @@ class Network:
             return
         if self.writemiss is not None and self._writemiss(c, i, calls):
             return
+        if self.vminor is not None and self._vminor(c, i, calls):
+            return
         if self.echo:
             echo = self.echo.get(c.cid)
             if echo is not None and echo[0] > w.t:
@@ -208,6 +225,42 @@ class Network:
         w._fault(f"client {c.cid}'s conversion request to instance {i} lost")
         if j != i:
             w.at(w.t + 0.3, None, w._partition, c.cid, [j], d)
+        return True
+
+    def _vminor(self, c: SimClient, i: int, calls: list) -> bool:
+        """The "vminor" fault (V7): a write that reaches a minority. The client's next
+        up-conversion to PW/EX never reaches `miss` (so it holds PW/EX on a bare quorum:
+        q and `rest`); that lock's next down-conversion that writes a value is lost on q
+        (q keeps the stronger mode and the older value; the conversion stands on `miss`
+        and `rest`, a quorum), and every client is then cut from `rest` for d: a reader's
+        quorum is `miss` and q, none of which has the write."""
+        until, cid, miss, q, rest, d, lid, stage = self.vminor
+        w = self.w
+        if until <= w.t:
+            self.vminor = None
+            return False
+        call = calls[0]
+        if c.cid != cid or call[0] != "convert":
+            return False
+        a = call[2]
+        if stage == 0:
+            if i not in miss or int(a[4]) < Mode.PW:
+                return False
+            self.vminor[6:] = [a[3], 1]
+            w._fault(f"client {cid}'s conversion of {a[3].decode()} to "
+                     f"{Mode(int(a[4])).name} never reaches instances {miss}")
+            return True
+        if a[3] != lid:
+            return False
+        if int(a[4]) >= Mode.PW:
+            return i in miss  # (its re-sends, or its next up-conversion: the same)
+        if i != q or a[8] != b"1":
+            return False
+        self.vminor = None
+        w._fault(f"client {cid}'s down-conversion writing {a[9]!r} lost on instance {q}; "
+                 f"every client cut from instances {rest} for {d * 1000:.0f} ms")
+        for other in w.clients:
+            w._partition(other.cid, rest, d)
         return True
 
     def _relloss(self, c: SimClient, i: int, calls: list) -> bool:
@@ -478,6 +531,12 @@ class World:
                 c, i = rng.randrange(cfg.clients), rng.randrange(cfg.instances)
                 j, d = rng.randrange(cfg.instances), rng.uniform(1.0, 2.5) * lease
                 plan.append((t, "convloss", (c, i, 2.0 * lease, j, d)))
+            elif kind == "vminor":  # V7: a write on a minority, readers that miss it
+                order = rng.sample(range(cfg.instances), cfg.instances)
+                k = cfg.instances - (cfg.instances // 2 + 1)  # N - Q: what a quorum spares
+                plan.append((t, "vminor", (rng.randrange(cfg.clients), sorted(order[:k]),
+                                           order[k], sorted(order[k + 1:]), 4.0 * lease,
+                                           rng.uniform(0.5, 1.5) * lease)))
             elif kind == "relloss":  # G13: a write's release lost on one instance, idle there
                 i, d = rng.randrange(cfg.instances), rng.uniform(*cfg.relloss_cut) * lease
                 plan.append((t, "relloss", (i, 2.0 * lease, d)))
@@ -557,6 +616,13 @@ class World:
         self.net.convloss[(c, i)] = (self.t + within, (j, d))
         self._fault(f"client {c}'s next conversion to instance {i} (within "
                     f"{within * 1000:.0f} ms) will be lost")
+
+    def _vminor(self, c: int, miss: list[int], q: int, rest: list[int], within: float,
+                d: float) -> None:
+        self.net.vminor = [self.t + within, c, miss, q, rest, d, None, 0]
+        self._fault(f"client {c}'s next up-conversion to PW/EX (within {within * 1000:.0f} "
+                    f"ms) will miss instances {miss}, its next write by a down-conversion "
+                    f"instance {q}")
 
     def _relloss(self, i: int, within: float, d: float) -> None:
         self.net.relloss[i] = (self.t + within, d)
@@ -717,25 +783,40 @@ class User:
             yield ("sleep", draw("hold", lambda: rng.uniform(1.0, 4.0) * lease
                                  if cfg.hold and rng.random() < cfg.hold
                                  else rng.uniform(0.0, 0.2)))
-            if draw("conv", lambda: rng.random() < 0.4) and lk.phase is Phase.HELD:
-                to = draw("to", lambda: rng.choice(modes))
+            for n in range(cfg.chain):
+                x = str(n) if n else ""  # (the first conversion's draws keep their names)
+                if not (draw("conv" + x, lambda n=n: rng.random() < (0.7 if n else 0.4))
+                        and lk.phase is Phase.HELD):
+                    break
+                to = draw("to" + x, lambda: rng.choice(modes))
                 self.doing = f"convert {name} {lk.mode.name}->{to.name}"
-                ct = draw("conv_timeout", lambda: rng.choice((0.1, 0.5, 1.0)))
-                v, e = yield ("flow", c._convert(lk, to, ct), draw("int_conv", maybe))
+                ct = draw("conv_timeout" + x, lambda: rng.choice((0.1, 0.5, 1.0)))
+                wrote = None
+                if (cfg.down_writes and lk.mode is not None and lk.mode >= Mode.PW
+                        and is_down_conversion(lk.mode, to)):
+                    wrote = lk.new_value = b"%s@%d~%d" % (lk.id.encode(), lk.token, n)
+                v, e = yield ("flow", c._convert(lk, to, ct), draw("int_conv" + x, maybe))
                 w.res.ops += 1
                 self._count("converted" if e is None else f"convert {type(e).__name__}")
                 w.note(f"client {c.cid}: {self.doing} {lk.id}: {e!r}")
+                if wrote is not None and e is None:
+                    w.observer.returned(lk.key, wrote)
                 self.doing = f"hold {name} after a conversion"
-                yield ("sleep", draw("after_conv", lambda: rng.uniform(1.0, 4.0) * lease
+                yield ("sleep", draw("after_conv" + x, lambda: rng.uniform(1.0, 4.0) * lease
                                      if cfg.hold_after_conv
                                      and rng.random() < cfg.hold_after_conv
                                      else rng.uniform(0.0, 0.1)))
-            if lk.phase is Phase.HELD and lk.mode is not None and lk.mode >= Mode.PW:
-                lk.new_value = b"%s@%d" % (lk.id.encode(), lk.token)  # (unique per write)
+            wrote = None
+            if (lk.phase is Phase.HELD and lk.mode is not None and lk.mode >= Mode.PW
+                    and (cfg.release_writes >= 1.0 or draw(
+                        "rel_write", lambda: rng.random() < cfg.release_writes))):
+                wrote = lk.new_value = b"%s@%d" % (lk.id.encode(), lk.token)  # (unique)
             self.doing = f"release {name}"
             v, e = yield ("flow", c._release(lk), draw("int_rel", maybe))
             w.res.ops += 1
             self._count("released" if e is None else f"release {type(e).__name__}")
+            if wrote is not None and e is None:
+                w.observer.returned(lk.key, wrote)
         self.doing = "done"
         w.net.step[c.cid] = "end"
 
@@ -790,6 +871,14 @@ class Observer:
         rec[1].add(inst.idx)
         if len(rec[1]) == self.quorum:
             self.commits.setdefault(key, []).append((self.w.t, version, value))
+
+    def returned(self, key: bytes, value: bytes) -> None:
+        """A release or down-conversion that wrote `value` returned without an error: its
+        caller takes the write as done, so it counts as committed from now on, whether
+        or not a quorum stores it (V7; a write known on a quorum is committed already)."""
+        rec = self.writes.get((key, value))
+        if self.w.cfg.returned_commits and rec is not None and len(rec[1]) < self.quorum:
+            self.commits.setdefault(key, []).append((self.w.t, rec[0], value))
 
     def _read(self, c: Any, lk: Any) -> None:
         """(3) for a holder that just got its grant."""
