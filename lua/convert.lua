@@ -1,4 +1,4 @@
--- convert.lua: change the mode of a granted lock (rules G2, G4-G8, V1, V3, V6, N1, F1).
+-- convert.lua: change the mode of a granted lock (rules G2, G4-G8, G15, V1, V3, V6, N1, F1).
 --
 -- KEYS[1] epoch hash, KEYS[2] waiter index, KEYS[3] resource
 -- ARGV[1] rejoin_ms        ARGV[2] channel prefix
@@ -43,6 +43,10 @@ return run(function()
   if lk.o ~= owner then fail('DLM_NOTOWNER', 'lock ' .. id .. ' belongs to another owner') end
   if qn == 'w' then fail('DLM_STATE', 'lock ' .. id .. ' is not granted yet') end
   if qn == 'c' then fail('DLM_STATE', 'lock ' .. id .. ' is already converting') end
+  -- G15: a conversion older than the up-conversion that gave the lock its mode here (a
+  -- message that arrived late, overtaken by a newer conversion of the same lock on another
+  -- connection) changes nothing: the reply is the lock's state
+  if cticket < lk.ct then return lock_state(r, lk) end
   -- M2: PR->CW is a middle conversion, not a down one
   local down = mode < lk.gr and not (lk.gr == PR and mode == CW)
   if write and not (lk.gr >= PW and down) then

@@ -448,6 +448,8 @@ class Model:
             raise LockStateError(f"lock {lock_id} is not granted yet")
         if q is r.c:
             raise LockStateError(f"lock {lock_id} is already converting")
+        if cticket < lk.cticket:  # G15: a late conversion, overtaken by a newer one
+            return self._state(r, lk, now)
         down = is_down_conversion(lk.gr, mode)
         if value is not None and not (lk.gr >= Mode.PW and down):
             raise BadArgument("the value block is written only converting down from PW/EX (V3)")

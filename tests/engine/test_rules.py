@@ -794,6 +794,25 @@ def test_refused_conversion_keeps_previous_mode(w: World, act: Op, expect: Statu
     assert w.snapshot() == before
 
 
+@pytest.mark.parametrize("late", [
+    pytest.param(C("a", NL, 3), id="G15-a-late-down-conversion-changes-nothing"),
+    pytest.param(C("a", NL, 3, value=b"old", version=9),
+                 id="G15-a-late-down-conversion-writes-no-value"),
+    pytest.param(C("a", CR, 4, flags=NOQUEUE), id="G15-a-late-conversion-with-flags"),
+])
+def test_g15_a_conversion_older_than_the_last_up_conversion_changes_nothing(
+        w: World, late: Op) -> None:
+    """PR -> EX with ticket 5 granted; a conversion of the same lock sent before it (ticket
+    3 or 4), delivered late on another connection, arrives: it must not take the lock down
+    behind its holder's back (simulator, profile vminor seed 3: the holder's release then
+    met V3 there and left the lock, and an older value with it, until its lease ended)."""
+    run(w, [R("a", PR, 1), C("a", EX, 5)])
+    before = w.snapshot()
+    rep = late(w)
+    assert (rep.status, rep.mode) == (GRANTED, EX)
+    assert w.snapshot() == before
+
+
 # ----------------------------------------------------------------------------- P1
 
 

@@ -41,11 +41,13 @@ Transition invariants (one call, state before and after; `check_step`):
 
 Checks of one operation and its reply:
 
-- **G4/G5/G2/G7 conversion** (`check_conversion`): a conversion to the held mode or down
-  (M2) is granted at once keeping its token; an up or middle conversion compatible with
-  every other granted or converting lock (and, with QUECVT, finding no conversion queued) is
-  granted at once; otherwise NOQUEUE gives NOTQUEUED; a DEADLOCK reply only when the G7
-  condition holds (and it always does then, unless CONVDEADLK demotes the lock to NL).
+- **G15/G4/G5/G2/G7 conversion** (`check_conversion`): a conversion whose ticket is below
+  the lock's conversion ticket changes nothing and answers the lock as granted; otherwise a
+  conversion to the held mode or down (M2) is granted at once keeping its token; an up or
+  middle conversion compatible with every other granted or converting lock (and, with
+  QUECVT, finding no conversion queued) is granted at once; otherwise NOQUEUE gives
+  NOTQUEUED; a DEADLOCK reply only when the G7 condition holds (and it always does then,
+  unless CONVDEADLK demotes the lock to NL).
 - **V2 value** (`check_reply_value`): a reply granting any mode but NL carries the resource's
   value block, version and validity; an NL grant carries none.
 
@@ -316,7 +318,7 @@ def conversion_deadlock(pre: Res, lk: Lk, mode: int, cticket: int) -> bool:
 
 def check_conversion(pre: Res | None, post: Res | None, lock_id: str, owner: str, mode: int,
                      flags: int, cticket: int, status: int | None) -> None:
-    """G2, G4, G5, G7 for one convert call whose reply status is `status` (None: an error
+    """G15, G2, G4, G5, G7 for one convert call whose reply status is `status` (None: an error
     reply). Decided from the state before the call; skipped where a lease ran out before it
     (the purge then changes the state first, G10) or the call was refused."""
     if pre is None or status is None or not pre.all_alive():
@@ -326,6 +328,12 @@ def check_conversion(pre: Res | None, post: Res | None, lock_id: str, owner: str
         return
     GRANTED, QUEUED, NOTQUEUED, DEADLOCK, RECOVERING = 0, 1, 2, 3, 4
     now = post.find(lock_id) if post is not None else None
+    if cticket < lk.cticket:  # G15: older than the lock's last up-conversion: no change
+        if (status != GRANTED or now is None or now.queue != "G" or now.gr != lk.gr
+                or now.token != lk.token):
+            _fail("G15", post or pre, f"{lock_id} {lk.gr}->{mode} with ticket {cticket} "
+                                      f"below its {lk.cticket} gave {status}, changing it")
+        return
     if mode == lk.gr or is_down(lk.gr, mode):  # G4
         if status != GRANTED or now is None or now.gr != mode or now.token != lk.token:
             _fail("G4", post or pre, f"{lock_id} {lk.gr}->{mode} gave {status}, not granted "
