@@ -1,4 +1,4 @@
--- release.lua: release a lock, granted or waiting (rules G8, G9, H3, V1, V3, V6, F1).
+-- release.lua: release a lock, granted or waiting (rules G8, G9, G16, H3, V1, V3, V6, F1).
 --
 -- KEYS[1] epoch hash, KEYS[2] waiter index, KEYS[3] resource,
 -- KEYS[4] parent's resource (KEYS[3] if the lock has no parent; absent when it has neither
@@ -39,10 +39,12 @@ return run(function()
     if write and not (a[A_GR] >= PW) then
       fail('DLM_BADARG', 'the value block is written only releasing PW/EX (V3)')
     end
-    -- G9: the last lock goes, with the value block (V6's write included); F1: the floor
-    local seq = a[A_S]
+    -- G9: the last lock goes, with the value block (V6's write included), but not its
+    -- version (G16); F1: the floor
+    local seq, vv = a[A_S], a[A_VV]
     if floor > seq then seq = floor end
-    lone_write(key, {a[A_N], seq})
+    if write and version > vv then vv = version end
+    lone_write(key, enc.tomb(a[A_N], seq, vv))
     return short(S_RELEASED, 1)
   end
 

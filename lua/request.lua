@@ -39,19 +39,20 @@ return run(function()
 
   if pid == '' then  -- the fast path (core.lua `lone_get`), same rules
     local a = lone_get(key)
-    if a == false or (a and #a == TOMB_LEN) then
+    if a == false or (a and enc.is_tomb(a)) then
       -- G1: nothing granted, converting or waiting: granted at once. From a tombstone, the
-      -- name it kept (K2: a name only where it has none) and its fencing sequence (F1).
-      local n, seq = name, 0
+      -- name it kept (K2: a name only where it has none), its fencing sequence (F1) and the
+      -- version of the value that went (G16).
+      local n, seq, vv = name, 0, 0
       if a then
-        seq = a[A_S]
+        seq, vv = a[A_S], a[A_VV] or 0
         if a[A_N] ~= '' then n = a[A_N] end
       end
       local vi = 0
       if forgets_values() then vi = VI_FORGOTTEN end  -- V5
       local tok = seq + 1  -- F1 (`bump`)
       if NOW_US > tok then tok = NOW_US end
-      a = {n, tok, 0, vi, false, id, owner, mode, flags, ticket, NOW + lease, tok, NONE, 0,
+      a = {n, tok, vv, vi, false, id, owner, mode, flags, ticket, NOW + lease, tok, NONE, 0,
            priority}
       lone_write(key, a)
       return lone_reply(a)

@@ -222,7 +222,7 @@ class Model:
                     keep.append(lk)
             q[:] = keep
         if removed and r.empty():
-            r.vb, r.vv, r.vi = None, 0, 0
+            r.vb, r.vi = None, 0  # G16: the version stays
         self._process(key, r, now, ev)
 
     def _bump(self, r: Resource, now: int) -> int:
@@ -317,9 +317,10 @@ class Model:
         return rep
 
     def _finish(self, key: bytes, r: Resource) -> None:
-        """G9: an empty resource keeps only its fencing sequence (tombstone)."""
+        """G9: an empty resource keeps only its fencing sequence (tombstone) and, G16, the
+        version of the value block that went with its last lock."""
         if r.empty():
-            r.vb, r.vv, r.vi = None, 0, 0
+            r.vb, r.vi = None, 0
 
     def _run(self, fn, *args):
         """Run an operation atomically: on error nothing changes and nothing is published."""

@@ -554,7 +554,7 @@ local function purge(key, r)
   if removed then
     mark(key)
     if #r.g == 0 and #r.c == 0 and #r.w == 0 then
-      r.v, r.vv, r.vi = nil, 0, 0
+      r.v, r.vi = nil, 0  -- (G9: the version stays, with the tombstone, G16)
     end
   end
   if process(key, r) then mark(key) end
@@ -604,7 +604,8 @@ end
 -- The common resources are stored in a compact form, a flat msgpack array that the fast
 -- path (request, release, renew of a lone lock) reads and writes field by field, without
 -- building the full table of `load` (docs/design.md, "Storage"):
---   tombstone (G9):   {n, s}                    (vv = vi = 0, no value, no lock)
+--   tombstone (G9):   {n, s} or {n, s, vv}      (vi = 0, no value, no lock; vv: the
+--                     version of the value that went with the last lock, G16)
 --   one lock (lone):  {n, s, vv, vi, v or false, id, o, gr, f, t, e, tok, pm, ct, pr}
 -- (the fields of the map and of its lock, in this order; pr = 0 when the lock has none).
 -- Told apart by their length; both are msgpack fixarrays (first byte 0x92, 0x9f).
@@ -614,6 +615,16 @@ end
 local A_N, A_S, A_VV, A_VI, A_V, A_ID, A_O, A_GR, A_F, A_T, A_E, A_TOK, A_PM, A_CT, A_PR =
   1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15
 local TOMB_LEN, LONE_LEN = 2, 15
+-- A tombstone: {n, s} when it has no version, else {n, s, vv} (TOMB_LEN + 1 fields). (As
+-- fields of `enc`: the library's main function is at Lua's limit of 200 locals.)
+function enc.is_tomb(a)
+  local len = #a
+  return len == TOMB_LEN or len == TOMB_LEN + 1
+end
+function enc.tomb(n, s, vv)
+  if vv == 0 then return {n, s} end
+  return {n, s, vv}
+end
 -- false: no fast path and no compact record written (every resource stored as a map, as
 -- before they existed). Only tests/engine/test_fastpath.py builds a library so, to check
 -- that the fast path decides as the full one does.
@@ -626,6 +637,7 @@ local function lone_valid(a)
   end
   local len = #a
   if len == TOMB_LEN then return true end
+  if len == TOMB_LEN + 1 then return type(a[A_VV]) == 'number' end
   return len == LONE_LEN and type(a[A_VV]) == 'number'
     and type(a[A_VI]) == 'number' and (a[A_V] == false or type(a[A_V]) == 'string')
     and type(a[A_ID]) == 'string' and type(a[A_O]) == 'string'
@@ -637,7 +649,7 @@ end
 
 -- The full table of a (valid) compact record.
 local function expand(a)
-  if #a == TOMB_LEN then return {n = a[A_N], s = a[A_S], vv = 0, vi = 0} end
+  if enc.is_tomb(a) then return {n = a[A_N], s = a[A_S], vv = a[A_VV] or 0, vi = 0} end
   local lk = {id = a[A_ID], o = a[A_O], gr = a[A_GR], rq = NONE, f = a[A_F], t = a[A_T],
               ct = a[A_CT], e = a[A_E], p = '', pk = '', k = {}, tok = a[A_TOK],
               pm = a[A_PM]}
@@ -651,7 +663,7 @@ end
 local function compact(r)
   if not FAST or #r.c > 0 or #r.w > 0 then return nil end
   local g = r.g
-  if #g == 0 then return {r.n, r.s} end  -- (commit writes it as a tombstone)
+  if #g == 0 then return enc.tomb(r.n, r.s, r.vv) end  -- (commit writes it as a tombstone)
   if #g > 1 then return nil end
   local lk = g[1]
   if lk.rq ~= NONE or lk.p ~= '' or #lk.k > 0 then return nil end
@@ -1057,7 +1069,7 @@ local function commit()
     if not (epoch_dirty or EP_SYNC) and #dirty_order == 0 and #windex_ops == 0
         and #events == 0 then  -- the one write: no ACL check needed before it (K3)
       local blob = cmsgpack.pack(a)
-      if #a == TOMB_LEN then
+      if enc.is_tomb(a) then
         redis.call('SET', key, blob, 'PX', TOMBSTONE_PX)  -- G9, as below
       else
         redis.call('SET', key, blob)
@@ -1099,9 +1111,9 @@ local function commit()
     local a = (lone and lone[key]) or (r and compact(r))
     if a then
       local blob = cmsgpack.pack(a)
-      if #a == TOMB_LEN then
-        -- G9: the resource is gone; its fencing sequence outlives it as a tombstone (and
-        -- only it: `r` may still hold the value block it had, so it is not kept)
+      if enc.is_tomb(a) then
+        -- G9: the resource is gone; its fencing sequence outlives it as a tombstone, and
+        -- the version of its value block (G16), not the value itself
         redis.call('SET', key, blob, 'PX', TOMBSTONE_PX)
         now_written[key] = {blob, a, false}
       else
@@ -1109,7 +1121,7 @@ local function commit()
         now_written[key] = {blob, a, r or false}
       end
     elseif r and #r.g == 0 and #r.c == 0 and #r.w == 0 then  -- (FAST = false: as a map)
-      local t = {n = r.n, s = r.s, vv = 0, vi = 0}
+      local t = {n = r.n, s = r.s, vv = r.vv, vi = 0}
       local blob = cmsgpack.pack(t)
       redis.call('SET', key, blob, 'PX', TOMBSTONE_PX)
       now_written[key] = {blob, false, t}

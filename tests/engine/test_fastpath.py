@@ -243,7 +243,8 @@ def test_a_lone_record_is_smaller_than_the_map(r, pair) -> None:
 @pytest.mark.parametrize("blob", [
     b"\x92\x01\x02",  # a 2-array whose name is not a string
     b"\x9f" + b"\x01" * 15,  # 15 fields of the wrong types
-    b"\x93\xa1n\x01\x02",  # 3 fields: neither form
+    b"\x93\xa1n\x01\xa1v",  # 3 fields, the third not a version: neither form
+    b"\x94\xa1n\x01\x02\x03",  # 4 fields: neither form
 ])
 def test_a_malformed_compact_record_is_corrupt(r, blob: bytes) -> None:
     """K1: bytes that look like a compact record but are not one are DLM_CORRUPT on every

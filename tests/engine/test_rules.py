@@ -868,7 +868,8 @@ def test_g9_last_release_leaves_tombstone_with_seq(w: World) -> None:
     assert (rep.status, rep.extra) == (RELEASED, 1)
     v = w.view()
     assert v is not None, "G9: a tombstone keeps the fencing sequence"
-    assert v.locks == () and v.value is None and v.version == 0 and v.valid
+    # (G16: and the version of the value that went, not the value)
+    assert v.locks == () and v.value is None and v.version == 3 and v.valid
     assert v.seq == T0 * 1000  # the one grant's token
     assert 0 < w.r.pttl(w.key()) <= 60_000
     assert w.e.waiters() == []
@@ -919,10 +920,33 @@ def test_g13_purge_of_last_lock_drops_value(w: World, extra: list[Op], act: Op,
     w.tick(1000)
     rep = act(w)
     assert rep.status == GRANTED
-    assert (rep.value, rep.version, rep.valid) == (None, 0, True)
+    assert (rep.value, rep.version, rep.valid) == (None, 7, True)  # (G16: its version stays)
     assert w.layout() == layout
     v = w.view()
-    assert (v.value, v.version, v.valid) == (None, 0, True)
+    assert (v.value, v.version, v.valid) == (None, 7, True)
+
+
+def test_g16_a_resource_recreated_from_its_tombstone_keeps_the_version(w: World) -> None:
+    """G16: the value went with the last lock (G9), its version did not: the next first
+    lock reads no value at that version, so a quorum reader takes "gone at 9" over an older
+    value another instance kept (under a stale lock), and a late write of a value older than
+    the one that went is dropped (V6), where before it came back."""
+    run(w, [R("a", EX, 1), X("a", value=b"v9", version=9)])
+    rep = R("k", NL, 2)(w)
+    assert rep.status == GRANTED
+    rep = R("b", PR, 3)(w)
+    assert (rep.value, rep.version, rep.valid) == (None, 9, True)
+    run(w, [X("b"), R("c", EX, 4), X("c", value=b"late", version=5)])  # V6 drops it
+    assert (w.view().value, w.view().version) == (None, 9)
+    run(w, [R("d", EX, 5), X("d", value=b"v12", version=12)])
+    assert (w.view().value, w.view().version) == (b"v12", 12)
+
+
+def test_g16_a_tombstone_of_a_resource_never_written_stays_short(w: World) -> None:
+    """A resource that never had a value leaves the two-field tombstone it always did."""
+    run(w, [R("a", EX, 1), X("a")])
+    assert w.view().version == 0
+    assert w.r.get(w.key())[0] == 0x92  # msgpack: an array of two, {n, s}
 
 
 def test_g13_purge_that_leaves_a_lock_keeps_the_value(w: World) -> None:

@@ -360,8 +360,8 @@ def test_the_common_outcomes_answer_a_short_lock_reply(w_engine) -> None:
     full(keep, Status.GRANTED, Mode.NL, keep[3], 0, None, 0, 0, 0)
     g = call("request", codec.request_args(30_000, e.chan, "o1", "a", Mode.PW, 0, 3, LEASE,
                                            "", b"short"))
-    assert len(g) == 4  # (the full path: no value block yet)
-    full(g, Status.GRANTED, Mode.PW, g[3], 0, None, 0, 0, 0)
+    assert len(g) == 7  # (the full path: no value block, the version of the one that went)
+    full(g, Status.GRANTED, Mode.PW, g[3], 0, None, 2, 0, 0)
     rel = call("release", codec.release_args(30_000, e.chan, "o1", "a", 0, b"v1", 3, 64, 0))
     assert len(rel) == 3
     full(rel, Status.RELEASED, -1, 0, -1, None, 0, 0, 1)

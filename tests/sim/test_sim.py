@@ -97,11 +97,17 @@ FOUND_NOW = {2543: "a conversion to the same mode yielded the lock's own grant",
 #: socket timeout sent none again; instance 0 paused past the lease). Instances 0 and 1
 #: dropped the resource with its last lock and the value (G9) while instance 2 kept both;
 #: client 1's next PR took instance 2's older value, the only one, as valid.
-KNOWN = {31: "a value that disappeared (G9) comes back from an instance that missed the "
-             "last release, said valid"}  # (V1)
-KNOWN_NOW = {37: KNOWN[31], 45: "a value that disappeared (G9) comes back from an instance "
-                                "that missed the last write, kept under a lock live there "
-                                "alone, said valid"}
+#: These were strict xfails until G16 (docs/rules.md: a disappearance keeps its version in
+#: the tombstone, so the reader's highest version is "gone at v", not the older value the
+#: stale instance kept); each fails without it (`lua/lib/core.lua` `enc.tomb`, the model's
+#: `_finish` and `_purge`).
+G16_FOUND = {31: "a value that disappeared (G9) came back from an instance that missed the "
+                 "last release, said valid"}  # (V1)
+G16_FOUND_NOW = {37: G16_FOUND[31],
+                 45: "a value that disappeared (G9) came back from an instance that missed "
+                     "the last write, kept under a lock live there alone, said valid"}
+KNOWN: dict[int, str] = {}  #: open counterexamples of the V1 configuration (strict xfail)
+KNOWN_NOW: dict[int, str] = {}  #: and of today's (none now)
 SEEDS = [s for s in range(60) if s not in KNOWN_NOW]
 
 
@@ -127,7 +133,8 @@ def test_a_seed_replays_exactly() -> None:
 
 
 @pytest.mark.parametrize("seed,cfg,why", [
-    (s, cfg, why) for table, cfg in ((FOUND, v1), (FOUND_NOW, config_for))
+    (s, cfg, why) for table, cfg in ((FOUND, v1), (FOUND_NOW, config_for),
+                                     (G16_FOUND, v1), (G16_FOUND_NOW, config_for))
     for s, why in sorted(table.items())])
 def test_found_counterexamples_stay_fixed(seed: int, cfg, why: str) -> None:
     assert not run_seed(seed, cfg(seed)).violations, why
@@ -204,7 +211,7 @@ def test_open_counterexamples_of_aimed_campaigns(profile: str, seed: int) -> Non
 #: composed under the old token over it.
 V6_FOUND = {("latedup", s): "a late duplicate release lowered the value's version (V6)"
             for s in (10, 17, 42)}
-#: Open counterexamples of these profiles (strict xfail):
+#: Open counterexamples of these profiles (strict xfail), none now.
 #: latedup 12 (read by hand): client 1's EX lock s12l11 wrote its value and was released at
 #: 3.54; newer writes followed (s12l23, 4.94) and the resource then lost its last lock on
 #: every instance (G9: value gone, versions from 0). At 5.93 client 1's request and
@@ -212,9 +219,11 @@ V6_FOUND = {("latedup", s): "a late duplicate release lowered the value's versio
 #: re-sent release wrote the old value; V6 compares versions only while a value exists, so
 #: it was stored at its old version, and a reader at 7.5 read it as valid. (59 and 86 read
 #: values written the same way.)
-OPEN_FAULTS: dict[tuple[str, int], str] = {
-    ("latedup", 12): "a late duplicate release wrote back a value that had disappeared (G9)",
-}
+#: Fixed by G16 (the tombstone keeps the version, so V6 drops that write): pinned in
+#: V6_FOUND, and fails without G16.
+OPEN_FAULTS: dict[tuple[str, int], str] = {}
+V6_FOUND[("latedup", 12)] = ("a late duplicate release wrote back a value that had "
+                             "disappeared (G9, G16)")
 
 
 @pytest.mark.parametrize("profile,seed", sorted(V6_FOUND))
