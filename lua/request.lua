@@ -39,7 +39,7 @@ return run(function()
 
   if pid == '' then  -- the fast path (core.lua `lone_get`), same rules
     local a = lone_get(key)
-    if a == false or (a and enc.is_tomb(a)) then
+    if a == false or (a and #a <= TOMB_LEN + 1) then  -- (a tombstone, either form)
       -- G1: nothing granted, converting or waiting: granted at once. From a tombstone, the
       -- name it kept (K2: a name only where it has none), its fencing sequence (F1) and the
       -- version of the value that went (G16).

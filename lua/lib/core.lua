@@ -608,7 +608,7 @@ end
 --                     version of the value that went with the last lock, G16)
 --   one lock (lone):  {n, s, vv, vi, v or false, id, o, gr, f, t, e, tok, pm, ct, pr}
 -- (the fields of the map and of its lock, in this order; pr = 0 when the lock has none).
--- Told apart by their length; both are msgpack fixarrays (first byte 0x92, 0x9f).
+-- Told apart by their length; all are msgpack fixarrays (first byte 0x92, 0x93, 0x9f).
 -- A lone record is a resource whose only lock is granted (rq = NONE), has no parent and no
 -- children: nothing waits, converts or hangs below it. Any other resource is the msgpack
 -- map described above. `commit` picks the form; every reader accepts both (`decode`).
@@ -755,7 +755,7 @@ local function lone_get(key)
     written[key] = nil
   else
     local b = string.byte(blob)
-    if b ~= 0x92 and b ~= 0x9f then return nil end
+    if b ~= 0x92 and b ~= 0x93 and b ~= 0x9f then return nil end  -- (the fixarrays 2, 3, 15)
     local ok
     ok, a = pcall(cmsgpack.unpack, blob)
     if not ok or not lone_valid(a) then return nil end
@@ -1069,7 +1069,7 @@ local function commit()
     if not (epoch_dirty or EP_SYNC) and #dirty_order == 0 and #windex_ops == 0
         and #events == 0 then  -- the one write: no ACL check needed before it (K3)
       local blob = cmsgpack.pack(a)
-      if enc.is_tomb(a) then
+      if #a <= TOMB_LEN + 1 then  -- (a tombstone: a lone record has LONE_LEN fields)
         redis.call('SET', key, blob, 'PX', TOMBSTONE_PX)  -- G9, as below
       else
         redis.call('SET', key, blob)
@@ -1111,7 +1111,7 @@ local function commit()
     local a = (lone and lone[key]) or (r and compact(r))
     if a then
       local blob = cmsgpack.pack(a)
-      if enc.is_tomb(a) then
+      if #a <= TOMB_LEN + 1 then
         -- G9: the resource is gone; its fencing sequence outlives it as a tombstone, and
         -- the version of its value block (G16), not the value itself
         redis.call('SET', key, blob, 'PX', TOMBSTONE_PX)
