@@ -532,12 +532,11 @@ class Flows:
         lk.deadline = None if t is None else self._now() + t
         value, version = core.convert_value(lk, down)
         lk.cargs = (m, fl, value, version)
-        cmds = [(i, core.convert_cmd(lk, m, fl, value, version, i)) for i in range(core.n)]
-        if down and value is None:  # V7: complete a write that missed some instances
-            for k, (i, _) in enumerate(cmds):
-                fix, fix_version = core.stored_value(lk, i, new=False)
-                if fix is not None:
-                    cmds[k] = (i, core.convert_cmd(lk, m, fl, fix, fix_version, i))
+        if down:  # per instance: the new value where granted PW/EX (V3), or V7's repair
+            cmds = [(i, core.convert_cmd(lk, m, fl, *core.stored_value(lk, i), i))
+                    for i in range(core.n)]
+        else:
+            cmds = [(i, core.convert_cmd(lk, m, fl, value, version, i)) for i in range(core.n)]
         lk.pending = set(range(core.n))
         span = _metrics.start_span("convert", lk.path, m)
         outcome = "cancelled"  # (interrupted, unless one of the outcomes below)

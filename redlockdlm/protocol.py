@@ -653,11 +653,11 @@ class Session:
             version if value is not None else lk.next_version(), self.vbmax, lk.token))
 
     @staticmethod
-    def stored_value(lk: LockCore, i: int | None, new: bool = True) -> tuple[bytes | None, int]:
+    def stored_value(lk: LockCore, i: int | None) -> tuple[bytes | None, int]:
         """What a release or down-conversion of `lk` from PW/EX writes on instance i (None:
         any instance where the lock is granted in PW/EX): (value, version), or (None, 0).
 
-        * V3: the holder's new value (`new`), only where our vote is granted in PW/EX:
+        * V3: the holder's new value, only where our vote is granted in PW/EX:
           elsewhere the lock may still wait (V3 would refuse the write), and a quorum of
           granted instances is where readers look.
         * V7, without a new value: where our vote is granted in PW/EX and its grant
@@ -671,7 +671,7 @@ class Session:
         if v is not None and not (v.vote is Vote.GRANTED and v.mode is not None
                                   and v.mode >= Mode.PW):
             return None, 0
-        if new and lk.new_value is not None:
+        if lk.new_value is not None:
             return lk.new_value, lk.next_version()
         if (v is not None and lk.value is not None and lk.value_valid
                 and v.version < lk.version):

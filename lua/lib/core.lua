@@ -615,12 +615,9 @@ end
 local A_N, A_S, A_VV, A_VI, A_V, A_ID, A_O, A_GR, A_F, A_T, A_E, A_TOK, A_PM, A_CT, A_PR =
   1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15
 local TOMB_LEN, LONE_LEN = 2, 15
--- A tombstone: {n, s} when it has no version, else {n, s, vv} (TOMB_LEN + 1 fields). (As
--- fields of `enc`: the library's main function is at Lua's limit of 200 locals.)
-function enc.is_tomb(a)
-  local len = #a
-  return len == TOMB_LEN or len == TOMB_LEN + 1
-end
+-- A tombstone: {n, s} when it has no version, else {n, s, vv} (TOMB_LEN + 1 fields; a
+-- valid record of at most that many is one). (A field of `enc`: the library's main
+-- function is at Lua's limit of 200 locals.)
 function enc.tomb(n, s, vv)
   if vv == 0 then return {n, s} end
   return {n, s, vv}
@@ -649,7 +646,7 @@ end
 
 -- The full table of a (valid) compact record.
 local function expand(a)
-  if enc.is_tomb(a) then return {n = a[A_N], s = a[A_S], vv = a[A_VV] or 0, vi = 0} end
+  if #a <= TOMB_LEN + 1 then return {n = a[A_N], s = a[A_S], vv = a[A_VV] or 0, vi = 0} end
   local lk = {id = a[A_ID], o = a[A_O], gr = a[A_GR], rq = NONE, f = a[A_F], t = a[A_T],
               ct = a[A_CT], e = a[A_E], p = '', pk = '', k = {}, tok = a[A_TOK],
               pm = a[A_PM]}
